@@ -1,0 +1,22 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+#pragma once
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "shmzone.h"
+
+/*
+ * One request, one reply. The reply body must be exactly reply_size bytes
+ * (or, on error, empty). With ret_fd, a passed fd is returned (else -EBADF);
+ * fds not asked for are closed. Returns the reply's status.
+ */
+int client_request(struct shmz_client *c, uint16_t type, const void *body, size_t body_size, void *ret_reply,
+                   size_t reply_size, int *ret_fd);
+
+/* One request, a run of replies: cb is called with each body until the one flagged LAST. */
+int client_request_run(struct shmz_client *c, uint16_t type, const void *body, size_t body_size, size_t reply_size,
+                       int (*cb)(const void *reply, void *userdata), void *userdata);
+
+struct shmz_client *client_ref(struct shmz_client *c);
+void client_unref(struct shmz_client *c);

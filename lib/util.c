@@ -1,0 +1,65 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+#include <ctype.h>
+#include <inttypes.h>
+#include <time.h>
+
+#include "shmzone-abi.h"
+#include "util.h"
+
+bool shmz_name_is_valid(const char *name) {
+        size_t n = 0;
+
+        if (!name)
+                return false;
+        for (const char *p = name; *p; p++, n++) {
+                if (n >= SHMZ_NAME_MAX)
+                        return false;
+                if (!(isascii((unsigned char) *p) && (isalnum((unsigned char) *p) || strchr("._-", *p))))
+                        return false;
+        }
+        return n > 0 && !streq(name, ".") && !streq(name, "..");
+}
+
+bool shmz_tag_is_valid(const char *tag) {
+        size_t n = 0;
+
+        if (!tag)
+                return false;
+        for (const char *p = tag; *p; p++, n++)
+                if (n >= SHMZ_TAG_MAX || *p < 0x20 || *p > 0x7e)
+                        return false;
+        return true;
+}
+
+int parse_size(const char *s, uint64_t *ret) {
+        unsigned shift = 0;
+        uint64_t v;
+        char *end;
+
+        if (!s || !isdigit((unsigned char) *s))
+                return -EINVAL;
+        errno = 0;
+        v = strtoull(s, &end, 10);
+        if (errno != 0)
+                return -ERANGE;
+        switch (*end) {
+        case 'K': case 'k': shift = 10; end++; break;
+        case 'M': case 'm': shift = 20; end++; break;
+        case 'G': case 'g': shift = 30; end++; break;
+        case 'T': case 't': shift = 40; end++; break;
+        default: break;
+        }
+        if (*end != 0)
+                return -EINVAL;
+        if (shift > 0 && v > (UINT64_MAX >> shift))
+                return -ERANGE;
+        *ret = v << shift;
+        return 0;
+}
+
+uint64_t now_usec(int clock) {
+        struct timespec ts;
+
+        (void) clock_gettime(clock, &ts);
+        return (uint64_t) ts.tv_sec * 1000000u + (uint64_t) ts.tv_nsec / 1000u;
+}

@@ -1,0 +1,100 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+#pragma once
+
+/* Small internal helpers shared by the library, the daemon and the tests (never installed). */
+
+#include <errno.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#define _public_ __attribute__((visibility("default")))
+#define _cleanup_(f) __attribute__((cleanup(f)))
+#define _unused_ __attribute__((unused))
+#define _likely_(x) __builtin_expect(!!(x), 1)
+#define _unlikely_(x) __builtin_expect(!!(x), 0)
+#define _printf_(a, b) __attribute__((format(printf, a, b)))
+
+#define ELEMENTSOF(x) (sizeof(x) / sizeof((x)[0]))
+#define ALIGN_TO(x, a) (((x) + (a) - 1) & ~((__typeof__(x))(a) - 1))
+#define MIN(a, b) ((a) < (b) ? (a) : (b))
+#define MAX(a, b) ((a) > (b) ? (a) : (b))
+
+/* Hand a pointer or fd out of a cleanup variable. */
+#define TAKE_PTR(p)                                                                                                    \
+        ({                                                                                                             \
+                __typeof__(p) _p = (p);                                                                                \
+                (p) = NULL;                                                                                            \
+                _p;                                                                                                    \
+        })
+#define TAKE_FD(fd)                                                                                                    \
+        ({                                                                                                             \
+                int _fd = (fd);                                                                                        \
+                (fd) = -EBADF;                                                                                         \
+                _fd;                                                                                                   \
+        })
+
+/* Returns 0 or -errno for libc calls that return -1 and set errno. */
+#define RET_NERRNO(expr)                                                                                               \
+        ({                                                                                                             \
+                __typeof__(expr) _r = (expr);                                                                          \
+                _r < 0 ? -errno : _r;                                                                                  \
+        })
+
+#define assert_return(expr, r)                                                                                         \
+        do {                                                                                                           \
+                if (_unlikely_(!(expr)))                                                                               \
+                        return (r);                                                                                    \
+        } while (0)
+
+static inline int negative_errno(void) {
+        return errno > 0 ? -errno : -EIO;
+}
+
+static inline void freep(void *p) {
+        free(*(void **) p);
+}
+#define _cleanup_free_ _cleanup_(freep)
+
+static inline int safe_close(int fd) {
+        if (fd >= 0) {
+                int saved = errno;
+                (void) close(fd);
+                errno = saved;
+        }
+        return -EBADF;
+}
+
+static inline void closep(int *fd) {
+        safe_close(*fd);
+}
+#define _cleanup_close_ _cleanup_(closep)
+
+static inline bool streq(const char *a, const char *b) {
+        return strcmp(a, b) == 0;
+}
+
+/* A string field of a fixed-size wire struct: true if NUL-terminated within its buffer. */
+static inline bool buf_is_cstr(const char *buf, size_t size) {
+        return memchr(buf, 0, size) != NULL;
+}
+
+/* Names of zones (and later ports): [A-Za-z0-9._-], 1..SHMZ_NAME_MAX bytes, not "." or "..". */
+bool shmz_name_is_valid(const char *name);
+/* Tags: printable ASCII, at most SHMZ_TAG_MAX bytes. */
+bool shmz_tag_is_valid(const char *tag);
+
+/* Copies a valid string into a zeroed fixed-size buffer. */
+static inline void strncpy_buf(char *dst, size_t size, const char *src) {
+        size_t n = strnlen(src, size - 1);
+        memcpy(dst, src, n);
+        memset(dst + n, 0, size - n);
+}
+
+/* Parses "123", "10K", "64M", "1G", "2T" (powers of 1024) into bytes. */
+int parse_size(const char *s, uint64_t *ret);
+
+uint64_t now_usec(int clock);

@@ -1,0 +1,148 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+#include <fcntl.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <time.h>
+
+#include "client.h"
+#include "util.h"
+#include "zone.h"
+
+uint64_t zone_map_size(uint64_t size) {
+        uint64_t page = (uint64_t) sysconf(_SC_PAGESIZE);
+
+        if (size > UINT64_MAX / 2)
+                return 0;
+        return ALIGN_TO(size + SHMZ_ZONE_HEADER_SIZE, page);
+}
+
+void zone_header_init(struct shmz_zone_header *h, const char *name, const char *tag, uint64_t map_size,
+                      uint32_t uid, uint32_t gid, uint32_t mode, uint64_t generation) {
+        memset(h, 0, sizeof(*h));
+        h->magic = SHMZ_ZONE_MAGIC;
+        h->abi_version = SHMZ_ABI_VERSION;
+        h->header_size = SHMZ_ZONE_HEADER_SIZE;
+        h->map_size = map_size;
+        h->size = map_size - SHMZ_ZONE_HEADER_SIZE;
+        h->generation = generation;
+        h->created_usec = now_usec(CLOCK_REALTIME);
+        h->uid = uid;
+        h->gid = gid;
+        h->mode = mode;
+        strncpy_buf(h->name, sizeof(h->name), name);
+        strncpy_buf(h->tag, sizeof(h->tag), tag ?: "");
+}
+
+int zone_header_check(const struct shmz_zone_header *h, uint64_t map_size, const char *name) {
+        /* Another process may write the header at any time: read each field once. */
+        if (map_size < SHMZ_ZONE_HEADER_SIZE)
+                return -EBADMSG;
+        if (h->magic != SHMZ_ZONE_MAGIC || h->abi_version != SHMZ_ABI_VERSION ||
+            h->header_size != SHMZ_ZONE_HEADER_SIZE)
+                return -EBADMSG;
+        if (h->map_size != map_size || h->size != map_size - SHMZ_ZONE_HEADER_SIZE)
+                return -EBADMSG;
+        if (!buf_is_cstr(h->name, sizeof(h->name)) || !buf_is_cstr(h->tag, sizeof(h->tag)))
+                return -EBADMSG;
+        if (name && strncmp(h->name, name, sizeof(h->name)) != 0)
+                return -EBADMSG;
+        return 0;
+}
+
+static int zone_new(void *map, uint64_t map_size, bool rdonly, const char *name, struct shmz_zone **ret) {
+        struct shmz_zone *z;
+
+        z = calloc(1, sizeof(*z));
+        if (!z)
+                return -ENOMEM;
+        z->hdr = map;
+        z->map_size = map_size;
+        z->size = map_size - SHMZ_ZONE_HEADER_SIZE;
+        z->rdonly = rdonly;
+        strncpy_buf(z->name, sizeof(z->name), name);
+        *ret = z;
+        return 0;
+}
+
+int zone_map_fd(int fd, bool rdonly, const char *name, struct shmz_zone **ret) {
+        struct stat st;
+        void *map;
+        int r;
+
+        if (fstat(fd, &st) < 0)
+                return -errno;
+        if (!S_ISREG(st.st_mode) || st.st_size < (off_t) SHMZ_ZONE_HEADER_SIZE)
+                return -EBADMSG;
+        map = mmap(NULL, (size_t) st.st_size, rdonly ? PROT_READ : PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+        if (map == MAP_FAILED)
+                return -errno;
+        r = zone_header_check(map, (uint64_t) st.st_size, name);
+        if (r >= 0)
+                r = zone_new(map, (uint64_t) st.st_size, rdonly, name ?: ((struct shmz_zone_header *) map)->name,
+                             ret);
+        if (r < 0)
+                (void) munmap(map, (size_t) st.st_size);
+        return r;
+}
+
+int zone_new_anonymous(const char *name, uint64_t size, struct shmz_zone **ret) {
+        _cleanup_close_ int fd = -EBADF;
+        uint64_t map_size = zone_map_size(size);
+        struct shmz_zone *z;
+        void *map;
+        int r;
+
+        if (!shmz_name_is_valid(name) || size == 0 || map_size == 0)
+                return -EINVAL;
+        fd = memfd_create("shmzone:anonymous", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+        if (fd < 0)
+                return -errno;
+        if (ftruncate(fd, (off_t) map_size) < 0)
+                return -errno;
+        if (fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) < 0)
+                return -errno;
+        map = mmap(NULL, map_size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+        if (map == MAP_FAILED)
+                return -errno;
+        zone_header_init(map, name, "", map_size, getuid(), getgid(), 0600, 1);
+        r = zone_new(map, map_size, false, name, &z);
+        if (r < 0) {
+                (void) munmap(map, map_size);
+                return r;
+        }
+        *ret = z;
+        return 0;
+}
+
+_public_ void shmz_zone_close(struct shmz_zone *z) {
+        if (!z)
+                return;
+        if (z->client) {
+                struct shmz_msg_zone_close req = { .handle = z->handle };
+
+                /* Best effort: the daemon also drops the attachment when the connection ends. */
+                if (z->handle != 0)
+                        (void) client_request(z->client, SHMZ_MSG_ZONE_CLOSE, &req, sizeof(req), NULL, 0, NULL);
+                client_unref(z->client);
+        }
+        (void) munmap(z->hdr, z->map_size);
+        free(z);
+}
+
+_public_ void *shmz_zone_base(struct shmz_zone *z) {
+        return z ? zone_bytes(z) + SHMZ_ZONE_HEADER_SIZE : NULL;
+}
+
+_public_ uint64_t shmz_zone_size(const struct shmz_zone *z) {
+        return z ? z->size : 0;
+}
+
+_public_ int shmz_zone_existed(const struct shmz_zone *z) {
+        return z && z->existed;
+}
+
+_public_ const char *shmz_zone_name(const struct shmz_zone *z) {
+        return z ? z->name : NULL;
+}

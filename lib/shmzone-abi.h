@@ -193,6 +193,13 @@ struct shmz_msg_zone_ticket {
         uint32_t reserved;
 };
 
+/*
+ * ioctl on an open file of the FUSE view's zones/: fills ticket[] (flags and
+ * reserved are 0) with a one-time proof of that open, redeemed with
+ * SHMZ_MSG_ZONE_OPEN_TICKET on the control socket. _IOR('z', 1, 24 bytes).
+ */
+#define SHMZ_IOC_TICKET 0x80187a01u
+
 struct shmz_msg_status {
         uint64_t budget, budget_used;
         uint64_t quota;

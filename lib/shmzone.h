@@ -105,6 +105,68 @@ void *shmz_pointer(struct shmz_zone *z, uint64_t off);
 void *shmz_zone_root(struct shmz_zone *z); /* the zone's top-level object (nginx's shpool->data) */
 int shmz_zone_set_root(struct shmz_zone *z, void *p);
 
+/*
+ * A zone is used either raw (shmz_zone_base) or through this allocator, which
+ * formats the zone's usable bytes on first use; mixing both is the caller's
+ * problem. Blocks are 8-byte aligned, 16-byte aligned when the size class is a
+ * multiple of 16, and page (4 KiB) aligned above SHMZ_ALLOC_MAX_CLASS bytes.
+ * Calls on a read-only zone fail (NULL with errno EROFS, or -EROFS).
+ *
+ * The allocator repairs itself when it finds that a process died in the middle
+ * of one of its operations, or when it takes the zone lock with SHMZ_OWNER_DEAD:
+ * a block being allocated is given back, a block being freed is freed. Users who
+ * keep their own structures under the zone lock and take it themselves get
+ * SHMZ_OWNER_DEAD, repair their structures and call shmz_mutex_consistent().
+ */
+#define SHMZ_ALLOC_CLASSES 44
+#define SHMZ_ALLOC_MAX_CLASS 16384u
+
+struct shmz_alloc_class_stats {
+        uint64_t size;  /* slot bytes */
+        uint64_t total; /* slots in this class's spans */
+        uint64_t used;  /* slots handed out */
+        uint64_t reqs;  /* requests, failed ones included */
+        uint64_t fails; /* requests that found no memory */
+};
+
+struct shmz_alloc_stats {
+        uint64_t page_size;        /* internal page, bytes */
+        uint64_t pages_total;      /* pages the allocator manages (0: not formatted yet) */
+        uint64_t pages_free;       /* in free runs */
+        uint64_t pages_slab;       /* in spans of size classes */
+        uint64_t pages_large;      /* in blocks larger than SHMZ_ALLOC_MAX_CLASS */
+        uint64_t largest_free_run; /* pages */
+        uint64_t large_used;       /* large blocks handed out */
+        uint64_t large_reqs, large_fails;
+        uint64_t faults;            /* bad frees and corrupt metadata found */
+        uint64_t repairs;           /* times the allocator was rebuilt */
+        uint64_t last_fault_offset; /* zone offset involved in the last fault */
+        int32_t last_fault;         /* negative errno of the last fault, 0 = none */
+        uint32_t nclasses;
+        struct shmz_alloc_class_stats classes[SHMZ_ALLOC_CLASSES];
+};
+
+/* Figures of the allocator; takes the zone lock unless the zone is mapped read-only. */
+int shmz_zone_alloc_stats(struct shmz_zone *z, struct shmz_alloc_stats *ret);
+
+/*
+ * shmz_free() that says what went wrong: -EINVAL not a block of this zone (foreign
+ * or interior pointer), -EALREADY not allocated (double free), -EUCLEAN metadata
+ * found corrupt (the allocator was rebuilt). Every such fault is also counted in
+ * the figures, so shmz_free()'s callers are not left in the dark either.
+ */
+int shmz_free_checked(struct shmz_zone *z, void *p);
+int shmz_free_checked_locked(struct shmz_zone *z, void *p);
+
+/*
+ * Validates the whole allocator: 0 if consistent, -EUCLEAN if not. With
+ * SHMZ_CHECK_REPAIR an inconsistent allocator is rebuilt from its page
+ * descriptors and bitmaps, and 1 is returned. shmz_zone_check() takes the lock.
+ */
+#define SHMZ_CHECK_REPAIR 0x1u
+int shmz_zone_check(struct shmz_zone *z);
+int shmz_zone_check_locked(struct shmz_zone *z, unsigned flags);
+
 /* ---- robust cross-process lock (mutex.c) ----------------------------------------------- */
 
 #define SHMZ_OWNER_DEAD 1 /* returned by lock calls: you hold it, its last owner died holding it */

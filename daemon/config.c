@@ -1,0 +1,280 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+#include <grp.h>
+#include <ini.h>
+#include <pwd.h>
+#include <stdarg.h>
+#include <stdio.h>
+
+#include "config.h"
+#include "log.h"
+#include "shmzone.h"
+
+#define DEFAULT_BUDGET (UINT64_C(1) << 30)
+#define DEFAULT_QUOTA (UINT64_C(256) << 20)
+#define MAX_THREADS 64u
+
+struct parse_state {
+        struct config *cfg;
+        FILE *f;
+        const char *path;
+        unsigned line;         /* counted by our reader: inih does not tell handlers */
+        unsigned section_line; /* where the last section header was */
+        char error[256];     /* first error */
+        unsigned error_line;
+        char section[256];
+        struct zone_decl *zone; /* the zone section being read */
+        unsigned zone_line;
+};
+
+int config_new_default(struct config **ret) {
+        struct config *c;
+
+        c = calloc(1, sizeof(*c));
+        if (!c)
+                return -ENOMEM;
+        c->socket_path = strdup(SHMZ_DEFAULT_SOCKET);
+        c->mount_path = strdup(SHMZ_DEFAULT_MOUNT);
+        if (!c->socket_path || !c->mount_path) {
+                config_free(c);
+                return -ENOMEM;
+        }
+        c->budget = DEFAULT_BUDGET;
+        c->quota = DEFAULT_QUOTA;
+        *ret = c;
+        return 0;
+}
+
+struct config *config_free(struct config *c) {
+        if (!c)
+                return NULL;
+        free(c->socket_path);
+        free(c->mount_path);
+        free(c->zones);
+        free(c);
+        return NULL;
+}
+
+static char *reader(char *buf, int size, void *userdata) {
+        struct parse_state *s = userdata;
+        char *p = fgets(buf, size, s->f);
+
+        if (p) {
+                s->line++;
+                if (p[strspn(p, " \t")] == '[')
+                        s->section_line = s->line;
+        }
+        return p;
+}
+
+_printf_(2, 3) static int fail(struct parse_state *s, const char *fmt, ...) {
+        va_list ap;
+
+        if (s->error_line == 0) {
+                s->error_line = s->line;
+                va_start(ap, fmt);
+                (void) vsnprintf(s->error, sizeof(s->error), fmt, ap);
+                va_end(ap);
+        }
+        return 0; /* inih: handler failed */
+}
+
+static int parse_uid(const char *v, uid_t *ret) {
+        struct passwd pw, *p = NULL;
+        char buf[4096], *end;
+        unsigned long n;
+
+        errno = 0;
+        n = strtoul(v, &end, 10);
+        if (*v && *end == 0 && errno == 0 && n < UINT32_MAX) {
+                *ret = (uid_t) n;
+                return 0;
+        }
+        if (getpwnam_r(v, &pw, buf, sizeof(buf), &p) != 0 || !p)
+                return -ENOENT;
+        *ret = p->pw_uid;
+        return 0;
+}
+
+static int parse_gid(const char *v, gid_t *ret) {
+        struct group gr, *p = NULL;
+        char buf[4096], *end;
+        unsigned long n;
+
+        errno = 0;
+        n = strtoul(v, &end, 10);
+        if (*v && *end == 0 && errno == 0 && n < UINT32_MAX) {
+                *ret = (gid_t) n;
+                return 0;
+        }
+        if (getgrnam_r(v, &gr, buf, sizeof(buf), &p) != 0 || !p)
+                return -ENOENT;
+        *ret = p->gr_gid;
+        return 0;
+}
+
+static int set_string(char **p, const char *v) {
+        char *n = strdup(v);
+
+        if (!n)
+                return -ENOMEM;
+        free(*p);
+        *p = n;
+        return 0;
+}
+
+static int daemon_key(struct parse_state *s, const char *key, const char *value) {
+        struct config *c = s->cfg;
+        uint64_t u;
+        char *end;
+
+        if (streq(key, "socket")) {
+                if (value[0] != '/')
+                        return fail(s, "socket must be an absolute path");
+                return set_string(&c->socket_path, value) < 0 ? fail(s, "out of memory") : 1;
+        }
+        if (streq(key, "mount")) {
+                if (streq(value, "no") || streq(value, "")) {
+                        free(c->mount_path);
+                        c->mount_path = NULL;
+                        return 1;
+                }
+                if (value[0] != '/')
+                        return fail(s, "mount must be an absolute path or \"no\"");
+                return set_string(&c->mount_path, value) < 0 ? fail(s, "out of memory") : 1;
+        }
+        if (streq(key, "threads")) {
+                unsigned long n;
+
+                errno = 0;
+                n = strtoul(value, &end, 10);
+                if (!*value || *end || errno || n > MAX_THREADS)
+                        return fail(s, "threads must be a number from 0 (automatic) to %u", MAX_THREADS);
+                c->threads = (unsigned) n;
+                return 1;
+        }
+        if (streq(key, "memory_budget") || streq(key, "uid_quota")) {
+                if (parse_size(value, &u) < 0 || u == 0)
+                        return fail(s, "%s: bad size '%s' (a number with an optional K, M, G or T suffix)", key,
+                                    value);
+                *(streq(key, "memory_budget") ? &c->budget : &c->quota) = u;
+                return 1;
+        }
+        return fail(s, "unknown key '%s' in [daemon]", key);
+}
+
+static int zone_key(struct parse_state *s, const char *key, const char *value) {
+        struct zone_decl *z = s->zone;
+
+        if (streq(key, "size")) {
+                if (parse_size(value, &z->size) < 0 || z->size == 0)
+                        return fail(s, "zone '%s': bad size '%s' (a number with an optional K, M, G or T suffix)",
+                                    z->name, value);
+                return 1;
+        }
+        if (streq(key, "tag")) {
+                if (!shmz_tag_is_valid(value))
+                        return fail(s, "zone '%s': tag must be printable and at most %u bytes", z->name,
+                                    SHMZ_TAG_MAX);
+                strncpy_buf(z->tag, sizeof(z->tag), value);
+                return 1;
+        }
+        if (streq(key, "user"))
+                return parse_uid(value, &z->uid) < 0 ? fail(s, "zone '%s': unknown user '%s'", z->name, value) : 1;
+        if (streq(key, "group"))
+                return parse_gid(value, &z->gid) < 0 ? fail(s, "zone '%s': unknown group '%s'", z->name, value)
+                                                     : 1;
+        if (streq(key, "mode")) {
+                unsigned long m;
+                char *end;
+
+                errno = 0;
+                m = strtoul(value, &end, 8);
+                if (!*value || *end || errno || m > 0777)
+                        return fail(s, "zone '%s': mode must be octal, 0 to 0777", z->name);
+                z->mode = (uint32_t) m;
+                return 1;
+        }
+        return fail(s, "zone '%s': unknown key '%s'", z->name, key);
+}
+
+static int zone_section_done(struct parse_state *s) {
+        if (s->zone && s->zone->size == 0) {
+                unsigned line = s->line;
+
+                /* Report it where the section began, not where the next one does. */
+                s->line = s->zone_line;
+                (void) fail(s, "zone '%s' has no size", s->zone->name);
+                s->line = line;
+                return -EINVAL;
+        }
+        return 0;
+}
+
+static int new_zone_section(struct parse_state *s, const char *name) {
+        struct config *c = s->cfg;
+        struct zone_decl *v;
+
+        if (!shmz_name_is_valid(name))
+                return fail(s, "bad zone name '%s' (use A-Z a-z 0-9 . _ -, at most %u bytes)", name,
+                            SHMZ_NAME_MAX);
+        for (size_t i = 0; i < c->n_zones; i++)
+                if (streq(c->zones[i].name, name))
+                        return fail(s, "zone '%s' declared twice", name);
+        v = realloc(c->zones, (c->n_zones + 1) * sizeof(*v));
+        if (!v)
+                return fail(s, "out of memory");
+        c->zones = v;
+        s->zone = &v[c->n_zones++];
+        *s->zone = (struct zone_decl) { .uid = 0, .gid = 0, .mode = 0600 };
+        strncpy_buf(s->zone->name, sizeof(s->zone->name), name);
+        s->zone_line = s->section_line;
+        return 1;
+}
+
+static int handler(void *userdata, const char *section, const char *key, const char *value) {
+        struct parse_state *s = userdata;
+
+        if (!streq(section, s->section)) {
+                (void) zone_section_done(s);
+                s->zone = NULL;
+                strncpy_buf(s->section, sizeof(s->section), section);
+                if (strncmp(section, "zone ", 5) == 0) {
+                        if (!new_zone_section(s, section + 5))
+                                return 0;
+                } else if (!streq(section, "daemon"))
+                        return fail(s, "unknown section [%s] (expected [daemon] or [zone NAME])", section);
+        }
+        if (!key) /* a section header with no keys yet (INI_CALL_HANDLER_ON_NEW_SECTION builds) */
+                return 1;
+        if (streq(section, "daemon"))
+                return daemon_key(s, key, value);
+        if (!s->zone)
+                return 0; /* the section was refused already */
+        return zone_key(s, key, value);
+}
+
+int config_load(const char *path, struct config **ret) {
+        _cleanup_(config_freep) struct config *c = NULL;
+        struct parse_state s = { .path = path };
+        int r;
+
+        r = config_new_default(&c);
+        if (r < 0)
+                return r;
+        s.cfg = c;
+        s.f = fopen(path, "re");
+        if (!s.f)
+                return -errno;
+        r = ini_parse_stream(reader, &s, handler, &s);
+        if (r == 0)
+                (void) zone_section_done(&s);
+        (void) fclose(s.f);
+        if (r < 0)
+                return log_error_errno(ENOMEM, "%s: cannot read it.", path);
+        if (s.error_line > 0)
+                return log_error_errno(EINVAL, "%s:%u: %s", path, s.error_line, s.error);
+        if (r > 0)
+                return log_error_errno(EINVAL, "%s:%d: syntax error", path, r);
+        *ret = TAKE_PTR(c);
+        return 0;
+}

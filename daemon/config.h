@@ -1,0 +1,39 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+#pragma once
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#include "shmzone-abi.h"
+
+struct zone_decl {
+        char name[SHMZ_NAME_BUF];
+        char tag[SHMZ_TAG_BUF];
+        uint64_t size;
+        uid_t uid;
+        gid_t gid;
+        uint32_t mode;
+};
+
+struct config {
+        char *socket_path;
+        char *mount_path; /* NULL: no FUSE view */
+        unsigned threads; /* port worker threads; 0 = number of CPUs, at most 4 */
+        uint64_t budget;  /* global memory budget */
+        uint64_t quota;   /* per-uid quota */
+        struct zone_decl *zones;
+        size_t n_zones;
+};
+
+/* The built-in defaults (no file): what the daemon runs with when no config exists. */
+int config_new_default(struct config **ret);
+/*
+ * Parses path over the defaults. A bad line is an error naming the file and
+ * line (logged); -ENOENT when the file does not exist.
+ */
+int config_load(const char *path, struct config **ret);
+struct config *config_free(struct config *c);
+static inline void config_freep(struct config **c) {
+        config_free(*c);
+}

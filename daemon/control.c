@@ -1,0 +1,245 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+#include <time.h>
+#include <unistd.h>
+
+#include "daemon.h"
+#include "log.h"
+#include "proto.h"
+#include "registry.h"
+#include "shmzone.h"
+#include "worker.h"
+
+/* One client cannot pin an unbounded number of attachments. */
+#define MAX_ATTACHMENTS_PER_CLIENT 65536u
+
+static void info_to_wire(const struct zone_info *i, struct shmz_msg_zone_info *ret) {
+        *ret = (struct shmz_msg_zone_info) {
+                .size = i->size,
+                .map_size = i->map_size,
+                .generation = i->generation,
+                .created_usec = i->created_usec,
+                .uid = i->uid,
+                .gid = i->gid,
+                .mode = i->mode,
+                .attached = i->attached,
+                .flags = (i->declared ? SHMZ_ZONE_INFO_DECLARED : 0) | (i->unlinked ? SHMZ_ZONE_INFO_UNLINKED : 0),
+        };
+        memcpy(ret->name, i->name, sizeof(ret->name));
+        memcpy(ret->tag, i->tag, sizeof(ret->tag));
+}
+
+static int reply(struct conn *c, const struct shmz_msg_header *req, int status, const void *body, size_t size,
+                 int fd) {
+        if (status < 0) {
+                atomic_fetch_add(&c->daemon->errors, 1);
+                body = NULL;
+                size = 0;
+        }
+        return conn_send(c, req->type, SHMZ_MSG_F_REPLY, req->stream, status, body, size, fd);
+}
+
+static int add_attachment(struct conn *c, struct zone *z, uint64_t *ret_handle) {
+        struct attachment *a;
+
+        a = realloc(c->attachments, (c->n_attachments + 1) * sizeof(*a));
+        if (!a)
+                return -ENOMEM;
+        c->attachments = a;
+        a[c->n_attachments++] = (struct attachment) { .handle = c->next_handle, .zone = z };
+        *ret_handle = c->next_handle++;
+        return 0;
+}
+
+/* Common tail of OPEN and OPEN_TICKET: record the attachment and pass the fd. */
+static int reply_attached(struct conn *c, const struct shmz_msg_header *h, struct zone *z, int fd,
+                          const struct zone_info *info, bool existed, bool rdonly) {
+        struct shmz_msg_zone_info out;
+        int r;
+
+        info_to_wire(info, &out);
+        r = add_attachment(c, z, &out.handle);
+        if (r < 0) {
+                registry_detach(c->daemon->registry, z);
+                safe_close(fd);
+                return reply(c, h, r, NULL, 0, -EBADF);
+        }
+        out.flags |= (existed ? SHMZ_ZONE_INFO_EXISTED : 0) | (rdonly ? SHMZ_ZONE_INFO_RDONLY : 0);
+        return reply(c, h, 0, &out, sizeof(out), fd);
+}
+
+static int do_open(struct conn *c, const struct shmz_msg_header *h, const struct shmz_msg_zone_open *m) {
+        struct zone_info info;
+        struct zone *z;
+        bool existed;
+        int fd, r;
+
+        if (!buf_is_cstr(m->name, sizeof(m->name)) || !buf_is_cstr(m->tag, sizeof(m->tag)) || m->reserved != 0)
+                return reply(c, h, -EINVAL, NULL, 0, -EBADF);
+        if (c->n_attachments >= MAX_ATTACHMENTS_PER_CLIENT)
+                return reply(c, h, -EMFILE, NULL, 0, -EBADF);
+        r = registry_open(c->daemon->registry, &c->caller, m->name, m->size, m->tag, m->flags, &z, &fd, &info,
+                          &existed);
+        if (r < 0)
+                return reply(c, h, r, NULL, 0, -EBADF);
+        return reply_attached(c, h, z, fd, &info, existed, m->flags & SHMZ_RDONLY);
+}
+
+static int do_ticket(struct conn *c, const struct shmz_msg_header *h, const struct shmz_msg_zone_ticket *m) {
+        struct zone_info info;
+        struct zone *z;
+        bool existed;
+        int fd, r;
+
+        if ((m->flags & ~(uint32_t) SHMZ_RDONLY) || m->reserved != 0)
+                return reply(c, h, -EINVAL, NULL, 0, -EBADF);
+        if (c->n_attachments >= MAX_ATTACHMENTS_PER_CLIENT)
+                return reply(c, h, -EMFILE, NULL, 0, -EBADF);
+        r = registry_ticket_redeem(c->daemon->registry, m->ticket, !(m->flags & SHMZ_RDONLY), &z, &fd, &info,
+                                   &existed);
+        if (r < 0)
+                return reply(c, h, r, NULL, 0, -EBADF);
+        return reply_attached(c, h, z, fd, &info, existed, m->flags & SHMZ_RDONLY);
+}
+
+static int do_close(struct conn *c, const struct shmz_msg_header *h, const struct shmz_msg_zone_close *m) {
+        for (size_t i = 0; i < c->n_attachments; i++)
+                if (c->attachments[i].handle == m->handle) {
+                        registry_detach(c->daemon->registry, c->attachments[i].zone);
+                        c->attachments[i] = c->attachments[--c->n_attachments];
+                        return reply(c, h, 0, NULL, 0, -EBADF);
+                }
+        return reply(c, h, -EBADF, NULL, 0, -EBADF);
+}
+
+static int do_info(struct conn *c, const struct shmz_msg_header *h, const struct shmz_msg_zone_name *m) {
+        struct shmz_msg_zone_info out;
+        struct zone_info info;
+        int r;
+
+        if (!buf_is_cstr(m->name, sizeof(m->name)))
+                return reply(c, h, -EINVAL, NULL, 0, -EBADF);
+        r = registry_info(c->daemon->registry, m->name, &info);
+        if (r < 0)
+                return reply(c, h, r, NULL, 0, -EBADF);
+        info_to_wire(&info, &out);
+        return reply(c, h, 0, &out, sizeof(out), -EBADF);
+}
+
+static int do_list(struct conn *c, const struct shmz_msg_header *h) {
+        _cleanup_free_ struct zone_info *v = NULL;
+        size_t n;
+        int r;
+
+        r = registry_list(c->daemon->registry, &v, &n);
+        if (r < 0)
+                return reply(c, h, r, NULL, 0, -EBADF);
+        for (size_t i = 0; i < n; i++) {
+                struct shmz_msg_zone_info out;
+
+                info_to_wire(&v[i], &out);
+                r = conn_send(c, h->type, SHMZ_MSG_F_REPLY, h->stream, 0, &out, sizeof(out), -EBADF);
+                if (r < 0)
+                        return r;
+        }
+        return conn_send(c, h->type, SHMZ_MSG_F_REPLY | SHMZ_MSG_F_LAST, h->stream, 0, NULL, 0, -EBADF);
+}
+
+static int do_unlink(struct conn *c, const struct shmz_msg_header *h, const struct shmz_msg_zone_name *m) {
+        if (!buf_is_cstr(m->name, sizeof(m->name)))
+                return reply(c, h, -EINVAL, NULL, 0, -EBADF);
+        return reply(c, h, registry_unlink(c->daemon->registry, &c->caller, m->name), NULL, 0, -EBADF);
+}
+
+static int do_setattr(struct conn *c, const struct shmz_msg_header *h, const struct shmz_msg_zone_setattr *m) {
+        if (!buf_is_cstr(m->name, sizeof(m->name)))
+                return reply(c, h, -EINVAL, NULL, 0, -EBADF);
+        return reply(c, h, registry_setattr(c->daemon->registry, &c->caller, m->name, m->mask, m->mode, m->uid, m->gid),
+                     NULL, 0, -EBADF);
+}
+
+static int do_status(struct conn *c, const struct shmz_msg_header *h) {
+        struct registry_stats st;
+        struct shmz_msg_status out;
+
+        registry_get_stats(c->daemon->registry, &st);
+        out = (struct shmz_msg_status) {
+                .budget = st.budget,
+                .budget_used = st.budget_used,
+                .quota = st.quota,
+                .zones = st.zones,
+                .zones_unlinked = st.zones_unlinked,
+                .clients = atomic_load(&c->daemon->clients),
+                .requests = atomic_load(&c->daemon->requests),
+                .errors = atomic_load(&c->daemon->errors),
+                .uptime_usec = now_usec(CLOCK_MONOTONIC) - c->daemon->start_usec,
+        };
+        return reply(c, h, 0, &out, sizeof(out), -EBADF);
+}
+
+static int do_hello(struct conn *c, const struct shmz_msg_header *h, const struct shmz_msg_hello *m) {
+        struct registry_stats st;
+        struct shmz_msg_hello_reply out;
+
+        if (m->version_min > SHMZ_PROTO_VERSION || m->version_max < SHMZ_PROTO_VERSION ||
+            m->version_min > m->version_max) {
+                (void) reply(c, h, -EPROTONOSUPPORT, NULL, 0, -EBADF);
+                return -EPROTONOSUPPORT;
+        }
+        registry_get_stats(c->daemon->registry, &st);
+        out = (struct shmz_msg_hello_reply) {
+                .version = SHMZ_PROTO_VERSION,
+                .pid = (uint32_t) getpid(),
+                .budget = st.budget,
+                .quota = st.quota,
+        };
+        c->hello = true;
+        return reply(c, h, 0, &out, sizeof(out), -EBADF);
+}
+
+int control_dispatch(struct conn *c, const void *msg, size_t size) {
+        struct shmz_msg_header h;
+        const void *body = proto_body(msg);
+        ssize_t want;
+
+        memcpy(&h, msg, sizeof(h));
+        if (h.flags & SHMZ_MSG_F_REPLY)
+                return reply(c, &h, -EBADMSG, NULL, 0, -EBADF);
+        want = proto_body_size(h.type, false);
+        if (want < 0 || h.type == SHMZ_MSG_NOTICE_SHUTDOWN)
+                return reply(c, &h, -EOPNOTSUPP, NULL, 0, -EBADF);
+        if ((size_t) want != size - sizeof(h))
+                return reply(c, &h, -EBADMSG, NULL, 0, -EBADF);
+        if (!c->hello && h.type != SHMZ_MSG_HELLO)
+                return reply(c, &h, -EPROTO, NULL, 0, -EBADF);
+
+        switch (h.type) {
+        case SHMZ_MSG_HELLO:
+                return do_hello(c, &h, body);
+        case SHMZ_MSG_ZONE_OPEN:
+                return do_open(c, &h, body);
+        case SHMZ_MSG_ZONE_CLOSE:
+                return do_close(c, &h, body);
+        case SHMZ_MSG_ZONE_UNLINK:
+                return do_unlink(c, &h, body);
+        case SHMZ_MSG_ZONE_INFO:
+                return do_info(c, &h, body);
+        case SHMZ_MSG_ZONE_LIST:
+                return do_list(c, &h);
+        case SHMZ_MSG_ZONE_SETATTR:
+                return do_setattr(c, &h, body);
+        case SHMZ_MSG_ZONE_OPEN_TICKET:
+                return do_ticket(c, &h, body);
+        case SHMZ_MSG_STATUS:
+                return do_status(c, &h);
+        default:
+                return reply(c, &h, -EOPNOTSUPP, NULL, 0, -EBADF);
+        }
+}
+
+void control_release(struct conn *c) {
+        for (size_t i = 0; i < c->n_attachments; i++)
+                registry_detach(c->daemon->registry, c->attachments[i].zone);
+        free(c->attachments);
+        c->attachments = NULL;
+        c->n_attachments = 0;
+}

@@ -1,0 +1,26 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+#pragma once
+
+#include <stdatomic.h>
+#include <stdint.h>
+#include <systemd/sd-event.h>
+
+struct config;
+struct fuse_view;
+struct registry;
+struct worker;
+
+/* Daemon-wide state. Fields other threads read are atomics or immutable after start. */
+struct daemon {
+        struct config *cfg;
+        const char *config_path;
+        struct registry *registry;
+        sd_event *event; /* the main thread's loop */
+        int listen_fd;
+        char *socket_path; /* unlinked at exit when we created it */
+        struct worker **workers;
+        unsigned n_workers, next_worker;
+        struct fuse_view *fuse;
+        uint64_t start_usec;
+        atomic_uint_fast64_t requests, errors, clients;
+};

@@ -1,0 +1,361 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+#include <getopt.h>
+#include <inttypes.h>
+#include <signal.h>
+#include <stdio.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <systemd/sd-daemon.h>
+#include <systemd/sd-event.h>
+#include <time.h>
+
+#include "config.h"
+#include "daemon.h"
+#include "fuse-view.h"
+#include "log.h"
+#include "notify.h"
+#include "shmzone.h"
+#include "registry.h"
+#include "worker.h"
+
+#define MAX_WORKERS 4u
+
+static const char *arg_config = NULL;
+static const char *arg_socket = NULL;
+static const char *arg_mount = NULL;
+static bool arg_no_mount = false;
+static int arg_threads = -1;
+
+static void help(void) {
+        printf("Usage: shmzoned [OPTIONS]\n\n"
+               "Serves named shared-memory zones to local processes.\n\n"
+               "  -c --config=PATH    configuration file (default %s)\n"
+               "  -s --socket=PATH    control socket (default %s)\n"
+               "  -m --mount=PATH     mount the FUSE view here (default %s)\n"
+               "     --no-mount       run without the FUSE view\n"
+               "  -t --threads=N      port worker threads (default: CPUs, at most %u)\n"
+               "  -v --verbose        log debug messages\n"
+               "  -h --help           show this help\n"
+               "     --version        show the version\n\n"
+               "Signals: SIGTERM/SIGINT stop, SIGHUP reloads the configuration.\n",
+               SHMZ_DEFAULT_CONFIG, SHMZ_DEFAULT_SOCKET, SHMZ_DEFAULT_MOUNT, MAX_WORKERS);
+}
+
+static int parse_argv(int argc, char *argv[]) {
+        enum { ARG_VERSION = 0x100, ARG_NO_MOUNT };
+        static const struct option options[] = {
+                { "config", required_argument, NULL, 'c' },  { "socket", required_argument, NULL, 's' },
+                { "mount", required_argument, NULL, 'm' },   { "no-mount", no_argument, NULL, ARG_NO_MOUNT },
+                { "threads", required_argument, NULL, 't' }, { "verbose", no_argument, NULL, 'v' },
+                { "help", no_argument, NULL, 'h' },          { "version", no_argument, NULL, ARG_VERSION },
+                {},
+        };
+        int c;
+
+        while ((c = getopt_long(argc, argv, "c:s:m:t:vh", options, NULL)) >= 0)
+                switch (c) {
+                case 'c':
+                        arg_config = optarg;
+                        break;
+                case 's':
+                        if (optarg[0] != '/' || strlen(optarg) >= sizeof(((struct sockaddr_un *) 0)->sun_path))
+                                return log_error_errno(EINVAL, "--socket needs an absolute path of at most %zu bytes.",
+                                                       sizeof(((struct sockaddr_un *) 0)->sun_path) - 1);
+                        arg_socket = optarg;
+                        break;
+                case 'm':
+                        if (optarg[0] != '/')
+                                return log_error_errno(EINVAL, "--mount needs an absolute path.");
+                        arg_mount = optarg;
+                        break;
+                case ARG_NO_MOUNT:
+                        arg_no_mount = true;
+                        break;
+                case 't': {
+                        char *end;
+                        long n = strtol(optarg, &end, 10);
+
+                        if (!*optarg || *end || n < 1 || n > 64)
+                                return log_error_errno(EINVAL, "--threads needs a number from 1 to 64.");
+                        arg_threads = (int) n;
+                        break;
+                }
+                case 'v':
+                        log_max_level = LOG_DEBUG;
+                        break;
+                case 'h':
+                        help();
+                        return 0;
+                case ARG_VERSION:
+                        printf("shmzoned %s\n", PACKAGE_VERSION);
+                        return 0;
+                default:
+                        return -EINVAL;
+                }
+        if (optind < argc)
+                return log_error_errno(EINVAL, "Unexpected argument '%s'.", argv[optind]);
+        return 1;
+}
+
+/* Loads the config: the default path may be missing (built-in defaults), an explicit one may not. */
+static int load_config(struct config **ret) {
+        const char *path = arg_config ?: SHMZ_DEFAULT_CONFIG;
+        struct config *c;
+        int r;
+
+        r = config_load(path, &c);
+        if (r == -ENOENT && !arg_config) {
+                log_notice("%s does not exist; running with built-in defaults.", path);
+                r = config_new_default(&c);
+        } else if (r == -ENOENT)
+                return log_error_errno(r, "%s: %m", path);
+        if (r < 0)
+                return r;
+        /* Command-line options win over the file. */
+        if (arg_socket) {
+                free(c->socket_path);
+                c->socket_path = strdup(arg_socket);
+        }
+        if (arg_no_mount) {
+                free(c->mount_path);
+                c->mount_path = NULL;
+        } else if (arg_mount) {
+                free(c->mount_path);
+                c->mount_path = strdup(arg_mount);
+        }
+        if (!c->socket_path || (!arg_no_mount && arg_mount && !c->mount_path)) {
+                config_free(c);
+                return log_oom();
+        }
+        if (arg_threads > 0)
+                c->threads = (unsigned) arg_threads;
+        *ret = c;
+        return 0;
+}
+
+static int mkdir_parents(const char *path) {
+        _cleanup_free_ char *p = strdup(path);
+
+        if (!p)
+                return -ENOMEM;
+        for (char *s = strchr(p + 1, '/'); s; s = strchr(s + 1, '/')) {
+                *s = 0;
+                if (mkdir(p, 0755) < 0 && errno != EEXIST)
+                        return -errno;
+                *s = '/';
+        }
+        return 0;
+}
+
+static int open_listen_socket(struct daemon *d) {
+        struct sockaddr_un sa = { .sun_family = AF_UNIX };
+        const char *path = d->cfg->socket_path;
+        _cleanup_close_ int fd = -EBADF;
+        int n, r;
+
+        n = sd_listen_fds(true);
+        if (n > 0) {
+                /* Socket activation: systemd made and owns the socket. */
+                if (sd_is_socket_unix(SD_LISTEN_FDS_START, SOCK_SEQPACKET, 1, NULL, 0) <= 0)
+                        return log_error_errno(EINVAL, "The socket systemd passed is not a listening SOCK_SEQPACKET.");
+                d->listen_fd = SD_LISTEN_FDS_START;
+                return 0;
+        }
+        if (strlen(path) >= sizeof(sa.sun_path))
+                return log_error_errno(ENAMETOOLONG, "Socket path too long: %s", path);
+        strncpy(sa.sun_path, path, sizeof(sa.sun_path) - 1);
+
+        r = mkdir_parents(path);
+        if (r < 0)
+                return log_error_errno(r, "Cannot create the directory of %s: %m", path);
+
+        fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+        if (fd < 0)
+                return log_error_errno(errno, "socket(): %m");
+        /* A live daemon answers: never steal its socket. A dead one left a file: remove it. */
+        if (connect(fd, (struct sockaddr *) &sa, sizeof(sa)) == 0)
+                return log_error_errno(EADDRINUSE, "Another shmzoned serves %s.", path);
+        safe_close(fd);
+        (void) unlink(path);
+
+        fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+        if (fd < 0)
+                return log_error_errno(errno, "socket(): %m");
+        if (bind(fd, (struct sockaddr *) &sa, sizeof(sa)) < 0)
+                return log_error_errno(errno, "Cannot bind %s: %m", path);
+        /* Anybody may connect; what they may do is decided per zone. */
+        if (chmod(path, 0666) < 0)
+                return log_error_errno(errno, "chmod %s: %m", path);
+        if (listen(fd, SOMAXCONN) < 0)
+                return log_error_errno(errno, "listen(): %m");
+        d->socket_path = strdup(path);
+        if (!d->socket_path)
+                return log_oom();
+        d->listen_fd = TAKE_FD(fd);
+        return 0;
+}
+
+static int on_accept(sd_event_source *s, int fd, uint32_t revents, void *userdata) {
+        struct daemon *d = userdata;
+
+        for (unsigned i = 0; i < 64; i++) {
+                int cfd = accept4(fd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK);
+
+                if (cfd < 0) {
+                        if (errno != EAGAIN && errno != EINTR)
+                                log_warning_errno(errno, "accept(): %m");
+                        return 0;
+                }
+                /* Round robin: clients are cheap and long-lived; balance by count. */
+                (void) worker_add_client(d->workers[d->next_worker++ % d->n_workers], cfd);
+        }
+        return 0;
+}
+
+static int on_reload(sd_event_source *s, const struct signalfd_siginfo *si, void *userdata) {
+        struct daemon *d = userdata;
+        struct config *c;
+        int r;
+
+        notify_reloading();
+        log_info("Reloading %s.", d->config_path);
+        r = load_config(&c);
+        if (r < 0) {
+                log_error("Reload failed; keeping the running configuration.");
+                notify_ready(d);
+                return 0;
+        }
+        if (!streq(c->socket_path, d->cfg->socket_path))
+                log_warning("The socket path changed; that takes a restart.");
+        r = registry_apply_config(d->registry, c);
+        if (r != 0)
+                log_warning("Reload: %d zone declaration(s) refused, see above.", r);
+        config_free(d->cfg);
+        d->cfg = c;
+        notify_ready(d);
+        return 0;
+}
+
+static int on_terminate(sd_event_source *s, const struct signalfd_siginfo *si, void *userdata) {
+        struct daemon *d = userdata;
+
+        log_info("Received %s, stopping.", strsignal((int) si->ssi_signo));
+        return sd_event_exit(d->event, 0);
+}
+
+static int on_status_timer(sd_event_source *s, uint64_t usec, void *userdata) {
+        struct daemon *d = userdata;
+
+        notify_status(d);
+        return sd_event_source_set_time(s, usec + 10 * 1000000u);
+}
+
+static int run(struct daemon *d) {
+        sigset_t mask;
+        unsigned n;
+        int r;
+
+        /* Block before any thread starts, so that only the main loop's signalfd sees them. */
+        sigemptyset(&mask);
+        sigaddset(&mask, SIGTERM);
+        sigaddset(&mask, SIGINT);
+        sigaddset(&mask, SIGHUP);
+        (void) sigprocmask(SIG_BLOCK, &mask, NULL);
+        (void) signal(SIGPIPE, SIG_IGN);
+
+        r = registry_new(d->cfg->budget, d->cfg->quota, &d->registry);
+        if (r < 0)
+                return log_oom();
+        r = registry_apply_config(d->registry, d->cfg);
+        if (r != 0)
+                return log_error_errno(EINVAL, "%d zone declaration(s) cannot be served; not starting.", r);
+
+        r = open_listen_socket(d);
+        if (r < 0)
+                return r;
+
+        n = d->cfg->threads;
+        if (n == 0) {
+                long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+
+                n = (unsigned) MIN(MAX(cpus, 1L), (long) MAX_WORKERS);
+        }
+        d->workers = calloc(n, sizeof(*d->workers));
+        if (!d->workers)
+                return log_oom();
+        for (; d->n_workers < n; d->n_workers++) {
+                r = worker_start(d, d->n_workers, &d->workers[d->n_workers]);
+                if (r < 0)
+                        return log_error_errno(r, "Cannot start worker thread: %m");
+        }
+
+        if (d->cfg->mount_path) {
+                r = fuse_view_start(d, d->cfg->mount_path, &d->fuse);
+                if (r < 0)
+                        return log_error_errno(r, "Cannot mount the FUSE view at %s: %m", d->cfg->mount_path);
+        }
+
+        r = sd_event_new(&d->event);
+        if (r < 0)
+                return log_error_errno(r, "sd_event_new(): %m");
+        r = sd_event_add_io(d->event, NULL, d->listen_fd, EPOLLIN, on_accept, d);
+        if (r >= 0)
+                r = sd_event_add_signal(d->event, NULL, SIGTERM, on_terminate, d);
+        if (r >= 0)
+                r = sd_event_add_signal(d->event, NULL, SIGINT, on_terminate, d);
+        if (r >= 0)
+                r = sd_event_add_signal(d->event, NULL, SIGHUP, on_reload, d);
+        if (r >= 0)
+                r = sd_event_add_time_relative(d->event, NULL, CLOCK_MONOTONIC, 10 * 1000000u, 0, on_status_timer,
+                                               d);
+        if (r >= 0)
+                r = sd_event_set_watchdog(d->event, true);
+        if (r < 0)
+                return log_error_errno(r, "Cannot set up the main loop: %m");
+
+        log_info("shmzoned %s serving %s with %u worker thread(s)%s%s.", PACKAGE_VERSION, d->cfg->socket_path,
+                 d->n_workers, d->cfg->mount_path ? ", view at " : "", d->cfg->mount_path ?: "");
+        notify_ready(d);
+        r = sd_event_loop(d->event);
+        notify_stopping();
+        return r;
+}
+
+static void daemon_done(struct daemon *d) {
+        /* The socket goes first, so that nobody connects to a daemon that is leaving. */
+        if (d->socket_path)
+                (void) unlink(d->socket_path);
+        if (d->listen_fd >= 0 && d->listen_fd != SD_LISTEN_FDS_START)
+                safe_close(d->listen_fd);
+        for (unsigned i = 0; i < d->n_workers; i++)
+                worker_stop(d->workers[i]);
+        free(d->workers);
+        fuse_view_stop(d->fuse);
+        sd_event_unref(d->event);
+        registry_free(d->registry);
+        config_free(d->cfg);
+        free(d->socket_path);
+}
+
+int main(int argc, char *argv[]) {
+        struct daemon d = { .listen_fd = -EBADF };
+        int r;
+
+        r = parse_argv(argc, argv);
+        if (r <= 0)
+                return r < 0 ? EXIT_FAILURE : EXIT_SUCCESS;
+        d.config_path = arg_config ?: SHMZ_DEFAULT_CONFIG;
+        d.start_usec = now_usec(CLOCK_MONOTONIC);
+
+        r = load_config(&d.cfg);
+        if (r >= 0)
+                r = run(&d);
+        daemon_done(&d);
+        if (r < 0) {
+                (void) sd_notifyf(false, "STATUS=Failed: %s\nERRNO=%d", strerror(-r), -r);
+                return EXIT_FAILURE;
+        }
+        log_info("Stopped.");
+        return EXIT_SUCCESS;
+}

@@ -1,0 +1,43 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+#include <inttypes.h>
+#include <stdio.h>
+#include <systemd/sd-daemon.h>
+#include <time.h>
+
+#include "daemon.h"
+#include "notify.h"
+#include "registry.h"
+#include "util.h"
+
+static int format_status(struct daemon *d, char *buf, size_t size) {
+        struct registry_stats st;
+
+        registry_get_stats(d->registry, &st);
+        return snprintf(buf, size,
+                        "STATUS=%" PRIu64 " zones, %" PRIu64 " of %" PRIu64 " MiB used, %" PRIu64 " clients",
+                        st.zones, st.budget_used >> 20, st.budget >> 20, (uint64_t) atomic_load(&d->clients));
+}
+
+void notify_ready(struct daemon *d) {
+        char status[256];
+
+        (void) format_status(d, status, sizeof(status));
+        (void) sd_notifyf(false, "READY=1\n%s", status);
+}
+
+void notify_reloading(void) {
+        /* MONOTONIC_USEC lets systemd >= 253 (Type=notify-reload) match the reload to this signal. */
+        (void) sd_notifyf(false, "RELOADING=1\nMONOTONIC_USEC=%" PRIu64 "\nSTATUS=Reloading configuration",
+                          now_usec(CLOCK_MONOTONIC));
+}
+
+void notify_stopping(void) {
+        (void) sd_notify(false, "STOPPING=1\nSTATUS=Stopping");
+}
+
+void notify_status(struct daemon *d) {
+        char status[256];
+
+        (void) format_status(d, status, sizeof(status));
+        (void) sd_notify(false, status);
+}

@@ -1,0 +1,10 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+#pragma once
+
+struct daemon;
+
+/* sd_notify(3) messages; no-ops when not run by systemd ($NOTIFY_SOCKET unset). */
+void notify_ready(struct daemon *d);
+void notify_reloading(void);
+void notify_stopping(void);
+void notify_status(struct daemon *d);

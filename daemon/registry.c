@@ -1,0 +1,857 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+#include <fcntl.h>
+#include <inttypes.h>
+#include <pthread.h>
+#include <search.h>
+#include <stdio.h>
+#include <sys/mman.h>
+#include <sys/random.h>
+#include <time.h>
+
+#include "config.h"
+#include "log.h"
+#include "registry.h"
+#include "shmzone.h"
+#include "zone.h"
+
+struct zone {
+        char name[SHMZ_NAME_BUF];
+        char tag[SHMZ_TAG_BUF];
+        uint64_t ino;
+        uint64_t size, map_size;
+        uint64_t generation;
+        uint64_t created_usec, mtime_usec, ctime_usec;
+        uint32_t uid, gid, mode;
+        uid_t charged_uid; /* quota is charged to the creator, whoever owns it later */
+        int fd;            /* memfd; -EBADF while pending */
+        unsigned refs;     /* the name (while linked), attachments, FUSE opens */
+        unsigned attached; /* attachments only */
+        bool declared, unlinked, used;
+};
+
+struct quota_entry {
+        uid_t uid;
+        uint64_t used;
+};
+
+struct ticket {
+        uint64_t id[2];
+        struct zone *zone; /* holds a reference */
+        bool writable;
+};
+
+struct registry {
+        pthread_mutex_t lock;
+        void *by_name; /* tsearch tree of struct zone *, by name */
+        void *by_ino;  /* the same zones, by inode number (FUSE asks by inode) */
+        uint64_t budget, budget_used, quota;
+        uint64_t zones, zones_unlinked;
+        uint64_t next_ino, next_generation;
+        struct quota_entry *quotas;
+        size_t n_quotas;
+        struct ticket *tickets;
+        size_t n_tickets;
+        registry_observer_t observer;
+        void *observer_data;
+};
+
+/* The first inode numbers belong to the FUSE view's fixed files and directories. */
+#define FIRST_ZONE_INO 1024
+
+static int zone_cmp(const void *a, const void *b) {
+        return strcmp(((const struct zone *) a)->name, ((const struct zone *) b)->name);
+}
+
+static int zone_ino_cmp(const void *a, const void *b) {
+        uint64_t x = ((const struct zone *) a)->ino, y = ((const struct zone *) b)->ino;
+
+        return x < y ? -1 : x > y;
+}
+
+int registry_new(uint64_t budget, uint64_t quota, struct registry **ret) {
+        struct registry *r;
+
+        r = calloc(1, sizeof(*r));
+        if (!r)
+                return -ENOMEM;
+        (void) pthread_mutex_init(&r->lock, NULL);
+        r->budget = budget;
+        r->quota = quota;
+        r->next_ino = FIRST_ZONE_INO;
+        r->next_generation = 1;
+        *ret = r;
+        return 0;
+}
+
+static void zone_destroy(struct zone *z) {
+        safe_close(z->fd);
+        free(z);
+}
+
+struct registry *registry_free(struct registry *r) {
+        if (!r)
+                return NULL;
+        for (size_t i = 0; i < r->n_tickets; i++)
+                r->tickets[i].zone->refs--;
+        free(r->tickets);
+        /* Zones still attached at exit go with the process; close what the tree holds. */
+        while (r->by_name) {
+                struct zone *z = *(struct zone **) r->by_name;
+
+                (void) tdelete(z, &r->by_name, zone_cmp);
+                (void) tdelete(z, &r->by_ino, zone_ino_cmp);
+                if (--z->refs == 0)
+                        zone_destroy(z);
+        }
+        free(r->quotas);
+        (void) pthread_mutex_destroy(&r->lock);
+        free(r);
+        return NULL;
+}
+
+void registry_set_limits(struct registry *r, uint64_t budget, uint64_t quota) {
+        pthread_mutex_lock(&r->lock);
+        r->budget = budget;
+        r->quota = quota;
+        pthread_mutex_unlock(&r->lock);
+}
+
+void registry_set_observer(struct registry *r, registry_observer_t cb, void *userdata) {
+        pthread_mutex_lock(&r->lock);
+        r->observer = cb;
+        r->observer_data = userdata;
+        pthread_mutex_unlock(&r->lock);
+}
+
+void registry_get_stats(struct registry *r, struct registry_stats *ret) {
+        pthread_mutex_lock(&r->lock);
+        *ret = (struct registry_stats) {
+                .budget = r->budget,
+                .budget_used = r->budget_used,
+                .quota = r->quota,
+                .zones = r->zones,
+                .zones_unlinked = r->zones_unlinked,
+        };
+        pthread_mutex_unlock(&r->lock);
+}
+
+/* Observers are called with the lock held: they must only queue work (FUSE invalidation does). */
+static void notify(struct registry *r, enum registry_event ev, const struct zone *z) {
+        if (r->observer)
+                r->observer(r->observer_data, ev, z->name, z->ino);
+}
+
+int caller_may_access(const struct caller *c, uint32_t uid, uint32_t gid, uint32_t mode, int want) {
+        unsigned bits = 0, need = 0;
+        bool in_group = c->gid == gid;
+
+        if (c->uid == 0)
+                return 0;
+        for (size_t i = 0; !in_group && i < c->n_groups; i++)
+                in_group = c->groups[i] == gid;
+        if (c->uid == uid)
+                bits = (mode >> 6) & 7;
+        else if (in_group)
+                bits = (mode >> 3) & 7;
+        else
+                bits = mode & 7;
+        if (want & R_OK)
+                need |= 4;
+        if (want & W_OK)
+                need |= 2;
+        return (bits & need) == need ? 0 : -EACCES;
+}
+
+static bool caller_in_group(const struct caller *c, gid_t gid) {
+        if (c->gid == gid)
+                return true;
+        for (size_t i = 0; i < c->n_groups; i++)
+                if (c->groups[i] == gid)
+                        return true;
+        return false;
+}
+
+static struct zone *lookup(struct registry *r, const char *name) {
+        struct zone key, **p;
+
+        strncpy_buf(key.name, sizeof(key.name), name);
+        p = tfind(&key, &r->by_name, zone_cmp);
+        return p ? *p : NULL;
+}
+
+static struct quota_entry *quota_entry(struct registry *r, uid_t uid, bool create) {
+        struct quota_entry *q;
+
+        for (size_t i = 0; i < r->n_quotas; i++)
+                if (r->quotas[i].uid == uid)
+                        return &r->quotas[i];
+        if (!create)
+                return NULL;
+        q = realloc(r->quotas, (r->n_quotas + 1) * sizeof(*q));
+        if (!q)
+                return NULL;
+        r->quotas = q;
+        q[r->n_quotas] = (struct quota_entry) { .uid = uid };
+        return &q[r->n_quotas++];
+}
+
+/* Budget and quota checks for map_size more bytes charged to uid; config zones skip the quota. */
+static int charge(struct registry *r, uid_t uid, uint64_t map_size, bool check_quota) {
+        struct quota_entry *q;
+
+        if (map_size > r->budget || r->budget_used > r->budget - map_size)
+                return -ENOSPC;
+        q = quota_entry(r, uid, true);
+        if (!q)
+                return -ENOMEM;
+        if (check_quota && (map_size > r->quota || q->used > r->quota - map_size))
+                return -EDQUOT;
+        q->used += map_size;
+        r->budget_used += map_size;
+        return 0;
+}
+
+static void uncharge(struct registry *r, uid_t uid, uint64_t map_size) {
+        struct quota_entry *q = quota_entry(r, uid, false);
+
+        if (q)
+                q->used -= MIN(q->used, map_size);
+        r->budget_used -= MIN(r->budget_used, map_size);
+}
+
+static void zone_info_fill(const struct zone *z, struct zone_info *ret) {
+        *ret = (struct zone_info) {
+                .ino = z->ino,
+                .size = z->size,
+                .map_size = z->map_size,
+                .generation = z->generation,
+                .created_usec = z->created_usec,
+                .mtime_usec = z->mtime_usec,
+                .ctime_usec = z->ctime_usec,
+                .uid = z->uid,
+                .gid = z->gid,
+                .mode = z->mode,
+                .attached = z->attached,
+                .declared = z->declared,
+                .unlinked = z->unlinked,
+                .pending = z->fd < 0,
+        };
+        memcpy(ret->name, z->name, sizeof(ret->name));
+        memcpy(ret->tag, z->tag, sizeof(ret->tag));
+}
+
+static void unref_locked(struct registry *r, struct zone *z) {
+        if (--z->refs > 0)
+                return;
+        if (z->map_size > 0)
+                uncharge(r, z->charged_uid, z->map_size);
+        if (z->unlinked)
+                r->zones_unlinked--;
+        zone_destroy(z);
+}
+
+/* Makes the memfd of z at its size: sealed so that nobody can shrink it under the others. */
+static int zone_make_memory(struct zone *z, uint64_t size) {
+        _cleanup_close_ int fd = -EBADF;
+        struct shmz_zone_header h;
+        char memfd_name[16 + SHMZ_NAME_BUF];
+        uint64_t map_size = zone_map_size(size);
+
+        if (size == 0 || map_size == 0)
+                return -EINVAL;
+        (void) snprintf(memfd_name, sizeof(memfd_name), "shmzone:%s", z->name);
+        fd = memfd_create(memfd_name, MFD_CLOEXEC | MFD_ALLOW_SEALING);
+        if (fd < 0)
+                return -errno;
+        if (ftruncate(fd, (off_t) map_size) < 0)
+                return -errno;
+        zone_header_init(&h, z->name, z->tag, map_size, z->uid, z->gid, z->mode, z->generation);
+        h.created_usec = z->created_usec;
+        if (pwrite(fd, &h, sizeof(h), 0) != (ssize_t) sizeof(h))
+                return -EIO;
+        if (fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) < 0)
+                return -errno;
+        z->fd = TAKE_FD(fd);
+        z->size = map_size - SHMZ_ZONE_HEADER_SIZE;
+        z->map_size = map_size;
+        return 0;
+}
+
+/* A new named zone; size 0 leaves it pending (no memory until a size is fixed). */
+static int zone_create_locked(struct registry *r, const char *name, const char *tag, uint64_t size, uid_t uid,
+                              gid_t gid, uint32_t mode, bool declared, struct zone **ret) {
+        struct zone *z;
+        uint64_t now = now_usec(CLOCK_REALTIME), map_size = 0;
+        int r_;
+
+        if (size > 0) {
+                map_size = zone_map_size(size);
+                if (map_size == 0)
+                        return -EINVAL;
+                r_ = charge(r, uid, map_size, !declared);
+                if (r_ < 0)
+                        return r_;
+        }
+        z = calloc(1, sizeof(*z));
+        if (!z) {
+                r_ = -ENOMEM;
+                goto fail_charge;
+        }
+        *z = (struct zone) {
+                .ino = r->next_ino++,
+                .generation = r->next_generation++,
+                .created_usec = now,
+                .mtime_usec = now,
+                .ctime_usec = now,
+                .uid = uid,
+                .gid = gid,
+                .mode = mode & 07777,
+                .charged_uid = uid,
+                .fd = -EBADF,
+                .refs = 1,
+                .declared = declared,
+        };
+        strncpy_buf(z->name, sizeof(z->name), name);
+        strncpy_buf(z->tag, sizeof(z->tag), tag ?: "");
+        if (size > 0) {
+                r_ = zone_make_memory(z, size);
+                if (r_ < 0)
+                        goto fail_free;
+        }
+        if (!tsearch(z, &r->by_name, zone_cmp)) {
+                r_ = -ENOMEM;
+                goto fail_free;
+        }
+        if (!tsearch(z, &r->by_ino, zone_ino_cmp)) {
+                (void) tdelete(z, &r->by_name, zone_cmp);
+                r_ = -ENOMEM;
+                goto fail_free;
+        }
+        r->zones++;
+        notify(r, REGISTRY_ZONE_ADDED, z);
+        *ret = z;
+        return 0;
+
+fail_free:
+        zone_destroy(z);
+fail_charge:
+        if (map_size > 0)
+                uncharge(r, uid, map_size);
+        return r_;
+}
+
+/* Removes the name; the memory lives on while attachments or open files hold it. */
+static void unlink_locked(struct registry *r, struct zone *z) {
+        (void) tdelete(z, &r->by_name, zone_cmp);
+        (void) tdelete(z, &r->by_ino, zone_ino_cmp);
+        z->unlinked = true;
+        r->zones--;
+        r->zones_unlinked++;
+        notify(r, REGISTRY_ZONE_REMOVED, z);
+        unref_locked(r, z);
+}
+
+static int reopen_fd(int fd, bool rdonly) {
+        char path[64];
+        int nfd;
+
+        if (!rdonly) {
+                nfd = fcntl(fd, F_DUPFD_CLOEXEC, 3);
+                return nfd < 0 ? -errno : nfd;
+        }
+        /* A new open file description, read-only: the client cannot mprotect its way to writing. */
+        (void) snprintf(path, sizeof(path), "/proc/self/fd/%d", fd);
+        nfd = open(path, O_RDONLY | O_CLOEXEC);
+        return nfd < 0 ? -errno : nfd;
+}
+
+static int attach_locked(struct registry *r, struct zone *z, bool rdonly, struct zone **ret_zone, int *ret_fd,
+                         struct zone_info *ret_info, bool *ret_existed) {
+        int fd;
+
+        if (z->fd < 0)
+                return -EAGAIN; /* pending: its size is not fixed yet */
+        fd = reopen_fd(z->fd, rdonly);
+        if (fd < 0)
+                return fd;
+        if (ret_existed)
+                *ret_existed = z->used;
+        z->used = true;
+        z->refs++;
+        z->attached++;
+        notify(r, REGISTRY_ZONE_CHANGED, z);
+        if (ret_info)
+                zone_info_fill(z, ret_info);
+        *ret_zone = z;
+        *ret_fd = fd;
+        return 0;
+}
+
+int registry_open(struct registry *r, const struct caller *c, const char *name, uint64_t size, const char *tag,
+                  unsigned flags, struct zone **ret_zone, int *ret_fd, struct zone_info *ret_info, bool *ret_existed) {
+        bool rdonly = flags & SHMZ_RDONLY;
+        struct zone *z;
+        int r_;
+
+        if (!shmz_name_is_valid(name) || (tag && !shmz_tag_is_valid(tag)))
+                return -EINVAL;
+        if (flags & ~(unsigned) (SHMZ_CREATE | SHMZ_EXCL | SHMZ_RDONLY))
+                return -EINVAL;
+        tag = tag ?: "";
+
+        pthread_mutex_lock(&r->lock);
+        z = lookup(r, name);
+        if (!z) {
+                if (!(flags & SHMZ_CREATE)) {
+                        r_ = -ENOENT;
+                        goto out;
+                }
+                if (size == 0) {
+                        r_ = -EINVAL;
+                        goto out;
+                }
+                r_ = zone_create_locked(r, name, tag, size, c->uid, c->gid, 0600, false, &z);
+                if (r_ < 0)
+                        goto out;
+        } else {
+                /* Permission first, so that a stranger learns nothing of tag or size. */
+                r_ = caller_may_access(c, z->uid, z->gid, z->mode, rdonly ? R_OK : R_OK | W_OK);
+                if (r_ < 0)
+                        goto out;
+                if ((flags & (SHMZ_CREATE | SHMZ_EXCL)) == (SHMZ_CREATE | SHMZ_EXCL) || !streq(z->tag, tag)) {
+                        r_ = -EEXIST;
+                        goto out;
+                }
+                if (size != 0 && size != z->size && z->fd >= 0) {
+                        r_ = -EINVAL;
+                        goto out;
+                }
+        }
+        r_ = attach_locked(r, z, rdonly, ret_zone, ret_fd, ret_info, ret_existed);
+out:
+        pthread_mutex_unlock(&r->lock);
+        return r_;
+}
+
+void registry_detach(struct registry *r, struct zone *z) {
+        if (!z)
+                return;
+        pthread_mutex_lock(&r->lock);
+        z->attached--;
+        if (!z->unlinked)
+                notify(r, REGISTRY_ZONE_CHANGED, z);
+        unref_locked(r, z);
+        pthread_mutex_unlock(&r->lock);
+}
+
+static bool caller_owns(const struct caller *c, const struct zone *z) {
+        return c->uid == 0 || c->uid == z->uid;
+}
+
+int registry_unlink(struct registry *r, const struct caller *c, const char *name) {
+        struct zone *z;
+        int r_ = 0;
+
+        if (!shmz_name_is_valid(name))
+                return -EINVAL;
+        pthread_mutex_lock(&r->lock);
+        z = lookup(r, name);
+        if (!z)
+                r_ = -ENOENT;
+        else if (!caller_owns(c, z))
+                r_ = -EPERM;
+        else
+                unlink_locked(r, z);
+        pthread_mutex_unlock(&r->lock);
+        return r_;
+}
+
+int registry_setattr(struct registry *r, const struct caller *c, const char *name, uint32_t mask, uint32_t mode,
+                     uint32_t uid, uint32_t gid) {
+        struct zone *z;
+        int r_ = 0;
+
+        if (!shmz_name_is_valid(name) || (mask & ~(SHMZ_SETATTR_MODE | SHMZ_SETATTR_UID | SHMZ_SETATTR_GID)))
+                return -EINVAL;
+        if ((mask & SHMZ_SETATTR_MODE) && (mode & ~07777u))
+                return -EINVAL;
+        pthread_mutex_lock(&r->lock);
+        z = lookup(r, name);
+        if (!z) {
+                r_ = -ENOENT;
+                goto out;
+        }
+        /* chown(2) rules: only root gives a zone away; the owner may pick one of its groups. */
+        if ((mask & SHMZ_SETATTR_UID) && uid != z->uid && c->uid != 0) {
+                r_ = -EPERM;
+                goto out;
+        }
+        if ((mask & SHMZ_SETATTR_GID) && gid != z->gid && c->uid != 0 &&
+            !(c->uid == z->uid && caller_in_group(c, gid))) {
+                r_ = -EPERM;
+                goto out;
+        }
+        if ((mask & (SHMZ_SETATTR_MODE | SHMZ_SETATTR_UID | SHMZ_SETATTR_GID)) && !caller_owns(c, z)) {
+                r_ = -EPERM;
+                goto out;
+        }
+        if (mask & SHMZ_SETATTR_MODE)
+                z->mode = mode;
+        if (mask & SHMZ_SETATTR_UID)
+                z->uid = uid;
+        if (mask & SHMZ_SETATTR_GID)
+                z->gid = gid;
+        z->ctime_usec = now_usec(CLOCK_REALTIME);
+        notify(r, REGISTRY_ZONE_CHANGED, z);
+out:
+        pthread_mutex_unlock(&r->lock);
+        return r_;
+}
+
+int registry_info(struct registry *r, const char *name, struct zone_info *ret) {
+        struct zone *z;
+        int r_ = 0;
+
+        if (!shmz_name_is_valid(name))
+                return -EINVAL;
+        pthread_mutex_lock(&r->lock);
+        z = lookup(r, name);
+        if (z)
+                zone_info_fill(z, ret);
+        else
+                r_ = -ENOENT;
+        pthread_mutex_unlock(&r->lock);
+        return r_;
+}
+
+struct list_ctx {
+        struct zone_info *v;
+        size_t n;
+};
+
+/* twalk has no userdata before glibc 2.30's twalk_r; the registry lock serialises its use. */
+static struct list_ctx *walk_ctx;
+
+static void walk_fill(const void *node, VISIT which, int depth) {
+        if (which == postorder || which == leaf)
+                zone_info_fill(*(struct zone *const *) node, &walk_ctx->v[walk_ctx->n++]);
+}
+
+int registry_list(struct registry *r, struct zone_info **ret, size_t *ret_n) {
+        struct list_ctx ctx = {};
+
+        pthread_mutex_lock(&r->lock);
+        ctx.v = calloc(r->zones + 1, sizeof(*ctx.v));
+        if (!ctx.v) {
+                pthread_mutex_unlock(&r->lock);
+                return -ENOMEM;
+        }
+        walk_ctx = &ctx;
+        twalk(r->by_name, walk_fill);
+        walk_ctx = NULL;
+        pthread_mutex_unlock(&r->lock);
+        *ret = ctx.v;
+        *ret_n = ctx.n;
+        return 0;
+}
+
+static struct zone *lookup_ino(struct registry *r, uint64_t ino) {
+        struct zone key = { .ino = ino }, **p;
+
+        p = tfind(&key, &r->by_ino, zone_ino_cmp);
+        return p ? *p : NULL;
+}
+
+int registry_info_by_ino(struct registry *r, uint64_t ino, struct zone_info *ret) {
+        struct zone *z;
+        int r_ = 0;
+
+        pthread_mutex_lock(&r->lock);
+        z = lookup_ino(r, ino);
+        if (z)
+                zone_info_fill(z, ret);
+        else
+                r_ = -ENOENT;
+        pthread_mutex_unlock(&r->lock);
+        return r_;
+}
+
+int registry_ref_by_ino(struct registry *r, uint64_t ino, struct zone **ret) {
+        struct zone *z;
+
+        pthread_mutex_lock(&r->lock);
+        z = lookup_ino(r, ino);
+        if (z)
+                z->refs++;
+        pthread_mutex_unlock(&r->lock);
+        if (!z)
+                return -ENOENT;
+        *ret = z;
+        return 0;
+}
+
+void registry_unref(struct registry *r, struct zone *z) {
+        if (!z)
+                return;
+        pthread_mutex_lock(&r->lock);
+        unref_locked(r, z);
+        pthread_mutex_unlock(&r->lock);
+}
+
+int zone_fd(struct zone *z) {
+        return z->fd;
+}
+
+uint64_t zone_ino(const struct zone *z) {
+        return z->ino;
+}
+
+void registry_touch(struct registry *r, struct zone *z) {
+        pthread_mutex_lock(&r->lock);
+        z->used = true;
+        z->mtime_usec = now_usec(CLOCK_REALTIME);
+        pthread_mutex_unlock(&r->lock);
+}
+
+int registry_create_pending(struct registry *r, const struct caller *c, const char *name, uint32_t mode,
+                            struct zone_info *ret) {
+        struct zone *z;
+        int r_;
+
+        if (!shmz_name_is_valid(name))
+                return -EINVAL;
+        pthread_mutex_lock(&r->lock);
+        if (lookup(r, name))
+                r_ = -EEXIST;
+        else
+                r_ = zone_create_locked(r, name, "", 0, c->uid, c->gid, mode, false, &z);
+        if (r_ >= 0 && ret)
+                zone_info_fill(z, ret);
+        pthread_mutex_unlock(&r->lock);
+        return r_;
+}
+
+int registry_set_size(struct registry *r, const struct caller *c, const char *name, uint64_t size) {
+        struct zone *z;
+        uint64_t map_size;
+        int r_;
+
+        pthread_mutex_lock(&r->lock);
+        z = lookup(r, name);
+        if (!z) {
+                r_ = -ENOENT;
+                goto out;
+        }
+        if (z->fd >= 0) {
+                r_ = size == z->size ? 0 : -EINVAL; /* zones never change size */
+                goto out;
+        }
+        r_ = caller_may_access(c, z->uid, z->gid, z->mode, W_OK);
+        if (r_ < 0)
+                goto out;
+        map_size = zone_map_size(size);
+        if (size == 0 || map_size == 0) {
+                r_ = -EINVAL;
+                goto out;
+        }
+        r_ = charge(r, z->charged_uid, map_size, !z->declared);
+        if (r_ < 0)
+                goto out;
+        r_ = zone_make_memory(z, size);
+        if (r_ < 0) {
+                uncharge(r, z->charged_uid, map_size);
+                goto out;
+        }
+        z->mtime_usec = z->ctime_usec = now_usec(CLOCK_REALTIME);
+        notify(r, REGISTRY_ZONE_CHANGED, z);
+out:
+        pthread_mutex_unlock(&r->lock);
+        return r_;
+}
+
+int registry_set_tag(struct registry *r, const struct caller *c, const char *name, const char *tag) {
+        struct zone *z;
+        int r_ = 0;
+
+        if (!shmz_tag_is_valid(tag))
+                return -EINVAL;
+        pthread_mutex_lock(&r->lock);
+        z = lookup(r, name);
+        if (!z)
+                r_ = -ENOENT;
+        else if (!caller_owns(c, z))
+                r_ = -EPERM;
+        else if (z->used || z->attached > 0)
+                r_ = -EBUSY; /* a tag says what the bytes mean: fixed once somebody used them */
+        else {
+                strncpy_buf(z->tag, sizeof(z->tag), tag);
+                if (z->fd >= 0) {
+                        struct shmz_zone_header h;
+
+                        /* Keep the self-describing header in step. */
+                        if (pread(z->fd, &h, sizeof(h), 0) == (ssize_t) sizeof(h)) {
+                                strncpy_buf(h.tag, sizeof(h.tag), tag);
+                                (void) pwrite(z->fd, h.tag, sizeof(h.tag), offsetof(struct shmz_zone_header, tag));
+                        }
+                }
+                z->ctime_usec = now_usec(CLOCK_REALTIME);
+                notify(r, REGISTRY_ZONE_CHANGED, z);
+        }
+        pthread_mutex_unlock(&r->lock);
+        return r_;
+}
+
+int registry_ticket_issue(struct registry *r, struct zone *z, bool writable, uint64_t ret_ticket[2]) {
+        struct ticket *t;
+        uint64_t id[2];
+
+        /* 128 random bits: guessing one is not a way in. */
+        if (getrandom(id, sizeof(id), 0) != (ssize_t) sizeof(id))
+                return -EIO;
+        pthread_mutex_lock(&r->lock);
+        t = realloc(r->tickets, (r->n_tickets + 1) * sizeof(*t));
+        if (!t) {
+                pthread_mutex_unlock(&r->lock);
+                return -ENOMEM;
+        }
+        r->tickets = t;
+        z->refs++;
+        t[r->n_tickets++] = (struct ticket) { .id = { id[0], id[1] }, .zone = z, .writable = writable };
+        pthread_mutex_unlock(&r->lock);
+        ret_ticket[0] = id[0];
+        ret_ticket[1] = id[1];
+        return 0;
+}
+
+static ssize_t ticket_find(struct registry *r, const uint64_t id[2]) {
+        for (size_t i = 0; i < r->n_tickets; i++)
+                if (r->tickets[i].id[0] == id[0] && r->tickets[i].id[1] == id[1])
+                        return (ssize_t) i;
+        return -1;
+}
+
+static struct zone *ticket_take_locked(struct registry *r, size_t i) {
+        struct zone *z = r->tickets[i].zone;
+
+        r->tickets[i] = r->tickets[--r->n_tickets];
+        return z;
+}
+
+void registry_ticket_revoke(struct registry *r, const uint64_t ticket[2]) {
+        ssize_t i;
+
+        pthread_mutex_lock(&r->lock);
+        i = ticket_find(r, ticket);
+        if (i >= 0)
+                unref_locked(r, ticket_take_locked(r, (size_t) i));
+        pthread_mutex_unlock(&r->lock);
+}
+
+int registry_ticket_redeem(struct registry *r, const uint64_t ticket[2], bool want_write, struct zone **ret_zone,
+                           int *ret_fd, struct zone_info *ret_info, bool *ret_existed) {
+        struct zone *z;
+        bool writable;
+        ssize_t i;
+        int r_;
+
+        pthread_mutex_lock(&r->lock);
+        i = ticket_find(r, ticket);
+        if (i < 0) {
+                pthread_mutex_unlock(&r->lock);
+                return -EACCES;
+        }
+        writable = r->tickets[i].writable;
+        z = ticket_take_locked(r, (size_t) i); /* one use, whatever the outcome */
+        if (want_write && !writable)
+                r_ = -EACCES;
+        else
+                r_ = attach_locked(r, z, !want_write, ret_zone, ret_fd, ret_info, ret_existed);
+        unref_locked(r, z);
+        pthread_mutex_unlock(&r->lock);
+        return r_;
+}
+
+static bool decl_same_acl(const struct zone *z, const struct zone_decl *d) {
+        return z->uid == d->uid && z->gid == d->gid && z->mode == d->mode;
+}
+
+int registry_apply_config(struct registry *r, const struct config *cfg) {
+        int refused = 0;
+
+        pthread_mutex_lock(&r->lock);
+        r->budget = cfg->budget;
+        r->quota = cfg->quota;
+        for (size_t i = 0; i < cfg->n_zones; i++) {
+                const struct zone_decl *d = &cfg->zones[i];
+                struct zone *z = lookup(r, d->name);
+                int r_;
+
+                if (!z) {
+                        r_ = zone_create_locked(r, d->name, d->tag, d->size, d->uid, d->gid, d->mode, true, &z);
+                        if (r_ < 0) {
+                                log_error_errno(r_, "Zone '%s': cannot create it: %m", d->name);
+                                refused++;
+                        } else
+                                log_info("Zone '%s': created, %" PRIu64 " bytes.", d->name, z->size);
+                        continue;
+                }
+                if (z->fd >= 0 && zone_map_size(d->size) != z->map_size) {
+                        log_error("Zone '%s': size changed from %" PRIu64 " to %" PRIu64
+                                  " bytes; keeping the running zone and its data (remove it to resize).",
+                                  d->name, z->size, d->size);
+                        refused++;
+                        continue;
+                }
+                if (!streq(z->tag, d->tag)) {
+                        log_error("Zone '%s': tag changed from '%s' to '%s'; keeping the running zone.", d->name,
+                                  z->tag, d->tag);
+                        refused++;
+                        continue;
+                }
+                if (z->fd < 0) {
+                        log_error("Zone '%s': exists without a size yet; not adopted.", d->name);
+                        refused++;
+                        continue;
+                }
+                z->declared = true;
+                if (!decl_same_acl(z, d)) {
+                        z->uid = d->uid;
+                        z->gid = d->gid;
+                        z->mode = d->mode;
+                        z->ctime_usec = now_usec(CLOCK_REALTIME);
+                        notify(r, REGISTRY_ZONE_CHANGED, z);
+                }
+        }
+        /* Declared zones that the new config no longer has are retired. */
+        for (;;) {
+                struct list_ctx ctx = {};
+                struct zone *victim = NULL;
+                size_t n = r->zones;
+
+                ctx.v = calloc(n + 1, sizeof(*ctx.v));
+                if (!ctx.v)
+                        break;
+                walk_ctx = &ctx;
+                twalk(r->by_name, walk_fill);
+                walk_ctx = NULL;
+                for (size_t i = 0; i < ctx.n && !victim; i++) {
+                        bool kept = false;
+
+                        if (!ctx.v[i].declared)
+                                continue;
+                        for (size_t j = 0; j < cfg->n_zones && !kept; j++)
+                                kept = streq(cfg->zones[j].name, ctx.v[i].name);
+                        if (!kept)
+                                victim = lookup(r, ctx.v[i].name);
+                }
+                free(ctx.v);
+                if (!victim)
+                        break;
+                log_info("Zone '%s': no longer declared; retired (freed after its last detach, %u attached).",
+                         victim->name, victim->attached);
+                victim->declared = false;
+                unlink_locked(r, victim);
+        }
+        pthread_mutex_unlock(&r->lock);
+        return refused;
+}

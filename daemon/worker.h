@@ -1,0 +1,51 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+#pragma once
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#include "registry.h"
+
+struct daemon;
+struct worker;
+
+/* One attachment a client holds: handle ids are per connection. */
+struct attachment {
+        uint64_t handle;
+        struct zone *zone;
+};
+
+struct outmsg;
+
+/* A client connection; owned by exactly one worker thread. */
+struct conn {
+        struct worker *worker;
+        struct daemon *daemon;
+        int fd;
+        void *source; /* sd_event_source */
+        struct caller caller;
+        gid_t *groups;
+        bool hello;
+        struct attachment *attachments;
+        size_t n_attachments;
+        uint64_t next_handle;
+        struct outmsg *out_head, *out_tail; /* replies the socket could not take yet */
+        size_t out_bytes;
+        struct conn *next, *prev;
+};
+
+int worker_start(struct daemon *d, unsigned index, struct worker **ret);
+/* Hands a connected socket to the worker (any thread); the worker owns fd from here on. */
+int worker_add_client(struct worker *w, int fd);
+/* Tells the worker's clients that the daemon stops, closes them, joins the thread. */
+void worker_stop(struct worker *w);
+
+/* Queues a reply (or sends it at once); fd, if >= 0, is passed and then closed. */
+int conn_send(struct conn *c, uint16_t type, uint16_t flags, uint32_t stream, int32_t status, const void *body,
+              size_t body_size, int fd);
+
+/* control.c: handles one framed message from c. A negative return ends the connection. */
+int control_dispatch(struct conn *c, const void *msg, size_t size);
+/* Drops every attachment c holds (the connection ends). */
+void control_release(struct conn *c);

@@ -1,0 +1,445 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+#include <fcntl.h>
+#include <limits.h>
+#include <stdio.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <sys/ioctl.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+
+#include "client.h"
+#include "proto.h"
+#include "shmzone.h"
+#include "util.h"
+#include "zone.h"
+
+struct shmz_client {
+        atomic_uint refs; /* the caller's, plus one per open zone */
+        pthread_mutex_t lock; /* one request at a time on the socket */
+        int fd;
+        uint32_t next_stream;
+        int daemon_pid;
+        bool dead; /* the daemon said it stops, or the socket broke */
+};
+
+struct shmz_client *client_ref(struct shmz_client *c) {
+        atomic_fetch_add(&c->refs, 1);
+        return c;
+}
+
+void client_unref(struct shmz_client *c) {
+        if (!c || atomic_fetch_sub(&c->refs, 1) != 1)
+                return;
+        safe_close(c->fd);
+        (void) pthread_mutex_destroy(&c->lock);
+        free(c);
+}
+
+/* Receives the reply to `stream`, skipping notices. Called with c->lock held. */
+static int recv_reply(struct shmz_client *c, uint16_t type, uint32_t stream, uint8_t *buf, size_t *ret_size,
+                      int *ret_fd) {
+        for (;;) {
+                struct shmz_msg_header h;
+                size_t size;
+                int fd = -EBADF, r;
+
+                r = proto_recv(c->fd, buf, SHMZ_MSG_MAX, &size, &fd);
+                if (r < 0) {
+                        c->dead = true;
+                        return r == -ECONNRESET ? -ENOTCONN : r;
+                }
+                memcpy(&h, buf, sizeof(h));
+                if (h.type == SHMZ_MSG_NOTICE_SHUTDOWN && !(h.flags & SHMZ_MSG_F_REPLY)) {
+                        safe_close(fd);
+                        c->dead = true;
+                        return -ENOTCONN;
+                }
+                /* Replies come in order: anything else means we no longer understand the daemon. */
+                if (!(h.flags & SHMZ_MSG_F_REPLY) || h.type != type || h.stream != stream || h.status > 0) {
+                        safe_close(fd);
+                        c->dead = true;
+                        return -EPROTO;
+                }
+                if (ret_fd)
+                        *ret_fd = fd;
+                else
+                        safe_close(fd);
+                *ret_size = size;
+                return 0;
+        }
+}
+
+static int send_request(struct shmz_client *c, uint16_t type, const void *body, size_t body_size,
+                        uint32_t *ret_stream) {
+        uint32_t stream;
+        int r;
+
+        if (c->dead)
+                return -ENOTCONN;
+        stream = ++c->next_stream ?: ++c->next_stream; /* 0 is for notices */
+        r = proto_send(c->fd, type, 0, stream, 0, body, body_size, -EBADF);
+        if (r < 0) {
+                c->dead = true;
+                return r == -EPIPE || r == -ECONNRESET ? -ENOTCONN : r;
+        }
+        *ret_stream = stream;
+        return 0;
+}
+
+int client_request(struct shmz_client *c, uint16_t type, const void *body, size_t body_size, void *ret_reply,
+                   size_t reply_size, int *ret_fd) {
+        uint8_t buf[SHMZ_MSG_MAX];
+        struct shmz_msg_header h;
+        uint32_t stream;
+        size_t size;
+        int fd = -EBADF, r;
+
+        pthread_mutex_lock(&c->lock);
+        r = send_request(c, type, body, body_size, &stream);
+        if (r >= 0)
+                r = recv_reply(c, type, stream, buf, &size, &fd);
+        pthread_mutex_unlock(&c->lock);
+        if (r < 0)
+                return r;
+
+        memcpy(&h, buf, sizeof(h));
+        if (h.status < 0) {
+                safe_close(fd);
+                return h.status;
+        }
+        if (size - sizeof(h) != reply_size) {
+                safe_close(fd);
+                return -EPROTO;
+        }
+        if (reply_size > 0)
+                memcpy(ret_reply, proto_body(buf), reply_size);
+        if (ret_fd)
+                *ret_fd = fd;
+        else
+                safe_close(fd);
+        return 0;
+}
+
+int client_request_run(struct shmz_client *c, uint16_t type, const void *body, size_t body_size, size_t reply_size,
+                       int (*cb)(const void *reply, void *userdata), void *userdata) {
+        uint8_t buf[SHMZ_MSG_MAX];
+        uint32_t stream;
+        int r, cb_r = 0;
+
+        pthread_mutex_lock(&c->lock);
+        r = send_request(c, type, body, body_size, &stream);
+        while (r >= 0) {
+                struct shmz_msg_header h;
+                size_t size;
+
+                r = recv_reply(c, type, stream, buf, &size, NULL);
+                if (r < 0)
+                        break;
+                memcpy(&h, buf, sizeof(h));
+                if (h.status < 0) {
+                        r = h.status;
+                        break;
+                }
+                if (size - sizeof(h) == reply_size && cb_r >= 0)
+                        /* After cb asked to stop, the rest of the run is still read, to stay in step. */
+                        cb_r = cb(proto_body(buf), userdata);
+                else if (size - sizeof(h) != 0 || !(h.flags & SHMZ_MSG_F_LAST)) {
+                        if (size - sizeof(h) != reply_size) {
+                                c->dead = true;
+                                r = -EPROTO;
+                                break;
+                        }
+                }
+                if (h.flags & SHMZ_MSG_F_LAST)
+                        break;
+        }
+        pthread_mutex_unlock(&c->lock);
+        return r < 0 ? r : cb_r < 0 ? cb_r : 0;
+}
+
+static int connect_path(const char *path, int *ret_fd) {
+        struct sockaddr_un sa = { .sun_family = AF_UNIX };
+        _cleanup_close_ int fd = -EBADF;
+
+        if (strlen(path) >= sizeof(sa.sun_path))
+                return -ENAMETOOLONG;
+        strncpy(sa.sun_path, path, sizeof(sa.sun_path) - 1);
+        fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
+        if (fd < 0)
+                return -errno;
+        if (connect(fd, (struct sockaddr *) &sa, sizeof(sa)) < 0)
+                return -errno;
+        *ret_fd = TAKE_FD(fd);
+        return 0;
+}
+
+_public_ int shmz_connect(const char *socket_path, struct shmz_client **ret) {
+        struct shmz_msg_hello hello = { .version_min = SHMZ_PROTO_VERSION, .version_max = SHMZ_PROTO_VERSION };
+        struct shmz_msg_hello_reply reply;
+        struct shmz_client *c;
+        int r;
+
+        assert_return(ret, -EINVAL);
+        if (!socket_path)
+                socket_path = secure_getenv("SHMZONE_SOCKET") ?: SHMZ_DEFAULT_SOCKET;
+
+        c = calloc(1, sizeof(*c));
+        if (!c)
+                return -ENOMEM;
+        atomic_init(&c->refs, 1);
+        (void) pthread_mutex_init(&c->lock, NULL);
+        c->fd = -EBADF;
+        r = connect_path(socket_path, &c->fd);
+        if (r >= 0)
+                r = client_request(c, SHMZ_MSG_HELLO, &hello, sizeof(hello), &reply, sizeof(reply), NULL);
+        if (r >= 0 && reply.version != SHMZ_PROTO_VERSION)
+                r = -EPROTO;
+        if (r < 0) {
+                client_unref(c);
+                return r;
+        }
+        c->daemon_pid = (int) reply.pid;
+        *ret = c;
+        return 0;
+}
+
+_public_ void shmz_disconnect(struct shmz_client *c) {
+        client_unref(c);
+}
+
+_public_ int shmz_client_daemon_pid(const struct shmz_client *c) {
+        assert_return(c, -EINVAL);
+        return c->daemon_pid;
+}
+
+static int name_request(const char *name, struct shmz_msg_zone_name *ret) {
+        if (!shmz_name_is_valid(name))
+                return -EINVAL;
+        strncpy_buf(ret->name, sizeof(ret->name), name);
+        return 0;
+}
+
+/* Maps what the daemon sent and checks it against its own reply. */
+static int zone_from_reply(struct shmz_client *c, int fd, const struct shmz_msg_zone_info *info, bool rdonly,
+                           const char *name, struct shmz_zone **ret) {
+        struct shmz_zone *z;
+        int r;
+
+        if (fd < 0 || !buf_is_cstr(info->name, sizeof(info->name)))
+                return -EPROTO;
+        r = zone_map_fd(fd, rdonly, name ?: info->name, &z);
+        if (r < 0)
+                return r;
+        if (z->map_size != info->map_size) {
+                shmz_zone_close(z);
+                return -EBADMSG;
+        }
+        z->handle = info->handle;
+        z->existed = info->flags & SHMZ_ZONE_INFO_EXISTED;
+        z->client = client_ref(c);
+        *ret = z;
+        return 0;
+}
+
+_public_ int shmz_zone_open(struct shmz_client *c, const char *name, uint64_t size, const char *tag, unsigned flags,
+                            struct shmz_zone **ret) {
+        struct shmz_msg_zone_open req = { .size = size, .flags = flags };
+        struct shmz_msg_zone_info info;
+        _cleanup_close_ int fd = -EBADF;
+        int r;
+
+        assert_return(c && ret, -EINVAL);
+        if (!shmz_name_is_valid(name) || (tag && !shmz_tag_is_valid(tag)))
+                return -EINVAL;
+        if (flags & ~(unsigned) (SHMZ_CREATE | SHMZ_EXCL | SHMZ_RDONLY))
+                return -EINVAL;
+        strncpy_buf(req.name, sizeof(req.name), name);
+        strncpy_buf(req.tag, sizeof(req.tag), tag ?: "");
+
+        r = client_request(c, SHMZ_MSG_ZONE_OPEN, &req, sizeof(req), &info, sizeof(info), &fd);
+        if (r < 0)
+                return r;
+        r = zone_from_reply(c, fd, &info, flags & SHMZ_RDONLY, name, ret);
+        if (r < 0) {
+                struct shmz_msg_zone_close cl = { .handle = info.handle };
+
+                (void) client_request(c, SHMZ_MSG_ZONE_CLOSE, &cl, sizeof(cl), NULL, 0, NULL);
+        }
+        return r;
+}
+
+/*
+ * The daemon behind a FUSE view: $SHMZONE_SOCKET if set, else where the view's
+ * "socket" symlink (beside zones/) points, else the default.
+ */
+static int view_socket(const char *zone_path, char *ret, size_t size) {
+        char dir[PATH_MAX], link[PATH_MAX];
+        const char *env = secure_getenv("SHMZONE_SOCKET");
+        char *slash;
+        ssize_t n;
+
+        if (env) {
+                (void) snprintf(ret, size, "%s", env);
+                return 0;
+        }
+        (void) snprintf(ret, size, "%s", SHMZ_DEFAULT_SOCKET);
+        if (!realpath(zone_path, dir))
+                return -errno;
+        /* <mount>/zones/<name> -> <mount> */
+        for (int i = 0; i < 2; i++) {
+                slash = strrchr(dir, '/');
+                if (!slash || slash == dir)
+                        return 0;
+                *slash = 0;
+        }
+        if (strlen(dir) + sizeof("/socket") > sizeof(link))
+                return 0;
+        strcat(dir, "/socket");
+        n = readlink(dir, link, sizeof(link) - 1);
+        if (n > 0 && link[0] == '/') {
+                link[n] = 0;
+                (void) snprintf(ret, size, "%s", link);
+        }
+        return 0;
+}
+
+_public_ int shmz_zone_open_path(const char *path, unsigned flags, struct shmz_zone **ret) {
+        struct shmz_msg_zone_ticket t = {};
+        struct shmz_msg_zone_info info;
+        _cleanup_close_ int file = -EBADF, fd = -EBADF;
+        struct shmz_client *c = NULL;
+        char sock[PATH_MAX];
+        int r;
+
+        assert_return(path && ret, -EINVAL);
+        if (flags & ~(unsigned) SHMZ_RDONLY)
+                return -EINVAL;
+        /* The kernel checks the caller against the file's mode here (default_permissions). */
+        file = open(path, ((flags & SHMZ_RDONLY) ? O_RDONLY : O_RDWR) | O_CLOEXEC | O_NOCTTY);
+        if (file < 0)
+                return -errno;
+        /* The view hands out a one-time ticket bound to this open file and its access mode. */
+        if (ioctl(file, SHMZ_IOC_TICKET, &t) < 0)
+                return -errno;
+        r = view_socket(path, sock, sizeof(sock));
+        if (r < 0)
+                return r;
+        r = shmz_connect(sock, &c);
+        if (r < 0)
+                return r;
+        t.flags = flags & SHMZ_RDONLY;
+        r = client_request(c, SHMZ_MSG_ZONE_OPEN_TICKET, &t, sizeof(t), &info, sizeof(info), &fd);
+        if (r >= 0)
+                r = zone_from_reply(c, fd, &info, flags & SHMZ_RDONLY, NULL, ret);
+        shmz_disconnect(c); /* the zone keeps its own reference */
+        return r;
+}
+
+_public_ int shmz_zone_unlink(struct shmz_client *c, const char *name) {
+        struct shmz_msg_zone_name req;
+        int r;
+
+        assert_return(c, -EINVAL);
+        r = name_request(name, &req);
+        if (r < 0)
+                return r;
+        return client_request(c, SHMZ_MSG_ZONE_UNLINK, &req, sizeof(req), NULL, 0, NULL);
+}
+
+static void stat_from_wire(const struct shmz_msg_zone_info *i, struct shmz_zone_stat *ret) {
+        *ret = (struct shmz_zone_stat) {
+                .size = i->size,
+                .map_size = i->map_size,
+                .generation = i->generation,
+                .created_usec = i->created_usec,
+                .uid = i->uid,
+                .gid = i->gid,
+                .mode = i->mode,
+                .attached = i->attached,
+                .flags = i->flags,
+        };
+        strncpy_buf(ret->name, sizeof(ret->name), buf_is_cstr(i->name, sizeof(i->name)) ? i->name : "");
+        strncpy_buf(ret->tag, sizeof(ret->tag), buf_is_cstr(i->tag, sizeof(i->tag)) ? i->tag : "");
+}
+
+_public_ int shmz_zone_stat(struct shmz_client *c, const char *name, struct shmz_zone_stat *ret) {
+        struct shmz_msg_zone_name req;
+        struct shmz_msg_zone_info info;
+        int r;
+
+        assert_return(c && ret, -EINVAL);
+        r = name_request(name, &req);
+        if (r < 0)
+                return r;
+        r = client_request(c, SHMZ_MSG_ZONE_INFO, &req, sizeof(req), &info, sizeof(info), NULL);
+        if (r < 0)
+                return r;
+        stat_from_wire(&info, ret);
+        return 0;
+}
+
+struct list_ctx {
+        int (*cb)(const struct shmz_zone_stat *st, void *userdata);
+        void *userdata;
+};
+
+static int list_one(const void *reply, void *userdata) {
+        struct list_ctx *ctx = userdata;
+        struct shmz_zone_stat st;
+
+        stat_from_wire(reply, &st);
+        return ctx->cb(&st, ctx->userdata);
+}
+
+_public_ int shmz_zone_list(struct shmz_client *c, int (*cb)(const struct shmz_zone_stat *st, void *userdata),
+                            void *userdata) {
+        struct list_ctx ctx = { .cb = cb, .userdata = userdata };
+
+        assert_return(c && cb, -EINVAL);
+        return client_request_run(c, SHMZ_MSG_ZONE_LIST, NULL, 0, sizeof(struct shmz_msg_zone_info), list_one, &ctx);
+}
+
+static int setattr(struct shmz_client *c, const char *name, uint32_t mask, uint32_t mode, uint32_t uid, uint32_t gid) {
+        struct shmz_msg_zone_setattr req = { .mask = mask, .mode = mode, .uid = uid, .gid = gid };
+
+        assert_return(c, -EINVAL);
+        if (!shmz_name_is_valid(name))
+                return -EINVAL;
+        strncpy_buf(req.name, sizeof(req.name), name);
+        return client_request(c, SHMZ_MSG_ZONE_SETATTR, &req, sizeof(req), NULL, 0, NULL);
+}
+
+_public_ int shmz_zone_chmod(struct shmz_client *c, const char *name, mode_t mode) {
+        return setattr(c, name, SHMZ_SETATTR_MODE, (uint32_t) mode, 0, 0);
+}
+
+_public_ int shmz_zone_chown(struct shmz_client *c, const char *name, uid_t uid, gid_t gid) {
+        uint32_t mask = (uid != (uid_t) -1 ? SHMZ_SETATTR_UID : 0) | (gid != (gid_t) -1 ? SHMZ_SETATTR_GID : 0);
+
+        return setattr(c, name, mask, 0, (uint32_t) uid, (uint32_t) gid);
+}
+
+_public_ int shmz_daemon_status(struct shmz_client *c, struct shmz_daemon_status *ret) {
+        struct shmz_msg_status st;
+        int r;
+
+        assert_return(c && ret, -EINVAL);
+        r = client_request(c, SHMZ_MSG_STATUS, NULL, 0, &st, sizeof(st), NULL);
+        if (r < 0)
+                return r;
+        *ret = (struct shmz_daemon_status) {
+                .budget = st.budget,
+                .budget_used = st.budget_used,
+                .quota = st.quota,
+                .zones = st.zones,
+                .zones_unlinked = st.zones_unlinked,
+                .clients = st.clients,
+                .requests = st.requests,
+                .errors = st.errors,
+                .segments = st.segments,
+                .uptime_usec = st.uptime_usec,
+        };
+        return 0;
+}

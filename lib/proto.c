@@ -1,0 +1,145 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+#include <stddef.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+
+#include "proto.h"
+#include "util.h"
+
+/* The layouts are ABI: pin their sizes and the offsets other code relies on. */
+_Static_assert(sizeof(struct shmz_mutex) == SHMZ_MUTEX_SIZE, "shmz_mutex size");
+_Static_assert(offsetof(struct shmz_mutex, robust_next) == 32, "robust list link offset");
+_Static_assert(sizeof(struct shmz_zone_header) == SHMZ_ZONE_HEADER_SIZE, "zone header size");
+_Static_assert(offsetof(struct shmz_zone_header, lock) == 512, "zone lock offset");
+_Static_assert(offsetof(struct shmz_zone_header, alloc) == 1024, "allocator state offset");
+_Static_assert(sizeof(struct shmz_msg_header) == 16, "message header size");
+_Static_assert(sizeof(struct shmz_msg_zone_open) == 16 + SHMZ_NAME_BUF + SHMZ_TAG_BUF, "open size");
+_Static_assert(sizeof(struct shmz_msg_zone_info) == 64 + SHMZ_NAME_BUF + SHMZ_TAG_BUF, "info size");
+_Static_assert(sizeof(struct shmz_msg_zone_info) + sizeof(struct shmz_msg_header) <= SHMZ_MSG_MAX, "fits");
+
+int proto_send(int fd, uint16_t type, uint16_t flags, uint32_t stream, int32_t status, const void *body,
+               size_t body_size, int pass_fd) {
+        struct shmz_msg_header h = {
+                .size = (uint32_t) (sizeof(h) + body_size),
+                .type = type,
+                .flags = flags,
+                .stream = stream,
+                .status = status,
+        };
+        struct iovec iov[2] = {
+                { .iov_base = &h, .iov_len = sizeof(h) },
+                { .iov_base = (void *) body, .iov_len = body_size },
+        };
+        union {
+                struct cmsghdr cmsg;
+                uint8_t buf[CMSG_SPACE(sizeof(int))];
+        } control = {};
+        struct msghdr mh = { .msg_iov = iov, .msg_iovlen = body_size > 0 ? 2 : 1 };
+        ssize_t n;
+
+        if (sizeof(h) + body_size > SHMZ_MSG_MAX)
+                return -EMSGSIZE;
+        if (pass_fd >= 0) {
+                struct cmsghdr *c;
+
+                mh.msg_control = &control;
+                mh.msg_controllen = sizeof(control.buf);
+                c = CMSG_FIRSTHDR(&mh);
+                c->cmsg_level = SOL_SOCKET;
+                c->cmsg_type = SCM_RIGHTS;
+                c->cmsg_len = CMSG_LEN(sizeof(int));
+                memcpy(CMSG_DATA(c), &pass_fd, sizeof(int));
+        }
+        do
+                n = sendmsg(fd, &mh, MSG_NOSIGNAL);
+        while (n < 0 && errno == EINTR);
+        if (n < 0)
+                return -errno;
+        return n == (ssize_t) h.size ? 0 : -EIO;
+}
+
+static void close_passed_fds(struct msghdr *mh) {
+        for (struct cmsghdr *c = CMSG_FIRSTHDR(mh); c; c = CMSG_NXTHDR(mh, c)) {
+                if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
+                        continue;
+                for (size_t i = 0; i < (c->cmsg_len - CMSG_LEN(0)) / sizeof(int); i++) {
+                        int fd;
+
+                        memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof(int));
+                        safe_close(fd);
+                }
+        }
+}
+
+int proto_recv(int fd, void *buf, size_t buf_size, size_t *ret_size, int *ret_fd) {
+        union {
+                struct cmsghdr cmsg;
+                uint8_t buf[CMSG_SPACE(sizeof(int) * 4)];
+        } control;
+        struct iovec iov = { .iov_base = buf, .iov_len = buf_size };
+        struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = &control,
+                             .msg_controllen = sizeof(control) };
+        struct shmz_msg_header h;
+        int passed = -EBADF, n_fds = 0;
+        ssize_t n;
+
+        do
+                n = recvmsg(fd, &mh, MSG_CMSG_CLOEXEC);
+        while (n < 0 && errno == EINTR);
+        if (n < 0)
+                return -errno;
+        if (n == 0)
+                return -ECONNRESET;
+
+        for (struct cmsghdr *c = CMSG_FIRSTHDR(&mh); c; c = CMSG_NXTHDR(&mh, c))
+                if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS) {
+                        n_fds += (int) ((c->cmsg_len - CMSG_LEN(0)) / sizeof(int));
+                        if (n_fds == 1)
+                                memcpy(&passed, CMSG_DATA(c), sizeof(int));
+                }
+        /* At most one fd, only where the caller expects fds, and never with a cut message. */
+        if ((mh.msg_flags & (MSG_TRUNC | MSG_CTRUNC)) || n_fds > 1 || (n_fds > 0 && !ret_fd)) {
+                close_passed_fds(&mh);
+                return (mh.msg_flags & MSG_TRUNC) ? -EMSGSIZE : -EBADMSG;
+        }
+        if ((size_t) n < sizeof(h))
+                goto bad;
+        memcpy(&h, buf, sizeof(h));
+        if (h.size != (size_t) n || (h.flags & ~(SHMZ_MSG_F_REPLY | SHMZ_MSG_F_LAST)))
+                goto bad;
+        *ret_size = (size_t) n;
+        if (ret_fd)
+                *ret_fd = passed;
+        return 0;
+bad:
+        safe_close(passed);
+        return -EBADMSG;
+}
+
+ssize_t proto_body_size(uint16_t type, bool reply) {
+        switch (type) {
+        case SHMZ_MSG_HELLO:
+                return reply ? sizeof(struct shmz_msg_hello_reply) : sizeof(struct shmz_msg_hello);
+        case SHMZ_MSG_ZONE_OPEN:
+                return reply ? sizeof(struct shmz_msg_zone_info) : sizeof(struct shmz_msg_zone_open);
+        case SHMZ_MSG_ZONE_CLOSE:
+                return reply ? 0 : sizeof(struct shmz_msg_zone_close);
+        case SHMZ_MSG_ZONE_UNLINK:
+                return reply ? 0 : sizeof(struct shmz_msg_zone_name);
+        case SHMZ_MSG_ZONE_INFO:
+                return reply ? sizeof(struct shmz_msg_zone_info) : sizeof(struct shmz_msg_zone_name);
+        case SHMZ_MSG_ZONE_LIST:
+                return reply ? sizeof(struct shmz_msg_zone_info) : 0;
+        case SHMZ_MSG_ZONE_SETATTR:
+                return reply ? 0 : sizeof(struct shmz_msg_zone_setattr);
+        case SHMZ_MSG_ZONE_OPEN_TICKET:
+                return reply ? sizeof(struct shmz_msg_zone_info) : sizeof(struct shmz_msg_zone_ticket);
+        case SHMZ_MSG_STATUS:
+                return reply ? sizeof(struct shmz_msg_status) : 0;
+        case SHMZ_MSG_NOTICE_SHUTDOWN:
+                return reply ? -EBADMSG : 0;
+        default:
+                return -EBADMSG;
+        }
+}
+_Static_assert(sizeof(struct shmz_msg_zone_ticket) == 24, "ticket ioctl size");

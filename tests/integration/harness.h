@@ -1,0 +1,38 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+#pragma once
+
+/* Starts a real shmzoned on a private socket (and mount) for one test. */
+
+#include <stdbool.h>
+#include <sys/types.h>
+
+struct daemon_proc {
+        pid_t pid;
+        char dir[64];       /* private temporary directory */
+        char socket[128];   /* dir/sock */
+        char config[128];   /* dir/shmzone.conf */
+        char mount[128];    /* dir/fs, when mounted */
+        char log[128];      /* dir/log: the daemon's stderr */
+        bool mounted;
+};
+
+/* A fresh private directory with the given config text (NULL: none). */
+void harness_init(struct daemon_proc *d, const char *config_text);
+/* Rewrites the config file. */
+void harness_write_config(struct daemon_proc *d, const char *config_text);
+/*
+ * Starts the daemon with extra arguments (NULL-terminated, may be NULL) and
+ * waits until its socket answers. Returns 0, or the daemon's exit status
+ * (negative errno on other failures) if it did not come up.
+ */
+int harness_start(struct daemon_proc *d, const char *const *extra_args, bool mount);
+/* SIGTERM, wait; returns the exit status (or 128+signal). Unmounts in any case. */
+int harness_stop(struct daemon_proc *d);
+/* Sends sig and waits until the daemon has handled it (a status request round-trip). */
+void harness_signal(struct daemon_proc *d, int sig);
+/* The daemon's stderr so far, NUL-terminated (static buffer). */
+const char *harness_log(struct daemon_proc *d);
+/* Removes the directory. */
+void harness_cleanup(struct daemon_proc *d);
+/* Runs fn in a child switched to uid/gid (no supplementary groups); returns its exit status. */
+int harness_run_as(uid_t uid, gid_t gid, int (*fn)(void *), void *userdata);

@@ -1,0 +1,417 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+/* The daemon as a service: config, reload, sd_notify, hostile clients. */
+#include <criterion/criterion.h>
+#include <errno.h>
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include "harness.h"
+#include "shmzone.h"
+
+static struct daemon_proc d;
+
+static void stop(void) {
+        harness_cleanup(&d);
+}
+
+static struct shmz_client *connect_or_die(void) {
+        struct shmz_client *c = NULL;
+
+        cr_assert_eq(shmz_connect(d.socket, &c), 0);
+        return c;
+}
+
+TestSuite(config, .fini = stop, .timeout = 60);
+
+Test(config, bad_line_refuses_start_naming_file_and_line) {
+        char expect[200];
+
+        harness_init(&d, "[daemon]\nthreads = 2\n\n[zone ok]\nsize = 1M\n[zone bad]\nsize = 12X\n");
+        cr_assert_eq(harness_start(&d, NULL, false), 1);
+        snprintf(expect, sizeof(expect), "%s:7:", d.config);
+        cr_assert(strstr(harness_log(&d), expect), "no file:line in: %s", harness_log(&d));
+        cr_assert(strstr(harness_log(&d), "bad size"), "log: %s", harness_log(&d));
+}
+
+Test(config, unknown_key_section_and_missing_size) {
+        static const char *const cases[][2] = {
+                { "[daemon]\nflavour = mint\n", ":2:" },
+                { "[nonsense]\nx = 1\n", ":2:" },
+                { "[zone a]\ntag = x\n\n[zone b]\nsize = 1M\n", ":1:" },
+                { "[zone a/b]\nsize = 1M\n", ":2:" },
+                { "[zone a]\nsize = 1M\nmode = 999\n", ":3:" },
+                { "[zone a]\nsize = 1M\nuser = no-such-user-here\n", ":3:" },
+                { "this is not ini\n", ":1:" },
+        };
+
+        for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+                harness_init(&d, cases[i][0]);
+                cr_assert_eq(harness_start(&d, NULL, false), 1, "case %zu started", i);
+                cr_assert(strstr(harness_log(&d), cases[i][1]), "case %zu: log: %s", i, harness_log(&d));
+                harness_cleanup(&d);
+        }
+}
+
+Test(config, missing_explicit_config_refuses_start) {
+        harness_init(&d, NULL);
+        (void) unlink(d.config);
+        cr_assert_eq(harness_start(&d, NULL, false), 1);
+}
+
+Test(config, options) {
+        const char *const args[] = { "--threads", "3", NULL };
+        struct shmz_client *c;
+        struct shmz_zone *z;
+
+        harness_init(&d, "[zone demo]\nsize = 64K\ntag = demo\nmode = 0666\n");
+        cr_assert_eq(harness_start(&d, args, false), 0, "log: %s", harness_log(&d));
+        cr_assert(strstr(harness_log(&d), "3 worker thread(s)"), "log: %s", harness_log(&d));
+        c = connect_or_die();
+        cr_assert_eq(shmz_zone_open(c, "demo", 0, "demo", 0, &z), 0);
+        cr_assert_eq(shmz_zone_size(z), 65536);
+        cr_assert_eq(shmz_zone_existed(z), 0, "nobody used a declared zone yet");
+        shmz_zone_close(z);
+        shmz_disconnect(c);
+}
+
+TestSuite(reload, .fini = stop, .timeout = 60);
+
+Test(reload, keeps_adds_refuses_and_retires) {
+        struct shmz_client *c;
+        struct shmz_zone *keep, *resize, *gone, *z;
+        struct shmz_zone_stat st;
+        struct shmz_daemon_status before, after;
+
+        harness_init(&d, "[daemon]\nmemory_budget = 64M\n"
+                         "[zone keep]\nsize = 1M\ntag = k\n"
+                         "[zone resize]\nsize = 1M\n"
+                         "[zone gone]\nsize = 2M\n");
+        cr_assert_eq(harness_start(&d, NULL, false), 0, "log: %s", harness_log(&d));
+        c = connect_or_die();
+        cr_assert_eq(shmz_zone_open(c, "keep", 0, "k", 0, &keep), 0);
+        cr_assert_eq(shmz_zone_open(c, "resize", 0, NULL, 0, &resize), 0);
+        cr_assert_eq(shmz_zone_open(c, "gone", 0, NULL, 0, &gone), 0);
+        strcpy(shmz_zone_base(keep), "kept bytes");
+        strcpy(shmz_zone_base(resize), "resize bytes");
+        strcpy(shmz_zone_base(gone), "gone bytes");
+
+        harness_write_config(&d, "[daemon]\nmemory_budget = 64M\n"
+                                 "[zone keep]\nsize = 1M\ntag = k\n"
+                                 "[zone resize]\nsize = 4M\n"
+                                 "[zone fresh]\nsize = 1M\nmode = 0640\n");
+        harness_signal(&d, SIGHUP);
+
+        /* Unchanged: same zone, same bytes, new attachments see them. */
+        cr_assert_eq(shmz_zone_open(c, "keep", 0, "k", 0, &z), 0);
+        cr_assert_str_eq(shmz_zone_base(z), "kept bytes");
+        cr_assert_eq(shmz_zone_existed(z), 1);
+        shmz_zone_close(z);
+        /* Size changed: refused with a logged error, the old zone stays. */
+        cr_assert_eq(shmz_zone_stat(c, "resize", &st), 0);
+        cr_assert_eq(st.size, 1u << 20);
+        cr_assert_eq(shmz_zone_open(c, "resize", 0, NULL, 0, &z), 0);
+        cr_assert_str_eq(shmz_zone_base(z), "resize bytes");
+        shmz_zone_close(z);
+        cr_assert(strstr(harness_log(&d), "Zone 'resize': size changed"), "log: %s", harness_log(&d));
+        /* New: there. */
+        cr_assert_eq(shmz_zone_stat(c, "fresh", &st), 0);
+        cr_assert_eq(st.mode, 0640);
+        /* Removed: name gone, memory alive until the last detach. */
+        cr_assert_eq(shmz_zone_stat(c, "gone", &st), -ENOENT);
+        cr_assert_str_eq(shmz_zone_base(gone), "gone bytes");
+        cr_assert_eq(shmz_daemon_status(c, &before), 0);
+        cr_assert_eq(before.zones_unlinked, 1);
+        shmz_zone_close(gone);
+        cr_assert_eq(shmz_daemon_status(c, &after), 0);
+        cr_assert_eq(after.zones_unlinked, 0);
+        cr_assert_eq(before.budget_used - after.budget_used, (2u << 20) + 4096);
+
+        shmz_zone_close(keep);
+        shmz_zone_close(resize);
+        shmz_disconnect(c);
+}
+
+Test(reload, bad_config_keeps_running_one) {
+        struct shmz_client *c;
+        struct shmz_zone_stat st;
+
+        harness_init(&d, "[zone a]\nsize = 1M\n");
+        cr_assert_eq(harness_start(&d, NULL, false), 0, "log: %s", harness_log(&d));
+        harness_write_config(&d, "[zone a]\nsize = 1M\n[zone b]\nsize = lots\n");
+        harness_signal(&d, SIGHUP);
+        c = connect_or_die();
+        cr_assert_eq(shmz_zone_stat(c, "a", &st), 0);
+        cr_assert_eq(shmz_zone_stat(c, "b", &st), -ENOENT);
+        cr_assert(strstr(harness_log(&d), "keeping the running configuration"), "log: %s", harness_log(&d));
+        shmz_disconnect(c);
+        cr_assert_eq(harness_stop(&d), 0);
+}
+
+TestSuite(notify, .fini = stop, .timeout = 60);
+
+/* Collects datagrams sent to a NOTIFY_SOCKET until `want` shows up or 20 s pass. */
+static bool wait_notify(int fd, const char *want, char *log, size_t size) {
+        for (int i = 0; i < 200; i++) {
+                struct pollfd p = { .fd = fd, .events = POLLIN };
+                char buf[1024];
+                ssize_t n;
+
+                if (poll(&p, 1, 100) <= 0)
+                        continue;
+                n = recv(fd, buf, sizeof(buf) - 1, 0);
+                if (n <= 0)
+                        continue;
+                buf[n] = 0;
+                strncat(log, buf, size - strlen(log) - 1);
+                strncat(log, "|", size - strlen(log) - 1);
+                if (strstr(buf, want))
+                        return true;
+        }
+        return false;
+}
+
+Test(notify, ready_reloading_stopping) {
+        struct sockaddr_un sa = { .sun_family = AF_UNIX };
+        char log[8192] = "";
+        int fd;
+
+        harness_init(&d, "[zone demo]\nsize = 1M\n");
+        snprintf(sa.sun_path, sizeof(sa.sun_path), "%s/notify", d.dir);
+        fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+        cr_assert_geq(fd, 0);
+        cr_assert_eq(bind(fd, (struct sockaddr *) &sa, sizeof(sa)), 0);
+        setenv("NOTIFY_SOCKET", sa.sun_path, 1);
+        cr_assert_eq(harness_start(&d, NULL, false), 0, "log: %s", harness_log(&d));
+        unsetenv("NOTIFY_SOCKET");
+
+        cr_assert(wait_notify(fd, "READY=1", log, sizeof(log)), "got: %s", log);
+        cr_assert(strstr(log, "STATUS=1 zones"), "got: %s", log);
+        kill(d.pid, SIGHUP);
+        cr_assert(wait_notify(fd, "RELOADING=1", log, sizeof(log)), "got: %s", log);
+        cr_assert(wait_notify(fd, "READY=1", log, sizeof(log)), "got: %s", log);
+        kill(d.pid, SIGTERM);
+        cr_assert(wait_notify(fd, "STOPPING=1", log, sizeof(log)), "got: %s", log);
+        cr_assert_eq(harness_stop(&d), 0);
+        close(fd);
+}
+
+TestSuite(hostile, .fini = stop, .timeout = 240);
+
+struct good_client {
+        atomic_bool stop;
+        atomic_int rounds, failures;
+        char socket[128];
+};
+
+/* A well-behaved client that keeps working while others misbehave. */
+static void *good_client_main(void *userdata) {
+        struct good_client *g = userdata;
+        struct shmz_client *c;
+
+        if (shmz_connect(g->socket, &c) < 0) {
+                atomic_fetch_add(&g->failures, 1);
+                return NULL;
+        }
+        while (!atomic_load(&g->stop)) {
+                struct shmz_zone *z;
+                struct shmz_zone_stat st;
+
+                if (shmz_zone_open(c, "good", 4096, "g", SHMZ_CREATE, &z) < 0 ||
+                    shmz_zone_stat(c, "good", &st) < 0) {
+                        atomic_fetch_add(&g->failures, 1);
+                        continue;
+                }
+                ((volatile uint32_t *) shmz_zone_base(z))[0]++;
+                shmz_zone_close(z);
+                atomic_fetch_add(&g->rounds, 1);
+        }
+        shmz_disconnect(c);
+        return NULL;
+}
+
+static int raw_connect(const char *path) {
+        struct sockaddr_un sa = { .sun_family = AF_UNIX };
+        int fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
+
+        if (strlen(path) >= sizeof(sa.sun_path))
+                abort();
+        memcpy(sa.sun_path, path, strlen(path) + 1);
+        if (fd >= 0 && connect(fd, (struct sockaddr *) &sa, sizeof(sa)) < 0) {
+                close(fd);
+                return -1;
+        }
+        return fd;
+}
+
+/* One malformed or random message; mostly well-framed so that validation deeper in is reached. */
+static size_t make_garbage(uint8_t *buf, size_t max, unsigned *seed) {
+        struct shmz_msg_header *h = (struct shmz_msg_header *) buf;
+        size_t size = (size_t) rand_r(seed) % 600;
+        int kind = rand_r(seed) % 6;
+
+        for (size_t i = 0; i < max; i++)
+                buf[i] = (uint8_t) rand_r(seed);
+        if (size < sizeof(*h))
+                size = sizeof(*h);
+        if (kind == 0) /* pure noise */
+                return size;
+        h->size = (uint32_t) size;
+        h->type = (uint16_t) (rand_r(seed) % 12);
+        h->flags = (uint16_t) (rand_r(seed) % 2 ? 0 : rand_r(seed));
+        if (kind >= 2) {
+                /* Right framing and body size for the type, random contents. */
+                static const size_t body[] = { 0, 16, 288, 8, 208, 208, 0, 224, 24, 0 };
+
+                if (h->type >= 1 && h->type <= 9)
+                        h->size = (uint32_t) (sizeof(*h) + body[h->type]);
+                size = h->size;
+                h->flags = 0;
+                if (kind == 3 && h->type == SHMZ_MSG_ZONE_OPEN) {
+                        /* Valid-looking names with silly sizes. */
+                        memcpy(buf + sizeof(*h) + 16, "fz", 3);
+                        buf[sizeof(*h) + 16 + 200] = 0;
+                        buf[sizeof(*h) + 16 + 208 + 63] = 0;
+                }
+        }
+        return size;
+}
+
+Test(hostile, ten_thousand_bad_requests) {
+        struct good_client g = {};
+        struct shmz_msg_hello hello = { .version_min = 1, .version_max = 1 };
+        uint8_t buf[1024];
+        unsigned seed = 4242;
+        pthread_t t;
+        int fd = -1, sent = 0, replies = 0;
+
+        harness_init(&d, "[daemon]\nmemory_budget = 256M\nuid_quota = 256M\n");
+        cr_assert_eq(harness_start(&d, NULL, false), 0, "log: %s", harness_log(&d));
+        snprintf(g.socket, sizeof(g.socket), "%s", d.socket);
+        cr_assert_eq(pthread_create(&t, NULL, good_client_main, &g), 0);
+
+        while (sent < 10000) {
+                size_t n;
+
+                if (fd < 0) {
+                        struct shmz_msg_header h = { .size = sizeof(h) + sizeof(hello), .type = SHMZ_MSG_HELLO,
+                                                     .stream = 1 };
+
+                        fd = raw_connect(d.socket);
+                        cr_assert_geq(fd, 0, "daemon stopped accepting after %d requests", sent);
+                        /* Half the connections say hello first, so that requests get past it. */
+                        if (rand_r(&seed) % 2) {
+                                memcpy(buf, &h, sizeof(h));
+                                memcpy(buf + sizeof(h), &hello, sizeof(hello));
+                                (void) send(fd, buf, sizeof(h) + sizeof(hello), MSG_NOSIGNAL);
+                        }
+                }
+                n = make_garbage(buf, sizeof(buf), &seed);
+                if (send(fd, buf, n, MSG_NOSIGNAL | MSG_DONTWAIT) < 0) {
+                        /* Disconnected (as it should for broken framing) or full: a new connection. */
+                        close(fd);
+                        fd = -1;
+                        continue;
+                }
+                sent++;
+                /* Every request is answered or ends the connection: wait for one or the other. */
+                {
+                        struct pollfd p = { .fd = fd, .events = POLLIN };
+                        ssize_t got;
+
+                        cr_assert_eq(poll(&p, 1, 10000), 1, "no answer to request %d", sent);
+                        got = recv(fd, buf, sizeof(buf), MSG_DONTWAIT);
+                        if (got <= 0) {
+                                close(fd);
+                                fd = -1;
+                        } else
+                                replies++;
+                }
+        }
+        if (fd >= 0)
+                close(fd);
+        atomic_store(&g.stop, true);
+        pthread_join(t, NULL);
+
+        cr_assert_gt(atomic_load(&g.rounds), 10, "the good client made no progress");
+        cr_assert_eq(atomic_load(&g.failures), 0, "the good client saw %d failures", atomic_load(&g.failures));
+        {
+                struct shmz_client *c = connect_or_die();
+                struct shmz_daemon_status st;
+
+                cr_assert_eq(shmz_daemon_status(c, &st), 0);
+                cr_assert_gt(st.errors, 5000);
+                cr_assert_gt(replies, 1000);
+                shmz_disconnect(c);
+        }
+        cr_assert_eq(harness_stop(&d), 0, "daemon exit; log: %s", harness_log(&d));
+}
+
+Test(hostile, fds_in_requests_and_bad_hello) {
+        struct shmz_msg_hello hello = { .version_min = 7, .version_max = 9 };
+        struct {
+                struct shmz_msg_header h;
+                struct shmz_msg_hello b;
+        } m = { { .size = sizeof(m), .type = SHMZ_MSG_HELLO, .stream = 5 }, hello };
+        struct {
+                struct shmz_msg_header h;
+                int32_t x;
+        } reply;
+        int fd;
+
+        harness_init(&d, NULL);
+        cr_assert_eq(harness_start(&d, NULL, false), 0, "log: %s", harness_log(&d));
+
+        /* Unsupported version: a clear error, then the connection ends. */
+        fd = raw_connect(d.socket);
+        cr_assert_eq(send(fd, &m, sizeof(m), 0), (ssize_t) sizeof(m));
+        cr_assert_eq(recv(fd, &reply, sizeof(reply), 0), (ssize_t) sizeof(reply.h));
+        cr_assert_eq(reply.h.status, -EPROTONOSUPPORT);
+        cr_assert_eq(recv(fd, &reply, sizeof(reply), 0), 0);
+        close(fd);
+
+        /* A request before hello: refused, connection kept. */
+        fd = raw_connect(d.socket);
+        m.h.type = SHMZ_MSG_STATUS;
+        m.h.size = sizeof(m.h);
+        cr_assert_eq(send(fd, &m, sizeof(m.h), 0), (ssize_t) sizeof(m.h));
+        cr_assert_eq(recv(fd, &reply, sizeof(reply), 0), (ssize_t) sizeof(reply.h));
+        cr_assert_eq(reply.h.status, -EPROTO);
+        cr_assert_eq(reply.h.stream, 5);
+
+        /* An fd riding along a request: dropped with the connection, never kept by the daemon. */
+        {
+                union {
+                        struct cmsghdr c;
+                        char b[CMSG_SPACE(sizeof(int))];
+                } ctl = {};
+                struct iovec iov = { .iov_base = &m, .iov_len = sizeof(m.h) };
+                struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = &ctl,
+                                     .msg_controllen = sizeof(ctl.b) };
+                struct cmsghdr *cm = CMSG_FIRSTHDR(&mh);
+                int passed = 0;
+
+                cm->cmsg_level = SOL_SOCKET;
+                cm->cmsg_type = SCM_RIGHTS;
+                cm->cmsg_len = CMSG_LEN(sizeof(int));
+                memcpy(CMSG_DATA(cm), &passed, sizeof(int));
+                cr_assert_eq(sendmsg(fd, &mh, 0), (ssize_t) sizeof(m.h));
+                cr_assert_eq(recv(fd, &reply, sizeof(reply), 0), 0);
+        }
+        close(fd);
+
+        {
+                struct shmz_client *c = connect_or_die();
+                struct shmz_daemon_status st;
+
+                cr_assert_eq(shmz_daemon_status(c, &st), 0);
+                shmz_disconnect(c);
+        }
+}

@@ -101,14 +101,16 @@ static int do_ticket(struct conn *c, const struct shmz_msg_header *h, const stru
         return reply_attached(c, h, z, fd, &info, existed, m->flags & SHMZ_RDONLY);
 }
 
+/* ZONE_CLOSE is one-way: detaching never waits for the daemon. */
 static int do_close(struct conn *c, const struct shmz_msg_header *h, const struct shmz_msg_zone_close *m) {
         for (size_t i = 0; i < c->n_attachments; i++)
                 if (c->attachments[i].handle == m->handle) {
                         registry_detach(c->daemon->registry, c->attachments[i].zone);
                         c->attachments[i] = c->attachments[--c->n_attachments];
-                        return reply(c, h, 0, NULL, 0, -EBADF);
+                        return 0;
                 }
-        return reply(c, h, -EBADF, NULL, 0, -EBADF);
+        atomic_fetch_add(&c->daemon->errors, 1);
+        return 0;
 }
 
 static int do_info(struct conn *c, const struct shmz_msg_header *h, const struct shmz_msg_zone_name *m) {

@@ -122,6 +122,16 @@ int client_request(struct shmz_client *c, uint16_t type, const void *body, size_
         return 0;
 }
 
+int client_send_oneway(struct shmz_client *c, uint16_t type, const void *body, size_t body_size) {
+        uint32_t stream;
+        int r;
+
+        pthread_mutex_lock(&c->lock);
+        r = send_request(c, type, body, body_size, &stream);
+        pthread_mutex_unlock(&c->lock);
+        return r;
+}
+
 int client_request_run(struct shmz_client *c, uint16_t type, const void *body, size_t body_size, size_t reply_size,
                        int (*cb)(const void *reply, void *userdata), void *userdata) {
         uint8_t buf[SHMZ_MSG_MAX];
@@ -265,7 +275,7 @@ _public_ int shmz_zone_open(struct shmz_client *c, const char *name, uint64_t si
         if (r < 0) {
                 struct shmz_msg_zone_close cl = { .handle = info.handle };
 
-                (void) client_request(c, SHMZ_MSG_ZONE_CLOSE, &cl, sizeof(cl), NULL, 0, NULL);
+                (void) client_send_oneway(c, SHMZ_MSG_ZONE_CLOSE, &cl, sizeof(cl));
         }
         return r;
 }

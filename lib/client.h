@@ -14,6 +14,9 @@
 int client_request(struct shmz_client *c, uint16_t type, const void *body, size_t body_size, void *ret_reply,
                    size_t reply_size, int *ret_fd);
 
+/* A one-way message (ZONE_CLOSE): no reply comes. */
+int client_send_oneway(struct shmz_client *c, uint16_t type, const void *body, size_t body_size);
+
 /* One request, a run of replies: cb is called with each body until the one flagged LAST. */
 int client_request_run(struct shmz_client *c, uint16_t type, const void *body, size_t body_size, size_t reply_size,
                        int (*cb)(const void *reply, void *userdata), void *userdata);

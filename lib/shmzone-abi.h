@@ -95,7 +95,8 @@ struct shmz_zone_header {
 /*
  * SOCK_SEQPACKET: one message per packet, each starting with shmz_msg_header.
  * A client sends requests; every request gets exactly one reply with the same
- * stream id (ZONE_LIST: a run of replies, the last one flagged LAST). The daemon
+ * stream id (ZONE_LIST: a run of replies, the last one flagged LAST), except
+ * ZONE_CLOSE, which is one-way so that detaching never waits. The daemon
  * may also send unsolicited notices (stream 0). File descriptors travel as
  * SCM_RIGHTS on replies only; the daemon refuses requests that carry any.
  */

@@ -124,7 +124,7 @@ _public_ void shmz_zone_close(struct shmz_zone *z) {
 
                 /* Best effort: the daemon also drops the attachment when the connection ends. */
                 if (z->handle != 0)
-                        (void) client_request(z->client, SHMZ_MSG_ZONE_CLOSE, &req, sizeof(req), NULL, 0, NULL);
+                        (void) client_send_oneway(z->client, SHMZ_MSG_ZONE_CLOSE, &req, sizeof(req));
                 client_unref(z->client);
         }
         (void) munmap(z->hdr, z->map_size);

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Installs what building, running and testing shmzone need on Debian 12.
+set -euo pipefail
+pkgs=(
+        meson ninja-build pkgconf gcc g++
+        libfuse3-dev fuse3 libsystemd-dev libinih-dev
+        libcriterion-dev attr libboost-dev scdoc clang-format
+)
+missing=()
+for p in "${pkgs[@]}"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+        sudo=""
+        [ "$(id -u)" -eq 0 ] || sudo=sudo
+        $sudo apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi

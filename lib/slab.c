@@ -1,0 +1,1246 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+/*
+ * The allocator inside a zone.
+ *
+ * Layout of the zone's usable area (offsets from the start of the mapping, so
+ * every process agrees whatever address it mapped the zone at):
+ *
+ *   4096                 page descriptors, 32 bytes per page
+ *   pages_off            pages of SLAB_PAGE_SIZE, page-aligned, up to map_size
+ *
+ * and struct slab_state in the header's alloc[] area: list heads, figures and an
+ * intent record. Pages form runs: free runs (head descriptor FREE with its
+ * length, last descriptor FREE_TAIL pointing back, so that a freed neighbour
+ * coalesces in O(1)), large blocks (LARGE + CONT pages) and spans of one size
+ * class (SLAB + CONT). Free runs sit in 96 bins: one per length below 64 pages,
+ * then one per power of two, with a bitmap of non-empty bins, so a request finds
+ * a run that fits with one ctz instead of walking a list.
+ *
+ * A span's free slots are a bitmap (1 = free): in the SLAB descriptor when the
+ * span has at most 64 slots, else at the end of the span with a summary word in
+ * the descriptor; either way two ctz find a slot. Each class keeps a list of its
+ * spans with free slots and keeps one empty span instead of giving it back, so
+ * one object allocated and freed at a span boundary does not churn pages.
+ *
+ * The descriptors and bitmaps are the truth; lists and counters are derived
+ * from them and can be rebuilt (slab_repair). Every mutation sets `busy` and
+ * records the block it is about in `intent_off` before it changes anything, so
+ * that after a death in the middle the survivor rebuilds and then finishes the
+ * free or takes back the half-made allocation. Everything read from the zone is
+ * checked before use: a corrupt allocator gives errors, not stray writes.
+ */
+#include <pthread.h>
+#include <signal.h>
+#include <stdatomic.h>
+
+#include "mutex.h"
+#include "slab.h"
+#include "util.h"
+#include "zone.h"
+
+#define SLAB_MAGIC 0x42414c53u /* "SLAB" */
+#define SLAB_VERSION 1u
+#define NONE UINT32_MAX
+#define NCLASSES SHMZ_ALLOC_CLASSES
+#define NBINS 96u
+#define EXACT_BINS 64u
+#define MAX_SPAN_PAGES 16u
+#define DESC_OFF SHMZ_ZONE_HEADER_SIZE
+#define MAP_CORRUPT ((void *) 1) /* internal: metadata found inconsistent */
+
+enum {
+        PD_UNUSED = 0,
+        PD_FREE,      /* head of a free run */
+        PD_FREE_TAIL, /* last page of a free run of more than one page */
+        PD_SLAB,      /* head of a span of one size class */
+        PD_LARGE,     /* head of a large block */
+        PD_CONT,      /* other page of a span or large block */
+        PD_FREE_CONT, /* inside a free run (stale) */
+};
+
+struct pdesc {
+        uint8_t type;
+        uint8_t cls;
+        uint16_t nfree;  /* SLAB: free slots */
+        uint32_t npages; /* heads: pages of the run */
+        uint32_t next;   /* list links, page index or NONE */
+        uint32_t prev;
+        uint32_t head; /* CONT, FREE_TAIL: the head's index */
+        uint32_t reserved;
+        uint64_t bits; /* SLAB: free-slot bitmap, or the summary of the in-span bitmap */
+};
+_Static_assert(sizeof(struct pdesc) == 32, "page descriptor size");
+
+struct slab_class_state {
+        uint32_t partial; /* first span with free slots */
+        uint32_t empty;   /* spans with every slot free */
+        uint64_t spans;
+        uint64_t used;
+        uint64_t reqs;
+        uint64_t fails;
+};
+
+struct slab_state {
+        uint32_t magic;
+        uint32_t version;
+        uint32_t npages;
+        uint32_t busy;       /* an operation is under way (or its process died) */
+        uint64_t pages_off;  /* zone offset of page 0 */
+        uint64_t intent_off; /* the block that operation is about, 0 = none yet */
+        uint64_t free_pages, large_pages, large_used, large_reqs, large_fails;
+        uint64_t faults, repairs, last_fault_off;
+        int32_t last_fault;
+        uint32_t reserved;
+        uint64_t bin_mask[2];
+        uint32_t bins[NBINS];
+        struct slab_class_state cls[NCLASSES];
+};
+_Static_assert(sizeof(struct slab_state) <= SHMZ_ZONE_ALLOC_STATE_SIZE, "allocator state fits the header");
+
+struct class_info {
+        uint32_t size;
+        uint32_t npages;   /* pages per span */
+        uint32_t nslots;   /* slots per span */
+        uint32_t nwords;   /* 0: bitmap in the descriptor; else words at the end of the span */
+        uint32_t bits_off; /* offset of those words in the span */
+};
+
+static struct class_info classes[NCLASSES];
+
+/* A checked view of one zone's allocator, valid while the lock is held. */
+struct slab {
+        uint8_t *base;
+        struct slab_state *st;
+        struct pdesc *d;
+        uint8_t *pages;
+        uint32_t npages;
+};
+
+#define barrier() __asm__ __volatile__("" ::: "memory")
+
+/* Tests: SIGKILL ourselves at the n-th step of an allocator operation (0 = never). */
+unsigned slab_test_crash_countdown = 0;
+#define CRASH_POINT()                                                                                                  \
+        do {                                                                                                           \
+                barrier();                                                                                             \
+                if (_unlikely_(slab_test_crash_countdown) && --slab_test_crash_countdown == 0)                         \
+                        (void) kill(getpid(), SIGKILL);                                                                \
+        } while (0)
+
+/* ---- size classes ---------------------------------------------------------------------- */
+
+uint32_t slab_class_size(unsigned c) {
+        uint32_t base;
+
+        if (c >= NCLASSES)
+                return 0;
+        if (c < 16)
+                return 8 * (c + 1);
+        /* Four classes per doubling above 128 bytes. */
+        base = 128u << ((c - 16) / 4);
+        return base + base / 4 * ((c - 16) % 4 + 1);
+}
+
+int slab_class_of(size_t n) {
+        unsigned sh;
+        size_t m;
+
+        if (n > SHMZ_ALLOC_MAX_CLASS)
+                return -1;
+        if (n <= 128)
+                return n == 0 ? 0 : (int) ((n - 1) >> 3);
+        m = n - 1;
+        sh = 63 - (unsigned) __builtin_clzll(m);
+        return (int) (16 + (sh - 7) * 4 + ((m >> (sh - 2)) & 3));
+}
+
+__attribute__((constructor)) static void classes_init(void) {
+        for (unsigned c = 0; c < NCLASSES; c++) {
+                struct class_info *ci = &classes[c];
+                uint32_t size = slab_class_size(c);
+
+                ci->size = size;
+                if (size < 64) {
+                        /* More than 64 slots: the bitmap goes into the span's tail. */
+                        uint32_t n = SLAB_PAGE_SIZE / size;
+                        while (n * size + (n + 63) / 64 * 8 > SLAB_PAGE_SIZE)
+                                n--;
+                        ci->npages = 1;
+                        ci->nslots = n;
+                        ci->nwords = (n + 63) / 64;
+                        ci->bits_off = SLAB_PAGE_SIZE - ci->nwords * 8;
+                        continue;
+                }
+                /* At most 64 slots: pick the span length (in pages) that wastes the least. */
+                uint64_t best_waste = UINT64_MAX, best_span = 1;
+                for (uint32_t p = 1; p <= MAX_SPAN_PAGES; p++) {
+                        uint64_t bytes = (uint64_t) p * SLAB_PAGE_SIZE, n = MIN(64u, bytes / size);
+                        uint64_t waste;
+
+                        if (n == 0)
+                                continue;
+                        waste = bytes - n * size;
+                        if (best_waste == UINT64_MAX || waste * best_span < best_waste * p) {
+                                best_waste = waste;
+                                best_span = p;
+                                ci->npages = p;
+                                ci->nslots = (uint32_t) n;
+                        }
+                        if (waste * 64 <= bytes)
+                                break;
+                }
+                ci->nwords = 0;
+                ci->bits_off = 0;
+        }
+}
+
+/* ---- layout ---------------------------------------------------------------------------- */
+
+static inline struct slab_state *state_of(struct shmz_zone *z) {
+        return (struct slab_state *) z->hdr->alloc;
+}
+
+static uint64_t pages_off_for(uint32_t npages) {
+        return ALIGN_TO((uint64_t) DESC_OFF + (uint64_t) npages * sizeof(struct pdesc), (uint64_t) SLAB_PAGE_SIZE);
+}
+
+static uint32_t npages_for(uint64_t map_size) {
+        uint64_t n;
+
+        if (map_size <= DESC_OFF)
+                return 0;
+        n = (map_size - DESC_OFF) / (SLAB_PAGE_SIZE + sizeof(struct pdesc));
+        if (n >= NONE)
+                n = NONE - 1;
+        while (n > 0 && pages_off_for((uint32_t) n) + n * SLAB_PAGE_SIZE > map_size)
+                n--;
+        return (uint32_t) n;
+}
+
+static inline bool formatted(struct shmz_zone *z) {
+        return __atomic_load_n(&z->hdr->alloc_state, __ATOMIC_ACQUIRE) == SHMZ_ZONE_ALLOC_FORMATTED;
+}
+
+/* Reads the layout once and checks it against what this process mapped. */
+static int slab_get(struct shmz_zone *z, struct slab *ret) {
+        struct slab_state *st = state_of(z);
+        uint32_t npages = __atomic_load_n(&st->npages, __ATOMIC_RELAXED);
+        uint64_t pages_off = __atomic_load_n(&st->pages_off, __ATOMIC_RELAXED);
+
+        if (_unlikely_(st->magic != SLAB_MAGIC || npages == 0 || npages == NONE || pages_off != pages_off_for(npages) ||
+                       pages_off + (uint64_t) npages * SLAB_PAGE_SIZE > z->map_size))
+                return -EUCLEAN;
+        *ret = (struct slab){
+                .base = zone_bytes(z),
+                .st = st,
+                .d = (struct pdesc *) (zone_bytes(z) + DESC_OFF),
+                .pages = zone_bytes(z) + pages_off,
+                .npages = npages,
+        };
+        return 0;
+}
+
+static inline uint8_t *page_ptr(const struct slab *s, uint32_t pg) {
+        return s->pages + ((uint64_t) pg << SLAB_PAGE_SHIFT);
+}
+
+static inline uint64_t page_zoff(const struct slab *s, uint32_t pg) {
+        return (uint64_t) (page_ptr(s, pg) - s->base);
+}
+
+static void fault(struct slab *s, int err, uint64_t off) {
+        s->st->faults++;
+        s->st->last_fault = err;
+        s->st->last_fault_off = off;
+}
+
+static inline void op_begin(struct slab_state *st) {
+        st->intent_off = 0;
+        st->busy = 1;
+        barrier();
+}
+
+static inline void op_intent(struct slab_state *st, uint64_t off) {
+        st->intent_off = off;
+        CRASH_POINT();
+}
+
+static inline void op_end(struct slab_state *st) {
+        CRASH_POINT();
+        st->busy = 0;
+        st->intent_off = 0;
+}
+
+/* ---- free runs ------------------------------------------------------------------------- */
+
+static inline unsigned bin_of(uint32_t np) {
+        if (np < EXACT_BINS)
+                return np;
+        return EXACT_BINS + (31 - (unsigned) __builtin_clz(np)) - 6;
+}
+
+static inline void bin_mark(struct slab_state *st, unsigned b, bool on) {
+        if (on)
+                st->bin_mask[b / 64] |= UINT64_C(1) << (b % 64);
+        else
+                st->bin_mask[b / 64] &= ~(UINT64_C(1) << (b % 64));
+}
+
+/* List links of descriptors: false if one points outside the zone. */
+static bool list_unlink(struct slab *s, uint32_t *head, uint32_t pg) {
+        struct pdesc *d = &s->d[pg];
+        uint32_t next = d->next, prev = d->prev;
+
+        if ((next != NONE && next >= s->npages) || (prev != NONE && prev >= s->npages))
+                return false;
+        if (prev == NONE) {
+                if (*head != pg)
+                        return false;
+                *head = next;
+        } else {
+                if (s->d[prev].next != pg)
+                        return false;
+                s->d[prev].next = next;
+        }
+        if (next != NONE)
+                s->d[next].prev = prev;
+        d->next = d->prev = NONE;
+        CRASH_POINT();
+        return true;
+}
+
+static bool list_push(struct slab *s, uint32_t *head, uint32_t pg) {
+        uint32_t first = *head;
+
+        if (first != NONE && first >= s->npages)
+                return false;
+        s->d[pg].next = first;
+        s->d[pg].prev = NONE;
+        if (first != NONE)
+                s->d[first].prev = pg;
+        *head = pg;
+        CRASH_POINT();
+        return true;
+}
+
+static bool run_link(struct slab *s, uint32_t h, uint32_t np) {
+        struct pdesc *d = &s->d[h];
+        unsigned b = bin_of(np);
+
+        d->npages = np;
+        d->head = h;
+        if (np > 1)
+                s->d[h + np - 1] = (struct pdesc){ .type = PD_FREE_TAIL, .head = h, .next = NONE, .prev = NONE };
+        CRASH_POINT();
+        d->type = PD_FREE;
+        if (!list_push(s, &s->st->bins[b], h))
+                return false;
+        bin_mark(s->st, b, true);
+        s->st->free_pages += np;
+        return true;
+}
+
+static bool run_unlink(struct slab *s, uint32_t h) {
+        unsigned b = bin_of(s->d[h].npages);
+
+        if (!list_unlink(s, &s->st->bins[b], h))
+                return false;
+        if (s->st->bins[b] == NONE)
+                bin_mark(s->st, b, false);
+        s->st->free_pages -= s->d[h].npages;
+        return true;
+}
+
+/* A free run that starts at h and fits the zone. */
+static inline bool is_run(const struct slab *s, uint32_t h) {
+        const struct pdesc *d = &s->d[h];
+        return d->type == PD_FREE && d->npages >= 1 && d->npages <= s->npages - h;
+}
+
+/* Gives pages [h, h+np) back, merging with free neighbours. */
+static bool pages_free(struct slab *s, uint32_t h, uint32_t np) {
+        uint32_t end = h + np;
+
+        if (h > 0) {
+                struct pdesc *l = &s->d[h - 1];
+                uint32_t lh = l->type == PD_FREE ? h - 1 : l->type == PD_FREE_TAIL ? l->head : NONE;
+
+                if (lh < h && is_run(s, lh) && lh + s->d[lh].npages == h) {
+                        if (!run_unlink(s, lh))
+                                return false;
+                        s->d[h].type = PD_FREE_CONT;
+                        l->type = PD_FREE_CONT;
+                        h = lh;
+                }
+        }
+        if (end < s->npages && is_run(s, end)) {
+                uint32_t rn = s->d[end].npages;
+
+                if (!run_unlink(s, end))
+                        return false;
+                s->d[end].type = PD_FREE_CONT;
+                if (rn > 1)
+                        s->d[end + rn - 1].type = PD_FREE_CONT;
+                end += rn;
+        }
+        return run_link(s, h, end - h);
+}
+
+static bool span_release(struct slab *s, unsigned c, uint32_t h);
+
+/* Gives every cached empty span back to the page pool. */
+static bool reclaim_empty(struct slab *s) {
+        bool any = false;
+
+        for (unsigned c = 0; c < NCLASSES; c++) {
+                struct slab_class_state *cs = &s->st->cls[c];
+                uint32_t pg = cs->partial, steps = 0;
+
+                while (cs->empty > 0 && pg != NONE && pg < s->npages && steps++ < s->npages) {
+                        uint32_t next = s->d[pg].next;
+
+                        if (s->d[pg].type == PD_SLAB && s->d[pg].nfree == classes[c].nslots) {
+                                if (!span_release(s, c, pg))
+                                        return false;
+                                cs->empty--;
+                                any = true;
+                        }
+                        pg = next;
+                }
+        }
+        return any;
+}
+
+/* Takes np pages off the free runs: the head page index (its type still FREE), NONE if full, or -1 corrupt. */
+static int64_t pages_alloc(struct slab *s, uint32_t np) {
+        struct slab_state *st = s->st;
+        unsigned b0 = np < EXACT_BINS ? np : bin_of(np) + 1;
+        uint32_t h = NONE;
+
+        for (int attempt = 0; attempt < 2 && h == NONE; attempt++) {
+                for (unsigned w = b0 / 64; w < 2 && h == NONE; w++) {
+                        uint64_t m = st->bin_mask[w];
+                        if (w == b0 / 64)
+                                m &= ~UINT64_C(0) << (b0 % 64);
+                        if (m) {
+                                unsigned b = w * 64 + (unsigned) __builtin_ctzll(m);
+                                if (b >= NBINS)
+                                        return -1;
+                                h = st->bins[b];
+                                if (h >= s->npages || !is_run(s, h) || s->d[h].npages < np)
+                                        return -1;
+                        }
+                }
+                if (h == NONE && np >= EXACT_BINS) {
+                        /* Only this bin may hold runs both shorter and longer than np. */
+                        uint32_t pg = st->bins[bin_of(np)], steps = 0;
+                        while (pg != NONE && steps++ < s->npages) {
+                                if (pg >= s->npages || !is_run(s, pg))
+                                        return -1;
+                                if (s->d[pg].npages >= np) {
+                                        h = pg;
+                                        break;
+                                }
+                                pg = s->d[pg].next;
+                        }
+                }
+                if (h == NONE && (attempt > 0 || !reclaim_empty(s)))
+                        return NONE;
+        }
+
+        uint32_t n = s->d[h].npages;
+        if (!run_unlink(s, h))
+                return -1;
+        if (n > np && !run_link(s, h + np, n - np))
+                return -1;
+        s->d[h].npages = np;
+        return h;
+}
+
+/* Marks pages (h, h+np) as belonging to the run headed by h. */
+static void mark_cont(struct slab *s, uint32_t h, uint32_t np) {
+        for (uint32_t i = 1; i < np; i++)
+                s->d[h + i] = (struct pdesc){ .type = PD_CONT, .head = h, .next = NONE, .prev = NONE };
+        CRASH_POINT();
+}
+
+/* ---- spans ----------------------------------------------------------------------------- */
+
+static inline uint64_t *span_words(const struct slab *s, uint32_t h, const struct class_info *ci) {
+        return (uint64_t *) (page_ptr(s, h) + ci->bits_off);
+}
+
+static inline uint64_t low_bits(uint32_t n) {
+        return n >= 64 ? ~UINT64_C(0) : (UINT64_C(1) << n) - 1;
+}
+
+static void span_fill_bitmap(struct slab *s, uint32_t h, const struct class_info *ci) {
+        if (ci->nwords == 0) {
+                s->d[h].bits = low_bits(ci->nslots);
+                return;
+        }
+        uint64_t *w = span_words(s, h, ci);
+        for (uint32_t i = 0; i < ci->nwords; i++)
+                w[i] = low_bits(ci->nslots - i * 64);
+        s->d[h].bits = low_bits(ci->nwords);
+}
+
+static int64_t span_new(struct slab *s, unsigned c) {
+        const struct class_info *ci = &classes[c];
+        int64_t r = pages_alloc(s, ci->npages);
+        uint32_t h;
+
+        if (r < 0 || r == NONE)
+                return r;
+        h = (uint32_t) r;
+        /* The bitmap before the type: a span that exists is never half-initialised. */
+        span_fill_bitmap(s, h, ci);
+        s->d[h].cls = (uint8_t) c;
+        s->d[h].nfree = (uint16_t) ci->nslots;
+        s->d[h].npages = ci->npages;
+        s->d[h].head = h;
+        mark_cont(s, h, ci->npages);
+        barrier();
+        s->d[h].type = PD_SLAB;
+        s->st->cls[c].spans++;
+        s->st->cls[c].empty++;
+        if (!list_push(s, &s->st->cls[c].partial, h))
+                return -1;
+        return h;
+}
+
+/* Unlinks an empty span and gives its pages back; the caller keeps `empty` right. */
+static bool span_release(struct slab *s, unsigned c, uint32_t h) {
+        struct slab_class_state *cs = &s->st->cls[c];
+
+        if (!list_unlink(s, &cs->partial, h))
+                return false;
+        cs->spans--;
+        s->d[h].type = PD_FREE_CONT;
+        return pages_free(s, h, classes[c].npages);
+}
+
+/* ---- allocation ------------------------------------------------------------------------ */
+
+static void *alloc_small(struct slab *s, unsigned c) {
+        const struct class_info *ci = &classes[c];
+        struct slab_class_state *cs = &s->st->cls[c];
+        uint32_t h = cs->partial, slot;
+        struct pdesc *d;
+        uint64_t off;
+
+        cs->reqs++;
+        if (h == NONE) {
+                int64_t r = span_new(s, c);
+                if (r < 0)
+                        return MAP_CORRUPT;
+                if (r == NONE) {
+                        cs->fails++;
+                        return NULL;
+                }
+                h = (uint32_t) r;
+        }
+        if (h >= s->npages)
+                return MAP_CORRUPT;
+        d = &s->d[h];
+        if (d->type != PD_SLAB || d->cls != c || d->nfree == 0 || d->nfree > ci->nslots || d->npages != ci->npages ||
+            d->bits == 0)
+                return MAP_CORRUPT;
+
+        if (ci->nwords == 0) {
+                slot = (uint32_t) __builtin_ctzll(d->bits);
+                if (slot >= ci->nslots)
+                        return MAP_CORRUPT;
+                off = page_zoff(s, h) + (uint64_t) slot * ci->size;
+                op_intent(s->st, off);
+                d->bits &= d->bits - 1;
+                CRASH_POINT();
+        } else {
+                unsigned w = (unsigned) __builtin_ctzll(d->bits);
+                uint64_t *words = span_words(s, h, ci);
+
+                if (w >= ci->nwords || words[w] == 0)
+                        return MAP_CORRUPT;
+                slot = w * 64 + (unsigned) __builtin_ctzll(words[w]);
+                if (slot >= ci->nslots)
+                        return MAP_CORRUPT;
+                off = page_zoff(s, h) + (uint64_t) slot * ci->size;
+                op_intent(s->st, off);
+                words[w] &= words[w] - 1;
+                CRASH_POINT();
+                if (words[w] == 0)
+                        d->bits &= ~(UINT64_C(1) << w);
+        }
+        if (d->nfree == ci->nslots)
+                cs->empty--;
+        if (--d->nfree == 0 && !list_unlink(s, &cs->partial, h))
+                return MAP_CORRUPT;
+        cs->used++;
+        return s->base + off;
+}
+
+static void *alloc_large(struct slab *s, size_t n) {
+        uint64_t np64 = ((uint64_t) n + SLAB_PAGE_SIZE - 1) >> SLAB_PAGE_SHIFT;
+        int64_t r;
+        uint32_t h;
+
+        s->st->large_reqs++;
+        if (np64 > s->npages) {
+                s->st->large_fails++;
+                return NULL;
+        }
+        r = pages_alloc(s, (uint32_t) np64);
+        if (r < 0)
+                return MAP_CORRUPT;
+        if (r == NONE) {
+                s->st->large_fails++;
+                return NULL;
+        }
+        h = (uint32_t) r;
+        op_intent(s->st, page_zoff(s, h));
+        mark_cont(s, h, (uint32_t) np64);
+        s->d[h].head = h;
+        barrier();
+        s->d[h].type = PD_LARGE;
+        s->st->large_pages += np64;
+        s->st->large_used++;
+        return page_ptr(s, h);
+}
+
+/* ---- free ------------------------------------------------------------------------------ */
+
+/* Frees the block at zone offset off: 0, -EINVAL, -EALREADY or -EUCLEAN. */
+static int free_off(struct slab *s, uint64_t off) {
+        uint64_t poff = (uint64_t) (s->pages - s->base);
+        uint32_t pg, h;
+        struct pdesc *d;
+
+        if (off < poff || off >= poff + ((uint64_t) s->npages << SLAB_PAGE_SHIFT))
+                return -EINVAL;
+        pg = (uint32_t) ((off - poff) >> SLAB_PAGE_SHIFT);
+        h = pg;
+        switch (s->d[pg].type) {
+        case PD_SLAB:
+        case PD_LARGE:
+                break;
+        case PD_CONT:
+                h = s->d[pg].head;
+                if (h >= pg || (s->d[h].type != PD_SLAB && s->d[h].type != PD_LARGE) || s->d[h].npages <= pg - h)
+                        return -EALREADY; /* a stale page of a block freed earlier */
+                break;
+        case PD_FREE:
+        case PD_FREE_TAIL:
+        case PD_FREE_CONT:
+        case PD_UNUSED:
+                return -EALREADY;
+        default:
+                return -EUCLEAN;
+        }
+        d = &s->d[h];
+        if (d->npages == 0 || d->npages > s->npages - h)
+                return -EUCLEAN;
+
+        if (d->type == PD_LARGE) {
+                uint32_t np = d->npages;
+
+                if (off != page_zoff(s, h))
+                        return -EINVAL;
+                op_intent(s->st, off);
+                d->type = PD_FREE_CONT;
+                CRASH_POINT();
+                s->st->large_pages -= np;
+                s->st->large_used--;
+                return pages_free(s, h, np) ? 0 : -EUCLEAN;
+        }
+
+        unsigned c = d->cls;
+        if (c >= NCLASSES || d->npages != classes[c].npages)
+                return -EUCLEAN;
+        const struct class_info *ci = &classes[c];
+        struct slab_class_state *cs = &s->st->cls[c];
+        uint32_t rel = (uint32_t) (off - page_zoff(s, h)), slot = rel / ci->size;
+
+        if (slot * ci->size != rel || slot >= ci->nslots)
+                return -EINVAL;
+        if (d->nfree >= ci->nslots)
+                return d->nfree == ci->nslots ? -EALREADY : -EUCLEAN;
+
+        if (ci->nwords == 0) {
+                if (d->bits & (UINT64_C(1) << slot))
+                        return -EALREADY;
+                op_intent(s->st, off);
+                d->bits |= UINT64_C(1) << slot;
+                CRASH_POINT();
+        } else {
+                uint64_t *w = span_words(s, h, ci) + slot / 64;
+
+                if (*w & (UINT64_C(1) << (slot % 64)))
+                        return -EALREADY;
+                op_intent(s->st, off);
+                *w |= UINT64_C(1) << (slot % 64);
+                CRASH_POINT();
+                d->bits |= UINT64_C(1) << (slot / 64);
+        }
+        cs->used--;
+        if (d->nfree++ == 0 && !list_push(s, &cs->partial, h))
+                return -EUCLEAN;
+        if (d->nfree == ci->nslots) {
+                /* Keep one empty span per class; a second one goes back to the pages. */
+                if (cs->empty >= 1)
+                        return span_release(s, c, h) ? 0 : -EUCLEAN;
+                cs->empty++;
+        }
+        return 0;
+}
+
+/* ---- check and repair ------------------------------------------------------------------ */
+
+static bool span_bitmap_ok(const struct slab *s, uint32_t h, const struct class_info *ci, uint32_t *ret_free) {
+        const struct pdesc *d = &s->d[h];
+        uint32_t nfree = 0;
+
+        if (ci->nwords == 0) {
+                if (d->bits & ~low_bits(ci->nslots))
+                        return false;
+                nfree = (uint32_t) __builtin_popcountll(d->bits);
+        } else {
+                const uint64_t *w = span_words(s, h, ci);
+                uint64_t summary = 0;
+
+                for (uint32_t i = 0; i < ci->nwords; i++) {
+                        if (w[i] & ~low_bits(ci->nslots - i * 64))
+                                return false;
+                        if (w[i])
+                                summary |= UINT64_C(1) << i;
+                        nfree += (uint32_t) __builtin_popcountll(w[i]);
+                }
+                if (summary != d->bits)
+                        return false;
+        }
+        *ret_free = nfree;
+        return true;
+}
+
+static bool cont_ok(const struct slab *s, uint32_t h, uint32_t np) {
+        for (uint32_t i = 1; i < np; i++)
+                if (s->d[h + i].type != PD_CONT || s->d[h + i].head != h)
+                        return false;
+        return true;
+}
+
+/* Number of inconsistencies; 0 = the allocator is sound. Reads only. */
+static uint64_t slab_validate(struct slab *s) {
+        struct slab_state *st = s->st;
+        uint64_t bad = 0, free_pages = 0, large_pages = 0, large_used = 0;
+        uint64_t spans[NCLASSES] = {}, used[NCLASSES] = {}, partial[NCLASSES] = {}, empty[NCLASSES] = {};
+        uint64_t runs[NBINS] = {};
+        bool prev_free = false;
+
+        if (st->busy)
+                bad++;
+        for (uint32_t i = 0; i < s->npages;) {
+                struct pdesc *d = &s->d[i];
+                uint32_t np = d->npages, nfree;
+
+                if (np == 0 || np > s->npages - i) {
+                        bad++;
+                        i++;
+                        prev_free = false;
+                        continue;
+                }
+                switch (d->type) {
+                case PD_SLAB: {
+                        unsigned c = d->cls;
+                        if (c >= NCLASSES || np != classes[c].npages || !cont_ok(s, i, np) ||
+                            !span_bitmap_ok(s, i, &classes[c], &nfree) || nfree != d->nfree) {
+                                bad++;
+                                break;
+                        }
+                        spans[c]++;
+                        used[c] += classes[c].nslots - nfree;
+                        partial[c] += nfree > 0;
+                        empty[c] += nfree == classes[c].nslots;
+                        break;
+                }
+                case PD_LARGE:
+                        if (!cont_ok(s, i, np))
+                                bad++;
+                        large_pages += np;
+                        large_used++;
+                        break;
+                case PD_FREE:
+                        if (prev_free ||
+                            (np > 1 && (s->d[i + np - 1].type != PD_FREE_TAIL || s->d[i + np - 1].head != i)))
+                                bad++;
+                        runs[bin_of(np)]++;
+                        free_pages += np;
+                        break;
+                default:
+                        bad++;
+                        np = 1;
+                }
+                prev_free = d->type == PD_FREE;
+                i += np;
+        }
+
+        /* Lists: bounded walks, every entry of the right kind, back links right, counts matching. */
+        for (unsigned c = 0; c < NCLASSES; c++) {
+                uint32_t pg = st->cls[c].partial, prev = NONE;
+                uint64_t n = 0;
+
+                while (pg != NONE && n <= s->npages) {
+                        if (pg >= s->npages || s->d[pg].type != PD_SLAB || s->d[pg].cls != c || s->d[pg].nfree == 0 ||
+                            s->d[pg].prev != prev) {
+                                bad++;
+                                break;
+                        }
+                        n++;
+                        prev = pg;
+                        pg = s->d[pg].next;
+                }
+                if (n != partial[c] || st->cls[c].spans != spans[c] || st->cls[c].used != used[c] ||
+                    st->cls[c].empty != empty[c] || empty[c] > 1) {
+                        bad++;
+                }
+        }
+        for (unsigned b = 0; b < NBINS; b++) {
+                uint32_t pg = st->bins[b], prev = NONE;
+                uint64_t n = 0;
+
+                while (pg != NONE && n <= s->npages) {
+                        if (pg >= s->npages || !is_run(s, pg) || bin_of(s->d[pg].npages) != b ||
+                            s->d[pg].prev != prev) {
+                                bad++;
+                                break;
+                        }
+                        n++;
+                        prev = pg;
+                        pg = s->d[pg].next;
+                }
+                if (n != runs[b] || !!(st->bin_mask[b / 64] & (UINT64_C(1) << (b % 64))) != (n > 0))
+                        bad++;
+        }
+        if (st->free_pages != free_pages || st->large_pages != large_pages || st->large_used != large_used)
+                bad++;
+        return bad;
+}
+
+/*
+ * Rebuilds lists and counters from the descriptors and bitmaps, then finishes
+ * the operation a dead process left under way: the block it was about is freed
+ * if it is allocated (a free rolls forward, an allocation nobody received rolls
+ * back). Pages that no valid head claims become free.
+ */
+static void slab_repair(struct slab *s) {
+        struct slab_state *st = s->st;
+        uint64_t intent = st->busy ? st->intent_off : 0;
+        uint32_t run = NONE;
+
+        st->busy = 1;
+        st->intent_off = 0;
+        st->free_pages = st->large_pages = st->large_used = 0;
+        st->bin_mask[0] = st->bin_mask[1] = 0;
+        for (unsigned b = 0; b < NBINS; b++)
+                st->bins[b] = NONE;
+        for (unsigned c = 0; c < NCLASSES; c++) {
+                st->cls[c].partial = NONE;
+                st->cls[c].empty = 0;
+                st->cls[c].spans = 0;
+                st->cls[c].used = 0;
+        }
+
+        for (uint32_t i = 0; i < s->npages;) {
+                struct pdesc *d = &s->d[i];
+                uint32_t np = d->npages;
+                unsigned c = d->cls;
+                bool keep = false;
+
+                if (np >= 1 && np <= s->npages - i) {
+                        if (d->type == PD_LARGE)
+                                keep = true;
+                        else if (d->type == PD_SLAB && c < NCLASSES && np == classes[c].npages)
+                                keep = true;
+                }
+                if (!keep) {
+                        if (run == NONE)
+                                run = i;
+                        d->type = PD_FREE_CONT;
+                        i++;
+                        continue;
+                }
+                if (run != NONE) {
+                        (void) run_link(s, run, i - run);
+                        run = NONE;
+                }
+                mark_cont(s, i, np);
+                d->head = i;
+                d->next = d->prev = NONE;
+                if (d->type == PD_LARGE) {
+                        st->large_pages += np;
+                        st->large_used++;
+                } else {
+                        const struct class_info *ci = &classes[c];
+                        uint32_t nfree = 0;
+
+                        /* Bits past the last slot are cleared; the summary word is recomputed. */
+                        if (ci->nwords == 0) {
+                                d->bits &= low_bits(ci->nslots);
+                                nfree = (uint32_t) __builtin_popcountll(d->bits);
+                        } else {
+                                uint64_t *w = span_words(s, i, ci);
+                                d->bits = 0;
+                                for (uint32_t k = 0; k < ci->nwords; k++) {
+                                        w[k] &= low_bits(ci->nslots - k * 64);
+                                        if (w[k])
+                                                d->bits |= UINT64_C(1) << k;
+                                        nfree += (uint32_t) __builtin_popcountll(w[k]);
+                                }
+                        }
+                        d->nfree = (uint16_t) nfree;
+                        st->cls[c].spans++;
+                        st->cls[c].used += ci->nslots - nfree;
+                        if (nfree == ci->nslots && st->cls[c].empty >= 1) {
+                                /* A second empty span: back to the pages, as free_off() would have. */
+                                st->cls[c].spans--;
+                                if (run == NONE)
+                                        run = i;
+                                for (uint32_t k = 0; k < np; k++)
+                                        s->d[i + k].type = PD_FREE_CONT;
+                                i += np;
+                                continue;
+                        }
+                        if (nfree == ci->nslots)
+                                st->cls[c].empty++;
+                        if (nfree > 0)
+                                (void) list_push(s, &st->cls[c].partial, i);
+                }
+                i += np;
+        }
+        if (run != NONE)
+                (void) run_link(s, run, s->npages - run);
+
+        if (intent != 0)
+                (void) free_off(s, intent);
+        st->repairs++;
+        op_end(st);
+}
+
+/* ---- entry points ---------------------------------------------------------------------- */
+
+static int slab_format(struct shmz_zone *z) {
+        struct slab_state *st = state_of(z);
+        uint32_t npages = npages_for(z->map_size);
+        struct slab s;
+
+        if (npages == 0)
+                return -ENOSPC;
+        memset(st, 0, sizeof(*st));
+        /* The area may have been used raw before: descriptors must not carry old types. */
+        memset(zone_bytes(z) + DESC_OFF, 0, (size_t) npages * sizeof(struct pdesc));
+        st->version = SLAB_VERSION;
+        st->npages = npages;
+        st->pages_off = pages_off_for(npages);
+        for (unsigned b = 0; b < NBINS; b++)
+                st->bins[b] = NONE;
+        for (unsigned c = 0; c < NCLASSES; c++)
+                st->cls[c].partial = NONE;
+        st->magic = SLAB_MAGIC;
+        if (slab_get(z, &s) < 0)
+                return -EUCLEAN;
+        (void) run_link(&s, 0, npages);
+        __atomic_store_n(&z->hdr->alloc_state, SHMZ_ZONE_ALLOC_FORMATTED, __ATOMIC_RELEASE);
+        return 0;
+}
+
+/* With the zone lock held: a usable allocator, formatted and repaired if need be. */
+static int slab_enter(struct shmz_zone *z, struct slab *ret) {
+        int r;
+
+        if (_unlikely_(!formatted(z))) {
+                r = slab_format(z);
+                if (r < 0)
+                        return r;
+        }
+        r = slab_get(z, ret);
+        if (_unlikely_(r < 0)) {
+                fault(&(struct slab){ .st = state_of(z) }, r, 0);
+                return r;
+        }
+        if (_unlikely_(ret->st->busy))
+                slab_repair(ret); /* somebody died in the middle of an operation */
+        return 0;
+}
+
+/* Takes the zone lock; after a dead owner, repairs the allocator and makes the lock consistent. */
+static int zone_lock(struct shmz_zone *z) {
+        struct shmz_mutex *m = &z->hdr->lock;
+        int r;
+
+        r = shmz_mutex_lock(m);
+        if (_unlikely_(r == SHMZ_OWNER_DEAD)) {
+                struct slab s;
+
+                if (formatted(z) && slab_get(z, &s) >= 0 && (s.st->busy || slab_validate(&s) > 0))
+                        slab_repair(&s);
+                (void) shmz_mutex_consistent(m);
+                r = 0;
+        }
+        return r;
+}
+
+_public_ void *shmz_alloc_locked(struct shmz_zone *z, size_t n) {
+        struct slab s;
+        void *p;
+        int r;
+
+        if (!z) {
+                errno = EINVAL;
+                return NULL;
+        }
+        if (z->rdonly) {
+                errno = EROFS;
+                return NULL;
+        }
+        r = slab_enter(z, &s);
+        if (r < 0) {
+                errno = -r;
+                return NULL;
+        }
+        for (int attempt = 0;; attempt++) {
+                int c = slab_class_of(n);
+
+                op_begin(s.st);
+                p = c >= 0 ? alloc_small(&s, (unsigned) c) : alloc_large(&s, n);
+                if (_likely_(p != MAP_CORRUPT))
+                        break;
+                /* Metadata that lies: count it, rebuild from the descriptors, try once more. */
+                fault(&s, -EUCLEAN, s.st->intent_off);
+                slab_repair(&s);
+                if (attempt > 0) {
+                        errno = EUCLEAN;
+                        return NULL;
+                }
+        }
+        op_end(s.st);
+        if (!p)
+                errno = ENOMEM;
+        return p;
+}
+
+_public_ int shmz_free_checked_locked(struct shmz_zone *z, void *p) {
+        struct slab s;
+        uint64_t off;
+        int r;
+
+        assert_return(z, -EINVAL);
+        if (!p)
+                return 0;
+        if (z->rdonly)
+                return -EROFS;
+        r = slab_enter(z, &s);
+        if (r < 0)
+                return r;
+        off = (uintptr_t) p - (uintptr_t) s.base;
+        if ((uintptr_t) p < (uintptr_t) s.base || off >= z->map_size) {
+                fault(&s, -EINVAL, 0);
+                return -EINVAL;
+        }
+        op_begin(s.st);
+        r = free_off(&s, off);
+        op_end(s.st);
+        if (r < 0) {
+                fault(&s, r, off);
+                if (r == -EUCLEAN)
+                        slab_repair(&s);
+        }
+        return r;
+}
+
+_public_ void shmz_free_locked(struct shmz_zone *z, void *p) {
+        (void) shmz_free_checked_locked(z, p);
+}
+
+_public_ void *shmz_alloc(struct shmz_zone *z, size_t n) {
+        void *p;
+        int r;
+
+        if (!z || z->rdonly) {
+                errno = z ? EROFS : EINVAL;
+                return NULL;
+        }
+        r = zone_lock(z);
+        if (r < 0) {
+                errno = -r;
+                return NULL;
+        }
+        p = shmz_alloc_locked(z, n);
+        r = errno;
+        (void) shmz_mutex_unlock(&z->hdr->lock);
+        errno = r;
+        return p;
+}
+
+_public_ void *shmz_calloc(struct shmz_zone *z, size_t n) {
+        void *p = shmz_alloc(z, n);
+
+        /* Recycled blocks keep old bytes; fresh pages of a memfd are zero but not worth tracking. */
+        if (p)
+                memset(p, 0, n);
+        return p;
+}
+
+_public_ int shmz_free_checked(struct shmz_zone *z, void *p) {
+        int r;
+
+        assert_return(z, -EINVAL);
+        if (!p)
+                return 0;
+        if (z->rdonly)
+                return -EROFS;
+        r = zone_lock(z);
+        if (r < 0)
+                return r;
+        r = shmz_free_checked_locked(z, p);
+        (void) shmz_mutex_unlock(&z->hdr->lock);
+        return r;
+}
+
+_public_ void shmz_free(struct shmz_zone *z, void *p) {
+        (void) shmz_free_checked(z, p);
+}
+
+_public_ int shmz_zone_check_locked(struct shmz_zone *z, unsigned flags) {
+        struct slab s;
+        int r;
+
+        assert_return(z, -EINVAL);
+        if (!formatted(z))
+                return 0;
+        r = slab_get(z, &s);
+        if (r < 0)
+                return r; /* the layout itself is gone: nothing to rebuild from */
+        if (slab_validate(&s) == 0)
+                return 0;
+        if (!(flags & SHMZ_CHECK_REPAIR))
+                return -EUCLEAN;
+        if (z->rdonly)
+                return -EROFS;
+        slab_repair(&s);
+        return slab_validate(&s) == 0 ? 1 : -EUCLEAN;
+}
+
+_public_ int shmz_zone_check(struct shmz_zone *z) {
+        int r;
+
+        assert_return(z, -EINVAL);
+        if (z->rdonly)
+                return shmz_zone_check_locked(z, 0); /* cannot lock: a snapshot, may race */
+        r = zone_lock(z);
+        if (r < 0)
+                return r;
+        r = shmz_zone_check_locked(z, 0);
+        (void) shmz_mutex_unlock(&z->hdr->lock);
+        return r;
+}
+
+_public_ int shmz_zone_alloc_stats(struct shmz_zone *z, struct shmz_alloc_stats *ret) {
+        struct slab s;
+        bool locked = false;
+        int r = 0;
+
+        assert_return(z, -EINVAL);
+        assert_return(ret, -EINVAL);
+        memset(ret, 0, sizeof(*ret));
+        ret->page_size = SLAB_PAGE_SIZE;
+        ret->nclasses = NCLASSES;
+        for (unsigned c = 0; c < NCLASSES; c++)
+                ret->classes[c].size = classes[c].size;
+        if (!formatted(z))
+                return 0;
+        if (!z->rdonly) {
+                r = zone_lock(z);
+                if (r < 0)
+                        return r;
+                locked = true;
+        }
+        r = slab_get(z, &s);
+        if (r < 0)
+                goto out;
+
+        struct slab_state *st = s.st;
+        ret->pages_total = s.npages;
+        ret->pages_free = st->free_pages;
+        ret->pages_large = st->large_pages;
+        ret->large_used = st->large_used;
+        ret->large_reqs = st->large_reqs;
+        ret->large_fails = st->large_fails;
+        ret->faults = st->faults;
+        ret->repairs = st->repairs;
+        ret->last_fault = st->last_fault;
+        ret->last_fault_offset = st->last_fault_off;
+        for (unsigned c = 0; c < NCLASSES; c++) {
+                ret->classes[c].total = st->cls[c].spans * classes[c].nslots;
+                ret->classes[c].used = st->cls[c].used;
+                ret->classes[c].reqs = st->cls[c].reqs;
+                ret->classes[c].fails = st->cls[c].fails;
+                ret->pages_slab += st->cls[c].spans * classes[c].npages;
+        }
+        /* The largest run lives in the highest non-empty bin; only the top bins are not exact. */
+        for (int b = NBINS - 1; b >= 0; b--) {
+                uint32_t pg = st->bins[b], steps = 0, best = 0;
+
+                if (!(st->bin_mask[b / 64] & (UINT64_C(1) << (b % 64))))
+                        continue;
+                while (pg != NONE && pg < s.npages && steps++ < s.npages) {
+                        best = MAX(best, MIN(s.d[pg].npages, s.npages));
+                        pg = s.d[pg].next;
+                }
+                ret->largest_free_run = best;
+                break;
+        }
+out:
+        if (locked)
+                (void) shmz_mutex_unlock(&z->hdr->lock);
+        return r;
+}
+
+_public_ struct shmz_mutex *shmz_zone_mutex(struct shmz_zone *z) {
+        return z ? &z->hdr->lock : NULL;
+}
+
+_public_ uint64_t shmz_offset(const struct shmz_zone *z, const void *p) {
+        uintptr_t base, q = (uintptr_t) p;
+
+        if (!z || !p)
+                return 0;
+        base = (uintptr_t) z->hdr;
+        if (q < base + SHMZ_ZONE_HEADER_SIZE || q - base >= z->map_size)
+                return 0;
+        return q - base;
+}
+
+_public_ void *shmz_pointer(struct shmz_zone *z, uint64_t off) {
+        if (!z || off < SHMZ_ZONE_HEADER_SIZE || off >= z->map_size)
+                return NULL;
+        return zone_bytes(z) + off;
+}
+
+_public_ void *shmz_zone_root(struct shmz_zone *z) {
+        if (!z)
+                return NULL;
+        return shmz_pointer(z, __atomic_load_n(&z->hdr->root, __ATOMIC_ACQUIRE));
+}
+
+_public_ int shmz_zone_set_root(struct shmz_zone *z, void *p) {
+        uint64_t off;
+
+        assert_return(z, -EINVAL);
+        if (z->rdonly)
+                return -EROFS;
+        off = shmz_offset(z, p);
+        if (p && off == 0)
+                return -EINVAL;
+        /* Release: whoever reads the offset also sees the object it leads to. */
+        __atomic_store_n(&z->hdr->root, off, __ATOMIC_RELEASE);
+        return 0;
+}

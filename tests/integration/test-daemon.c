@@ -11,6 +11,7 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/un.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include "harness.h"
@@ -421,4 +422,45 @@ Test(hostile, fds_in_requests_and_bad_hello) {
                 cr_assert_eq(shmz_daemon_status(c, &st), 0);
                 shmz_disconnect(c);
         }
+}
+
+TestSuite(shmzctl, .fini = stop, .timeout = 60);
+
+/* Runs shmzctl against the test's daemon; returns its exit status, output in out. */
+static int shmzctl(char *out, size_t size, const char *args) {
+        char cmd[512];
+        FILE *p;
+        size_t n;
+
+        snprintf(cmd, sizeof(cmd), "%s --socket %s %s 2>&1", getenv("SHMZCTL"), d.socket, args);
+        p = popen(cmd, "re");
+        cr_assert_not_null(p);
+        n = fread(out, 1, size - 1, p);
+        out[n] = 0;
+        return WEXITSTATUS(pclose(p));
+}
+
+Test(shmzctl, create_list_info_chmod_rm) {
+        char out[4096];
+
+        harness_init(&d, "[zone demo]\nsize = 1M\ntag = demo\n");
+        cr_assert_eq(harness_start(&d, NULL, false), 0, "log: %s", harness_log(&d));
+
+        cr_assert_eq(shmzctl(out, sizeof(out), "create web 2M --tag limit_req"), 0, "%s", out);
+        cr_assert_eq(shmzctl(out, sizeof(out), "create web 2M"), 1);
+        cr_assert(strstr(out, "File exists"), "%s", out);
+        cr_assert_eq(shmzctl(out, sizeof(out), "chmod 640 web"), 0, "%s", out);
+        cr_assert_eq(shmzctl(out, sizeof(out), "chown nobody:nogroup web"), 0, "%s", out);
+        cr_assert_eq(shmzctl(out, sizeof(out), "info web"), 0, "%s", out);
+        cr_assert(strstr(out, "tag: limit_req\n") && strstr(out, "size: 2097152\n") && strstr(out, "mode: 0640\n") &&
+                          strstr(out, "uid: 65534\n"),
+                  "%s", out);
+        cr_assert_eq(shmzctl(out, sizeof(out), "list"), 0, "%s", out);
+        cr_assert(strstr(out, "demo ") && strstr(out, "(declared)") && strstr(out, "web "), "%s", out);
+        cr_assert_eq(shmzctl(out, sizeof(out), "rm web"), 0, "%s", out);
+        cr_assert_eq(shmzctl(out, sizeof(out), "info web"), 1);
+        cr_assert(strstr(out, "No such file"), "%s", out);
+        cr_assert_eq(shmzctl(out, sizeof(out), "status"), 0, "%s", out);
+        cr_assert(strstr(out, "zones: 1 "), "%s", out);
+        cr_assert_eq(shmzctl(out, sizeof(out), "frobnicate"), 2);
 }

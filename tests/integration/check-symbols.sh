@@ -1,0 +1,19 @@
+#!/bin/sh
+# The shared library exports exactly the symbols of libshmzone.sym, all shmz_*, all versioned.
+set -eu
+lib=$1
+map=$2
+exported=$(nm -D --defined-only "$lib" | awk '$2 ~ /^[TDBRV]$/ {print $3}' | grep -v '^SHMZONE_' | sed 's/@.*//' | sort)
+listed=$(sed -n 's/^[[:space:]]*\(shmz_[a-z0-9_]*\);.*/\1/p' "$map" | sort)
+if [ "$exported" != "$listed" ]; then
+        echo "exported and listed symbols differ:"
+        diff -u /dev/fd/3 /dev/fd/4 3<<E 4<<L || true
+$listed
+E
+$exported
+L
+        exit 1
+fi
+bad=$(nm -D --defined-only "$lib" | awk '$2 ~ /^[TDBR]$/ {print $3}' | grep -v '@@SHMZONE_0\.1$' | grep -v '^SHMZONE_' || true)
+[ -z "$bad" ] || { echo "unversioned exports: $bad"; exit 1; }
+echo "$(echo "$exported" | wc -l) symbols, all listed and versioned"

@@ -2,6 +2,7 @@
 /* Zones end to end against a real shmzoned on a private socket. */
 #include <criterion/criterion.h>
 #include <errno.h>
+#include <grp.h>
 #include <signal.h>
 #include <stdio.h>
 #include <string.h>
@@ -350,4 +351,39 @@ Test(zones, clean_stop_tells_clients) {
         shmz_zone_close(z);
         shmz_disconnect(c);
         cr_assert(strstr(harness_log(&d), "Stopped."), "log: %s", harness_log(&d));
+}
+
+static int open_with_group(gid_t supplementary) {
+        pid_t pid = fork();
+        int status;
+
+        if (pid == 0) {
+                struct shmz_client *c;
+                struct shmz_zone *z;
+                int r;
+
+                if (setgroups(supplementary ? 1 : 0, &supplementary) < 0 || setgid(65534) < 0 || setuid(65534) < 0)
+                        _exit(126);
+                if (shmz_connect(d.socket, &c) < 0)
+                        _exit(125);
+                r = shmz_zone_open(c, "grp", 0, NULL, 0, &z);
+                _exit(r == 0 ? 0 : -r);
+        }
+        cr_assert_eq(waitpid(pid, &status, 0), pid);
+        return WIFEXITED(status) ? WEXITSTATUS(status) : 128;
+}
+
+Test(zones, supplementary_group_grants_group_bits) {
+        struct shmz_client *c = connect_or_die();
+        struct shmz_zone *z;
+
+        cr_assert_eq(shmz_zone_open(c, "grp", 4096, NULL, SHMZ_CREATE, &z), 0);
+        cr_assert_eq(shmz_zone_chown(c, "grp", (uid_t) -1, 4242), 0);
+        cr_assert_eq(shmz_zone_chmod(c, "grp", 0060), 0);
+        /* The groups come from SO_PEERGROUPS: a member through a supplementary group gets in. */
+        cr_assert_eq(open_with_group(4242), 0);
+        cr_assert_eq(open_with_group(0), EACCES);
+        cr_assert_eq(open_with_group(4243), EACCES);
+        shmz_zone_close(z);
+        shmz_disconnect(c);
 }

@@ -422,7 +422,8 @@ int registry_open(struct registry *r, const struct caller *c, const char *name, 
                         r_ = -EEXIST;
                         goto out;
                 }
-                if (size != 0 && size != z->size && z->fd >= 0) {
+                /* Sizes are rounded up to whole pages: compare what the zone would take. */
+                if (size != 0 && zone_map_size(size) != z->map_size && z->fd >= 0) {
                         r_ = -EINVAL;
                         goto out;
                 }
@@ -595,6 +596,12 @@ void registry_unref(struct registry *r, struct zone *z) {
                 return;
         pthread_mutex_lock(&r->lock);
         unref_locked(r, z);
+        pthread_mutex_unlock(&r->lock);
+}
+
+void registry_info_of(struct registry *r, struct zone *z, struct zone_info *ret) {
+        pthread_mutex_lock(&r->lock);
+        zone_info_fill(z, ret);
         pthread_mutex_unlock(&r->lock);
 }
 

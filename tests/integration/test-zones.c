@@ -77,7 +77,7 @@ Test(zones, two_processes_share_writes) {
 
 Test(zones, tag_size_and_excl_rules) {
         struct shmz_client *c = connect_or_die();
-        struct shmz_zone *z, *z2 = NULL;
+        struct shmz_zone *z, *z2 = NULL, *z3;
         struct shmz_zone_stat st;
 
         cr_assert_eq(shmz_zone_open(c, "rules", 65536, "limit_req", SHMZ_CREATE, &z), 0);
@@ -101,6 +101,14 @@ Test(zones, tag_size_and_excl_rules) {
         cr_assert_eq(shmz_zone_open(c, "rules", 0, "limit_req", 0, &z2), 0);
         cr_assert_eq(shmz_zone_existed(z2), 1);
         cr_assert_eq(((unsigned char *) shmz_zone_base(z2))[99], 0x5a);
+
+        /* Odd sizes are rounded up to pages; asking again with the same odd size is the same zone. */
+        cr_assert_eq(shmz_zone_open(c, "odd", 1000, NULL, SHMZ_CREATE, &z3), 0);
+        cr_assert_geq(shmz_zone_size(z3), 1000);
+        shmz_zone_close(z3);
+        cr_assert_eq(shmz_zone_open(c, "odd", 1000, NULL, 0, &z3), 0);
+        shmz_zone_close(z3);
+        cr_assert_eq(shmz_zone_open(c, "odd", 100000, NULL, 0, &z3), -EINVAL);
 
         cr_assert_eq(shmz_zone_stat(c, "rules", &st), 0);
         cr_assert_str_eq(st.tag, "limit_req");

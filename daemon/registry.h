@@ -89,6 +89,8 @@ int registry_list(struct registry *r, struct zone_info **ret, size_t *ret_n);
 /* References for the FUSE view (an open file keeps its zone alive like an attachment does). */
 int registry_ref_by_ino(struct registry *r, uint64_t ino, struct zone **ret);
 void registry_unref(struct registry *r, struct zone *z);
+/* A snapshot of a zone the caller holds a reference on (also once unlinked: an open file's fstat). */
+void registry_info_of(struct registry *r, struct zone *z, struct zone_info *ret);
 /* The zone's memfd (owned by the zone; valid while a reference is held), or -EBADF while pending. */
 int zone_fd(struct zone *z);
 uint64_t zone_ino(const struct zone *z);

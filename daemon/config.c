@@ -19,7 +19,7 @@ struct parse_state {
         const char *path;
         unsigned line;         /* counted by our reader: inih does not tell handlers */
         unsigned section_line; /* where the last section header was */
-        char error[256];     /* first error */
+        char error[256];       /* first error */
         unsigned error_line;
         char section[256];
         struct zone_decl *zone; /* the zone section being read */
@@ -154,8 +154,7 @@ static int daemon_key(struct parse_state *s, const char *key, const char *value)
         }
         if (streq(key, "memory_budget") || streq(key, "uid_quota")) {
                 if (parse_size(value, &u) < 0 || u == 0)
-                        return fail(s, "%s: bad size '%s' (a number with an optional K, M, G or T suffix)", key,
-                                    value);
+                        return fail(s, "%s: bad size '%s' (a number with an optional K, M, G or T suffix)", key, value);
                 *(streq(key, "memory_budget") ? &c->budget : &c->quota) = u;
                 return 1;
         }
@@ -173,16 +172,14 @@ static int zone_key(struct parse_state *s, const char *key, const char *value) {
         }
         if (streq(key, "tag")) {
                 if (!shmz_tag_is_valid(value))
-                        return fail(s, "zone '%s': tag must be printable and at most %u bytes", z->name,
-                                    SHMZ_TAG_MAX);
+                        return fail(s, "zone '%s': tag must be printable and at most %u bytes", z->name, SHMZ_TAG_MAX);
                 strncpy_buf(z->tag, sizeof(z->tag), value);
                 return 1;
         }
         if (streq(key, "user"))
                 return parse_uid(value, &z->uid) < 0 ? fail(s, "zone '%s': unknown user '%s'", z->name, value) : 1;
         if (streq(key, "group"))
-                return parse_gid(value, &z->gid) < 0 ? fail(s, "zone '%s': unknown group '%s'", z->name, value)
-                                                     : 1;
+                return parse_gid(value, &z->gid) < 0 ? fail(s, "zone '%s': unknown group '%s'", z->name, value) : 1;
         if (streq(key, "mode")) {
                 unsigned long m;
                 char *end;
@@ -215,8 +212,7 @@ static int new_zone_section(struct parse_state *s, const char *name) {
         struct zone_decl *v;
 
         if (!shmz_name_is_valid(name))
-                return fail(s, "bad zone name '%s' (use A-Z a-z 0-9 . _ -, at most %u bytes)", name,
-                            SHMZ_NAME_MAX);
+                return fail(s, "bad zone name '%s' (use A-Z a-z 0-9 . _ -, at most %u bytes)", name, SHMZ_NAME_MAX);
         for (size_t i = 0; i < c->n_zones; i++)
                 if (streq(c->zones[i].name, name))
                         return fail(s, "zone '%s' declared twice", name);
@@ -225,7 +221,7 @@ static int new_zone_section(struct parse_state *s, const char *name) {
                 return fail(s, "out of memory");
         c->zones = v;
         s->zone = &v[c->n_zones++];
-        *s->zone = (struct zone_decl) { .uid = 0, .gid = 0, .mode = 0600 };
+        *s->zone = (struct zone_decl){ .uid = 0, .gid = 0, .mode = 0600 };
         strncpy_buf(s->zone->name, sizeof(s->zone->name), name);
         s->zone_line = s->section_line;
         return 1;

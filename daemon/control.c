@@ -13,7 +13,7 @@
 #define MAX_ATTACHMENTS_PER_CLIENT 65536u
 
 static void info_to_wire(const struct zone_info *i, struct shmz_msg_zone_info *ret) {
-        *ret = (struct shmz_msg_zone_info) {
+        *ret = (struct shmz_msg_zone_info){
                 .size = i->size,
                 .map_size = i->map_size,
                 .generation = i->generation,
@@ -28,8 +28,7 @@ static void info_to_wire(const struct zone_info *i, struct shmz_msg_zone_info *r
         memcpy(ret->tag, i->tag, sizeof(ret->tag));
 }
 
-static int reply(struct conn *c, const struct shmz_msg_header *req, int status, const void *body, size_t size,
-                 int fd) {
+static int reply(struct conn *c, const struct shmz_msg_header *req, int status, const void *body, size_t size, int fd) {
         if (status < 0) {
                 atomic_fetch_add(&c->daemon->errors, 1);
                 body = NULL;
@@ -45,7 +44,7 @@ static int add_attachment(struct conn *c, struct zone *z, uint64_t *ret_handle) 
         if (!a)
                 return -ENOMEM;
         c->attachments = a;
-        a[c->n_attachments++] = (struct attachment) { .handle = c->next_handle, .zone = z };
+        a[c->n_attachments++] = (struct attachment){ .handle = c->next_handle, .zone = z };
         *ret_handle = c->next_handle++;
         return 0;
 }
@@ -94,8 +93,7 @@ static int do_ticket(struct conn *c, const struct shmz_msg_header *h, const stru
                 return reply(c, h, -EINVAL, NULL, 0, -EBADF);
         if (c->n_attachments >= MAX_ATTACHMENTS_PER_CLIENT)
                 return reply(c, h, -EMFILE, NULL, 0, -EBADF);
-        r = registry_ticket_redeem(c->daemon->registry, m->ticket, !(m->flags & SHMZ_RDONLY), &z, &fd, &info,
-                                   &existed);
+        r = registry_ticket_redeem(c->daemon->registry, m->ticket, !(m->flags & SHMZ_RDONLY), &z, &fd, &info, &existed);
         if (r < 0)
                 return reply(c, h, r, NULL, 0, -EBADF);
         return reply_attached(c, h, z, fd, &info, existed, m->flags & SHMZ_RDONLY);
@@ -164,7 +162,7 @@ static int do_status(struct conn *c, const struct shmz_msg_header *h) {
         struct shmz_msg_status out;
 
         registry_get_stats(c->daemon->registry, &st);
-        out = (struct shmz_msg_status) {
+        out = (struct shmz_msg_status){
                 .budget = st.budget,
                 .budget_used = st.budget_used,
                 .quota = st.quota,
@@ -188,7 +186,7 @@ static int do_hello(struct conn *c, const struct shmz_msg_header *h, const struc
                 return -EPROTONOSUPPORT;
         }
         registry_get_stats(c->daemon->registry, &st);
-        out = (struct shmz_msg_hello_reply) {
+        out = (struct shmz_msg_hello_reply){
                 .version = SHMZ_PROTO_VERSION,
                 .pid = (uint32_t) getpid(),
                 .budget = st.budget,

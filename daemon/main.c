@@ -45,10 +45,14 @@ static void help(void) {
 static int parse_argv(int argc, char *argv[]) {
         enum { ARG_VERSION = 0x100, ARG_NO_MOUNT };
         static const struct option options[] = {
-                { "config", required_argument, NULL, 'c' },  { "socket", required_argument, NULL, 's' },
-                { "mount", required_argument, NULL, 'm' },   { "no-mount", no_argument, NULL, ARG_NO_MOUNT },
-                { "threads", required_argument, NULL, 't' }, { "verbose", no_argument, NULL, 'v' },
-                { "help", no_argument, NULL, 'h' },          { "version", no_argument, NULL, ARG_VERSION },
+                { "config", required_argument, NULL, 'c' },
+                { "socket", required_argument, NULL, 's' },
+                { "mount", required_argument, NULL, 'm' },
+                { "no-mount", no_argument, NULL, ARG_NO_MOUNT },
+                { "threads", required_argument, NULL, 't' },
+                { "verbose", no_argument, NULL, 'v' },
+                { "help", no_argument, NULL, 'h' },
+                { "version", no_argument, NULL, ARG_VERSION },
                 {},
         };
         int c;
@@ -307,8 +311,7 @@ static int run(struct daemon *d) {
         if (r >= 0)
                 r = sd_event_add_signal(d->event, NULL, SIGHUP, on_reload, d);
         if (r >= 0)
-                r = sd_event_add_time_relative(d->event, NULL, CLOCK_MONOTONIC, 10 * 1000000u, 0, on_status_timer,
-                                               d);
+                r = sd_event_add_time_relative(d->event, NULL, CLOCK_MONOTONIC, 10 * 1000000u, 0, on_status_timer, d);
         if (r >= 0)
                 r = sd_event_set_watchdog(d->event, true);
         if (r < 0)

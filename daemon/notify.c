@@ -13,8 +13,7 @@ static int format_status(struct daemon *d, char *buf, size_t size) {
         struct registry_stats st;
 
         registry_get_stats(d->registry, &st);
-        return snprintf(buf, size,
-                        "STATUS=%" PRIu64 " zones, %" PRIu64 " of %" PRIu64 " MiB used, %" PRIu64 " clients",
+        return snprintf(buf, size, "STATUS=%" PRIu64 " zones, %" PRIu64 " of %" PRIu64 " MiB used, %" PRIu64 " clients",
                         st.zones, st.budget_used >> 20, st.budget >> 20, (uint64_t) atomic_load(&d->clients));
 }
 

@@ -94,8 +94,11 @@ static int conn_update_events(struct conn *c) {
 
 int conn_send(struct conn *c, uint16_t type, uint16_t flags, uint32_t stream, int32_t status, const void *body,
               size_t body_size, int fd) {
-        struct shmz_msg_header h = { .size = (uint32_t) (sizeof(h) + body_size), .type = type,
-                                     .flags = flags, .stream = stream, .status = status };
+        struct shmz_msg_header h = { .size = (uint32_t) (sizeof(h) + body_size),
+                                     .type = type,
+                                     .flags = flags,
+                                     .stream = stream,
+                                     .status = status };
         struct outmsg *m;
         int r;
 
@@ -155,8 +158,7 @@ static int on_conn_io(sd_event_source *s, int fd, uint32_t revents, void *userda
                         goto drop;
                 if (r < 0) {
                         atomic_fetch_add(&c->daemon->errors, 1);
-                        log_debug_errno(r, "Client pid %d: unreadable message, disconnecting: %m",
-                                        (int) c->caller.pid);
+                        log_debug_errno(r, "Client pid %d: unreadable message, disconnecting: %m", (int) c->caller.pid);
                         goto drop;
                 }
                 atomic_fetch_add(&c->daemon->requests, 1);

@@ -16,7 +16,7 @@
 #include "zone.h"
 
 struct shmz_client {
-        atomic_uint refs; /* the caller's, plus one per open zone */
+        atomic_uint refs;     /* the caller's, plus one per open zone */
         pthread_mutex_t lock; /* one request at a time on the socket */
         int fd;
         uint32_t next_stream;
@@ -359,7 +359,7 @@ _public_ int shmz_zone_unlink(struct shmz_client *c, const char *name) {
 }
 
 static void stat_from_wire(const struct shmz_msg_zone_info *i, struct shmz_zone_stat *ret) {
-        *ret = (struct shmz_zone_stat) {
+        *ret = (struct shmz_zone_stat){
                 .size = i->size,
                 .map_size = i->map_size,
                 .generation = i->generation,
@@ -439,7 +439,7 @@ _public_ int shmz_daemon_status(struct shmz_client *c, struct shmz_daemon_status
         r = client_request(c, SHMZ_MSG_STATUS, NULL, 0, &st, sizeof(st), NULL);
         if (r < 0)
                 return r;
-        *ret = (struct shmz_daemon_status) {
+        *ret = (struct shmz_daemon_status){
                 .budget = st.budget,
                 .budget_used = st.budget_used,
                 .quota = st.quota,

@@ -77,8 +77,9 @@ int proto_recv(int fd, void *buf, size_t buf_size, size_t *ret_size, int *ret_fd
                 uint8_t buf[CMSG_SPACE(sizeof(int) * 4)];
         } control;
         struct iovec iov = { .iov_base = buf, .iov_len = buf_size };
-        struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = &control,
-                             .msg_controllen = sizeof(control) };
+        struct msghdr mh = {
+                .msg_iov = &iov, .msg_iovlen = 1, .msg_control = &control, .msg_controllen = sizeof(control)
+        };
         struct shmz_msg_header h;
         int passed = -EBADF, n_fds = 0;
         ssize_t n;

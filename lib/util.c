@@ -43,11 +43,28 @@ int parse_size(const char *s, uint64_t *ret) {
         if (errno != 0)
                 return -ERANGE;
         switch (*end) {
-        case 'K': case 'k': shift = 10; end++; break;
-        case 'M': case 'm': shift = 20; end++; break;
-        case 'G': case 'g': shift = 30; end++; break;
-        case 'T': case 't': shift = 40; end++; break;
-        default: break;
+        case 'K':
+        case 'k':
+                shift = 10;
+                end++;
+                break;
+        case 'M':
+        case 'm':
+                shift = 20;
+                end++;
+                break;
+        case 'G':
+        case 'g':
+                shift = 30;
+                end++;
+                break;
+        case 'T':
+        case 't':
+                shift = 40;
+                end++;
+                break;
+        default:
+                break;
         }
         if (*end != 0)
                 return -EINVAL;

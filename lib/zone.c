@@ -18,8 +18,8 @@ uint64_t zone_map_size(uint64_t size) {
         return ALIGN_TO(size + SHMZ_ZONE_HEADER_SIZE, page);
 }
 
-void zone_header_init(struct shmz_zone_header *h, const char *name, const char *tag, uint64_t map_size,
-                      uint32_t uid, uint32_t gid, uint32_t mode, uint64_t generation) {
+void zone_header_init(struct shmz_zone_header *h, const char *name, const char *tag, uint64_t map_size, uint32_t uid,
+                      uint32_t gid, uint32_t mode, uint64_t generation) {
         memset(h, 0, sizeof(*h));
         h->magic = SHMZ_ZONE_MAGIC;
         h->abi_version = SHMZ_ABI_VERSION;
@@ -80,8 +80,7 @@ int zone_map_fd(int fd, bool rdonly, const char *name, struct shmz_zone **ret) {
                 return -errno;
         r = zone_header_check(map, (uint64_t) st.st_size, name);
         if (r >= 0)
-                r = zone_new(map, (uint64_t) st.st_size, rdonly, name ?: ((struct shmz_zone_header *) map)->name,
-                             ret);
+                r = zone_new(map, (uint64_t) st.st_size, rdonly, name ?: ((struct shmz_zone_header *) map)->name, ret);
         if (r < 0)
                 (void) munmap(map, (size_t) st.st_size);
         return r;

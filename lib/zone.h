@@ -26,8 +26,8 @@ static inline uint8_t *zone_bytes(const struct shmz_zone *z) {
 }
 
 /* Writes a fresh header into the first SHMZ_ZONE_HEADER_SIZE bytes of a zone of map_size bytes. */
-void zone_header_init(struct shmz_zone_header *h, const char *name, const char *tag, uint64_t map_size,
-                      uint32_t uid, uint32_t gid, uint32_t mode, uint64_t generation);
+void zone_header_init(struct shmz_zone_header *h, const char *name, const char *tag, uint64_t map_size, uint32_t uid,
+                      uint32_t gid, uint32_t mode, uint64_t generation);
 
 /*
  * Checks a header read from shared memory against what its reader knows (the

@@ -8,11 +8,11 @@
 
 struct daemon_proc {
         pid_t pid;
-        char dir[64];       /* private temporary directory */
-        char socket[128];   /* dir/sock */
-        char config[128];   /* dir/shmzone.conf */
-        char mount[128];    /* dir/fs, when mounted */
-        char log[128];      /* dir/log: the daemon's stderr */
+        char dir[64];     /* private temporary directory */
+        char socket[128]; /* dir/sock */
+        char config[128]; /* dir/shmzone.conf */
+        char mount[128];  /* dir/fs, when mounted */
+        char log[128];    /* dir/log: the daemon's stderr */
         bool mounted;
 };
 

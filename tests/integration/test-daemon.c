@@ -225,8 +225,7 @@ static void *good_client_main(void *userdata) {
                 struct shmz_zone *z;
                 struct shmz_zone_stat st;
 
-                if (shmz_zone_open(c, "good", 4096, "g", SHMZ_CREATE, &z) < 0 ||
-                    shmz_zone_stat(c, "good", &st) < 0) {
+                if (shmz_zone_open(c, "good", 4096, "g", SHMZ_CREATE, &z) < 0 || shmz_zone_stat(c, "good", &st) < 0) {
                         atomic_fetch_add(&g->failures, 1);
                         continue;
                 }
@@ -307,7 +306,8 @@ Test(hostile, ten_thousand_bad_requests) {
                 size_t n;
 
                 if (fd < 0) {
-                        struct shmz_msg_header h = { .size = sizeof(h) + sizeof(hello), .type = SHMZ_MSG_HELLO,
+                        struct shmz_msg_header h = { .size = sizeof(h) + sizeof(hello),
+                                                     .type = SHMZ_MSG_HELLO,
                                                      .stream = 1 };
 
                         fd = raw_connect(d.socket);
@@ -401,8 +401,9 @@ Test(hostile, fds_in_requests_and_bad_hello) {
                         char b[CMSG_SPACE(sizeof(int))];
                 } ctl = {};
                 struct iovec iov = { .iov_base = &m, .iov_len = sizeof(m.h) };
-                struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = &ctl,
-                                     .msg_controllen = sizeof(ctl.b) };
+                struct msghdr mh = {
+                        .msg_iov = &iov, .msg_iovlen = 1, .msg_control = &ctl, .msg_controllen = sizeof(ctl.b)
+                };
                 struct cmsghdr *cm = CMSG_FIRSTHDR(&mh);
                 int passed = 0;
 

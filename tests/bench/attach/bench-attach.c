@@ -119,8 +119,8 @@ int main(int argc, char *argv[]) {
         shm_unlink(shm_name);
         harness_cleanup(&d);
 
-        printf("attach (connect+open+map+touch+close), shmzone: %.0f ns median of %d runs x %d\n",
-               median(full, RUNS), RUNS, ITERATIONS);
+        printf("attach (connect+open+map+touch+close), shmzone: %.0f ns median of %d runs x %d\n", median(full, RUNS),
+               RUNS, ITERATIONS);
         printf("attach (open+map+touch+close on a connection), shmzone: %.0f ns\n", median(open_only, RUNS));
         printf("attach (shm_open+mmap+touch+munmap), /dev/shm: %.0f ns\n", median(anchor, RUNS));
         printf("RATIO attach/shm_open %.3f\n", median(anchor, RUNS) / median(full, RUNS));

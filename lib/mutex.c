@@ -242,10 +242,12 @@ static int acquired(struct thread_self *s, struct shmz_mutex *m, bool died, bool
                 robust_enqueue(s, m);
                 pending_clear(s);
                 m->reserved0 = OWNER_ROBUST;
-        } else
+        } else {
+                /* Only waiters polling for liveness need the start time (against pid reuse). */
+                m->owner_start = s->start;
                 m->reserved0 = OWNER_FALLBACK;
+        }
         m->owner_pid = s->pid;
-        m->owner_start = s->start;
         m->acquisitions++;
         if (waited)
                 m->contended++;
@@ -265,7 +267,8 @@ static int acquired(struct thread_self *s, struct shmz_mutex *m, bool died, bool
         return 0;
 }
 
-static int lock_slow(struct thread_self *s, struct shmz_mutex *m, int mode, uint64_t timeout_ns) {
+__attribute__((noinline)) static int lock_slow(struct thread_self *s, struct shmz_mutex *m, int mode,
+                                               uint64_t timeout_ns) {
         _Atomic uint32_t *w = futex_word(m);
         uint64_t deadline = 0;
         bool waited = false;

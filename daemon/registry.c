@@ -91,8 +91,10 @@ static void zone_destroy(struct zone *z) {
 struct registry *registry_free(struct registry *r) {
         if (!r)
                 return NULL;
+        /* Tickets never redeemed still hold their zones (unlinked ones only through them). */
         for (size_t i = 0; i < r->n_tickets; i++)
-                r->tickets[i].zone->refs--;
+                if (--r->tickets[i].zone->refs == 0)
+                        zone_destroy(r->tickets[i].zone);
         free(r->tickets);
         /* Zones still attached at exit go with the process; close what the tree holds. */
         while (r->by_name) {

@@ -171,6 +171,15 @@ int shmz_zone_check_locked(struct shmz_zone *z, unsigned flags);
 
 #define SHMZ_OWNER_DEAD 1 /* returned by lock calls: you hold it, its last owner died holding it */
 
+/*
+ * A zeroed shmz_mutex is an unlocked one. A lock whose holder dies (process or
+ * thread) is handed to the next locker with SHMZ_OWNER_DEAD: repair what it
+ * protects, then call shmz_mutex_consistent() before unlocking, or the lock
+ * becomes unrecoverable (-ENOTRECOVERABLE for everyone until shmz_mutex_init()).
+ * Lock calls also return -EDEADLK if the calling thread already holds it.
+ * Waiters sleep in the kernel; the lock word must be in memory shared by
+ * MAP_SHARED (the kernel's robust-list clean-up uses shared futexes).
+ */
 struct shmz_mutex *shmz_zone_mutex(struct shmz_zone *z);
 int shmz_mutex_init(struct shmz_mutex *m);            /* a lock placed anywhere in a zone */
 int shmz_mutex_lock(struct shmz_mutex *m);            /* 0 or SHMZ_OWNER_DEAD */

@@ -2,6 +2,7 @@
 /* Zones end to end against a real shmzoned on a private socket. */
 #include <criterion/criterion.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <grp.h>
 #include <signal.h>
 #include <stdio.h>
@@ -10,8 +11,11 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "client.h"
 #include "harness.h"
 #include "shmzone.h"
+#include "util.h"
+#include "zone.h"
 
 static struct daemon_proc d;
 
@@ -393,5 +397,43 @@ Test(zones, supplementary_group_grants_group_bits) {
         cr_assert_eq(open_with_group(0), EACCES);
         cr_assert_eq(open_with_group(4243), EACCES);
         shmz_zone_close(z);
+        shmz_disconnect(c);
+}
+
+/* What the daemon hands out, seen at the fd level (the library hides the fd). */
+static int raw_open(struct shmz_client *c, const char *name, uint64_t size, unsigned flags, int *ret_fd) {
+        struct shmz_msg_zone_open req = { .size = size, .flags = flags };
+        struct shmz_msg_zone_info info;
+
+        strncpy_buf(req.name, sizeof(req.name), name);
+        return client_request(c, SHMZ_MSG_ZONE_OPEN, &req, sizeof(req), &info, sizeof(info), ret_fd);
+}
+
+Test(zones, memfd_is_sealed_and_self_describing) {
+        struct shmz_client *c = connect_or_die();
+        struct shmz_zone_header h;
+        int fd = -1, rofd = -1, seals;
+
+        cr_assert_eq(raw_open(c, "sealed", 65536, SHMZ_CREATE, &fd), 0);
+        cr_assert_geq(fd, 0);
+        seals = fcntl(fd, F_GET_SEALS);
+        cr_assert_eq(seals & (F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL), F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL);
+        /* Nobody can shrink it under the others (SIGBUS) or grow it. */
+        cr_assert_eq(ftruncate(fd, 4096), -1);
+        cr_assert_eq(errno, EPERM);
+        cr_assert_eq(ftruncate(fd, 1 << 24), -1);
+        cr_assert_eq(pread(fd, &h, sizeof(h), 0), (ssize_t) sizeof(h));
+        cr_assert_eq(zone_header_check(&h, 65536 + SHMZ_ZONE_HEADER_SIZE, "sealed"), 0);
+        cr_assert_eq(h.uid, getuid());
+        cr_assert_eq(h.mode, 0600);
+
+        cr_assert_eq(raw_open(c, "sealed", 0, SHMZ_RDONLY, &rofd), 0);
+        cr_assert_eq(fcntl(rofd, F_GETFL) & O_ACCMODE, O_RDONLY);
+        cr_assert_eq(pwrite(rofd, "x", 1, SHMZ_ZONE_HEADER_SIZE), -1);
+        cr_assert_eq(errno, EBADF);
+        cr_assert_eq(mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_SHARED, rofd, 0), MAP_FAILED);
+        cr_assert_eq(errno, EACCES);
+        close(rofd);
+        close(fd);
         shmz_disconnect(c);
 }

@@ -1,0 +1,151 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+#pragma once
+
+/* Shared by the files of the FUSE view; never used outside fuse/. */
+
+#define FUSE_USE_VERSION 312
+
+#include <fuse_lowlevel.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <sys/stat.h>
+
+#include "fuse-view.h"
+#include "registry.h"
+#include "util.h"
+
+/* Fixed inodes; zones start at 1024 (the registry's numbers), providers' objects above 2^56. */
+enum {
+        INO_ROOT = FUSE_ROOT_ID,
+        INO_ZONES,
+        INO_SEGMENTS,
+        INO_PORTS,
+        INO_STATUS,
+        INO_METRICS,
+        INO_SOCKET,
+        INO_FIXED_MAX,
+};
+
+#define INO_PROVIDER_SHIFT 56
+
+static inline uint64_t provider_ino(enum fuse_view_dir dir, uint64_t id) {
+        return ((uint64_t) dir + 1) << INO_PROVIDER_SHIFT | id;
+}
+
+static inline uint64_t provider_dir_ino(enum fuse_view_dir dir) {
+        return dir == FUSE_VIEW_SEGMENTS ? INO_SEGMENTS : INO_PORTS;
+}
+
+/*
+ * Timeouts (seconds). Zone entries and attributes are cached for a second:
+ * every change the registry makes is pushed to the kernel by invalidation,
+ * so the timeout only bounds what a lost notification could cost, and ls -l
+ * of many zones is served from readdirplus without a round trip per file.
+ * status/metrics change by themselves: never cached.
+ */
+#define ZONE_TIMEOUT 1.0
+#define FIXED_TIMEOUT 1.0
+#define PROVIDER_TIMEOUT 0.0
+
+/* What the kernel is told about I/O sizes (stat's st_blksize: cat and cp size their buffers on it). */
+#define VIEW_BLKSIZE (1u << 20)
+
+/* An invalidation the notifier thread sends to the kernel. */
+struct inval {
+        uint64_t parent; /* 0: none (attributes only) */
+        uint64_t ino;    /* 0: none (entry only) */
+        char name[SHMZ_NAME_BUF];
+};
+
+/* An open file or directory; listed so that fuse_view_stop() frees what the kernel never released. */
+struct vhandle {
+        struct vhandle *prev, *next;
+        uint64_t ino;
+        struct zone *zone; /* zones: a reference held while open */
+        uint64_t size;     /* zones: usable bytes, once fixed (sizes never change after that) */
+        bool readable, writable;
+        bool has_ticket;
+        uint64_t ticket[2];
+        char *text; /* status/metrics: generated at open */
+        size_t text_len;
+        struct vdirent *dirents; /* directories: a snapshot taken at opendir/rewind */
+        size_t n_dirents;
+};
+
+struct vdirent {
+        char name[SHMZ_NAME_BUF];
+        struct stat st;
+        uint64_t generation;
+        double timeout;
+};
+
+struct fuse_view {
+        struct daemon *daemon;
+        struct registry *registry;
+        struct fuse_session *se;
+        char *mountpoint;
+        char *socket_link; /* absolute path of the control socket */
+        bool mounted;
+        uid_t uid; /* owner of the fixed files: the daemon's user */
+        gid_t gid;
+        uint64_t start_usec;
+        atomic_uint_fast64_t zones_mtime_usec; /* zones/ changes: its mtime */
+
+        pthread_t thread;
+        bool thread_started;
+        int stop_fd; /* eventfd: fuse_view_stop() -> FUSE thread */
+        pthread_mutex_t start_lock;
+        pthread_cond_t start_cond;
+        int start_result; /* 1 while starting */
+
+        /* Invalidation queue: observer (any thread, registry lock held) -> notifier thread. */
+        pthread_t notifier;
+        bool notifier_started;
+        pthread_mutex_t qlock;
+        pthread_cond_t qcond;
+        struct inval *queue;
+        size_t n_queue, queue_cap;
+        bool queue_overflow, stopping;
+
+        /* Providers, swapped under plock; called without it (the FUSE thread is their only caller). */
+        pthread_mutex_t plock;
+        struct {
+                const struct fuse_view_provider *ops;
+                void *userdata;
+        } providers[_FUSE_VIEW_DIR_MAX];
+
+        struct vhandle handles; /* list head, FUSE thread only */
+};
+
+/* fuse-view.c */
+void view_queue_inval(struct fuse_view *v, uint64_t parent, const char *name, uint64_t ino);
+struct vhandle *vhandle_new(struct fuse_view *v, uint64_t ino);
+void vhandle_free(struct fuse_view *v, struct vhandle *h);
+void caller_from_req(fuse_req_t req, struct caller *ret);
+void stat_from_usec(struct timespec *ts, uint64_t usec);
+
+/* fuse-zones.c: zones/ and its files. */
+void zone_stat(const struct zone_info *i, struct stat *ret);
+int zones_lookup(struct fuse_view *v, const char *name, struct fuse_entry_param *ret);
+int zones_getattr(struct fuse_view *v, uint64_t ino, struct vhandle *h, struct stat *ret);
+int zones_snapshot(struct fuse_view *v, struct vhandle *h);
+void zones_open(struct fuse_view *v, fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi);
+void zones_create(struct fuse_view *v, fuse_req_t req, const char *name, mode_t mode, struct fuse_file_info *fi);
+void zones_read(struct fuse_view *v, fuse_req_t req, struct vhandle *h, size_t size, off_t off);
+void zones_write(struct fuse_view *v, fuse_req_t req, struct vhandle *h, const char *buf, size_t size, off_t off);
+void zones_release(struct fuse_view *v, struct vhandle *h);
+void zones_setattr(struct fuse_view *v, fuse_req_t req, fuse_ino_t ino, struct stat *attr, int to_set,
+                   struct vhandle *h);
+void zones_unlink(struct fuse_view *v, fuse_req_t req, const char *name);
+void zones_ioctl(struct fuse_view *v, fuse_req_t req, struct vhandle *h, unsigned cmd, unsigned flags, size_t in_bufsz,
+                 size_t out_bufsz);
+void zones_getxattr(struct fuse_view *v, fuse_req_t req, fuse_ino_t ino, const char *name, size_t size);
+void zones_listxattr(struct fuse_view *v, fuse_req_t req, fuse_ino_t ino, size_t size);
+void zones_setxattr(struct fuse_view *v, fuse_req_t req, fuse_ino_t ino, const char *name, const char *value,
+                    size_t size, int flags);
+void zones_removexattr(struct fuse_view *v, fuse_req_t req, fuse_ino_t ino, const char *name);
+
+/* fuse-status.c: status and metrics. */
+int status_text(struct fuse_view *v, bool prometheus, char **ret, size_t *ret_len);

@@ -1,0 +1,80 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+/* status (plain text) and metrics (Prometheus text exposition format 0.0.4). */
+#include <inttypes.h>
+#include <stdio.h>
+#include <time.h>
+
+#include "daemon.h"
+#include "fuse-internal.h"
+
+struct figure {
+        const char *name; /* metric name without the shmzone_ prefix */
+        const char *type; /* gauge or counter */
+        const char *help;
+        uint64_t value;
+};
+
+int status_text(struct fuse_view *v, bool prometheus, char **ret, size_t *ret_len) {
+        _cleanup_free_ struct zone_info *zi = NULL;
+        struct daemon *d = v->daemon;
+        struct registry_stats st;
+        char *buf = NULL;
+        size_t len = 0, n = 0;
+        FILE *f;
+        int r;
+
+        registry_get_stats(v->registry, &st);
+        r = registry_list(v->registry, &zi, &n);
+        if (r < 0)
+                return r;
+
+        const struct figure figs[] = {
+                { "zones", "gauge", "Named zones.", st.zones },
+                { "zones_unlinked", "gauge", "Zones removed but still attached.", st.zones_unlinked },
+                { "memory_budget_bytes", "gauge", "Memory budget for all zones.", st.budget },
+                { "memory_used_bytes", "gauge", "Memory taken by zones, headers included.", st.budget_used },
+                { "memory_quota_bytes", "gauge", "Memory quota per uid.", st.quota },
+                { "clients", "gauge", "Connected clients.", atomic_load(&d->clients) },
+                { "segments", "gauge", "Port segments.", 0 },
+                { "requests_total", "counter", "Requests served on the control socket.", atomic_load(&d->requests) },
+                { "errors_total", "counter", "Requests answered with an error.", atomic_load(&d->errors) },
+                { "uptime_seconds", "gauge", "Seconds since the daemon started.",
+                  (now_usec(CLOCK_MONOTONIC) - d->start_usec) / 1000000u },
+        };
+
+        f = open_memstream(&buf, &len);
+        if (!f)
+                return -ENOMEM;
+        for (size_t i = 0; i < ELEMENTSOF(figs); i++) {
+                if (prometheus)
+                        fprintf(f, "# HELP shmzone_%s %s\n# TYPE shmzone_%s %s\nshmzone_%s %" PRIu64 "\n", figs[i].name,
+                                figs[i].help, figs[i].name, figs[i].type, figs[i].name, figs[i].value);
+                else
+                        fprintf(f, "%-20s %" PRIu64 "\n", figs[i].name, figs[i].value);
+        }
+        /* Zone names are [A-Za-z0-9._-]: safe as label values and as words, unquoted. */
+        if (prometheus) {
+                fputs("# HELP shmzone_zone_size_bytes Usable bytes of a zone.\n"
+                      "# TYPE shmzone_zone_size_bytes gauge\n",
+                      f);
+                for (size_t i = 0; i < n; i++)
+                        fprintf(f, "shmzone_zone_size_bytes{zone=\"%s\"} %" PRIu64 "\n", zi[i].name, zi[i].size);
+                fputs("# HELP shmzone_zone_attached Clients attached to a zone.\n"
+                      "# TYPE shmzone_zone_attached gauge\n",
+                      f);
+                for (size_t i = 0; i < n; i++)
+                        fprintf(f, "shmzone_zone_attached{zone=\"%s\"} %" PRIu32 "\n", zi[i].name, zi[i].attached);
+        } else if (n > 0) {
+                fprintf(f, "\n%-32s %14s %8s %6s %s\n", "zone", "size", "attached", "mode", "tag");
+                for (size_t i = 0; i < n; i++)
+                        fprintf(f, "%-32s %14" PRIu64 " %8" PRIu32 " %6.4" PRIo32 " %s\n", zi[i].name, zi[i].size,
+                                zi[i].attached, zi[i].mode, zi[i].pending ? "(pending)" : zi[i].tag);
+        }
+        if (fclose(f) != 0 || !buf) {
+                free(buf);
+                return -ENOMEM;
+        }
+        *ret = buf;
+        *ret_len = len;
+        return 0;
+}

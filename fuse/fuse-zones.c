@@ -1,0 +1,481 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+/*
+ * zones/<name>: a zone as a file. File offset 0 is the first usable byte
+ * (the memfd's offset SHMZ_ZONE_HEADER_SIZE), the file size is the usable
+ * size, so the header is neither visible nor writable here. Opens are
+ * FOPEN_DIRECT_IO: reads and writes go to the memfd at once and are coherent
+ * with every client's mapping; the kernel then refuses MAP_SHARED mmap
+ * (ENODEV), which is what we want, since such a mapping would be the FUSE
+ * inode's page cache, a copy, not the zone. Permission checks on open are the
+ * kernel's (default_permissions); the registry applies the same rules to
+ * chmod, chown, unlink and the tag as the control socket does.
+ */
+#include <fcntl.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <sys/xattr.h>
+
+#include "fuse-internal.h"
+#include "log.h"
+
+#define XATTR_PREFIX "user.shmzone."
+#define XATTR_TAG XATTR_PREFIX "tag"
+#define XATTR_ATTACHED XATTR_PREFIX "attached"
+#define XATTR_GENERATION XATTR_PREFIX "generation"
+#define XATTR_MAP_SIZE XATTR_PREFIX "map_size"
+
+static const char *const xattr_names[] = { XATTR_TAG, XATTR_ATTACHED, XATTR_GENERATION, XATTR_MAP_SIZE };
+
+void zone_stat(const struct zone_info *i, struct stat *ret) {
+        *ret = (struct stat){
+                .st_ino = i->ino,
+                .st_mode = S_IFREG | (i->mode & 07777),
+                .st_nlink = i->unlinked ? 0 : 1,
+                .st_uid = i->uid,
+                .st_gid = i->gid,
+                .st_size = (off_t) MIN(i->size, (uint64_t) INT64_MAX),
+                .st_blocks = (blkcnt_t) (i->map_size / 512), /* memory it takes, header included */
+                .st_blksize = VIEW_BLKSIZE,
+        };
+        stat_from_usec(&ret->st_mtim, i->mtime_usec);
+        stat_from_usec(&ret->st_ctim, i->ctime_usec);
+        ret->st_atim = ret->st_mtim;
+}
+
+static void entry_from_info(const struct zone_info *i, struct fuse_entry_param *ret) {
+        *ret = (struct fuse_entry_param){
+                .ino = i->ino,
+                .generation = i->generation,
+                .attr_timeout = ZONE_TIMEOUT,
+                .entry_timeout = ZONE_TIMEOUT,
+        };
+        zone_stat(i, &ret->attr);
+}
+
+int zones_lookup(struct fuse_view *v, const char *name, struct fuse_entry_param *ret) {
+        struct zone_info info;
+        int r;
+
+        /* Names a zone cannot have simply do not exist (no negative caching: a create may follow). */
+        if (!shmz_name_is_valid(name))
+                return -ENOENT;
+        r = registry_info(v->registry, name, &info);
+        if (r < 0)
+                return r;
+        entry_from_info(&info, ret);
+        return 0;
+}
+
+/* An unlinked zone is still there for whoever holds it open (fstat, fgetxattr). */
+static struct vhandle *open_handle_of(struct fuse_view *v, uint64_t ino) {
+        for (struct vhandle *h = v->handles.next; h != &v->handles; h = h->next)
+                if (h->ino == ino && h->zone)
+                        return h;
+        return NULL;
+}
+
+static int zone_info_any(struct fuse_view *v, uint64_t ino, struct vhandle *h, struct zone_info *ret) {
+        if (!h || !h->zone) {
+                if (registry_info_by_ino(v->registry, ino, ret) >= 0)
+                        return 0;
+                h = open_handle_of(v, ino);
+                if (!h)
+                        return -ENOENT;
+        }
+        registry_info_of(v->registry, h->zone, ret);
+        return 0;
+}
+
+int zones_getattr(struct fuse_view *v, uint64_t ino, struct vhandle *h, struct stat *ret) {
+        struct zone_info info;
+        int r;
+
+        r = zone_info_any(v, ino, h, &info);
+        if (r < 0)
+                return r;
+        zone_stat(&info, ret);
+        return 0;
+}
+
+static void open_reply(struct fuse_view *v, fuse_req_t req, struct vhandle *h, const struct fuse_entry_param *e,
+                       struct fuse_file_info *fi) {
+        int acc = fi->flags & O_ACCMODE;
+
+        h->readable = acc != O_WRONLY;
+        h->writable = acc != O_RDONLY;
+        fi->fh = (uintptr_t) h;
+        fi->direct_io = 1;
+        fi->keep_cache = 0;
+        /* O_TRUNC (FUSE_CAP_ATOMIC_O_TRUNC) is ignored, as on a device: zones never change size. */
+        if ((e ? fuse_reply_create(req, e, fi) : fuse_reply_open(req, fi)) < 0)
+                vhandle_free(v, h); /* interrupted: no release will come */
+}
+
+void zones_open(struct fuse_view *v, fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi) {
+        struct vhandle *h;
+        struct zone *z;
+        int r;
+
+        r = registry_ref_by_ino(v->registry, ino, &z);
+        if (r < 0) {
+                (void) fuse_reply_err(req, -r);
+                return;
+        }
+        h = vhandle_new(v, ino);
+        if (!h) {
+                registry_unref(v->registry, z);
+                (void) fuse_reply_err(req, ENOMEM);
+                return;
+        }
+        h->zone = z;
+        open_reply(v, req, h, NULL, fi);
+}
+
+void zones_create(struct fuse_view *v, fuse_req_t req, const char *name, mode_t mode, struct fuse_file_info *fi) {
+        struct fuse_entry_param e;
+        struct zone_info info;
+        struct vhandle *h;
+        struct caller c;
+        struct zone *z;
+        int r;
+
+        if (strlen(name) > SHMZ_NAME_MAX) {
+                (void) fuse_reply_err(req, ENAMETOOLONG);
+                return;
+        }
+        if (!shmz_name_is_valid(name)) {
+                (void) fuse_reply_err(req, EINVAL);
+                return;
+        }
+        caller_from_req(req, &c);
+        /* No memory yet: the truncate that follows fixes the size (quota and budget apply then). */
+        r = registry_create_pending(v->registry, &c, name, mode & 07777, &info);
+        if (r >= 0)
+                r = registry_ref_by_ino(v->registry, info.ino, &z);
+        if (r < 0) {
+                (void) fuse_reply_err(req, -r);
+                return;
+        }
+        h = vhandle_new(v, info.ino);
+        if (!h) {
+                registry_unref(v->registry, z);
+                (void) fuse_reply_err(req, ENOMEM);
+                return;
+        }
+        h->zone = z;
+        entry_from_info(&info, &e);
+        open_reply(v, req, h, &e, fi);
+}
+
+/* The usable size of an open zone, 0 while pending (its size is then fixed at most once). */
+static uint64_t handle_size(struct fuse_view *v, struct vhandle *h) {
+        struct zone_info info;
+
+        if (h->size == 0) {
+                registry_info_of(v->registry, h->zone, &info);
+                if (!info.pending)
+                        h->size = info.size;
+        }
+        return h->size;
+}
+
+void zones_read(struct fuse_view *v, fuse_req_t req, struct vhandle *h, size_t size, off_t off) {
+        uint64_t zsize = handle_size(v, h);
+        struct fuse_bufvec bv = FUSE_BUFVEC_INIT(0);
+        int fd = zone_fd(h->zone);
+
+        if (!h->readable) {
+                (void) fuse_reply_err(req, EBADF);
+                return;
+        }
+        if (fd < 0 || (uint64_t) off >= zsize || size == 0) {
+                (void) fuse_reply_buf(req, NULL, 0);
+                return;
+        }
+        /* The memfd itself is the source: libfuse splices it into /dev/fuse when the kernel allows. */
+        bv.buf[0].size = (size_t) MIN((uint64_t) size, zsize - (uint64_t) off);
+        bv.buf[0].flags = FUSE_BUF_IS_FD | FUSE_BUF_FD_SEEK;
+        bv.buf[0].fd = fd;
+        bv.buf[0].pos = (off_t) ((uint64_t) off + SHMZ_ZONE_HEADER_SIZE);
+        (void) fuse_reply_data(req, &bv, 0);
+}
+
+void zones_write(struct fuse_view *v, fuse_req_t req, struct vhandle *h, const char *buf, size_t size, off_t off) {
+        uint64_t zsize = handle_size(v, h);
+        int fd = zone_fd(h->zone);
+        size_t n, done = 0;
+
+        if (off < 0) {
+                (void) fuse_reply_err(req, EINVAL);
+                return;
+        }
+        if (size == 0) {
+                (void) fuse_reply_write(req, 0);
+                return;
+        }
+        /* A zone is a fixed-size device: writing at or past its end is "no space", a straddling write is short. */
+        if (fd < 0 || (uint64_t) off >= zsize) {
+                (void) fuse_reply_err(req, ENOSPC);
+                return;
+        }
+        n = (size_t) MIN((uint64_t) size, zsize - (uint64_t) off);
+        while (done < n) {
+                ssize_t k = pwrite(fd, buf + done, n - done, (off_t) ((uint64_t) off + SHMZ_ZONE_HEADER_SIZE + done));
+
+                if (k < 0 && errno == EINTR)
+                        continue;
+                if (k <= 0) {
+                        if (done == 0) {
+                                (void) fuse_reply_err(req, k < 0 ? errno : EIO);
+                                return;
+                        }
+                        break;
+                }
+                done += (size_t) k;
+        }
+        registry_touch(v->registry, h->zone);
+        (void) fuse_reply_write(req, done);
+}
+
+void zones_release(struct fuse_view *v, struct vhandle *h) {
+        /* A ticket not redeemed by now dies with the open it proved. */
+        if (h->has_ticket)
+                registry_ticket_revoke(v->registry, h->ticket);
+        h->has_ticket = false;
+        registry_unref(v->registry, TAKE_PTR(h->zone));
+}
+
+/* The caller with its supplementary groups (chown to a group of theirs); *ret_groups is free()d by the caller. */
+static void caller_with_groups(fuse_req_t req, struct caller *c, gid_t **ret_groups) {
+        gid_t *g = NULL;
+        int n = 32;
+
+        caller_from_req(req, c);
+        *ret_groups = NULL;
+        for (int tries = 0; tries < 3; tries++) {
+                gid_t *ng = realloc(g, (size_t) n * sizeof(*g));
+                int k;
+
+                if (!ng)
+                        break;
+                g = ng;
+                k = fuse_req_getgroups(req, n, g);
+                if (k < 0)
+                        break; /* no /proc view of the caller: primary group only */
+                if (k <= n) {
+                        c->groups = g;
+                        c->n_groups = (size_t) k;
+                        *ret_groups = g;
+                        return;
+                }
+                n = k;
+        }
+        free(g);
+}
+
+void zones_setattr(struct fuse_view *v, fuse_req_t req, fuse_ino_t ino, struct stat *attr, int to_set,
+                   struct vhandle *h) {
+        _cleanup_free_ gid_t *groups = NULL;
+        struct zone_info info;
+        struct caller c;
+        uint32_t mask = 0;
+        struct stat st;
+        int r;
+
+        r = zone_info_any(v, ino, h, &info);
+        if (r < 0) {
+                (void) fuse_reply_err(req, -r);
+                return;
+        }
+        if (to_set & FUSE_SET_ATTR_MODE)
+                mask |= SHMZ_SETATTR_MODE;
+        if (to_set & FUSE_SET_ATTR_UID)
+                mask |= SHMZ_SETATTR_UID;
+        if (to_set & FUSE_SET_ATTR_GID)
+                mask |= SHMZ_SETATTR_GID;
+        /* An unlinked zone has no name left to change anything through (times are ignored anyway). */
+        if (info.unlinked && (mask || (to_set & FUSE_SET_ATTR_SIZE))) {
+                (void) fuse_reply_err(req, ENOENT);
+                return;
+        }
+        caller_with_groups(req, &c, &groups);
+        if (mask) {
+                r = registry_setattr(v->registry, &c, info.name, mask, (uint32_t) attr->st_mode & 07777,
+                                     (uint32_t) attr->st_uid, (uint32_t) attr->st_gid);
+                if (r < 0) {
+                        (void) fuse_reply_err(req, -r);
+                        return;
+                }
+        }
+        if (to_set & FUSE_SET_ATTR_SIZE) {
+                /* The one truncate after a create fixes the size; any other size is refused. */
+                r = attr->st_size < 0 ? -EINVAL
+                                      : registry_set_size(v->registry, &c, info.name, (uint64_t) attr->st_size);
+                if (r < 0) {
+                        (void) fuse_reply_err(req, -r);
+                        return;
+                }
+        }
+        /* atime/mtime: the view keeps its own (last write through the view); accepted and ignored. */
+        r = zone_info_any(v, ino, h, &info);
+        if (r < 0) {
+                (void) fuse_reply_err(req, -r);
+                return;
+        }
+        zone_stat(&info, &st);
+        (void) fuse_reply_attr(req, &st, ZONE_TIMEOUT);
+}
+
+void zones_unlink(struct fuse_view *v, fuse_req_t req, const char *name) {
+        struct caller c;
+
+        if (strlen(name) > SHMZ_NAME_MAX) {
+                (void) fuse_reply_err(req, ENAMETOOLONG);
+                return;
+        }
+        if (!shmz_name_is_valid(name)) {
+                (void) fuse_reply_err(req, ENOENT);
+                return;
+        }
+        caller_from_req(req, &c);
+        /* The name goes at once; attached clients and open files keep the memory until they let go. */
+        (void) fuse_reply_err(req, -registry_unlink(v->registry, &c, name));
+}
+
+void zones_ioctl(struct fuse_view *v, fuse_req_t req, struct vhandle *h, unsigned cmd, unsigned flags, size_t in_bufsz,
+                 size_t out_bufsz) {
+        struct shmz_msg_zone_ticket t = {};
+        int r;
+
+        /* Restricted ioctl: the kernel sized the buffers from the command's _IOC_SIZE. */
+        if (cmd != SHMZ_IOC_TICKET) {
+                (void) fuse_reply_err(req, ENOTTY);
+                return;
+        }
+        if (in_bufsz != 0 || out_bufsz < sizeof(t)) {
+                (void) fuse_reply_err(req, EINVAL);
+                return;
+        }
+        /* Any attachment maps the zone readable: a write-only open proves too little. */
+        if (!h->readable) {
+                (void) fuse_reply_err(req, EACCES);
+                return;
+        }
+        if (h->has_ticket) {
+                registry_ticket_revoke(v->registry, h->ticket);
+                h->has_ticket = false;
+        }
+        r = registry_ticket_issue(v->registry, h->zone, h->writable, t.ticket);
+        if (r < 0) {
+                (void) fuse_reply_err(req, -r);
+                return;
+        }
+        memcpy(h->ticket, t.ticket, sizeof(h->ticket));
+        h->has_ticket = true;
+        (void) fuse_reply_ioctl(req, 0, &t, sizeof(t));
+}
+
+static int xattr_value(const struct zone_info *i, const char *name, char *buf, size_t size, size_t *ret_len) {
+        int n;
+
+        if (streq(name, XATTR_TAG))
+                n = snprintf(buf, size, "%s", i->tag);
+        else if (streq(name, XATTR_ATTACHED))
+                n = snprintf(buf, size, "%" PRIu32, i->attached);
+        else if (streq(name, XATTR_GENERATION))
+                n = snprintf(buf, size, "%" PRIu64, i->generation);
+        else if (streq(name, XATTR_MAP_SIZE))
+                n = snprintf(buf, size, "%" PRIu64, i->map_size);
+        else
+                return -ENODATA;
+        if (n < 0 || (size_t) n >= size)
+                return -EIO;
+        *ret_len = (size_t) n;
+        return 0;
+}
+
+void zones_getxattr(struct fuse_view *v, fuse_req_t req, fuse_ino_t ino, const char *name, size_t size) {
+        struct zone_info info;
+        char buf[128];
+        size_t len;
+        int r;
+
+        r = zone_info_any(v, ino, NULL, &info);
+        if (r >= 0)
+                r = xattr_value(&info, name, buf, sizeof(buf), &len);
+        if (r < 0)
+                (void) fuse_reply_err(req, -r);
+        else if (size == 0)
+                (void) fuse_reply_xattr(req, len);
+        else if (size < len)
+                (void) fuse_reply_err(req, ERANGE);
+        else
+                (void) fuse_reply_buf(req, buf, len);
+}
+
+void zones_listxattr(struct fuse_view *v, fuse_req_t req, fuse_ino_t ino, size_t size) {
+        char buf[256];
+        size_t len = 0;
+
+        for (size_t i = 0; i < ELEMENTSOF(xattr_names); i++) {
+                size_t n = strlen(xattr_names[i]) + 1;
+
+                memcpy(buf + len, xattr_names[i], n);
+                len += n;
+        }
+        if (size == 0)
+                (void) fuse_reply_xattr(req, len);
+        else if (size < len)
+                (void) fuse_reply_err(req, ERANGE);
+        else
+                (void) fuse_reply_buf(req, buf, len);
+}
+
+static int set_tag(struct fuse_view *v, fuse_req_t req, fuse_ino_t ino, const char *value, size_t size, int flags) {
+        char tag[SHMZ_TAG_BUF];
+        struct zone_info info;
+        struct caller c;
+        int r;
+
+        r = zone_info_any(v, ino, NULL, &info);
+        if (r < 0)
+                return r;
+        if (info.unlinked)
+                return -ENOENT;
+        /* The value is raw bytes from anyone: bounded, no NUL inside, printable (shmz_tag_is_valid). */
+        if (size > SHMZ_TAG_MAX || (size > 0 && memchr(value, 0, size)))
+                return -EINVAL;
+        memcpy(tag, value, size);
+        tag[size] = 0;
+        if ((flags & XATTR_CREATE) && info.tag[0])
+                return -EEXIST;
+        if ((flags & XATTR_REPLACE) && !info.tag[0])
+                return -ENODATA;
+        caller_from_req(req, &c);
+        return registry_set_tag(v->registry, &c, info.name, tag);
+}
+
+void zones_setxattr(struct fuse_view *v, fuse_req_t req, fuse_ino_t ino, const char *name, const char *value,
+                    size_t size, int flags) {
+        int r;
+
+        if (streq(name, XATTR_TAG))
+                r = set_tag(v, req, ino, value, size, flags);
+        else if (strncmp(name, XATTR_PREFIX, strlen(XATTR_PREFIX)) == 0)
+                r = -EPERM; /* the figures are the daemon's */
+        else
+                r = -ENOTSUP;
+        (void) fuse_reply_err(req, -r);
+}
+
+void zones_removexattr(struct fuse_view *v, fuse_req_t req, fuse_ino_t ino, const char *name) {
+        int r;
+
+        if (streq(name, XATTR_TAG))
+                r = set_tag(v, req, ino, "", 0, 0);
+        else if (strncmp(name, XATTR_PREFIX, strlen(XATTR_PREFIX)) == 0)
+                r = -EPERM;
+        else
+                r = -ENODATA;
+        (void) fuse_reply_err(req, -r);
+}

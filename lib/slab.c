@@ -861,24 +861,7 @@ static void slab_repair(struct slab *s) {
                         else if (d->type == PD_SLAB && c < NCLASSES && np == classes[c].npages)
                                 keep = true;
                 }
-                if (!keep) {
-                        if (run == NONE)
-                                run = i;
-                        d->type = PD_FREE_CONT;
-                        i++;
-                        continue;
-                }
-                if (run != NONE) {
-                        (void) run_link(s, run, i - run);
-                        run = NONE;
-                }
-                mark_cont(s, i, np);
-                d->head = i;
-                d->next = d->prev = NONE;
-                if (d->type == PD_LARGE) {
-                        st->large_pages += np;
-                        st->large_used++;
-                } else {
+                if (keep && d->type == PD_SLAB) {
                         const struct class_info *ci = &classes[c];
                         uint32_t nfree = 0;
 
@@ -897,19 +880,36 @@ static void slab_repair(struct slab *s) {
                                 }
                         }
                         d->nfree = (uint16_t) nfree;
+                        /* A second empty span goes back to the pages, as free_off() would have done. */
+                        if (nfree == ci->nslots && st->cls[c].empty >= 1)
+                                keep = false;
+                }
+                if (!keep) {
+                        /* Decided before any run is closed, so that neighbouring free pages stay one run. */
+                        uint32_t n = d->type == PD_SLAB && np >= 1 && np <= s->npages - i ? np : 1;
+                        if (run == NONE)
+                                run = i;
+                        for (uint32_t k = 0; k < n; k++)
+                                s->d[i + k].type = PD_FREE_CONT;
+                        i += n;
+                        continue;
+                }
+                if (run != NONE) {
+                        (void) run_link(s, run, i - run);
+                        run = NONE;
+                }
+                mark_cont(s, i, np);
+                d->head = i;
+                d->next = d->prev = NONE;
+                if (d->type == PD_LARGE) {
+                        st->large_pages += np;
+                        st->large_used++;
+                } else {
+                        uint32_t nfree = d->nfree;
+
                         st->cls[c].spans++;
-                        st->cls[c].used += ci->nslots - nfree;
-                        if (nfree == ci->nslots && st->cls[c].empty >= 1) {
-                                /* A second empty span: back to the pages, as free_off() would have. */
-                                st->cls[c].spans--;
-                                if (run == NONE)
-                                        run = i;
-                                for (uint32_t k = 0; k < np; k++)
-                                        s->d[i + k].type = PD_FREE_CONT;
-                                i += np;
-                                continue;
-                        }
-                        if (nfree == ci->nslots)
+                        st->cls[c].used += classes[c].nslots - nfree;
+                        if (nfree == classes[c].nslots)
                                 st->cls[c].empty++;
                         if (nfree > 0)
                                 (void) list_push(s, &st->cls[c].partial, i);

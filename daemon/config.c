@@ -78,37 +78,30 @@ _printf_(2, 3) static int fail(struct parse_state *s, const char *fmt, ...) {
         return 0; /* inih: handler failed */
 }
 
-static int parse_uid(const char *v, uid_t *ret) {
-        struct passwd pw, *p = NULL;
+/* A user or group by number or by name. */
+static int parse_id(const char *v, bool group, uint32_t *ret) {
         char buf[4096], *end;
         unsigned long n;
 
         errno = 0;
         n = strtoul(v, &end, 10);
         if (*v && *end == 0 && errno == 0 && n < UINT32_MAX) {
-                *ret = (uid_t) n;
+                *ret = (uint32_t) n;
                 return 0;
         }
-        if (getpwnam_r(v, &pw, buf, sizeof(buf), &p) != 0 || !p)
-                return -ENOENT;
-        *ret = p->pw_uid;
-        return 0;
-}
+        if (group) {
+                struct group gr, *p = NULL;
 
-static int parse_gid(const char *v, gid_t *ret) {
-        struct group gr, *p = NULL;
-        char buf[4096], *end;
-        unsigned long n;
+                if (getgrnam_r(v, &gr, buf, sizeof(buf), &p) != 0 || !p)
+                        return -ENOENT;
+                *ret = p->gr_gid;
+        } else {
+                struct passwd pw, *p = NULL;
 
-        errno = 0;
-        n = strtoul(v, &end, 10);
-        if (*v && *end == 0 && errno == 0 && n < UINT32_MAX) {
-                *ret = (gid_t) n;
-                return 0;
+                if (getpwnam_r(v, &pw, buf, sizeof(buf), &p) != 0 || !p)
+                        return -ENOENT;
+                *ret = p->pw_uid;
         }
-        if (getgrnam_r(v, &gr, buf, sizeof(buf), &p) != 0 || !p)
-                return -ENOENT;
-        *ret = p->gr_gid;
         return 0;
 }
 
@@ -177,9 +170,11 @@ static int zone_key(struct parse_state *s, const char *key, const char *value) {
                 return 1;
         }
         if (streq(key, "user"))
-                return parse_uid(value, &z->uid) < 0 ? fail(s, "zone '%s': unknown user '%s'", z->name, value) : 1;
+                return parse_id(value, false, &z->uid) < 0 ? fail(s, "zone '%s': unknown user '%s'", z->name, value)
+                                                           : 1;
         if (streq(key, "group"))
-                return parse_gid(value, &z->gid) < 0 ? fail(s, "zone '%s': unknown group '%s'", z->name, value) : 1;
+                return parse_id(value, true, &z->gid) < 0 ? fail(s, "zone '%s': unknown group '%s'", z->name, value)
+                                                          : 1;
         if (streq(key, "mode")) {
                 unsigned long m;
                 char *end;

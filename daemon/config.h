@@ -11,8 +11,8 @@ struct zone_decl {
         char name[SHMZ_NAME_BUF];
         char tag[SHMZ_TAG_BUF];
         uint64_t size;
-        uid_t uid;
-        gid_t gid;
+        uint32_t uid;
+        uint32_t gid;
         uint32_t mode;
 };
 

@@ -167,6 +167,12 @@ const char *harness_log(struct daemon_proc *d) {
         return buf;
 }
 
+struct shmz_client *harness_connect(struct daemon_proc *d) {
+        struct shmz_client *c;
+
+        return shmz_connect(d->socket, &c) < 0 ? NULL : c;
+}
+
 void harness_cleanup(struct daemon_proc *d) {
         char cmd[128];
 

@@ -32,6 +32,8 @@ int harness_stop(struct daemon_proc *d);
 void harness_signal(struct daemon_proc *d, int sig);
 /* The daemon's stderr so far, NUL-terminated (static buffer). */
 const char *harness_log(struct daemon_proc *d);
+/* A client of the test's daemon, or NULL. */
+struct shmz_client *harness_connect(struct daemon_proc *d);
 /* Removes the directory. */
 void harness_cleanup(struct daemon_proc *d);
 /* Runs fn in a child switched to uid/gid (no supplementary groups); returns its exit status. */

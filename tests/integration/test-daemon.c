@@ -24,9 +24,9 @@ static void stop(void) {
 }
 
 static struct shmz_client *connect_or_die(void) {
-        struct shmz_client *c = NULL;
+        struct shmz_client *c = harness_connect(&d);
 
-        cr_assert_eq(shmz_connect(d.socket, &c), 0);
+        cr_assert_not_null(c, "cannot connect to %s", d.socket);
         return c;
 }
 

@@ -1,0 +1,704 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+/*
+ * The FUSE view against a real shmzoned and a real mount, driven with the
+ * tools an operator uses (ls, stat, cat, dd, od, chmod, chown, rm, truncate,
+ * getfattr, setfattr) and with the library. Every test mounts its own
+ * directory; the fini unmounts it even when the test failed.
+ */
+#include <criterion/criterion.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/statvfs.h>
+#include <sys/wait.h>
+#include <sys/xattr.h>
+#include <unistd.h>
+
+#include "client.h"
+#include "harness.h"
+#include "shmzone-abi.h"
+#include "shmzone.h"
+#include "util.h"
+
+#define NOBODY 65534
+
+static struct daemon_proc d;
+
+static void start(void) {
+        /* Criterion's runner may carry one in; open_path must find the socket through <mount>/socket. */
+        (void) unsetenv("SHMZONE_SOCKET");
+        harness_init(&d, "[daemon]\nmemory_budget = 64M\nuid_quota = 32M\n");
+        cr_assert_eq(harness_start(&d, NULL, true), 0, "daemon did not start: %s", harness_log(&d));
+}
+
+static void stop(void) {
+        static char log[65536];
+        bool ran = d.pid > 0;
+        int st = ran ? harness_stop(&d) : 0;
+
+        /* A clean exit, sanitizers included, is part of every test; the mount goes in any case. */
+        snprintf(log, sizeof(log), "%s", harness_log(&d));
+        harness_cleanup(&d);
+        cr_assert_eq(st, 0, "daemon exit status %d: %s", st, log);
+}
+
+TestSuite(fuse, .init = start, .fini = stop, .timeout = 120);
+
+static const char *zpath(const char *name) {
+        static char buf[2][512];
+        static int i;
+
+        i ^= 1;
+        snprintf(buf[i], sizeof(buf[i]), "%s/zones/%s", d.mount, name);
+        return buf[i];
+}
+
+/* Runs a shell command; its stdout (NUL-terminated) in out; returns the exit status. */
+_printf_(3, 4) static int run(char *out, size_t size, const char *fmt, ...) {
+        char cmd[4096];
+        size_t n = 0;
+        va_list ap;
+        FILE *p;
+        int st;
+
+        va_start(ap, fmt);
+        vsnprintf(cmd, sizeof(cmd), fmt, ap);
+        va_end(ap);
+        p = popen(cmd, "re");
+        cr_assert_not_null(p);
+        if (out) {
+                n = fread(out, 1, size - 1, p);
+                out[n] = 0;
+        } else {
+                char sink[4096];
+
+                while (fread(sink, 1, sizeof(sink), p) > 0)
+                        ;
+        }
+        st = pclose(p);
+        return WIFEXITED(st) ? WEXITSTATUS(st) : 128;
+}
+
+static struct shmz_client *client(void) {
+        struct shmz_client *c = NULL;
+
+        cr_assert_eq(shmz_connect(d.socket, &c), 0);
+        return c;
+}
+
+static void make_zone(struct shmz_client *c, const char *name, uint64_t size, const char *tag, mode_t mode) {
+        struct shmz_zone *z = NULL;
+
+        cr_assert_eq(shmz_zone_open(c, name, size, tag, SHMZ_CREATE | SHMZ_EXCL, &z), 0, "create %s", name);
+        shmz_zone_close(z);
+        cr_assert_eq(shmz_zone_chmod(c, name, mode), 0);
+}
+
+Test(fuse, layout_statfs_and_socket_link) {
+        struct shmz_client *c = client();
+        struct statvfs sv, sv2;
+        char out[8192], link[256];
+        ssize_t n;
+
+        cr_assert_eq(run(out, sizeof(out), "ls -l %s", d.mount), 0);
+        cr_assert(strstr(out, "zones") && strstr(out, "segments") && strstr(out, "ports") && strstr(out, "status") &&
+                          strstr(out, "metrics") && strstr(out, "socket ->"),
+                  "%s", out);
+        cr_assert(strstr(out, "drwxrwxrwt"), "zones/ is sticky and world-writable: %s", out);
+        snprintf(out, sizeof(out), "%s/socket", d.mount);
+        n = readlink(out, link, sizeof(link) - 1);
+        cr_assert_gt(n, 0);
+        link[n] = 0;
+        cr_assert_str_eq(link, d.socket);
+
+        /* statfs: the budget is the size, what it leaves is free. */
+        cr_assert_eq(statvfs(d.mount, &sv), 0);
+        cr_assert_eq((uint64_t) sv.f_blocks * sv.f_frsize, 64u << 20);
+        cr_assert_eq(sv.f_bfree, sv.f_blocks);
+        make_zone(c, "one", 1 << 20, NULL, 0644);
+        cr_assert_eq(statvfs(d.mount, &sv2), 0);
+        cr_assert_eq((uint64_t) (sv.f_bfree - sv2.f_bfree) * sv.f_frsize, (1u << 20) + SHMZ_ZONE_HEADER_SIZE);
+        cr_assert_eq(run(out, sizeof(out), "stat -f -c '%%b %%f %%S' %s", d.mount), 0);
+        cr_assert_eq(atoll(out), 16384, "%s", out);
+        shmz_disconnect(c);
+}
+
+Test(fuse, status_and_metrics) {
+        struct shmz_client *c = client();
+        char out[16384];
+
+        cr_assert_eq(run(out, sizeof(out), "cat %s/status", d.mount), 0);
+        cr_assert(strstr(out, "zones                0\n"), "%s", out);
+        make_zone(c, "counted", 8192, "tg", 0644);
+        cr_assert_eq(run(out, sizeof(out), "cat %s/status", d.mount), 0);
+        cr_assert(strstr(out, "zones                1\n"), "%s", out);
+        cr_assert(strstr(out, "counted"), "%s", out);
+        cr_assert_eq(run(out, sizeof(out), "cat %s/metrics", d.mount), 0);
+        cr_assert(strstr(out, "# TYPE shmzone_zones gauge\nshmzone_zones 1\n"), "%s", out);
+        cr_assert(strstr(out, "# TYPE shmzone_requests_total counter\n"), "%s", out);
+        cr_assert(strstr(out, "shmzone_memory_budget_bytes 67108864\n"), "%s", out);
+        cr_assert(strstr(out, "shmzone_zone_size_bytes{zone=\"counted\"} 8192\n"), "%s", out);
+        /* Every sample line is "name{labels} value": no stray text for a scraper to choke on. */
+        cr_assert_eq(run(out, sizeof(out),
+                         "grep -v '^#' %s/metrics | grep -cvE '^shmzone_[a-z_]+(\\{zone=\"[^\"]+\"\\})? [0-9]+$'",
+                         d.mount),
+                     1, "bad lines: %s", out);
+        /* st_size matches what cat reads, for tools that trust it. */
+        cr_assert_eq(
+                run(out, sizeof(out), "test $(stat -c %%s %s/status) -eq $(cat %s/status | wc -c)", d.mount, d.mount),
+                0);
+        shmz_disconnect(c);
+}
+
+Test(fuse, bytes_are_live_both_ways) {
+        struct shmz_client *c = client();
+        struct shmz_zone *z;
+        char out[4096];
+        char *p;
+        int fd;
+
+        cr_assert_eq(shmz_zone_open(c, "live", 1 << 16, NULL, SHMZ_CREATE, &z), 0);
+        p = shmz_zone_base(z);
+        memcpy(p + 1000, "HELLO", 5);
+        /* File offset 0 is the zone's first usable byte. */
+        cr_assert_eq(run(out, sizeof(out), "od -An -c -j 1000 -N 5 %s", zpath("live")), 0);
+        cr_assert(strstr(out, "H   E   L   L   O"), "%s", out);
+        cr_assert_eq(run(NULL, 0, "printf world | dd of=%s bs=1 seek=7 conv=notrunc status=none", zpath("live")), 0);
+        cr_assert_eq(memcmp(p + 7, "world", 5), 0, "mapping sees the write at once");
+        memcpy(p + 7, "WORLD", 5);
+        cr_assert_eq(run(out, sizeof(out), "dd if=%s bs=1 skip=7 count=5 status=none", zpath("live")), 0);
+        cr_assert_str_eq(out, "WORLD");
+        cr_assert_eq(run(out, sizeof(out), "stat -c '%%s %%a %%u' %s", zpath("live")), 0);
+        cr_assert_str_eq(out, "65536 600 0\n");
+
+        /* Odd offsets, the last byte, the end, past the end. */
+        fd = open(zpath("live"), O_RDWR);
+        cr_assert_geq(fd, 0);
+        p[65535] = 'Z';
+        cr_assert_eq(pread(fd, out, 10, 65535), 1);
+        cr_assert_eq(out[0], 'Z');
+        cr_assert_eq(pread(fd, out, 10, 65536), 0);
+        cr_assert_eq(pread(fd, out, 10, 1 << 30), 0);
+        cr_assert_eq(pread(fd, out, 3, 4093), 3);
+        errno = 0;
+        cr_assert_eq(pwrite(fd, "x", 1, 65536), -1);
+        cr_assert_eq(errno, ENOSPC, "writes past the end are refused: %m");
+        cr_assert_eq(pwrite(fd, "abcdef", 6, 65533), 3, "a write across the end is short");
+        cr_assert_eq(memcmp(p + 65533, "abc", 3), 0);
+        /* ftruncate to another size is refused: zones never change size. */
+        cr_assert_eq(ftruncate(fd, 4096), -1);
+        cr_assert_eq(ftruncate(fd, 65536), 0);
+        close(fd);
+        /* O_TRUNC is ignored, as on a device: the shell's > writes from offset 0. */
+        cr_assert_eq(run(NULL, 0, "printf ab > %s", zpath("live")), 0);
+        cr_assert_eq(memcmp(p, "ab", 2), 0);
+        cr_assert_eq(p[65533], 'a');
+        shmz_zone_close(z);
+        shmz_disconnect(c);
+}
+
+Test(fuse, shared_mmap_is_refused) {
+        struct shmz_client *c = client();
+        void *m;
+        int fd;
+
+        make_zone(c, "mapped", 8192, NULL, 0600);
+        fd = open(zpath("mapped"), O_RDWR);
+        cr_assert_geq(fd, 0);
+        m = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+        cr_assert_eq(m, MAP_FAILED);
+        cr_assert_eq(errno, ENODEV, "a shared mapping would be a copy, not the zone: %m");
+        close(fd);
+        shmz_disconnect(c);
+}
+
+Test(fuse, rm_keeps_attached_clients_working) {
+        struct shmz_client *c = client();
+        struct shmz_zone_stat st;
+        struct shmz_zone *z;
+        char out[4096];
+        char *p;
+
+        cr_assert_eq(shmz_zone_open(c, "doomed", 1 << 16, NULL, SHMZ_CREATE, &z), 0);
+        p = shmz_zone_base(z);
+        cr_assert_eq(run(out, sizeof(out), "ls %s/zones", d.mount), 0);
+        cr_assert_str_eq(out, "doomed\n");
+        cr_assert_eq(run(NULL, 0, "rm %s", zpath("doomed")), 0);
+        cr_assert_eq(run(out, sizeof(out), "ls %s/zones", d.mount), 0);
+        cr_assert_str_eq(out, "", "the name is gone at once");
+        cr_assert_eq(shmz_zone_stat(c, "doomed", &st), -ENOENT);
+        strcpy(p, "still mine");
+        cr_assert_str_eq(p, "still mine");
+        cr_assert_eq(run(out, sizeof(out), "cat %s/status", d.mount), 0);
+        cr_assert(strstr(out, "zones_unlinked       1\n"), "%s", out);
+        shmz_zone_close(z);
+        /* The memory goes after the last detach (the close is one-way: allow it a moment). */
+        for (int i = 0; i < 100; i++) {
+                cr_assert_eq(run(out, sizeof(out), "cat %s/status", d.mount), 0);
+                if (strstr(out, "zones_unlinked       0\n"))
+                        break;
+                usleep(10000);
+        }
+        cr_assert(strstr(out, "zones_unlinked       0\n") && strstr(out, "memory_used_bytes    0\n"), "%s", out);
+        shmz_disconnect(c);
+}
+
+Test(fuse, create_then_truncate_makes_a_zone) {
+        struct shmz_client *c = client();
+        struct shmz_zone_stat st;
+        struct shmz_zone *z;
+        char out[4096];
+
+        cr_assert_eq(run(NULL, 0, "touch %s", zpath("fresh")), 0);
+        cr_assert_eq(run(out, sizeof(out), "stat -c %%s %s", zpath("fresh")), 0);
+        cr_assert_str_eq(out, "0\n", "pending: no memory yet");
+        cr_assert_eq(run(out, sizeof(out), "cat %s | wc -c", zpath("fresh")), 0);
+        cr_assert_str_eq(out, "0\n");
+        cr_assert_eq(shmz_zone_open(c, "fresh", 0, NULL, 0, &z), -EAGAIN, "a pending zone cannot be attached");
+        cr_assert_eq(run(NULL, 0, "setfattr -n user.shmzone.tag -v made-by-fs %s", zpath("fresh")), 0);
+        cr_assert_eq(run(NULL, 0, "truncate -s 1M %s", zpath("fresh")), 0);
+        cr_assert_eq(run(out, sizeof(out), "stat -c %%s %s", zpath("fresh")), 0);
+        cr_assert_str_eq(out, "1048576\n");
+        cr_assert_neq(run(NULL, 0, "truncate -s 2M %s 2>/dev/null", zpath("fresh")), 0, "only one truncate");
+        cr_assert_eq(shmz_zone_stat(c, "fresh", &st), 0);
+        cr_assert_eq(st.size, 1u << 20);
+        cr_assert_str_eq(st.tag, "made-by-fs");
+        cr_assert_eq(shmz_zone_open(c, "fresh", 0, "made-by-fs", 0, &z), 0);
+        shmz_zone_close(z);
+        /* truncate on a missing name creates and sizes it in one go. */
+        cr_assert_eq(run(NULL, 0, "truncate -s 64K %s", zpath("direct")), 0);
+        cr_assert_eq(shmz_zone_stat(c, "direct", &st), 0);
+        cr_assert_eq(st.size, 64u << 10);
+        cr_assert_str_eq(st.tag, "", "no tag set: the default is empty");
+        /* Beyond the budget: a clear error, nothing half made. */
+        cr_assert_neq(run(NULL, 0, "truncate -s 1G %s 2>/dev/null", zpath("huge")), 0);
+        shmz_disconnect(c);
+}
+
+Test(fuse, chmod_chown_through_tools_and_socket) {
+        struct shmz_client *c = client();
+        struct shmz_zone_stat st;
+        char out[4096];
+
+        make_zone(c, "acl", 4096, NULL, 0600);
+        cr_assert_eq(run(NULL, 0, "chmod 640 %s", zpath("acl")), 0);
+        cr_assert_eq(shmz_zone_stat(c, "acl", &st), 0);
+        cr_assert_eq(st.mode, 0640);
+        cr_assert_eq(run(NULL, 0, "chown nobody:nogroup %s", zpath("acl")), 0);
+        cr_assert_eq(shmz_zone_stat(c, "acl", &st), 0);
+        cr_assert_eq(st.uid, NOBODY);
+        cr_assert_eq(st.gid, NOBODY);
+        /* Changes made on the socket show in the mount at once (the kernel's cache is invalidated). */
+        cr_assert_eq(run(out, sizeof(out), "stat -c '%%a %%u' %s", zpath("acl")), 0);
+        cr_assert_str_eq(out, "640 65534\n");
+        cr_assert_eq(shmz_zone_chmod(c, "acl", 0604), 0);
+        cr_assert_eq(shmz_zone_chown(c, "acl", 0, 0), 0);
+        cr_assert_eq(run(out, sizeof(out), "stat -c '%%a %%u %%g' %s", zpath("acl")), 0);
+        cr_assert_str_eq(out, "604 0 0\n");
+        cr_assert_eq(run(out, sizeof(out), "ls -l %s/zones", d.mount), 0);
+        cr_assert(strstr(out, "-rw----r-- 1 root root 4096"), "%s", out);
+        shmz_disconnect(c);
+}
+
+Test(fuse, socket_changes_show_at_once) {
+        struct shmz_client *c = client();
+        struct stat st;
+
+        /* Look it up first, so that the kernel has something to forget. */
+        cr_assert_eq(stat(zpath("comes"), &st), -1);
+        make_zone(c, "comes", 4096, NULL, 0644);
+        cr_assert_eq(stat(zpath("comes"), &st), 0);
+        cr_assert_eq(st.st_size, 4096);
+        cr_assert_eq(shmz_zone_unlink(c, "comes"), 0);
+        cr_assert_eq(stat(zpath("comes"), &st), -1, "a cached entry of a removed zone");
+        cr_assert_eq(errno, ENOENT);
+        shmz_disconnect(c);
+}
+
+Test(fuse, xattrs) {
+        struct shmz_client *c = client();
+        struct shmz_zone *z;
+        char out[4096], v[64];
+
+        make_zone(c, "attrs", 4096, "first", 0644);
+        cr_assert_eq(run(out, sizeof(out), "getfattr -d %s 2>/dev/null", zpath("attrs")), 0);
+        cr_assert(strstr(out, "user.shmzone.tag=\"first\"") && strstr(out, "user.shmzone.attached=\"0\""), "%s", out);
+        cr_assert_eq(shmz_zone_open(c, "attrs", 0, "first", 0, &z), 0);
+        cr_assert_eq(getxattr(zpath("attrs"), "user.shmzone.attached", v, sizeof(v)), 1);
+        cr_assert_eq(v[0], '1');
+        cr_assert_eq(getxattr(zpath("attrs"), "user.shmzone.attached", v, 0), 1, "size query");
+        cr_assert_eq(getxattr(zpath("attrs"), "user.shmzone.tag", v, 2), -1);
+        cr_assert_eq(errno, ERANGE);
+        cr_assert_eq(getxattr(zpath("attrs"), "user.other", v, sizeof(v)), -1);
+        cr_assert_eq(errno, ENODATA);
+        /* Figures are the daemon's; the tag is fixed once the zone was used. */
+        cr_assert_neq(run(NULL, 0, "setfattr -n user.shmzone.attached -v 9 %s 2>/dev/null", zpath("attrs")), 0);
+        cr_assert_eq(setxattr(zpath("attrs"), "user.shmzone.tag", "new", 3, 0), -1);
+        cr_assert_eq(errno, EBUSY);
+        shmz_zone_close(z);
+        /* Hostile values: too long, embedded NUL, not printable. */
+        cr_assert_eq(run(NULL, 0, "touch %s", zpath("fresh")), 0);
+        memset(out, 'a', 200);
+        cr_assert_eq(setxattr(zpath("fresh"), "user.shmzone.tag", out, 200, 0), -1);
+        cr_assert_eq(errno, EINVAL);
+        cr_assert_eq(setxattr(zpath("fresh"), "user.shmzone.tag", "a\0b", 3, 0), -1);
+        cr_assert_eq(errno, EINVAL);
+        cr_assert_eq(setxattr(zpath("fresh"), "user.shmzone.tag", "a\nb", 3, 0), -1);
+        cr_assert_eq(errno, EINVAL);
+        cr_assert_eq(setxattr(zpath("fresh"), "user.shmzone.tag", "ok", 2, 0), 0);
+        cr_assert_eq(getxattr(zpath("fresh"), "user.shmzone.tag", v, sizeof(v)), 2);
+        cr_assert_eq(memcmp(v, "ok", 2), 0);
+        cr_assert_eq(removexattr(zpath("fresh"), "user.shmzone.tag"), 0);
+        cr_assert_eq(getxattr(zpath("fresh"), "user.shmzone.tag", v, sizeof(v)), 0);
+        shmz_disconnect(c);
+}
+
+/* ---- another user ----------------------------------------------------------------------- */
+
+struct as_nobody {
+        const char *path;
+        const char *mount;
+        const char *cmd;
+};
+
+static int nobody_reads(void *arg) {
+        struct as_nobody *a = arg;
+        char buf[8];
+        int fd = open(a->path, O_RDONLY);
+
+        if (fd < 0)
+                return errno == EACCES ? 10 : 11;
+        return pread(fd, buf, sizeof(buf), 0) == (ssize_t) sizeof(buf) ? 0 : 12;
+}
+
+static int nobody_writes(void *arg) {
+        struct as_nobody *a = arg;
+        int fd = open(a->path, O_WRONLY);
+
+        if (fd < 0)
+                return errno == EACCES ? 10 : 11;
+        return pwrite(fd, "n", 1, 0) == 1 ? 0 : 12;
+}
+
+static int nobody_runs(void *arg) {
+        struct as_nobody *a = arg;
+        int st = system(a->cmd);
+
+        return WIFEXITED(st) ? WEXITSTATUS(st) : 128;
+}
+
+Test(fuse, another_user_is_refused_where_the_mode_says) {
+        struct shmz_client *c = client();
+        struct as_nobody a = { .mount = d.mount };
+        char cmd[1024];
+
+        make_zone(c, "private", 4096, NULL, 0600);
+        a.path = zpath("private");
+        cr_assert_eq(harness_run_as(NOBODY, NOBODY, nobody_reads, &a), 10);
+        cr_assert_eq(harness_run_as(NOBODY, NOBODY, nobody_writes, &a), 10);
+        a.cmd = cmd;
+        snprintf(cmd, sizeof(cmd), "cat %s >/dev/null 2>&1", a.path);
+        cr_assert_neq(harness_run_as(NOBODY, NOBODY, nobody_runs, &a), 0, "cat as nobody");
+        snprintf(cmd, sizeof(cmd), "rm -f %s 2>/dev/null", a.path);
+        cr_assert_neq(harness_run_as(NOBODY, NOBODY, nobody_runs, &a), 0, "rm as nobody (sticky zones/)");
+        snprintf(cmd, sizeof(cmd), "chmod 666 %s 2>/dev/null", a.path);
+        cr_assert_neq(harness_run_as(NOBODY, NOBODY, nobody_runs, &a), 0, "chmod as nobody");
+        snprintf(cmd, sizeof(cmd), "ls -l %s >/dev/null", a.path);
+        cr_assert_eq(harness_run_as(NOBODY, NOBODY, nobody_runs, &a), 0, "anyone may list");
+        cr_assert_eq(access(a.path, F_OK), 0, "still there");
+
+        cr_assert_eq(shmz_zone_chmod(c, "private", 0604), 0);
+        cr_assert_eq(harness_run_as(NOBODY, NOBODY, nobody_reads, &a), 0);
+        cr_assert_eq(harness_run_as(NOBODY, NOBODY, nobody_writes, &a), 10);
+        cr_assert_eq(shmz_zone_chmod(c, "private", 0606), 0);
+        cr_assert_eq(harness_run_as(NOBODY, NOBODY, nobody_writes, &a), 0);
+
+        /* nobody makes its own zone, owns it, may remove it. */
+        snprintf(cmd, sizeof(cmd), "truncate -s 8K %s && stat -c %%u %s | grep -qx 65534 && rm %s", zpath("theirs"),
+                 zpath("theirs"), zpath("theirs"));
+        cr_assert_eq(harness_run_as(NOBODY, NOBODY, nobody_runs, &a), 0);
+        shmz_disconnect(c);
+}
+
+/*
+ * The same answer from the kernel (open through the mount), from
+ * shmz_zone_open_path (open + ticket + socket) and from shmz_zone_open
+ * (socket only), for a matrix of owners, groups, modes and access.
+ */
+struct matrix_case {
+        uid_t uid;
+        gid_t gid;
+        mode_t mode;
+};
+
+struct matrix_arg {
+        const char *path;
+        const char *socket;
+        const char *name;
+};
+
+static int matrix_child(void *arg) {
+        struct matrix_arg *a = arg;
+        struct shmz_client *c = NULL;
+        int bits = 0;
+
+        if (shmz_connect(a->socket, &c) < 0)
+                return 255;
+        for (int w = 0; w < 2; w++) {
+                struct shmz_zone *z = NULL;
+                int fd, r;
+
+                fd = open(a->path, w ? O_RDWR : O_RDONLY);
+                if (fd >= 0) {
+                        bits |= 1 << (w * 3);
+                        close(fd);
+                } else if (errno != EACCES)
+                        return 254;
+                r = shmz_zone_open_path(a->path, w ? 0 : SHMZ_RDONLY, &z);
+                if (r >= 0) {
+                        bits |= 2 << (w * 3);
+                        /* The mapping gives what was proved, no more. */
+                        if (w)
+                                ((volatile char *) shmz_zone_base(z))[0] = 1;
+                        shmz_zone_close(z);
+                } else if (r != -EACCES)
+                        return 253;
+                r = shmz_zone_open(c, a->name, 0, NULL, w ? 0 : SHMZ_RDONLY, &z);
+                if (r >= 0) {
+                        bits |= 4 << (w * 3);
+                        shmz_zone_close(z);
+                } else if (r != -EACCES)
+                        return 252;
+        }
+        shmz_disconnect(c);
+        return bits;
+}
+
+Test(fuse, permission_matrix_same_answer_everywhere) {
+        static const struct matrix_case cases[] = {
+                { 0, 0, 0600 },           { 0, 0, 0644 },      { 0, 0, 0606 },           { 0, 0, 0604 },
+                { 0, 0, 0602 },           { 0, NOBODY, 0640 }, { 0, NOBODY, 0660 },      { 0, NOBODY, 0620 },
+                { 0, NOBODY, 0606 },      { NOBODY, 0, 0600 }, { NOBODY, 0, 0400 },      { NOBODY, 0, 0200 },
+                { NOBODY, 0, 0000 },      { NOBODY, 0, 0066 }, { NOBODY, NOBODY, 0060 }, { NOBODY, NOBODY, 0640 },
+                { NOBODY, NOBODY, 0006 }, { 0, 0, 0000 },
+        };
+        struct shmz_client *c = client();
+        int readable = 0, writable = 0, refused = 0;
+
+        for (size_t i = 0; i < ELEMENTSOF(cases); i++) {
+                struct matrix_arg a = { .socket = d.socket };
+                char name[32];
+                int bits, want_r, want_w, bits_r, bits_w;
+                unsigned who;
+
+                snprintf(name, sizeof(name), "m%zu", i);
+                make_zone(c, name, 4096, NULL, cases[i].mode);
+                cr_assert_eq(shmz_zone_chown(c, name, cases[i].uid, cases[i].gid), 0);
+                a.path = zpath(name);
+                a.name = name;
+                bits = harness_run_as(NOBODY, NOBODY, matrix_child, &a);
+                cr_assert_lt(bits, 64, "case %zu: unexpected error (%d)", i, bits);
+                bits_r = bits & 7;
+                bits_w = (bits >> 3) & 7;
+                cr_assert(bits_r == 0 || bits_r == 7, "case %zu (uid %u gid %u mode %04o): read differs: %d", i,
+                          cases[i].uid, cases[i].gid, cases[i].mode, bits_r);
+                cr_assert(bits_w == 0 || bits_w == 7, "case %zu (uid %u gid %u mode %04o): write differs: %d", i,
+                          cases[i].uid, cases[i].gid, cases[i].mode, bits_w);
+                /* And it is the right answer, from the mode bits. */
+                who = cases[i].uid == NOBODY ? 6 : cases[i].gid == NOBODY ? 3 : 0;
+                want_r = (cases[i].mode >> who) & 4;
+                want_w = want_r && ((cases[i].mode >> who) & 2);
+                cr_assert_eq(!!bits_r, !!want_r, "case %zu read", i);
+                cr_assert_eq(!!bits_w, !!want_w, "case %zu write", i);
+                readable += !!bits_r;
+                writable += !!bits_w;
+                refused += !bits_r;
+        }
+        cr_assert(readable > 3 && writable > 3 && refused > 3);
+        shmz_disconnect(c);
+}
+
+Test(fuse, tickets_are_bound_to_their_open) {
+        struct shmz_client *c = client();
+        struct shmz_msg_zone_ticket t = {}, t2 = {};
+        struct shmz_msg_zone_info info;
+        int fd, zfd = -EBADF, r;
+
+        make_zone(c, "tk", 4096, NULL, 0644);
+        fd = open(zpath("tk"), O_RDONLY);
+        cr_assert_geq(fd, 0);
+        cr_assert_eq(ioctl(fd, SHMZ_IOC_TICKET, &t), 0);
+        cr_assert(t.ticket[0] || t.ticket[1]);
+        /* Opened read-only: a write attachment is refused, and the ticket is spent. */
+        r = client_request(c, SHMZ_MSG_ZONE_OPEN_TICKET, &t, sizeof(t), &info, sizeof(info), &zfd);
+        cr_assert_eq(r, -EACCES);
+        t.flags = SHMZ_RDONLY;
+        r = client_request(c, SHMZ_MSG_ZONE_OPEN_TICKET, &t, sizeof(t), &info, sizeof(info), &zfd);
+        cr_assert_eq(r, -EACCES, "one use only");
+        cr_assert_eq(ioctl(fd, SHMZ_IOC_TICKET, &t2), 0);
+        cr_assert(memcmp(t.ticket, t2.ticket, sizeof(t.ticket)) != 0);
+        close(fd); /* the release revokes it */
+        usleep(100000);
+        t2.flags = SHMZ_RDONLY;
+        r = client_request(c, SHMZ_MSG_ZONE_OPEN_TICKET, &t2, sizeof(t2), &info, sizeof(info), &zfd);
+        cr_assert_eq(r, -EACCES, "revoked at close");
+        /* Other commands and files. */
+        fd = open(zpath("tk"), O_RDONLY);
+        cr_assert_eq(ioctl(fd, _IOR('z', 2, struct shmz_msg_zone_ticket), &t), -1);
+        cr_assert_eq(errno, ENOTTY);
+        close(fd);
+        snprintf(info.name, sizeof(info.name), "%s/status", d.mount);
+        fd = open(info.name, O_RDONLY);
+        cr_assert_eq(ioctl(fd, SHMZ_IOC_TICKET, &t), -1);
+        close(fd);
+        shmz_disconnect(c);
+}
+
+/* ---- names, storms, mounts -------------------------------------------------------------- */
+
+Test(fuse, odd_and_long_names) {
+        static const char *const bad[] = { "a b",     "new\nline",   "caf\xc3\xa9", "\xff\xfe", "tab\t",
+                                           "quo\"te", "back\\slash", "star*",       "-" };
+        struct shmz_client *c = client();
+        char name[300], out[8192];
+        struct stat st;
+        int fd;
+
+        for (size_t i = 0; i < ELEMENTSOF(bad) - 1; i++) {
+                errno = 0;
+                fd = open(zpath(bad[i]), O_CREAT | O_RDWR, 0600);
+                cr_assert_eq(fd, -1, "name %zu accepted", i);
+                cr_assert_eq(errno, EINVAL, "name %zu: %m", i);
+                cr_assert_eq(stat(zpath(bad[i]), &st), -1);
+                cr_assert_eq(errno, ENOENT);
+        }
+        /* "-" is a valid name; tools need "--" or ./ but the view does not care. */
+        cr_assert_eq(run(NULL, 0, "truncate -s 4K -- %s", zpath("-")), 0);
+        /* 200 bytes: the longest name; 201 and 255: too long; 256: the kernel's own limit. */
+        memset(name, 'n', sizeof(name));
+        name[200] = 0;
+        cr_assert_eq(run(NULL, 0, "truncate -s 4K %s", zpath(name)), 0);
+        cr_assert_eq(run(out, sizeof(out), "ls %s/zones | awk '{ print length($0) }' | sort -n | tail -1", d.mount), 0);
+        cr_assert_str_eq(out, "200\n");
+        name[201] = 0;
+        name[200] = 'n';
+        cr_assert_eq(open(zpath(name), O_CREAT | O_RDWR, 0600), -1);
+        cr_assert_eq(errno, ENAMETOOLONG);
+        memset(name, 'n', 256);
+        name[256] = 0;
+        cr_assert_eq(open(zpath(name), O_CREAT | O_RDWR, 0600), -1);
+        cr_assert_eq(errno, ENAMETOOLONG);
+        cr_assert_eq(run(out, sizeof(out), "ls %s/zones | wc -l", d.mount), 0);
+        cr_assert_str_eq(out, "2\n");
+        /* The directory refuses what is not a zone. */
+        cr_assert_neq(run(NULL, 0, "mkdir %s 2>/dev/null", zpath("dir")), 0);
+        cr_assert_neq(run(NULL, 0, "touch %s/newfile 2>/dev/null", d.mount), 0);
+        cr_assert_neq(run(NULL, 0, "rm -f %s/status 2>/dev/null", d.mount), 0);
+        shmz_disconnect(c);
+}
+
+Test(fuse, storm_of_creates_and_deletes_while_listing) {
+        pid_t lister, churner;
+        char out[4096];
+        int st;
+
+        lister = fork();
+        cr_assert_geq(lister, 0);
+        if (lister == 0) {
+                char cmd[512];
+
+                snprintf(cmd, sizeof(cmd), "ls -l %s/zones >/dev/null 2>&1; test $? -le 1", d.mount);
+                for (int i = 0; i < 200; i++) {
+                        int s = system(cmd);
+
+                        if (!WIFEXITED(s) || WEXITSTATUS(s) != 0)
+                                _exit(1);
+                }
+                _exit(0);
+        }
+        churner = fork();
+        cr_assert_geq(churner, 0);
+        if (churner == 0) {
+                struct shmz_client *c = NULL;
+                char name[32];
+
+                if (shmz_connect(d.socket, &c) < 0)
+                        _exit(2);
+                for (int i = 0; i < 400; i++) {
+                        struct shmz_zone *z = NULL;
+                        int fd;
+
+                        snprintf(name, sizeof(name), "s%d", i % 37);
+                        if (i % 2) {
+                                /* Through the mount: create, size, remove. */
+                                fd = open(zpath(name), O_CREAT | O_RDWR, 0644);
+                                if (fd >= 0) {
+                                        (void) ftruncate(fd, 4096);
+                                        close(fd);
+                                }
+                                (void) unlink(zpath(name));
+                        } else {
+                                if (shmz_zone_open(c, name, 4096, NULL, SHMZ_CREATE, &z) >= 0)
+                                        shmz_zone_close(z);
+                                if (i % 3)
+                                        (void) shmz_zone_unlink(c, name);
+                        }
+                }
+                shmz_disconnect(c);
+                _exit(0);
+        }
+        cr_assert_eq(waitpid(churner, &st, 0), churner);
+        cr_assert(WIFEXITED(st) && WEXITSTATUS(st) == 0);
+        cr_assert_eq(waitpid(lister, &st, 0), lister);
+        cr_assert(WIFEXITED(st) && WEXITSTATUS(st) == 0, "ls failed during the storm");
+        /* Afterwards the mount and the socket agree. */
+        {
+                struct shmz_client *c = client();
+                struct shmz_daemon_status ds;
+
+                cr_assert_eq(shmz_daemon_status(c, &ds), 0);
+                cr_assert_eq(run(out, sizeof(out), "ls %s/zones | wc -l", d.mount), 0);
+                cr_assert_eq((uint64_t) atoll(out), ds.zones, "ls %s vs %" PRIu64, out, ds.zones);
+                shmz_disconnect(c);
+        }
+        cr_assert_eq(kill(d.pid, 0), 0, "daemon alive");
+}
+
+static bool mounted(const char *path) {
+        char out[256];
+
+        return run(out, sizeof(out), "findmnt -n -o FSTYPE --mountpoint %s", path) == 0 && strstr(out, "fuse.shmzone");
+}
+
+Test(fuse, sigterm_unmounts) {
+        int st;
+
+        cr_assert(mounted(d.mount));
+        cr_assert_eq(kill(d.pid, SIGTERM), 0);
+        cr_assert_eq(waitpid(d.pid, &st, 0), d.pid);
+        d.pid = 0;
+        cr_assert(WIFEXITED(st) && WEXITSTATUS(st) == 0);
+        cr_assert(!mounted(d.mount), "the mount is gone after SIGTERM");
+}
+
+Test(fuse, stale_mount_of_a_crashed_daemon_is_cleared) {
+        struct stat st;
+        int status;
+
+        cr_assert_eq(kill(d.pid, SIGKILL), 0);
+        cr_assert_eq(waitpid(d.pid, &status, 0), d.pid);
+        d.pid = 0;
+        cr_assert_eq(stat(d.mount, &st), -1);
+        cr_assert_eq(errno, ENOTCONN, "a dead mount: %m");
+        cr_assert_eq(harness_start(&d, NULL, true), 0, "restart: %s", harness_log(&d));
+        cr_assert_eq(stat(zpath(""), &st), 0, "the new mount answers");
+        cr_assert(strstr(harness_log(&d), "Detached a dead FUSE mount"), "%s", harness_log(&d));
+        cr_assert_eq(run(NULL, 0, "findmnt -n --mountpoint %s | wc -l | grep -qx 1", d.mount), 0,
+                     "one mount, not two stacked");
+}

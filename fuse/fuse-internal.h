@@ -39,13 +39,16 @@ static inline uint64_t provider_dir_ino(enum fuse_view_dir dir) {
 }
 
 /*
- * Timeouts (seconds). Zone entries and attributes are cached for a second:
- * every change the registry makes is pushed to the kernel by invalidation,
- * so the timeout only bounds what a lost notification could cost, and ls -l
- * of many zones is served from readdirplus without a round trip per file.
- * status/metrics change by themselves: never cached.
+ * Timeouts (seconds). A zone's dentry is never trusted without asking
+ * (entry timeout 0): every path walk revalidates it with a LOOKUP, whose
+ * reply refreshes the attributes too, so a change made on the socket shows
+ * at the next stat or open, whatever a queued invalidation is doing.
+ * Attributes may then be cached for a second, for fstat on open files, and
+ * are invalidated by the notifier on every registry change. status/metrics
+ * change by themselves: never cached.
  */
-#define ZONE_TIMEOUT 1.0
+#define ZONE_ENTRY_TIMEOUT 0.0
+#define ZONE_ATTR_TIMEOUT 1.0
 #define FIXED_TIMEOUT 1.0
 #define PROVIDER_TIMEOUT 0.0
 
@@ -78,7 +81,7 @@ struct vdirent {
         char name[SHMZ_NAME_BUF];
         struct stat st;
         uint64_t generation;
-        double timeout;
+        double entry_timeout, attr_timeout;
 };
 
 struct fuse_view {

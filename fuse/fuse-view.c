@@ -371,7 +371,7 @@ static int getattr_any(struct fuse_view *v, uint64_t ino, struct vhandle *h, str
                 return fixed_stat(v, ino, ret);
         }
         if (ino_is_zone(ino)) {
-                *ret_timeout = ZONE_TIMEOUT;
+                *ret_timeout = ZONE_ATTR_TIMEOUT;
                 return zones_getattr(v, ino, h, ret);
         }
         if (ino_is_provider(ino, &dir, &id)) {
@@ -556,7 +556,7 @@ static void op_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
 }
 
 static int dirents_add(struct vhandle *h, size_t *cap, const char *name, const struct stat *st, uint64_t gen,
-                       double timeout) {
+                       double entry_timeout, double attr_timeout) {
         if (h->n_dirents == *cap) {
                 size_t ncap = MAX(*cap * 2, (size_t) 16);
                 struct vdirent *n = realloc(h->dirents, ncap * sizeof(*n));
@@ -569,7 +569,8 @@ static int dirents_add(struct vhandle *h, size_t *cap, const char *name, const s
         strncpy_buf(h->dirents[h->n_dirents].name, SHMZ_NAME_BUF, name);
         h->dirents[h->n_dirents].st = *st;
         h->dirents[h->n_dirents].generation = gen;
-        h->dirents[h->n_dirents].timeout = timeout;
+        h->dirents[h->n_dirents].entry_timeout = entry_timeout;
+        h->dirents[h->n_dirents].attr_timeout = attr_timeout;
         h->n_dirents++;
         return 0;
 }
@@ -596,7 +597,7 @@ static int provider_snapshot(struct fuse_view *v, struct vhandle *h, enum fuse_v
                     !buf_is_cstr(ents[i].name, sizeof(ents[i].name)) || !shmz_name_is_valid(ents[i].name))
                         continue;
                 provider_stat(dir, &ents[i], &st);
-                r = dirents_add(h, cap, ents[i].name, &st, 0, PROVIDER_TIMEOUT);
+                r = dirents_add(h, cap, ents[i].name, &st, 0, PROVIDER_TIMEOUT, PROVIDER_TIMEOUT);
                 if (r < 0)
                         return r;
         }
@@ -622,11 +623,11 @@ static int dir_snapshot(struct fuse_view *v, struct vhandle *h) {
                 if (r < 0)
                         return r;
         }
-        r = dirents_add(h, &cap, ".", &st, 0, 0);
+        r = dirents_add(h, &cap, ".", &st, 0, 0, 0);
         if (r < 0)
                 return r;
         (void) fixed_stat(v, INO_ROOT, &st);
-        r = dirents_add(h, &cap, "..", &st, 0, 0);
+        r = dirents_add(h, &cap, "..", &st, 0, 0, 0);
         if (r < 0)
                 return r;
 
@@ -634,7 +635,8 @@ static int dir_snapshot(struct fuse_view *v, struct vhandle *h) {
         case INO_ROOT:
                 for (size_t i = 0; i < ELEMENTSOF(root_entries); i++) {
                         (void) fixed_stat(v, root_entries[i].ino, &st);
-                        r = dirents_add(h, &cap, root_entries[i].name, &st, 0, fixed_timeout(root_entries[i].ino));
+                        r = dirents_add(h, &cap, root_entries[i].name, &st, 0, fixed_timeout(root_entries[i].ino),
+                                        fixed_timeout(root_entries[i].ino));
                         if (r < 0)
                                 return r;
                 }
@@ -648,7 +650,8 @@ static int dir_snapshot(struct fuse_view *v, struct vhandle *h) {
                         return r;
                 for (size_t i = 0; i < n; i++) {
                         zone_stat(&zi[i], &st);
-                        r = dirents_add(h, &cap, zi[i].name, &st, zi[i].generation, ZONE_TIMEOUT);
+                        r = dirents_add(h, &cap, zi[i].name, &st, zi[i].generation, ZONE_ENTRY_TIMEOUT,
+                                        ZONE_ATTR_TIMEOUT);
                         if (r < 0)
                                 return r;
                 }
@@ -699,8 +702,8 @@ static void do_readdir(fuse_req_t req, size_t size, off_t off, struct fuse_file_
                                 .ino = e->st.st_ino,
                                 .generation = e->generation,
                                 .attr = e->st,
-                                .attr_timeout = e->timeout,
-                                .entry_timeout = e->timeout,
+                                .attr_timeout = e->attr_timeout,
+                                .entry_timeout = e->entry_timeout,
                         };
 
                         n = fuse_add_direntry_plus(req, buf + used, size - used, e->name, &ep, (off_t) i + 1);

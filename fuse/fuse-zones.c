@@ -46,8 +46,8 @@ static void entry_from_info(const struct zone_info *i, struct fuse_entry_param *
         *ret = (struct fuse_entry_param){
                 .ino = i->ino,
                 .generation = i->generation,
-                .attr_timeout = ZONE_TIMEOUT,
-                .entry_timeout = ZONE_TIMEOUT,
+                .attr_timeout = ZONE_ATTR_TIMEOUT,
+                .entry_timeout = ZONE_ENTRY_TIMEOUT,
         };
         zone_stat(i, &ret->attr);
 }
@@ -323,7 +323,7 @@ void zones_setattr(struct fuse_view *v, fuse_req_t req, fuse_ino_t ino, struct s
                 return;
         }
         zone_stat(&info, &st);
-        (void) fuse_reply_attr(req, &st, ZONE_TIMEOUT);
+        (void) fuse_reply_attr(req, &st, ZONE_ATTR_TIMEOUT);
 }
 
 void zones_unlink(struct fuse_view *v, fuse_req_t req, const char *name) {

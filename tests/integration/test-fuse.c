@@ -309,12 +309,25 @@ Test(fuse, chmod_chown_through_tools_and_socket) {
 Test(fuse, socket_changes_show_at_once) {
         struct shmz_client *c = client();
         struct stat st;
+        int fd;
 
         /* Look it up first, so that the kernel has something to forget. */
         cr_assert_eq(stat(zpath("comes"), &st), -1);
         make_zone(c, "comes", 4096, NULL, 0644);
         cr_assert_eq(stat(zpath("comes"), &st), 0);
         cr_assert_eq(st.st_size, 4096);
+        /* An open file's cached attributes are invalidated (well within their 1 s timeout). */
+        fd = open(zpath("comes"), O_RDONLY);
+        cr_assert_geq(fd, 0);
+        cr_assert_eq(fstat(fd, &st), 0);
+        cr_assert_eq(st.st_mode & 07777, 0644);
+        cr_assert_eq(shmz_zone_chmod(c, "comes", 0640), 0);
+        for (int i = 0; i < 50 && (st.st_mode & 07777) != 0640; i++) {
+                usleep(10000);
+                cr_assert_eq(fstat(fd, &st), 0);
+        }
+        cr_assert_eq(st.st_mode & 07777, 0640, "fstat still shows the old mode");
+        close(fd);
         cr_assert_eq(shmz_zone_unlink(c, "comes"), 0);
         cr_assert_eq(stat(zpath("comes"), &st), -1, "a cached entry of a removed zone");
         cr_assert_eq(errno, ENOENT);

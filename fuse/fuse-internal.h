@@ -68,6 +68,8 @@ struct vhandle {
         uint64_t ino;
         struct zone *zone; /* zones: a reference held while open */
         uint64_t size;     /* zones: usable bytes, once fixed (sizes never change after that) */
+        uint64_t map_size; /* zones: bytes of the memfd */
+        void *map;         /* zones: the memfd mapped read-only at the first read (reads reply from it) */
         bool readable, writable;
         bool has_ticket;
         uint64_t ticket[2];

@@ -13,6 +13,7 @@
 #include <fcntl.h>
 #include <inttypes.h>
 #include <stdio.h>
+#include <sys/mman.h>
 #include <sys/xattr.h>
 
 #include "fuse-internal.h"
@@ -173,16 +174,18 @@ static uint64_t handle_size(struct fuse_view *v, struct vhandle *h) {
 
         if (h->size == 0) {
                 registry_info_of(v->registry, h->zone, &info);
-                if (!info.pending)
+                if (!info.pending) {
                         h->size = info.size;
+                        h->map_size = info.map_size;
+                }
         }
         return h->size;
 }
 
 void zones_read(struct fuse_view *v, fuse_req_t req, struct vhandle *h, size_t size, off_t off) {
-        uint64_t zsize = handle_size(v, h);
-        struct fuse_bufvec bv = FUSE_BUFVEC_INIT(0);
+        uint64_t zsize = handle_size(v, h), start, end;
         int fd = zone_fd(h->zone);
+        const char *src;
 
         if (!h->readable) {
                 (void) fuse_reply_err(req, EBADF);
@@ -192,12 +195,30 @@ void zones_read(struct fuse_view *v, fuse_req_t req, struct vhandle *h, size_t s
                 (void) fuse_reply_buf(req, NULL, 0);
                 return;
         }
-        /* The memfd itself is the source: libfuse splices it into /dev/fuse when the kernel allows. */
-        bv.buf[0].size = (size_t) MIN((uint64_t) size, zsize - (uint64_t) off);
-        bv.buf[0].flags = FUSE_BUF_IS_FD | FUSE_BUF_FD_SEEK;
-        bv.buf[0].fd = fd;
-        bv.buf[0].pos = (off_t) ((uint64_t) off + SHMZ_ZONE_HEADER_SIZE);
-        (void) fuse_reply_data(req, &bv, 0);
+        /*
+         * Replies come straight from a shared mapping of the memfd: the kernel
+         * copies once, from the zone's pages into the reader's buffer. (libfuse's
+         * splice path falls back to a fresh malloc() and a pread() per request
+         * for 1 MiB replies here: two copies and 256 page faults per MiB.) The
+         * memfd is sealed against shrinking, so the mapping can never SIGBUS.
+         */
+        if (!h->map) {
+                void *m = mmap(NULL, h->map_size, PROT_READ, MAP_SHARED, fd, 0);
+
+                if (m == MAP_FAILED) {
+                        (void) fuse_reply_err(req, errno);
+                        return;
+                }
+                h->map = m;
+        }
+        size = (size_t) MIN((uint64_t) size, zsize - (uint64_t) off);
+        start = (uint64_t) off + SHMZ_ZONE_HEADER_SIZE;
+        src = (const char *) h->map + start;
+        /* Fill our page tables for the range in one go rather than one fault per page during the copy. */
+        end = ALIGN_TO(start + size, (uint64_t) 4096);
+        start &= ~(uint64_t) 4095;
+        (void) madvise((char *) h->map + start, end - start, MADV_POPULATE_READ);
+        (void) fuse_reply_buf(req, src, size);
 }
 
 void zones_write(struct fuse_view *v, fuse_req_t req, struct vhandle *h, const char *buf, size_t size, off_t off) {
@@ -242,6 +263,8 @@ void zones_release(struct fuse_view *v, struct vhandle *h) {
         if (h->has_ticket)
                 registry_ticket_revoke(v->registry, h->ticket);
         h->has_ticket = false;
+        if (h->map)
+                (void) munmap(TAKE_PTR(h->map), h->map_size);
         registry_unref(v->registry, TAKE_PTR(h->zone));
 }
 

@@ -17,13 +17,17 @@
 #include <sys/xattr.h>
 
 #include "fuse-internal.h"
+#include "daemon.h"
 #include "log.h"
+#include "shmzone.h"
+#include "zone.h"
 
 #define XATTR_PREFIX "user.shmzone."
 #define XATTR_TAG XATTR_PREFIX "tag"
 #define XATTR_ATTACHED XATTR_PREFIX "attached"
 #define XATTR_GENERATION XATTR_PREFIX "generation"
 #define XATTR_MAP_SIZE XATTR_PREFIX "map_size"
+#define XATTR_ALLOC XATTR_PREFIX "alloc" /* only on zones whose allocator is formatted */
 
 static const char *const xattr_names[] = { XATTR_TAG, XATTR_ATTACHED, XATTR_GENERATION, XATTR_MAP_SIZE };
 
@@ -417,15 +421,57 @@ static int xattr_value(const struct zone_info *i, const char *name, char *buf, s
         return 0;
 }
 
-void zones_getxattr(struct fuse_view *v, fuse_req_t req, fuse_ino_t ino, const char *name, size_t size) {
-        struct zone_info info;
-        char buf[128];
-        size_t len;
-        int r;
+/*
+ * The allocator's figures, read through a read-only mapping of the zone: what
+ * clients wrote there is untrusted, and shmz_zone_alloc_stats() bound-checks
+ * it. -ENODATA for a zone without an allocator (raw bytes, or pending).
+ */
+static int alloc_value(struct fuse_view *v, uint64_t ino, char *buf, size_t size, size_t *ret_len) {
+        struct shmz_alloc_stats st;
+        struct shmz_zone *mapped = NULL;
+        struct zone *z;
+        size_t len = 0;
+        int n, r;
 
-        r = zone_info_any(v, ino, NULL, &info);
+        r = registry_ref_by_ino(v->daemon->registry, ino, &z);
+        if (r < 0)
+                return -ENODATA;
+        r = zone_fd(z) < 0 ? -ENODATA : zone_map_fd(zone_fd(z), true, NULL, &mapped);
         if (r >= 0)
-                r = xattr_value(&info, name, buf, sizeof(buf), &len);
+                r = shmz_zone_alloc_stats(mapped, &st);
+        shmz_zone_close(mapped);
+        registry_unref(v->daemon->registry, z);
+        if (r < 0 || st.pages_total == 0)
+                return -ENODATA;
+
+        n = snprintf(buf, size,
+                     "page_size=%" PRIu64 " pages_total=%" PRIu64 " pages_free=%" PRIu64 " pages_slab=%" PRIu64
+                     " pages_large=%" PRIu64 " largest_free_run=%" PRIu64 " large_used=%" PRIu64 " large_reqs=%" PRIu64
+                     " large_fails=%" PRIu64 " faults=%" PRIu64 " repairs=%" PRIu64 "\n",
+                     st.page_size, st.pages_total, st.pages_free, st.pages_slab, st.pages_large, st.largest_free_run,
+                     st.large_used, st.large_reqs, st.large_fails, st.faults, st.repairs);
+        if (n < 0 || (size_t) n >= size)
+                return -EIO;
+        len = (size_t) n;
+        /* One line per size class that was ever asked for: size total used requests failures. */
+        for (uint32_t i = 0; i < MIN(st.nclasses, (uint32_t) SHMZ_ALLOC_CLASSES); i++) {
+                const struct shmz_alloc_class_stats *k = &st.classes[i];
+
+                if (k->reqs == 0 && k->total == 0)
+                        continue;
+                n = snprintf(buf + len, size - len,
+                             "class=%" PRIu64 " total=%" PRIu64 " used=%" PRIu64 " reqs=%" PRIu64 " fails=%" PRIu64
+                             "\n",
+                             k->size, k->total, k->used, k->reqs, k->fails);
+                if (n < 0 || (size_t) n >= size - len)
+                        return -EIO;
+                len += (size_t) n;
+        }
+        *ret_len = len;
+        return 0;
+}
+
+static void reply_xattr(fuse_req_t req, int r, const char *buf, size_t len, size_t size) {
         if (r < 0)
                 (void) fuse_reply_err(req, -r);
         else if (size == 0)
@@ -436,8 +482,22 @@ void zones_getxattr(struct fuse_view *v, fuse_req_t req, fuse_ino_t ino, const c
                 (void) fuse_reply_buf(req, buf, len);
 }
 
+void zones_getxattr(struct fuse_view *v, fuse_req_t req, fuse_ino_t ino, const char *name, size_t size) {
+        struct zone_info info;
+        char buf[8192];
+        size_t len = 0;
+        int r;
+
+        r = zone_info_any(v, ino, NULL, &info);
+        if (r >= 0 && streq(name, XATTR_ALLOC))
+                r = alloc_value(v, ino, buf, sizeof(buf), &len);
+        else if (r >= 0)
+                r = xattr_value(&info, name, buf, sizeof(buf), &len);
+        reply_xattr(req, r, buf, len, size);
+}
+
 void zones_listxattr(struct fuse_view *v, fuse_req_t req, fuse_ino_t ino, size_t size) {
-        char buf[256];
+        char buf[8192];
         size_t len = 0;
 
         for (size_t i = 0; i < ELEMENTSOF(xattr_names); i++) {
@@ -446,12 +506,11 @@ void zones_listxattr(struct fuse_view *v, fuse_req_t req, fuse_ino_t ino, size_t
                 memcpy(buf + len, xattr_names[i], n);
                 len += n;
         }
-        if (size == 0)
-                (void) fuse_reply_xattr(req, len);
-        else if (size < len)
-                (void) fuse_reply_err(req, ERANGE);
-        else
-                (void) fuse_reply_buf(req, buf, len);
+        if (alloc_value(v, ino, buf + len, sizeof(buf) - len, &(size_t){ 0 }) >= 0) {
+                memcpy(buf + len, XATTR_ALLOC, sizeof(XATTR_ALLOC));
+                len += sizeof(XATTR_ALLOC);
+        }
+        reply_xattr(req, 0, buf, len, size);
 }
 
 static int set_tag(struct fuse_view *v, fuse_req_t req, fuse_ino_t ino, const char *value, size_t size, int flags) {

@@ -715,3 +715,26 @@ Test(fuse, stale_mount_of_a_crashed_daemon_is_cleared) {
         cr_assert_eq(run(NULL, 0, "findmnt -n --mountpoint %s | wc -l | grep -qx 1", d.mount), 0,
                      "one mount, not two stacked");
 }
+
+Test(fuse, allocator_figures_in_xattr) {
+        struct shmz_client *c = client();
+        struct shmz_zone *z;
+        char out[8192];
+        void *p[10];
+
+        cr_assert_eq(shmz_zone_open(c, "slabbed", 1 << 20, NULL, SHMZ_CREATE, &z), 0);
+        /* Raw bytes only: no allocator, no figures. */
+        cr_assert_eq(run(out, sizeof(out), "getfattr -d -m - %s 2>&1", zpath("slabbed")), 0);
+        cr_assert_null(strstr(out, "user.shmzone.alloc"), "%s", out);
+        for (int i = 0; i < 10; i++)
+                cr_assert_not_null(p[i] = shmz_alloc(z, 84));
+        shmz_free(z, p[0]);
+        cr_assert_eq(run(out, sizeof(out), "getfattr --only-values -n user.shmzone.alloc %s", zpath("slabbed")), 0);
+        cr_assert(strstr(out, "pages_total="), "%s", out);
+        /* 84-byte objects land in the 88-byte class: 10 requests, 9 in use. */
+        cr_assert(strstr(out, "class=88 ") && strstr(out, " used=9 reqs=10 fails=0"), "%s", out);
+        cr_assert_eq(run(out, sizeof(out), "getfattr -d -m - %s 2>&1", zpath("slabbed")), 0);
+        cr_assert(strstr(out, "user.shmzone.alloc"), "%s", out);
+        shmz_zone_close(z);
+        shmz_disconnect(c);
+}

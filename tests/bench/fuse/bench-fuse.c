@@ -162,7 +162,8 @@ int main(void) {
                 if (shmz_zone_open(c, name, 4096, NULL, SHMZ_CREATE, &z) < 0)
                         die("zone");
                 shmz_zone_close(z);
-                snprintf(path, sizeof(path), "%s/%s", adir, name);
+                if (snprintf(path, sizeof(path), "%s/%s", adir, name) >= (int) sizeof(path))
+                        die("path");
                 fd = open(path, O_WRONLY | O_CREAT | O_CLOEXEC, 0600);
                 if (fd < 0 || ftruncate(fd, 4096) < 0)
                         die(path);
@@ -181,8 +182,9 @@ int main(void) {
         printf("RATIO ls_l_10k/tmpfs %.3f\n", t / f);
 
         /* 3. stat latency of one path. */
-        snprintf(path, sizeof(path), "%s/zones/zone-04242", d.mount);
-        snprintf(anchor, sizeof(anchor), "%s/zone-04242", adir);
+        if (snprintf(path, sizeof(path), "%s/zones/zone-04242", d.mount) >= (int) sizeof(path) ||
+            snprintf(anchor, sizeof(anchor), "%s/zone-04242", adir) >= (int) sizeof(anchor))
+                die("path");
         for (int i = 0; i < RUNS; i++) {
                 fuse_t[i] = time_stat(path);
                 tmpfs_t[i] = time_stat(anchor);

@@ -15,6 +15,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "bench-util.h"
 #include "shmzone.h"
 #include "zone.h"
 
@@ -28,22 +29,6 @@ struct shared {
 };
 
 static struct shared *sh;
-
-static double now_ns(void) {
-        struct timespec ts;
-        clock_gettime(CLOCK_MONOTONIC, &ts);
-        return (double) ts.tv_sec * 1e9 + (double) ts.tv_nsec;
-}
-
-static int cmp_double(const void *a, const void *b) {
-        double x = *(const double *) a, y = *(const double *) b;
-        return x < y ? -1 : x > y;
-}
-
-static double median(double *v, int n) {
-        qsort(v, (size_t) n, sizeof(double), cmp_double);
-        return v[n / 2];
-}
 
 /* Drepper's three-state futex mutex ("Futexes are tricky"): 0 free, 1 locked, 2 locked with waiters. */
 static void futex_lock(_Atomic uint32_t *w) {

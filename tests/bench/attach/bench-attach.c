@@ -11,30 +11,13 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "../bench-util.h"
 #include "harness.h"
 #include "shmzone.h"
 
 #define ZONE_SIZE (1u << 20)
 #define ITERATIONS 2000
 #define RUNS 7
-
-static double now_ns(void) {
-        struct timespec ts;
-
-        clock_gettime(CLOCK_MONOTONIC, &ts);
-        return (double) ts.tv_sec * 1e9 + (double) ts.tv_nsec;
-}
-
-static int cmp_double(const void *a, const void *b) {
-        double x = *(const double *) a, y = *(const double *) b;
-
-        return x < y ? -1 : x > y;
-}
-
-static double median(double *v, int n) {
-        qsort(v, (size_t) n, sizeof(*v), cmp_double);
-        return v[n / 2];
-}
 
 /* Each timed op touches the first page, so that the mapping is really usable. */
 static double run_shmz_full(const char *sock) {

@@ -17,6 +17,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "../bench-util.h"
 #include "harness.h"
 #include "shmzone.h"
 
@@ -34,17 +35,6 @@ static double now(void) {
 
         clock_gettime(CLOCK_MONOTONIC, &ts);
         return (double) ts.tv_sec + (double) ts.tv_nsec / 1e9;
-}
-
-static int cmp_double(const void *a, const void *b) {
-        double x = *(const double *) a, y = *(const double *) b;
-
-        return x < y ? -1 : x > y;
-}
-
-static double median(double *v, size_t n) {
-        qsort(v, n, sizeof(*v), cmp_double);
-        return v[n / 2];
 }
 
 static void die(const char *what) {

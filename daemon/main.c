@@ -225,18 +225,21 @@ static int on_reload(sd_event_source *s, const struct signalfd_siginfo *si, void
         notify_reloading();
         log_info("Reloading %s.", d->config_path);
         r = load_config(&c);
-        if (r < 0) {
+        if (r < 0)
                 log_error("Reload failed; keeping the running configuration.");
-                notify_ready(d);
-                return 0;
+        else {
+                /* Socket, mount and threads are set up once; say so rather than ignore a change silently. */
+                if (!streq(c->socket_path, d->cfg->socket_path) ||
+                    !streq(c->mount_path ?: "", d->cfg->mount_path ?: "") || c->threads != d->cfg->threads)
+                        log_warning("Socket, mount or thread changes take a restart; zones and limits are applied.");
+                r = registry_apply_config(d->registry, c);
+                if (r != 0)
+                        log_warning("Reload: %d zone declaration(s) refused, see above.", r);
+                config_free(d->cfg);
+                d->cfg = c;
         }
-        if (!streq(c->socket_path, d->cfg->socket_path))
-                log_warning("The socket path changed; that takes a restart.");
-        r = registry_apply_config(d->registry, c);
-        if (r != 0)
-                log_warning("Reload: %d zone declaration(s) refused, see above.", r);
-        config_free(d->cfg);
-        d->cfg = c;
+        /* The last line of every reload, so that whoever sent SIGHUP can tell it has been handled. */
+        log_info("Reload done.");
         notify_ready(d);
         return 0;
 }

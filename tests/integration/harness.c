@@ -1,4 +1,5 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
+#include <errno.h>
 #include <fcntl.h>
 #include <grp.h>
 #include <signal.h>
@@ -137,21 +138,25 @@ int harness_stop(struct daemon_proc *d) {
         return status;
 }
 
-void harness_signal(struct daemon_proc *d, int sig) {
-        struct shmz_client *c;
-        struct shmz_daemon_status st;
+static unsigned count_in_log(struct daemon_proc *d, const char *what) {
+        unsigned n = 0;
 
-        (void) kill(d->pid, sig);
-        /* Signals are handled by the main loop between accepts: a new connection's hello proves a turn. */
-        usleep(50000);
-        for (int i = 0; i < 100; i++) {
-                if (shmz_connect(d->socket, &c) >= 0) {
-                        (void) shmz_daemon_status(c, &st);
-                        shmz_disconnect(c);
-                        return;
-                }
+        for (const char *p = harness_log(d); (p = strstr(p, what)); p += strlen(what))
+                n++;
+        return n;
+}
+
+int harness_reload(struct daemon_proc *d) {
+        unsigned before = count_in_log(d, "Reload done.");
+
+        if (kill(d->pid, SIGHUP) < 0)
+                return -errno;
+        for (int i = 0; i < 2000; i++) {
+                if (count_in_log(d, "Reload done.") > before)
+                        return 0;
                 usleep(10000);
         }
+        return -ETIMEDOUT;
 }
 
 const char *harness_log(struct daemon_proc *d) {

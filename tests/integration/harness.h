@@ -28,8 +28,8 @@ void harness_write_config(struct daemon_proc *d, const char *config_text);
 int harness_start(struct daemon_proc *d, const char *const *extra_args, bool mount);
 /* SIGTERM, wait; returns the exit status (or 128+signal). Unmounts in any case. */
 int harness_stop(struct daemon_proc *d);
-/* Sends sig and waits until the daemon has handled it (a status request round-trip). */
-void harness_signal(struct daemon_proc *d, int sig);
+/* Sends SIGHUP and waits (up to 20 s) until the daemon logs that the reload is done; 0 or -ETIMEDOUT. */
+int harness_reload(struct daemon_proc *d);
 /* The daemon's stderr so far, NUL-terminated (static buffer). */
 const char *harness_log(struct daemon_proc *d);
 /* A client of the test's daemon, or NULL. */

@@ -108,7 +108,7 @@ Test(reload, keeps_adds_refuses_and_retires) {
                                  "[zone keep]\nsize = 1M\ntag = k\n"
                                  "[zone resize]\nsize = 4M\n"
                                  "[zone fresh]\nsize = 1M\nmode = 0640\n");
-        harness_signal(&d, SIGHUP);
+        cr_assert_eq(harness_reload(&d), 0, "no reload; log: %s", harness_log(&d));
 
         /* Unchanged: same zone, same bytes, new attachments see them. */
         cr_assert_eq(shmz_zone_open(c, "keep", 0, "k", 0, &z), 0);
@@ -147,7 +147,7 @@ Test(reload, bad_config_keeps_running_one) {
         harness_init(&d, "[zone a]\nsize = 1M\n");
         cr_assert_eq(harness_start(&d, NULL, false), 0, "log: %s", harness_log(&d));
         harness_write_config(&d, "[zone a]\nsize = 1M\n[zone b]\nsize = lots\n");
-        harness_signal(&d, SIGHUP);
+        cr_assert_eq(harness_reload(&d), 0, "no reload; log: %s", harness_log(&d));
         c = connect_or_die();
         cr_assert_eq(shmz_zone_stat(c, "a", &st), 0);
         cr_assert_eq(shmz_zone_stat(c, "b", &st), -ENOENT);
@@ -464,4 +464,75 @@ Test(shmzctl, create_list_info_chmod_rm) {
         cr_assert_eq(shmzctl(out, sizeof(out), "status"), 0, "%s", out);
         cr_assert(strstr(out, "zones: 1 "), "%s", out);
         cr_assert_eq(shmzctl(out, sizeof(out), "frobnicate"), 2);
+}
+
+Test(config, help_and_version) {
+        char cmd[512], out[4096];
+        FILE *p;
+        size_t n;
+
+        snprintf(cmd, sizeof(cmd), "%s --help && %s --version", getenv("SHMZONED"), getenv("SHMZONED"));
+        p = popen(cmd, "re");
+        cr_assert_not_null(p);
+        n = fread(out, 1, sizeof(out) - 1, p);
+        out[n] = 0;
+        cr_assert_eq(WEXITSTATUS(pclose(p)), 0, "%s", out);
+        cr_assert(strstr(out, "--config") && strstr(out, "--no-mount") && strstr(out, "SIGHUP"), "%s", out);
+        cr_assert(strstr(out, "shmzoned " PACKAGE_VERSION "\n"), "%s", out);
+
+        /* Bad options: a clear refusal, not a start. */
+        snprintf(cmd, sizeof(cmd), "%s --threads 0 2>&1; echo rc=$?", getenv("SHMZONED"));
+        p = popen(cmd, "re");
+        n = fread(out, 1, sizeof(out) - 1, p);
+        out[n] = 0;
+        pclose(p);
+        cr_assert(strstr(out, "--threads") && strstr(out, "rc=1"), "%s", out);
+}
+
+TestSuite(lifecycle, .fini = stop, .timeout = 60);
+
+Test(lifecycle, sigint_stops_cleanly) {
+        struct shmz_client *c;
+        struct shmz_daemon_status st;
+        int status;
+
+        harness_init(&d, NULL);
+        cr_assert_eq(harness_start(&d, NULL, false), 0, "log: %s", harness_log(&d));
+        c = connect_or_die();
+        cr_assert_eq(kill(d.pid, SIGINT), 0);
+        cr_assert_eq(waitpid(d.pid, &status, 0), d.pid);
+        d.pid = 0;
+        cr_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0, "status %d; log: %s", status, harness_log(&d));
+        /* The client was told (or saw the end of the stream), the socket file is gone. */
+        cr_assert_eq(shmz_daemon_status(c, &st), -ENOTCONN);
+        cr_assert(strstr(harness_log(&d), "Received Interrupt, stopping."), "log: %s", harness_log(&d));
+        cr_assert_eq(access(d.socket, F_OK), -1);
+        shmz_disconnect(c);
+}
+
+Test(lifecycle, clients_are_spread_over_workers) {
+        const char *const args[] = { "--threads", "2", "--verbose", NULL };
+        struct shmz_client *c[4];
+
+        harness_init(&d, NULL);
+        cr_assert_eq(harness_start(&d, args, false), 0, "log: %s", harness_log(&d));
+        for (int i = 0; i < 4; i++)
+                c[i] = connect_or_die();
+        /* Every worker served somebody: connections are not all on one thread. */
+        cr_assert(strstr(harness_log(&d), "Worker 0: client") && strstr(harness_log(&d), "Worker 1: client"), "log: %s",
+                  harness_log(&d));
+        for (int i = 0; i < 4; i++)
+                shmz_disconnect(c[i]);
+}
+
+Test(reload, changed_socket_is_reported) {
+        char text[512];
+
+        harness_init(&d, NULL);
+        cr_assert_eq(harness_start(&d, NULL, false), 0, "log: %s", harness_log(&d));
+        /* The socket comes from --socket here; a different one in the file only shows with no option. */
+        snprintf(text, sizeof(text), "[daemon]\nthreads = 3\n");
+        harness_write_config(&d, text);
+        cr_assert_eq(harness_reload(&d), 0);
+        cr_assert(strstr(harness_log(&d), "take a restart"), "log: %s", harness_log(&d));
 }

@@ -11,6 +11,9 @@
 
 #define DEFAULT_BUDGET (UINT64_C(1) << 30)
 #define DEFAULT_QUOTA (UINT64_C(256) << 20)
+#define DEFAULT_MAX_ZONES 4096u
+/* Each connection costs an fd and up to 16 MiB of queued replies. */
+#define DEFAULT_MAX_CLIENTS 4096u
 #define MAX_THREADS 64u
 
 struct parse_state {
@@ -40,6 +43,8 @@ int config_new_default(struct config **ret) {
         }
         c->budget = DEFAULT_BUDGET;
         c->quota = DEFAULT_QUOTA;
+        c->max_zones = DEFAULT_MAX_ZONES;
+        c->max_clients = DEFAULT_MAX_CLIENTS;
         *ret = c;
         return 0;
 }
@@ -143,6 +148,19 @@ static int daemon_key(struct parse_state *s, const char *key, const char *value)
                 if (!*value || *end || errno || n > MAX_THREADS)
                         return fail(s, "threads must be a number from 0 (automatic) to %u", MAX_THREADS);
                 c->threads = (unsigned) n;
+                return 1;
+        }
+        if (streq(key, "uid_max_zones") || streq(key, "max_clients")) {
+                unsigned long long n;
+
+                errno = 0;
+                n = strtoull(value, &end, 10);
+                if (!*value || *end || errno || n == 0 || n > 1000000)
+                        return fail(s, "%s must be a number from 1 to 1000000", key);
+                if (streq(key, "max_clients"))
+                        c->max_clients = (unsigned) n;
+                else
+                        c->max_zones = n;
                 return 1;
         }
         if (streq(key, "memory_budget") || streq(key, "uid_quota")) {

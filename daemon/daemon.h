@@ -17,6 +17,7 @@ struct daemon {
         struct registry *registry;
         sd_event *event; /* the main thread's loop */
         int listen_fd;
+        sd_event_source *accept_source;
         char *socket_path; /* unlinked at exit when we created it */
         struct worker **workers;
         unsigned n_workers, next_worker;

@@ -3,6 +3,7 @@
 #include <inttypes.h>
 #include <signal.h>
 #include <stdio.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -200,21 +201,56 @@ static int open_listen_socket(struct daemon *d) {
         return 0;
 }
 
+static int on_accept_resume(sd_event_source *s, uint64_t usec, void *userdata) {
+        struct daemon *d = userdata;
+
+        return sd_event_source_set_enabled(d->accept_source, SD_EVENT_ON);
+}
+
 static int on_accept(sd_event_source *s, int fd, uint32_t revents, void *userdata) {
         struct daemon *d = userdata;
 
         for (unsigned i = 0; i < 64; i++) {
                 int cfd = accept4(fd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK);
 
+                if (cfd < 0 && (errno == EMFILE || errno == ENFILE)) {
+                        /* Out of fds: the listening socket stays readable, so pause rather than spin. */
+                        log_warning_errno(errno, "Cannot accept clients: %m; pausing accept for 100 ms.");
+                        (void) sd_event_source_set_enabled(s, SD_EVENT_OFF);
+                        return sd_event_add_time_relative(d->event, NULL, CLOCK_MONOTONIC, 100 * 1000, 0,
+                                                          on_accept_resume, d);
+                }
                 if (cfd < 0) {
                         if (errno != EAGAIN && errno != EINTR)
                                 log_warning_errno(errno, "accept(): %m");
                         return 0;
                 }
+                /* Over the limit: closed at once, the client sees the connection end before its hello. */
+                if (atomic_load(&d->clients) >= d->cfg->max_clients) {
+                        log_debug("%u clients already; refusing another.", d->cfg->max_clients);
+                        safe_close(cfd);
+                        continue;
+                }
+                /* Counted here, not in the worker, so that a burst cannot overshoot the limit. */
+                atomic_fetch_add(&d->clients, 1);
                 /* Round robin: clients are cheap and long-lived; balance by count. */
-                (void) worker_add_client(d->workers[d->next_worker++ % d->n_workers], cfd);
+                if (worker_add_client(d->workers[d->next_worker++ % d->n_workers], cfd) < 0)
+                        atomic_fetch_sub(&d->clients, 1);
         }
         return 0;
+}
+
+/*
+ * Every zone and client costs an fd; the default soft limit (1024) would let one
+ * user starve the others. epoll has no FD_SETSIZE limit: take the hard limit.
+ */
+static void raise_fd_limit(void) {
+        struct rlimit rl;
+
+        if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
+                rl.rlim_cur = rl.rlim_max;
+                (void) setrlimit(RLIMIT_NOFILE, &rl);
+        }
 }
 
 static int on_reload(sd_event_source *s, const struct signalfd_siginfo *si, void *userdata) {
@@ -270,8 +306,9 @@ static int run(struct daemon *d) {
         sigaddset(&mask, SIGHUP);
         (void) sigprocmask(SIG_BLOCK, &mask, NULL);
         (void) signal(SIGPIPE, SIG_IGN);
+        raise_fd_limit();
 
-        r = registry_new(d->cfg->budget, d->cfg->quota, &d->registry);
+        r = registry_new(d->cfg->budget, d->cfg->quota, d->cfg->max_zones, &d->registry);
         if (r < 0)
                 return log_oom();
         r = registry_apply_config(d->registry, d->cfg);
@@ -306,7 +343,7 @@ static int run(struct daemon *d) {
         r = sd_event_new(&d->event);
         if (r < 0)
                 return log_error_errno(r, "sd_event_new(): %m");
-        r = sd_event_add_io(d->event, NULL, d->listen_fd, EPOLLIN, on_accept, d);
+        r = sd_event_add_io(d->event, &d->accept_source, d->listen_fd, EPOLLIN, on_accept, d);
         if (r >= 0)
                 r = sd_event_add_signal(d->event, NULL, SIGTERM, on_terminate, d);
         if (r >= 0)
@@ -338,6 +375,7 @@ static void daemon_done(struct daemon *d) {
                 worker_stop(d->workers[i]);
         free(d->workers);
         fuse_view_stop(d->fuse);
+        sd_event_source_unref(d->accept_source);
         sd_event_unref(d->event);
         registry_free(d->registry);
         config_free(d->cfg);

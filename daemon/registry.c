@@ -27,11 +27,13 @@ struct zone {
         unsigned refs;     /* the name (while linked), attachments, FUSE opens */
         unsigned attached; /* attachments only */
         bool declared, unlinked, used;
+        bool counted; /* created by a client: counts against its uid's zone quota until freed */
 };
 
 struct quota_entry {
         uid_t uid;
-        uint64_t used;
+        uint64_t used;  /* bytes */
+        uint64_t zones; /* zones alive, pending and unlinked ones included: each may hold an fd */
 };
 
 struct ticket {
@@ -44,7 +46,7 @@ struct registry {
         pthread_mutex_t lock;
         void *by_name; /* tsearch tree of struct zone *, by name */
         void *by_ino;  /* the same zones, by inode number (FUSE asks by inode) */
-        uint64_t budget, budget_used, quota;
+        uint64_t budget, budget_used, quota, max_zones;
         uint64_t zones, zones_unlinked;
         uint64_t next_ino, next_generation;
         struct quota_entry *quotas;
@@ -68,7 +70,7 @@ static int zone_ino_cmp(const void *a, const void *b) {
         return x < y ? -1 : x > y;
 }
 
-int registry_new(uint64_t budget, uint64_t quota, struct registry **ret) {
+int registry_new(uint64_t budget, uint64_t quota, uint64_t max_zones, struct registry **ret) {
         struct registry *r;
 
         r = calloc(1, sizeof(*r));
@@ -77,6 +79,7 @@ int registry_new(uint64_t budget, uint64_t quota, struct registry **ret) {
         (void) pthread_mutex_init(&r->lock, NULL);
         r->budget = budget;
         r->quota = quota;
+        r->max_zones = max_zones;
         r->next_ino = FIRST_ZONE_INO;
         r->next_generation = 1;
         *ret = r;
@@ -111,13 +114,6 @@ struct registry *registry_free(struct registry *r) {
         return NULL;
 }
 
-void registry_set_limits(struct registry *r, uint64_t budget, uint64_t quota) {
-        pthread_mutex_lock(&r->lock);
-        r->budget = budget;
-        r->quota = quota;
-        pthread_mutex_unlock(&r->lock);
-}
-
 void registry_set_observer(struct registry *r, registry_observer_t cb, void *userdata) {
         pthread_mutex_lock(&r->lock);
         r->observer = cb;
@@ -127,7 +123,7 @@ void registry_set_observer(struct registry *r, registry_observer_t cb, void *use
 
 void registry_get_stats(struct registry *r, struct registry_stats *ret) {
         pthread_mutex_lock(&r->lock);
-        *ret = (struct registry_stats) {
+        *ret = (struct registry_stats){
                 .budget = r->budget,
                 .budget_used = r->budget_used,
                 .quota = r->quota,
@@ -193,7 +189,7 @@ static struct quota_entry *quota_entry(struct registry *r, uid_t uid, bool creat
         if (!q)
                 return NULL;
         r->quotas = q;
-        q[r->n_quotas] = (struct quota_entry) { .uid = uid };
+        q[r->n_quotas] = (struct quota_entry){ .uid = uid };
         return &q[r->n_quotas++];
 }
 
@@ -221,8 +217,27 @@ static void uncharge(struct registry *r, uid_t uid, uint64_t map_size) {
         r->budget_used -= MIN(r->budget_used, map_size);
 }
 
+/* Every zone costs the daemon an fd and some memory, whatever its size: count them per uid too. */
+static int count_zone(struct registry *r, uid_t uid) {
+        struct quota_entry *q = quota_entry(r, uid, true);
+
+        if (!q)
+                return -ENOMEM;
+        if (q->zones >= r->max_zones)
+                return -EDQUOT;
+        q->zones++;
+        return 0;
+}
+
+static void uncount_zone(struct registry *r, uid_t uid) {
+        struct quota_entry *q = quota_entry(r, uid, false);
+
+        if (q && q->zones > 0)
+                q->zones--;
+}
+
 static void zone_info_fill(const struct zone *z, struct zone_info *ret) {
-        *ret = (struct zone_info) {
+        *ret = (struct zone_info){
                 .ino = z->ino,
                 .size = z->size,
                 .map_size = z->map_size,
@@ -247,6 +262,8 @@ static void unref_locked(struct registry *r, struct zone *z) {
                 return;
         if (z->map_size > 0)
                 uncharge(r, z->charged_uid, z->map_size);
+        if (z->counted)
+                uncount_zone(r, z->charged_uid);
         if (z->unlinked)
                 r->zones_unlinked--;
         zone_destroy(z);
@@ -290,16 +307,24 @@ static int zone_create_locked(struct registry *r, const char *name, const char *
                 map_size = zone_map_size(size);
                 if (map_size == 0)
                         return -EINVAL;
-                r_ = charge(r, uid, map_size, !declared);
+        }
+        /* Declared zones are the administrator's: they count against nobody's quota. */
+        if (!declared) {
+                r_ = count_zone(r, uid);
                 if (r_ < 0)
                         return r_;
+        }
+        if (size > 0) {
+                r_ = charge(r, uid, map_size, !declared);
+                if (r_ < 0)
+                        goto fail_count;
         }
         z = calloc(1, sizeof(*z));
         if (!z) {
                 r_ = -ENOMEM;
                 goto fail_charge;
         }
-        *z = (struct zone) {
+        *z = (struct zone){
                 .ino = r->next_ino++,
                 .generation = r->next_generation++,
                 .created_usec = now,
@@ -312,6 +337,7 @@ static int zone_create_locked(struct registry *r, const char *name, const char *
                 .fd = -EBADF,
                 .refs = 1,
                 .declared = declared,
+                .counted = !declared,
         };
         strncpy_buf(z->name, sizeof(z->name), name);
         strncpy_buf(z->tag, sizeof(z->tag), tag ?: "");
@@ -339,6 +365,9 @@ fail_free:
 fail_charge:
         if (map_size > 0)
                 uncharge(r, uid, map_size);
+fail_count:
+        if (!declared)
+                uncount_zone(r, uid);
         return r_;
 }
 
@@ -725,7 +754,7 @@ int registry_ticket_issue(struct registry *r, struct zone *z, bool writable, uin
         }
         r->tickets = t;
         z->refs++;
-        t[r->n_tickets++] = (struct ticket) { .id = { id[0], id[1] }, .zone = z, .writable = writable };
+        t[r->n_tickets++] = (struct ticket){ .id = { id[0], id[1] }, .zone = z, .writable = writable };
         pthread_mutex_unlock(&r->lock);
         ret_ticket[0] = id[0];
         ret_ticket[1] = id[1];
@@ -790,6 +819,7 @@ int registry_apply_config(struct registry *r, const struct config *cfg) {
         pthread_mutex_lock(&r->lock);
         r->budget = cfg->budget;
         r->quota = cfg->quota;
+        r->max_zones = cfg->max_zones;
         for (size_t i = 0; i < cfg->n_zones; i++) {
                 const struct zone_decl *d = &cfg->zones[i];
                 struct zone *z = lookup(r, d->name);

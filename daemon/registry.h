@@ -55,9 +55,9 @@ struct registry_stats {
         uint64_t zones, zones_unlinked;
 };
 
-int registry_new(uint64_t budget, uint64_t quota, struct registry **ret);
+/* max_zones: zones one uid may create (config zones aside); each costs the daemon an fd. */
+int registry_new(uint64_t budget, uint64_t quota, uint64_t max_zones, struct registry **ret);
 struct registry *registry_free(struct registry *r);
-void registry_set_limits(struct registry *r, uint64_t budget, uint64_t quota);
 void registry_set_observer(struct registry *r, registry_observer_t cb, void *userdata);
 void registry_get_stats(struct registry *r, struct registry_stats *ret);
 

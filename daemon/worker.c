@@ -213,13 +213,13 @@ static int conn_new(struct worker *w, int fd) {
         c = calloc(1, sizeof(*c));
         if (!c) {
                 safe_close(fd);
+                atomic_fetch_sub(&w->daemon->clients, 1);
                 return -ENOMEM;
         }
         c->worker = w;
         c->daemon = w->daemon;
         c->fd = fd;
         c->next_handle = 1;
-        atomic_fetch_add(&w->daemon->clients, 1);
         c->next = w->conns;
         if (w->conns)
                 w->conns->prev = c;

@@ -36,7 +36,10 @@ struct conn {
 };
 
 int worker_start(struct daemon *d, unsigned index, struct worker **ret);
-/* Hands a connected socket to the worker (any thread); the worker owns fd from here on. */
+/*
+ * Hands a connected socket to the worker (any thread); the worker owns fd from
+ * here on, and the daemon's client count (already raised by the caller) too.
+ */
 int worker_add_client(struct worker *w, int fd);
 /* Tells the worker's clients that the daemon stops, closes them, joins the thread. */
 void worker_stop(struct worker *w);

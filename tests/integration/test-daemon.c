@@ -536,3 +536,26 @@ Test(reload, changed_socket_is_reported) {
         cr_assert_eq(harness_reload(&d), 0);
         cr_assert(strstr(harness_log(&d), "take a restart"), "log: %s", harness_log(&d));
 }
+
+Test(hostile, connections_beyond_max_clients_are_closed) {
+        struct shmz_client *c[3], *extra = NULL;
+        int r = 0;
+
+        harness_init(&d, "[daemon]\nmax_clients = 3\n");
+        cr_assert_eq(harness_start(&d, NULL, false), 0, "log: %s", harness_log(&d));
+        for (int i = 0; i < 3; i++)
+                c[i] = connect_or_die();
+        cr_assert_lt(shmz_connect(d.socket, &extra), 0, "a fourth client got in");
+        /* A place frees up when somebody leaves (the worker counts it down asynchronously). */
+        shmz_disconnect(c[0]);
+        for (int i = 0; i < 200; i++) {
+                r = shmz_connect(d.socket, &extra);
+                if (r == 0)
+                        break;
+                usleep(10000);
+        }
+        cr_assert_eq(r, 0);
+        shmz_disconnect(extra);
+        shmz_disconnect(c[1]);
+        shmz_disconnect(c[2]);
+}

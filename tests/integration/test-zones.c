@@ -437,3 +437,27 @@ Test(zones, memfd_is_sealed_and_self_describing) {
         close(fd);
         shmz_disconnect(c);
 }
+
+Test(budget, zones_per_uid_are_counted) {
+        struct shmz_client *c;
+        struct shmz_zone *z[4];
+
+        /* Tiny zones cost the daemon an fd each: their number is limited per uid, not only their bytes. */
+        start_with("[daemon]\nuid_max_zones = 3\n[zone declared]\nsize = 4K\n");
+        c = connect_or_die();
+        for (int i = 0; i < 3; i++) {
+                char name[8];
+
+                snprintf(name, sizeof(name), "n%d", i);
+                cr_assert_eq(shmz_zone_open(c, name, 4096, NULL, SHMZ_CREATE, &z[i]), 0, "zone %d", i);
+        }
+        cr_assert_eq(shmz_zone_open(c, "n3", 4096, NULL, SHMZ_CREATE, &z[3]), -EDQUOT);
+        /* An unlinked zone still counts while attached, and stops counting at its last detach. */
+        cr_assert_eq(shmz_zone_unlink(c, "n0"), 0);
+        cr_assert_eq(shmz_zone_open(c, "n3", 4096, NULL, SHMZ_CREATE, &z[3]), -EDQUOT);
+        shmz_zone_close(z[0]);
+        cr_assert_eq(shmz_zone_open(c, "n3", 4096, NULL, SHMZ_CREATE, &z[3]), 0);
+        for (int i = 1; i < 4; i++)
+                shmz_zone_close(z[i]);
+        shmz_disconnect(c);
+}

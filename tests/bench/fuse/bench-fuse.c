@@ -112,7 +112,7 @@ int main(void) {
         buf = aligned_alloc(4096, READ_BUF);
         if (!buf || !mkdtemp(tmpdir))
                 die("setup");
-        harness_init(&d, "[daemon]\nmemory_budget = 2G\nuid_quota = 2G\n");
+        harness_init(&d, "[daemon]\nmemory_budget = 2G\nuid_quota = 2G\nuid_max_zones = 20000\n");
         if (harness_start(&d, NULL, true) != 0)
                 die("daemon did not start");
         if (shmz_connect(d.socket, &c) < 0)

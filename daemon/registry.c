@@ -139,7 +139,8 @@ static void notify(struct registry *r, enum registry_event ev, const struct zone
                 r->observer(r->observer_data, ev, z->name, z->ino);
 }
 
-int caller_may_access(const struct caller *c, uint32_t uid, uint32_t gid, uint32_t mode, int want) {
+/* Mode bits as for a file: root passes, else owner, group (primary or supplementary) or other bits. */
+static int caller_may_access(const struct caller *c, uint32_t uid, uint32_t gid, uint32_t mode, int want) {
         unsigned bits = 0, need = 0;
         bool in_group = c->gid == gid;
 
@@ -638,10 +639,6 @@ void registry_info_of(struct registry *r, struct zone *z, struct zone_info *ret)
 
 int zone_fd(struct zone *z) {
         return z->fd;
-}
-
-uint64_t zone_ino(const struct zone *z) {
-        return z->ino;
 }
 
 void registry_touch(struct registry *r, struct zone *z) {

@@ -62,12 +62,6 @@ void registry_set_observer(struct registry *r, registry_observer_t cb, void *use
 void registry_get_stats(struct registry *r, struct registry_stats *ret);
 
 /*
- * Mode-bit check as for a file: root passes, else owner, group (primary or
- * supplementary) or other bits. want is a mask of R_OK/W_OK. 0 or -EACCES.
- */
-int caller_may_access(const struct caller *c, uint32_t uid, uint32_t gid, uint32_t mode, int want);
-
-/*
  * Open (SHMZ_CREATE/EXCL/RDONLY flags) following the tag and size rules. On
  * success the caller holds an attachment: *ret_zone stays valid until
  * registry_detach(). *ret_fd is a new fd (read-only reopen for RDONLY).
@@ -93,7 +87,6 @@ void registry_unref(struct registry *r, struct zone *z);
 void registry_info_of(struct registry *r, struct zone *z, struct zone_info *ret);
 /* The zone's memfd (owned by the zone; valid while a reference is held), or -EBADF while pending. */
 int zone_fd(struct zone *z);
-uint64_t zone_ino(const struct zone *z);
 /* Called after bytes were written through the FUSE view (mtime, "data exists"). */
 void registry_touch(struct registry *r, struct zone *z);
 

@@ -291,7 +291,8 @@ static int zone_make_memory(struct zone *z, uint64_t size) {
                 return -EIO;
         if (fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) < 0)
                 return -errno;
-        z->fd = TAKE_FD(fd);
+        /* zone_fd() reads it without the lock (FUSE reads of a zone that was pending a moment ago). */
+        __atomic_store_n(&z->fd, TAKE_FD(fd), __ATOMIC_RELEASE);
         z->size = map_size - SHMZ_ZONE_HEADER_SIZE;
         z->map_size = map_size;
         return 0;
@@ -638,7 +639,7 @@ void registry_info_of(struct registry *r, struct zone *z, struct zone_info *ret)
 }
 
 int zone_fd(struct zone *z) {
-        return z->fd;
+        return __atomic_load_n(&z->fd, __ATOMIC_ACQUIRE);
 }
 
 void registry_touch(struct registry *r, struct zone *z) {

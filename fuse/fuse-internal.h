@@ -62,6 +62,9 @@ struct inval {
         char name[SHMZ_NAME_BUF];
 };
 
+/* The largest read the kernel sends us (max_pages is 256 with libfuse 3.14): 1 MiB. */
+#define READ_BUF_SIZE (1u << 20)
+
 /* An open file or directory; listed so that fuse_view_stop() frees what the kernel never released. */
 struct vhandle {
         struct vhandle *prev, *next;
@@ -122,6 +125,7 @@ struct fuse_view {
         } providers[_FUSE_VIEW_DIR_MAX];
 
         struct vhandle handles; /* list head, FUSE thread only */
+        void *read_buf;         /* FUSE thread only: replies for ranges with holes */
 };
 
 /* fuse-view.c */

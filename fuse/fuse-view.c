@@ -686,7 +686,7 @@ static void do_readdir(fuse_req_t req, size_t size, off_t off, struct fuse_file_
                         return;
                 }
         }
-        size = MIN(size, (size_t) 1 << 20);
+        size = MIN(size, (size_t) READ_BUF_SIZE);
         buf = malloc(size);
         if (!buf) {
                 (void) fuse_reply_err(req, ENOMEM);
@@ -998,6 +998,7 @@ static void view_free(struct fuse_view *v) {
                 vhandle_free(v, v->handles.next);
         safe_close(v->stop_fd);
         free(v->queue);
+        free(v->read_buf);
         free(v->mountpoint);
         free(v->socket_link);
         pthread_mutex_destroy(&v->qlock);

@@ -186,10 +186,22 @@ static uint64_t handle_size(struct fuse_view *v, struct vhandle *h) {
         return h->size;
 }
 
+/* Whether every page of [p, p+len) is in memory; p page-aligned, len at most READ_BUF_SIZE rounded up. */
+static bool range_resident(void *p, size_t len) {
+        unsigned char vec[READ_BUF_SIZE / 4096 + 1];
+        size_t n = (len + 4095) / 4096;
+
+        if (n > sizeof(vec) || mincore(p, len, vec) < 0)
+                return false;
+        for (size_t i = 0; i < n; i++)
+                if (!(vec[i] & 1))
+                        return false;
+        return true;
+}
+
 void zones_read(struct fuse_view *v, fuse_req_t req, struct vhandle *h, size_t size, off_t off) {
-        uint64_t zsize = handle_size(v, h), start, end;
+        uint64_t zsize = handle_size(v, h), start, end, page;
         int fd = zone_fd(h->zone);
-        const char *src;
 
         if (!h->readable) {
                 (void) fuse_reply_err(req, EBADF);
@@ -199,13 +211,10 @@ void zones_read(struct fuse_view *v, fuse_req_t req, struct vhandle *h, size_t s
                 (void) fuse_reply_buf(req, NULL, 0);
                 return;
         }
-        /*
-         * Replies come straight from a shared mapping of the memfd: the kernel
-         * copies once, from the zone's pages into the reader's buffer. (libfuse's
-         * splice path falls back to a fresh malloc() and a pread() per request
-         * for 1 MiB replies here: two copies and 256 page faults per MiB.) The
-         * memfd is sealed against shrinking, so the mapping can never SIGBUS.
-         */
+        size = (size_t) MIN((uint64_t) size, zsize - (uint64_t) off);
+        start = (uint64_t) off + SHMZ_ZONE_HEADER_SIZE;
+
+        /* The memfd is sealed against shrinking, so the mapping can never SIGBUS. */
         if (!h->map) {
                 void *m = mmap(NULL, h->map_size, PROT_READ, MAP_SHARED, fd, 0);
 
@@ -215,14 +224,38 @@ void zones_read(struct fuse_view *v, fuse_req_t req, struct vhandle *h, size_t s
                 }
                 h->map = m;
         }
-        size = (size_t) MIN((uint64_t) size, zsize - (uint64_t) off);
-        start = (uint64_t) off + SHMZ_ZONE_HEADER_SIZE;
-        src = (const char *) h->map + start;
-        /* Fill our page tables for the range in one go rather than one fault per page during the copy. */
         end = ALIGN_TO(start + size, (uint64_t) 4096);
-        start &= ~(uint64_t) 4095;
-        (void) madvise((char *) h->map + start, end - start, MADV_POPULATE_READ);
-        (void) fuse_reply_buf(req, src, size);
+        page = start & ~(uint64_t) 4095;
+
+        /*
+         * Pages nobody wrote are holes in the memfd. A fault on a shared mapping
+         * of shmem allocates such a page, so a `cat` of a sparse zone would commit
+         * all of it; pread() returns zeros for holes without allocating. Ranges
+         * whose pages all exist (mincore(), which faults nothing in) reply straight
+         * from the mapping: the kernel copies once, into the reader's buffer.
+         * (SEEK_HOLE would do, but on shmem it scans from the offset to the first
+         * hole, the whole zone for a full one.)
+         */
+        if (!range_resident((char *) h->map + page, end - page)) {
+                ssize_t n;
+
+                if (!v->read_buf) {
+                        v->read_buf = malloc(READ_BUF_SIZE);
+                        if (!v->read_buf) {
+                                (void) fuse_reply_err(req, ENOMEM);
+                                return;
+                        }
+                }
+                n = pread(fd, v->read_buf, MIN(size, (size_t) READ_BUF_SIZE), (off_t) start);
+                if (n < 0)
+                        (void) fuse_reply_err(req, errno);
+                else
+                        (void) fuse_reply_buf(req, v->read_buf, (size_t) n);
+                return;
+        }
+        /* Fill our page tables for the range in one go rather than one fault per page during the copy. */
+        (void) madvise((char *) h->map + page, end - page, MADV_POPULATE_READ);
+        (void) fuse_reply_buf(req, (const char *) h->map + start, size);
 }
 
 void zones_write(struct fuse_view *v, fuse_req_t req, struct vhandle *h, const char *buf, size_t size, off_t off) {

@@ -738,3 +738,35 @@ Test(fuse, allocator_figures_in_xattr) {
         shmz_zone_close(z);
         shmz_disconnect(c);
 }
+
+Test(fuse, reading_a_sparse_zone_allocates_nothing) {
+        struct shmz_client *c = client();
+        struct shmz_msg_zone_open req = { .size = 16u << 20, .flags = SHMZ_CREATE };
+        struct shmz_msg_zone_info info;
+        struct stat before, after;
+        char out[4096];
+        int fd = -1;
+
+        /* The daemon's memfd itself, to see how much memory the zone really holds. */
+        strncpy_buf(req.name, sizeof(req.name), "sparse");
+        cr_assert_eq(client_request(c, SHMZ_MSG_ZONE_OPEN, &req, sizeof(req), &info, sizeof(info), &fd), 0);
+        cr_assert_eq(fstat(fd, &before), 0);
+        cr_assert_eq(run(out, sizeof(out), "dd if=%s of=/dev/null bs=1M 2>&1", zpath("sparse")), 0, "%s", out);
+        cr_assert_eq(fstat(fd, &after), 0);
+        cr_assert_eq(after.st_blocks, before.st_blocks, "a read committed %lld blocks",
+                     (long long) (after.st_blocks - before.st_blocks));
+
+        /* Data and holes mixed in one request: the bytes still come back right. */
+        cr_assert_eq(run(out, sizeof(out),
+                         "head -c 300000 /dev/urandom > %s/data && dd if=%s/data of=%s bs=4096 seek=100 "
+                         "conv=notrunc 2>/dev/null && dd if=%s bs=1M 2>/dev/null | cmp -s -i 409600:0 -n 300000 - "
+                         "%s/data",
+                         d.dir, d.dir, zpath("sparse"), zpath("sparse"), d.dir),
+                     0, "%s", out);
+        cr_assert_eq(run(out, sizeof(out), "dd if=%s bs=1M 2>/dev/null | head -c 409600 | tr -d '\\000' | wc -c",
+                         zpath("sparse")),
+                     0);
+        cr_assert_str_eq(out, "0\n", "bytes before the data are not zero");
+        close(fd);
+        shmz_disconnect(c);
+}

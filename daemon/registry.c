@@ -194,24 +194,30 @@ static struct quota_entry *quota_entry(struct registry *r, uid_t uid, bool creat
         return &q[r->n_quotas++];
 }
 
-/* Budget and quota checks for map_size more bytes charged to uid; config zones skip the quota. */
-static int charge(struct registry *r, uid_t uid, uint64_t map_size, bool check_quota) {
-        struct quota_entry *q;
+/*
+ * Charges map_size more bytes to the budget and, for zones a client made
+ * (z->counted), to the quota of the uid that made them. Declared zones are the
+ * administrator's: they count against nobody's quota.
+ */
+static int charge(struct registry *r, const struct zone *z, uint64_t map_size) {
+        struct quota_entry *q = NULL;
 
         if (map_size > r->budget || r->budget_used > r->budget - map_size)
                 return -ENOSPC;
-        q = quota_entry(r, uid, true);
-        if (!q)
-                return -ENOMEM;
-        if (check_quota && (map_size > r->quota || q->used > r->quota - map_size))
-                return -EDQUOT;
-        q->used += map_size;
+        if (z->counted) {
+                q = quota_entry(r, z->charged_uid, true);
+                if (!q)
+                        return -ENOMEM;
+                if (map_size > r->quota || q->used > r->quota - map_size)
+                        return -EDQUOT;
+                q->used += map_size;
+        }
         r->budget_used += map_size;
         return 0;
 }
 
-static void uncharge(struct registry *r, uid_t uid, uint64_t map_size) {
-        struct quota_entry *q = quota_entry(r, uid, false);
+static void uncharge(struct registry *r, const struct zone *z, uint64_t map_size) {
+        struct quota_entry *q = z->counted ? quota_entry(r, z->charged_uid, false) : NULL;
 
         if (q)
                 q->used -= MIN(q->used, map_size);
@@ -262,7 +268,7 @@ static void unref_locked(struct registry *r, struct zone *z) {
         if (--z->refs > 0)
                 return;
         if (z->map_size > 0)
-                uncharge(r, z->charged_uid, z->map_size);
+                uncharge(r, z, z->map_size);
         if (z->counted)
                 uncount_zone(r, z->charged_uid);
         if (z->unlinked)
@@ -301,8 +307,8 @@ static int zone_make_memory(struct zone *z, uint64_t size) {
 /* A new named zone; size 0 leaves it pending (no memory until a size is fixed). */
 static int zone_create_locked(struct registry *r, const char *name, const char *tag, uint64_t size, uid_t uid,
                               gid_t gid, uint32_t mode, bool declared, struct zone **ret) {
-        struct zone *z;
         uint64_t now = now_usec(CLOCK_REALTIME), map_size = 0;
+        struct zone *z;
         int r_;
 
         if (size > 0) {
@@ -310,25 +316,11 @@ static int zone_create_locked(struct registry *r, const char *name, const char *
                 if (map_size == 0)
                         return -EINVAL;
         }
-        /* Declared zones are the administrator's: they count against nobody's quota. */
-        if (!declared) {
-                r_ = count_zone(r, uid);
-                if (r_ < 0)
-                        return r_;
-        }
-        if (size > 0) {
-                r_ = charge(r, uid, map_size, !declared);
-                if (r_ < 0)
-                        goto fail_count;
-        }
         z = calloc(1, sizeof(*z));
-        if (!z) {
-                r_ = -ENOMEM;
-                goto fail_charge;
-        }
+        if (!z)
+                return -ENOMEM;
         *z = (struct zone){
-                .ino = r->next_ino++,
-                .generation = r->next_generation++,
+                .generation = r->next_generation,
                 .created_usec = now,
                 .mtime_usec = now,
                 .ctime_usec = now,
@@ -343,34 +335,58 @@ static int zone_create_locked(struct registry *r, const char *name, const char *
         };
         strncpy_buf(z->name, sizeof(z->name), name);
         strncpy_buf(z->tag, sizeof(z->tag), tag ?: "");
-        if (size > 0) {
-                r_ = zone_make_memory(z, size);
+
+        if (z->counted) {
+                r_ = count_zone(r, uid);
                 if (r_ < 0)
                         goto fail_free;
         }
+        if (size > 0) {
+                r_ = charge(r, z, map_size);
+                if (r_ < 0)
+                        goto fail_count;
+                r_ = zone_make_memory(z, size);
+                if (r_ < 0)
+                        goto fail_charge;
+        }
+        z->ino = r->next_ino;
         if (!tsearch(z, &r->by_name, zone_cmp)) {
                 r_ = -ENOMEM;
-                goto fail_free;
+                goto fail_charge;
         }
         if (!tsearch(z, &r->by_ino, zone_ino_cmp)) {
                 (void) tdelete(z, &r->by_name, zone_cmp);
                 r_ = -ENOMEM;
-                goto fail_free;
+                goto fail_charge;
         }
+        r->next_ino++;
+        r->next_generation++;
         r->zones++;
         notify(r, REGISTRY_ZONE_ADDED, z);
         *ret = z;
         return 0;
 
-fail_free:
-        zone_destroy(z);
 fail_charge:
         if (map_size > 0)
-                uncharge(r, uid, map_size);
+                uncharge(r, z, map_size);
 fail_count:
-        if (!declared)
+        if (z->counted)
                 uncount_zone(r, uid);
+fail_free:
+        zone_destroy(z);
         return r_;
+}
+
+/*
+ * The header's copy of the ACL follows the registry's, so that the zone stays
+ * self-describing. The registry's copy is the one that counts: clients with
+ * write access can scribble on the header.
+ */
+static void header_sync_acl(struct zone *z) {
+        uint32_t acl[3] = { z->uid, z->gid, z->mode };
+
+        if (z->fd >= 0)
+                (void) pwrite(z->fd, acl, sizeof(acl), offsetof(struct shmz_zone_header, uid));
 }
 
 /* Removes the name; the memory lives on while attachments or open files hold it. */
@@ -412,7 +428,6 @@ static int attach_locked(struct registry *r, struct zone *z, bool rdonly, struct
         z->used = true;
         z->refs++;
         z->attached++;
-        notify(r, REGISTRY_ZONE_CHANGED, z);
         if (ret_info)
                 zone_info_fill(z, ret_info);
         *ret_zone = z;
@@ -470,10 +485,9 @@ out:
 void registry_detach(struct registry *r, struct zone *z) {
         if (!z)
                 return;
+        /* No observer call: "attached" is no file attribute (the view reads it afresh as an xattr). */
         pthread_mutex_lock(&r->lock);
         z->attached--;
-        if (!z->unlinked)
-                notify(r, REGISTRY_ZONE_CHANGED, z);
         unref_locked(r, z);
         pthread_mutex_unlock(&r->lock);
 }
@@ -536,6 +550,7 @@ int registry_setattr(struct registry *r, const struct caller *c, const char *nam
         if (mask & SHMZ_SETATTR_GID)
                 z->gid = gid;
         z->ctime_usec = now_usec(CLOCK_REALTIME);
+        header_sync_acl(z);
         notify(r, REGISTRY_ZONE_CHANGED, z);
 out:
         pthread_mutex_unlock(&r->lock);
@@ -690,12 +705,12 @@ int registry_set_size(struct registry *r, const struct caller *c, const char *na
                 r_ = -EINVAL;
                 goto out;
         }
-        r_ = charge(r, z->charged_uid, map_size, !z->declared);
+        r_ = charge(r, z, map_size);
         if (r_ < 0)
                 goto out;
         r_ = zone_make_memory(z, size);
         if (r_ < 0) {
-                uncharge(r, z->charged_uid, map_size);
+                uncharge(r, z, map_size);
                 goto out;
         }
         z->mtime_usec = z->ctime_usec = now_usec(CLOCK_REALTIME);
@@ -811,84 +826,107 @@ static bool decl_same_acl(const struct zone *z, const struct zone_decl *d) {
         return z->uid == d->uid && z->gid == d->gid && z->mode == d->mode;
 }
 
+/* Applies one declaration under the lock; what to log is written to msg (logged once the lock is gone). */
+static int apply_decl_locked(struct registry *r, const struct zone_decl *d, char *msg, size_t size) {
+        struct zone *z = lookup(r, d->name);
+        int r_;
+
+        if (!z) {
+                r_ = zone_create_locked(r, d->name, d->tag, d->size, d->uid, d->gid, d->mode, true, &z);
+                if (r_ < 0)
+                        (void) snprintf(msg, size, "Zone '%s': cannot create it: %s", d->name, strerror(-r_));
+                else
+                        (void) snprintf(msg, size, "Zone '%s': created, %" PRIu64 " bytes.", d->name, z->size);
+                return r_;
+        }
+        /*
+         * A zone some client made under that name is never adopted: its creator
+         * may still hold a writable mapping of what would become the declared zone.
+         */
+        if (!z->declared) {
+                (void) snprintf(msg, size,
+                                "Zone '%s': a zone of that name was created by uid %u; not declaring it (remove "
+                                "that zone and reload).",
+                                d->name, (unsigned) z->charged_uid);
+                return -EEXIST;
+        }
+        if (zone_map_size(d->size) != z->map_size) {
+                (void) snprintf(msg, size,
+                                "Zone '%s': size changed from %" PRIu64 " to %" PRIu64
+                                " bytes; keeping the running zone and its data (remove it to resize).",
+                                d->name, z->size, d->size);
+                return -EINVAL;
+        }
+        if (!streq(z->tag, d->tag)) {
+                (void) snprintf(msg, size, "Zone '%s': tag changed from '%s' to '%s'; keeping the running zone.",
+                                d->name, z->tag, d->tag);
+                return -EEXIST;
+        }
+        if (!decl_same_acl(z, d)) {
+                z->uid = d->uid;
+                z->gid = d->gid;
+                z->mode = d->mode;
+                z->ctime_usec = now_usec(CLOCK_REALTIME);
+                header_sync_acl(z);
+                notify(r, REGISTRY_ZONE_CHANGED, z);
+                (void) snprintf(msg, size, "Zone '%s': owner %u:%u, mode %04o.", d->name, d->uid, d->gid, d->mode);
+        }
+        return 0;
+}
+
+static bool is_declared_in(const struct config *cfg, const char *name) {
+        for (size_t i = 0; i < cfg->n_zones; i++)
+                if (streq(cfg->zones[i].name, name))
+                        return true;
+        return false;
+}
+
 int registry_apply_config(struct registry *r, const struct config *cfg) {
-        int refused = 0;
+        _cleanup_free_ struct zone_info *v = NULL;
+        int refused = 0, r_;
+        size_t n;
 
         pthread_mutex_lock(&r->lock);
         r->budget = cfg->budget;
         r->quota = cfg->quota;
         r->max_zones = cfg->max_zones;
-        for (size_t i = 0; i < cfg->n_zones; i++) {
-                const struct zone_decl *d = &cfg->zones[i];
-                struct zone *z = lookup(r, d->name);
-                int r_;
-
-                if (!z) {
-                        r_ = zone_create_locked(r, d->name, d->tag, d->size, d->uid, d->gid, d->mode, true, &z);
-                        if (r_ < 0) {
-                                log_error_errno(r_, "Zone '%s': cannot create it: %m", d->name);
-                                refused++;
-                        } else
-                                log_info("Zone '%s': created, %" PRIu64 " bytes.", d->name, z->size);
-                        continue;
-                }
-                if (z->fd >= 0 && zone_map_size(d->size) != z->map_size) {
-                        log_error("Zone '%s': size changed from %" PRIu64 " to %" PRIu64
-                                  " bytes; keeping the running zone and its data (remove it to resize).",
-                                  d->name, z->size, d->size);
-                        refused++;
-                        continue;
-                }
-                if (!streq(z->tag, d->tag)) {
-                        log_error("Zone '%s': tag changed from '%s' to '%s'; keeping the running zone.", d->name,
-                                  z->tag, d->tag);
-                        refused++;
-                        continue;
-                }
-                if (z->fd < 0) {
-                        log_error("Zone '%s': exists without a size yet; not adopted.", d->name);
-                        refused++;
-                        continue;
-                }
-                z->declared = true;
-                if (!decl_same_acl(z, d)) {
-                        z->uid = d->uid;
-                        z->gid = d->gid;
-                        z->mode = d->mode;
-                        z->ctime_usec = now_usec(CLOCK_REALTIME);
-                        notify(r, REGISTRY_ZONE_CHANGED, z);
-                }
-        }
-        /* Declared zones that the new config no longer has are retired. */
-        for (;;) {
-                struct list_ctx ctx = {};
-                struct zone *victim = NULL;
-                size_t n = r->zones;
-
-                ctx.v = calloc(n + 1, sizeof(*ctx.v));
-                if (!ctx.v)
-                        break;
-                walk_ctx = &ctx;
-                twalk(r->by_name, walk_fill);
-                walk_ctx = NULL;
-                for (size_t i = 0; i < ctx.n && !victim; i++) {
-                        bool kept = false;
-
-                        if (!ctx.v[i].declared)
-                                continue;
-                        for (size_t j = 0; j < cfg->n_zones && !kept; j++)
-                                kept = streq(cfg->zones[j].name, ctx.v[i].name);
-                        if (!kept)
-                                victim = lookup(r, ctx.v[i].name);
-                }
-                free(ctx.v);
-                if (!victim)
-                        break;
-                log_info("Zone '%s': no longer declared; retired (freed after its last detach, %u attached).",
-                         victim->name, victim->attached);
-                victim->declared = false;
-                unlink_locked(r, victim);
-        }
         pthread_mutex_unlock(&r->lock);
+
+        /* One declaration at a time, logging outside the lock: a slow journal must not stall clients. */
+        for (size_t i = 0; i < cfg->n_zones; i++) {
+                char msg[512] = "";
+
+                pthread_mutex_lock(&r->lock);
+                r_ = apply_decl_locked(r, &cfg->zones[i], msg, sizeof(msg));
+                pthread_mutex_unlock(&r->lock);
+                if (r_ < 0) {
+                        log_error("%s", msg);
+                        refused++;
+                } else if (msg[0])
+                        log_info("%s", msg);
+        }
+
+        /* Declared zones that the new config no longer has are retired. */
+        r_ = registry_list(r, &v, &n);
+        if (r_ < 0)
+                return r_;
+        for (size_t i = 0; i < n; i++) {
+                struct zone *z;
+                unsigned attached = 0;
+
+                if (!v[i].declared || is_declared_in(cfg, v[i].name))
+                        continue;
+                pthread_mutex_lock(&r->lock);
+                z = lookup(r, v[i].name);
+                if (z && z->declared) {
+                        attached = z->attached;
+                        z->declared = false;
+                        unlink_locked(r, z);
+                }
+                pthread_mutex_unlock(&r->lock);
+                if (z)
+                        log_info("Zone '%s': no longer declared; retired (freed after its last detach, %u attached).",
+                                 v[i].name, attached);
+        }
         return refused;
 }

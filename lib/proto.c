@@ -144,3 +144,4 @@ ssize_t proto_body_size(uint16_t type, bool reply) {
         }
 }
 _Static_assert(sizeof(struct shmz_msg_zone_ticket) == 24, "ticket ioctl size");
+_Static_assert(offsetof(struct shmz_zone_header, mode) == offsetof(struct shmz_zone_header, uid) + 8, "uid, gid, mode are written as one");

@@ -559,3 +559,24 @@ Test(hostile, connections_beyond_max_clients_are_closed) {
         shmz_disconnect(c[1]);
         shmz_disconnect(c[2]);
 }
+
+Test(reload, never_adopts_a_zone_a_client_made) {
+        struct shmz_client *c;
+        struct shmz_zone *z;
+        struct shmz_zone_stat st;
+
+        harness_init(&d, NULL);
+        cr_assert_eq(harness_start(&d, NULL, false), 0, "log: %s", harness_log(&d));
+        c = connect_or_die();
+        /* A client takes the name first, with the very size and tag the administrator will declare. */
+        cr_assert_eq(shmz_zone_open(c, "squat", 1u << 20, "t", SHMZ_CREATE, &z), 0);
+        harness_write_config(&d, "[zone squat]\nsize = 1M\ntag = t\nuser = nobody\nmode = 0600\n");
+        cr_assert_eq(harness_reload(&d), 0);
+        cr_assert(strstr(harness_log(&d), "Zone 'squat': a zone of that name was created by uid 0"), "log: %s",
+                  harness_log(&d));
+        cr_assert_eq(shmz_zone_stat(c, "squat", &st), 0);
+        cr_assert_eq(st.flags & SHMZ_ZONE_INFO_DECLARED, 0);
+        cr_assert_eq(st.uid, getuid(), "the squatter's zone was handed to the declared owner");
+        shmz_zone_close(z);
+        shmz_disconnect(c);
+}

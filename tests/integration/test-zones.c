@@ -426,6 +426,11 @@ Test(zones, memfd_is_sealed_and_self_describing) {
         cr_assert_eq(zone_header_check(&h, 65536 + SHMZ_ZONE_HEADER_SIZE, "sealed"), 0);
         cr_assert_eq(h.uid, getuid());
         cr_assert_eq(h.mode, 0600);
+        /* The header's ACL copy follows chmod/chown (the registry's copy is the one that counts). */
+        cr_assert_eq(shmz_zone_chmod(c, "sealed", 0640), 0);
+        cr_assert_eq(shmz_zone_chown(c, "sealed", 65534, 65534), 0);
+        cr_assert_eq(pread(fd, &h, sizeof(h), 0), (ssize_t) sizeof(h));
+        cr_assert(h.mode == 0640 && h.uid == 65534 && h.gid == 65534, "header %o %u:%u", h.mode, h.uid, h.gid);
 
         cr_assert_eq(raw_open(c, "sealed", 0, SHMZ_RDONLY, &rofd), 0);
         cr_assert_eq(fcntl(rofd, F_GETFL) & O_ACCMODE, O_RDONLY);
@@ -459,5 +464,17 @@ Test(budget, zones_per_uid_are_counted) {
         cr_assert_eq(shmz_zone_open(c, "n3", 4096, NULL, SHMZ_CREATE, &z[3]), 0);
         for (int i = 1; i < 4; i++)
                 shmz_zone_close(z[i]);
+        shmz_disconnect(c);
+}
+
+Test(budget, declared_zones_use_no_quota) {
+        struct shmz_client *c;
+        struct shmz_zone *z;
+
+        /* The administrator's 2M zone is root's, yet root's own 1M quota is untouched by it. */
+        start_with("[daemon]\nuid_quota = 1M\n[zone admin]\nsize = 2M\n");
+        c = connect_or_die();
+        cr_assert_eq(shmz_zone_open(c, "mine", 900u << 10, NULL, SHMZ_CREATE, &z), 0);
+        shmz_zone_close(z);
         shmz_disconnect(c);
 }

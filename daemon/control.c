@@ -153,7 +153,8 @@ static int do_unlink(struct conn *c, const struct shmz_msg_header *h, const stru
 static int do_setattr(struct conn *c, const struct shmz_msg_header *h, const struct shmz_msg_zone_setattr *m) {
         if (!buf_is_cstr(m->name, sizeof(m->name)))
                 return reply(c, h, -EINVAL, NULL, 0, -EBADF);
-        return reply(c, h, registry_setattr(c->daemon->registry, &c->caller, m->name, m->mask, m->mode, m->uid, m->gid),
+        return reply(c, h,
+                     registry_setattr(c->daemon->registry, &c->caller, m->name, 0, m->mask, m->mode, m->uid, m->gid),
                      NULL, 0, -EBADF);
 }
 

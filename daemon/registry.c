@@ -178,6 +178,17 @@ static struct zone *lookup(struct registry *r, const char *name) {
         return p ? *p : NULL;
 }
 
+/*
+ * The zone of that name, if it is the one with inode number ino (0: whichever
+ * it is). The FUSE view acts on inodes but the registry on names: a zone
+ * removed and made again in between must not receive the change.
+ */
+static struct zone *lookup_as(struct registry *r, const char *name, uint64_t ino) {
+        struct zone *z = lookup(r, name);
+
+        return z && (ino == 0 || z->ino == ino) ? z : NULL;
+}
+
 static struct quota_entry *quota_entry(struct registry *r, uid_t uid, bool create) {
         struct quota_entry *q;
 
@@ -514,8 +525,8 @@ int registry_unlink(struct registry *r, const struct caller *c, const char *name
         return r_;
 }
 
-int registry_setattr(struct registry *r, const struct caller *c, const char *name, uint32_t mask, uint32_t mode,
-                     uint32_t uid, uint32_t gid) {
+int registry_setattr(struct registry *r, const struct caller *c, const char *name, uint64_t ino, uint32_t mask,
+                     uint32_t mode, uint32_t uid, uint32_t gid) {
         struct zone *z;
         int r_ = 0;
 
@@ -524,7 +535,7 @@ int registry_setattr(struct registry *r, const struct caller *c, const char *nam
         if ((mask & SHMZ_SETATTR_MODE) && (mode & ~07777u))
                 return -EINVAL;
         pthread_mutex_lock(&r->lock);
-        z = lookup(r, name);
+        z = lookup_as(r, name, ino);
         if (!z) {
                 r_ = -ENOENT;
                 goto out;
@@ -682,13 +693,13 @@ int registry_create_pending(struct registry *r, const struct caller *c, const ch
         return r_;
 }
 
-int registry_set_size(struct registry *r, const struct caller *c, const char *name, uint64_t size) {
+int registry_set_size(struct registry *r, const struct caller *c, const char *name, uint64_t ino, uint64_t size) {
         struct zone *z;
         uint64_t map_size;
         int r_;
 
         pthread_mutex_lock(&r->lock);
-        z = lookup(r, name);
+        z = lookup_as(r, name, ino);
         if (!z) {
                 r_ = -ENOENT;
                 goto out;
@@ -720,14 +731,14 @@ out:
         return r_;
 }
 
-int registry_set_tag(struct registry *r, const struct caller *c, const char *name, const char *tag) {
+int registry_set_tag(struct registry *r, const struct caller *c, const char *name, uint64_t ino, const char *tag) {
         struct zone *z;
         int r_ = 0;
 
         if (!shmz_tag_is_valid(tag))
                 return -EINVAL;
         pthread_mutex_lock(&r->lock);
-        z = lookup(r, name);
+        z = lookup_as(r, name, ino);
         if (!z)
                 r_ = -ENOENT;
         else if (!caller_owns(c, z))

@@ -71,9 +71,14 @@ int registry_open(struct registry *r, const struct caller *c, const char *name, 
 void registry_detach(struct registry *r, struct zone *z);
 
 int registry_unlink(struct registry *r, const struct caller *c, const char *name);
+/*
+ * registry_setattr, registry_set_size and registry_set_tag act on the zone
+ * called name; with ino != 0 only if it is still the zone of that inode number
+ * (-ENOENT otherwise), for callers that hold an inode, not a name.
+ */
 /* mask of SHMZ_SETATTR_*; chmod: owner or root; chown: root, or owner to a group of theirs. */
-int registry_setattr(struct registry *r, const struct caller *c, const char *name, uint32_t mask, uint32_t mode,
-                     uint32_t uid, uint32_t gid);
+int registry_setattr(struct registry *r, const struct caller *c, const char *name, uint64_t ino, uint32_t mask,
+                     uint32_t mode, uint32_t uid, uint32_t gid);
 
 int registry_info(struct registry *r, const char *name, struct zone_info *ret);
 int registry_info_by_ino(struct registry *r, uint64_t ino, struct zone_info *ret);
@@ -94,9 +99,9 @@ void registry_touch(struct registry *r, struct zone *z);
 int registry_create_pending(struct registry *r, const struct caller *c, const char *name, uint32_t mode,
                             struct zone_info *ret);
 /* Fixes the size of a pending zone (quota, budget apply); for a sized zone, only the same size is accepted. */
-int registry_set_size(struct registry *r, const struct caller *c, const char *name, uint64_t size);
+int registry_set_size(struct registry *r, const struct caller *c, const char *name, uint64_t ino, uint64_t size);
 /* Tag of a zone nobody attached to yet: owner or root. */
-int registry_set_tag(struct registry *r, const struct caller *c, const char *name, const char *tag);
+int registry_set_tag(struct registry *r, const struct caller *c, const char *name, uint64_t ino, const char *tag);
 
 /*
  * Tickets prove to the control socket that a process opened the zone's file in

@@ -360,7 +360,7 @@ void zones_setattr(struct fuse_view *v, fuse_req_t req, fuse_ino_t ino, struct s
         }
         caller_with_groups(req, &c, &groups);
         if (mask) {
-                r = registry_setattr(v->registry, &c, info.name, mask, (uint32_t) attr->st_mode & 07777,
+                r = registry_setattr(v->registry, &c, info.name, info.ino, mask, (uint32_t) attr->st_mode & 07777,
                                      (uint32_t) attr->st_uid, (uint32_t) attr->st_gid);
                 if (r < 0) {
                         (void) fuse_reply_err(req, -r);
@@ -369,8 +369,9 @@ void zones_setattr(struct fuse_view *v, fuse_req_t req, fuse_ino_t ino, struct s
         }
         if (to_set & FUSE_SET_ATTR_SIZE) {
                 /* The one truncate after a create fixes the size; any other size is refused. */
-                r = attr->st_size < 0 ? -EINVAL
-                                      : registry_set_size(v->registry, &c, info.name, (uint64_t) attr->st_size);
+                r = attr->st_size < 0
+                            ? -EINVAL
+                            : registry_set_size(v->registry, &c, info.name, info.ino, (uint64_t) attr->st_size);
                 if (r < 0) {
                         (void) fuse_reply_err(req, -r);
                         return;
@@ -567,7 +568,7 @@ static int set_tag(struct fuse_view *v, fuse_req_t req, fuse_ino_t ino, const ch
         if ((flags & XATTR_REPLACE) && !info.tag[0])
                 return -ENODATA;
         caller_from_req(req, &c);
-        return registry_set_tag(v->registry, &c, info.name, tag);
+        return registry_set_tag(v->registry, &c, info.name, info.ino, tag);
 }
 
 void zones_setxattr(struct fuse_view *v, fuse_req_t req, fuse_ino_t ino, const char *name, const char *value,

@@ -38,65 +38,6 @@
 #include "util.h"
 #include "zone.h"
 
-#define SLAB_MAGIC 0x42414c53u /* "SLAB" */
-#define SLAB_VERSION 1u
-#define NONE UINT32_MAX
-#define NCLASSES SHMZ_ALLOC_CLASSES
-#define NBINS 96u
-#define EXACT_BINS 64u
-#define MAX_SPAN_PAGES 16u
-#define DESC_OFF SHMZ_ZONE_HEADER_SIZE
-#define MAP_CORRUPT ((void *) 1) /* internal: metadata found inconsistent */
-
-enum {
-        PD_UNUSED = 0,
-        PD_FREE,      /* head of a free run */
-        PD_FREE_TAIL, /* last page of a free run of more than one page */
-        PD_SLAB,      /* head of a span of one size class */
-        PD_LARGE,     /* head of a large block */
-        PD_CONT,      /* other page of a span or large block */
-        PD_FREE_CONT, /* inside a free run (stale) */
-};
-
-struct pdesc {
-        uint8_t type;
-        uint8_t cls;
-        uint16_t nfree;  /* SLAB: free slots */
-        uint32_t npages; /* heads: pages of the run */
-        uint32_t next;   /* list links, page index or NONE */
-        uint32_t prev;
-        uint32_t head; /* CONT, FREE_TAIL: the head's index */
-        uint32_t reserved;
-        uint64_t bits; /* SLAB: free-slot bitmap, or the summary of the in-span bitmap */
-};
-_Static_assert(sizeof(struct pdesc) == 32, "page descriptor size");
-
-struct slab_class_state {
-        uint32_t partial; /* first span with free slots */
-        uint32_t empty;   /* spans with every slot free */
-        uint64_t spans;
-        uint64_t used;
-        uint64_t reqs;
-        uint64_t fails;
-};
-
-struct slab_state {
-        uint32_t magic;
-        uint32_t version;
-        uint32_t npages;
-        uint32_t busy;       /* an operation is under way (or its process died) */
-        uint64_t pages_off;  /* zone offset of page 0 */
-        uint64_t intent_off; /* the block that operation is about, 0 = none yet */
-        uint64_t free_pages, large_pages, large_used, large_reqs, large_fails;
-        uint64_t faults, repairs, last_fault_off;
-        int32_t last_fault;
-        uint32_t reserved;
-        uint64_t bin_mask[2];
-        uint32_t bins[NBINS];
-        struct slab_class_state cls[NCLASSES];
-};
-_Static_assert(sizeof(struct slab_state) <= SHMZ_ZONE_ALLOC_STATE_SIZE, "allocator state fits the header");
-
 struct class_info {
         uint32_t size;
         uint32_t npages;   /* pages per span */
@@ -359,7 +300,12 @@ static inline bool is_run(const struct slab *s, uint32_t h) {
 
 /* Gives pages [h, h+np) back, merging with free neighbours. */
 static bool pages_free(struct slab *s, uint32_t h, uint32_t np) {
-        uint32_t end = h + np;
+        uint32_t end;
+
+        /* h and np come from descriptors in the zone: a range past the end would write past them. */
+        if (np == 0 || h >= s->npages || np > s->npages - h)
+                return false;
+        end = h + np;
 
         if (h > 0) {
                 struct pdesc *l = &s->d[h - 1];
@@ -388,6 +334,14 @@ static bool pages_free(struct slab *s, uint32_t h, uint32_t np) {
 
 static bool span_release(struct slab *s, unsigned c, uint32_t h);
 
+/* A span of class c at page pg, as its descriptor must say before anything trusts it. */
+static bool span_ok(const struct slab *s, uint32_t pg, unsigned c) {
+        const struct pdesc *d = &s->d[pg];
+
+        return pg < s->npages && d->type == PD_SLAB && d->cls == c && d->npages == classes[c].npages &&
+               d->npages <= s->npages - pg && d->nfree <= classes[c].nslots;
+}
+
 /* Gives every cached empty span back to the page pool. */
 static bool reclaim_empty(struct slab *s) {
         bool any = false;
@@ -400,6 +354,10 @@ static bool reclaim_empty(struct slab *s) {
                         uint32_t next = s->d[pg].next;
 
                         if (s->d[pg].type == PD_SLAB && s->d[pg].nfree == classes[c].nslots) {
+                                if (!span_ok(s, pg, c)) {
+                                        fault(s, -EUCLEAN, page_zoff(s, pg));
+                                        return false;
+                                }
                                 if (!span_release(s, c, pg))
                                         return false;
                                 cs->empty--;
@@ -543,8 +501,7 @@ static void *alloc_small(struct slab *s, unsigned c) {
         if (h >= s->npages)
                 return MAP_CORRUPT;
         d = &s->d[h];
-        if (d->type != PD_SLAB || d->cls != c || d->nfree == 0 || d->nfree > ci->nslots || d->npages != ci->npages ||
-            d->bits == 0)
+        if (!span_ok(s, h, c) || d->nfree == 0 || d->bits == 0)
                 return MAP_CORRUPT;
 
         if (ci->nwords == 0) {

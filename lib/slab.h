@@ -18,3 +18,64 @@ uint32_t slab_class_size(unsigned c);
 
 /* Tests: the allocator SIGKILLs its own process at the n-th crash point it passes (0 = off). */
 extern unsigned slab_test_crash_countdown;
+
+/* The layout inside the zone: the header's alloc[] holds struct slab_state, the usable area begins with
+ * one struct pdesc per page. Here so that tests can play the hostile co-user. */
+#define SLAB_MAGIC 0x42414c53u /* "SLAB" */
+#define SLAB_VERSION 1u
+#define NONE UINT32_MAX
+#define NCLASSES SHMZ_ALLOC_CLASSES
+#define NBINS 96u
+#define EXACT_BINS 64u
+#define MAX_SPAN_PAGES 16u
+#define DESC_OFF SHMZ_ZONE_HEADER_SIZE
+#define MAP_CORRUPT ((void *) 1) /* internal: metadata found inconsistent */
+
+enum {
+        PD_UNUSED = 0,
+        PD_FREE,      /* head of a free run */
+        PD_FREE_TAIL, /* last page of a free run of more than one page */
+        PD_SLAB,      /* head of a span of one size class */
+        PD_LARGE,     /* head of a large block */
+        PD_CONT,      /* other page of a span or large block */
+        PD_FREE_CONT, /* inside a free run (stale) */
+};
+
+struct pdesc {
+        uint8_t type;
+        uint8_t cls;
+        uint16_t nfree;  /* SLAB: free slots */
+        uint32_t npages; /* heads: pages of the run */
+        uint32_t next;   /* list links, page index or NONE */
+        uint32_t prev;
+        uint32_t head; /* CONT, FREE_TAIL: the head's index */
+        uint32_t reserved;
+        uint64_t bits; /* SLAB: free-slot bitmap, or the summary of the in-span bitmap */
+};
+_Static_assert(sizeof(struct pdesc) == 32, "page descriptor size");
+
+struct slab_class_state {
+        uint32_t partial; /* first span with free slots */
+        uint32_t empty;   /* spans with every slot free */
+        uint64_t spans;
+        uint64_t used;
+        uint64_t reqs;
+        uint64_t fails;
+};
+
+struct slab_state {
+        uint32_t magic;
+        uint32_t version;
+        uint32_t npages;
+        uint32_t busy;       /* an operation is under way (or its process died) */
+        uint64_t pages_off;  /* zone offset of page 0 */
+        uint64_t intent_off; /* the block that operation is about, 0 = none yet */
+        uint64_t free_pages, large_pages, large_used, large_reqs, large_fails;
+        uint64_t faults, repairs, last_fault_off;
+        int32_t last_fault;
+        uint32_t reserved;
+        uint64_t bin_mask[2];
+        uint32_t bins[NBINS];
+        struct slab_class_state cls[NCLASSES];
+};
+_Static_assert(sizeof(struct slab_state) <= SHMZ_ZONE_ALLOC_STATE_SIZE, "allocator state fits the header");

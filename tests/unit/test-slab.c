@@ -731,3 +731,39 @@ Test(slab, repair_releases_second_empty_span) {
         cr_assert_eq(st.pages_free + st.pages_slab, st.pages_total);
         cr_assert_eq(st.largest_free_run, st.pages_free, "the released span joined its free neighbour");
 }
+
+/*
+ * A co-user scribbles a span descriptor (right class list, wrong length) at the
+ * last page while no free run is left: reclaiming it must not write descriptors
+ * past the array, into the pages after it. Every byte outside the allocator's
+ * own records stays as it was.
+ */
+Test(slab, scribbled_span_never_writes_outside_its_records) {
+        struct shmz_zone *z;
+        struct slab_state *st;
+        struct pdesc *d;
+        uint8_t *copy, *from;
+        size_t len;
+        unsigned c = NCLASSES - 1;
+
+        cr_assert_eq(zone_new_anonymous("scribble", 512 << 10, &z), 0);
+        cr_assert_not_null(shmz_alloc(z, 8)); /* formats the allocator */
+        st = (struct slab_state *) z->hdr->alloc;
+        d = (struct pdesc *) (zone_bytes(z) + DESC_OFF);
+        /* The largest class has one slot per span: nfree 1 says "empty", ready to be given back. */
+        d[st->npages - 1] = (struct pdesc){
+                .type = PD_SLAB, .cls = (uint8_t) c, .nfree = 1, .npages = 4, .next = NONE, .prev = NONE
+        };
+        st->cls[c].partial = st->npages - 1;
+        st->cls[c].empty = 1;
+        st->bin_mask[0] = st->bin_mask[1] = 0;
+
+        from = (uint8_t *) &d[st->npages];
+        len = (size_t) (zone_bytes(z) + z->map_size - from);
+        copy = malloc(len);
+        memcpy(copy, from, len);
+        (void) shmz_alloc(z, 5000);
+        cr_assert_eq(memcmp(copy, from, len), 0, "the allocator wrote outside its descriptors");
+        free(copy);
+        shmz_zone_close(z);
+}

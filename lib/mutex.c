@@ -50,9 +50,17 @@ _Static_assert(__builtin_offsetof(struct shmz_mutex, futex) == 0, "futex word fi
 _Static_assert(__builtin_offsetof(struct shmz_mutex, robust_next) == ROBUST_NODE_OFFSET, "robust node");
 _Static_assert(__builtin_offsetof(struct shmz_mutex, robust_prev) == ROBUST_NODE_OFFSET - 8, "robust prev");
 
-/* reserved0 of struct shmz_mutex: how the current owner is protected. */
+/*
+ * reserved0 of struct shmz_mutex: how the current owner is protected, in the
+ * top two bits, and which thread that is, in the low 30. A waiter trusts the
+ * mode (and owner_pid/owner_start) only when the tid matches the lock word's:
+ * between an owner's CAS and its writing them, they still describe the last one.
+ */
 #define OWNER_ROBUST 1u   /* linked into the kernel's robust list */
 #define OWNER_FALLBACK 2u /* not linked: waiters must check liveness */
+#define OWNER_TAG(mode, tid) (((mode) << 30) | ((tid) &SHMZ_FUTEX_TID_MASK))
+#define OWNER_MODE(tag) ((tag) >> 30)
+#define OWNER_TID(tag) ((tag) &SHMZ_FUTEX_TID_MASK)
 
 struct thread_self {
         bool init;
@@ -110,12 +118,12 @@ static bool proc_is_zombie(uint32_t pid) {
         snprintf(path, sizeof(path), "/proc/%u/stat", pid);
         f = fopen(path, "re");
         if (!f)
-                return true;
+                return errno == ENOENT || errno == ESRCH; /* EMFILE and friends say nothing about the owner */
         n = fread(buf, 1, sizeof(buf) - 1, f);
         fclose(f);
         buf[n] = 0;
         p = strrchr(buf, ')');
-        return !p || p[1] == 0 || p[2] == 'Z' || p[2] == 'X';
+        return p && p[1] != 0 && (p[2] == 'Z' || p[2] == 'X');
 }
 
 static void self_init_slow(void) {
@@ -221,11 +229,13 @@ static struct timespec ns_to_ts(uint64_t ns) {
 /* Fallback only: is the recorded owner of word value v gone? Read racily; rechecked by CAS. */
 static bool owner_is_dead(struct shmz_mutex *m, uint32_t v) {
         uint32_t tid = v & SHMZ_FUTEX_TID_MASK;
+        uint32_t tag = __atomic_load_n(&m->reserved0, __ATOMIC_ACQUIRE);
         uint32_t pid = __atomic_load_n(&m->owner_pid, __ATOMIC_RELAXED);
         uint64_t start = __atomic_load_n(&m->owner_start, __ATOMIC_RELAXED);
         uint64_t now;
 
-        if (__atomic_load_n(&m->reserved0, __ATOMIC_RELAXED) != OWNER_FALLBACK || pid == 0 || pid > INT_MAX)
+        /* pid and start are this owner's only once its tag (written last, with release) names it. */
+        if (OWNER_MODE(tag) != OWNER_FALLBACK || OWNER_TID(tag) != tid || pid == 0 || pid > INT_MAX)
                 return false;
         if (syscall(SYS_tgkill, (pid_t) pid, (pid_t) tid, 0) < 0)
                 return errno == ESRCH;
@@ -238,16 +248,16 @@ static bool owner_is_dead(struct shmz_mutex *m, uint32_t v) {
 enum { MODE_BLOCK, MODE_TRY, MODE_TIMED };
 
 static int acquired(struct thread_self *s, struct shmz_mutex *m, bool died, bool waited) {
+        m->owner_pid = s->pid;
         if (s->head) {
                 robust_enqueue(s, m);
                 pending_clear(s);
-                m->reserved0 = OWNER_ROBUST;
+                __atomic_store_n(&m->reserved0, OWNER_TAG(OWNER_ROBUST, s->tid), __ATOMIC_RELEASE);
         } else {
                 /* Only waiters polling for liveness need the start time (against pid reuse). */
                 m->owner_start = s->start;
-                m->reserved0 = OWNER_FALLBACK;
+                __atomic_store_n(&m->reserved0, OWNER_TAG(OWNER_FALLBACK, s->tid), __ATOMIC_RELEASE);
         }
-        m->owner_pid = s->pid;
         m->acquisitions++;
         if (waited)
                 m->contended++;
@@ -283,6 +293,7 @@ __attribute__((noinline)) static int lock_slow(struct thread_self *s, struct shm
                 struct timespec ts;
                 uint64_t until;
                 bool poll;
+                uint32_t tag;
                 int r;
 
                 if ((v & SHMZ_FUTEX_TID_MASK) == 0) {
@@ -304,8 +315,9 @@ __attribute__((noinline)) static int lock_slow(struct thread_self *s, struct shm
                 }
 
                 /* Owner without kernel clean-up: find out ourselves whether it died. */
-                /* reserved0 is 0 for a moment after a fresh CAS: poll until the owner says it is robust. */
-                poll = __atomic_load_n(&m->reserved0, __ATOMIC_RELAXED) != OWNER_ROBUST;
+                /* Until the owner's tag names it as robust (it is written after the CAS), poll. */
+                tag = __atomic_load_n(&m->reserved0, __ATOMIC_ACQUIRE);
+                poll = OWNER_MODE(tag) != OWNER_ROBUST || OWNER_TID(tag) != (v & SHMZ_FUTEX_TID_MASK);
                 if (poll && owner_is_dead(m, v)) {
                         uint32_t nv = (v & SHMZ_FUTEX_WAITERS) | SHMZ_FUTEX_OWNER_DIED;
                         (void) atomic_compare_exchange_strong(w, &v, nv);
@@ -385,9 +397,9 @@ _public_ int shmz_mutex_unlock(struct shmz_mutex *m) {
         m->owner_pid = 0;
 
         pending_set(s, m);
-        if (m->reserved0 == OWNER_ROBUST && s->head)
+        if (OWNER_MODE(m->reserved0) == OWNER_ROBUST && s->head)
                 robust_dequeue(m);
-        m->reserved0 = 0;
+        __atomic_store_n(&m->reserved0, 0, __ATOMIC_RELAXED);
         v = atomic_exchange_explicit(futex_word(m), 0, memory_order_release);
         if (v & SHMZ_FUTEX_WAITERS)
                 futex_wake(futex_word(m), 1);

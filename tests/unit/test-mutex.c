@@ -67,8 +67,9 @@ static pid_t child_holding(bool fallback) {
                         pause();
         }
         wait_ready(1);
-        /* 1: linked into the kernel's robust list; 2: waiters poll the owner's liveness. */
-        cr_assert_eq(sh->m.reserved0, fallback ? 2u : 1u);
+        /* Mode in the top bits (1: in the kernel's robust list, 2: waiters poll), the owner's tid below. */
+        cr_assert_eq(sh->m.reserved0 >> 30, fallback ? 2u : 1u);
+        cr_assert_eq(sh->m.reserved0 & SHMZ_FUTEX_TID_MASK, sh->m.futex & SHMZ_FUTEX_TID_MASK);
         return pid;
 }
 

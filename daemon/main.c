@@ -139,20 +139,6 @@ static int load_config(struct config **ret) {
         return 0;
 }
 
-static int mkdir_parents(const char *path) {
-        _cleanup_free_ char *p = strdup(path);
-
-        if (!p)
-                return -ENOMEM;
-        for (char *s = strchr(p + 1, '/'); s; s = strchr(s + 1, '/')) {
-                *s = 0;
-                if (mkdir(p, 0755) < 0 && errno != EEXIST)
-                        return -errno;
-                *s = '/';
-        }
-        return 0;
-}
-
 static int open_listen_socket(struct daemon *d) {
         struct sockaddr_un sa = { .sun_family = AF_UNIX };
         const char *path = d->cfg->socket_path;
@@ -171,7 +157,7 @@ static int open_listen_socket(struct daemon *d) {
                 return log_error_errno(ENAMETOOLONG, "Socket path too long: %s", path);
         strncpy(sa.sun_path, path, sizeof(sa.sun_path) - 1);
 
-        r = mkdir_parents(path);
+        r = mkdir_parents(path, 0755, false);
         if (r < 0)
                 return log_error_errno(r, "Cannot create the directory of %s: %m", path);
 

@@ -57,9 +57,6 @@ struct registry {
         void *observer_data;
 };
 
-/* The first inode numbers belong to the FUSE view's fixed files and directories. */
-#define FIRST_ZONE_INO 1024
-
 static int zone_cmp(const void *a, const void *b) {
         return strcmp(((const struct zone *) a)->name, ((const struct zone *) b)->name);
 }
@@ -80,7 +77,7 @@ int registry_new(uint64_t budget, uint64_t quota, uint64_t max_zones, struct reg
         r->budget = budget;
         r->quota = quota;
         r->max_zones = max_zones;
-        r->next_ino = FIRST_ZONE_INO;
+        r->next_ino = REGISTRY_FIRST_INO;
         r->next_generation = 1;
         *ret = r;
         return 0;
@@ -139,18 +136,24 @@ static void notify(struct registry *r, enum registry_event ev, const struct zone
                 r->observer(r->observer_data, ev, z->name, z->ino);
 }
 
+static bool caller_in_group(const struct caller *c, gid_t gid) {
+        if (c->gid == gid)
+                return true;
+        for (size_t i = 0; i < c->n_groups; i++)
+                if (c->groups[i] == gid)
+                        return true;
+        return false;
+}
+
 /* Mode bits as for a file: root passes, else owner, group (primary or supplementary) or other bits. */
 static int caller_may_access(const struct caller *c, uint32_t uid, uint32_t gid, uint32_t mode, int want) {
         unsigned bits = 0, need = 0;
-        bool in_group = c->gid == gid;
 
         if (c->uid == 0)
                 return 0;
-        for (size_t i = 0; !in_group && i < c->n_groups; i++)
-                in_group = c->groups[i] == gid;
         if (c->uid == uid)
                 bits = (mode >> 6) & 7;
-        else if (in_group)
+        else if (caller_in_group(c, gid))
                 bits = (mode >> 3) & 7;
         else
                 bits = mode & 7;
@@ -159,15 +162,6 @@ static int caller_may_access(const struct caller *c, uint32_t uid, uint32_t gid,
         if (want & W_OK)
                 need |= 2;
         return (bits & need) == need ? 0 : -EACCES;
-}
-
-static bool caller_in_group(const struct caller *c, gid_t gid) {
-        if (c->gid == gid)
-                return true;
-        for (size_t i = 0; i < c->n_groups; i++)
-                if (c->groups[i] == gid)
-                        return true;
-        return false;
 }
 
 static struct zone *lookup(struct registry *r, const char *name) {

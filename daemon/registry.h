@@ -16,6 +16,9 @@
 
 #include "shmzone-abi.h"
 
+/* Zone inode numbers start here; the ones below belong to the FUSE view's fixed files and directories. */
+#define REGISTRY_FIRST_INO 1024u
+
 struct config;
 struct registry;
 struct zone;

@@ -6,8 +6,8 @@
  * fuse-zones.c, the status texts in fuse-status.c.
  *
  * Threads: all requests are served by one FUSE thread (one sd_event loop;
- * the registry's critical sections never wait, so one thread keeps up, and
- * bulk reads are a splice from the memfd). Invalidations go through a
+ * the registry's critical sections never wait, so one thread keeps up; bulk
+ * reads reply from a mapping of the memfd, see zones_read()). Invalidations go through a
  * second thread, because the kernel may make fuse_lowlevel_notify_inval_entry()
  * wait for a directory lock held by a request that only the FUSE thread can
  * answer: calling it from the FUSE thread itself could deadlock.
@@ -75,7 +75,7 @@ static struct vhandle *handle_of(const struct fuse_file_info *fi) {
 }
 
 static bool ino_is_zone(uint64_t ino) {
-        return ino >= 1024 && ino < (UINT64_C(1) << INO_PROVIDER_SHIFT);
+        return ino >= REGISTRY_FIRST_INO && ino < (UINT64_C(1) << INO_PROVIDER_SHIFT);
 }
 
 static bool ino_is_provider(uint64_t ino, enum fuse_view_dir *ret_dir, uint64_t *ret_id) {
@@ -894,24 +894,6 @@ static void clear_stale_mount(const char *path) {
         }
 }
 
-static int mkdir_parents(const char *path, mode_t mode) {
-        _cleanup_free_ char *p = strdup(path);
-
-        if (!p)
-                return -ENOMEM;
-        for (char *s = p + 1; *s; s++) {
-                if (*s != '/')
-                        continue;
-                *s = 0;
-                if (mkdir(p, mode) < 0 && errno != EEXIST)
-                        return -errno;
-                *s = '/';
-        }
-        if (mkdir(p, mode) < 0 && errno != EEXIST)
-                return -errno;
-        return 0;
-}
-
 /*
  * After a request, keep polling the (non-blocking) fd for SPIN_USEC before
  * going back to epoll: a request/reply exchange otherwise costs two sleeping
@@ -1059,7 +1041,7 @@ int fuse_view_start(struct daemon *d, const char *mountpoint, struct fuse_view *
         }
 
         clear_stale_mount(v->mountpoint);
-        r = mkdir_parents(v->mountpoint, 0755);
+        r = mkdir_parents(v->mountpoint, 0755, true);
         if (r < 0) {
                 log_error_errno(r, "Cannot create the mount point %s: %m", v->mountpoint);
                 goto fail;

@@ -65,7 +65,11 @@ struct fuse_view_provider {
         ssize_t (*read)(void *userdata, uint64_t id, void *buf, size_t size, uint64_t offset);
 };
 
-/* Hooks a provider into its directory (any thread, any time; NULL p unhooks it). */
+/*
+ * Hooks a provider into its directory (any thread; NULL p unhooks it). The FUSE
+ * thread may still be inside the old provider's calls when this returns: free
+ * the old userdata only after fuse_view_stop().
+ */
 void fuse_view_register(struct fuse_view *v, enum fuse_view_dir dir, const struct fuse_view_provider *p,
                         void *userdata);
 /*

@@ -467,14 +467,14 @@ static int alloc_value(struct fuse_view *v, uint64_t ino, char *buf, size_t size
         size_t len = 0;
         int n, r;
 
-        r = registry_ref_by_ino(v->daemon->registry, ino, &z);
+        r = registry_ref_by_ino(v->registry, ino, &z);
         if (r < 0)
                 return -ENODATA;
         r = zone_fd(z) < 0 ? -ENODATA : zone_map_fd(zone_fd(z), true, NULL, &mapped);
         if (r >= 0)
                 r = shmz_zone_alloc_stats(mapped, &st);
         shmz_zone_close(mapped);
-        registry_unref(v->daemon->registry, z);
+        registry_unref(v->registry, z);
         if (r < 0 || st.pages_total == 0)
                 return -ENODATA;
 
@@ -505,6 +505,19 @@ static int alloc_value(struct fuse_view *v, uint64_t ino, char *buf, size_t size
         return 0;
 }
 
+/* Whether the zone's header says its allocator is formatted: one small read, no mapping. */
+static bool zone_has_allocator(struct fuse_view *v, uint64_t ino) {
+        uint32_t state = SHMZ_ZONE_ALLOC_NONE;
+        struct zone *z;
+
+        if (registry_ref_by_ino(v->registry, ino, &z) < 0)
+                return false;
+        if (zone_fd(z) >= 0)
+                (void) pread(zone_fd(z), &state, sizeof(state), offsetof(struct shmz_zone_header, alloc_state));
+        registry_unref(v->registry, z);
+        return state == SHMZ_ZONE_ALLOC_FORMATTED;
+}
+
 static void reply_xattr(fuse_req_t req, int r, const char *buf, size_t len, size_t size) {
         if (r < 0)
                 (void) fuse_reply_err(req, -r);
@@ -531,7 +544,7 @@ void zones_getxattr(struct fuse_view *v, fuse_req_t req, fuse_ino_t ino, const c
 }
 
 void zones_listxattr(struct fuse_view *v, fuse_req_t req, fuse_ino_t ino, size_t size) {
-        char buf[8192];
+        char buf[256];
         size_t len = 0;
 
         for (size_t i = 0; i < ELEMENTSOF(xattr_names); i++) {
@@ -540,7 +553,7 @@ void zones_listxattr(struct fuse_view *v, fuse_req_t req, fuse_ino_t ino, size_t
                 memcpy(buf + len, xattr_names[i], n);
                 len += n;
         }
-        if (alloc_value(v, ino, buf + len, sizeof(buf) - len, &(size_t){ 0 }) >= 0) {
+        if (zone_has_allocator(v, ino)) {
                 memcpy(buf + len, XATTR_ALLOC, sizeof(XATTR_ALLOC));
                 len += sizeof(XATTR_ALLOC);
         }

@@ -1,6 +1,7 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 #include <ctype.h>
 #include <inttypes.h>
+#include <sys/stat.h>
 #include <time.h>
 
 #include "shmzone-abi.h"
@@ -79,4 +80,22 @@ uint64_t now_usec(int clock) {
 
         (void) clock_gettime(clock, &ts);
         return (uint64_t) ts.tv_sec * 1000000u + (uint64_t) ts.tv_nsec / 1000u;
+}
+
+int mkdir_parents(const char *path, mode_t mode, bool last) {
+        _cleanup_free_ char *p = strdup(path);
+
+        if (!p)
+                return -ENOMEM;
+        for (char *s = p + 1; *s; s++) {
+                if (*s != '/')
+                        continue;
+                *s = 0;
+                if (mkdir(p, mode) < 0 && errno != EEXIST)
+                        return -errno;
+                *s = '/';
+        }
+        if (last && mkdir(p, mode) < 0 && errno != EEXIST)
+                return -errno;
+        return 0;
 }

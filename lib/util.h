@@ -9,6 +9,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/types.h>
 #include <unistd.h>
 
 #define _public_ __attribute__((visibility("default")))
@@ -98,3 +99,6 @@ static inline void strncpy_buf(char *dst, size_t size, const char *src) {
 int parse_size(const char *s, uint64_t *ret);
 
 uint64_t now_usec(int clock);
+
+/* mkdir -p: the directories leading to path, and with last also path itself. */
+int mkdir_parents(const char *path, mode_t mode, bool last);

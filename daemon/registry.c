@@ -6,6 +6,7 @@
 #include <stdio.h>
 #include <sys/mman.h>
 #include <sys/random.h>
+#include <sys/stat.h>
 #include <time.h>
 
 #include "config.h"
@@ -301,6 +302,13 @@ static int zone_make_memory(struct zone *z, uint64_t size) {
         if (pwrite(fd, &h, sizeof(h), 0) != (ssize_t) sizeof(h))
                 return -EIO;
         if (fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) < 0)
+                return -errno;
+        /*
+         * A memfd's inode is mode 0777: anyone holding a read-only fd could
+         * reopen /proc/self/fd/N for writing. Owner-read only, so that only the
+         * daemon's uid (which hands out the writable fds anyway) can reopen it.
+         */
+        if (fchmod(fd, 0400) < 0)
                 return -errno;
         /* zone_fd() reads it without the lock (FUSE reads of a zone that was pending a moment ago). */
         __atomic_store_n(&z->fd, TAKE_FD(fd), __ATOMIC_RELEASE);

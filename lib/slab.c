@@ -46,7 +46,7 @@ struct class_info {
         uint32_t bits_off; /* offset of those words in the span */
 };
 
-static struct class_info classes[NCLASSES];
+static struct class_info classes[SLAB_NCLASSES];
 
 /* A checked view of one zone's allocator, valid while the lock is held. */
 struct slab {
@@ -73,7 +73,7 @@ unsigned slab_test_crash_countdown = 0;
 uint32_t slab_class_size(unsigned c) {
         uint32_t base;
 
-        if (c >= NCLASSES)
+        if (c >= SLAB_NCLASSES)
                 return 0;
         if (c < 16)
                 return 8 * (c + 1);
@@ -96,7 +96,7 @@ int slab_class_of(size_t n) {
 }
 
 __attribute__((constructor)) static void classes_init(void) {
-        for (unsigned c = 0; c < NCLASSES; c++) {
+        for (unsigned c = 0; c < SLAB_NCLASSES; c++) {
                 struct class_info *ci = &classes[c];
                 uint32_t size = slab_class_size(c);
 
@@ -114,7 +114,7 @@ __attribute__((constructor)) static void classes_init(void) {
                 }
                 /* At most 64 slots: pick the span length (in pages) that wastes the least. */
                 uint64_t best_waste = UINT64_MAX, best_span = 1;
-                for (uint32_t p = 1; p <= MAX_SPAN_PAGES; p++) {
+                for (uint32_t p = 1; p <= SLAB_MAX_SPAN_PAGES; p++) {
                         uint64_t bytes = (uint64_t) p * SLAB_PAGE_SIZE, n = MIN(64u, bytes / size);
                         uint64_t waste;
 
@@ -142,17 +142,17 @@ static inline struct slab_state *state_of(struct shmz_zone *z) {
 }
 
 static uint64_t pages_off_for(uint32_t npages) {
-        return ALIGN_TO((uint64_t) DESC_OFF + (uint64_t) npages * sizeof(struct pdesc), (uint64_t) SLAB_PAGE_SIZE);
+        return ALIGN_TO((uint64_t) SLAB_DESC_OFF + (uint64_t) npages * sizeof(struct pdesc), (uint64_t) SLAB_PAGE_SIZE);
 }
 
 static uint32_t npages_for(uint64_t map_size) {
         uint64_t n;
 
-        if (map_size <= DESC_OFF)
+        if (map_size <= SLAB_DESC_OFF)
                 return 0;
-        n = (map_size - DESC_OFF) / (SLAB_PAGE_SIZE + sizeof(struct pdesc));
-        if (n >= NONE)
-                n = NONE - 1;
+        n = (map_size - SLAB_DESC_OFF) / (SLAB_PAGE_SIZE + sizeof(struct pdesc));
+        if (n >= SLAB_NONE)
+                n = SLAB_NONE - 1;
         while (n > 0 && pages_off_for((uint32_t) n) + n * SLAB_PAGE_SIZE > map_size)
                 n--;
         return (uint32_t) n;
@@ -168,13 +168,14 @@ static int slab_get(struct shmz_zone *z, struct slab *ret) {
         uint32_t npages = __atomic_load_n(&st->npages, __ATOMIC_RELAXED);
         uint64_t pages_off = __atomic_load_n(&st->pages_off, __ATOMIC_RELAXED);
 
-        if (_unlikely_(st->magic != SLAB_MAGIC || npages == 0 || npages == NONE || pages_off != pages_off_for(npages) ||
+        if (_unlikely_(st->magic != SLAB_MAGIC || npages == 0 || npages == SLAB_NONE ||
+                       pages_off != pages_off_for(npages) ||
                        pages_off + (uint64_t) npages * SLAB_PAGE_SIZE > z->map_size))
                 return -EUCLEAN;
         *ret = (struct slab){
                 .base = zone_bytes(z),
                 .st = st,
-                .d = (struct pdesc *) (zone_bytes(z) + DESC_OFF),
+                .d = (struct pdesc *) (zone_bytes(z) + SLAB_DESC_OFF),
                 .pages = zone_bytes(z) + pages_off,
                 .npages = npages,
         };
@@ -215,9 +216,9 @@ static inline void op_end(struct slab_state *st) {
 /* ---- free runs ------------------------------------------------------------------------- */
 
 static inline unsigned bin_of(uint32_t np) {
-        if (np < EXACT_BINS)
+        if (np < SLAB_EXACT_BINS)
                 return np;
-        return EXACT_BINS + (31 - (unsigned) __builtin_clz(np)) - 6;
+        return SLAB_EXACT_BINS + (31 - (unsigned) __builtin_clz(np)) - 6;
 }
 
 static inline void bin_mark(struct slab_state *st, unsigned b, bool on) {
@@ -232,9 +233,9 @@ static bool list_unlink(struct slab *s, uint32_t *head, uint32_t pg) {
         struct pdesc *d = &s->d[pg];
         uint32_t next = d->next, prev = d->prev;
 
-        if ((next != NONE && next >= s->npages) || (prev != NONE && prev >= s->npages))
+        if ((next != SLAB_NONE && next >= s->npages) || (prev != SLAB_NONE && prev >= s->npages))
                 return false;
-        if (prev == NONE) {
+        if (prev == SLAB_NONE) {
                 if (*head != pg)
                         return false;
                 *head = next;
@@ -243,9 +244,9 @@ static bool list_unlink(struct slab *s, uint32_t *head, uint32_t pg) {
                         return false;
                 s->d[prev].next = next;
         }
-        if (next != NONE)
+        if (next != SLAB_NONE)
                 s->d[next].prev = prev;
-        d->next = d->prev = NONE;
+        d->next = d->prev = SLAB_NONE;
         CRASH_POINT();
         return true;
 }
@@ -253,11 +254,11 @@ static bool list_unlink(struct slab *s, uint32_t *head, uint32_t pg) {
 static bool list_push(struct slab *s, uint32_t *head, uint32_t pg) {
         uint32_t first = *head;
 
-        if (first != NONE && first >= s->npages)
+        if (first != SLAB_NONE && first >= s->npages)
                 return false;
         s->d[pg].next = first;
-        s->d[pg].prev = NONE;
-        if (first != NONE)
+        s->d[pg].prev = SLAB_NONE;
+        if (first != SLAB_NONE)
                 s->d[first].prev = pg;
         *head = pg;
         CRASH_POINT();
@@ -271,9 +272,10 @@ static bool run_link(struct slab *s, uint32_t h, uint32_t np) {
         d->npages = np;
         d->head = h;
         if (np > 1)
-                s->d[h + np - 1] = (struct pdesc){ .type = PD_FREE_TAIL, .head = h, .next = NONE, .prev = NONE };
+                s->d[h + np - 1] =
+                        (struct pdesc){ .type = SLAB_PD_FREE_TAIL, .head = h, .next = SLAB_NONE, .prev = SLAB_NONE };
         CRASH_POINT();
-        d->type = PD_FREE;
+        d->type = SLAB_PD_FREE;
         if (!list_push(s, &s->st->bins[b], h))
                 return false;
         bin_mark(s->st, b, true);
@@ -286,7 +288,7 @@ static bool run_unlink(struct slab *s, uint32_t h) {
 
         if (!list_unlink(s, &s->st->bins[b], h))
                 return false;
-        if (s->st->bins[b] == NONE)
+        if (s->st->bins[b] == SLAB_NONE)
                 bin_mark(s->st, b, false);
         s->st->free_pages -= s->d[h].npages;
         return true;
@@ -295,7 +297,7 @@ static bool run_unlink(struct slab *s, uint32_t h) {
 /* A free run that starts at h and fits the zone. */
 static inline bool is_run(const struct slab *s, uint32_t h) {
         const struct pdesc *d = &s->d[h];
-        return d->type == PD_FREE && d->npages >= 1 && d->npages <= s->npages - h;
+        return d->type == SLAB_PD_FREE && d->npages >= 1 && d->npages <= s->npages - h;
 }
 
 /* Gives pages [h, h+np) back, merging with free neighbours. */
@@ -309,13 +311,13 @@ static bool pages_free(struct slab *s, uint32_t h, uint32_t np) {
 
         if (h > 0) {
                 struct pdesc *l = &s->d[h - 1];
-                uint32_t lh = l->type == PD_FREE ? h - 1 : l->type == PD_FREE_TAIL ? l->head : NONE;
+                uint32_t lh = l->type == SLAB_PD_FREE ? h - 1 : l->type == SLAB_PD_FREE_TAIL ? l->head : SLAB_NONE;
 
                 if (lh < h && is_run(s, lh) && lh + s->d[lh].npages == h) {
                         if (!run_unlink(s, lh))
                                 return false;
-                        s->d[h].type = PD_FREE_CONT;
-                        l->type = PD_FREE_CONT;
+                        s->d[h].type = SLAB_PD_FREE_CONT;
+                        l->type = SLAB_PD_FREE_CONT;
                         h = lh;
                 }
         }
@@ -324,9 +326,9 @@ static bool pages_free(struct slab *s, uint32_t h, uint32_t np) {
 
                 if (!run_unlink(s, end))
                         return false;
-                s->d[end].type = PD_FREE_CONT;
+                s->d[end].type = SLAB_PD_FREE_CONT;
                 if (rn > 1)
-                        s->d[end + rn - 1].type = PD_FREE_CONT;
+                        s->d[end + rn - 1].type = SLAB_PD_FREE_CONT;
                 end += rn;
         }
         return run_link(s, h, end - h);
@@ -338,7 +340,7 @@ static bool span_release(struct slab *s, unsigned c, uint32_t h);
 static bool span_ok(const struct slab *s, uint32_t pg, unsigned c) {
         const struct pdesc *d = &s->d[pg];
 
-        return pg < s->npages && d->type == PD_SLAB && d->cls == c && d->npages == classes[c].npages &&
+        return pg < s->npages && d->type == SLAB_PD_SLAB && d->cls == c && d->npages == classes[c].npages &&
                d->npages <= s->npages - pg && d->nfree <= classes[c].nslots;
 }
 
@@ -346,14 +348,14 @@ static bool span_ok(const struct slab *s, uint32_t pg, unsigned c) {
 static bool reclaim_empty(struct slab *s) {
         bool any = false;
 
-        for (unsigned c = 0; c < NCLASSES; c++) {
+        for (unsigned c = 0; c < SLAB_NCLASSES; c++) {
                 struct slab_class_state *cs = &s->st->cls[c];
                 uint32_t pg = cs->partial, steps = 0;
 
-                while (cs->empty > 0 && pg != NONE && pg < s->npages && steps++ < s->npages) {
+                while (cs->empty > 0 && pg != SLAB_NONE && pg < s->npages && steps++ < s->npages) {
                         uint32_t next = s->d[pg].next;
 
-                        if (s->d[pg].type == PD_SLAB && s->d[pg].nfree == classes[c].nslots) {
+                        if (s->d[pg].type == SLAB_PD_SLAB && s->d[pg].nfree == classes[c].nslots) {
                                 if (!span_ok(s, pg, c)) {
                                         fault(s, -EUCLEAN, page_zoff(s, pg));
                                         return false;
@@ -369,30 +371,30 @@ static bool reclaim_empty(struct slab *s) {
         return any;
 }
 
-/* Takes np pages off the free runs: the head page index (its type still FREE), NONE if full, or -1 corrupt. */
+/* Takes np pages off the free runs: the head page index (its type still FREE), SLAB_NONE if full, or -1 corrupt. */
 static int64_t pages_alloc(struct slab *s, uint32_t np) {
         struct slab_state *st = s->st;
-        unsigned b0 = np < EXACT_BINS ? np : bin_of(np) + 1;
-        uint32_t h = NONE;
+        unsigned b0 = np < SLAB_EXACT_BINS ? np : bin_of(np) + 1;
+        uint32_t h = SLAB_NONE;
 
-        for (int attempt = 0; attempt < 2 && h == NONE; attempt++) {
-                for (unsigned w = b0 / 64; w < 2 && h == NONE; w++) {
+        for (int attempt = 0; attempt < 2 && h == SLAB_NONE; attempt++) {
+                for (unsigned w = b0 / 64; w < 2 && h == SLAB_NONE; w++) {
                         uint64_t m = st->bin_mask[w];
                         if (w == b0 / 64)
                                 m &= ~UINT64_C(0) << (b0 % 64);
                         if (m) {
                                 unsigned b = w * 64 + (unsigned) __builtin_ctzll(m);
-                                if (b >= NBINS)
+                                if (b >= SLAB_NBINS)
                                         return -1;
                                 h = st->bins[b];
                                 if (h >= s->npages || !is_run(s, h) || s->d[h].npages < np)
                                         return -1;
                         }
                 }
-                if (h == NONE && np >= EXACT_BINS) {
+                if (h == SLAB_NONE && np >= SLAB_EXACT_BINS) {
                         /* Only this bin may hold runs both shorter and longer than np. */
                         uint32_t pg = st->bins[bin_of(np)], steps = 0;
-                        while (pg != NONE && steps++ < s->npages) {
+                        while (pg != SLAB_NONE && steps++ < s->npages) {
                                 if (pg >= s->npages || !is_run(s, pg))
                                         return -1;
                                 if (s->d[pg].npages >= np) {
@@ -402,8 +404,8 @@ static int64_t pages_alloc(struct slab *s, uint32_t np) {
                                 pg = s->d[pg].next;
                         }
                 }
-                if (h == NONE && (attempt > 0 || !reclaim_empty(s)))
-                        return NONE;
+                if (h == SLAB_NONE && (attempt > 0 || !reclaim_empty(s)))
+                        return SLAB_NONE;
         }
 
         uint32_t n = s->d[h].npages;
@@ -418,7 +420,7 @@ static int64_t pages_alloc(struct slab *s, uint32_t np) {
 /* Marks pages (h, h+np) as belonging to the run headed by h. */
 static void mark_cont(struct slab *s, uint32_t h, uint32_t np) {
         for (uint32_t i = 1; i < np; i++)
-                s->d[h + i] = (struct pdesc){ .type = PD_CONT, .head = h, .next = NONE, .prev = NONE };
+                s->d[h + i] = (struct pdesc){ .type = SLAB_PD_CONT, .head = h, .next = SLAB_NONE, .prev = SLAB_NONE };
         CRASH_POINT();
 }
 
@@ -448,7 +450,7 @@ static int64_t span_new(struct slab *s, unsigned c) {
         int64_t r = pages_alloc(s, ci->npages);
         uint32_t h;
 
-        if (r < 0 || r == NONE)
+        if (r < 0 || r == SLAB_NONE)
                 return r;
         h = (uint32_t) r;
         /* The bitmap before the type: a span that exists is never half-initialised. */
@@ -459,7 +461,7 @@ static int64_t span_new(struct slab *s, unsigned c) {
         s->d[h].head = h;
         mark_cont(s, h, ci->npages);
         barrier();
-        s->d[h].type = PD_SLAB;
+        s->d[h].type = SLAB_PD_SLAB;
         s->st->cls[c].spans++;
         s->st->cls[c].empty++;
         if (!list_push(s, &s->st->cls[c].partial, h))
@@ -474,7 +476,7 @@ static bool span_release(struct slab *s, unsigned c, uint32_t h) {
         if (!list_unlink(s, &cs->partial, h))
                 return false;
         cs->spans--;
-        s->d[h].type = PD_FREE_CONT;
+        s->d[h].type = SLAB_PD_FREE_CONT;
         return pages_free(s, h, classes[c].npages);
 }
 
@@ -488,26 +490,26 @@ static void *alloc_small(struct slab *s, unsigned c) {
         uint64_t off;
 
         cs->reqs++;
-        if (h == NONE) {
+        if (h == SLAB_NONE) {
                 int64_t r = span_new(s, c);
                 if (r < 0)
-                        return MAP_CORRUPT;
-                if (r == NONE) {
+                        return SLAB_MAP_CORRUPT;
+                if (r == SLAB_NONE) {
                         cs->fails++;
                         return NULL;
                 }
                 h = (uint32_t) r;
         }
         if (h >= s->npages)
-                return MAP_CORRUPT;
+                return SLAB_MAP_CORRUPT;
         d = &s->d[h];
         if (!span_ok(s, h, c) || d->nfree == 0 || d->bits == 0)
-                return MAP_CORRUPT;
+                return SLAB_MAP_CORRUPT;
 
         if (ci->nwords == 0) {
                 slot = (uint32_t) __builtin_ctzll(d->bits);
                 if (slot >= ci->nslots)
-                        return MAP_CORRUPT;
+                        return SLAB_MAP_CORRUPT;
                 off = page_zoff(s, h) + (uint64_t) slot * ci->size;
                 op_intent(s->st, off);
                 d->bits &= d->bits - 1;
@@ -517,10 +519,10 @@ static void *alloc_small(struct slab *s, unsigned c) {
                 uint64_t *words = span_words(s, h, ci);
 
                 if (w >= ci->nwords || words[w] == 0)
-                        return MAP_CORRUPT;
+                        return SLAB_MAP_CORRUPT;
                 slot = w * 64 + (unsigned) __builtin_ctzll(words[w]);
                 if (slot >= ci->nslots)
-                        return MAP_CORRUPT;
+                        return SLAB_MAP_CORRUPT;
                 off = page_zoff(s, h) + (uint64_t) slot * ci->size;
                 op_intent(s->st, off);
                 words[w] &= words[w] - 1;
@@ -531,7 +533,7 @@ static void *alloc_small(struct slab *s, unsigned c) {
         if (d->nfree == ci->nslots)
                 cs->empty--;
         if (--d->nfree == 0 && !list_unlink(s, &cs->partial, h))
-                return MAP_CORRUPT;
+                return SLAB_MAP_CORRUPT;
         cs->used++;
         return s->base + off;
 }
@@ -548,8 +550,8 @@ static void *alloc_large(struct slab *s, size_t n) {
         }
         r = pages_alloc(s, (uint32_t) np64);
         if (r < 0)
-                return MAP_CORRUPT;
-        if (r == NONE) {
+                return SLAB_MAP_CORRUPT;
+        if (r == SLAB_NONE) {
                 s->st->large_fails++;
                 return NULL;
         }
@@ -558,7 +560,7 @@ static void *alloc_large(struct slab *s, size_t n) {
         mark_cont(s, h, (uint32_t) np64);
         s->d[h].head = h;
         barrier();
-        s->d[h].type = PD_LARGE;
+        s->d[h].type = SLAB_PD_LARGE;
         s->st->large_pages += np64;
         s->st->large_used++;
         return page_ptr(s, h);
@@ -577,18 +579,19 @@ static int free_off(struct slab *s, uint64_t off) {
         pg = (uint32_t) ((off - poff) >> SLAB_PAGE_SHIFT);
         h = pg;
         switch (s->d[pg].type) {
-        case PD_SLAB:
-        case PD_LARGE:
+        case SLAB_PD_SLAB:
+        case SLAB_PD_LARGE:
                 break;
-        case PD_CONT:
+        case SLAB_PD_CONT:
                 h = s->d[pg].head;
-                if (h >= pg || (s->d[h].type != PD_SLAB && s->d[h].type != PD_LARGE) || s->d[h].npages <= pg - h)
+                if (h >= pg || (s->d[h].type != SLAB_PD_SLAB && s->d[h].type != SLAB_PD_LARGE) ||
+                    s->d[h].npages <= pg - h)
                         return -EALREADY; /* a stale page of a block freed earlier */
                 break;
-        case PD_FREE:
-        case PD_FREE_TAIL:
-        case PD_FREE_CONT:
-        case PD_UNUSED:
+        case SLAB_PD_FREE:
+        case SLAB_PD_FREE_TAIL:
+        case SLAB_PD_FREE_CONT:
+        case SLAB_PD_UNUSED:
                 return -EALREADY;
         default:
                 return -EUCLEAN;
@@ -597,13 +600,13 @@ static int free_off(struct slab *s, uint64_t off) {
         if (d->npages == 0 || d->npages > s->npages - h)
                 return -EUCLEAN;
 
-        if (d->type == PD_LARGE) {
+        if (d->type == SLAB_PD_LARGE) {
                 uint32_t np = d->npages;
 
                 if (off != page_zoff(s, h))
                         return -EINVAL;
                 op_intent(s->st, off);
-                d->type = PD_FREE_CONT;
+                d->type = SLAB_PD_FREE_CONT;
                 CRASH_POINT();
                 s->st->large_pages -= np;
                 s->st->large_used--;
@@ -611,7 +614,7 @@ static int free_off(struct slab *s, uint64_t off) {
         }
 
         unsigned c = d->cls;
-        if (c >= NCLASSES || d->npages != classes[c].npages)
+        if (c >= SLAB_NCLASSES || d->npages != classes[c].npages)
                 return -EUCLEAN;
         const struct class_info *ci = &classes[c];
         struct slab_class_state *cs = &s->st->cls[c];
@@ -680,7 +683,7 @@ static bool span_bitmap_ok(const struct slab *s, uint32_t h, const struct class_
 
 static bool cont_ok(const struct slab *s, uint32_t h, uint32_t np) {
         for (uint32_t i = 1; i < np; i++)
-                if (s->d[h + i].type != PD_CONT || s->d[h + i].head != h)
+                if (s->d[h + i].type != SLAB_PD_CONT || s->d[h + i].head != h)
                         return false;
         return true;
 }
@@ -689,8 +692,9 @@ static bool cont_ok(const struct slab *s, uint32_t h, uint32_t np) {
 static uint64_t slab_validate(struct slab *s) {
         struct slab_state *st = s->st;
         uint64_t bad = 0, free_pages = 0, large_pages = 0, large_used = 0;
-        uint64_t spans[NCLASSES] = {}, used[NCLASSES] = {}, partial[NCLASSES] = {}, empty[NCLASSES] = {};
-        uint64_t runs[NBINS] = {};
+        uint64_t spans[SLAB_NCLASSES] = {}, used[SLAB_NCLASSES] = {}, partial[SLAB_NCLASSES] = {},
+                 empty[SLAB_NCLASSES] = {};
+        uint64_t runs[SLAB_NBINS] = {};
         bool prev_free = false;
 
         if (st->busy)
@@ -706,9 +710,9 @@ static uint64_t slab_validate(struct slab *s) {
                         continue;
                 }
                 switch (d->type) {
-                case PD_SLAB: {
+                case SLAB_PD_SLAB: {
                         unsigned c = d->cls;
-                        if (c >= NCLASSES || np != classes[c].npages || !cont_ok(s, i, np) ||
+                        if (c >= SLAB_NCLASSES || np != classes[c].npages || !cont_ok(s, i, np) ||
                             !span_bitmap_ok(s, i, &classes[c], &nfree) || nfree != d->nfree) {
                                 bad++;
                                 break;
@@ -719,15 +723,15 @@ static uint64_t slab_validate(struct slab *s) {
                         empty[c] += nfree == classes[c].nslots;
                         break;
                 }
-                case PD_LARGE:
+                case SLAB_PD_LARGE:
                         if (!cont_ok(s, i, np))
                                 bad++;
                         large_pages += np;
                         large_used++;
                         break;
-                case PD_FREE:
+                case SLAB_PD_FREE:
                         if (prev_free ||
-                            (np > 1 && (s->d[i + np - 1].type != PD_FREE_TAIL || s->d[i + np - 1].head != i)))
+                            (np > 1 && (s->d[i + np - 1].type != SLAB_PD_FREE_TAIL || s->d[i + np - 1].head != i)))
                                 bad++;
                         runs[bin_of(np)]++;
                         free_pages += np;
@@ -736,18 +740,18 @@ static uint64_t slab_validate(struct slab *s) {
                         bad++;
                         np = 1;
                 }
-                prev_free = d->type == PD_FREE;
+                prev_free = d->type == SLAB_PD_FREE;
                 i += np;
         }
 
         /* Lists: bounded walks, every entry of the right kind, back links right, counts matching. */
-        for (unsigned c = 0; c < NCLASSES; c++) {
-                uint32_t pg = st->cls[c].partial, prev = NONE;
+        for (unsigned c = 0; c < SLAB_NCLASSES; c++) {
+                uint32_t pg = st->cls[c].partial, prev = SLAB_NONE;
                 uint64_t n = 0;
 
-                while (pg != NONE && n <= s->npages) {
-                        if (pg >= s->npages || s->d[pg].type != PD_SLAB || s->d[pg].cls != c || s->d[pg].nfree == 0 ||
-                            s->d[pg].prev != prev) {
+                while (pg != SLAB_NONE && n <= s->npages) {
+                        if (pg >= s->npages || s->d[pg].type != SLAB_PD_SLAB || s->d[pg].cls != c ||
+                            s->d[pg].nfree == 0 || s->d[pg].prev != prev) {
                                 bad++;
                                 break;
                         }
@@ -760,11 +764,11 @@ static uint64_t slab_validate(struct slab *s) {
                         bad++;
                 }
         }
-        for (unsigned b = 0; b < NBINS; b++) {
-                uint32_t pg = st->bins[b], prev = NONE;
+        for (unsigned b = 0; b < SLAB_NBINS; b++) {
+                uint32_t pg = st->bins[b], prev = SLAB_NONE;
                 uint64_t n = 0;
 
-                while (pg != NONE && n <= s->npages) {
+                while (pg != SLAB_NONE && n <= s->npages) {
                         if (pg >= s->npages || !is_run(s, pg) || bin_of(s->d[pg].npages) != b ||
                             s->d[pg].prev != prev) {
                                 bad++;
@@ -791,16 +795,16 @@ static uint64_t slab_validate(struct slab *s) {
 static void slab_repair(struct slab *s) {
         struct slab_state *st = s->st;
         uint64_t intent = st->busy ? st->intent_off : 0;
-        uint32_t run = NONE;
+        uint32_t run = SLAB_NONE;
 
         st->busy = 1;
         st->intent_off = 0;
         st->free_pages = st->large_pages = st->large_used = 0;
         st->bin_mask[0] = st->bin_mask[1] = 0;
-        for (unsigned b = 0; b < NBINS; b++)
-                st->bins[b] = NONE;
-        for (unsigned c = 0; c < NCLASSES; c++) {
-                st->cls[c].partial = NONE;
+        for (unsigned b = 0; b < SLAB_NBINS; b++)
+                st->bins[b] = SLAB_NONE;
+        for (unsigned c = 0; c < SLAB_NCLASSES; c++) {
+                st->cls[c].partial = SLAB_NONE;
                 st->cls[c].empty = 0;
                 st->cls[c].spans = 0;
                 st->cls[c].used = 0;
@@ -813,12 +817,12 @@ static void slab_repair(struct slab *s) {
                 bool keep = false;
 
                 if (np >= 1 && np <= s->npages - i) {
-                        if (d->type == PD_LARGE)
+                        if (d->type == SLAB_PD_LARGE)
                                 keep = true;
-                        else if (d->type == PD_SLAB && c < NCLASSES && np == classes[c].npages)
+                        else if (d->type == SLAB_PD_SLAB && c < SLAB_NCLASSES && np == classes[c].npages)
                                 keep = true;
                 }
-                if (keep && d->type == PD_SLAB) {
+                if (keep && d->type == SLAB_PD_SLAB) {
                         const struct class_info *ci = &classes[c];
                         uint32_t nfree = 0;
 
@@ -843,22 +847,22 @@ static void slab_repair(struct slab *s) {
                 }
                 if (!keep) {
                         /* Decided before any run is closed, so that neighbouring free pages stay one run. */
-                        uint32_t n = d->type == PD_SLAB && np >= 1 && np <= s->npages - i ? np : 1;
-                        if (run == NONE)
+                        uint32_t n = d->type == SLAB_PD_SLAB && np >= 1 && np <= s->npages - i ? np : 1;
+                        if (run == SLAB_NONE)
                                 run = i;
                         for (uint32_t k = 0; k < n; k++)
-                                s->d[i + k].type = PD_FREE_CONT;
+                                s->d[i + k].type = SLAB_PD_FREE_CONT;
                         i += n;
                         continue;
                 }
-                if (run != NONE) {
+                if (run != SLAB_NONE) {
                         (void) run_link(s, run, i - run);
-                        run = NONE;
+                        run = SLAB_NONE;
                 }
                 mark_cont(s, i, np);
                 d->head = i;
-                d->next = d->prev = NONE;
-                if (d->type == PD_LARGE) {
+                d->next = d->prev = SLAB_NONE;
+                if (d->type == SLAB_PD_LARGE) {
                         st->large_pages += np;
                         st->large_used++;
                 } else {
@@ -873,7 +877,7 @@ static void slab_repair(struct slab *s) {
                 }
                 i += np;
         }
-        if (run != NONE)
+        if (run != SLAB_NONE)
                 (void) run_link(s, run, s->npages - run);
 
         if (intent != 0)
@@ -893,14 +897,14 @@ static int slab_format(struct shmz_zone *z) {
                 return -ENOSPC;
         memset(st, 0, sizeof(*st));
         /* The area may have been used raw before: descriptors must not carry old types. */
-        memset(zone_bytes(z) + DESC_OFF, 0, (size_t) npages * sizeof(struct pdesc));
+        memset(zone_bytes(z) + SLAB_DESC_OFF, 0, (size_t) npages * sizeof(struct pdesc));
         st->version = SLAB_VERSION;
         st->npages = npages;
         st->pages_off = pages_off_for(npages);
-        for (unsigned b = 0; b < NBINS; b++)
-                st->bins[b] = NONE;
-        for (unsigned c = 0; c < NCLASSES; c++)
-                st->cls[c].partial = NONE;
+        for (unsigned b = 0; b < SLAB_NBINS; b++)
+                st->bins[b] = SLAB_NONE;
+        for (unsigned c = 0; c < SLAB_NCLASSES; c++)
+                st->cls[c].partial = SLAB_NONE;
         st->magic = SLAB_MAGIC;
         if (slab_get(z, &s) < 0)
                 return -EUCLEAN;
@@ -968,7 +972,7 @@ _public_ void *shmz_alloc_locked(struct shmz_zone *z, size_t n) {
 
                 op_begin(s.st);
                 p = c >= 0 ? alloc_small(&s, (unsigned) c) : alloc_large(&s, n);
-                if (_likely_(p != MAP_CORRUPT))
+                if (_likely_(p != SLAB_MAP_CORRUPT))
                         break;
                 /* Metadata that lies: count it, rebuild from the descriptors, try once more. */
                 fault(&s, -EUCLEAN, s.st->intent_off);
@@ -1109,8 +1113,8 @@ _public_ int shmz_zone_alloc_stats(struct shmz_zone *z, struct shmz_alloc_stats 
         assert_return(ret, -EINVAL);
         memset(ret, 0, sizeof(*ret));
         ret->page_size = SLAB_PAGE_SIZE;
-        ret->nclasses = NCLASSES;
-        for (unsigned c = 0; c < NCLASSES; c++)
+        ret->nclasses = SLAB_NCLASSES;
+        for (unsigned c = 0; c < SLAB_NCLASSES; c++)
                 ret->classes[c].size = classes[c].size;
         if (!formatted(z))
                 return 0;
@@ -1135,7 +1139,7 @@ _public_ int shmz_zone_alloc_stats(struct shmz_zone *z, struct shmz_alloc_stats 
         ret->repairs = st->repairs;
         ret->last_fault = st->last_fault;
         ret->last_fault_offset = st->last_fault_off;
-        for (unsigned c = 0; c < NCLASSES; c++) {
+        for (unsigned c = 0; c < SLAB_NCLASSES; c++) {
                 ret->classes[c].total = st->cls[c].spans * classes[c].nslots;
                 ret->classes[c].used = st->cls[c].used;
                 ret->classes[c].reqs = st->cls[c].reqs;
@@ -1143,12 +1147,12 @@ _public_ int shmz_zone_alloc_stats(struct shmz_zone *z, struct shmz_alloc_stats 
                 ret->pages_slab += st->cls[c].spans * classes[c].npages;
         }
         /* The largest run lives in the highest non-empty bin; only the top bins are not exact. */
-        for (int b = NBINS - 1; b >= 0; b--) {
+        for (int b = SLAB_NBINS - 1; b >= 0; b--) {
                 uint32_t pg = st->bins[b], steps = 0, best = 0;
 
                 if (!(st->bin_mask[b / 64] & (UINT64_C(1) << (b % 64))))
                         continue;
-                while (pg != NONE && pg < s.npages && steps++ < s.npages) {
+                while (pg != SLAB_NONE && pg < s.npages && steps++ < s.npages) {
                         best = MAX(best, MIN(s.d[pg].npages, s.npages));
                         pg = s.d[pg].next;
                 }

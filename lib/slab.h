@@ -23,22 +23,22 @@ extern unsigned slab_test_crash_countdown;
  * one struct pdesc per page. Here so that tests can play the hostile co-user. */
 #define SLAB_MAGIC 0x42414c53u /* "SLAB" */
 #define SLAB_VERSION 1u
-#define NONE UINT32_MAX
-#define NCLASSES SHMZ_ALLOC_CLASSES
-#define NBINS 96u
-#define EXACT_BINS 64u
-#define MAX_SPAN_PAGES 16u
-#define DESC_OFF SHMZ_ZONE_HEADER_SIZE
-#define MAP_CORRUPT ((void *) 1) /* internal: metadata found inconsistent */
+#define SLAB_NONE UINT32_MAX
+#define SLAB_NCLASSES SHMZ_ALLOC_CLASSES
+#define SLAB_NBINS 96u
+#define SLAB_EXACT_BINS 64u
+#define SLAB_MAX_SPAN_PAGES 16u
+#define SLAB_DESC_OFF SHMZ_ZONE_HEADER_SIZE
+#define SLAB_MAP_CORRUPT ((void *) 1) /* internal: metadata found inconsistent */
 
 enum {
-        PD_UNUSED = 0,
-        PD_FREE,      /* head of a free run */
-        PD_FREE_TAIL, /* last page of a free run of more than one page */
-        PD_SLAB,      /* head of a span of one size class */
-        PD_LARGE,     /* head of a large block */
-        PD_CONT,      /* other page of a span or large block */
-        PD_FREE_CONT, /* inside a free run (stale) */
+        SLAB_PD_UNUSED = 0,
+        SLAB_PD_FREE,      /* head of a free run */
+        SLAB_PD_FREE_TAIL, /* last page of a free run of more than one page */
+        SLAB_PD_SLAB,      /* head of a span of one size class */
+        SLAB_PD_LARGE,     /* head of a large block */
+        SLAB_PD_CONT,      /* other page of a span or large block */
+        SLAB_PD_FREE_CONT, /* inside a free run (stale) */
 };
 
 struct pdesc {
@@ -46,7 +46,7 @@ struct pdesc {
         uint8_t cls;
         uint16_t nfree;  /* SLAB: free slots */
         uint32_t npages; /* heads: pages of the run */
-        uint32_t next;   /* list links, page index or NONE */
+        uint32_t next;   /* list links, page index or SLAB_NONE */
         uint32_t prev;
         uint32_t head; /* CONT, FREE_TAIL: the head's index */
         uint32_t reserved;
@@ -75,7 +75,7 @@ struct slab_state {
         int32_t last_fault;
         uint32_t reserved;
         uint64_t bin_mask[2];
-        uint32_t bins[NBINS];
-        struct slab_class_state cls[NCLASSES];
+        uint32_t bins[SLAB_NBINS];
+        struct slab_class_state cls[SLAB_NCLASSES];
 };
 _Static_assert(sizeof(struct slab_state) <= SHMZ_ZONE_ALLOC_STATE_SIZE, "allocator state fits the header");

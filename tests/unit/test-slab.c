@@ -744,15 +744,15 @@ Test(slab, scribbled_span_never_writes_outside_its_records) {
         struct pdesc *d;
         uint8_t *copy, *from;
         size_t len;
-        unsigned c = NCLASSES - 1;
+        unsigned c = SLAB_NCLASSES - 1;
 
         cr_assert_eq(zone_new_anonymous("scribble", 512 << 10, &z), 0);
         cr_assert_not_null(shmz_alloc(z, 8)); /* formats the allocator */
         st = (struct slab_state *) z->hdr->alloc;
-        d = (struct pdesc *) (zone_bytes(z) + DESC_OFF);
+        d = (struct pdesc *) (zone_bytes(z) + SLAB_DESC_OFF);
         /* The largest class has one slot per span: nfree 1 says "empty", ready to be given back. */
         d[st->npages - 1] = (struct pdesc){
-                .type = PD_SLAB, .cls = (uint8_t) c, .nfree = 1, .npages = 4, .next = NONE, .prev = NONE
+                .type = SLAB_PD_SLAB, .cls = (uint8_t) c, .nfree = 1, .npages = 4, .next = SLAB_NONE, .prev = SLAB_NONE
         };
         st->cls[c].partial = st->npages - 1;
         st->cls[c].empty = 1;

@@ -59,6 +59,29 @@ struct slab {
 
 #define barrier() __asm__ __volatile__("" ::: "memory")
 
+/*
+ * Other processes may write the zone at any moment, hostile ones included.
+ * Each value is read from it once, into a local that is checked and then the
+ * only thing used: a second read could see something else than what was
+ * checked. Relaxed atomic loads are plain loads that the compiler may not
+ * repeat or split.
+ */
+#define LOAD(x) __atomic_load_n(&(x), __ATOMIC_RELAXED)
+
+/* A descriptor as one snapshot, every field read once. */
+static inline struct pdesc pd_load(const struct pdesc *d) {
+        return (struct pdesc){
+                .type = LOAD(d->type),
+                .cls = LOAD(d->cls),
+                .nfree = LOAD(d->nfree),
+                .npages = LOAD(d->npages),
+                .next = LOAD(d->next),
+                .prev = LOAD(d->prev),
+                .head = LOAD(d->head),
+                .bits = LOAD(d->bits),
+        };
+}
+
 /* Tests: SIGKILL ourselves at the n-th step of an allocator operation (0 = never). */
 unsigned slab_test_crash_countdown = 0;
 #define CRASH_POINT()                                                                                                  \
@@ -66,6 +89,14 @@ unsigned slab_test_crash_countdown = 0;
                 barrier();                                                                                             \
                 if (_unlikely_(slab_test_crash_countdown) && --slab_test_crash_countdown == 0)                         \
                         (void) kill(getpid(), SIGKILL);                                                                \
+        } while (0)
+
+/* Tests: a co-writer's hand in the middle of an operation (NULL = off). */
+void (*slab_test_race)(const char *where, uint32_t pg) = NULL;
+#define RACE_POINT(pg)                                                                                                 \
+        do {                                                                                                           \
+                if (_unlikely_(slab_test_race))                                                                        \
+                        slab_test_race(__func__, pg);                                                                  \
         } while (0)
 
 /* ---- size classes ---------------------------------------------------------------------- */
@@ -168,7 +199,7 @@ static int slab_get(struct shmz_zone *z, struct slab *ret) {
         uint32_t npages = __atomic_load_n(&st->npages, __ATOMIC_RELAXED);
         uint64_t pages_off = __atomic_load_n(&st->pages_off, __ATOMIC_RELAXED);
 
-        if (_unlikely_(st->magic != SLAB_MAGIC || npages == 0 || npages == SLAB_NONE ||
+        if (_unlikely_(LOAD(st->magic) != SLAB_MAGIC || npages == 0 || npages == SLAB_NONE ||
                        pages_off != pages_off_for(npages) ||
                        pages_off + (uint64_t) npages * SLAB_PAGE_SIZE > z->map_size))
                 return -EUCLEAN;
@@ -228,31 +259,32 @@ static inline void bin_mark(struct slab_state *st, unsigned b, bool on) {
                 st->bin_mask[b / 64] &= ~(UINT64_C(1) << (b % 64));
 }
 
-/* List links of descriptors: false if one points outside the zone. */
+/* List links of descriptors: false if one points outside the zone. pg < s->npages. */
 static bool list_unlink(struct slab *s, uint32_t *head, uint32_t pg) {
         struct pdesc *d = &s->d[pg];
-        uint32_t next = d->next, prev = d->prev;
+        uint32_t next = LOAD(d->next), prev = LOAD(d->prev);
 
         if ((next != SLAB_NONE && next >= s->npages) || (prev != SLAB_NONE && prev >= s->npages))
                 return false;
         if (prev == SLAB_NONE) {
-                if (*head != pg)
+                if (LOAD(*head) != pg)
                         return false;
                 *head = next;
         } else {
-                if (s->d[prev].next != pg)
+                if (LOAD(s->d[prev].next) != pg)
                         return false;
                 s->d[prev].next = next;
         }
         if (next != SLAB_NONE)
                 s->d[next].prev = prev;
-        d->next = d->prev = SLAB_NONE;
+        d->next = SLAB_NONE;
+        d->prev = SLAB_NONE;
         CRASH_POINT();
         return true;
 }
 
 static bool list_push(struct slab *s, uint32_t *head, uint32_t pg) {
-        uint32_t first = *head;
+        uint32_t first = LOAD(*head);
 
         if (first != SLAB_NONE && first >= s->npages)
                 return false;
@@ -265,6 +297,7 @@ static bool list_push(struct slab *s, uint32_t *head, uint32_t pg) {
         return true;
 }
 
+/* Makes [h, h+np) a free run; the caller checked that it lies in the zone. */
 static bool run_link(struct slab *s, uint32_t h, uint32_t np) {
         struct pdesc *d = &s->d[h];
         unsigned b = bin_of(np);
@@ -283,21 +316,26 @@ static bool run_link(struct slab *s, uint32_t h, uint32_t np) {
         return true;
 }
 
-static bool run_unlink(struct slab *s, uint32_t h) {
-        unsigned b = bin_of(s->d[h].npages);
+/* Takes the run at h off its bin; np is its length as the caller read and checked it. */
+static bool run_unlink(struct slab *s, uint32_t h, uint32_t np) {
+        unsigned b = bin_of(np);
 
         if (!list_unlink(s, &s->st->bins[b], h))
                 return false;
-        if (s->st->bins[b] == SLAB_NONE)
+        if (LOAD(s->st->bins[b]) == SLAB_NONE)
                 bin_mark(s->st, b, false);
-        s->st->free_pages -= s->d[h].npages;
+        s->st->free_pages -= np;
         return true;
 }
 
-/* A free run that starts at h and fits the zone. */
-static inline bool is_run(const struct slab *s, uint32_t h) {
-        const struct pdesc *d = &s->d[h];
-        return d->type == SLAB_PD_FREE && d->npages >= 1 && d->npages <= s->npages - h;
+/* Length of the free run that starts at h (< s->npages), read once and checked to fit the zone; 0 if none. */
+static inline uint32_t run_len(const struct slab *s, uint32_t h) {
+        uint32_t np;
+
+        if (LOAD(s->d[h].type) != SLAB_PD_FREE)
+                return 0;
+        np = LOAD(s->d[h].npages);
+        return np <= s->npages - h ? np : 0;
 }
 
 /* Gives pages [h, h+np) back, merging with free neighbours. */
@@ -311,35 +349,38 @@ static bool pages_free(struct slab *s, uint32_t h, uint32_t np) {
 
         if (h > 0) {
                 struct pdesc *l = &s->d[h - 1];
-                uint32_t lh = l->type == SLAB_PD_FREE ? h - 1 : l->type == SLAB_PD_FREE_TAIL ? l->head : SLAB_NONE;
+                uint8_t lt = LOAD(l->type);
+                uint32_t lh = lt == SLAB_PD_FREE ? h - 1 : lt == SLAB_PD_FREE_TAIL ? LOAD(l->head) : SLAB_NONE;
+                uint32_t ln = lh < h ? run_len(s, lh) : 0;
 
-                if (lh < h && is_run(s, lh) && lh + s->d[lh].npages == h) {
-                        if (!run_unlink(s, lh))
+                if (ln > 0 && ln == h - lh) {
+                        if (!run_unlink(s, lh, ln))
                                 return false;
                         s->d[h].type = SLAB_PD_FREE_CONT;
                         l->type = SLAB_PD_FREE_CONT;
                         h = lh;
                 }
         }
-        if (end < s->npages && is_run(s, end)) {
-                uint32_t rn = s->d[end].npages;
+        if (end < s->npages) {
+                uint32_t rn = run_len(s, end);
 
-                if (!run_unlink(s, end))
-                        return false;
-                s->d[end].type = SLAB_PD_FREE_CONT;
-                if (rn > 1)
-                        s->d[end + rn - 1].type = SLAB_PD_FREE_CONT;
-                end += rn;
+                RACE_POINT(end);
+                if (rn > 0) {
+                        if (!run_unlink(s, end, rn))
+                                return false;
+                        s->d[end].type = SLAB_PD_FREE_CONT;
+                        if (rn > 1)
+                                s->d[end + rn - 1].type = SLAB_PD_FREE_CONT;
+                        end += rn;
+                }
         }
         return run_link(s, h, end - h);
 }
 
 static bool span_release(struct slab *s, unsigned c, uint32_t h);
 
-/* A span of class c at page pg, as its descriptor must say before anything trusts it. */
-static bool span_ok(const struct slab *s, uint32_t pg, unsigned c) {
-        const struct pdesc *d = &s->d[pg];
-
+/* A span of class c (< SLAB_NCLASSES) at pg, as its descriptor (snapshot d) must say before anything trusts it. */
+static bool span_ok(const struct slab *s, uint32_t pg, unsigned c, const struct pdesc *d) {
         return pg < s->npages && d->type == SLAB_PD_SLAB && d->cls == c && d->npages == classes[c].npages &&
                d->npages <= s->npages - pg && d->nfree <= classes[c].nslots;
 }
@@ -350,13 +391,13 @@ static bool reclaim_empty(struct slab *s) {
 
         for (unsigned c = 0; c < SLAB_NCLASSES; c++) {
                 struct slab_class_state *cs = &s->st->cls[c];
-                uint32_t pg = cs->partial, steps = 0;
+                uint32_t pg = LOAD(cs->partial), steps = 0;
 
-                while (cs->empty > 0 && pg != SLAB_NONE && pg < s->npages && steps++ < s->npages) {
-                        uint32_t next = s->d[pg].next;
+                while (LOAD(cs->empty) > 0 && pg != SLAB_NONE && pg < s->npages && steps++ < s->npages) {
+                        struct pdesc d = pd_load(&s->d[pg]);
 
-                        if (s->d[pg].type == SLAB_PD_SLAB && s->d[pg].nfree == classes[c].nslots) {
-                                if (!span_ok(s, pg, c)) {
+                        if (d.type == SLAB_PD_SLAB && d.nfree == classes[c].nslots) {
+                                if (!span_ok(s, pg, c, &d)) {
                                         fault(s, -EUCLEAN, page_zoff(s, pg));
                                         return false;
                                 }
@@ -365,7 +406,7 @@ static bool reclaim_empty(struct slab *s) {
                                 cs->empty--;
                                 any = true;
                         }
-                        pg = next;
+                        pg = d.next;
                 }
         }
         return any;
@@ -375,41 +416,47 @@ static bool reclaim_empty(struct slab *s) {
 static int64_t pages_alloc(struct slab *s, uint32_t np) {
         struct slab_state *st = s->st;
         unsigned b0 = np < SLAB_EXACT_BINS ? np : bin_of(np) + 1;
-        uint32_t h = SLAB_NONE;
+        uint32_t h = SLAB_NONE, n = 0;
 
         for (int attempt = 0; attempt < 2 && h == SLAB_NONE; attempt++) {
                 for (unsigned w = b0 / 64; w < 2 && h == SLAB_NONE; w++) {
-                        uint64_t m = st->bin_mask[w];
+                        uint64_t m = LOAD(st->bin_mask[w]);
                         if (w == b0 / 64)
                                 m &= ~UINT64_C(0) << (b0 % 64);
                         if (m) {
                                 unsigned b = w * 64 + (unsigned) __builtin_ctzll(m);
                                 if (b >= SLAB_NBINS)
                                         return -1;
-                                h = st->bins[b];
-                                if (h >= s->npages || !is_run(s, h) || s->d[h].npages < np)
+                                h = LOAD(st->bins[b]);
+                                if (h >= s->npages)
+                                        return -1;
+                                n = run_len(s, h);
+                                if (n == 0 || n < np)
                                         return -1;
                         }
                 }
                 if (h == SLAB_NONE && np >= SLAB_EXACT_BINS) {
                         /* Only this bin may hold runs both shorter and longer than np. */
-                        uint32_t pg = st->bins[bin_of(np)], steps = 0;
+                        uint32_t pg = LOAD(st->bins[bin_of(np)]), steps = 0;
                         while (pg != SLAB_NONE && steps++ < s->npages) {
-                                if (pg >= s->npages || !is_run(s, pg))
+                                uint32_t pn = pg < s->npages ? run_len(s, pg) : 0;
+
+                                if (pn == 0)
                                         return -1;
-                                if (s->d[pg].npages >= np) {
+                                if (pn >= np) {
                                         h = pg;
+                                        n = pn;
                                         break;
                                 }
-                                pg = s->d[pg].next;
+                                pg = LOAD(s->d[pg].next);
                         }
                 }
                 if (h == SLAB_NONE && (attempt > 0 || !reclaim_empty(s)))
                         return SLAB_NONE;
         }
 
-        uint32_t n = s->d[h].npages;
-        if (!run_unlink(s, h))
+        RACE_POINT(h);
+        if (!run_unlink(s, h, n))
                 return -1;
         if (n > np && !run_link(s, h + np, n - np))
                 return -1;
@@ -485,8 +532,8 @@ static bool span_release(struct slab *s, unsigned c, uint32_t h) {
 static void *alloc_small(struct slab *s, unsigned c) {
         const struct class_info *ci = &classes[c];
         struct slab_class_state *cs = &s->st->cls[c];
-        uint32_t h = cs->partial, slot;
-        struct pdesc *d;
+        uint32_t h = LOAD(cs->partial), slot;
+        struct pdesc *d, pd;
         uint64_t off;
 
         cs->reqs++;
@@ -503,36 +550,42 @@ static void *alloc_small(struct slab *s, unsigned c) {
         if (h >= s->npages)
                 return SLAB_MAP_CORRUPT;
         d = &s->d[h];
-        if (!span_ok(s, h, c) || d->nfree == 0 || d->bits == 0)
+        pd = pd_load(d);
+        if (!span_ok(s, h, c, &pd) || pd.nfree == 0 || pd.bits == 0)
                 return SLAB_MAP_CORRUPT;
 
         if (ci->nwords == 0) {
-                slot = (uint32_t) __builtin_ctzll(d->bits);
+                slot = (uint32_t) __builtin_ctzll(pd.bits);
                 if (slot >= ci->nslots)
                         return SLAB_MAP_CORRUPT;
                 off = page_zoff(s, h) + (uint64_t) slot * ci->size;
                 op_intent(s->st, off);
-                d->bits &= d->bits - 1;
+                d->bits = pd.bits & (pd.bits - 1);
                 CRASH_POINT();
         } else {
-                unsigned w = (unsigned) __builtin_ctzll(d->bits);
-                uint64_t *words = span_words(s, h, ci);
+                unsigned w = (unsigned) __builtin_ctzll(pd.bits);
+                uint64_t *words = span_words(s, h, ci), word;
 
-                if (w >= ci->nwords || words[w] == 0)
+                if (w >= ci->nwords)
                         return SLAB_MAP_CORRUPT;
-                slot = w * 64 + (unsigned) __builtin_ctzll(words[w]);
+                word = LOAD(words[w]);
+                if (word == 0)
+                        return SLAB_MAP_CORRUPT;
+                slot = w * 64 + (unsigned) __builtin_ctzll(word);
                 if (slot >= ci->nslots)
                         return SLAB_MAP_CORRUPT;
                 off = page_zoff(s, h) + (uint64_t) slot * ci->size;
                 op_intent(s->st, off);
-                words[w] &= words[w] - 1;
+                word &= word - 1;
+                words[w] = word;
                 CRASH_POINT();
-                if (words[w] == 0)
-                        d->bits &= ~(UINT64_C(1) << w);
+                if (word == 0)
+                        d->bits = pd.bits & ~(UINT64_C(1) << w);
         }
-        if (d->nfree == ci->nslots)
+        if (pd.nfree == ci->nslots)
                 cs->empty--;
-        if (--d->nfree == 0 && !list_unlink(s, &cs->partial, h))
+        d->nfree = (uint16_t) (pd.nfree - 1);
+        if (pd.nfree == 1 && !list_unlink(s, &cs->partial, h))
                 return SLAB_MAP_CORRUPT;
         cs->used++;
         return s->base + off;
@@ -571,21 +624,24 @@ static void *alloc_large(struct slab *s, size_t n) {
 /* Frees the block at zone offset off: 0, -EINVAL, -EALREADY or -EUCLEAN. */
 static int free_off(struct slab *s, uint64_t off) {
         uint64_t poff = (uint64_t) (s->pages - s->base);
-        uint32_t pg, h;
-        struct pdesc *d;
+        uint32_t pg, h, nfree;
+        struct pdesc *d, pd;
 
         if (off < poff || off >= poff + ((uint64_t) s->npages << SLAB_PAGE_SHIFT))
                 return -EINVAL;
         pg = (uint32_t) ((off - poff) >> SLAB_PAGE_SHIFT);
         h = pg;
-        switch (s->d[pg].type) {
+        pd = pd_load(&s->d[pg]);
+        switch (pd.type) {
         case SLAB_PD_SLAB:
         case SLAB_PD_LARGE:
                 break;
         case SLAB_PD_CONT:
-                h = s->d[pg].head;
-                if (h >= pg || (s->d[h].type != SLAB_PD_SLAB && s->d[h].type != SLAB_PD_LARGE) ||
-                    s->d[h].npages <= pg - h)
+                h = pd.head;
+                if (h >= pg)
+                        return -EALREADY;
+                pd = pd_load(&s->d[h]);
+                if ((pd.type != SLAB_PD_SLAB && pd.type != SLAB_PD_LARGE) || pd.npages <= pg - h)
                         return -EALREADY; /* a stale page of a block freed earlier */
                 break;
         case SLAB_PD_FREE:
@@ -597,24 +653,22 @@ static int free_off(struct slab *s, uint64_t off) {
                 return -EUCLEAN;
         }
         d = &s->d[h];
-        if (d->npages == 0 || d->npages > s->npages - h)
+        if (pd.npages == 0 || pd.npages > s->npages - h)
                 return -EUCLEAN;
 
-        if (d->type == SLAB_PD_LARGE) {
-                uint32_t np = d->npages;
-
+        if (pd.type == SLAB_PD_LARGE) {
                 if (off != page_zoff(s, h))
                         return -EINVAL;
                 op_intent(s->st, off);
                 d->type = SLAB_PD_FREE_CONT;
                 CRASH_POINT();
-                s->st->large_pages -= np;
+                s->st->large_pages -= pd.npages;
                 s->st->large_used--;
-                return pages_free(s, h, np) ? 0 : -EUCLEAN;
+                return pages_free(s, h, pd.npages) ? 0 : -EUCLEAN;
         }
 
-        unsigned c = d->cls;
-        if (c >= SLAB_NCLASSES || d->npages != classes[c].npages)
+        unsigned c = pd.cls;
+        if (c >= SLAB_NCLASSES || pd.npages != classes[c].npages)
                 return -EUCLEAN;
         const struct class_info *ci = &classes[c];
         struct slab_class_state *cs = &s->st->cls[c];
@@ -622,31 +676,33 @@ static int free_off(struct slab *s, uint64_t off) {
 
         if (slot * ci->size != rel || slot >= ci->nslots)
                 return -EINVAL;
-        if (d->nfree >= ci->nslots)
-                return d->nfree == ci->nslots ? -EALREADY : -EUCLEAN;
+        if (pd.nfree >= ci->nslots)
+                return pd.nfree == ci->nslots ? -EALREADY : -EUCLEAN;
 
         if (ci->nwords == 0) {
-                if (d->bits & (UINT64_C(1) << slot))
+                if (pd.bits & (UINT64_C(1) << slot))
                         return -EALREADY;
                 op_intent(s->st, off);
-                d->bits |= UINT64_C(1) << slot;
+                d->bits = pd.bits | UINT64_C(1) << slot;
                 CRASH_POINT();
         } else {
-                uint64_t *w = span_words(s, h, ci) + slot / 64;
+                uint64_t *w = span_words(s, h, ci) + slot / 64, word = LOAD(*w);
 
-                if (*w & (UINT64_C(1) << (slot % 64)))
+                if (word & (UINT64_C(1) << (slot % 64)))
                         return -EALREADY;
                 op_intent(s->st, off);
-                *w |= UINT64_C(1) << (slot % 64);
+                *w = word | UINT64_C(1) << (slot % 64);
                 CRASH_POINT();
-                d->bits |= UINT64_C(1) << (slot / 64);
+                d->bits = pd.bits | UINT64_C(1) << (slot / 64);
         }
         cs->used--;
-        if (d->nfree++ == 0 && !list_push(s, &cs->partial, h))
+        nfree = pd.nfree + 1u;
+        d->nfree = (uint16_t) nfree;
+        if (nfree == 1 && !list_push(s, &cs->partial, h))
                 return -EUCLEAN;
-        if (d->nfree == ci->nslots) {
+        if (nfree == ci->nslots) {
                 /* Keep one empty span per class; a second one goes back to the pages. */
-                if (cs->empty >= 1)
+                if (LOAD(cs->empty) >= 1)
                         return span_release(s, c, h) ? 0 : -EUCLEAN;
                 cs->empty++;
         }
@@ -655,26 +711,29 @@ static int free_off(struct slab *s, uint64_t off) {
 
 /* ---- check and repair ------------------------------------------------------------------ */
 
-static bool span_bitmap_ok(const struct slab *s, uint32_t h, const struct class_info *ci, uint32_t *ret_free) {
-        const struct pdesc *d = &s->d[h];
+/* The span at h, whose descriptor said `bits`: is its bitmap sound, and how many slots are free. */
+static bool span_bitmap_ok(const struct slab *s, uint32_t h, const struct class_info *ci, uint64_t bits,
+                           uint32_t *ret_free) {
         uint32_t nfree = 0;
 
         if (ci->nwords == 0) {
-                if (d->bits & ~low_bits(ci->nslots))
+                if (bits & ~low_bits(ci->nslots))
                         return false;
-                nfree = (uint32_t) __builtin_popcountll(d->bits);
+                nfree = (uint32_t) __builtin_popcountll(bits);
         } else {
                 const uint64_t *w = span_words(s, h, ci);
                 uint64_t summary = 0;
 
                 for (uint32_t i = 0; i < ci->nwords; i++) {
-                        if (w[i] & ~low_bits(ci->nslots - i * 64))
+                        uint64_t wi = LOAD(w[i]);
+
+                        if (wi & ~low_bits(ci->nslots - i * 64))
                                 return false;
-                        if (w[i])
+                        if (wi)
                                 summary |= UINT64_C(1) << i;
-                        nfree += (uint32_t) __builtin_popcountll(w[i]);
+                        nfree += (uint32_t) __builtin_popcountll(wi);
                 }
-                if (summary != d->bits)
+                if (summary != bits)
                         return false;
         }
         *ret_free = nfree;
@@ -683,7 +742,7 @@ static bool span_bitmap_ok(const struct slab *s, uint32_t h, const struct class_
 
 static bool cont_ok(const struct slab *s, uint32_t h, uint32_t np) {
         for (uint32_t i = 1; i < np; i++)
-                if (s->d[h + i].type != SLAB_PD_CONT || s->d[h + i].head != h)
+                if (LOAD(s->d[h + i].type) != SLAB_PD_CONT || LOAD(s->d[h + i].head) != h)
                         return false;
         return true;
 }
@@ -697,11 +756,11 @@ static uint64_t slab_validate(struct slab *s) {
         uint64_t runs[SLAB_NBINS] = {};
         bool prev_free = false;
 
-        if (st->busy)
+        if (LOAD(st->busy))
                 bad++;
         for (uint32_t i = 0; i < s->npages;) {
-                struct pdesc *d = &s->d[i];
-                uint32_t np = d->npages, nfree;
+                struct pdesc d = pd_load(&s->d[i]);
+                uint32_t np = d.npages, nfree;
 
                 if (np == 0 || np > s->npages - i) {
                         bad++;
@@ -709,11 +768,11 @@ static uint64_t slab_validate(struct slab *s) {
                         prev_free = false;
                         continue;
                 }
-                switch (d->type) {
+                switch (d.type) {
                 case SLAB_PD_SLAB: {
-                        unsigned c = d->cls;
+                        unsigned c = d.cls;
                         if (c >= SLAB_NCLASSES || np != classes[c].npages || !cont_ok(s, i, np) ||
-                            !span_bitmap_ok(s, i, &classes[c], &nfree) || nfree != d->nfree) {
+                            !span_bitmap_ok(s, i, &classes[c], d.bits, &nfree) || nfree != d.nfree) {
                                 bad++;
                                 break;
                         }
@@ -730,8 +789,8 @@ static uint64_t slab_validate(struct slab *s) {
                         large_used++;
                         break;
                 case SLAB_PD_FREE:
-                        if (prev_free ||
-                            (np > 1 && (s->d[i + np - 1].type != SLAB_PD_FREE_TAIL || s->d[i + np - 1].head != i)))
+                        if (prev_free || (np > 1 && (LOAD(s->d[i + np - 1].type) != SLAB_PD_FREE_TAIL ||
+                                                     LOAD(s->d[i + np - 1].head) != i)))
                                 bad++;
                         runs[bin_of(np)]++;
                         free_pages += np;
@@ -740,48 +799,56 @@ static uint64_t slab_validate(struct slab *s) {
                         bad++;
                         np = 1;
                 }
-                prev_free = d->type == SLAB_PD_FREE;
+                prev_free = d.type == SLAB_PD_FREE;
                 i += np;
         }
 
         /* Lists: bounded walks, every entry of the right kind, back links right, counts matching. */
         for (unsigned c = 0; c < SLAB_NCLASSES; c++) {
-                uint32_t pg = st->cls[c].partial, prev = SLAB_NONE;
+                uint32_t pg = LOAD(st->cls[c].partial), prev = SLAB_NONE;
                 uint64_t n = 0;
 
                 while (pg != SLAB_NONE && n <= s->npages) {
-                        if (pg >= s->npages || s->d[pg].type != SLAB_PD_SLAB || s->d[pg].cls != c ||
-                            s->d[pg].nfree == 0 || s->d[pg].prev != prev) {
+                        struct pdesc d;
+
+                        if (pg >= s->npages) {
+                                bad++;
+                                break;
+                        }
+                        d = pd_load(&s->d[pg]);
+                        if (d.type != SLAB_PD_SLAB || d.cls != c || d.nfree == 0 || d.prev != prev) {
                                 bad++;
                                 break;
                         }
                         n++;
                         prev = pg;
-                        pg = s->d[pg].next;
+                        pg = d.next;
                 }
-                if (n != partial[c] || st->cls[c].spans != spans[c] || st->cls[c].used != used[c] ||
-                    st->cls[c].empty != empty[c] || empty[c] > 1) {
+                if (n != partial[c] || LOAD(st->cls[c].spans) != spans[c] || LOAD(st->cls[c].used) != used[c] ||
+                    LOAD(st->cls[c].empty) != empty[c] || empty[c] > 1) {
                         bad++;
                 }
         }
         for (unsigned b = 0; b < SLAB_NBINS; b++) {
-                uint32_t pg = st->bins[b], prev = SLAB_NONE;
+                uint32_t pg = LOAD(st->bins[b]), prev = SLAB_NONE;
                 uint64_t n = 0;
 
                 while (pg != SLAB_NONE && n <= s->npages) {
-                        if (pg >= s->npages || !is_run(s, pg) || bin_of(s->d[pg].npages) != b ||
-                            s->d[pg].prev != prev) {
+                        uint32_t rn = pg < s->npages ? run_len(s, pg) : 0;
+
+                        if (rn == 0 || bin_of(rn) != b || LOAD(s->d[pg].prev) != prev) {
                                 bad++;
                                 break;
                         }
                         n++;
                         prev = pg;
-                        pg = s->d[pg].next;
+                        pg = LOAD(s->d[pg].next);
                 }
-                if (n != runs[b] || !!(st->bin_mask[b / 64] & (UINT64_C(1) << (b % 64))) != (n > 0))
+                if (n != runs[b] || !!(LOAD(st->bin_mask[b / 64]) & (UINT64_C(1) << (b % 64))) != (n > 0))
                         bad++;
         }
-        if (st->free_pages != free_pages || st->large_pages != large_pages || st->large_used != large_used)
+        if (LOAD(st->free_pages) != free_pages || LOAD(st->large_pages) != large_pages ||
+            LOAD(st->large_used) != large_used)
                 bad++;
         return bad;
 }
@@ -794,7 +861,7 @@ static uint64_t slab_validate(struct slab *s) {
  */
 static void slab_repair(struct slab *s) {
         struct slab_state *st = s->st;
-        uint64_t intent = st->busy ? st->intent_off : 0;
+        uint64_t intent = LOAD(st->busy) ? LOAD(st->intent_off) : 0;
         uint32_t run = SLAB_NONE;
 
         st->busy = 1;
@@ -812,42 +879,49 @@ static void slab_repair(struct slab *s) {
 
         for (uint32_t i = 0; i < s->npages;) {
                 struct pdesc *d = &s->d[i];
-                uint32_t np = d->npages;
-                unsigned c = d->cls;
+                /* One read: the type that says "keep" must be the type that says what c indexes. */
+                struct pdesc pd = pd_load(d);
+                uint32_t np = pd.npages, nfree = 0;
+                unsigned c = pd.cls;
                 bool keep = false;
 
                 if (np >= 1 && np <= s->npages - i) {
-                        if (d->type == SLAB_PD_LARGE)
+                        if (pd.type == SLAB_PD_LARGE)
                                 keep = true;
-                        else if (d->type == SLAB_PD_SLAB && c < SLAB_NCLASSES && np == classes[c].npages)
+                        else if (pd.type == SLAB_PD_SLAB && c < SLAB_NCLASSES && np == classes[c].npages)
                                 keep = true;
                 }
-                if (keep && d->type == SLAB_PD_SLAB) {
+                RACE_POINT(i);
+                if (keep && pd.type == SLAB_PD_SLAB) {
                         const struct class_info *ci = &classes[c];
-                        uint32_t nfree = 0;
 
                         /* Bits past the last slot are cleared; the summary word is recomputed. */
                         if (ci->nwords == 0) {
-                                d->bits &= low_bits(ci->nslots);
-                                nfree = (uint32_t) __builtin_popcountll(d->bits);
+                                uint64_t bits = pd.bits & low_bits(ci->nslots);
+
+                                d->bits = bits;
+                                nfree = (uint32_t) __builtin_popcountll(bits);
                         } else {
-                                uint64_t *w = span_words(s, i, ci);
-                                d->bits = 0;
+                                uint64_t *w = span_words(s, i, ci), summary = 0;
+
                                 for (uint32_t k = 0; k < ci->nwords; k++) {
-                                        w[k] &= low_bits(ci->nslots - k * 64);
-                                        if (w[k])
-                                                d->bits |= UINT64_C(1) << k;
-                                        nfree += (uint32_t) __builtin_popcountll(w[k]);
+                                        uint64_t wk = LOAD(w[k]) & low_bits(ci->nslots - k * 64);
+
+                                        w[k] = wk;
+                                        if (wk)
+                                                summary |= UINT64_C(1) << k;
+                                        nfree += (uint32_t) __builtin_popcountll(wk);
                                 }
+                                d->bits = summary;
                         }
                         d->nfree = (uint16_t) nfree;
                         /* A second empty span goes back to the pages, as free_off() would have done. */
-                        if (nfree == ci->nslots && st->cls[c].empty >= 1)
+                        if (nfree == ci->nslots && LOAD(st->cls[c].empty) >= 1)
                                 keep = false;
                 }
                 if (!keep) {
                         /* Decided before any run is closed, so that neighbouring free pages stay one run. */
-                        uint32_t n = d->type == SLAB_PD_SLAB && np >= 1 && np <= s->npages - i ? np : 1;
+                        uint32_t n = pd.type == SLAB_PD_SLAB && np >= 1 && np <= s->npages - i ? np : 1;
                         if (run == SLAB_NONE)
                                 run = i;
                         for (uint32_t k = 0; k < n; k++)
@@ -861,13 +935,12 @@ static void slab_repair(struct slab *s) {
                 }
                 mark_cont(s, i, np);
                 d->head = i;
-                d->next = d->prev = SLAB_NONE;
-                if (d->type == SLAB_PD_LARGE) {
+                d->next = SLAB_NONE;
+                d->prev = SLAB_NONE;
+                if (pd.type == SLAB_PD_LARGE) {
                         st->large_pages += np;
                         st->large_used++;
                 } else {
-                        uint32_t nfree = d->nfree;
-
                         st->cls[c].spans++;
                         st->cls[c].used += classes[c].nslots - nfree;
                         if (nfree == classes[c].nslots)
@@ -927,7 +1000,7 @@ static int slab_enter(struct shmz_zone *z, struct slab *ret) {
                 fault(&(struct slab){ .st = state_of(z) }, r, 0);
                 return r;
         }
-        if (_unlikely_(ret->st->busy))
+        if (_unlikely_(LOAD(ret->st->busy)))
                 slab_repair(ret); /* somebody died in the middle of an operation */
         return 0;
 }
@@ -941,7 +1014,7 @@ static int zone_lock(struct shmz_zone *z) {
         if (_unlikely_(r == SHMZ_OWNER_DEAD)) {
                 struct slab s;
 
-                if (formatted(z) && slab_get(z, &s) >= 0 && (s.st->busy || slab_validate(&s) > 0))
+                if (formatted(z) && slab_get(z, &s) >= 0 && (LOAD(s.st->busy) || slab_validate(&s) > 0))
                         slab_repair(&s);
                 (void) shmz_mutex_consistent(m);
                 r = 0;
@@ -1148,13 +1221,15 @@ _public_ int shmz_zone_alloc_stats(struct shmz_zone *z, struct shmz_alloc_stats 
         }
         /* The largest run lives in the highest non-empty bin; only the top bins are not exact. */
         for (int b = SLAB_NBINS - 1; b >= 0; b--) {
-                uint32_t pg = st->bins[b], steps = 0, best = 0;
+                uint32_t pg = LOAD(st->bins[b]), steps = 0, best = 0;
 
-                if (!(st->bin_mask[b / 64] & (UINT64_C(1) << (b % 64))))
+                if (!(LOAD(st->bin_mask[b / 64]) & (UINT64_C(1) << (b % 64))))
                         continue;
                 while (pg != SLAB_NONE && pg < s.npages && steps++ < s.npages) {
-                        best = MAX(best, MIN(s.d[pg].npages, s.npages));
-                        pg = s.d[pg].next;
+                        uint32_t np = LOAD(s.d[pg].npages); /* MIN and MAX would read it up to four times */
+
+                        best = MAX(best, MIN(np, s.npages));
+                        pg = LOAD(s.d[pg].next);
                 }
                 ret->largest_free_run = best;
                 break;

@@ -18,6 +18,9 @@ uint32_t slab_class_size(unsigned c);
 
 /* Tests: the allocator SIGKILLs its own process at the n-th crash point it passes (0 = off). */
 extern unsigned slab_test_crash_countdown;
+/* Tests: called at a few points just after the allocator read the descriptor of page pg (where: the function), so
+ * that a test can play a co-writer that changes it at the worst moment. NULL = off. */
+extern void (*slab_test_race)(const char *where, uint32_t pg);
 
 /* The layout inside the zone: the header's alloc[] holds struct slab_state, the usable area begins with
  * one struct pdesc per page. Here so that tests can play the hostile co-user. */

@@ -5,6 +5,7 @@
  */
 #include <criterion/criterion.h>
 #include <errno.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdatomic.h>
 #include <stdlib.h>
@@ -766,4 +767,235 @@ Test(slab, scribbled_span_never_writes_outside_its_records) {
         cr_assert_eq(memcmp(copy, from, len), 0, "the allocator wrote outside its descriptors");
         free(copy);
         shmz_zone_close(z);
+}
+
+/* ---- a co-writer that changes descriptors while the allocator reads them ------------------------ */
+
+static struct slab_state *slab_st(void) {
+        return (struct slab_state *) zone->hdr->alloc;
+}
+
+static struct pdesc *pdesc_at(uint32_t pg) {
+        return (struct pdesc *) (zone_bytes(zone) + SLAB_DESC_OFF) + pg;
+}
+
+static uint32_t page_of(const void *p) {
+        return (uint32_t) ((shmz_offset(zone, p) - slab_st()->pages_off) >> SLAB_PAGE_SHIFT);
+}
+
+/* One shot: when `where` has just read the descriptor of page `pg`, `change` rewrites it. */
+static struct {
+        const char *where;
+        uint32_t pg;
+        void (*change)(struct pdesc *d);
+        unsigned hits;
+} race;
+
+static void race_hook(const char *where, uint32_t pg) {
+        if (race.hits > 0 || pg != race.pg || strcmp(where, race.where) != 0)
+                return;
+        race.hits++;
+        race.change(pdesc_at(pg));
+}
+
+static void race_arm(const char *where, uint32_t pg, void (*change)(struct pdesc *d)) {
+        race.where = where;
+        race.pg = pg;
+        race.change = change;
+        race.hits = 0;
+        slab_test_race = race_hook;
+}
+
+static void race_disarm(void) {
+        slab_test_race = NULL;
+        cr_assert_eq(race.hits, 1, "the race point in %s was passed", race.where);
+}
+
+/* Everything after the descriptor array, pages included: the allocator must not write there on its own. */
+static uint8_t *after_descs_copy(size_t *ret_len) {
+        uint8_t *from = (uint8_t *) pdesc_at(slab_st()->npages), *copy;
+
+        *ret_len = (size_t) (zone_bytes(zone) + zone->map_size - from);
+        copy = malloc(*ret_len);
+        cr_assert_not_null(copy);
+        memcpy(copy, from, *ret_len);
+        return copy;
+}
+
+static void assert_after_descs_same(uint8_t *copy, size_t len) {
+        bool same = memcmp(copy, pdesc_at(slab_st()->npages), len) == 0;
+
+        free(copy);
+        cr_assert(same, "the allocator wrote past its descriptors");
+}
+
+/* A large block (above the largest class) of this many pages. */
+#define LARGE_PAGES (SHMZ_ALLOC_MAX_CLASS / SLAB_PAGE_SIZE + 1)
+
+static void to_span_of_no_class(struct pdesc *d) {
+        __atomic_store_n(&d->type, SLAB_PD_SLAB, __ATOMIC_RELAXED);
+}
+
+/*
+ * slab_repair keeps a LARGE head whatever its class byte says. The old code
+ * decided "keep" on one read of the type and read it again to choose between
+ * LARGE and SLAB: a co-writer turning the head into a SLAB of class
+ * SLAB_NCLASSES in between made it index classes[SLAB_NCLASSES] (ASan:
+ * global-buffer-overflow) and the per-class figures past their array.
+ */
+Test(slab, repair_reads_the_type_once) {
+        uint8_t *big = shmz_alloc(zone, LARGE_PAGES * SLAB_PAGE_SIZE);
+        struct shmz_mutex *m = shmz_zone_mutex(zone);
+        uint32_t pg;
+
+        cr_assert_not_null(big);
+        pg = page_of(big);
+        cr_assert_eq(pdesc_at(pg)->type, SLAB_PD_LARGE);
+        pdesc_at(pg)->cls = SLAB_NCLASSES; /* ignored in a LARGE head */
+
+        cr_assert_eq(shmz_mutex_lock(m), 0);
+        slab_st()->busy = 1; /* as if a process had died in an operation: the next check repairs */
+        race_arm("slab_repair", pg, to_span_of_no_class);
+        int r = shmz_zone_check_locked(zone, SHMZ_CHECK_REPAIR);
+        race_disarm();
+        /* The co-writer left a SLAB of no class behind: found and repaired now. */
+        cr_assert(r == 1 || r == -EUCLEAN, "check gave %d", r);
+        cr_assert_geq(shmz_zone_check_locked(zone, SHMZ_CHECK_REPAIR), 0);
+        cr_assert_eq(shmz_zone_check_locked(zone, 0), 0);
+        cr_assert_eq(shmz_mutex_unlock(m), 0);
+        cr_assert_not_null(shmz_alloc(zone, 100));
+        cr_assert_eq(shmz_zone_check(zone), 0);
+}
+
+static void to_run_past_the_end(struct pdesc *d) {
+        uint32_t pg = (uint32_t) (d - pdesc_at(0));
+        __atomic_store_n(&d->npages, slab_st()->npages - pg + 1, __ATOMIC_RELAXED);
+}
+
+/*
+ * Freeing a block merges it with the free run on its right. The old code
+ * checked that run's length on one read and used a second read to mark the
+ * run's last page: a co-writer lengthening it in between made the free write a
+ * descriptor past the array, into the pages.
+ */
+Test(slab, free_reads_the_neighbour_run_once) {
+        uint8_t *a = shmz_alloc(zone, LARGE_PAGES * SLAB_PAGE_SIZE), *copy;
+        uint32_t right;
+        size_t len;
+
+        cr_assert_not_null(a);
+        right = page_of(a) + LARGE_PAGES;
+        cr_assert_eq(pdesc_at(right)->type, SLAB_PD_FREE, "a free run follows the block");
+        copy = after_descs_copy(&len);
+        race_arm("pages_free", right, to_run_past_the_end);
+        cr_assert_eq(shmz_free_checked(zone, a), 0);
+        race_disarm();
+        assert_after_descs_same(copy, len);
+        cr_assert_eq(shmz_zone_check(zone), 0);
+        struct shmz_alloc_stats st = stats();
+        cr_assert_eq(st.pages_free, st.pages_total);
+}
+
+/*
+ * An allocation takes the head of a free run and links what is left. The old
+ * code checked the run's length on one read and split it on a second: a
+ * co-writer lengthening the run in between made it write the rest's tail
+ * descriptor past the array, into the pages.
+ */
+Test(slab, alloc_reads_the_run_length_once) {
+        uint8_t *copy;
+        size_t len;
+
+        shmz_free(zone, shmz_alloc(zone, LARGE_PAGES * SLAB_PAGE_SIZE)); /* formatted: one free run of every page */
+        cr_assert_eq(pdesc_at(0)->type, SLAB_PD_FREE);
+        cr_assert_eq(pdesc_at(0)->npages, slab_st()->npages);
+        copy = after_descs_copy(&len);
+        race_arm("pages_alloc", 0, to_run_past_the_end);
+        uint8_t *p = shmz_alloc(zone, LARGE_PAGES * SLAB_PAGE_SIZE);
+        race_disarm();
+        assert_after_descs_same(copy, len);
+        cr_assert_not_null(p);
+        cr_assert_eq(shmz_zone_check(zone), 0);
+        shmz_free(zone, p);
+        cr_assert_eq(shmz_zone_check(zone), 0);
+}
+
+struct flipper {
+        _Atomic bool stop;
+        struct pdesc *d;
+        uint32_t n;
+};
+
+/* Rewrites type, class, length and links of the first descriptors as fast as it can. */
+static void *flipper_main(void *arg) {
+        struct flipper *f = arg;
+        uint64_t x = 88172645463325252ull;
+
+        while (!atomic_load_explicit(&f->stop, memory_order_relaxed)) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                struct pdesc *d = &f->d[x % f->n];
+                uint32_t v = (uint32_t) (x >> 32);
+                switch ((x >> 24) % 5) {
+                case 0:
+                        __atomic_store_n(&d->type, (uint8_t) (v % 8), __ATOMIC_RELAXED);
+                        break;
+                case 1: /* the last classes and the first values past them */
+                        __atomic_store_n(&d->cls, (uint8_t) (SLAB_NCLASSES - 2 + v % 4), __ATOMIC_RELAXED);
+                        break;
+                case 2:
+                        __atomic_store_n(&d->npages, v % 2 ? v % 8 : v, __ATOMIC_RELAXED);
+                        break;
+                case 3:
+                        __atomic_store_n(&d->next, v % 2 ? v % f->n : v, __ATOMIC_RELAXED);
+                        break;
+                default:
+                        __atomic_store_n(&d->type,
+                                         __atomic_load_n(&d->type, __ATOMIC_RELAXED) == SLAB_PD_LARGE ? SLAB_PD_SLAB
+                                                                                                      : SLAB_PD_LARGE,
+                                         __ATOMIC_RELAXED);
+                }
+        }
+        return NULL;
+}
+
+/*
+ * The same, by chance rather than at a chosen point: a thread scribbles
+ * descriptors while this one allocates, frees, checks and repairs. The
+ * allocator may fail and count faults, never touch memory outside the zone
+ * (ASan) nor crash; once the scribbling stops, a repair makes it sound.
+ */
+Test(slab, descriptors_changing_underneath) {
+        struct flipper f = {};
+        struct shmz_mutex *m = shmz_zone_mutex(zone);
+        uint8_t *keep[64] = {};
+        pthread_t t;
+
+        shmz_free(zone, shmz_alloc(zone, 8)); /* formatted */
+        f.d = pdesc_at(0);
+        f.n = 48;
+        cr_assert_eq(pthread_create(&t, NULL, flipper_main, &f), 0);
+        srandom(99);
+        for (int i = 0; i < 20000; i++) {
+                unsigned k = (unsigned) random() % 64;
+                (void) shmz_free_checked(zone, keep[k]);
+                keep[k] = shmz_alloc(zone, random_size() % (3 * SHMZ_ALLOC_MAX_CLASS));
+                if (i % 50 == 0) {
+                        cr_assert_eq(shmz_mutex_lock(m), 0);
+                        (void) shmz_zone_check_locked(zone, SHMZ_CHECK_REPAIR);
+                        cr_assert_eq(shmz_mutex_unlock(m), 0);
+                        struct shmz_alloc_stats st;
+                        cr_assert_eq(shmz_zone_alloc_stats(zone, &st), 0);
+                }
+        }
+        atomic_store(&f.stop, true);
+        cr_assert_eq(pthread_join(t, NULL), 0);
+        cr_assert_eq(shmz_mutex_lock(m), 0);
+        cr_assert_geq(shmz_zone_check_locked(zone, SHMZ_CHECK_REPAIR), 0);
+        cr_assert_eq(shmz_zone_check_locked(zone, 0), 0);
+        cr_assert_eq(shmz_mutex_unlock(m), 0);
+        cr_assert_not_null(shmz_alloc(zone, 100));
+        struct shmz_alloc_stats st = stats();
+        cr_log_info("with descriptors changing underneath: %lu faults, %lu repairs", st.faults, st.repairs);
 }

@@ -418,6 +418,8 @@ static int64_t pages_alloc(struct slab *s, uint32_t np) {
         unsigned b0 = np < SLAB_EXACT_BINS ? np : bin_of(np) + 1;
         uint32_t h = SLAB_NONE, n = 0;
 
+        if (np == 0 || np > s->npages) /* a run of 0 pages would be handed out and stay free */
+                return SLAB_NONE;
         for (int attempt = 0; attempt < 2 && h == SLAB_NONE; attempt++) {
                 for (unsigned w = b0 / 64; w < 2 && h == SLAB_NONE; w++) {
                         uint64_t m = LOAD(st->bin_mask[w]);
@@ -592,7 +594,8 @@ static void *alloc_small(struct slab *s, unsigned c) {
 }
 
 static void *alloc_large(struct slab *s, size_t n) {
-        uint64_t np64 = ((uint64_t) n + SLAB_PAGE_SIZE - 1) >> SLAB_PAGE_SHIFT;
+        /* Rounded up without adding first: n + SLAB_PAGE_SIZE - 1 wraps to 0 pages near SIZE_MAX. */
+        uint64_t np64 = ((uint64_t) n >> SLAB_PAGE_SHIFT) + ((n & (SLAB_PAGE_SIZE - 1)) != 0);
         int64_t r;
         uint32_t h;
 

@@ -999,3 +999,60 @@ Test(slab, descriptors_changing_underneath) {
         struct shmz_alloc_stats st = stats();
         cr_log_info("with descriptors changing underneath: %lu faults, %lu repairs", st.faults, st.repairs);
 }
+
+/*
+ * Sizes near SIZE_MAX. The old page count, (n + 4095) >> 12, wrapped to 0 for
+ * n > SIZE_MAX - 4095: the allocator handed out a block of no pages, which the
+ * next allocation got again, and shmz_calloc() then cleared SIZE_MAX bytes.
+ * Every such request must fail with ENOMEM and leave every block and page as it was.
+ */
+Test(slab, huge_sizes_fail_and_change_nothing) {
+        static const size_t huge[] = {
+                SIZE_MAX,
+                SIZE_MAX - 1,
+                SIZE_MAX - 4095 + 1,
+                SIZE_MAX - 4095,
+                SIZE_MAX / 2,
+                SIZE_MAX / 2 + 1,
+                (size_t) UINT32_MAX * SLAB_PAGE_SIZE + 1, /* more pages than a uint32_t counts */
+        };
+        uint8_t *keep = shmz_alloc(zone, 100), *p[4];
+        struct shmz_alloc_stats before, after;
+
+        cr_assert_not_null(keep);
+        before = stats();
+        for (size_t i = 0; i < sizeof(huge) / sizeof(huge[0]); i++) {
+                errno = 0;
+                cr_assert_null(shmz_alloc(zone, huge[i]), "alloc of %zu bytes", huge[i]);
+                cr_assert_eq(errno, ENOMEM, "alloc of %zu bytes", huge[i]);
+                errno = 0;
+                cr_assert_null(shmz_calloc(zone, huge[i]), "calloc of %zu bytes", huge[i]);
+                cr_assert_eq(errno, ENOMEM, "calloc of %zu bytes", huge[i]);
+                cr_assert_eq(shmz_mutex_lock(shmz_zone_mutex(zone)), 0);
+                errno = 0;
+                cr_assert_null(shmz_alloc_locked(zone, huge[i]), "locked alloc of %zu bytes", huge[i]);
+                cr_assert_eq(errno, ENOMEM);
+                cr_assert_eq(shmz_mutex_unlock(shmz_zone_mutex(zone)), 0);
+        }
+        after = stats();
+        cr_assert_eq(after.pages_free, before.pages_free);
+        cr_assert_eq(after.pages_large, before.pages_large);
+        cr_assert_eq(after.large_used, before.large_used);
+        cr_assert_eq(used_slots(&after), used_slots(&before));
+        cr_assert_eq(after.faults, 0);
+        cr_assert_eq(shmz_zone_check(zone), 0);
+
+        /* The next allocations get distinct blocks. */
+        p[0] = shmz_alloc(zone, LARGE_PAGES * SLAB_PAGE_SIZE);
+        p[1] = shmz_alloc(zone, LARGE_PAGES * SLAB_PAGE_SIZE);
+        p[2] = shmz_alloc(zone, 100);
+        p[3] = shmz_alloc(zone, 100);
+        for (int i = 0; i < 4; i++) {
+                cr_assert_not_null(p[i]);
+                cr_assert_neq(p[i], keep);
+                for (int k = 0; k < i; k++)
+                        cr_assert_neq(p[i], p[k]);
+        }
+        cr_assert_geq(p[1], p[0] + LARGE_PAGES * SLAB_PAGE_SIZE, "the large blocks do not overlap");
+        cr_assert_eq(shmz_zone_check(zone), 0);
+}

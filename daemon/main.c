@@ -16,6 +16,7 @@
 #include "fuse-view.h"
 #include "log.h"
 #include "notify.h"
+#include "reaper.h"
 #include "shmzone.h"
 #include "registry.h"
 #include "worker.h"
@@ -139,6 +140,25 @@ static int load_config(struct config **ret) {
         return 0;
 }
 
+#ifndef SO_PASSRIGHTS
+#define SO_PASSRIGHTS 83 /* Linux 6.16 */
+#endif
+
+/*
+ * No request carries an fd: where the kernel can, make it refuse them (the
+ * sender's sendmsg() fails with EPERM), so that none ever has to be closed
+ * here. Accepted sockets inherit it from the listener. Older kernels: the
+ * reaper closes what comes. The test suite turns it off to drive that path.
+ */
+static void refuse_passed_fds(int fd) {
+        int zero = 0;
+
+        if (secure_getenv("SHMZONE_TEST_ACCEPT_FDS"))
+                return;
+        if (setsockopt(fd, SOL_SOCKET, SO_PASSRIGHTS, &zero, sizeof(zero)) < 0 && errno != ENOPROTOOPT)
+                log_debug_errno(errno, "SO_PASSRIGHTS: %m");
+}
+
 static int open_listen_socket(struct daemon *d) {
         struct sockaddr_un sa = { .sun_family = AF_UNIX };
         const char *path = d->cfg->socket_path;
@@ -151,6 +171,7 @@ static int open_listen_socket(struct daemon *d) {
                 if (sd_is_socket_unix(SD_LISTEN_FDS_START, SOCK_SEQPACKET, 1, NULL, 0) <= 0)
                         return log_error_errno(EINVAL, "The socket systemd passed is not a listening SOCK_SEQPACKET.");
                 d->listen_fd = SD_LISTEN_FDS_START;
+                refuse_passed_fds(d->listen_fd);
                 return 0;
         }
         if (strlen(path) >= sizeof(sa.sun_path))
@@ -178,6 +199,7 @@ static int open_listen_socket(struct daemon *d) {
         /* Anybody may connect; what they may do is decided per zone. */
         if (chmod(path, 0666) < 0)
                 return log_error_errno(errno, "chmod %s: %m", path);
+        refuse_passed_fds(fd);
         if (listen(fd, SOMAXCONN) < 0)
                 return log_error_errno(errno, "listen(): %m");
         d->socket_path = strdup(path);
@@ -311,6 +333,9 @@ static int run(struct daemon *d) {
 
                 n = (unsigned) MIN(MAX(cpus, 1L), (long) MAX_WORKERS);
         }
+        r = reaper_start();
+        if (r < 0)
+                return log_error_errno(r, "Cannot start the fd reaper thread: %m");
         d->workers = calloc(n, sizeof(*d->workers));
         if (!d->workers)
                 return log_oom();
@@ -360,6 +385,7 @@ static void daemon_done(struct daemon *d) {
         for (unsigned i = 0; i < d->n_workers; i++)
                 worker_stop(d->workers[i]);
         free(d->workers);
+        reaper_stop();
         fuse_view_stop(d->fuse);
         sd_event_source_unref(d->accept_source);
         sd_event_unref(d->event);

@@ -7,6 +7,7 @@
 #include "daemon.h"
 #include "log.h"
 #include "proto.h"
+#include "reaper.h"
 #include "worker.h"
 
 /* A client that does not read its replies is cut off rather than allowed to grow our memory. */
@@ -149,9 +150,15 @@ static int on_conn_io(sd_event_source *s, int fd, uint32_t revents, void *userda
         }
         /* A bounded batch per wake-up keeps one busy client from starving the others. */
         for (unsigned i = 0; i < 64 && !c->out_head; i++) {
-                size_t size;
+                int fds[PROTO_MAX_FDS];
+                size_t size, n_fds;
 
-                r = proto_recv(fd, buf, sizeof(buf), &size, NULL);
+                r = proto_recv(fd, buf, sizeof(buf), &size, fds, &n_fds);
+                /* No request carries an fd; closing one here could stall every client of this thread. */
+                for (size_t k = 0; k < n_fds; k++)
+                        reaper_close(fds[k]);
+                if (r >= 0 && n_fds > 0)
+                        r = -EBADMSG;
                 if (r == -EAGAIN)
                         return 0;
                 if (r == -ECONNRESET)

@@ -42,11 +42,17 @@ static int recv_reply(struct shmz_client *c, uint16_t type, uint32_t stream, uin
                       int *ret_fd) {
         for (;;) {
                 struct shmz_msg_header h;
-                size_t size;
-                int fd = -EBADF, r;
+                int fds[PROTO_MAX_FDS], fd = -EBADF, r;
+                size_t size, n_fds;
 
-                r = proto_recv(c->fd, buf, SHMZ_MSG_MAX, &size, &fd);
+                r = proto_recv(c->fd, buf, SHMZ_MSG_MAX, &size, fds, &n_fds);
+                /* The daemon passes at most one fd per reply; anything else goes. */
+                if (n_fds > 0)
+                        fd = fds[0];
+                for (size_t i = 1; i < n_fds; i++)
+                        safe_close(fds[i]);
                 if (r < 0) {
+                        safe_close(fd);
                         c->dead = true;
                         return r == -ECONNRESET ? -ENOTCONN : r;
                 }

@@ -8,7 +8,7 @@
 
 /* The layouts are ABI: pin their sizes and the offsets other code relies on. */
 _Static_assert(sizeof(struct shmz_mutex) == SHMZ_MUTEX_SIZE, "shmz_mutex size");
-_Static_assert(offsetof(struct shmz_mutex, robust_next) == 32, "robust list link offset");
+_Static_assert(offsetof(struct shmz_mutex, reserved) == 32, "robust list entry offset (glibc futex_offset -32)");
 _Static_assert(sizeof(struct shmz_zone_header) == SHMZ_ZONE_HEADER_SIZE, "zone header size");
 _Static_assert(offsetof(struct shmz_zone_header, lock) == 512, "zone lock offset");
 _Static_assert(offsetof(struct shmz_zone_header, alloc) == 1024, "allocator state offset");
@@ -58,63 +58,49 @@ int proto_send(int fd, uint16_t type, uint16_t flags, uint32_t stream, int32_t s
         return n == (ssize_t) h.size ? 0 : -EIO;
 }
 
-static void close_passed_fds(struct msghdr *mh) {
-        for (struct cmsghdr *c = CMSG_FIRSTHDR(mh); c; c = CMSG_NXTHDR(mh, c)) {
-                if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
-                        continue;
-                for (size_t i = 0; i < (c->cmsg_len - CMSG_LEN(0)) / sizeof(int); i++) {
-                        int fd;
-
-                        memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof(int));
-                        safe_close(fd);
-                }
-        }
-}
-
-int proto_recv(int fd, void *buf, size_t buf_size, size_t *ret_size, int *ret_fd) {
+int proto_recv(int fd, void *buf, size_t buf_size, size_t *ret_size, int ret_fds[static PROTO_MAX_FDS],
+               size_t *ret_n_fds) {
+        /* Room for all the kernel passes in one message: none is left for it to drop (and close) here. */
         union {
                 struct cmsghdr cmsg;
-                uint8_t buf[CMSG_SPACE(sizeof(int) * 4)];
+                uint8_t buf[CMSG_SPACE(sizeof(int) * PROTO_MAX_FDS)];
         } control;
         struct iovec iov = { .iov_base = buf, .iov_len = buf_size };
         struct msghdr mh = {
                 .msg_iov = &iov, .msg_iovlen = 1, .msg_control = &control, .msg_controllen = sizeof(control)
         };
         struct shmz_msg_header h;
-        int passed = -EBADF, n_fds = 0;
+        size_t n_fds = 0;
         ssize_t n;
 
+        *ret_n_fds = 0;
         do
                 n = recvmsg(fd, &mh, MSG_CMSG_CLOEXEC);
         while (n < 0 && errno == EINTR);
         if (n < 0)
                 return -errno;
+
+        for (struct cmsghdr *c = CMSG_FIRSTHDR(&mh); c; c = CMSG_NXTHDR(&mh, c)) {
+                size_t k;
+
+                if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
+                        continue;
+                k = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+                for (size_t i = 0; i < k && n_fds < PROTO_MAX_FDS; i++)
+                        memcpy(&ret_fds[n_fds++], CMSG_DATA(c) + i * sizeof(int), sizeof(int));
+        }
+        *ret_n_fds = n_fds;
         if (n == 0)
                 return -ECONNRESET;
-
-        for (struct cmsghdr *c = CMSG_FIRSTHDR(&mh); c; c = CMSG_NXTHDR(&mh, c))
-                if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS) {
-                        n_fds += (int) ((c->cmsg_len - CMSG_LEN(0)) / sizeof(int));
-                        if (n_fds == 1)
-                                memcpy(&passed, CMSG_DATA(c), sizeof(int));
-                }
-        /* At most one fd, only where the caller expects fds, and never with a cut message. */
-        if ((mh.msg_flags & (MSG_TRUNC | MSG_CTRUNC)) || n_fds > 1 || (n_fds > 0 && !ret_fd)) {
-                close_passed_fds(&mh);
-                return (mh.msg_flags & MSG_TRUNC) ? -EMSGSIZE : -EBADMSG;
-        }
-        if ((size_t) n < sizeof(h))
-                goto bad;
+        if (mh.msg_flags & MSG_TRUNC)
+                return -EMSGSIZE;
+        if ((mh.msg_flags & MSG_CTRUNC) || (size_t) n < sizeof(h))
+                return -EBADMSG;
         memcpy(&h, buf, sizeof(h));
         if (h.size != (size_t) n || (h.flags & ~(SHMZ_MSG_F_REPLY | SHMZ_MSG_F_LAST)))
-                goto bad;
+                return -EBADMSG;
         *ret_size = (size_t) n;
-        if (ret_fd)
-                *ret_fd = passed;
         return 0;
-bad:
-        safe_close(passed);
-        return -EBADMSG;
 }
 
 ssize_t proto_body_size(uint16_t type, bool reply) {
@@ -144,4 +130,5 @@ ssize_t proto_body_size(uint16_t type, bool reply) {
         }
 }
 _Static_assert(sizeof(struct shmz_msg_zone_ticket) == 24, "ticket ioctl size");
-_Static_assert(offsetof(struct shmz_zone_header, mode) == offsetof(struct shmz_zone_header, uid) + 8, "uid, gid, mode are written as one");
+_Static_assert(offsetof(struct shmz_zone_header, mode) == offsetof(struct shmz_zone_header, uid) + 8,
+               "uid, gid, mode are written as one");

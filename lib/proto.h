@@ -17,13 +17,19 @@
 int proto_send(int fd, uint16_t type, uint16_t flags, uint32_t stream, int32_t status, const void *body,
                size_t body_size, int pass_fd);
 
+/* The most fds the kernel passes with one message (SCM_MAX_FD). */
+#define PROTO_MAX_FDS 253
+
 /*
  * Receives one message into buf (at least SHMZ_MSG_MAX bytes) and checks its
- * framing: size as announced, known flags. ret_fd NULL: any fd that came along
- * is closed and the message refused (-EBADMSG). -ECONNRESET on end of stream,
- * -EMSGSIZE for a message larger than SHMZ_MSG_MAX (consumed and dropped).
+ * framing: size as announced, known flags. Every fd that came along is stored
+ * in ret_fds, *ret_n_fds of them, and belongs to the caller whatever the
+ * result (closing one may block: a lingering socket, a stalled filesystem).
+ * -ECONNRESET on end of stream, -EMSGSIZE for a message larger than buf_size
+ * (consumed and dropped), -EBADMSG for broken framing.
  */
-int proto_recv(int fd, void *buf, size_t buf_size, size_t *ret_size, int *ret_fd);
+int proto_recv(int fd, void *buf, size_t buf_size, size_t *ret_size, int ret_fds[static PROTO_MAX_FDS],
+               size_t *ret_n_fds);
 
 /* Expected body size of a request (or reply) of this type; -EBADMSG if the type is unknown. */
 ssize_t proto_body_size(uint16_t type, bool reply);

@@ -8,6 +8,8 @@
 #include <string.h>
 #include <sys/mount.h>
 #include <sys/stat.h>
+#include <sys/socket.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -146,17 +148,25 @@ static unsigned count_in_log(struct daemon_proc *d, const char *what) {
         return n;
 }
 
+static int wait_log_count(struct daemon_proc *d, const char *what, unsigned more_than, unsigned seconds) {
+        for (unsigned i = 0; i < seconds * 100; i++) {
+                if (count_in_log(d, what) > more_than)
+                        return 0;
+                usleep(10000);
+        }
+        return -ETIMEDOUT;
+}
+
 int harness_reload(struct daemon_proc *d) {
         unsigned before = count_in_log(d, "Reload done.");
 
         if (kill(d->pid, SIGHUP) < 0)
                 return -errno;
-        for (int i = 0; i < 2000; i++) {
-                if (count_in_log(d, "Reload done.") > before)
-                        return 0;
-                usleep(10000);
-        }
-        return -ETIMEDOUT;
+        return wait_log_count(d, "Reload done.", before, 20);
+}
+
+int harness_wait_log(struct daemon_proc *d, const char *what, unsigned seconds) {
+        return wait_log_count(d, what, 0, seconds);
 }
 
 const char *harness_log(struct daemon_proc *d) {
@@ -203,4 +213,23 @@ int harness_run_as(uid_t uid, gid_t gid, int (*fn)(void *), void *userdata) {
         if (waitpid(pid, &status, 0) < 0)
                 return -1;
         return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+}
+
+int harness_raw_connect(const char *path) {
+        struct sockaddr_un sa = { .sun_family = AF_UNIX };
+        int fd;
+
+        if (strlen(path) >= sizeof(sa.sun_path))
+                return -ENAMETOOLONG;
+        memcpy(sa.sun_path, path, strlen(path) + 1);
+        fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
+        if (fd < 0)
+                return -errno;
+        if (connect(fd, (struct sockaddr *) &sa, sizeof(sa)) < 0) {
+                int r = -errno;
+
+                close(fd);
+                return r;
+        }
+        return fd;
 }

@@ -30,6 +30,8 @@ int harness_start(struct daemon_proc *d, const char *const *extra_args, bool mou
 int harness_stop(struct daemon_proc *d);
 /* Sends SIGHUP and waits (up to 20 s) until the daemon logs that the reload is done; 0 or -ETIMEDOUT. */
 int harness_reload(struct daemon_proc *d);
+/* Waits (up to seconds) until the daemon's log has what in it; 0 or -ETIMEDOUT. */
+int harness_wait_log(struct daemon_proc *d, const char *what, unsigned seconds);
 /* The daemon's stderr so far, NUL-terminated (static buffer). */
 const char *harness_log(struct daemon_proc *d);
 /* A client of the test's daemon, or NULL. */
@@ -38,3 +40,5 @@ struct shmz_client *harness_connect(struct daemon_proc *d);
 void harness_cleanup(struct daemon_proc *d);
 /* Runs fn in a child switched to uid/gid (no supplementary groups); returns its exit status. */
 int harness_run_as(uid_t uid, gid_t gid, int (*fn)(void *), void *userdata);
+/* A bare SOCK_SEQPACKET connection to path (no hello), or -errno. */
+int harness_raw_connect(const char *path);

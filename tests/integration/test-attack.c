@@ -8,6 +8,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <string.h>
@@ -15,19 +16,23 @@
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/un.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "client.h"
 #include "harness.h"
 #include "shmzone-abi.h"
 #include "shmzone.h"
+#include "stallfs.h"
 #include "util.h"
 
 #define NOBODY 65534
 
 static struct daemon_proc d;
+static struct stallfs *sf;
 
 static void start_mounted(void) {
         (void) unsetenv("SHMZONE_SOCKET");
@@ -37,8 +42,15 @@ static void start_mounted(void) {
 
 static void stop(void) {
         static char log[65536];
-        bool ran = d.pid > 0;
-        int st = ran ? harness_stop(&d) : 0;
+        bool ran;
+        int st;
+
+        /* Whatever the test left stuck on the stalling filesystem goes first. */
+        if (sf)
+                stallfs_release(sf);
+        ran = d.pid > 0;
+        st = ran ? harness_stop(&d) : 0;
+        stallfs_stop(TAKE_PTR(sf));
 
         snprintf(log, sizeof(log), "%s", harness_log(&d));
         harness_cleanup(&d);
@@ -179,4 +191,157 @@ Test(attack, f1_read_only_attach_has_no_route_to_writing, .init = start_mounted,
         cr_assert_str_eq(shmz_zone_base(z), PATTERN);
         shmz_zone_close(z);
         shmz_disconnect(c);
+}
+
+/* ---- F3: an fd whose close() blocks cannot stop a worker ------------------------------------ */
+
+static int raw_connect(const char *path) {
+        int fd = harness_raw_connect(path);
+
+        cr_assert_geq(fd, 0, "connect %s: %s", path, strerror(-fd));
+        return fd;
+}
+
+/* A STATUS request with fd riding along; returns sendmsg()'s result (-errno on failure). */
+static int send_with_fd(int sock, int fd) {
+        struct shmz_msg_header h = { .size = sizeof(h), .type = SHMZ_MSG_STATUS, .stream = 1 };
+        union {
+                struct cmsghdr c;
+                char b[CMSG_SPACE(sizeof(int))];
+        } ctl = {};
+        struct iovec iov = { .iov_base = &h, .iov_len = sizeof(h) };
+        struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = &ctl, .msg_controllen = sizeof(ctl.b) };
+        struct cmsghdr *cm = CMSG_FIRSTHDR(&mh);
+
+        cm->cmsg_level = SOL_SOCKET;
+        cm->cmsg_type = SCM_RIGHTS;
+        cm->cmsg_len = CMSG_LEN(sizeof(int));
+        memcpy(CMSG_DATA(cm), &fd, sizeof(int));
+        return sendmsg(sock, &mh, MSG_NOSIGNAL) < 0 ? -errno : 0;
+}
+
+/* The daemon answers a new client within two seconds. */
+static bool daemon_answers(void) {
+        struct shmz_client *c = NULL;
+        struct shmz_daemon_status st;
+        bool ok;
+
+        if (shmz_connect(d.socket, &c) < 0)
+                return false;
+        ok = shmz_daemon_status(c, &st) == 0;
+        shmz_disconnect(c);
+        return ok;
+}
+
+static void *answers_thread(void *arg) {
+        return (void *) (uintptr_t) daemon_answers();
+}
+
+/* Like daemon_answers(), but gives up after two seconds instead of hanging with a stuck daemon. */
+static bool daemon_answers_soon(void) {
+        pthread_t t;
+        struct timespec ts;
+        void *ret = NULL;
+
+        cr_assert_eq(pthread_create(&t, NULL, answers_thread, NULL), 0);
+        clock_gettime(CLOCK_REALTIME, &ts);
+        ts.tv_sec += 5;
+        if (pthread_timedjoin_np(t, &ret, &ts) != 0) {
+                (void) pthread_detach(t);
+                return false;
+        }
+        return (bool) (uintptr_t) ret;
+}
+
+/*
+ * A file whose close() by the daemon never returns: its FLUSH waits on a FUSE
+ * server that a user mounted (any user can). Each connection passes it once.
+ */
+static void passed_fds_do_not_stall(bool kernel_refuses) {
+        char dir[192], path[256];
+        int fd, socks[4];
+
+        snprintf(dir, sizeof(dir), "%s/stall", d.dir);
+        cr_assert_eq(stallfs_start(dir, &sf), 0);
+        stallfs_stall_flushes(sf, (pid_t) syscall(SYS_gettid));
+        snprintf(path, sizeof(path), "%s/file", dir);
+        fd = open(path, O_RDONLY | O_CLOEXEC);
+        cr_assert_geq(fd, 0, "open %s: %m", path);
+
+        /* More connections than workers: each one's fd would stop its worker. */
+        for (size_t i = 0; i < ELEMENTSOF(socks); i++) {
+                int r;
+
+                socks[i] = raw_connect(d.socket);
+                r = send_with_fd(socks[i], fd);
+                if (kernel_refuses)
+                        cr_assert_eq(r, -EPERM, "the kernel should refuse the fd: %d", r);
+                else
+                        cr_assert_eq(r, 0);
+        }
+        close(fd);
+        cr_assert(daemon_answers_soon(), "a passed fd stalled the daemon");
+        if (!kernel_refuses) {
+                /* The fd reached the daemon, whose close of it is stuck for good. */
+                for (int i = 0; i < 500 && stallfs_stalled(sf) == 0; i++)
+                        usleep(10000);
+                cr_assert_gt(stallfs_stalled(sf), 0, "the daemon never closed the fd");
+                cr_assert(daemon_answers_soon(), "a passed fd stalled the daemon");
+        }
+        for (size_t i = 0; i < ELEMENTSOF(socks); i++) {
+                char b[64];
+                ssize_t n;
+
+                /* Refused by the kernel: the connection serves on. Taken: the connection ends. */
+                if (kernel_refuses) {
+                        struct shmz_msg_header h = { .size = sizeof(h), .type = SHMZ_MSG_HELLO, .stream = 2 };
+
+                        cr_assert_eq(send(socks[i], &h, sizeof(h), 0), (ssize_t) sizeof(h));
+                        n = recv(socks[i], b, sizeof(b), 0);
+                        cr_assert_gt(n, 0, "connection ended after a refused fd");
+                } else {
+                        n = recv(socks[i], b, sizeof(b), 0);
+                        cr_assert_eq(n, 0, "an fd in a request must end the connection");
+                }
+                close(socks[i]);
+        }
+        /*
+         * Stopping must not wait for the close that hangs: the daemon finishes
+         * its shutdown. (The kernel keeps a thread inside a FUSE FLUSH that
+         * was read by its server until the server answers, whatever signal
+         * comes; only then is the process gone.)
+         */
+        cr_assert_eq(kill(d.pid, SIGTERM), 0);
+        cr_assert_eq(harness_wait_log(&d, "Stopped.", 20), 0, "shutdown stuck: %s", harness_log(&d));
+        stallfs_release(sf);
+        cr_assert_eq(harness_stop(&d), 0, "stop: %s", harness_log(&d));
+}
+
+static bool kernel_has_passrights(void) {
+        int fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0), v = 0;
+        socklen_t len = sizeof(v);
+        bool ok = getsockopt(fd, SOL_SOCKET, 83 /* SO_PASSRIGHTS */, &v, &len) == 0;
+
+        close(fd);
+        return ok;
+}
+
+static void start_one_worker(void) {
+        harness_init(&d, "[daemon]\nthreads = 1\n");
+        cr_assert_eq(harness_start(&d, NULL, false), 0, "daemon did not start: %s", harness_log(&d));
+}
+
+Test(attack, f3_passed_fds_are_refused_by_the_kernel, .fini = stop, .timeout = 60) {
+        if (!kernel_has_passrights())
+                cr_skip_test("this kernel has no SO_PASSRIGHTS");
+        start_one_worker();
+        passed_fds_do_not_stall(true);
+}
+
+Test(attack, f3_passed_fds_never_block_a_worker, .fini = stop, .timeout = 60) {
+        /* The path of kernels without SO_PASSRIGHTS: the daemon takes the fds and must not close them inline. */
+        cr_assert_eq(setenv("SHMZONE_TEST_ACCEPT_FDS", "1", 1), 0);
+        start_one_worker();
+        (void) unsetenv("SHMZONE_TEST_ACCEPT_FDS");
+        passed_fds_do_not_stall(false);
 }

@@ -12,8 +12,10 @@
 #define DEFAULT_BUDGET (UINT64_C(1) << 30)
 #define DEFAULT_QUOTA (UINT64_C(256) << 20)
 #define DEFAULT_MAX_ZONES 4096u
-/* Each connection costs an fd and up to 16 MiB of queued replies. */
+/* Each connection costs an fd and a bounded queue of replies (worker.c). */
 #define DEFAULT_MAX_CLIENTS 4096u
+#define DEFAULT_UID_MAX_CLIENTS 256u
+#define DEFAULT_HELLO_TIMEOUT 10u
 #define MAX_THREADS 64u
 
 struct parse_state {
@@ -45,6 +47,8 @@ int config_new_default(struct config **ret) {
         c->quota = DEFAULT_QUOTA;
         c->max_zones = DEFAULT_MAX_ZONES;
         c->max_clients = DEFAULT_MAX_CLIENTS;
+        c->uid_max_clients = DEFAULT_UID_MAX_CLIENTS;
+        c->hello_timeout = DEFAULT_HELLO_TIMEOUT;
         *ret = c;
         return 0;
 }
@@ -150,15 +154,20 @@ static int daemon_key(struct parse_state *s, const char *key, const char *value)
                 c->threads = (unsigned) n;
                 return 1;
         }
-        if (streq(key, "uid_max_zones") || streq(key, "max_clients")) {
-                unsigned long long n;
+        if (streq(key, "uid_max_zones") || streq(key, "max_clients") || streq(key, "uid_max_clients") ||
+            streq(key, "hello_timeout")) {
+                unsigned long long n, max = streq(key, "hello_timeout") ? 3600 : 1000000;
 
                 errno = 0;
                 n = strtoull(value, &end, 10);
-                if (!*value || *end || errno || n == 0 || n > 1000000)
-                        return fail(s, "%s must be a number from 1 to 1000000", key);
+                if (!*value || *end || errno || n == 0 || n > max)
+                        return fail(s, "%s must be a number from 1 to %llu", key, max);
                 if (streq(key, "max_clients"))
                         c->max_clients = (unsigned) n;
+                else if (streq(key, "uid_max_clients"))
+                        c->uid_max_clients = (unsigned) n;
+                else if (streq(key, "hello_timeout"))
+                        c->hello_timeout = (unsigned) n;
                 else
                         c->max_zones = n;
                 return 1;

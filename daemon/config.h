@@ -18,12 +18,14 @@ struct zone_decl {
 
 struct config {
         char *socket_path;
-        char *mount_path;     /* NULL: no FUSE view */
-        unsigned threads;     /* port worker threads; 0 = number of CPUs, at most 4 */
-        uint64_t budget;      /* global memory budget */
-        uint64_t quota;       /* per-uid quota, bytes */
-        uint64_t max_zones;   /* per-uid quota, zones */
-        unsigned max_clients; /* connections at once */
+        char *mount_path;         /* NULL: no FUSE view */
+        unsigned threads;         /* port worker threads; 0 = number of CPUs, at most 4 */
+        uint64_t budget;          /* global memory budget */
+        uint64_t quota;           /* per-uid quota, bytes */
+        uint64_t max_zones;       /* per-uid quota, zones */
+        unsigned max_clients;     /* connections at once */
+        unsigned uid_max_clients; /* connections of one uid at once (root: only max_clients) */
+        unsigned hello_timeout;   /* seconds a new connection has to say hello */
         struct zone_decl *zones;
         size_t n_zones;
 };

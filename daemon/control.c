@@ -2,6 +2,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "clients.h"
 #include "daemon.h"
 #include "log.h"
 #include "proto.h"
@@ -125,23 +126,49 @@ static int do_info(struct conn *c, const struct shmz_msg_header *h, const struct
         return reply(c, h, 0, &out, sizeof(out), -EBADF);
 }
 
-static int do_list(struct conn *c, const struct shmz_msg_header *h) {
-        _cleanup_free_ struct zone_info *v = NULL;
-        size_t n;
-        int r;
+/* Zones per registry call while a listing runs. */
+#define LIST_PAGE 32
 
-        r = registry_list(c->daemon->registry, &v, &n);
-        if (r < 0)
-                return reply(c, h, r, NULL, 0, -EBADF);
-        for (size_t i = 0; i < n; i++) {
-                struct shmz_msg_zone_info out;
+/*
+ * A listing is sent a page at a time, and only while the client reads: the
+ * next page is made when the last one left (the worker calls this again once
+ * the socket drained). So what a client that never reads costs us is one
+ * page, however many zones there are.
+ */
+int control_list_pump(struct conn *c) {
+        while (c->list.active && !c->out_head) {
+                struct zone_info v[LIST_PAGE];
+                size_t n;
+                int r;
 
-                info_to_wire(&v[i], &out);
-                r = conn_send(c, h->type, SHMZ_MSG_F_REPLY, h->stream, 0, &out, sizeof(out), -EBADF);
+                r = registry_list_page(c->daemon->registry, c->list.after, v, LIST_PAGE, &n);
                 if (r < 0)
                         return r;
+                for (size_t i = 0; i < n; i++) {
+                        struct shmz_msg_zone_info out;
+
+                        info_to_wire(&v[i], &out);
+                        r = conn_send(c, SHMZ_MSG_ZONE_LIST, SHMZ_MSG_F_REPLY, c->list.stream, 0, &out, sizeof(out),
+                                      -EBADF);
+                        if (r < 0)
+                                return r;
+                }
+                if (n > 0)
+                        strncpy_buf(c->list.after, sizeof(c->list.after), v[n - 1].name);
+                if (n < LIST_PAGE) {
+                        c->list.active = false;
+                        return conn_send(c, SHMZ_MSG_ZONE_LIST, SHMZ_MSG_F_REPLY | SHMZ_MSG_F_LAST, c->list.stream, 0,
+                                         NULL, 0, -EBADF);
+                }
         }
-        return conn_send(c, h->type, SHMZ_MSG_F_REPLY | SHMZ_MSG_F_LAST, h->stream, 0, NULL, 0, -EBADF);
+        return 0;
+}
+
+static int do_list(struct conn *c, const struct shmz_msg_header *h) {
+        c->list.active = true;
+        c->list.stream = h->stream;
+        c->list.after[0] = 0;
+        return control_list_pump(c);
 }
 
 static int do_unlink(struct conn *c, const struct shmz_msg_header *h, const struct shmz_msg_zone_name *m) {
@@ -169,7 +196,7 @@ static int do_status(struct conn *c, const struct shmz_msg_header *h) {
                 .quota = st.quota,
                 .zones = st.zones,
                 .zones_unlinked = st.zones_unlinked,
-                .clients = atomic_load(&c->daemon->clients),
+                .clients = clients_count(c->daemon->clients),
                 .requests = atomic_load(&c->daemon->requests),
                 .errors = atomic_load(&c->daemon->errors),
                 .uptime_usec = now_usec(CLOCK_MONOTONIC) - c->daemon->start_usec,
@@ -193,7 +220,7 @@ static int do_hello(struct conn *c, const struct shmz_msg_header *h, const struc
                 .budget = st.budget,
                 .quota = st.quota,
         };
-        c->hello = true;
+        conn_hello_done(c);
         return reply(c, h, 0, &out, sizeof(out), -EBADF);
 }
 

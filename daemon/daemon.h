@@ -5,6 +5,7 @@
 #include <stdint.h>
 #include <systemd/sd-event.h>
 
+struct clients;
 struct config;
 struct fuse_view;
 struct registry;
@@ -23,5 +24,6 @@ struct daemon {
         unsigned n_workers, next_worker;
         struct fuse_view *fuse;
         uint64_t start_usec;
-        atomic_uint_fast64_t requests, errors, clients;
+        struct clients *clients; /* connections per uid and their limits */
+        atomic_uint_fast64_t requests, errors;
 };

@@ -11,6 +11,7 @@
 #include <systemd/sd-event.h>
 #include <time.h>
 
+#include "clients.h"
 #include "config.h"
 #include "daemon.h"
 #include "fuse-view.h"
@@ -219,7 +220,9 @@ static int on_accept(sd_event_source *s, int fd, uint32_t revents, void *userdat
         struct daemon *d = userdata;
 
         for (unsigned i = 0; i < 64; i++) {
-                int cfd = accept4(fd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK);
+                int cfd = accept4(fd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK), r;
+                struct ucred cred;
+                socklen_t len = sizeof(cred);
 
                 if (cfd < 0 && (errno == EMFILE || errno == ENFILE)) {
                         /* Out of fds: the listening socket stays readable, so pause rather than spin. */
@@ -233,17 +236,25 @@ static int on_accept(sd_event_source *s, int fd, uint32_t revents, void *userdat
                                 log_warning_errno(errno, "accept(): %m");
                         return 0;
                 }
-                /* Over the limit: closed at once, the client sees the connection end before its hello. */
-                if (atomic_load(&d->clients) >= d->cfg->max_clients) {
-                        log_debug("%u clients already; refusing another.", d->cfg->max_clients);
+                if (getsockopt(cfd, SOL_SOCKET, SO_PEERCRED, &cred, &len) < 0) {
+                        log_warning_errno(errno, "Cannot read the credentials of a new client: %m");
                         safe_close(cfd);
                         continue;
                 }
-                /* Counted here, not in the worker, so that a burst cannot overshoot the limit. */
-                atomic_fetch_add(&d->clients, 1);
+                /*
+                 * Counted here, not in the worker, so that a burst cannot overshoot a
+                 * limit. Over one: closed at once, the client sees the connection end
+                 * before its hello.
+                 */
+                r = clients_add(d->clients, cred.uid);
+                if (r < 0) {
+                        log_debug_errno(r, "Refusing a connection of uid %u: %m", (unsigned) cred.uid);
+                        safe_close(cfd);
+                        continue;
+                }
                 /* Round robin: clients are cheap and long-lived; balance by count. */
-                if (worker_add_client(d->workers[d->next_worker++ % d->n_workers], cfd) < 0)
-                        atomic_fetch_sub(&d->clients, 1);
+                if (worker_add_client(d->workers[d->next_worker++ % d->n_workers], cfd, cred.uid) < 0)
+                        clients_remove(d->clients, cred.uid);
         }
         return 0;
 }
@@ -261,6 +272,10 @@ static void raise_fd_limit(void) {
         }
 }
 
+static void apply_client_limits(struct daemon *d, const struct config *c) {
+        clients_set_limits(d->clients, c->max_clients, c->uid_max_clients, (uint64_t) c->hello_timeout * 1000000u);
+}
+
 static int on_reload(sd_event_source *s, const struct signalfd_siginfo *si, void *userdata) {
         struct daemon *d = userdata;
         struct config *c;
@@ -276,6 +291,7 @@ static int on_reload(sd_event_source *s, const struct signalfd_siginfo *si, void
                 if (!streq(c->socket_path, d->cfg->socket_path) ||
                     !streq(c->mount_path ?: "", d->cfg->mount_path ?: "") || c->threads != d->cfg->threads)
                         log_warning("Socket, mount or thread changes take a restart; zones and limits are applied.");
+                apply_client_limits(d, c);
                 r = registry_apply_config(d->registry, c);
                 if (r != 0)
                         log_warning("Reload: %d zone declaration(s) refused, see above.", r);
@@ -316,6 +332,10 @@ static int run(struct daemon *d) {
         (void) signal(SIGPIPE, SIG_IGN);
         raise_fd_limit();
 
+        r = clients_new(&d->clients);
+        if (r < 0)
+                return log_oom();
+        apply_client_limits(d, d->cfg);
         r = registry_new(d->cfg->budget, d->cfg->quota, d->cfg->max_zones, &d->registry);
         if (r < 0)
                 return log_oom();
@@ -390,6 +410,7 @@ static void daemon_done(struct daemon *d) {
         sd_event_source_unref(d->accept_source);
         sd_event_unref(d->event);
         registry_free(d->registry);
+        clients_free(d->clients);
         config_free(d->cfg);
         free(d->socket_path);
 }

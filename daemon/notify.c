@@ -4,6 +4,7 @@
 #include <systemd/sd-daemon.h>
 #include <time.h>
 
+#include "clients.h"
 #include "daemon.h"
 #include "notify.h"
 #include "registry.h"
@@ -14,7 +15,7 @@ static int format_status(struct daemon *d, char *buf, size_t size) {
 
         registry_get_stats(d->registry, &st);
         return snprintf(buf, size, "STATUS=%" PRIu64 " zones, %" PRIu64 " of %" PRIu64 " MiB used, %" PRIu64 " clients",
-                        st.zones, st.budget_used >> 20, st.budget >> 20, (uint64_t) atomic_load(&d->clients));
+                        st.zones, st.budget_used >> 20, st.budget >> 20, (uint64_t) clients_count(d->clients));
 }
 
 void notify_ready(struct daemon *d) {

@@ -45,8 +45,9 @@ struct ticket {
 
 struct registry {
         pthread_mutex_t lock;
-        void *by_name; /* tsearch tree of struct zone *, by name */
-        void *by_ino;  /* the same zones, by inode number (FUSE asks by inode) */
+        struct zone **names; /* named zones sorted by name: lookups bisect, listings page through it */
+        size_t n_names, cap_names;
+        void *by_ino; /* the same zones, by inode number (FUSE asks by inode) */
         uint64_t budget, budget_used, quota, max_zones;
         uint64_t zones, zones_unlinked;
         uint64_t next_ino, next_generation;
@@ -58,8 +59,56 @@ struct registry {
         void *observer_data;
 };
 
-static int zone_cmp(const void *a, const void *b) {
-        return strcmp(((const struct zone *) a)->name, ((const struct zone *) b)->name);
+/* Where name is in r->names, or where it would go; *ret_found says which. */
+static size_t name_index(struct registry *r, const char *name, bool *ret_found) {
+        size_t lo = 0, hi = r->n_names;
+
+        while (lo < hi) {
+                size_t mid = lo + (hi - lo) / 2;
+                int c = strcmp(r->names[mid]->name, name);
+
+                if (c == 0) {
+                        *ret_found = true;
+                        return mid;
+                }
+                if (c < 0)
+                        lo = mid + 1;
+                else
+                        hi = mid;
+        }
+        *ret_found = false;
+        return lo;
+}
+
+static int names_insert(struct registry *r, struct zone *z) {
+        bool found;
+        size_t i = name_index(r, z->name, &found);
+
+        if (found)
+                return -EEXIST;
+        if (r->n_names == r->cap_names) {
+                size_t cap = MAX(r->cap_names * 2, (size_t) 64);
+                struct zone **v = realloc(r->names, cap * sizeof(*v));
+
+                if (!v)
+                        return -ENOMEM;
+                r->names = v;
+                r->cap_names = cap;
+        }
+        memmove(r->names + i + 1, r->names + i, (r->n_names - i) * sizeof(*r->names));
+        r->names[i] = z;
+        r->n_names++;
+        return 0;
+}
+
+static void names_remove(struct registry *r, struct zone *z) {
+        bool found;
+        size_t i = name_index(r, z->name, &found);
+
+        if (!found || r->names[i] != z)
+                return;
+        memmove(r->names + i, r->names + i + 1, (r->n_names - i - 1) * sizeof(*r->names));
+        r->n_names--;
 }
 
 static int zone_ino_cmp(const void *a, const void *b) {
@@ -98,14 +147,14 @@ struct registry *registry_free(struct registry *r) {
                         zone_destroy(r->tickets[i].zone);
         free(r->tickets);
         /* Zones still attached at exit go with the process; close what the tree holds. */
-        while (r->by_name) {
-                struct zone *z = *(struct zone **) r->by_name;
+        for (size_t i = 0; i < r->n_names; i++) {
+                struct zone *z = r->names[i];
 
-                (void) tdelete(z, &r->by_name, zone_cmp);
                 (void) tdelete(z, &r->by_ino, zone_ino_cmp);
                 if (--z->refs == 0)
                         zone_destroy(z);
         }
+        free(r->names);
         free(r->quotas);
         (void) pthread_mutex_destroy(&r->lock);
         free(r);
@@ -166,11 +215,10 @@ static int caller_may_access(const struct caller *c, uint32_t uid, uint32_t gid,
 }
 
 static struct zone *lookup(struct registry *r, const char *name) {
-        struct zone key, **p;
+        bool found;
+        size_t i = name_index(r, name, &found);
 
-        strncpy_buf(key.name, sizeof(key.name), name);
-        p = tfind(&key, &r->by_name, zone_cmp);
-        return p ? *p : NULL;
+        return found ? r->names[i] : NULL;
 }
 
 /*
@@ -363,12 +411,11 @@ static int zone_create_locked(struct registry *r, const char *name, const char *
                         goto fail_charge;
         }
         z->ino = r->next_ino;
-        if (!tsearch(z, &r->by_name, zone_cmp)) {
-                r_ = -ENOMEM;
+        r_ = names_insert(r, z);
+        if (r_ < 0)
                 goto fail_charge;
-        }
         if (!tsearch(z, &r->by_ino, zone_ino_cmp)) {
-                (void) tdelete(z, &r->by_name, zone_cmp);
+                names_remove(r, z);
                 r_ = -ENOMEM;
                 goto fail_charge;
         }
@@ -404,7 +451,7 @@ static void header_sync_acl(struct zone *z) {
 
 /* Removes the name; the memory lives on while attachments or open files hold it. */
 static void unlink_locked(struct registry *r, struct zone *z) {
-        (void) tdelete(z, &r->by_name, zone_cmp);
+        names_remove(r, z);
         (void) tdelete(z, &r->by_ino, zone_ino_cmp);
         z->unlinked = true;
         r->zones--;
@@ -586,34 +633,35 @@ int registry_info(struct registry *r, const char *name, struct zone_info *ret) {
         return r_;
 }
 
-struct list_ctx {
+int registry_list(struct registry *r, struct zone_info **ret, size_t *ret_n) {
         struct zone_info *v;
         size_t n;
-};
-
-/* twalk has no userdata before glibc 2.30's twalk_r; the registry lock serialises its use. */
-static struct list_ctx *walk_ctx;
-
-static void walk_fill(const void *node, VISIT which, int depth) {
-        if (which == postorder || which == leaf)
-                zone_info_fill(*(struct zone *const *) node, &walk_ctx->v[walk_ctx->n++]);
-}
-
-int registry_list(struct registry *r, struct zone_info **ret, size_t *ret_n) {
-        struct list_ctx ctx = {};
 
         pthread_mutex_lock(&r->lock);
-        ctx.v = calloc(r->zones + 1, sizeof(*ctx.v));
-        if (!ctx.v) {
-                pthread_mutex_unlock(&r->lock);
-                return -ENOMEM;
-        }
-        walk_ctx = &ctx;
-        twalk(r->by_name, walk_fill);
-        walk_ctx = NULL;
+        n = r->n_names;
+        v = calloc(n + 1, sizeof(*v));
+        for (size_t i = 0; v && i < n; i++)
+                zone_info_fill(r->names[i], &v[i]);
         pthread_mutex_unlock(&r->lock);
-        *ret = ctx.v;
-        *ret_n = ctx.n;
+        if (!v)
+                return -ENOMEM;
+        *ret = v;
+        *ret_n = n;
+        return 0;
+}
+
+int registry_list_page(struct registry *r, const char *after, struct zone_info *ret, size_t max, size_t *ret_n) {
+        bool found;
+        size_t i, n = 0;
+
+        pthread_mutex_lock(&r->lock);
+        i = name_index(r, after, &found);
+        if (found)
+                i++;
+        for (; i < r->n_names && n < max; i++)
+                zone_info_fill(r->names[i], &ret[n++]);
+        pthread_mutex_unlock(&r->lock);
+        *ret_n = n;
         return 0;
 }
 

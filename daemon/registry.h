@@ -87,6 +87,8 @@ int registry_info(struct registry *r, const char *name, struct zone_info *ret);
 int registry_info_by_ino(struct registry *r, uint64_t ino, struct zone_info *ret);
 /* A snapshot of every named zone, sorted by name; free() it. */
 int registry_list(struct registry *r, struct zone_info **ret, size_t *ret_n);
+/* Up to max zones whose names sort after `after` ("" for the first), in order: a listing one page at a time. */
+int registry_list_page(struct registry *r, const char *after, struct zone_info *ret, size_t max, size_t *ret_n);
 
 /* References for the FUSE view (an open file keeps its zone alive like an attachment does). */
 int registry_ref_by_ino(struct registry *r, uint64_t ino, struct zone **ret);

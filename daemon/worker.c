@@ -4,14 +4,19 @@
 #include <sys/socket.h>
 #include <systemd/sd-event.h>
 
+#include "clients.h"
 #include "daemon.h"
 #include "log.h"
 #include "proto.h"
 #include "reaper.h"
 #include "worker.h"
 
-/* A client that does not read its replies is cut off rather than allowed to grow our memory. */
-#define OUT_MAX_BYTES (16u << 20)
+/*
+ * Replies queued for a client that does not read. Requests are not read while
+ * any wait and listings are made a page at a time, so this is never reached
+ * by an honest client; a dishonest one is cut off.
+ */
+#define OUT_MAX_BYTES (64u << 10)
 #define MAX_GROUPS 65536u
 
 struct outmsg {
@@ -26,6 +31,7 @@ enum { POST_CLIENT, POST_STOP };
 struct post {
         int type;
         int fd;
+        uid_t uid;
         struct post *next;
 };
 
@@ -46,6 +52,7 @@ static void conn_free(struct conn *c) {
 
         control_release(c);
         sd_event_source_disable_unref(c->source);
+        sd_event_source_disable_unref(c->hello_timer);
         safe_close(c->fd);
         while (c->out_head) {
                 struct outmsg *m = c->out_head;
@@ -61,7 +68,7 @@ static void conn_free(struct conn *c) {
         if (c->next)
                 c->next->prev = c->prev;
         free(c->groups);
-        atomic_fetch_sub(&w->daemon->clients, 1);
+        clients_remove(w->daemon->clients, c->counted_uid);
         free(c);
 }
 
@@ -88,9 +95,18 @@ static int flush_out(struct conn *c) {
         return 0;
 }
 
+/* While replies wait (or a listing runs), read no more requests: the client's backlog is its own to carry. */
+static bool conn_busy(const struct conn *c) {
+        return c->out_head || c->list.active;
+}
+
 static int conn_update_events(struct conn *c) {
-        /* While replies wait, read no more requests: the client's backlog is its own to carry. */
         return sd_event_source_set_io_events(c->source, c->out_head ? EPOLLOUT : EPOLLIN);
+}
+
+void conn_hello_done(struct conn *c) {
+        c->hello = true;
+        c->hello_timer = sd_event_source_disable_unref(c->hello_timer);
 }
 
 int conn_send(struct conn *c, uint16_t type, uint16_t flags, uint32_t stream, int32_t status, const void *body,
@@ -141,6 +157,8 @@ static int on_conn_io(sd_event_source *s, int fd, uint32_t revents, void *userda
 
         if (revents & EPOLLOUT) {
                 r = flush_out(c);
+                if (r >= 0)
+                        r = control_list_pump(c);
                 if (r < 0)
                         goto drop;
                 r = conn_update_events(c);
@@ -149,7 +167,7 @@ static int on_conn_io(sd_event_source *s, int fd, uint32_t revents, void *userda
                 return 0;
         }
         /* A bounded batch per wake-up keeps one busy client from starving the others. */
-        for (unsigned i = 0; i < 64 && !c->out_head; i++) {
+        for (unsigned i = 0; i < 64 && !conn_busy(c); i++) {
                 int fds[PROTO_MAX_FDS];
                 size_t size, n_fds;
 
@@ -213,19 +231,28 @@ static int read_peer(struct conn *c) {
         return 0;
 }
 
-static int conn_new(struct worker *w, int fd) {
+static int on_hello_timeout(sd_event_source *s, uint64_t usec, void *userdata) {
+        struct conn *c = userdata;
+
+        log_debug("Client pid %d said no hello in time; disconnecting.", (int) c->caller.pid);
+        conn_free(c);
+        return 0;
+}
+
+static int conn_new(struct worker *w, int fd, uid_t counted_uid) {
         struct conn *c;
         int r;
 
         c = calloc(1, sizeof(*c));
         if (!c) {
                 safe_close(fd);
-                atomic_fetch_sub(&w->daemon->clients, 1);
+                clients_remove(w->daemon->clients, counted_uid);
                 return -ENOMEM;
         }
         c->worker = w;
         c->daemon = w->daemon;
         c->fd = fd;
+        c->counted_uid = counted_uid;
         c->next_handle = 1;
         c->next = w->conns;
         if (w->conns)
@@ -239,6 +266,10 @@ static int conn_new(struct worker *w, int fd) {
                 return r;
         }
         r = sd_event_add_io(w->event, (sd_event_source **) &c->source, fd, EPOLLIN, on_conn_io, c);
+        if (r >= 0)
+                /* A slot held by a silent connection is a slot taken from somebody else. */
+                r = sd_event_add_time_relative(w->event, (sd_event_source **) &c->hello_timer, CLOCK_MONOTONIC,
+                                               clients_hello_timeout_usec(w->daemon->clients), 0, on_hello_timeout, c);
         if (r < 0) {
                 conn_free(c);
                 return r;
@@ -273,7 +304,7 @@ static int on_wake(sd_event_source *s, int fd, uint32_t revents, void *userdata)
                 struct post *next = p->next;
 
                 if (p->type == POST_CLIENT)
-                        (void) conn_new(w, p->fd);
+                        (void) conn_new(w, p->fd, p->uid);
                 else {
                         shutdown_clients(w);
                         (void) sd_event_exit(w->event, 0);
@@ -346,7 +377,7 @@ fail:
         return r;
 }
 
-static int post(struct worker *w, int type, int fd) {
+static int post(struct worker *w, int type, int fd, uid_t uid) {
         struct post *p;
         uint64_t one = 1;
 
@@ -355,6 +386,7 @@ static int post(struct worker *w, int type, int fd) {
                 return -ENOMEM;
         p->type = type;
         p->fd = fd;
+        p->uid = uid;
         pthread_mutex_lock(&w->lock);
         if (w->posts_tail)
                 w->posts_tail->next = p;
@@ -367,8 +399,8 @@ static int post(struct worker *w, int type, int fd) {
         return 0;
 }
 
-int worker_add_client(struct worker *w, int fd) {
-        int r = post(w, POST_CLIENT, fd);
+int worker_add_client(struct worker *w, int fd, uid_t counted_uid) {
+        int r = post(w, POST_CLIENT, fd, counted_uid);
 
         if (r < 0)
                 safe_close(fd);
@@ -379,7 +411,7 @@ void worker_stop(struct worker *w) {
         if (!w)
                 return;
         if (w->started) {
-                if (post(w, POST_STOP, -EBADF) < 0)
+                if (post(w, POST_STOP, -EBADF, 0) < 0)
                         (void) pthread_cancel(w->thread);
                 (void) pthread_join(w->thread, NULL);
         }

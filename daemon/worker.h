@@ -25,12 +25,19 @@ struct conn {
         int fd;
         void *source; /* sd_event_source */
         struct caller caller;
+        uid_t counted_uid; /* what clients_add() counted this connection as */
+        void *hello_timer; /* sd_event_source: ends a connection that never says hello */
         gid_t *groups;
         bool hello;
         struct attachment *attachments;
         size_t n_attachments;
         uint64_t next_handle;
         struct outmsg *out_head, *out_tail; /* replies the socket could not take yet */
+        struct {
+                bool active; /* a ZONE_LIST is being sent: no request is read until it ends */
+                uint32_t stream;
+                char after[SHMZ_NAME_BUF]; /* the last name sent */
+        } list;
         size_t out_bytes;
         struct conn *next, *prev;
 };
@@ -38,17 +45,21 @@ struct conn {
 int worker_start(struct daemon *d, unsigned index, struct worker **ret);
 /*
  * Hands a connected socket to the worker (any thread); the worker owns fd from
- * here on, and the daemon's client count (already raised by the caller) too.
+ * here on, and the count clients_add() made for counted_uid too.
  */
-int worker_add_client(struct worker *w, int fd);
+int worker_add_client(struct worker *w, int fd, uid_t counted_uid);
 /* Tells the worker's clients that the daemon stops, closes them, joins the thread. */
 void worker_stop(struct worker *w);
 
+/* The client said hello: its deadline for that is gone. */
+void conn_hello_done(struct conn *c);
 /* Queues a reply (or sends it at once); fd, if >= 0, is passed and then closed. */
 int conn_send(struct conn *c, uint16_t type, uint16_t flags, uint32_t stream, int32_t status, const void *body,
               size_t body_size, int fd);
 
 /* control.c: handles one framed message from c. A negative return ends the connection. */
 int control_dispatch(struct conn *c, const void *msg, size_t size);
+/* Sends more of a running listing, if the client took what was sent. */
+int control_list_pump(struct conn *c);
 /* Drops every attachment c holds (the connection ends). */
 void control_release(struct conn *c);

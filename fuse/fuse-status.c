@@ -4,6 +4,7 @@
 #include <stdio.h>
 #include <time.h>
 
+#include "clients.h"
 #include "daemon.h"
 #include "fuse-internal.h"
 
@@ -34,7 +35,7 @@ int status_text(struct fuse_view *v, bool prometheus, char **ret, size_t *ret_le
                 { "memory_budget_bytes", "gauge", "Memory budget for all zones.", st.budget },
                 { "memory_used_bytes", "gauge", "Memory taken by zones, headers included.", st.budget_used },
                 { "memory_quota_bytes", "gauge", "Memory quota per uid.", st.quota },
-                { "clients", "gauge", "Connected clients.", atomic_load(&d->clients) },
+                { "clients", "gauge", "Connected clients.", clients_count(d->clients) },
                 { "segments", "gauge", "Port segments.", 0 },
                 { "requests_total", "counter", "Requests served on the control socket.", atomic_load(&d->requests) },
                 { "errors_total", "counter", "Requests answered with an error.", atomic_load(&d->errors) },

@@ -345,3 +345,190 @@ Test(attack, f3_passed_fds_never_block_a_worker, .fini = stop, .timeout = 60) {
         (void) unsetenv("SHMZONE_TEST_ACCEPT_FDS");
         passed_fds_do_not_stall(false);
 }
+
+/* ---- F4: replies nobody reads cost the daemon a page, not the list -------------------------- */
+
+static long daemon_rss_kib(void) {
+        char path[64], line[256];
+        long kib = -1;
+        FILE *f;
+
+        snprintf(path, sizeof(path), "/proc/%d/status", (int) d.pid);
+        f = fopen(path, "re");
+        cr_assert_not_null(f);
+        while (fgets(line, sizeof(line), f))
+                if (sscanf(line, "VmRSS: %ld kB", &kib) == 1)
+                        break;
+        fclose(f);
+        return kib;
+}
+
+static uint64_t daemon_requests(void) {
+        struct shmz_client *c = client();
+        struct shmz_daemon_status st;
+
+        cr_assert_eq(shmz_daemon_status(c, &st), 0);
+        shmz_disconnect(c);
+        return st.requests;
+}
+
+static void send_request(int fd, uint16_t type, uint32_t stream, const void *body, size_t size) {
+        uint8_t buf[SHMZ_MSG_MAX];
+        struct shmz_msg_header h = { .size = (uint32_t) (sizeof(h) + size), .type = type, .stream = stream };
+
+        memcpy(buf, &h, sizeof(h));
+        if (size > 0)
+                memcpy(buf + sizeof(h), body, size);
+        cr_assert_eq(send(fd, buf, sizeof(h) + size, MSG_NOSIGNAL), (ssize_t) (sizeof(h) + size));
+}
+
+static void say_hello(int fd) {
+        struct shmz_msg_hello hello = { .version_min = SHMZ_PROTO_VERSION, .version_max = SHMZ_PROTO_VERSION };
+        uint8_t buf[SHMZ_MSG_MAX];
+        struct shmz_msg_header h;
+
+        send_request(fd, SHMZ_MSG_HELLO, 1, &hello, sizeof(hello));
+        cr_assert_gt(recv(fd, buf, sizeof(buf), 0), 0);
+        memcpy(&h, buf, sizeof(h));
+        cr_assert_eq(h.status, 0);
+}
+
+#define N_ZONES 3000
+#define N_READERS_WHO_NEVER_READ 300
+
+Test(attack, f4_unread_listings_do_not_grow_the_daemon, .fini = stop, .timeout = 240) {
+        struct shmz_client *c;
+        static int socks[N_READERS_WHO_NEVER_READ];
+        uint64_t before;
+        long rss0, rss1;
+
+        harness_init(&d, "[daemon]\nmemory_budget = 1G\nuid_quota = 1G\nuid_max_zones = 10000\n"
+                         "uid_max_clients = 1000\nmax_clients = 2000\n");
+        cr_assert_eq(harness_start(&d, NULL, false), 0, "daemon did not start: %s", harness_log(&d));
+        c = client();
+        for (int i = 0; i < N_ZONES; i++) {
+                struct shmz_zone *z;
+                char name[32];
+
+                snprintf(name, sizeof(name), "z%05d", i);
+                cr_assert_eq(shmz_zone_open(c, name, 1, NULL, SHMZ_CREATE, &z), 0);
+                shmz_zone_close(z);
+        }
+        shmz_disconnect(c);
+
+        rss0 = daemon_rss_kib();
+        before = daemon_requests();
+        for (int i = 0; i < N_READERS_WHO_NEVER_READ; i++) {
+                socks[i] = raw_connect(d.socket);
+                say_hello(socks[i]);
+                send_request(socks[i], SHMZ_MSG_ZONE_LIST, 2, NULL, 0);
+        }
+        /* Every listing has been started (the status request is counted too). */
+        for (int i = 0; i < 2000 && daemon_requests() < before + 2 * N_READERS_WHO_NEVER_READ; i++)
+                usleep(10000);
+        rss1 = daemon_rss_kib();
+        /* Before the fix: 300 x 3000 queued replies, about 300 MiB. */
+        cr_assert_lt(rss1 - rss0, 48 * 1024, "the daemon grew by %ld KiB for listings nobody reads", rss1 - rss0);
+
+        /* The listings are whole and in order for those who read them after all. */
+        for (int i = 0; i < 3; i++) {
+                uint8_t buf[SHMZ_MSG_MAX];
+                char prev[SHMZ_NAME_BUF] = "";
+                int n = 0;
+
+                for (;;) {
+                        struct shmz_msg_header h;
+                        struct shmz_msg_zone_info info;
+                        ssize_t got = recv(socks[i], buf, sizeof(buf), 0);
+
+                        cr_assert_geq(got, (ssize_t) sizeof(h));
+                        memcpy(&h, buf, sizeof(h));
+                        cr_assert_eq(h.status, 0);
+                        if (h.flags & SHMZ_MSG_F_LAST)
+                                break;
+                        memcpy(&info, buf + sizeof(h), sizeof(info));
+                        cr_assert_gt(strcmp(info.name, prev), 0, "%s after %s", info.name, prev);
+                        strncpy_buf(prev, sizeof(prev), info.name);
+                        n++;
+                }
+                cr_assert_eq(n, N_ZONES);
+        }
+        for (int i = 0; i < N_READERS_WHO_NEVER_READ; i++)
+                close(socks[i]);
+}
+
+/* ---- F5: one uid cannot take every slot, and a slot needs a hello ----------------------------- */
+
+struct hold {
+        int ready[2], go[2]; /* pipes: child -> parent, parent -> child */
+};
+
+static int hold_eight_connections(void *userdata) {
+        struct hold *h = userdata;
+        int socks[8], extra;
+        char b[64];
+        struct pollfd p;
+
+        for (int i = 0; i < 8; i++) {
+                socks[i] = harness_raw_connect(d.socket);
+                if (socks[i] < 0)
+                        return 10;
+        }
+        for (int i = 0; i < 8; i++) {
+                struct shmz_msg_hello hello = { .version_min = SHMZ_PROTO_VERSION, .version_max = SHMZ_PROTO_VERSION };
+                struct {
+                        struct shmz_msg_header h;
+                        struct shmz_msg_hello b;
+                } m = { { .size = sizeof(m), .type = SHMZ_MSG_HELLO, .stream = 1 }, hello };
+
+                if (send(socks[i], &m, sizeof(m), 0) != (ssize_t) sizeof(m) || recv(socks[i], b, sizeof(b), 0) <= 0)
+                        return 11;
+        }
+        /* The ninth connection of this uid ends before its hello. */
+        extra = harness_raw_connect(d.socket);
+        if (extra < 0)
+                return 12;
+        p = (struct pollfd){ .fd = extra, .events = POLLIN };
+        if (poll(&p, 1, 5000) != 1 || recv(extra, b, sizeof(b), 0) != 0)
+                return 13;
+        close(extra);
+        (void) !write(h->ready[1], "r", 1);
+        (void) !read(h->go[0], b, 1);
+        for (int i = 0; i < 8; i++)
+                close(socks[i]);
+        return 0;
+}
+
+static void *hold_thread(void *arg) {
+        return (void *) (intptr_t) harness_run_as(NOBODY, NOBODY, hold_eight_connections, arg);
+}
+
+Test(attack, f5_one_uid_cannot_take_every_slot, .fini = stop, .timeout = 60) {
+        struct hold h;
+        pthread_t t;
+        void *ret;
+        char b[64];
+        struct pollfd p;
+        int idle;
+
+        harness_init(&d, "[daemon]\nuid_max_clients = 8\nhello_timeout = 1\n");
+        cr_assert_eq(harness_start(&d, NULL, false), 0, "daemon did not start: %s", harness_log(&d));
+        cr_assert_eq(pipe2(h.ready, O_CLOEXEC), 0);
+        cr_assert_eq(pipe2(h.go, O_CLOEXEC), 0);
+        cr_assert_eq(pthread_create(&t, NULL, hold_thread, &h), 0);
+        p = (struct pollfd){ .fd = h.ready[0], .events = POLLIN };
+        if (poll(&p, 1, 20000) == 1) {
+                /* With nobody's eight slots taken, others still get in. */
+                cr_assert(daemon_answers_soon(), "root was locked out");
+        }
+        (void) !write(h.go[1], "g", 1);
+        cr_assert_eq(pthread_join(t, &ret), 0);
+        cr_assert_eq((intptr_t) ret, 0, "nobody's connections: step %d failed", (int) (intptr_t) ret);
+
+        /* A connection that never says hello gives its slot back. */
+        idle = raw_connect(d.socket);
+        p = (struct pollfd){ .fd = idle, .events = POLLIN };
+        cr_assert_eq(poll(&p, 1, 10000), 1, "a silent connection was kept");
+        cr_assert_eq(recv(idle, b, sizeof(b), 0), 0);
+        close(idle);
+}

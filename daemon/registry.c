@@ -25,6 +25,7 @@ struct zone {
         uint32_t uid, gid, mode;
         uid_t charged_uid; /* quota is charged to the creator, whoever owns it later */
         int fd;            /* memfd; -EBADF while pending */
+        void *view_map;    /* read-only mapping for the FUSE view, made at its first read; NULL before */
         unsigned refs;     /* the name (while linked), attachments, FUSE opens */
         unsigned attached; /* attachments only */
         bool declared, unlinked, used;
@@ -134,6 +135,8 @@ int registry_new(uint64_t budget, uint64_t quota, uint64_t max_zones, struct reg
 }
 
 static void zone_destroy(struct zone *z) {
+        if (z->view_map)
+                (void) munmap(z->view_map, z->map_size);
         safe_close(z->fd);
         free(z);
 }
@@ -358,10 +361,10 @@ static int zone_make_memory(struct zone *z, uint64_t size) {
          */
         if (fchmod(fd, 0400) < 0)
                 return -errno;
-        /* zone_fd() reads it without the lock (FUSE reads of a zone that was pending a moment ago). */
-        __atomic_store_n(&z->fd, TAKE_FD(fd), __ATOMIC_RELEASE);
         z->size = map_size - SHMZ_ZONE_HEADER_SIZE;
         z->map_size = map_size;
+        /* zone_fd() reads it without the lock (FUSE reads of a zone that was pending a moment ago): sizes first. */
+        __atomic_store_n(&z->fd, TAKE_FD(fd), __ATOMIC_RELEASE);
         return 0;
 }
 
@@ -716,6 +719,29 @@ void registry_info_of(struct registry *r, struct zone *z, struct zone_info *ret)
 
 int zone_fd(struct zone *z) {
         return __atomic_load_n(&z->fd, __ATOMIC_ACQUIRE);
+}
+
+int zone_view_map(struct zone *z, const void **ret) {
+        void *m = __atomic_load_n(&z->view_map, __ATOMIC_ACQUIRE), *expected = NULL;
+        int fd = zone_fd(z);
+
+        if (m) {
+                *ret = m;
+                return 0;
+        }
+        if (fd < 0)
+                return -EAGAIN;
+        /* Sealed against shrinking: the mapping can never SIGBUS. */
+        m = mmap(NULL, z->map_size, PROT_READ, MAP_SHARED, fd, 0);
+        if (m == MAP_FAILED)
+                return -errno;
+        /* Two first readers at once: one mapping stays. */
+        if (!__atomic_compare_exchange_n(&z->view_map, &expected, m, false, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+                (void) munmap(m, z->map_size);
+                m = expected;
+        }
+        *ret = m;
+        return 0;
 }
 
 void registry_touch(struct registry *r, struct zone *z) {

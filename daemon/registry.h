@@ -97,6 +97,12 @@ void registry_unref(struct registry *r, struct zone *z);
 void registry_info_of(struct registry *r, struct zone *z, struct zone_info *ret);
 /* The zone's memfd (owned by the zone; valid while a reference is held), or -EBADF while pending. */
 int zone_fd(struct zone *z);
+/*
+ * The zone's bytes, mapped read-only once for the whole daemon (the FUSE view
+ * replies to reads from it) and unmapped with the zone; valid while a
+ * reference is held. -EAGAIN while pending.
+ */
+int zone_view_map(struct zone *z, const void **ret);
 /* Called after bytes were written through the FUSE view (mtime, "data exists"). */
 void registry_touch(struct registry *r, struct zone *z);
 

@@ -16,7 +16,7 @@
 #include "registry.h"
 #include "util.h"
 
-/* Fixed inodes; zones start at 1024 (the registry's numbers), providers' objects above 2^56. */
+/* Fixed inodes; zones start at 1024 (the registry's numbers). */
 enum {
         INO_ROOT = FUSE_ROOT_ID,
         INO_ZONES,
@@ -27,16 +27,6 @@ enum {
         INO_SOCKET,
         INO_FIXED_MAX,
 };
-
-#define INO_PROVIDER_SHIFT 56
-
-static inline uint64_t provider_ino(enum fuse_view_dir dir, uint64_t id) {
-        return ((uint64_t) dir + 1) << INO_PROVIDER_SHIFT | id;
-}
-
-static inline uint64_t provider_dir_ino(enum fuse_view_dir dir) {
-        return dir == FUSE_VIEW_SEGMENTS ? INO_SEGMENTS : INO_PORTS;
-}
 
 /*
  * Timeouts (seconds). A zone's dentry is never trusted without asking
@@ -50,17 +40,17 @@ static inline uint64_t provider_dir_ino(enum fuse_view_dir dir) {
 #define ZONE_ENTRY_TIMEOUT 0.0
 #define ZONE_ATTR_TIMEOUT 1.0
 #define FIXED_TIMEOUT 1.0
-#define PROVIDER_TIMEOUT 0.0
 
 /* What the kernel is told about I/O sizes (stat's st_blksize: cat and cp size their buffers on it). */
 #define VIEW_BLKSIZE (1u << 20)
 
-/* An invalidation the notifier thread sends to the kernel. */
-struct inval {
-        uint64_t parent; /* 0: none (attributes only) */
-        uint64_t ino;    /* 0: none (entry only) */
-        char name[SHMZ_NAME_BUF];
-};
+/*
+ * Inodes whose attributes the kernel must forget, as a set: each inode once,
+ * however often it changed. Bounded; past that, changes are dropped and the
+ * attribute timeout (a second) bounds how stale the kernel's copy gets.
+ */
+#define INVAL_SLOTS 8192u /* a power of two */
+#define INVAL_MAX (INVAL_SLOTS / 2)
 
 /* The largest read the kernel sends us (max_pages is 256 with libfuse 3.14): 1 MiB. */
 #define READ_BUF_SIZE (1u << 20)
@@ -72,21 +62,15 @@ struct vhandle {
         struct zone *zone; /* zones: a reference held while open */
         uint64_t size;     /* zones: usable bytes, once fixed (sizes never change after that) */
         uint64_t map_size; /* zones: bytes of the memfd */
-        void *map;         /* zones: the memfd mapped read-only at the first read (reads reply from it) */
+        const void *map;   /* zones: the zone's read-only mapping (the registry's, shared by every open) */
         bool readable, writable;
         bool has_ticket;
         uint64_t ticket[2];
         char *text; /* status/metrics: generated at open */
         size_t text_len;
-        struct vdirent *dirents; /* directories: a snapshot taken at opendir/rewind */
-        size_t n_dirents;
-};
-
-struct vdirent {
-        char name[SHMZ_NAME_BUF];
-        struct stat st;
-        uint64_t generation;
-        double entry_timeout, attr_timeout;
+        /* zones/: where a listing stands, so that it continues by name, not from a copy of the directory */
+        uint64_t dir_pos;              /* offset of the next entry */
+        char dir_after[SHMZ_NAME_BUF]; /* the last zone listed */
 };
 
 struct fuse_view {
@@ -108,28 +92,22 @@ struct fuse_view {
         pthread_cond_t start_cond;
         int start_result; /* 1 while starting */
 
-        /* Invalidation queue: observer (any thread, registry lock held) -> notifier thread. */
+        /* Invalidations: observer (any thread, registry lock held) -> notifier thread. */
         pthread_t notifier;
         bool notifier_started;
         pthread_mutex_t qlock;
         pthread_cond_t qcond;
-        struct inval *queue;
-        size_t n_queue, queue_cap;
-        bool queue_overflow, stopping;
-
-        /* Providers, swapped under plock; called without it (the FUSE thread is their only caller). */
-        pthread_mutex_t plock;
-        struct {
-                const struct fuse_view_provider *ops;
-                void *userdata;
-        } providers[_FUSE_VIEW_DIR_MAX];
+        uint64_t *inval;  /* INVAL_SLOTS, 0 = free: an open-addressed set of inode numbers */
+        size_t n_inval;   /* used slots, at most INVAL_MAX */
+        uint64_t dropped; /* changes not queued since the notifier last looked */
+        bool stopping;
 
         struct vhandle handles; /* list head, FUSE thread only */
         void *read_buf;         /* FUSE thread only: replies for ranges with holes */
 };
 
 /* fuse-view.c */
-void view_queue_inval(struct fuse_view *v, uint64_t parent, const char *name, uint64_t ino);
+void view_queue_inval(struct fuse_view *v, uint64_t ino);
 struct vhandle *vhandle_new(struct fuse_view *v, uint64_t ino);
 void vhandle_free(struct fuse_view *v, struct vhandle *h);
 void caller_from_req(fuse_req_t req, struct caller *ret);

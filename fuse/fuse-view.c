@@ -62,7 +62,6 @@ void vhandle_free(struct fuse_view *v, struct vhandle *h) {
         if (h->zone)
                 zones_release(v, h);
         free(h->text);
-        free(h->dirents);
         free(h);
 }
 
@@ -75,42 +74,37 @@ static struct vhandle *handle_of(const struct fuse_file_info *fi) {
 }
 
 static bool ino_is_zone(uint64_t ino) {
-        return ino >= REGISTRY_FIRST_INO && ino < (UINT64_C(1) << INO_PROVIDER_SHIFT);
+        return ino >= REGISTRY_FIRST_INO;
 }
 
-static bool ino_is_provider(uint64_t ino, enum fuse_view_dir *ret_dir, uint64_t *ret_id) {
-        uint64_t d = ino >> INO_PROVIDER_SHIFT;
+/* ---- invalidations ------------------------------------------------------------------ */
 
-        if (d == 0 || d > _FUSE_VIEW_DIR_MAX)
-                return false;
-        *ret_dir = (enum fuse_view_dir)(d - 1);
-        *ret_id = ino & FUSE_VIEW_ID_MAX;
-        return true;
-}
+/*
+ * Only attributes are invalidated, never entries: zone dentries are not
+ * trusted anyway (entry timeout 0, and a missing name is not cached), and
+ * invalidating an entry takes the directory's lock in the kernel, which any
+ * user can hold for as long as they like (a readdir into a buffer mapped from
+ * a FUSE file of their own that never answers). Invalidating an inode's
+ * attributes takes no lock that a user can hold.
+ */
+void view_queue_inval(struct fuse_view *v, uint64_t ino) {
+        size_t i;
 
-/* ---- invalidation queue ------------------------------------------------------------- */
-
-void view_queue_inval(struct fuse_view *v, uint64_t parent, const char *name, uint64_t ino) {
-        struct inval *q;
-
+        if (ino == 0)
+                return;
         pthread_mutex_lock(&v->qlock);
-        if (v->stopping)
+        if (v->stopping || !v->inval)
                 goto out;
-        if (v->n_queue == v->queue_cap) {
-                size_t cap = MAX(v->queue_cap * 2, (size_t) 64);
-
-                q = realloc(v->queue, cap * sizeof(*q));
-                if (!q) {
-                        v->queue_overflow = true; /* the 1 s timeouts still bound the staleness */
-                        goto out;
-                }
-                v->queue = q;
-                v->queue_cap = cap;
+        for (i = (size_t) (ino * UINT64_C(0x9E3779B97F4A7C15) >> 51) & (INVAL_SLOTS - 1); v->inval[i] != 0;
+             i = (i + 1) & (INVAL_SLOTS - 1))
+                if (v->inval[i] == ino)
+                        goto out; /* queued already: once is enough */
+        if (v->n_inval >= INVAL_MAX) {
+                v->dropped++;
+                goto out;
         }
-        q = &v->queue[v->n_queue++];
-        q->parent = parent;
-        q->ino = ino;
-        strncpy_buf(q->name, sizeof(q->name), name ?: "");
+        v->inval[i] = ino;
+        v->n_inval++;
         pthread_cond_signal(&v->qcond);
 out:
         pthread_mutex_unlock(&v->qlock);
@@ -118,38 +112,38 @@ out:
 
 static void *notifier_thread(void *arg) {
         struct fuse_view *v = arg;
+        _cleanup_free_ uint64_t *batch = calloc(INVAL_SLOTS, sizeof(*batch));
 
+        if (!batch) {
+                log_error("FUSE view: out of memory for the invalidation thread; the kernel's copies of "
+                          "attributes will age out in a second instead.");
+                return NULL;
+        }
         for (;;) {
-                struct inval *batch;
-                size_t n;
-                bool overflow;
+                uint64_t dropped;
 
                 pthread_mutex_lock(&v->qlock);
-                while (!v->stopping && v->n_queue == 0)
+                while (!v->stopping && v->n_inval == 0)
                         pthread_cond_wait(&v->qcond, &v->qlock);
                 if (v->stopping) {
                         pthread_mutex_unlock(&v->qlock);
                         break;
                 }
-                batch = TAKE_PTR(v->queue);
-                n = v->n_queue;
-                v->n_queue = v->queue_cap = 0;
-                overflow = v->queue_overflow;
-                v->queue_overflow = false;
+                memcpy(batch, v->inval, INVAL_SLOTS * sizeof(*batch));
+                memset(v->inval, 0, INVAL_SLOTS * sizeof(*v->inval));
+                v->n_inval = 0;
+                dropped = v->dropped;
+                v->dropped = 0;
                 pthread_mutex_unlock(&v->qlock);
 
-                if (overflow)
-                        log_warning("FUSE view: out of memory queueing invalidations; the kernel may show "
-                                    "stale entries for up to a second.");
-                for (size_t i = 0; i < n; i++) {
+                if (dropped > 0)
+                        log_debug("FUSE view: %" PRIu64 " invalidations dropped (queue full); attributes age "
+                                  "out within a second.",
+                                  dropped);
+                for (size_t i = 0; i < INVAL_SLOTS; i++)
                         /* -ENOENT: the kernel had nothing cached; nothing to do. */
-                        if (batch[i].parent && batch[i].name[0])
-                                (void) fuse_lowlevel_notify_inval_entry(v->se, batch[i].parent, batch[i].name,
-                                                                        strlen(batch[i].name));
-                        if (batch[i].ino)
-                                (void) fuse_lowlevel_notify_inval_inode(v->se, batch[i].ino, -1, 0);
-                }
-                free(batch);
+                        if (batch[i] != 0)
+                                (void) fuse_lowlevel_notify_inval_inode(v->se, batch[i], -1, 0);
         }
         return NULL;
 }
@@ -158,64 +152,13 @@ static void *notifier_thread(void *arg) {
 static void on_registry_event(void *userdata, enum registry_event ev, const char *name, uint64_t ino) {
         struct fuse_view *v = userdata;
 
-        switch (ev) {
-        case REGISTRY_ZONE_ADDED:
-                /* A negative dentry may be cached for the name. */
+        /* zones/ itself changes (mtime) when a name comes or goes. */
+        if (ev == REGISTRY_ZONE_ADDED || ev == REGISTRY_ZONE_REMOVED) {
                 atomic_store(&v->zones_mtime_usec, now_usec(CLOCK_REALTIME));
-                view_queue_inval(v, INO_ZONES, name, INO_ZONES);
-                break;
-        case REGISTRY_ZONE_REMOVED:
-                atomic_store(&v->zones_mtime_usec, now_usec(CLOCK_REALTIME));
-                view_queue_inval(v, INO_ZONES, name, ino);
-                break;
-        case REGISTRY_ZONE_CHANGED:
-                view_queue_inval(v, 0, NULL, ino);
-                break;
+                view_queue_inval(v, INO_ZONES);
         }
-}
-
-void fuse_view_changed(struct fuse_view *v, enum fuse_view_dir dir, uint64_t parent, const char *name, uint64_t id) {
-        uint64_t pino;
-
-        if (!v || dir >= _FUSE_VIEW_DIR_MAX || parent > FUSE_VIEW_ID_MAX || id > FUSE_VIEW_ID_MAX)
-                return;
-        pino = parent == 0 ? provider_dir_ino(dir) : provider_ino(dir, parent);
-        view_queue_inval(v, pino, name, id ? provider_ino(dir, id) : 0);
-}
-
-void fuse_view_register(struct fuse_view *v, enum fuse_view_dir dir, const struct fuse_view_provider *p,
-                        void *userdata) {
-        if (!v || dir >= _FUSE_VIEW_DIR_MAX)
-                return;
-        pthread_mutex_lock(&v->plock);
-        v->providers[dir].ops = p;
-        v->providers[dir].userdata = userdata;
-        pthread_mutex_unlock(&v->plock);
-        view_queue_inval(v, 0, NULL, provider_dir_ino(dir));
-}
-
-static const struct fuse_view_provider *provider_get(struct fuse_view *v, enum fuse_view_dir dir, void **ret_data) {
-        const struct fuse_view_provider *p;
-
-        pthread_mutex_lock(&v->plock);
-        p = v->providers[dir].ops;
-        *ret_data = v->providers[dir].userdata;
-        pthread_mutex_unlock(&v->plock);
-        return p;
-}
-
-static void provider_stat(enum fuse_view_dir dir, const struct fuse_view_entry *e, struct stat *ret) {
-        *ret = (struct stat){
-                .st_ino = provider_ino(dir, e->id),
-                .st_mode = S_ISDIR(e->mode) ? (S_IFDIR | (e->mode & 0555)) : (S_IFREG | (e->mode & 0444)),
-                .st_nlink = S_ISDIR(e->mode) ? 2 : 1,
-                .st_uid = e->uid,
-                .st_gid = e->gid,
-                .st_size = (off_t) MIN(e->size, (uint64_t) INT64_MAX),
-                .st_blksize = VIEW_BLKSIZE,
-        };
-        stat_from_usec(&ret->st_mtim, e->mtime_usec);
-        ret->st_ctim = ret->st_atim = ret->st_mtim;
+        if (ev != REGISTRY_ZONE_ADDED)
+                view_queue_inval(v, ino);
 }
 
 /* ---- fixed files --------------------------------------------------------------------- */
@@ -308,8 +251,6 @@ static void reply_entry_stat(fuse_req_t req, const struct stat *st, uint64_t gen
 
 static void op_lookup(fuse_req_t req, fuse_ino_t parent, const char *name) {
         struct fuse_view *v = view_of(req);
-        enum fuse_view_dir dir;
-        uint64_t id;
         struct stat st;
         int r;
 
@@ -337,34 +278,10 @@ static void op_lookup(fuse_req_t req, fuse_ino_t parent, const char *name) {
                         (void) fuse_reply_entry(req, &e);
                 return;
         }
-        if (parent == INO_SEGMENTS || parent == INO_PORTS || ino_is_provider(parent, &dir, &id)) {
-                const struct fuse_view_provider *p;
-                struct fuse_view_entry ent;
-                void *data;
-
-                if (parent == INO_SEGMENTS || parent == INO_PORTS) {
-                        dir = parent == INO_SEGMENTS ? FUSE_VIEW_SEGMENTS : FUSE_VIEW_PORTS;
-                        id = 0;
-                }
-                p = provider_get(v, dir, &data);
-                r = p && p->lookup ? p->lookup(data, id, name, &ent) : -ENOENT;
-                if (r >= 0 && (ent.id == 0 || ent.id > FUSE_VIEW_ID_MAX))
-                        r = -EIO;
-                if (r < 0) {
-                        (void) fuse_reply_err(req, -r);
-                        return;
-                }
-                provider_stat(dir, &ent, &st);
-                reply_entry_stat(req, &st, 0, PROVIDER_TIMEOUT);
-                return;
-        }
-        (void) fuse_reply_err(req, ino_is_zone(parent) || parent < INO_FIXED_MAX ? ENOTDIR : ENOENT);
+        (void) fuse_reply_err(req, parent == INO_SEGMENTS || parent == INO_PORTS ? ENOENT : ENOTDIR);
 }
 
 static int getattr_any(struct fuse_view *v, uint64_t ino, struct vhandle *h, struct stat *ret, double *ret_timeout) {
-        enum fuse_view_dir dir;
-        uint64_t id;
-
         if (ino < INO_FIXED_MAX) {
                 *ret_timeout = fixed_timeout(ino);
                 return fixed_stat(v, ino, ret);
@@ -372,21 +289,6 @@ static int getattr_any(struct fuse_view *v, uint64_t ino, struct vhandle *h, str
         if (ino_is_zone(ino)) {
                 *ret_timeout = ZONE_ATTR_TIMEOUT;
                 return zones_getattr(v, ino, h, ret);
-        }
-        if (ino_is_provider(ino, &dir, &id)) {
-                const struct fuse_view_provider *p;
-                struct fuse_view_entry ent;
-                void *data;
-                int r;
-
-                p = provider_get(v, dir, &data);
-                r = p && p->get ? p->get(data, id, &ent) : -ENOENT;
-                if (r < 0)
-                        return r;
-                ent.id = id;
-                provider_stat(dir, &ent, ret);
-                *ret_timeout = PROVIDER_TIMEOUT;
-                return 0;
         }
         return -ENOENT;
 }
@@ -421,9 +323,7 @@ static void op_readlink(fuse_req_t req, fuse_ino_t ino) {
 
 static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi) {
         struct fuse_view *v = view_of(req);
-        enum fuse_view_dir dir;
         struct vhandle *h;
-        uint64_t id;
         int r;
 
         if (ino_is_zone(ino)) {
@@ -434,7 +334,7 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi) {
                 (void) fuse_reply_err(req, EACCES);
                 return;
         }
-        if (ino != INO_STATUS && ino != INO_METRICS && !ino_is_provider(ino, &dir, &id)) {
+        if (ino != INO_STATUS && ino != INO_METRICS) {
                 (void) fuse_reply_err(req, ino < INO_FIXED_MAX ? EISDIR : ENOENT);
                 return;
         }
@@ -444,14 +344,12 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi) {
                 return;
         }
         h->readable = true;
-        if (ino == INO_STATUS || ino == INO_METRICS) {
-                /* One snapshot per open: a reader sees one consistent text, whatever its read sizes. */
-                r = status_text(v, ino == INO_METRICS, &h->text, &h->text_len);
-                if (r < 0) {
-                        vhandle_free(v, h);
-                        (void) fuse_reply_err(req, -r);
-                        return;
-                }
+        /* One snapshot per open: a reader sees one consistent text, whatever its read sizes. */
+        r = status_text(v, ino == INO_METRICS, &h->text, &h->text_len);
+        if (r < 0) {
+                vhandle_free(v, h);
+                (void) fuse_reply_err(req, -r);
+                return;
         }
         fi->fh = (uintptr_t) h;
         fi->direct_io = 1;
@@ -464,8 +362,6 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi) {
 static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi) {
         struct fuse_view *v = view_of(req);
         struct vhandle *h = handle_of(fi);
-        enum fuse_view_dir dir;
-        uint64_t id;
 
         if (!h || off < 0) {
                 (void) fuse_reply_err(req, EINVAL);
@@ -479,30 +375,6 @@ static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, stru
                 size_t o = (uint64_t) off >= h->text_len ? h->text_len : (size_t) off;
 
                 (void) fuse_reply_buf(req, h->text + o, MIN(size, h->text_len - o));
-                return;
-        }
-        if (ino_is_provider(ino, &dir, &id)) {
-                const struct fuse_view_provider *p;
-                _cleanup_free_ char *buf = NULL;
-                void *data;
-                ssize_t n;
-
-                p = provider_get(v, dir, &data);
-                if (!p || !p->read) {
-                        (void) fuse_reply_buf(req, NULL, 0);
-                        return;
-                }
-                size = MIN(size, (size_t) VIEW_BLKSIZE);
-                buf = malloc(size);
-                if (!buf) {
-                        (void) fuse_reply_err(req, ENOMEM);
-                        return;
-                }
-                n = p->read(data, id, buf, size, (uint64_t) off);
-                if (n < 0)
-                        (void) fuse_reply_err(req, (int) -n);
-                else
-                        (void) fuse_reply_buf(req, buf, MIN((size_t) n, size));
                 return;
         }
         (void) fuse_reply_buf(req, NULL, 0);
@@ -535,12 +407,9 @@ static void op_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
 
 static void op_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi) {
         struct fuse_view *v = view_of(req);
-        enum fuse_view_dir dir;
         struct vhandle *h;
-        uint64_t id;
 
-        if (!(ino == INO_ROOT || ino == INO_ZONES || ino == INO_SEGMENTS || ino == INO_PORTS ||
-              ino_is_provider(ino, &dir, &id))) {
+        if (!(ino == INO_ROOT || ino == INO_ZONES || ino == INO_SEGMENTS || ino == INO_PORTS)) {
                 (void) fuse_reply_err(req, ENOTDIR);
                 return;
         }
@@ -554,137 +423,50 @@ static void op_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
                 vhandle_free(v, h);
 }
 
-static int dirents_add(struct vhandle *h, size_t *cap, const char *name, const struct stat *st, uint64_t gen,
-                       double entry_timeout, double attr_timeout) {
-        if (h->n_dirents == *cap) {
-                size_t ncap = MAX(*cap * 2, (size_t) 16);
-                struct vdirent *n = realloc(h->dirents, ncap * sizeof(*n));
+/* Adds one entry at offset next_off - 1; false when it does not fit (nothing added). */
+static bool add_dirent(fuse_req_t req, bool plus, char *buf, size_t size, size_t *used, const char *name,
+                       const struct stat *st, uint64_t generation, double entry_timeout, double attr_timeout,
+                       uint64_t next_off) {
+        size_t n;
 
-                if (!n)
-                        return -ENOMEM;
-                h->dirents = n;
-                *cap = ncap;
-        }
-        strncpy_buf(h->dirents[h->n_dirents].name, SHMZ_NAME_BUF, name);
-        h->dirents[h->n_dirents].st = *st;
-        h->dirents[h->n_dirents].generation = gen;
-        h->dirents[h->n_dirents].entry_timeout = entry_timeout;
-        h->dirents[h->n_dirents].attr_timeout = attr_timeout;
-        h->n_dirents++;
-        return 0;
+        if (plus) {
+                struct fuse_entry_param ep = {
+                        .ino = st->st_ino,
+                        .generation = generation,
+                        .attr = *st,
+                        .attr_timeout = attr_timeout,
+                        .entry_timeout = entry_timeout,
+                };
+
+                n = fuse_add_direntry_plus(req, buf + *used, size - *used, name, &ep, (off_t) next_off);
+        } else
+                n = fuse_add_direntry(req, buf + *used, size - *used, name, st, (off_t) next_off);
+        if (n > size - *used)
+                return false;
+        *used += n;
+        return true;
 }
 
-static int provider_snapshot(struct fuse_view *v, struct vhandle *h, enum fuse_view_dir dir, uint64_t parent,
-                             size_t *cap) {
-        _cleanup_free_ struct fuse_view_entry *ents = NULL;
-        const struct fuse_view_provider *p;
-        size_t n = 0;
-        void *data;
-        int r;
+/* Zones per registry call while listing zones/. */
+#define DIR_PAGE 64
 
-        p = provider_get(v, dir, &data);
-        if (!p || !p->list)
-                return 0;
-        r = p->list(data, parent, &ents, &n);
-        if (r < 0)
-                return r;
-        for (size_t i = 0; i < n; i++) {
-                struct stat st;
-
-                /* The provider's names become file names: the same rules as zones. */
-                if (ents[i].id == 0 || ents[i].id > FUSE_VIEW_ID_MAX ||
-                    !buf_is_cstr(ents[i].name, sizeof(ents[i].name)) || !shmz_name_is_valid(ents[i].name))
-                        continue;
-                provider_stat(dir, &ents[i], &st);
-                r = dirents_add(h, cap, ents[i].name, &st, 0, PROVIDER_TIMEOUT, PROVIDER_TIMEOUT);
-                if (r < 0)
-                        return r;
-        }
-        return 0;
-}
-
-/* The directory's entries as they are now, "." and ".." first; offsets index this snapshot. */
-static int dir_snapshot(struct fuse_view *v, struct vhandle *h) {
-        enum fuse_view_dir dir;
-        struct stat st;
-        size_t cap = 0;
-        uint64_t id;
-        int r;
-
-        free(TAKE_PTR(h->dirents));
-        h->n_dirents = 0;
-        if (h->ino < INO_FIXED_MAX)
-                (void) fixed_stat(v, h->ino, &st);
-        else {
-                double t;
-
-                r = getattr_any(v, h->ino, NULL, &st, &t);
-                if (r < 0)
-                        return r;
-        }
-        r = dirents_add(h, &cap, ".", &st, 0, 0, 0);
-        if (r < 0)
-                return r;
-        (void) fixed_stat(v, INO_ROOT, &st);
-        r = dirents_add(h, &cap, "..", &st, 0, 0, 0);
-        if (r < 0)
-                return r;
-
-        switch (h->ino) {
-        case INO_ROOT:
-                for (size_t i = 0; i < ELEMENTSOF(root_entries); i++) {
-                        (void) fixed_stat(v, root_entries[i].ino, &st);
-                        r = dirents_add(h, &cap, root_entries[i].name, &st, 0, fixed_timeout(root_entries[i].ino),
-                                        fixed_timeout(root_entries[i].ino));
-                        if (r < 0)
-                                return r;
-                }
-                return 0;
-        case INO_ZONES: {
-                _cleanup_free_ struct zone_info *zi = NULL;
-                size_t n = 0;
-
-                r = registry_list(v->registry, &zi, &n);
-                if (r < 0)
-                        return r;
-                for (size_t i = 0; i < n; i++) {
-                        zone_stat(&zi[i], &st);
-                        r = dirents_add(h, &cap, zi[i].name, &st, zi[i].generation, ZONE_ENTRY_TIMEOUT,
-                                        ZONE_ATTR_TIMEOUT);
-                        if (r < 0)
-                                return r;
-                }
-                return 0;
-        }
-        case INO_SEGMENTS:
-                return provider_snapshot(v, h, FUSE_VIEW_SEGMENTS, 0, &cap);
-        case INO_PORTS:
-                return provider_snapshot(v, h, FUSE_VIEW_PORTS, 0, &cap);
-        default:
-                if (ino_is_provider(h->ino, &dir, &id))
-                        return provider_snapshot(v, h, dir, id, &cap);
-                return -ENOTDIR;
-        }
-}
-
+/*
+ * Offsets: 1 after ".", 2 after "..", then one per entry. zones/ is listed a
+ * page at a time by name from where the handle stands, so an open directory
+ * costs one name, not a copy of the directory. A seek elsewhere (telldir and
+ * seekdir) walks again from the start.
+ */
 static void do_readdir(fuse_req_t req, size_t size, off_t off, struct fuse_file_info *fi, bool plus) {
         struct fuse_view *v = view_of(req);
         struct vhandle *h = handle_of(fi);
         _cleanup_free_ char *buf = NULL;
+        uint64_t pos = (uint64_t) off;
         size_t used = 0;
-        int r;
+        struct stat st;
 
         if (!h || off < 0) {
                 (void) fuse_reply_err(req, EINVAL);
                 return;
-        }
-        /* A new listing (or rewinddir) takes a new snapshot; later offsets continue the same one. */
-        if (off == 0 || !h->dirents) {
-                r = dir_snapshot(v, h);
-                if (r < 0) {
-                        (void) fuse_reply_err(req, -r);
-                        return;
-                }
         }
         size = MIN(size, (size_t) READ_BUF_SIZE);
         buf = malloc(size);
@@ -692,26 +474,57 @@ static void do_readdir(fuse_req_t req, size_t size, off_t off, struct fuse_file_
                 (void) fuse_reply_err(req, ENOMEM);
                 return;
         }
-        for (size_t i = (size_t) off; i < h->n_dirents; i++) {
-                const struct vdirent *e = &h->dirents[i];
-                size_t n;
-
-                if (plus) {
-                        struct fuse_entry_param ep = {
-                                .ino = e->st.st_ino,
-                                .generation = e->generation,
-                                .attr = e->st,
-                                .attr_timeout = e->attr_timeout,
-                                .entry_timeout = e->entry_timeout,
-                        };
-
-                        n = fuse_add_direntry_plus(req, buf + used, size - used, e->name, &ep, (off_t) i + 1);
-                } else
-                        n = fuse_add_direntry(req, buf + used, size - used, e->name, &e->st, (off_t) i + 1);
-                if (n > size - used)
-                        break;
-                used += n;
+        if (pos == 0) {
+                (void) fixed_stat(v, h->ino, &st);
+                if (!add_dirent(req, plus, buf, size, &used, ".", &st, 0, 0, 0, 1))
+                        goto reply;
+                pos = 1;
         }
+        if (pos == 1) {
+                (void) fixed_stat(v, INO_ROOT, &st);
+                if (!add_dirent(req, plus, buf, size, &used, "..", &st, 0, 0, 0, 2))
+                        goto reply;
+                pos = 2;
+        }
+        if (h->ino == INO_ROOT) {
+                for (; pos - 2 < ELEMENTSOF(root_entries); pos++) {
+                        uint64_t ino = root_entries[pos - 2].ino;
+
+                        (void) fixed_stat(v, ino, &st);
+                        if (!add_dirent(req, plus, buf, size, &used, root_entries[pos - 2].name, &st, 0,
+                                        fixed_timeout(ino), fixed_timeout(ino), pos + 1))
+                                break;
+                }
+                goto reply;
+        }
+        if (h->ino != INO_ZONES)
+                goto reply; /* segments/, ports/: nothing yet */
+
+        if (pos != h->dir_pos) {
+                /* Not where we stopped: walk from the first zone to pos. */
+                h->dir_pos = 2;
+                h->dir_after[0] = 0;
+        }
+        for (;;) {
+                struct zone_info zi[DIR_PAGE];
+                size_t n = 0;
+
+                if (registry_list_page(v->registry, h->dir_after, zi, DIR_PAGE, &n) < 0 || n == 0)
+                        break;
+                for (size_t i = 0; i < n; i++) {
+                        if (h->dir_pos >= pos) {
+                                zone_stat(&zi[i], &st);
+                                if (!add_dirent(req, plus, buf, size, &used, zi[i].name, &st, zi[i].generation,
+                                                ZONE_ENTRY_TIMEOUT, ZONE_ATTR_TIMEOUT, h->dir_pos + 1))
+                                        goto reply;
+                        }
+                        h->dir_pos++;
+                        strncpy_buf(h->dir_after, sizeof(h->dir_after), zi[i].name);
+                }
+                if (n < DIR_PAGE)
+                        break;
+        }
+reply:
         (void) fuse_reply_buf(req, buf, used);
 }
 
@@ -979,13 +792,12 @@ static void view_free(struct fuse_view *v) {
         while (v->handles.next != &v->handles)
                 vhandle_free(v, v->handles.next);
         safe_close(v->stop_fd);
-        free(v->queue);
+        free(v->inval);
         free(v->read_buf);
         free(v->mountpoint);
         free(v->socket_link);
         pthread_mutex_destroy(&v->qlock);
         pthread_cond_destroy(&v->qcond);
-        pthread_mutex_destroy(&v->plock);
         pthread_mutex_destroy(&v->start_lock);
         pthread_cond_destroy(&v->start_cond);
         free(v);
@@ -1023,7 +835,6 @@ int fuse_view_start(struct daemon *d, const char *mountpoint, struct fuse_view *
         v->handles.next = v->handles.prev = &v->handles;
         pthread_mutex_init(&v->qlock, NULL);
         pthread_cond_init(&v->qcond, NULL);
-        pthread_mutex_init(&v->plock, NULL);
         pthread_mutex_init(&v->start_lock, NULL);
         pthread_cond_init(&v->start_cond, NULL);
         v->start_result = 1;
@@ -1034,6 +845,11 @@ int fuse_view_start(struct daemon *d, const char *mountpoint, struct fuse_view *
         r = absolute_path(d->cfg->socket_path, &v->socket_link);
         if (r < 0)
                 goto fail;
+        v->inval = calloc(INVAL_SLOTS, sizeof(*v->inval));
+        if (!v->inval) {
+                r = -ENOMEM;
+                goto fail;
+        }
         v->stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
         if (v->stop_fd < 0) {
                 r = -errno;
@@ -1091,6 +907,8 @@ fail:
 }
 
 void fuse_view_stop(struct fuse_view *v) {
+        bool stuck = false;
+
         if (!v)
                 return;
         if (v->registry)
@@ -1100,8 +918,17 @@ void fuse_view_stop(struct fuse_view *v) {
         v->stopping = true;
         pthread_cond_signal(&v->qcond);
         pthread_mutex_unlock(&v->qlock);
-        if (v->notifier_started)
-                (void) pthread_join(v->notifier, NULL);
+        if (v->notifier_started) {
+                struct timespec ts;
+
+                /* It sends nothing that waits on a lock a user can hold; should the kernel differ, do not wait. */
+                clock_gettime(CLOCK_REALTIME, &ts);
+                ts.tv_sec += 5;
+                if (pthread_timedjoin_np(v->notifier, NULL, &ts) != 0) {
+                        log_warning("FUSE view: the invalidation thread is stuck in the kernel; leaving it.");
+                        stuck = true;
+                }
+        }
         if (v->thread_started) {
                 uint64_t one = 1;
 
@@ -1110,5 +937,11 @@ void fuse_view_stop(struct fuse_view *v) {
         }
         if (v->mounted)
                 log_info("FUSE view: unmounting %s.", v->mountpoint);
+        if (stuck) {
+                /* The stuck thread still uses the session: unmount, but free nothing it may touch. */
+                if (v->mounted)
+                        fuse_session_unmount(v->se);
+                return;
+        }
         view_free(v);
 }

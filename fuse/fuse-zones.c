@@ -214,15 +214,14 @@ void zones_read(struct fuse_view *v, fuse_req_t req, struct vhandle *h, size_t s
         size = (size_t) MIN((uint64_t) size, zsize - (uint64_t) off);
         start = (uint64_t) off + SHMZ_ZONE_HEADER_SIZE;
 
-        /* The memfd is sealed against shrinking, so the mapping can never SIGBUS. */
+        /* One mapping per zone, not per open file: opens would otherwise use up our mappings. */
         if (!h->map) {
-                void *m = mmap(NULL, h->map_size, PROT_READ, MAP_SHARED, fd, 0);
+                int r = zone_view_map(h->zone, &h->map);
 
-                if (m == MAP_FAILED) {
-                        (void) fuse_reply_err(req, errno);
+                if (r < 0) {
+                        (void) fuse_reply_err(req, -r);
                         return;
                 }
-                h->map = m;
         }
         end = ALIGN_TO(start + size, (uint64_t) 4096);
         page = start & ~(uint64_t) 4095;
@@ -300,8 +299,7 @@ void zones_release(struct fuse_view *v, struct vhandle *h) {
         if (h->has_ticket)
                 registry_ticket_revoke(v->registry, h->ticket);
         h->has_ticket = false;
-        if (h->map)
-                (void) munmap(TAKE_PTR(h->map), h->map_size);
+        h->map = NULL; /* the zone's, gone with its last reference */
         registry_unref(v->registry, TAKE_PTR(h->zone));
 }
 

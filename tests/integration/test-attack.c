@@ -14,6 +14,7 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -62,6 +63,14 @@ static struct shmz_client *client(void) {
 
         cr_assert_eq(shmz_connect(d.socket, &c), 0);
         return c;
+}
+
+static void make_zone_mode(struct shmz_client *c, const char *name, uint64_t size, mode_t mode) {
+        struct shmz_zone *z = NULL;
+
+        cr_assert_eq(shmz_zone_open(c, name, size, NULL, SHMZ_CREATE | SHMZ_EXCL, &z), 0, "create %s", name);
+        shmz_zone_close(z);
+        cr_assert_eq(shmz_zone_chmod(c, name, mode), 0);
 }
 
 /* ---- F1: a read-only attachment has no route to a writable mapping ------------------------ */
@@ -531,4 +540,157 @@ Test(attack, f5_one_uid_cannot_take_every_slot, .fini = stop, .timeout = 60) {
         cr_assert_eq(poll(&p, 1, 10000), 1, "a silent connection was kept");
         cr_assert_eq(recv(idle, b, sizeof(b), 0), 0);
         close(idle);
+}
+
+/* ---- F8: a user holding the zones/ directory lock stalls nothing of ours --------------------- */
+
+struct dents {
+        int dirfd;
+        void *buf;
+        long r;
+};
+
+static void *getdents_thread(void *arg) {
+        struct dents *g = arg;
+
+        /* Writing the first entry faults on a page only the stalling server can provide, lock held. */
+        g->r = syscall(SYS_getdents64, g->dirfd, g->buf, 65536);
+        return NULL;
+}
+
+Test(attack, f8_a_held_directory_lock_stalls_nothing, .init = start_mounted, .fini = stop, .timeout = 120) {
+        struct shmz_client *c = client();
+        struct dents g = {};
+        char dir[192], path[256];
+        pthread_t t;
+        int fd;
+
+        snprintf(dir, sizeof(dir), "%s/stall", d.dir);
+        cr_assert_eq(stallfs_start(dir, &sf), 0);
+        snprintf(path, sizeof(path), "%s/file", dir);
+        fd = open(path, O_RDONLY | O_CLOEXEC);
+        cr_assert_geq(fd, 0);
+        g.buf = mmap(NULL, 65536, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0);
+        cr_assert_neq(g.buf, MAP_FAILED);
+        close(fd);
+        snprintf(path, sizeof(path), "%s/zones", d.mount);
+        g.dirfd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        cr_assert_geq(g.dirfd, 0);
+        cr_assert_eq(pthread_create(&t, NULL, getdents_thread, &g), 0);
+        for (int i = 0; i < 500 && stallfs_stalled(sf) == 0; i++)
+                usleep(10000);
+        cr_assert_gt(stallfs_stalled(sf), 0, "getdents did not get stuck");
+
+        /* Churn: every create and unlink changes zones/ (its lock is held for good now). */
+        for (int i = 0; i < 2000; i++) {
+                struct shmz_zone *z;
+                char name[32];
+
+                snprintf(name, sizeof(name), "churn%d", i % 50);
+                cr_assert_eq(shmz_zone_open(c, name, 4096, NULL, SHMZ_CREATE, &z), 0);
+                shmz_zone_close(z);
+                cr_assert_eq(shmz_zone_unlink(c, name), 0);
+        }
+        shmz_disconnect(c);
+        cr_assert(daemon_answers_soon());
+
+        /* The daemon stops, unmount included, while the lock is still held. */
+        cr_assert_eq(kill(d.pid, SIGTERM), 0);
+        cr_assert_eq(harness_wait_log(&d, "Stopped.", 20), 0, "shutdown stuck: %s", harness_log(&d));
+        stallfs_release(sf);
+        cr_assert_eq(pthread_join(t, NULL), 0);
+        cr_assert_eq(g.r, -1, "getdents into an unreadable buffer");
+        close(g.dirfd);
+        (void) munmap(g.buf, 65536);
+        cr_assert_eq(harness_stop(&d), 0, "stop: %s", harness_log(&d));
+}
+
+/* ---- F9: open zone files and directories cost the daemon a bounded amount ------------------- */
+
+static unsigned daemon_mappings_of(const char *memfd_name) {
+        char path[64], line[512];
+        unsigned n = 0;
+        FILE *f;
+
+        snprintf(path, sizeof(path), "/proc/%d/maps", (int) d.pid);
+        f = fopen(path, "re");
+        cr_assert_not_null(f);
+        while (fgets(line, sizeof(line), f))
+                if (strstr(line, memfd_name))
+                        n++;
+        fclose(f);
+        return n;
+}
+
+#define N_OPENS 2000
+
+Test(attack, f9_open_zone_files_share_one_mapping, .init = start_mounted, .fini = stop, .timeout = 120) {
+        struct shmz_client *c = client();
+        struct rlimit rl;
+        char path[256];
+        static int fds[N_OPENS];
+
+        make_zone_mode(c, "many", 65536, 0644);
+        cr_assert_eq(getrlimit(RLIMIT_NOFILE, &rl), 0);
+        rl.rlim_cur = rl.rlim_max;
+        (void) setrlimit(RLIMIT_NOFILE, &rl);
+        snprintf(path, sizeof(path), "%s/zones/many", d.mount);
+        for (int i = 0; i < N_OPENS; i++) {
+                char b;
+
+                fds[i] = open(path, O_RDONLY | O_CLOEXEC);
+                cr_assert_geq(fds[i], 0, "open %d: %m", i);
+                cr_assert_eq(pread(fds[i], &b, 1, 0), 1);
+        }
+        /* Before the fix: one mapping per open file that was read. */
+        cr_assert_eq(daemon_mappings_of("shmzone:many"), 1);
+        for (int i = 0; i < N_OPENS; i++)
+                close(fds[i]);
+        shmz_disconnect(c);
+}
+
+#define N_DIR_ZONES 3000
+#define N_DIR_OPENS 200
+
+Test(attack, f9_open_directories_hold_no_copy_of_the_listing, .init = start_mounted, .fini = stop, .timeout = 240) {
+        struct shmz_client *c = client();
+        static int dirs[N_DIR_OPENS];
+        char path[256], buf[4096];
+        long rss0, rss1;
+
+        for (int i = 0; i < N_DIR_ZONES; i++) {
+                struct shmz_zone *z;
+                char name[32];
+
+                snprintf(name, sizeof(name), "d%05d", i);
+                cr_assert_eq(shmz_zone_open(c, name, 1, NULL, SHMZ_CREATE, &z), 0, "zone %d", i);
+                shmz_zone_close(z);
+        }
+        snprintf(path, sizeof(path), "%s/zones", d.mount);
+        rss0 = daemon_rss_kib();
+        /* Each open directory starts a listing and stops after one small read. */
+        for (int i = 0; i < N_DIR_OPENS; i++) {
+                dirs[i] = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+                cr_assert_geq(dirs[i], 0);
+                cr_assert_gt(syscall(SYS_getdents64, dirs[i], buf, sizeof(buf)), 0);
+        }
+        rss1 = daemon_rss_kib();
+        /* Before the fix: a copy of the listing per open directory, about 220 MiB here. */
+        cr_assert_lt(rss1 - rss0, 48 * 1024, "the daemon grew by %ld KiB for open directories", rss1 - rss0);
+        for (int i = 0; i < N_DIR_OPENS; i++)
+                close(dirs[i]);
+        /* And a listing read to the end is whole. */
+        {
+                char out[64];
+                FILE *p;
+                char cmd[320];
+
+                snprintf(cmd, sizeof(cmd), "ls %s | wc -l", path);
+                p = popen(cmd, "re");
+                cr_assert_not_null(p);
+                cr_assert_not_null(fgets(out, sizeof(out), p));
+                pclose(p);
+                cr_assert_eq(atoi(out), N_DIR_ZONES);
+        }
+        shmz_disconnect(c);
 }

@@ -2,30 +2,46 @@
 /*
  * Robust cross-process lock on a futex word.
  *
- * The lock word holds the owner's TID (kernel robust-futex convention). While a
- * thread holds a lock, the lock is linked into that thread's robust list, the
- * one glibc registered with the kernel (set_robust_list) for its own robust
- * mutexes: our robust_prev/robust_next words sit where glibc's pthread_mutex_t
- * keeps its list node, so the kernel, walking the list when the thread dies,
- * finds the lock word at node - 32, sets OWNER_DIED and wakes one waiter. The
- * next locker gets SHMZ_OWNER_DEAD without anybody else's help.
+ * The lock lives in a zone that other processes, maybe hostile ones, can write.
+ * So nothing in it is an address and nothing read from it is ever followed: it
+ * holds the lock word (the owner's TID, kernel robust-futex convention), the
+ * owner's record (pid, tid, thread start time, pid namespace) and figures, and
+ * every value read from it is read once, checked, and used from a local.
  *
- * If the thread has no usable robust list (another C library, another
- * futex_offset), we fall back: the owner records that the kernel will not
- * clean up after it, and waiters poll the owner's liveness (tgkill(pid, tid, 0)
- * plus the process start time against pid reuse) between timed futex waits.
- * That fallback assumes all users share one pid namespace.
+ * Kernel clean-up without a list: glibc registers one robust_list_head per
+ * thread (set_robust_list). Linking our locks into its list would put list links,
+ * addresses of the owner's memory, into the zone, and have the owner write
+ * through whatever a co-writer left there. We only borrow the head's
+ * list_op_pending slot. When the thread dies, the kernel takes that entry, adds
+ * futex_offset, and if the word there holds the dying thread's TID sets
+ * OWNER_DIED and wakes a waiter; it reads nothing at the entry itself. A thread
+ * parks at most one lock there and remembers which in thread-local memory. The
+ * slot is set before the CAS that may take the lock and cleared only after the
+ * release and its wake-up: whenever the word holds our TID, the slot names it.
  *
- * Like any process-shared robust pthread mutex, a held lock's list links point
- * into the owner's memory: a process able to write the zone can corrupt the
- * owner's robust list. Zone users are trusted with each other's integrity.
+ * A lock taken while the slot is busy (another of our locks is parked there, or
+ * glibc is in the middle of a robust mutex operation) or without a usable head
+ * is taken in fallback mode: waiters poll the owner's liveness between timed
+ * futex waits. And glibc clears the slot whenever the thread locks or unlocks a
+ * robust pthread mutex, so a parked lock can silently lose the kernel's help:
+ * waiters check a robust-mode owner's liveness too, only after it has kept them
+ * waiting for ROBUST_POLL_NS. Liveness is tgkill(pid, tid, 0), then the thread's
+ * state and start time in /proc (against tid reuse), and is judged only for
+ * owners in the waiter's pid namespace; other owners are left to the kernel.
+ *
+ * What a co-writer can still do: break exclusion (clear or forge the word),
+ * make waiters believe an owner died (forge its record) or keep them waiting,
+ * like it can corrupt anything else in the zone. What it cannot: make a lock
+ * holder write to memory of its choosing, or learn addresses in its memory.
  */
+#include <fcntl.h>
 #include <limits.h>
 #include <linux/futex.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdatomic.h>
 #include <stdio.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <time.h>
 
@@ -42,39 +58,79 @@ struct kernel_robust_list_head {
         struct kernel_robust_list *list_op_pending;
 };
 
-#define ROBUST_NODE_OFFSET 32 /* offsetof(struct shmz_mutex, robust_next) */
 #define FALLBACK_POLL_NS (20 * 1000 * 1000ULL)
+/*
+ * How long a robust-mode owner may keep a waiter waiting before the waiter checks
+ * its liveness. The kernel wakes waiters at once when it cleans up; this only
+ * catches owners glibc took the slot from. Long enough to keep waiters of busy
+ * locks out of /proc, short enough to notice such a death within a fraction of
+ * a second.
+ */
+#define ROBUST_POLL_NS (200 * 1000 * 1000ULL)
 
 _Static_assert(sizeof(struct shmz_mutex) == SHMZ_MUTEX_SIZE, "mutex size is ABI");
 _Static_assert(__builtin_offsetof(struct shmz_mutex, futex) == 0, "futex word first");
-_Static_assert(__builtin_offsetof(struct shmz_mutex, robust_next) == ROBUST_NODE_OFFSET, "robust node");
-_Static_assert(__builtin_offsetof(struct shmz_mutex, robust_prev) == ROBUST_NODE_OFFSET - 8, "robust prev");
 
 /*
- * reserved0 of struct shmz_mutex: how the current owner is protected, in the
- * top two bits, and which thread that is, in the low 30. A waiter trusts the
- * mode (and owner_pid/owner_start) only when the tid matches the lock word's:
- * between an owner's CAS and its writing them, they still describe the last one.
+ * owner_tag: how the current owner is protected, in the top two bits, and which
+ * thread that is, in the low 30. The owner stores it last, with release: a
+ * waiter trusts the mode and the rest of the record (owner_pid, owner_start,
+ * owner_pidns, acquisitions) only when the tid matches the lock word's; between
+ * an owner's CAS and that store, they still describe the last owner.
  */
-#define OWNER_ROBUST 1u   /* linked into the kernel's robust list */
-#define OWNER_FALLBACK 2u /* not linked: waiters must check liveness */
+#define OWNER_ROBUST 1u   /* parked in the thread's list_op_pending slot when taken */
+#define OWNER_FALLBACK 2u /* not: waiters check liveness often */
 #define OWNER_TAG(mode, tid) (((mode) << 30) | ((tid) &SHMZ_FUTEX_TID_MASK))
 #define OWNER_MODE(tag) ((tag) >> 30)
 #define OWNER_TID(tag) ((tag) &SHMZ_FUTEX_TID_MASK)
 
+/* Thread-local, never in a zone. */
 struct thread_self {
         bool init;
         uint32_t tid;
         uint32_t pid;
-        uint64_t start;                       /* process start time, clock ticks since boot */
-        struct kernel_robust_list_head *head; /* NULL: fallback mode */
+        uint64_t start;                       /* this thread's start time, clock ticks since boot; 0: unknown */
+        uint64_t pidns;                       /* inode of our pid namespace; 0: unknown */
+        struct kernel_robust_list_head *head; /* glibc's, for this thread; NULL: fallback mode only */
+        long futex_offset;                    /* head->futex_offset */
+        struct shmz_mutex *pending_lock;      /* the lock we parked in head->list_op_pending, if any */
 };
 
 static __thread struct thread_self self __attribute__((tls_model("initial-exec")));
 static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
 
+#define barrier() __asm__ __volatile__("" ::: "memory")
+
+/* Our entry for m: the kernel adds futex_offset back and never reads the entry itself. */
+static inline struct kernel_robust_list *entry_of(const struct thread_self *s, struct shmz_mutex *m) {
+        return (struct kernel_robust_list *) ((uintptr_t) &m->futex - (uintptr_t) s->futex_offset);
+}
+
+/*
+ * Park m in the slot if it is free: before the CAS, so that a death right after
+ * it is covered (the kernel acts only if the word holds the dying thread's TID).
+ */
+static inline bool slot_take(struct thread_self *s, struct shmz_mutex *m) {
+        if (!s->head || s->pending_lock || s->head->list_op_pending)
+                return false;
+        s->pending_lock = m;
+        s->head->list_op_pending = entry_of(s, m);
+        barrier();
+        return true;
+}
+
+/* After the release: unless glibc has taken the slot over since, clear it. */
+static inline void slot_release(struct thread_self *s, struct shmz_mutex *m) {
+        barrier();
+        if (s->head && s->head->list_op_pending == entry_of(s, m))
+                s->head->list_op_pending = NULL;
+        s->pending_lock = NULL;
+}
+
 static void atfork_child(void) {
-        /* Only the forking thread lives on in the child: new pid, new tid. */
+        /* Only the forking thread lives on, with a new TID and none of the parent's locks. */
+        if (self.pending_lock)
+                slot_release(&self, self.pending_lock);
         self.init = false;
 }
 
@@ -82,62 +138,85 @@ static void atfork_register(void) {
         (void) pthread_atfork(NULL, NULL, atfork_child);
 }
 
-/* Field 22 of /proc/<pid>/stat; 0 if unreadable. */
-static uint64_t proc_start_time(uint32_t pid) {
-        char path[64], buf[1024];
-        FILE *f;
-        size_t n;
-        char *p;
-        unsigned long long v = 0;
+/* State letter and start time (field 22, clock ticks since boot) from a /proc stat file: 0 or -errno. */
+static int proc_stat(const char *path, char *ret_state, uint64_t *ret_start) {
+        char buf[1024], *p, *end;
+        unsigned long long v;
+        ssize_t n;
+        int fd, r;
 
-        snprintf(path, sizeof(path), "/proc/%u/stat", pid);
-        f = fopen(path, "re");
-        if (!f)
-                return 0;
-        n = fread(buf, 1, sizeof(buf) - 1, f);
-        fclose(f);
+        fd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY);
+        if (fd < 0)
+                return -errno;
+        n = read(fd, buf, sizeof(buf) - 1);
+        r = n < 0 ? -errno : 0;
+        (void) close(fd);
+        if (r < 0)
+                return r;
         buf[n] = 0;
-        /* The command name may contain spaces and parentheses: start after the last ')'. */
+        /* The command name may contain spaces and parentheses: fields 3... start after the last ')'. */
         p = strrchr(buf, ')');
-        if (!p)
-                return 0;
-        p++;
-        for (int field = 2; field < 22 && p; field++)
+        if (!p || p[1] != ' ' || !p[2])
+                return -EBADMSG;
+        *ret_state = p[2];
+        p += 2;
+        for (int field = 3; field < 22 && p; field++)
                 p = strchr(p + 1, ' ');
-        if (!p || sscanf(p, " %llu", &v) != 1)
-                return 0;
-        return v;
+        if (!p)
+                return -EBADMSG;
+        errno = 0;
+        v = strtoull(p + 1, &end, 10);
+        if (errno != 0 || end == p + 1)
+                return -EBADMSG;
+        *ret_start = v;
+        return 0;
 }
 
-static bool proc_is_zombie(uint32_t pid) {
-        char path[64], buf[512];
-        FILE *f;
-        size_t n;
-        char *p;
+static int proc_thread_stat(uint32_t pid, uint32_t tid, char *ret_state, uint64_t *ret_start) {
+        char path[64];
 
+        snprintf(path, sizeof(path), "/proc/%u/task/%u/stat", pid, tid);
+        return proc_stat(path, ret_state, ret_start);
+}
+
+/* force_unlock(): is process pid gone, or a zombie? */
+static bool process_is_dead(uint32_t pid) {
+        char path[64], state;
+        uint64_t start;
+        bool eperm = false;
+        int r;
+
+        if (kill((pid_t) pid, 0) < 0) {
+                if (errno != EPERM)
+                        return errno == ESRCH;
+                eperm = true; /* it exists, someone else's */
+        }
         snprintf(path, sizeof(path), "/proc/%u/stat", pid);
-        f = fopen(path, "re");
-        if (!f)
-                return errno == ENOENT || errno == ESRCH; /* EMFILE and friends say nothing about the owner */
-        n = fread(buf, 1, sizeof(buf) - 1, f);
-        fclose(f);
-        buf[n] = 0;
-        p = strrchr(buf, ')');
-        return p && p[1] != 0 && (p[2] == 'Z' || p[2] == 'X');
+        r = proc_stat(path, &state, &start);
+        if (r < 0) /* gone since kill(), unless hidepid= hides someone else's process */
+                return r == -ENOENT && !eperm;
+        return state == 'Z' || state == 'X';
 }
 
 static void self_init_slow(void) {
         struct kernel_robust_list_head *head = NULL;
+        struct stat st;
         size_t len = 0;
+        char state;
 
         (void) pthread_once(&atfork_once, atfork_register);
         self.tid = (uint32_t) syscall(SYS_gettid);
         self.pid = (uint32_t) getpid();
-        self.start = proc_start_time(self.pid);
+        if (proc_stat("/proc/thread-self/stat", &state, &self.start) < 0)
+                self.start = 0;
+        self.pidns = stat("/proc/self/ns/pid", &st) >= 0 ? (uint64_t) st.st_ino : 0;
         self.head = NULL;
+        /* An odd entry would read as a PI futex to the kernel. */
         if (syscall(SYS_get_robust_list, 0, &head, &len) == 0 && head && len == sizeof(*head) &&
-            head->futex_offset == -ROBUST_NODE_OFFSET)
+            (head->futex_offset & 1) == 0) {
                 self.head = head;
+                self.futex_offset = head->futex_offset;
+        }
         self.init = true;
 }
 
@@ -153,50 +232,6 @@ void mutex_test_force_fallback(bool on) {
                 self.head = NULL;
         else
                 self_init_slow();
-}
-
-#define barrier() __asm__ __volatile__("" ::: "memory")
-
-static inline uintptr_t node_of(struct shmz_mutex *m) {
-        return (uintptr_t) &m->robust_next;
-}
-
-/* The list operations glibc performs for its robust mutexes: insert at the head. */
-static inline void robust_enqueue(struct thread_self *s, struct shmz_mutex *m) {
-        uintptr_t first = (uintptr_t) s->head->list.next;
-        uintptr_t node = node_of(m);
-
-        /* first's prev word sits right before its next word (glibc keeps one before the head too). */
-        *(uintptr_t *) ((first & ~(uintptr_t) 1) - 8) = node;
-        m->robust_next = first;
-        m->robust_prev = (uintptr_t) &s->head->list;
-        barrier();
-        s->head->list.next = (struct kernel_robust_list *) node;
-}
-
-/* Unlink by neighbours: glibc may have inserted its own mutexes around ours. */
-static inline void robust_dequeue(struct shmz_mutex *m) {
-        uintptr_t next = (uintptr_t) m->robust_next, prev = (uintptr_t) m->robust_prev;
-
-        *(uintptr_t *) ((next & ~(uintptr_t) 1) - 8) = prev;
-        *(uintptr_t *) (prev & ~(uintptr_t) 1) = next;
-        barrier();
-        m->robust_prev = 0;
-        m->robust_next = 0;
-}
-
-static inline void pending_set(struct thread_self *s, struct shmz_mutex *m) {
-        if (s->head) {
-                s->head->list_op_pending = (struct kernel_robust_list *) node_of(m);
-                barrier();
-        }
-}
-
-static inline void pending_clear(struct thread_self *s) {
-        if (s->head) {
-                barrier();
-                s->head->list_op_pending = NULL;
-        }
 }
 
 static inline _Atomic uint32_t *futex_word(struct shmz_mutex *m) {
@@ -226,43 +261,68 @@ static struct timespec ns_to_ts(uint64_t ns) {
         return (struct timespec){ .tv_sec = (time_t) (ns / 1000000000ULL), .tv_nsec = (long) (ns % 1000000000ULL) };
 }
 
-/* Fallback only: is the recorded owner of word value v gone? Read racily; rechecked by CAS. */
-static bool owner_is_dead(struct shmz_mutex *m, uint32_t v) {
-        uint32_t tid = v & SHMZ_FUTEX_TID_MASK;
-        uint32_t tag = __atomic_load_n(&m->reserved0, __ATOMIC_ACQUIRE);
-        uint32_t pid = __atomic_load_n(&m->owner_pid, __ATOMIC_RELAXED);
-        uint64_t start = __atomic_load_n(&m->owner_start, __ATOMIC_RELAXED);
-        uint64_t now;
+/*
+ * Is the owner that word value v and owner tag `tag` (already read) name gone?
+ * Errs towards "alive": a wrong "dead" breaks exclusion, a wrong "alive" costs
+ * another poll. Rechecked by the caller's CAS on v.
+ */
+static bool owner_is_dead(const struct thread_self *s, struct shmz_mutex *m, uint32_t v, uint32_t tag) {
+        uint32_t tid = v & SHMZ_FUTEX_TID_MASK, pid;
+        uint64_t gen, start, pidns, now_start;
+        bool dead;
+        char state;
 
-        /* pid and start are this owner's only once its tag (written last, with release) names it. */
-        if (OWNER_MODE(tag) != OWNER_FALLBACK || OWNER_TID(tag) != tid || pid == 0 || pid > INT_MAX)
+        /* The rest of the record is this owner's only once its tag (stored last, with release) names it. */
+        if (OWNER_TID(tag) != tid)
                 return false;
-        if (syscall(SYS_tgkill, (pid_t) pid, (pid_t) tid, 0) < 0)
-                return errno == ESRCH;
-        if (proc_is_zombie(pid))
-                return true;
-        now = proc_start_time(pid);
-        return start != 0 && now != 0 && now != start;
+        gen = __atomic_load_n(&m->acquisitions, __ATOMIC_ACQUIRE);
+        pid = __atomic_load_n(&m->owner_pid, __ATOMIC_ACQUIRE);
+        start = __atomic_load_n(&m->owner_start, __ATOMIC_ACQUIRE);
+        pidns = __atomic_load_n(&m->owner_pidns, __ATOMIC_ACQUIRE);
+        /* Another pid namespace's pid and tid would name some unrelated thread here. */
+        if (pid == 0 || pid > INT_MAX || tid == 0 || pidns != s->pidns)
+                return false;
+
+        if (syscall(SYS_tgkill, (pid_t) pid, (pid_t) tid, 0) < 0) {
+                if (errno == ESRCH)
+                        dead = true;
+                else if (errno == EPERM) /* it exists, someone else's: /proc may still tell */
+                        dead = false;
+                else
+                        return false;
+        } else
+                dead = false;
+        /*
+         * A zombie still takes signals, and a reused tid is alive. /proc we may not
+         * be able to read (hidepid=): that says nothing.
+         */
+        if (!dead && proc_thread_stat(pid, tid, &state, &now_start) >= 0)
+                dead = state == 'Z' || state == 'X' || (start != 0 && now_start != start);
+        if (!dead)
+                return false;
+
+        /* The record must not have changed meanwhile: the tid and the generation tell one hold from the next. */
+        atomic_thread_fence(memory_order_acquire);
+        return __atomic_load_n(&m->owner_tag, __ATOMIC_RELAXED) == tag &&
+               __atomic_load_n(&m->acquisitions, __ATOMIC_RELAXED) == gen;
 }
 
 enum { MODE_BLOCK, MODE_TRY, MODE_TIMED };
 
-static int acquired(struct thread_self *s, struct shmz_mutex *m, bool died, bool waited) {
-        m->owner_pid = s->pid;
-        if (s->head) {
-                robust_enqueue(s, m);
-                pending_clear(s);
-                __atomic_store_n(&m->reserved0, OWNER_TAG(OWNER_ROBUST, s->tid), __ATOMIC_RELEASE);
-        } else {
-                /* Only waiters polling for liveness need the start time (against pid reuse). */
-                m->owner_start = s->start;
-                __atomic_store_n(&m->reserved0, OWNER_TAG(OWNER_FALLBACK, s->tid), __ATOMIC_RELEASE);
-        }
-        m->acquisitions++;
+static int acquired(struct thread_self *s, struct shmz_mutex *m, bool robust, bool died, bool waited) {
+        uint32_t state;
+
+        /* The record waiters judge our liveness by; the tag, stored last, vouches for it. */
+        __atomic_store_n(&m->owner_pid, s->pid, __ATOMIC_RELAXED);
+        __atomic_store_n(&m->owner_start, s->start, __ATOMIC_RELAXED);
+        __atomic_store_n(&m->owner_pidns, s->pidns, __ATOMIC_RELAXED);
+        __atomic_store_n(&m->acquisitions, __atomic_load_n(&m->acquisitions, __ATOMIC_RELAXED) + 1, __ATOMIC_RELAXED);
         if (waited)
                 m->contended++;
+        __atomic_store_n(&m->owner_tag, OWNER_TAG(robust ? OWNER_ROBUST : OWNER_FALLBACK, s->tid), __ATOMIC_RELEASE);
 
-        if (_unlikely_(m->state == SHMZ_MUTEX_STATE_NOTRECOVERABLE)) {
+        state = __atomic_load_n(&m->state, __ATOMIC_RELAXED);
+        if (_unlikely_(state == SHMZ_MUTEX_STATE_NOTRECOVERABLE)) {
                 (void) shmz_mutex_unlock(m);
                 return -ENOTRECOVERABLE;
         }
@@ -272,16 +332,17 @@ static int acquired(struct thread_self *s, struct shmz_mutex *m, bool died, bool
                 return SHMZ_OWNER_DEAD;
         }
         /* A repairer may have died too: the next one repairs again. */
-        if (_unlikely_(m->state == SHMZ_MUTEX_STATE_INCONSISTENT))
+        if (_unlikely_(state == SHMZ_MUTEX_STATE_INCONSISTENT))
                 return SHMZ_OWNER_DEAD;
         return 0;
 }
 
-__attribute__((noinline)) static int lock_slow(struct thread_self *s, struct shmz_mutex *m, int mode,
+__attribute__((noinline)) static int lock_slow(struct thread_self *s, struct shmz_mutex *m, bool robust, int mode,
                                                uint64_t timeout_ns) {
         _Atomic uint32_t *w = futex_word(m);
-        uint64_t deadline = 0;
-        bool waited = false;
+        uint64_t deadline = UINT64_MAX;
+        bool waited = false, overdue = false;
+        int r;
 
         if (mode == MODE_TIMED) {
                 uint64_t now = mono_ns();
@@ -289,12 +350,10 @@ __attribute__((noinline)) static int lock_slow(struct thread_self *s, struct shm
         }
 
         for (;;) {
-                uint32_t v = atomic_load_explicit(w, memory_order_relaxed);
+                uint32_t v = atomic_load_explicit(w, memory_order_relaxed), tag;
                 struct timespec ts;
                 uint64_t until;
-                bool poll;
-                uint32_t tag;
-                int r;
+                bool often;
 
                 if ((v & SHMZ_FUTEX_TID_MASK) == 0) {
                         /* Free (maybe after a death). Having slept, assume others still wait. */
@@ -302,25 +361,29 @@ __attribute__((noinline)) static int lock_slow(struct thread_self *s, struct shm
 
                         if (atomic_compare_exchange_weak_explicit(w, &v, nv, memory_order_acquire,
                                                                   memory_order_relaxed))
-                                return acquired(s, m, v & SHMZ_FUTEX_OWNER_DIED, waited);
+                                return acquired(s, m, robust, v & SHMZ_FUTEX_OWNER_DIED, waited);
                         continue;
                 }
                 if (mode == MODE_TRY) {
-                        pending_clear(s);
-                        return -EBUSY;
+                        r = -EBUSY;
+                        break;
                 }
                 if ((v & SHMZ_FUTEX_TID_MASK) == s->tid) {
-                        pending_clear(s);
-                        return -EDEADLK;
+                        r = -EDEADLK;
+                        break;
                 }
 
-                /* Owner without kernel clean-up: find out ourselves whether it died. */
-                /* Until the owner's tag names it as robust (it is written after the CAS), poll. */
-                tag = __atomic_load_n(&m->reserved0, __ATOMIC_ACQUIRE);
-                poll = OWNER_MODE(tag) != OWNER_ROBUST || OWNER_TID(tag) != (v & SHMZ_FUTEX_TID_MASK);
-                if (poll && owner_is_dead(m, v)) {
+                /*
+                 * A fallback-mode owner, or one whose tag does not name it yet (it is
+                 * stored after the CAS), is checked at every poll; a robust-mode one
+                 * once it has kept us waiting a whole ROBUST_POLL_NS.
+                 */
+                tag = __atomic_load_n(&m->owner_tag, __ATOMIC_ACQUIRE);
+                often = OWNER_MODE(tag) != OWNER_ROBUST || OWNER_TID(tag) != (v & SHMZ_FUTEX_TID_MASK);
+                if ((often || overdue) && owner_is_dead(s, m, v, tag)) {
                         uint32_t nv = (v & SHMZ_FUTEX_WAITERS) | SHMZ_FUTEX_OWNER_DIED;
                         (void) atomic_compare_exchange_strong(w, &v, nv);
+                        overdue = false;
                         continue;
                 }
 
@@ -331,36 +394,37 @@ __attribute__((noinline)) static int lock_slow(struct thread_self *s, struct shm
                         v |= SHMZ_FUTEX_WAITERS;
                 }
 
-                until = deadline;
-                if (poll) {
-                        uint64_t p = mono_ns() + FALLBACK_POLL_NS;
-                        if (mode != MODE_TIMED || p < until)
-                                until = p;
-                }
+                until = mono_ns() + (often ? FALLBACK_POLL_NS : ROBUST_POLL_NS);
+                if (until > deadline)
+                        until = deadline;
                 waited = true;
-                if (mode == MODE_TIMED || poll) {
-                        ts = ns_to_ts(until);
-                        r = futex_wait_abs(w, v, &ts);
-                } else
-                        r = futex_wait_abs(w, v, NULL);
+                ts = ns_to_ts(until);
+                r = futex_wait_abs(w, v, &ts);
+                /* Timed out: the word did not change for a whole poll. */
+                overdue = r == -ETIMEDOUT;
                 if (r == -ETIMEDOUT && mode == MODE_TIMED && mono_ns() >= deadline) {
-                        pending_clear(s);
-                        return -ETIMEDOUT;
+                        r = -ETIMEDOUT;
+                        break;
                 }
         }
+
+        if (robust)
+                slot_release(s, m);
+        return r;
 }
 
 static inline int lock_common(struct shmz_mutex *m, int mode, uint64_t timeout_ns) {
         struct thread_self *s;
         uint32_t zero = 0;
+        bool robust;
 
         assert_return(m, -EINVAL);
         s = self_get();
-        pending_set(s, m);
+        robust = slot_take(s, m);
         if (_likely_(atomic_compare_exchange_strong_explicit(futex_word(m), &zero, s->tid, memory_order_acquire,
                                                              memory_order_relaxed)))
-                return acquired(s, m, false, false);
-        return lock_slow(s, m, mode, timeout_ns);
+                return acquired(s, m, robust, false, false);
+        return lock_slow(s, m, robust, mode, timeout_ns);
 }
 
 _public_ int shmz_mutex_init(struct shmz_mutex *m) {
@@ -384,26 +448,32 @@ _public_ int shmz_mutex_timedlock(struct shmz_mutex *m, uint64_t timeout_ns) {
 _public_ int shmz_mutex_unlock(struct shmz_mutex *m) {
         struct thread_self *s;
         uint32_t v;
+        bool parked;
 
         assert_return(m, -EINVAL);
         s = self_get();
+        /* Which lock is parked we know from our own memory, never from the zone's owner tag. */
+        parked = s->pending_lock == m;
         v = atomic_load_explicit(futex_word(m), memory_order_relaxed);
-        if ((v & SHMZ_FUTEX_TID_MASK) != s->tid)
+        if ((v & SHMZ_FUTEX_TID_MASK) != s->tid) {
+                /* Taken from us (a co-writer's doing): at least free the slot. */
+                if (parked)
+                        slot_release(s, m);
                 return -EPERM;
+        }
 
         /* Unlocked without consistent(): nobody repaired, so nobody may trust it again (pthread semantics). */
-        if (m->state == SHMZ_MUTEX_STATE_INCONSISTENT)
+        if (__atomic_load_n(&m->state, __ATOMIC_RELAXED) == SHMZ_MUTEX_STATE_INCONSISTENT)
                 m->state = SHMZ_MUTEX_STATE_NOTRECOVERABLE;
-        m->owner_pid = 0;
+        __atomic_store_n(&m->owner_tag, 0, __ATOMIC_RELAXED);
+        __atomic_store_n(&m->owner_pid, 0, __ATOMIC_RELAXED);
 
-        pending_set(s, m);
-        if (OWNER_MODE(m->reserved0) == OWNER_ROBUST && s->head)
-                robust_dequeue(m);
-        __atomic_store_n(&m->reserved0, 0, __ATOMIC_RELAXED);
         v = atomic_exchange_explicit(futex_word(m), 0, memory_order_release);
         if (v & SHMZ_FUTEX_WAITERS)
                 futex_wake(futex_word(m), 1);
-        pending_clear(s);
+        /* Only now: dying between the release and the wake-up, the kernel wakes a waiter for us. */
+        if (parked)
+                slot_release(s, m);
         return 0;
 }
 
@@ -414,7 +484,7 @@ _public_ int shmz_mutex_consistent(struct shmz_mutex *m) {
         v = atomic_load_explicit(futex_word(m), memory_order_relaxed);
         if ((v & SHMZ_FUTEX_TID_MASK) != self_get()->tid)
                 return -EPERM;
-        if (m->state != SHMZ_MUTEX_STATE_INCONSISTENT)
+        if (__atomic_load_n(&m->state, __ATOMIC_RELAXED) != SHMZ_MUTEX_STATE_INCONSISTENT)
                 return -EINVAL;
         m->state = SHMZ_MUTEX_STATE_CONSISTENT;
         return 0;
@@ -430,11 +500,8 @@ _public_ int shmz_mutex_force_unlock(struct shmz_mutex *m, pid_t pid) {
         v = atomic_load_explicit(w, memory_order_relaxed);
         if ((v & SHMZ_FUTEX_TID_MASK) == 0 || __atomic_load_n(&m->owner_pid, __ATOMIC_RELAXED) != (uint32_t) pid)
                 return 0;
-        /*
-         * Releasing a live owner's lock would break exclusion and leave the lock
-         * linked in its robust list: only dead (or zombie) owners qualify.
-         */
-        if (kill(pid, 0) == 0 && !proc_is_zombie((uint32_t) pid))
+        /* Releasing a live owner's lock would break exclusion: only dead (or zombie) owners qualify. */
+        if (!process_is_dead((uint32_t) pid))
                 return -EBUSY;
         /* Like the kernel does on death: the next locker learns that the owner died. */
         if (!atomic_compare_exchange_strong(w, &v, (v & SHMZ_FUTEX_WAITERS) | SHMZ_FUTEX_OWNER_DIED))

@@ -28,11 +28,16 @@
 /*
  * The lock word follows the kernel's robust-futex convention: the owner's TID in
  * the low 30 bits, SHMZ_FUTEX_WAITERS and SHMZ_FUTEX_OWNER_DIED above it. The
- * robust_prev/robust_next pair links a held lock into the owning thread's robust
- * list, so the kernel marks it OWNER_DIED and wakes a waiter when the owner dies;
- * those two words are meaningful only inside the owning process. The pair sits
- * 24/32 bytes after the lock word, the offsets the C library registers with the
- * kernel for its own robust mutexes (futex_offset = -32).
+ * rest is the owner's record, from which waiters judge whether it is still
+ * alive, and figures. Every field is written by whoever holds the lock, and can
+ * be written by anyone able to write the zone: no field holds an address, and no
+ * reader follows one.
+ *
+ * While a thread holds a lock, the C library's robust_list_head of that thread
+ * may name it in list_op_pending (the kernel then marks it OWNER_DIED and wakes a
+ * waiter when the thread dies). That entry is &futex - futex_offset, offset 32
+ * with glibc (futex_offset = -32): the kernel computes the lock word from it and
+ * never reads the entry itself, so the word there stays reserved.
  */
 #define SHMZ_FUTEX_WAITERS 0x80000000u
 #define SHMZ_FUTEX_OWNER_DIED 0x40000000u
@@ -41,16 +46,16 @@
 #define SHMZ_MUTEX_SIZE 64u
 
 struct shmz_mutex {
-        uint32_t futex;       /* 0: owner tid | WAITERS | OWNER_DIED */
-        uint32_t state;       /* 4: SHMZ_MUTEX_STATE_* */
-        uint64_t owner_start; /* 8: owner's process start time (clock ticks), diagnostic */
-        uint32_t owner_pid;   /* 16: owner's process id, for force_unlock(pid) */
-        uint32_t reserved0;   /* 20 */
-        uint64_t robust_prev; /* 24: process-local robust list link */
-        uint64_t robust_next; /* 32: process-local robust list link */
-        uint64_t acquisitions;   /* 40: figures: successful locks */
-        uint64_t contended;      /* 48: figures: locks that had to wait */
-        uint64_t owner_deaths;   /* 56: figures: times a dead owner was found */
+        uint32_t futex;        /* 0: owner tid | WAITERS | OWNER_DIED */
+        uint32_t state;        /* 4: SHMZ_MUTEX_STATE_* */
+        uint64_t owner_start;  /* 8: owning thread's start time (clock ticks since boot), against tid reuse */
+        uint32_t owner_pid;    /* 16: owner's process id, for liveness checks and force_unlock(pid) */
+        uint32_t owner_tag;    /* 20: protection mode << 30 | owner tid; stored last */
+        uint64_t owner_pidns;  /* 24: inode of the owner's pid namespace: its pids mean nothing elsewhere */
+        uint64_t reserved;     /* 32: never written; the entry list_op_pending names (glibc) */
+        uint64_t acquisitions; /* 40: figures: successful locks; also tells one holder from the next */
+        uint64_t contended;    /* 48: figures: locks that had to wait */
+        uint64_t owner_deaths; /* 56: figures: times a dead owner was found */
 };
 
 #define SHMZ_MUTEX_STATE_CONSISTENT 0u

@@ -179,6 +179,17 @@ int shmz_zone_check_locked(struct shmz_zone *z, unsigned flags);
  * Lock calls also return -EDEADLK if the calling thread already holds it.
  * Waiters sleep in the kernel; the lock word must be in memory shared by
  * MAP_SHARED (the kernel's robust-list clean-up uses shared futexes).
+ *
+ * The kernel reports a holder's death at once for the first lock a thread
+ * holds. Locks it takes while holding another, or holds across locking or
+ * unlocking a robust pthread mutex, are recovered by waiters checking whether
+ * the holder still lives, within a fraction of a second. Those checks work
+ * between processes of one pid namespace; waiters in another one keep waiting
+ * rather than risk taking a live holder's lock.
+ *
+ * The lock keeps no address in shared memory and follows none it reads there:
+ * a process that can write the zone can break the lock's exclusion or fake a
+ * holder's death, but cannot make a holder write to its own memory.
  */
 struct shmz_mutex *shmz_zone_mutex(struct shmz_zone *z);
 int shmz_mutex_init(struct shmz_mutex *m);            /* a lock placed anywhere in a zone */

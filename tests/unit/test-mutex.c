@@ -8,6 +8,8 @@
 #include <pthread.h>
 #include <signal.h>
 #include <stdatomic.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <time.h>
 
@@ -67,9 +69,9 @@ static pid_t child_holding(bool fallback) {
                         pause();
         }
         wait_ready(1);
-        /* Mode in the top bits (1: in the kernel's robust list, 2: waiters poll), the owner's tid below. */
-        cr_assert_eq(sh->m.reserved0 >> 30, fallback ? 2u : 1u);
-        cr_assert_eq(sh->m.reserved0 & SHMZ_FUTEX_TID_MASK, sh->m.futex & SHMZ_FUTEX_TID_MASK);
+        /* Mode in the top bits (1: parked in the kernel's pending slot, 2: waiters poll), the owner's tid below. */
+        cr_assert_eq(sh->m.owner_tag >> 30, fallback ? 2u : 1u);
+        cr_assert_eq(sh->m.owner_tag & SHMZ_FUTEX_TID_MASK, sh->m.futex & SHMZ_FUTEX_TID_MASK);
         return pid;
 }
 
@@ -152,7 +154,7 @@ static void *killer(void *p) {
         return NULL;
 }
 
-/* A waiter asleep in the kernel is woken when the owner dies (kernel robust list, no daemon). */
+/* A waiter asleep in the kernel is woken when the owner dies (kernel robust-list clean-up, no daemon). */
 static void waiter_woken(bool fallback) {
         struct killer_arg a = { .pid = child_holding(fallback), .delay_ms = 100 };
         pthread_t t;
@@ -206,7 +208,10 @@ Test(mutex, thread_exit_while_holding) {
         cr_assert_eq(shmz_mutex_unlock(&sh->m), 0);
 }
 
-/* Our locks and glibc's robust mutexes share the thread's robust list: interleave them, then die. */
+/*
+ * Our locks and glibc's robust mutexes share the thread's robust_list_head (glibc
+ * takes the pending slot from us): interleave them, then die.
+ */
 Test(mutex, shares_robust_list_with_glibc) {
         pthread_mutexattr_t a;
         struct shmz_mutex *m2 = (struct shmz_mutex *) ((char *) shmz_zone_base(zone) + 4096);
@@ -302,4 +307,313 @@ Test(mutex, exclusion_four_processes) {
 
 Test(mutex, exclusion_fallback) {
         exclusion(2, true);
+}
+
+/* ---- F2: the zone is written by others; the lock holds no address and follows none ---- */
+
+/* What glibc registers with the kernel per thread (include/uapi/linux/futex.h). */
+struct robust_head {
+        void *next;
+        long futex_offset;
+        void *list_op_pending;
+};
+
+static struct robust_head *my_robust_head(void) {
+        struct robust_head *head = NULL;
+        size_t len = 0;
+
+        if (syscall(SYS_get_robust_list, 0, &head, &len) < 0)
+                return NULL;
+        return head;
+}
+
+/* Like wait_ready(), but a child that gave up fails the test instead of hanging it. */
+static void wait_ready_from(pid_t pid, uint32_t v) {
+        int status = 0;
+
+        while (atomic_load(&sh->ready) != v) {
+                cr_assert_eq(waitpid(pid, &status, WNOHANG), 0, "child gave up: status %#x", (unsigned) status);
+                usleep(100);
+        }
+}
+
+static struct shmz_mutex *second_lock(void) {
+        struct shmz_mutex *m2 = (struct shmz_mutex *) ((char *) shmz_zone_base(zone) + 4096);
+        shmz_mutex_init(m2);
+        return m2;
+}
+
+/* Variables of the holder a hostile co-writer would like the holder to write. */
+static struct { uint64_t before, canary, after; } target = { 1, 2, 3 };
+
+/*
+ * Another process scribbles the canary's address over every byte of the held
+ * locks but the lock word; keep_tag keeps the owner tag, so that the holder
+ * still believes the lock is in its robust list.
+ */
+static void scribble(struct shmz_mutex **locks, size_t n, bool keep_tag) {
+        pid_t pid = fork();
+        cr_assert_geq(pid, 0);
+        if (pid == 0) {
+                uint64_t a = (uint64_t) (uintptr_t) &target.canary;
+                for (size_t i = 0; i < n; i++) {
+                        uint8_t *b = (uint8_t *) locks[i];
+                        for (size_t off = 4; off < sizeof(struct shmz_mutex); off++) {
+                                if (keep_tag && off >= offsetof(struct shmz_mutex, owner_tag) &&
+                                    off < offsetof(struct shmz_mutex, owner_tag) + 4)
+                                        continue;
+                                b[off] = (uint8_t) (a >> (8 * (off % 8)));
+                        }
+                }
+                _exit(0);
+        }
+        int status = wait_child(pid);
+        cr_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+}
+
+static void cowriter_scribbles(bool keep_tag) {
+        struct shmz_mutex *m2 = second_lock();
+        struct shmz_mutex *locks[] = { &sh->m, m2 };
+
+        cr_assert_eq(shmz_mutex_lock(&sh->m), 0); /* parked in the pending slot */
+        cr_assert_eq(shmz_mutex_lock(m2), 0);     /* nested: fallback mode */
+        scribble(locks, 2, keep_tag);
+        cr_assert_eq(shmz_mutex_unlock(m2), 0);
+        cr_assert_eq(shmz_mutex_unlock(&sh->m), 0);
+        cr_assert_eq(target.before, 1);
+        cr_assert_eq(target.canary, 2, "the holder wrote where a co-writer pointed it");
+        cr_assert_eq(target.after, 3);
+
+        /* And the locks still work once reinitialised. */
+        shmz_mutex_init(&sh->m);
+        shmz_mutex_init(m2);
+        cr_assert_eq(shmz_mutex_lock(&sh->m), 0);
+        cr_assert_eq(shmz_mutex_unlock(&sh->m), 0);
+        cr_assert_eq(target.canary, 2);
+}
+
+Test(mutex, cowriter_cannot_make_holder_write) {
+        cowriter_scribbles(true);
+        cowriter_scribbles(false);
+}
+
+/* No 8-byte word of the whole mapping may point near our TCB, into our stack or into the mapping. */
+static void assert_no_addresses(const char *what) {
+        uintptr_t head = (uintptr_t) my_robust_head();
+        uintptr_t map = (uintptr_t) zone->hdr, map_end = map + zone->map_size;
+        uintptr_t stack, stack_end;
+        pthread_attr_t a;
+        void *stk;
+        size_t stk_size;
+        const uint64_t *w = (const uint64_t *) zone->hdr;
+
+        cr_assert_neq(head, 0);
+        cr_assert_eq(pthread_getattr_np(pthread_self(), &a), 0);
+        cr_assert_eq(pthread_attr_getstack(&a, &stk, &stk_size), 0);
+        pthread_attr_destroy(&a);
+        stack = (uintptr_t) stk;
+        stack_end = stack + stk_size;
+
+        for (size_t i = 0; i < zone->map_size / 8; i++) {
+                uint64_t v = w[i];
+                if (v == 0)
+                        continue;
+                cr_assert(!(v >= head - 4096 && v < head + 4096), "%s: offset %zu holds %#lx, by the robust head %#lx",
+                          what, i * 8, (unsigned long) v, (unsigned long) head);
+                cr_assert(!(v >= stack && v < stack_end), "%s: offset %zu holds %#lx, in the stack", what, i * 8,
+                          (unsigned long) v);
+                cr_assert(!(v >= map && v < map_end), "%s: offset %zu holds %#lx, in the mapping", what, i * 8,
+                          (unsigned long) v);
+        }
+}
+
+Test(mutex, zone_holds_no_addresses) {
+        struct shmz_mutex *m2 = second_lock();
+
+        cr_assert_eq(shmz_mutex_lock(&sh->m), 0);
+        cr_assert_eq(sh->m.owner_tag >> 30, 1u, "parked in the pending slot");
+        assert_no_addresses("robust");
+        cr_assert_eq(shmz_mutex_lock(m2), 0);
+        cr_assert_eq(m2->owner_tag >> 30, 2u, "nested: fallback mode");
+        assert_no_addresses("nested");
+        cr_assert_eq(shmz_mutex_unlock(&sh->m), 0);
+        cr_assert_eq(shmz_mutex_unlock(m2), 0);
+
+        mutex_test_force_fallback(true);
+        cr_assert_eq(shmz_mutex_lock(&sh->m), 0);
+        cr_assert_eq(sh->m.owner_tag >> 30, 2u);
+        assert_no_addresses("fallback");
+        cr_assert_eq(shmz_mutex_unlock(&sh->m), 0);
+        mutex_test_force_fallback(false);
+}
+
+/* ---- deaths the single pending slot must still catch ---- */
+
+static void assert_owner_dead_soon(struct shmz_mutex *m) {
+        uint64_t t0 = now_ns();
+        /* Bounded: a missed death fails the test instead of hanging it. */
+        cr_assert_eq(shmz_mutex_timedlock(m, 5000 * 1000 * 1000ULL), SHMZ_OWNER_DEAD);
+        cr_assert_lt(now_ns() - t0, 2000 * 1000 * 1000ULL, "the dead owner must be noticed promptly");
+        cr_assert_eq(shmz_mutex_consistent(m), 0);
+        cr_assert_eq(shmz_mutex_unlock(m), 0);
+}
+
+Test(mutex, process_dies_holding_two_locks) {
+        struct shmz_mutex *m2 = second_lock();
+        pid_t pid = fork();
+        cr_assert_geq(pid, 0);
+        if (pid == 0) {
+                if (shmz_mutex_lock(&sh->m) != 0 || shmz_mutex_lock(m2) != 0)
+                        _exit(10);
+                atomic_store(&sh->ready, 1);
+                for (;;)
+                        pause();
+        }
+        wait_ready_from(pid, 1);
+        cr_assert_eq(sh->m.owner_tag >> 30, 1u);
+        cr_assert_eq(m2->owner_tag >> 30, 2u);
+        kill(pid, SIGKILL);
+        wait_child(pid);
+        assert_owner_dead_soon(m2);
+        assert_owner_dead_soon(&sh->m);
+}
+
+static void *thread_lock_two_and_exit(void *p) {
+        struct shmz_mutex *m2 = p;
+        if (shmz_mutex_lock(&sh->m) != 0 || shmz_mutex_lock(m2) != 0)
+                return (void *) 1;
+        return NULL;
+}
+
+Test(mutex, thread_exits_holding_two_locks) {
+        struct shmz_mutex *m2 = second_lock();
+        pthread_t t;
+        void *r;
+
+        cr_assert_eq(pthread_create(&t, NULL, thread_lock_two_and_exit, m2), 0);
+        pthread_join(t, &r);
+        cr_assert_null(r);
+        assert_owner_dead_soon(&sh->m);
+        assert_owner_dead_soon(m2);
+}
+
+/*
+ * glibc clears the pending slot when the holder locks and unlocks a robust
+ * pthread mutex: the kernel no longer knows about our lock, so waiters must
+ * find out for themselves. The waiter is asleep when the holder dies, and the
+ * dead holder stays a zombie (not reaped) until the waiter is done.
+ */
+Test(mutex, owner_dies_after_glibc_took_the_slot) {
+        pthread_mutexattr_t a;
+        pthread_mutexattr_init(&a);
+        pthread_mutexattr_setpshared(&a, PTHREAD_PROCESS_SHARED);
+        pthread_mutexattr_setrobust(&a, PTHREAD_MUTEX_ROBUST);
+        cr_assert_eq(pthread_mutex_init(&sh->pm, &a), 0);
+
+        pid_t pid = fork();
+        cr_assert_geq(pid, 0);
+        if (pid == 0) {
+                struct robust_head *head = my_robust_head();
+                if (!head || shmz_mutex_lock(&sh->m) != 0)
+                        _exit(10);
+                if (head->list_op_pending == NULL)
+                        _exit(11); /* not parked: the test would prove nothing */
+                if (pthread_mutex_lock(&sh->pm) != 0 || pthread_mutex_unlock(&sh->pm) != 0)
+                        _exit(12);
+                if (head->list_op_pending != NULL)
+                        _exit(13);
+                atomic_store(&sh->ready, 1);
+                for (;;)
+                        pause();
+        }
+        struct killer_arg k = { .pid = pid, .delay_ms = 100 };
+        pthread_t t;
+        wait_ready_from(pid, 1);
+        cr_assert_eq(sh->m.owner_tag >> 30, 1u);
+        cr_assert_eq(pthread_create(&t, NULL, killer, &k), 0);
+        assert_owner_dead_soon(&sh->m);
+        pthread_join(t, NULL);
+        int status = wait_child(pid);
+        cr_assert(WIFSIGNALED(status), "child exited with %d", WEXITSTATUS(status));
+}
+
+/* The liveness backstop leaves a live robust-mode owner alone, however long it holds the lock. */
+Test(mutex, backstop_spares_live_owner) {
+        pid_t pid = child_holding(false);
+        cr_assert_eq(shmz_mutex_timedlock(&sh->m, 700 * 1000 * 1000ULL), -ETIMEDOUT);
+        cr_assert_eq(sh->m.owner_deaths, 0);
+        kill(pid, SIGKILL);
+        wait_child(pid);
+        assert_owner_dead_soon(&sh->m);
+}
+
+/* A live fallback-mode owner whose address space grew is still alive (start time, not its size). */
+Test(mutex, fallback_owner_growing_stays_alive) {
+        pid_t pid = fork();
+        cr_assert_geq(pid, 0);
+        if (pid == 0) {
+                mutex_test_force_fallback(true);
+                if (shmz_mutex_lock(&sh->m) != 0)
+                        _exit(10);
+                void *p = mmap(NULL, 64 << 20, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+                if (p == MAP_FAILED)
+                        _exit(11);
+                atomic_store(&sh->ready, 1);
+                for (;;)
+                        pause();
+        }
+        wait_ready_from(pid, 1);
+        cr_assert_eq(sh->m.owner_tag >> 30, 2u);
+        cr_assert_eq(shmz_mutex_timedlock(&sh->m, 300 * 1000 * 1000ULL), -ETIMEDOUT, "a live owner lost its lock");
+        kill(pid, SIGKILL);
+        wait_child(pid);
+        assert_owner_dead_soon(&sh->m);
+}
+
+/* A child forked while its parent holds a parked lock starts with a free slot. */
+Test(mutex, fork_child_gets_a_free_slot) {
+        struct shmz_mutex *m2 = second_lock();
+
+        cr_assert_eq(shmz_mutex_lock(&sh->m), 0);
+        cr_assert_not_null(my_robust_head()->list_op_pending);
+        pid_t pid = fork();
+        cr_assert_geq(pid, 0);
+        if (pid == 0) {
+                if (my_robust_head()->list_op_pending != NULL)
+                        _exit(10);
+                if (shmz_mutex_lock(m2) != 0 || m2->owner_tag >> 30 != 1u)
+                        _exit(11);
+                if (shmz_mutex_unlock(m2) != 0 || my_robust_head()->list_op_pending != NULL)
+                        _exit(12);
+                _exit(0);
+        }
+        int status = wait_child(pid);
+        cr_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0, "child: %d", WEXITSTATUS(status));
+        cr_assert_eq(shmz_mutex_unlock(&sh->m), 0);
+        cr_assert_null(my_robust_head()->list_op_pending);
+}
+
+/* Failed lock attempts give the slot back. */
+Test(mutex, failed_attempts_free_the_slot) {
+        pid_t pid = child_holding(false);
+
+        cr_assert_eq(shmz_mutex_trylock(&sh->m), -EBUSY);
+        cr_assert_null(my_robust_head()->list_op_pending);
+        cr_assert_eq(shmz_mutex_timedlock(&sh->m, 10 * 1000 * 1000ULL), -ETIMEDOUT);
+        cr_assert_null(my_robust_head()->list_op_pending);
+        kill(pid, SIGKILL);
+        wait_child(pid);
+        assert_owner_dead_soon(&sh->m);
+
+        struct shmz_mutex *m2 = second_lock();
+        mutex_test_force_fallback(true);
+        cr_assert_eq(shmz_mutex_lock(m2), 0);
+        mutex_test_force_fallback(false);
+        cr_assert_eq(shmz_mutex_lock(m2), -EDEADLK);
+        cr_assert_null(my_robust_head()->list_op_pending);
+        cr_assert_eq(shmz_mutex_unlock(m2), 0);
+        cr_assert_eq(shmz_mutex_lock(m2), 0);
+        cr_assert_not_null(my_robust_head()->list_op_pending);
+        cr_assert_eq(shmz_mutex_unlock(m2), 0);
+        cr_assert_null(my_robust_head()->list_op_pending);
 }

@@ -14,7 +14,7 @@
 
 #include <stdint.h>
 
-#define SHMZ_ABI_VERSION 1u
+#define SHMZ_ABI_VERSION 2u /* 2: the zone lock keeps no robust-list links */
 #define SHMZ_PROTO_VERSION 1u
 
 /* Names: [A-Za-z0-9._-], 1..200 bytes, not "." or "..". Tags: printable, 0..63 bytes. */

@@ -13,22 +13,6 @@
 /* One client cannot pin an unbounded number of attachments. */
 #define MAX_ATTACHMENTS_PER_CLIENT 65536u
 
-static void info_to_wire(const struct zone_info *i, struct shmz_msg_zone_info *ret) {
-        *ret = (struct shmz_msg_zone_info){
-                .size = i->size,
-                .map_size = i->map_size,
-                .generation = i->generation,
-                .created_usec = i->created_usec,
-                .uid = i->uid,
-                .gid = i->gid,
-                .mode = i->mode,
-                .attached = i->attached,
-                .flags = (i->declared ? SHMZ_ZONE_INFO_DECLARED : 0) | (i->unlinked ? SHMZ_ZONE_INFO_UNLINKED : 0),
-        };
-        memcpy(ret->name, i->name, sizeof(ret->name));
-        memcpy(ret->tag, i->tag, sizeof(ret->tag));
-}
-
 static int reply(struct conn *c, const struct shmz_msg_header *req, int status, const void *body, size_t size, int fd) {
         if (status < 0) {
                 atomic_fetch_add(&c->daemon->errors, 1);
@@ -52,23 +36,21 @@ static int add_attachment(struct conn *c, struct zone *z, uint64_t *ret_handle) 
 
 /* Common tail of OPEN and OPEN_TICKET: record the attachment and pass the fd. */
 static int reply_attached(struct conn *c, const struct shmz_msg_header *h, struct zone *z, int fd,
-                          const struct zone_info *info, bool existed, bool rdonly) {
-        struct shmz_msg_zone_info out;
+                          struct shmz_msg_zone_info *out, bool existed, bool rdonly) {
         int r;
 
-        info_to_wire(info, &out);
-        r = add_attachment(c, z, &out.handle);
+        r = add_attachment(c, z, &out->handle);
         if (r < 0) {
                 registry_detach(c->daemon->registry, z);
                 safe_close(fd);
                 return reply(c, h, r, NULL, 0, -EBADF);
         }
-        out.flags |= (existed ? SHMZ_ZONE_INFO_EXISTED : 0) | (rdonly ? SHMZ_ZONE_INFO_RDONLY : 0);
-        return reply(c, h, 0, &out, sizeof(out), fd);
+        out->flags |= (existed ? SHMZ_ZONE_INFO_EXISTED : 0) | (rdonly ? SHMZ_ZONE_INFO_RDONLY : 0);
+        return reply(c, h, 0, out, sizeof(*out), fd);
 }
 
 static int do_open(struct conn *c, const struct shmz_msg_header *h, const struct shmz_msg_zone_open *m) {
-        struct zone_info info;
+        struct shmz_msg_zone_info info;
         struct zone *z;
         bool existed;
         int fd, r;
@@ -85,7 +67,7 @@ static int do_open(struct conn *c, const struct shmz_msg_header *h, const struct
 }
 
 static int do_ticket(struct conn *c, const struct shmz_msg_header *h, const struct shmz_msg_zone_ticket *m) {
-        struct zone_info info;
+        struct shmz_msg_zone_info info;
         struct zone *z;
         bool existed;
         int fd, r;
@@ -113,8 +95,7 @@ static int do_close(struct conn *c, const struct shmz_msg_header *h, const struc
 }
 
 static int do_info(struct conn *c, const struct shmz_msg_header *h, const struct shmz_msg_zone_name *m) {
-        struct shmz_msg_zone_info out;
-        struct zone_info info;
+        struct shmz_msg_zone_info info;
         int r;
 
         if (!buf_is_cstr(m->name, sizeof(m->name)))
@@ -122,8 +103,7 @@ static int do_info(struct conn *c, const struct shmz_msg_header *h, const struct
         r = registry_info(c->daemon->registry, m->name, &info);
         if (r < 0)
                 return reply(c, h, r, NULL, 0, -EBADF);
-        info_to_wire(&info, &out);
-        return reply(c, h, 0, &out, sizeof(out), -EBADF);
+        return reply(c, h, 0, &info, sizeof(info), -EBADF);
 }
 
 /* Zones per registry call while a listing runs. */
@@ -137,7 +117,7 @@ static int do_info(struct conn *c, const struct shmz_msg_header *h, const struct
  */
 int control_list_pump(struct conn *c) {
         while (c->list.active && !c->out_head) {
-                struct zone_info v[LIST_PAGE];
+                struct shmz_msg_zone_info v[LIST_PAGE];
                 size_t n;
                 int r;
 
@@ -145,10 +125,7 @@ int control_list_pump(struct conn *c) {
                 if (r < 0)
                         return r;
                 for (size_t i = 0; i < n; i++) {
-                        struct shmz_msg_zone_info out;
-
-                        info_to_wire(&v[i], &out);
-                        r = conn_send(c, SHMZ_MSG_ZONE_LIST, SHMZ_MSG_F_REPLY, c->list.stream, 0, &out, sizeof(out),
+                        r = conn_send(c, SHMZ_MSG_ZONE_LIST, SHMZ_MSG_F_REPLY, c->list.stream, 0, &v[i], sizeof(v[i]),
                                       -EBADF);
                         if (r < 0)
                                 return r;

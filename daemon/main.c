@@ -12,7 +12,7 @@
 #include <time.h>
 
 #include "clients.h"
-#include "config.h"
+#include "conf-file.h"
 #include "daemon.h"
 #include "fuse-view.h"
 #include "log.h"
@@ -272,6 +272,27 @@ static void raise_fd_limit(void) {
         }
 }
 
+static void report(void *userdata, int priority, const char *msg) {
+        log_full_errno(priority, 0, "%s", msg);
+}
+
+/* The registry's part of a config: limits and zones; it reports, we log. */
+static int apply_config(struct daemon *d, const struct config *c) {
+        return registry_apply_config(d->registry, &c->limits, c->zones, c->n_zones, report, d);
+}
+
+/* What the FUSE view shows besides the registry's own figures (called from its thread). */
+static void view_figures(void *userdata, struct fuse_view_figures *ret) {
+        struct daemon *d = userdata;
+
+        *ret = (struct fuse_view_figures){
+                .clients = clients_count(d->clients),
+                .requests = atomic_load(&d->requests),
+                .errors = atomic_load(&d->errors),
+                .uptime_usec = now_usec(CLOCK_MONOTONIC) - d->start_usec,
+        };
+}
+
 static void apply_client_limits(struct daemon *d, const struct config *c) {
         clients_set_limits(d->clients, c->max_clients, c->uid_max_clients, (uint64_t) c->hello_timeout * 1000000u);
 }
@@ -292,7 +313,7 @@ static int on_reload(sd_event_source *s, const struct signalfd_siginfo *si, void
                     !streq(c->mount_path ?: "", d->cfg->mount_path ?: "") || c->threads != d->cfg->threads)
                         log_warning("Socket, mount or thread changes take a restart; zones and limits are applied.");
                 apply_client_limits(d, c);
-                r = registry_apply_config(d->registry, c);
+                r = apply_config(d, c);
                 if (r != 0)
                         log_warning("Reload: %d zone declaration(s) refused, see above.", r);
                 config_free(d->cfg);
@@ -336,10 +357,10 @@ static int run(struct daemon *d) {
         if (r < 0)
                 return log_oom();
         apply_client_limits(d, d->cfg);
-        r = registry_new(d->cfg->budget, d->cfg->quota, d->cfg->max_zones, &d->registry);
+        r = registry_new(&d->cfg->limits, &d->registry);
         if (r < 0)
                 return log_oom();
-        r = registry_apply_config(d->registry, d->cfg);
+        r = apply_config(d, d->cfg);
         if (r != 0)
                 return log_error_errno(EINVAL, "%d zone declaration(s) cannot be served; not starting.", r);
 
@@ -366,7 +387,7 @@ static int run(struct daemon *d) {
         }
 
         if (d->cfg->mount_path) {
-                r = fuse_view_start(d, d->cfg->mount_path, &d->fuse);
+                r = fuse_view_start(d->registry, d->cfg->mount_path, d->cfg->socket_path, view_figures, d, &d->fuse);
                 if (r < 0)
                         return log_error_errno(r, "Cannot mount the FUSE view at %s: %m", d->cfg->mount_path);
         }

@@ -74,7 +74,8 @@ struct vhandle {
 };
 
 struct fuse_view {
-        struct daemon *daemon;
+        fuse_view_figures_t figures;
+        void *figures_data;
         struct registry *registry;
         struct fuse_session *se;
         char *mountpoint;
@@ -114,7 +115,7 @@ void caller_from_req(fuse_req_t req, struct caller *ret);
 void stat_from_usec(struct timespec *ts, uint64_t usec);
 
 /* fuse-zones.c: zones/ and its files. */
-void zone_stat(const struct zone_info *i, struct stat *ret);
+void zone_stat(const struct shmz_msg_zone_info *i, struct stat *ret);
 int zones_lookup(struct fuse_view *v, const char *name, struct fuse_entry_param *ret);
 int zones_getattr(struct fuse_view *v, uint64_t ino, struct vhandle *h, struct stat *ret);
 int zones_snapshot(struct fuse_view *v, struct vhandle *h);

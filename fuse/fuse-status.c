@@ -4,8 +4,6 @@
 #include <stdio.h>
 #include <time.h>
 
-#include "clients.h"
-#include "daemon.h"
 #include "fuse-internal.h"
 
 struct figure {
@@ -16,8 +14,8 @@ struct figure {
 };
 
 int status_text(struct fuse_view *v, bool prometheus, char **ret, size_t *ret_len) {
-        _cleanup_free_ struct zone_info *zi = NULL;
-        struct daemon *d = v->daemon;
+        _cleanup_free_ struct shmz_msg_zone_info *zi = NULL;
+        struct fuse_view_figures fig = {};
         struct registry_stats st;
         char *buf = NULL;
         size_t len = 0, n = 0;
@@ -25,6 +23,7 @@ int status_text(struct fuse_view *v, bool prometheus, char **ret, size_t *ret_le
         int r;
 
         registry_get_stats(v->registry, &st);
+        v->figures(v->figures_data, &fig);
         r = registry_list(v->registry, &zi, &n);
         if (r < 0)
                 return r;
@@ -35,12 +34,10 @@ int status_text(struct fuse_view *v, bool prometheus, char **ret, size_t *ret_le
                 { "memory_budget_bytes", "gauge", "Memory budget for all zones.", st.budget },
                 { "memory_used_bytes", "gauge", "Memory taken by zones, headers included.", st.budget_used },
                 { "memory_quota_bytes", "gauge", "Memory quota per uid.", st.quota },
-                { "clients", "gauge", "Connected clients.", clients_count(d->clients) },
-                { "segments", "gauge", "Port segments.", 0 },
-                { "requests_total", "counter", "Requests served on the control socket.", atomic_load(&d->requests) },
-                { "errors_total", "counter", "Requests answered with an error.", atomic_load(&d->errors) },
-                { "uptime_seconds", "gauge", "Seconds since the daemon started.",
-                  (now_usec(CLOCK_MONOTONIC) - d->start_usec) / 1000000u },
+                { "clients", "gauge", "Connected clients.", fig.clients },
+                { "requests_total", "counter", "Requests served on the control socket.", fig.requests },
+                { "errors_total", "counter", "Requests answered with an error.", fig.errors },
+                { "uptime_seconds", "gauge", "Seconds since the daemon started.", fig.uptime_usec / 1000000u },
         };
 
         f = open_memstream(&buf, &len);
@@ -69,7 +66,8 @@ int status_text(struct fuse_view *v, bool prometheus, char **ret, size_t *ret_le
                 fprintf(f, "\n%-32s %14s %8s %6s %s\n", "zone", "size", "attached", "mode", "tag");
                 for (size_t i = 0; i < n; i++)
                         fprintf(f, "%-32s %14" PRIu64 " %8" PRIu32 " %6.4" PRIo32 " %s\n", zi[i].name, zi[i].size,
-                                zi[i].attached, zi[i].mode, zi[i].pending ? "(pending)" : zi[i].tag);
+                                zi[i].attached, zi[i].mode,
+                                (zi[i].flags & SHMZ_ZONE_INFO_PENDING) ? "(pending)" : zi[i].tag);
         }
         if (fclose(f) != 0 || !buf) {
                 free(buf);

@@ -23,8 +23,6 @@
 #include <systemd/sd-event.h>
 #include <time.h>
 
-#include "../daemon/config.h"
-#include "daemon.h"
 #include "fuse-internal.h"
 #include "log.h"
 
@@ -506,7 +504,7 @@ static void do_readdir(fuse_req_t req, size_t size, off_t off, struct fuse_file_
                 h->dir_after[0] = 0;
         }
         for (;;) {
-                struct zone_info zi[DIR_PAGE];
+                struct shmz_msg_zone_info zi[DIR_PAGE];
                 size_t n = 0;
 
                 if (registry_list_page(v->registry, h->dir_after, zi, DIR_PAGE, &n) < 0 || n == 0)
@@ -815,7 +813,8 @@ static int absolute_path(const char *p, char **ret) {
         return *ret ? 0 : -ENOMEM;
 }
 
-int fuse_view_start(struct daemon *d, const char *mountpoint, struct fuse_view **ret) {
+int fuse_view_start(struct registry *reg, const char *mountpoint, const char *socket_path, fuse_view_figures_t figures,
+                    void *figures_data, struct fuse_view **ret) {
         char *argv[] = { (char *) "shmzoned", (char *) "-o",
                          (char *) "allow_other,default_permissions,fsname=shmzone,subtype=shmzone", NULL };
         struct fuse_args args = FUSE_ARGS_INIT(3, argv);
@@ -825,8 +824,9 @@ int fuse_view_start(struct daemon *d, const char *mountpoint, struct fuse_view *
         v = calloc(1, sizeof(*v));
         if (!v)
                 return -ENOMEM;
-        v->daemon = d;
-        v->registry = d->registry;
+        v->registry = reg;
+        v->figures = figures;
+        v->figures_data = figures_data;
         v->stop_fd = -EBADF;
         v->uid = geteuid();
         v->gid = getegid();
@@ -842,7 +842,7 @@ int fuse_view_start(struct daemon *d, const char *mountpoint, struct fuse_view *
         r = absolute_path(mountpoint, &v->mountpoint);
         if (r < 0)
                 goto fail;
-        r = absolute_path(d->cfg->socket_path, &v->socket_link);
+        r = absolute_path(socket_path, &v->socket_link);
         if (r < 0)
                 goto fail;
         v->inval = calloc(INVAL_SLOTS, sizeof(*v->inval));

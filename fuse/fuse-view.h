@@ -18,10 +18,24 @@
 
 #include "shmzone-abi.h"
 
-struct daemon;
 struct fuse_view;
+struct registry;
 
-/* Clears a stale mount at mountpoint, mounts, starts the thread. */
-int fuse_view_start(struct daemon *d, const char *mountpoint, struct fuse_view **ret);
+/* Daemon-wide figures the view shows in status and metrics, besides the registry's own. */
+struct fuse_view_figures {
+        uint64_t clients;
+        uint64_t requests, errors; /* on the control socket, since start */
+        uint64_t uptime_usec;
+};
+
+typedef void (*fuse_view_figures_t)(void *userdata, struct fuse_view_figures *ret);
+
+/*
+ * Clears a stale mount at mountpoint, mounts, starts the thread. The view
+ * serves reg (which must outlive it), links <mount>/socket to socket_path, and
+ * asks figures() (from its own thread) for what status and metrics show.
+ */
+int fuse_view_start(struct registry *reg, const char *mountpoint, const char *socket_path, fuse_view_figures_t figures,
+                    void *figures_data, struct fuse_view **ret);
 /* Stops the thread and unmounts. NULL is fine. */
 void fuse_view_stop(struct fuse_view *v);

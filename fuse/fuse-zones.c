@@ -17,7 +17,6 @@
 #include <sys/xattr.h>
 
 #include "fuse-internal.h"
-#include "daemon.h"
 #include "log.h"
 #include "shmzone.h"
 #include "zone.h"
@@ -31,11 +30,11 @@
 
 static const char *const xattr_names[] = { XATTR_TAG, XATTR_ATTACHED, XATTR_GENERATION, XATTR_MAP_SIZE };
 
-void zone_stat(const struct zone_info *i, struct stat *ret) {
+void zone_stat(const struct shmz_msg_zone_info *i, struct stat *ret) {
         *ret = (struct stat){
                 .st_ino = i->ino,
                 .st_mode = S_IFREG | (i->mode & 07777),
-                .st_nlink = i->unlinked ? 0 : 1,
+                .st_nlink = (i->flags & SHMZ_ZONE_INFO_UNLINKED) ? 0 : 1,
                 .st_uid = i->uid,
                 .st_gid = i->gid,
                 .st_size = (off_t) MIN(i->size, (uint64_t) INT64_MAX),
@@ -47,7 +46,7 @@ void zone_stat(const struct zone_info *i, struct stat *ret) {
         ret->st_atim = ret->st_mtim;
 }
 
-static void entry_from_info(const struct zone_info *i, struct fuse_entry_param *ret) {
+static void entry_from_info(const struct shmz_msg_zone_info *i, struct fuse_entry_param *ret) {
         *ret = (struct fuse_entry_param){
                 .ino = i->ino,
                 .generation = i->generation,
@@ -58,11 +57,11 @@ static void entry_from_info(const struct zone_info *i, struct fuse_entry_param *
 }
 
 int zones_lookup(struct fuse_view *v, const char *name, struct fuse_entry_param *ret) {
-        struct zone_info info;
+        struct shmz_msg_zone_info info;
         int r;
 
         /* Names a zone cannot have simply do not exist (no negative caching: a create may follow). */
-        if (!shmz_name_is_valid(name))
+        if (!name_is_valid(name))
                 return -ENOENT;
         r = registry_info(v->registry, name, &info);
         if (r < 0)
@@ -79,7 +78,7 @@ static struct vhandle *open_handle_of(struct fuse_view *v, uint64_t ino) {
         return NULL;
 }
 
-static int zone_info_any(struct fuse_view *v, uint64_t ino, struct vhandle *h, struct zone_info *ret) {
+static int zone_info_any(struct fuse_view *v, uint64_t ino, struct vhandle *h, struct shmz_msg_zone_info *ret) {
         if (!h || !h->zone) {
                 if (registry_info_by_ino(v->registry, ino, ret) >= 0)
                         return 0;
@@ -92,7 +91,7 @@ static int zone_info_any(struct fuse_view *v, uint64_t ino, struct vhandle *h, s
 }
 
 int zones_getattr(struct fuse_view *v, uint64_t ino, struct vhandle *h, struct stat *ret) {
-        struct zone_info info;
+        struct shmz_msg_zone_info info;
         int r;
 
         r = zone_info_any(v, ino, h, &info);
@@ -138,7 +137,7 @@ void zones_open(struct fuse_view *v, fuse_req_t req, fuse_ino_t ino, struct fuse
 
 void zones_create(struct fuse_view *v, fuse_req_t req, const char *name, mode_t mode, struct fuse_file_info *fi) {
         struct fuse_entry_param e;
-        struct zone_info info;
+        struct shmz_msg_zone_info info;
         struct vhandle *h;
         struct caller c;
         struct zone *z;
@@ -148,7 +147,7 @@ void zones_create(struct fuse_view *v, fuse_req_t req, const char *name, mode_t 
                 (void) fuse_reply_err(req, ENAMETOOLONG);
                 return;
         }
-        if (!shmz_name_is_valid(name)) {
+        if (!name_is_valid(name)) {
                 (void) fuse_reply_err(req, EINVAL);
                 return;
         }
@@ -174,11 +173,11 @@ void zones_create(struct fuse_view *v, fuse_req_t req, const char *name, mode_t 
 
 /* The usable size of an open zone, 0 while pending (its size is then fixed at most once). */
 static uint64_t handle_size(struct fuse_view *v, struct vhandle *h) {
-        struct zone_info info;
+        struct shmz_msg_zone_info info;
 
         if (h->size == 0) {
                 registry_info_of(v->registry, h->zone, &info);
-                if (!info.pending) {
+                if (!(info.flags & SHMZ_ZONE_INFO_PENDING)) {
                         h->size = info.size;
                         h->map_size = info.map_size;
                 }
@@ -334,7 +333,7 @@ static void caller_with_groups(fuse_req_t req, struct caller *c, gid_t **ret_gro
 void zones_setattr(struct fuse_view *v, fuse_req_t req, fuse_ino_t ino, struct stat *attr, int to_set,
                    struct vhandle *h) {
         _cleanup_free_ gid_t *groups = NULL;
-        struct zone_info info;
+        struct shmz_msg_zone_info info;
         struct caller c;
         uint32_t mask = 0;
         struct stat st;
@@ -352,7 +351,7 @@ void zones_setattr(struct fuse_view *v, fuse_req_t req, fuse_ino_t ino, struct s
         if (to_set & FUSE_SET_ATTR_GID)
                 mask |= SHMZ_SETATTR_GID;
         /* An unlinked zone has no name left to change anything through (times are ignored anyway). */
-        if (info.unlinked && (mask || (to_set & FUSE_SET_ATTR_SIZE))) {
+        if ((info.flags & SHMZ_ZONE_INFO_UNLINKED) && (mask || (to_set & FUSE_SET_ATTR_SIZE))) {
                 (void) fuse_reply_err(req, ENOENT);
                 return;
         }
@@ -392,7 +391,7 @@ void zones_unlink(struct fuse_view *v, fuse_req_t req, const char *name) {
                 (void) fuse_reply_err(req, ENAMETOOLONG);
                 return;
         }
-        if (!shmz_name_is_valid(name)) {
+        if (!name_is_valid(name)) {
                 (void) fuse_reply_err(req, ENOENT);
                 return;
         }
@@ -434,7 +433,7 @@ void zones_ioctl(struct fuse_view *v, fuse_req_t req, struct vhandle *h, unsigne
         (void) fuse_reply_ioctl(req, 0, &t, sizeof(t));
 }
 
-static int xattr_value(const struct zone_info *i, const char *name, char *buf, size_t size, size_t *ret_len) {
+static int xattr_value(const struct shmz_msg_zone_info *i, const char *name, char *buf, size_t size, size_t *ret_len) {
         int n;
 
         if (streq(name, XATTR_TAG))
@@ -528,7 +527,7 @@ static void reply_xattr(fuse_req_t req, int r, const char *buf, size_t len, size
 }
 
 void zones_getxattr(struct fuse_view *v, fuse_req_t req, fuse_ino_t ino, const char *name, size_t size) {
-        struct zone_info info;
+        struct shmz_msg_zone_info info;
         char buf[8192];
         size_t len = 0;
         int r;
@@ -560,16 +559,16 @@ void zones_listxattr(struct fuse_view *v, fuse_req_t req, fuse_ino_t ino, size_t
 
 static int set_tag(struct fuse_view *v, fuse_req_t req, fuse_ino_t ino, const char *value, size_t size, int flags) {
         char tag[SHMZ_TAG_BUF];
-        struct zone_info info;
+        struct shmz_msg_zone_info info;
         struct caller c;
         int r;
 
         r = zone_info_any(v, ino, NULL, &info);
         if (r < 0)
                 return r;
-        if (info.unlinked)
+        if ((info.flags & SHMZ_ZONE_INFO_UNLINKED))
                 return -ENOENT;
-        /* The value is raw bytes from anyone: bounded, no NUL inside, printable (shmz_tag_is_valid). */
+        /* The value is raw bytes from anyone: bounded, no NUL inside, printable (tag_is_valid). */
         if (size > SHMZ_TAG_MAX || (size > 0 && memchr(value, 0, size)))
                 return -EINVAL;
         memcpy(tag, value, size);

@@ -231,7 +231,7 @@ _public_ int shmz_client_daemon_pid(const struct shmz_client *c) {
 }
 
 static int name_request(const char *name, struct shmz_msg_zone_name *ret) {
-        if (!shmz_name_is_valid(name))
+        if (!name_is_valid(name))
                 return -EINVAL;
         strncpy_buf(ret->name, sizeof(ret->name), name);
         return 0;
@@ -267,7 +267,7 @@ _public_ int shmz_zone_open(struct shmz_client *c, const char *name, uint64_t si
         int r;
 
         assert_return(c && ret, -EINVAL);
-        if (!shmz_name_is_valid(name) || (tag && !shmz_tag_is_valid(tag)))
+        if (!name_is_valid(name) || (tag && !tag_is_valid(tag)))
                 return -EINVAL;
         if (flags & ~(unsigned) (SHMZ_CREATE | SHMZ_EXCL | SHMZ_RDONLY))
                 return -EINVAL;
@@ -421,7 +421,7 @@ static int setattr(struct shmz_client *c, const char *name, uint32_t mask, uint3
         struct shmz_msg_zone_setattr req = { .mask = mask, .mode = mode, .uid = uid, .gid = gid };
 
         assert_return(c, -EINVAL);
-        if (!shmz_name_is_valid(name))
+        if (!name_is_valid(name))
                 return -EINVAL;
         strncpy_buf(req.name, sizeof(req.name), name);
         return client_request(c, SHMZ_MSG_ZONE_SETATTR, &req, sizeof(req), NULL, 0, NULL);

@@ -14,8 +14,8 @@
 
 #include <stdint.h>
 
-#define SHMZ_ABI_VERSION 2u /* 2: the zone lock keeps no robust-list links */
-#define SHMZ_PROTO_VERSION 1u
+#define SHMZ_ABI_VERSION 2u   /* 2: the zone lock keeps no robust-list links */
+#define SHMZ_PROTO_VERSION 2u /* 2: zone info carries ino, mtime, ctime */
 
 /* Names: [A-Za-z0-9._-], 1..200 bytes, not "." or "..". Tags: printable, 0..63 bytes. */
 #define SHMZ_NAME_MAX 200u
@@ -89,9 +89,9 @@ struct shmz_zone_header {
         uint64_t root;           /* offset of the zone's top-level object, 0 = none */
         char name[SHMZ_NAME_BUF];
         char tag[SHMZ_TAG_BUF];
-        uint8_t reserved0[168]; /* pads to 512 */
-        struct shmz_mutex lock; /* 512: the zone lock, for the allocator and user structures */
-        uint8_t reserved1[448]; /* pads to 1024 */
+        uint8_t reserved0[168];                    /* pads to 512 */
+        struct shmz_mutex lock;                    /* 512: the zone lock, for the allocator and user structures */
+        uint8_t reserved1[448];                    /* pads to 1024 */
         uint8_t alloc[SHMZ_ZONE_ALLOC_STATE_SIZE]; /* 1024: allocator state, see slab.c */
 };
 
@@ -141,8 +141,8 @@ struct shmz_msg_hello_reply {
         uint32_t version; /* the version chosen */
         uint32_t pid;     /* the daemon's pid */
         uint64_t features;
-        uint64_t budget;  /* global memory budget, bytes */
-        uint64_t quota;   /* per-uid quota, bytes */
+        uint64_t budget; /* global memory budget, bytes */
+        uint64_t quota;  /* per-uid quota, bytes */
 };
 
 /* flags of shmz_msg_zone_open.flags are the public SHMZ_CREATE/EXCL/RDONLY */
@@ -158,17 +158,21 @@ struct shmz_msg_zone_open {
 #define SHMZ_ZONE_INFO_DECLARED 0x2u /* declared in the config file */
 #define SHMZ_ZONE_INFO_RDONLY 0x4u   /* open: the fd passed is read-only */
 #define SHMZ_ZONE_INFO_UNLINKED 0x8u /* the name is gone, the memory lives on */
+#define SHMZ_ZONE_INFO_PENDING 0x10u /* made in the FUSE view, size not fixed yet: no memory */
 
+/* The one record of a zone: what the daemon keeps, sends and shows in its view. */
 struct shmz_msg_zone_info {
-        uint64_t size;      /* usable bytes */
-        uint64_t map_size;  /* memfd bytes */
+        uint64_t size;     /* usable bytes (0 while pending) */
+        uint64_t map_size; /* memfd bytes */
         uint64_t generation;
         uint64_t created_usec;
-        uint64_t handle;    /* open: the attachment, for ZONE_CLOSE */
+        uint64_t handle; /* open: the attachment, for ZONE_CLOSE */
         uint32_t uid, gid, mode;
-        uint32_t attached;  /* attachments right now */
-        uint32_t flags;     /* SHMZ_ZONE_INFO_* */
+        uint32_t attached; /* attachments right now */
+        uint32_t flags;    /* SHMZ_ZONE_INFO_* */
         uint32_t reserved;
+        uint64_t ino;                    /* inode number in the FUSE view */
+        uint64_t mtime_usec, ctime_usec; /* bytes written through the view; attributes changed */
         char name[SHMZ_NAME_BUF];
         char tag[SHMZ_TAG_BUF];
 };

@@ -55,9 +55,9 @@ int shmz_zone_open(struct shmz_client *c, const char *name, uint64_t size, const
 int shmz_zone_open_path(const char *path, unsigned flags, struct shmz_zone **ret);
 void shmz_zone_close(struct shmz_zone *z); /* NULL is fine */
 
-void *shmz_zone_base(struct shmz_zone *z);           /* first byte the caller may use */
-uint64_t shmz_zone_size(const struct shmz_zone *z);  /* bytes usable from base */
-int shmz_zone_existed(const struct shmz_zone *z);    /* 1 if its data predates this open */
+void *shmz_zone_base(struct shmz_zone *z);          /* first byte the caller may use */
+uint64_t shmz_zone_size(const struct shmz_zone *z); /* bytes usable from base */
+int shmz_zone_existed(const struct shmz_zone *z);   /* 1 if its data predates this open */
 const char *shmz_zone_name(const struct shmz_zone *z);
 int shmz_zone_unlink(struct shmz_client *c, const char *name);
 
@@ -76,8 +76,7 @@ struct shmz_zone_stat {
 
 int shmz_zone_stat(struct shmz_client *c, const char *name, struct shmz_zone_stat *ret);
 /* Calls cb for each zone; a negative return from cb stops the walk and is returned. */
-int shmz_zone_list(struct shmz_client *c, int (*cb)(const struct shmz_zone_stat *st, void *userdata),
-                   void *userdata);
+int shmz_zone_list(struct shmz_client *c, int (*cb)(const struct shmz_zone_stat *st, void *userdata), void *userdata);
 /* Like chmod(2)/chown(2) on the zone; (uid_t)-1 / (gid_t)-1 leave that part alone. */
 int shmz_zone_chmod(struct shmz_client *c, const char *name, mode_t mode);
 int shmz_zone_chown(struct shmz_client *c, const char *name, uid_t uid, gid_t gid);
@@ -192,13 +191,13 @@ int shmz_zone_check_locked(struct shmz_zone *z, unsigned flags);
  * holder's death, but cannot make a holder write to its own memory.
  */
 struct shmz_mutex *shmz_zone_mutex(struct shmz_zone *z);
-int shmz_mutex_init(struct shmz_mutex *m);            /* a lock placed anywhere in a zone */
-int shmz_mutex_lock(struct shmz_mutex *m);            /* 0 or SHMZ_OWNER_DEAD */
-int shmz_mutex_trylock(struct shmz_mutex *m);         /* ... or -EBUSY */
+int shmz_mutex_init(struct shmz_mutex *m);                           /* a lock placed anywhere in a zone */
+int shmz_mutex_lock(struct shmz_mutex *m);                           /* 0 or SHMZ_OWNER_DEAD */
+int shmz_mutex_trylock(struct shmz_mutex *m);                        /* ... or -EBUSY */
 int shmz_mutex_timedlock(struct shmz_mutex *m, uint64_t timeout_ns); /* ... or -ETIMEDOUT */
-int shmz_mutex_unlock(struct shmz_mutex *m);          /* -EPERM if the caller does not hold it */
-int shmz_mutex_consistent(struct shmz_mutex *m);      /* after repairing what the dead owner left */
-int shmz_mutex_force_unlock(struct shmz_mutex *m, pid_t pid); /* nginx parity: release a lock held by pid */
+int shmz_mutex_unlock(struct shmz_mutex *m);                         /* -EPERM if the caller does not hold it */
+int shmz_mutex_consistent(struct shmz_mutex *m);                     /* after repairing what the dead owner left */
+int shmz_mutex_force_unlock(struct shmz_mutex *m, pid_t pid);        /* nginx parity: release a lock held by pid */
 
 #ifdef __cplusplus
 }

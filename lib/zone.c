@@ -10,47 +10,6 @@
 #include "util.h"
 #include "zone.h"
 
-uint64_t zone_map_size(uint64_t size) {
-        uint64_t page = (uint64_t) sysconf(_SC_PAGESIZE);
-
-        if (size > UINT64_MAX / 2)
-                return 0;
-        return ALIGN_TO(size + SHMZ_ZONE_HEADER_SIZE, page);
-}
-
-void zone_header_init(struct shmz_zone_header *h, const char *name, const char *tag, uint64_t map_size, uint32_t uid,
-                      uint32_t gid, uint32_t mode, uint64_t generation) {
-        memset(h, 0, sizeof(*h));
-        h->magic = SHMZ_ZONE_MAGIC;
-        h->abi_version = SHMZ_ABI_VERSION;
-        h->header_size = SHMZ_ZONE_HEADER_SIZE;
-        h->map_size = map_size;
-        h->size = map_size - SHMZ_ZONE_HEADER_SIZE;
-        h->generation = generation;
-        h->created_usec = now_usec(CLOCK_REALTIME);
-        h->uid = uid;
-        h->gid = gid;
-        h->mode = mode;
-        strncpy_buf(h->name, sizeof(h->name), name);
-        strncpy_buf(h->tag, sizeof(h->tag), tag ?: "");
-}
-
-int zone_header_check(const struct shmz_zone_header *h, uint64_t map_size, const char *name) {
-        /* Another process may write the header at any time: read each field once. */
-        if (map_size < SHMZ_ZONE_HEADER_SIZE)
-                return -EBADMSG;
-        if (h->magic != SHMZ_ZONE_MAGIC || h->abi_version != SHMZ_ABI_VERSION ||
-            h->header_size != SHMZ_ZONE_HEADER_SIZE)
-                return -EBADMSG;
-        if (h->map_size != map_size || h->size != map_size - SHMZ_ZONE_HEADER_SIZE)
-                return -EBADMSG;
-        if (!buf_is_cstr(h->name, sizeof(h->name)) || !buf_is_cstr(h->tag, sizeof(h->tag)))
-                return -EBADMSG;
-        if (name && strncmp(h->name, name, sizeof(h->name)) != 0)
-                return -EBADMSG;
-        return 0;
-}
-
 static int zone_new(void *map, uint64_t map_size, bool rdonly, const char *name, struct shmz_zone **ret) {
         struct shmz_zone *z;
 
@@ -93,7 +52,7 @@ int zone_new_anonymous(const char *name, uint64_t size, struct shmz_zone **ret) 
         void *map;
         int r;
 
-        if (!shmz_name_is_valid(name) || size == 0 || map_size == 0)
+        if (!name_is_valid(name) || size == 0 || map_size == 0)
                 return -EINVAL;
         fd = memfd_create("shmzone:anonymous", MFD_CLOEXEC | MFD_ALLOW_SEALING);
         if (fd < 0)

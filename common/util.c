@@ -7,7 +7,7 @@
 #include "shmzone-abi.h"
 #include "util.h"
 
-bool shmz_name_is_valid(const char *name) {
+bool name_is_valid(const char *name) {
         size_t n = 0;
 
         if (!name)
@@ -21,7 +21,7 @@ bool shmz_name_is_valid(const char *name) {
         return n > 0 && !streq(name, ".") && !streq(name, "..");
 }
 
-bool shmz_tag_is_valid(const char *tag) {
+bool tag_is_valid(const char *tag) {
         size_t n = 0;
 
         if (!tag)

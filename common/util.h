@@ -84,9 +84,9 @@ static inline bool buf_is_cstr(const char *buf, size_t size) {
 }
 
 /* Names of zones (and later ports): [A-Za-z0-9._-], 1..SHMZ_NAME_MAX bytes, not "." or "..". */
-bool shmz_name_is_valid(const char *name);
+bool name_is_valid(const char *name);
 /* Tags: printable ASCII, at most SHMZ_TAG_MAX bytes. */
-bool shmz_tag_is_valid(const char *tag);
+bool tag_is_valid(const char *tag);
 
 /* Copies a valid string into a zeroed fixed-size buffer. */
 static inline void strncpy_buf(char *dst, size_t size, const char *src) {

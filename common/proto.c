@@ -14,7 +14,7 @@ _Static_assert(offsetof(struct shmz_zone_header, lock) == 512, "zone lock offset
 _Static_assert(offsetof(struct shmz_zone_header, alloc) == 1024, "allocator state offset");
 _Static_assert(sizeof(struct shmz_msg_header) == 16, "message header size");
 _Static_assert(sizeof(struct shmz_msg_zone_open) == 16 + SHMZ_NAME_BUF + SHMZ_TAG_BUF, "open size");
-_Static_assert(sizeof(struct shmz_msg_zone_info) == 64 + SHMZ_NAME_BUF + SHMZ_TAG_BUF, "info size");
+_Static_assert(sizeof(struct shmz_msg_zone_info) == 88 + SHMZ_NAME_BUF + SHMZ_TAG_BUF, "info size");
 _Static_assert(sizeof(struct shmz_msg_zone_info) + sizeof(struct shmz_msg_header) <= SHMZ_MSG_MAX, "fits");
 
 int proto_send(int fd, uint16_t type, uint16_t flags, uint32_t stream, int32_t status, const void *body,

@@ -5,7 +5,7 @@
 #include <stdarg.h>
 #include <stdio.h>
 
-#include "config.h"
+#include "conf-file.h"
 #include "log.h"
 #include "shmzone.h"
 
@@ -43,9 +43,9 @@ int config_new_default(struct config **ret) {
                 config_free(c);
                 return -ENOMEM;
         }
-        c->budget = DEFAULT_BUDGET;
-        c->quota = DEFAULT_QUOTA;
-        c->max_zones = DEFAULT_MAX_ZONES;
+        c->limits.budget = DEFAULT_BUDGET;
+        c->limits.quota = DEFAULT_QUOTA;
+        c->limits.max_zones = DEFAULT_MAX_ZONES;
         c->max_clients = DEFAULT_MAX_CLIENTS;
         c->uid_max_clients = DEFAULT_UID_MAX_CLIENTS;
         c->hello_timeout = DEFAULT_HELLO_TIMEOUT;
@@ -169,13 +169,13 @@ static int daemon_key(struct parse_state *s, const char *key, const char *value)
                 else if (streq(key, "hello_timeout"))
                         c->hello_timeout = (unsigned) n;
                 else
-                        c->max_zones = n;
+                        c->limits.max_zones = n;
                 return 1;
         }
         if (streq(key, "memory_budget") || streq(key, "uid_quota")) {
                 if (parse_size(value, &u) < 0 || u == 0)
                         return fail(s, "%s: bad size '%s' (a number with an optional K, M, G or T suffix)", key, value);
-                *(streq(key, "memory_budget") ? &c->budget : &c->quota) = u;
+                *(streq(key, "memory_budget") ? &c->limits.budget : &c->limits.quota) = u;
                 return 1;
         }
         return fail(s, "unknown key '%s' in [daemon]", key);
@@ -191,7 +191,7 @@ static int zone_key(struct parse_state *s, const char *key, const char *value) {
                 return 1;
         }
         if (streq(key, "tag")) {
-                if (!shmz_tag_is_valid(value))
+                if (!tag_is_valid(value))
                         return fail(s, "zone '%s': tag must be printable and at most %u bytes", z->name, SHMZ_TAG_MAX);
                 strncpy_buf(z->tag, sizeof(z->tag), value);
                 return 1;
@@ -233,7 +233,7 @@ static int new_zone_section(struct parse_state *s, const char *name) {
         struct config *c = s->cfg;
         struct zone_decl *v;
 
-        if (!shmz_name_is_valid(name))
+        if (!name_is_valid(name))
                 return fail(s, "bad zone name '%s' (use A-Z a-z 0-9 . _ -, at most %u bytes)", name, SHMZ_NAME_MAX);
         for (size_t i = 0; i < c->n_zones; i++)
                 if (streq(c->zones[i].name, name))

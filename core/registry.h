@@ -1,0 +1,144 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+#pragma once
+
+/*
+ * The core's zone registry: every zone the daemon owns, by name and by inode
+ * number. The front ends (the control socket, the FUSE view) translate their
+ * protocol into these calls and nothing else. Any thread may call; one mutex
+ * inside guards it all, no critical section waits on a peer (memfd creation
+ * is a few syscalls), and the observer is called after the mutex is released.
+ * Who asks is a struct caller taken from the kernel (SO_PEERCRED and
+ * SO_PEERGROUPS, or fuse_req_ctx), never from a message. The core does no I/O
+ * but on the memfds it owns, and logs nothing: it returns errors, and reload
+ * reports what it did through a callback.
+ */
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#include "shmzone-abi.h"
+
+/* Zone inode numbers start here; the ones below belong to the FUSE view's fixed files and directories. */
+#define REGISTRY_FIRST_INO 1024u
+
+struct registry;
+struct zone;
+
+struct caller {
+        uid_t uid;
+        gid_t gid;
+        pid_t pid;
+        const gid_t *groups; /* supplementary groups */
+        size_t n_groups;
+};
+
+/* What the observer is told; name is the zone's name, ino its inode number. */
+enum registry_event {
+        REGISTRY_ZONE_ADDED,
+        REGISTRY_ZONE_REMOVED, /* name gone (unlink, retire) */
+        REGISTRY_ZONE_CHANGED, /* attributes (mode, owner, tag, size, attachments) */
+};
+
+typedef void (*registry_observer_t)(void *userdata, enum registry_event ev, const char *name, uint64_t ino);
+
+/* A zone the config file declares. */
+struct zone_decl {
+        char name[SHMZ_NAME_BUF];
+        char tag[SHMZ_TAG_BUF];
+        uint64_t size;
+        uint32_t uid;
+        uint32_t gid;
+        uint32_t mode;
+};
+
+/* What every uid may take, and all of them together. */
+struct registry_limits {
+        uint64_t budget;    /* bytes of all zones */
+        uint64_t quota;     /* bytes of the zones one uid created */
+        uint64_t max_zones; /* zones one uid may create (declared zones aside); each costs the daemon an fd */
+};
+
+struct registry_stats {
+        uint64_t budget, budget_used, quota;
+        uint64_t zones, zones_unlinked;
+};
+
+int registry_new(const struct registry_limits *lim, struct registry **ret);
+struct registry *registry_free(struct registry *reg);
+void registry_set_observer(struct registry *reg, registry_observer_t cb, void *userdata);
+void registry_get_stats(struct registry *reg, struct registry_stats *ret);
+
+/*
+ * Open (SHMZ_CREATE/EXCL/RDONLY flags) following the tag and size rules. On
+ * success the caller holds an attachment: *ret_zone stays valid until
+ * registry_detach(). *ret_fd is a new fd (read-only reopen for RDONLY).
+ */
+int registry_open(struct registry *reg, const struct caller *c, const char *name, uint64_t size, const char *tag,
+                  unsigned flags, struct zone **ret_zone, int *ret_fd, struct shmz_msg_zone_info *ret_info,
+                  bool *ret_existed);
+void registry_detach(struct registry *reg, struct zone *z);
+
+int registry_unlink(struct registry *reg, const struct caller *c, const char *name);
+/*
+ * registry_setattr, registry_set_size and registry_set_tag act on the zone
+ * called name; with ino != 0 only if it is still the zone of that inode number
+ * (-ENOENT otherwise), for callers that hold an inode, not a name.
+ */
+/* mask of SHMZ_SETATTR_*; chmod: owner or root; chown: root, or owner to a group of theirs. */
+int registry_setattr(struct registry *reg, const struct caller *c, const char *name, uint64_t ino, uint32_t mask,
+                     uint32_t mode, uint32_t uid, uint32_t gid);
+
+int registry_info(struct registry *reg, const char *name, struct shmz_msg_zone_info *ret);
+int registry_info_by_ino(struct registry *reg, uint64_t ino, struct shmz_msg_zone_info *ret);
+/* A snapshot of every named zone, sorted by name; free() it. */
+int registry_list(struct registry *reg, struct shmz_msg_zone_info **ret, size_t *ret_n);
+/* Up to max zones whose names sort after `after` ("" for the first), in order: a listing one page at a time. */
+int registry_list_page(struct registry *reg, const char *after, struct shmz_msg_zone_info *ret, size_t max,
+                       size_t *ret_n);
+
+/* References for the FUSE view (an open file keeps its zone alive like an attachment does). */
+int registry_ref_by_ino(struct registry *reg, uint64_t ino, struct zone **ret);
+void registry_unref(struct registry *reg, struct zone *z);
+/* A snapshot of a zone the caller holds a reference on (also once unlinked: an open file's fstat). */
+void registry_info_of(struct registry *reg, struct zone *z, struct shmz_msg_zone_info *ret);
+/* The zone's memfd (owned by the zone; valid while a reference is held), or -EBADF while pending. */
+int zone_fd(struct zone *z);
+/*
+ * The zone's bytes, mapped read-only once for the whole daemon (the FUSE view
+ * replies to reads from it) and unmapped with the zone; valid while a
+ * reference is held. -EAGAIN while pending.
+ */
+int zone_view_map(struct zone *z, const void **ret);
+/* Called after bytes were written through the FUSE view (mtime, "data exists"). */
+void registry_touch(struct registry *reg, struct zone *z);
+
+/* FUSE create: a named zone without memory, owned by c, until registry_set_size() fixes its size. */
+int registry_create_pending(struct registry *reg, const struct caller *c, const char *name, uint32_t mode,
+                            struct shmz_msg_zone_info *ret);
+/* Fixes the size of a pending zone (quota, budget apply); for a sized zone, only the same size is accepted. */
+int registry_set_size(struct registry *reg, const struct caller *c, const char *name, uint64_t ino, uint64_t size);
+/* Tag of a zone nobody attached to yet: owner or root. */
+int registry_set_tag(struct registry *reg, const struct caller *c, const char *name, uint64_t ino, const char *tag);
+
+/*
+ * Tickets prove to the control socket that a process opened the zone's file in
+ * the FUSE view: issued per open file, redeemed once, for the access that open
+ * was granted.
+ */
+int registry_ticket_issue(struct registry *reg, struct zone *z, bool writable, uint64_t ret_ticket[2]);
+void registry_ticket_revoke(struct registry *reg, const uint64_t ticket[2]);
+int registry_ticket_redeem(struct registry *reg, const uint64_t ticket[2], bool want_write, struct zone **ret_zone,
+                           int *ret_fd, struct shmz_msg_zone_info *ret_info, bool *ret_existed);
+
+/*
+ * Applies a (re)loaded config: its limits, then its zones. Keeps unchanged
+ * zones, creates new ones, refuses a changed size or tag (the old zone and its
+ * data stay) and retires zones no longer declared (unlinked: memory freed
+ * after the last detach). Each outcome worth a log line goes to report (with
+ * a syslog priority), outside the lock. Returns the number of declarations
+ * refused, or a negative errno.
+ */
+typedef void (*registry_report_t)(void *userdata, int priority, const char *msg);
+int registry_apply_config(struct registry *reg, const struct registry_limits *lim, const struct zone_decl *decls,
+                          size_t n_decls, registry_report_t report, void *userdata);

@@ -1,0 +1,32 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+#pragma once
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#include "registry.h"
+
+struct config {
+        char *socket_path;
+        char *mount_path;              /* NULL: no FUSE view */
+        unsigned threads;              /* port worker threads; 0 = number of CPUs, at most 4 */
+        struct registry_limits limits; /* memory_budget, uid_quota, uid_max_zones */
+        unsigned max_clients;          /* connections at once */
+        unsigned uid_max_clients;      /* connections of one uid at once (root: only max_clients) */
+        unsigned hello_timeout;        /* seconds a new connection has to say hello */
+        struct zone_decl *zones;
+        size_t n_zones;
+};
+
+/* The built-in defaults (no file): what the daemon runs with when no config exists. */
+int config_new_default(struct config **ret);
+/*
+ * Parses path over the defaults. A bad line is an error naming the file and
+ * line (logged); -ENOENT when the file does not exist.
+ */
+int config_load(const char *path, struct config **ret);
+struct config *config_free(struct config *c);
+static inline void config_freep(struct config **c) {
+        config_free(*c);
+}

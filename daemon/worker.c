@@ -26,10 +26,8 @@ struct outmsg {
         uint8_t buf[];
 };
 
-enum { POST_CLIENT, POST_STOP };
-
+/* A connection handed over by the main thread. */
 struct post {
-        int type;
         int fd;
         uid_t uid;
         struct post *next;
@@ -45,6 +43,7 @@ struct worker {
         struct post *posts, *posts_tail; /* guarded by lock */
         struct conn *conns;
         bool started;
+        atomic_bool stop; /* set by worker_stop(): the thread ends at its next wake-up */
 };
 
 static void conn_free(struct conn *c) {
@@ -303,14 +302,13 @@ static int on_wake(sd_event_source *s, int fd, uint32_t revents, void *userdata)
         while (p) {
                 struct post *next = p->next;
 
-                if (p->type == POST_CLIENT)
-                        (void) conn_new(w, p->fd, p->uid);
-                else {
-                        shutdown_clients(w);
-                        (void) sd_event_exit(w->event, 0);
-                }
+                (void) conn_new(w, p->fd, p->uid);
                 free(p);
                 p = next;
+        }
+        if (atomic_load(&w->stop)) {
+                shutdown_clients(w);
+                (void) sd_event_exit(w->event, 0);
         }
         return 0;
 }
@@ -377,14 +375,21 @@ fail:
         return r;
 }
 
-static int post(struct worker *w, int type, int fd, uid_t uid) {
-        struct post *p;
+static int wake(struct worker *w) {
         uint64_t one = 1;
+
+        /* Only fails once the counter is at its maximum, and then a wake-up is pending anyway. */
+        if (write(w->wake_fd, &one, sizeof(one)) < 0 && errno != EAGAIN)
+                return -errno;
+        return 0;
+}
+
+static int post_client(struct worker *w, int fd, uid_t uid) {
+        struct post *p;
 
         p = calloc(1, sizeof(*p));
         if (!p)
                 return -ENOMEM;
-        p->type = type;
         p->fd = fd;
         p->uid = uid;
         pthread_mutex_lock(&w->lock);
@@ -394,13 +399,11 @@ static int post(struct worker *w, int type, int fd, uid_t uid) {
                 w->posts = p;
         w->posts_tail = p;
         pthread_mutex_unlock(&w->lock);
-        if (write(w->wake_fd, &one, sizeof(one)) < 0 && errno != EAGAIN)
-                return -errno;
-        return 0;
+        return wake(w);
 }
 
 int worker_add_client(struct worker *w, int fd, uid_t counted_uid) {
-        int r = post(w, POST_CLIENT, fd, counted_uid);
+        int r = post_client(w, fd, counted_uid);
 
         if (r < 0)
                 safe_close(fd);
@@ -411,8 +414,9 @@ void worker_stop(struct worker *w) {
         if (!w)
                 return;
         if (w->started) {
-                if (post(w, POST_STOP, -EBADF, 0) < 0)
-                        (void) pthread_cancel(w->thread);
+                /* A flag, not a message: stopping needs no memory, and no worker blocks (fds go to the reaper). */
+                atomic_store(&w->stop, true);
+                (void) wake(w);
                 (void) pthread_join(w->thread, NULL);
         }
         worker_free(w);

@@ -103,8 +103,9 @@ struct fuse_view {
         uint64_t dropped; /* changes not queued since the notifier last looked */
         bool stopping;
 
-        struct vhandle handles; /* list head, FUSE thread only */
-        void *read_buf;         /* FUSE thread only: replies for ranges with holes */
+        struct vhandle handles;   /* list head, FUSE thread only */
+        void *read_buf;           /* FUSE thread only: replies for ranges with holes */
+        struct fuse_buf fuse_buf; /* FUSE thread only: the request being served */
 };
 
 /* fuse-view.c */

@@ -715,17 +715,11 @@ static void clear_stale_mount(const char *path) {
 
 static int on_fuse_io(sd_event_source *s, int fd, uint32_t revents, void *userdata) {
         struct fuse_view *v = userdata;
-        static _Thread_local struct fuse_buf buf;
         uint64_t deadline = 0;
 
-        if (!s) { /* end of the thread: free the buffer */
-                free(buf.mem);
-                buf = (struct fuse_buf){};
-                return 0;
-        }
         /* A bounded batch, so that the stop eventfd is looked at now and then. */
         for (int i = 0; i < 100000; i++) {
-                int r = fuse_session_receive_buf(v->se, &buf);
+                int r = fuse_session_receive_buf(v->se, &v->fuse_buf);
 
                 if (r == -EINTR || r == -EAGAIN) {
                         uint64_t t = now_usec(CLOCK_MONOTONIC);
@@ -743,7 +737,7 @@ static int on_fuse_io(sd_event_source *s, int fd, uint32_t revents, void *userda
                                 log_notice("FUSE view: %s was unmounted; the view stops.", v->mountpoint);
                         return sd_event_exit(sd_event_source_get_event(s), 0);
                 }
-                fuse_session_process_buf(v->se, &buf);
+                fuse_session_process_buf(v->se, &v->fuse_buf);
                 deadline = 0;
         }
         return 0;
@@ -776,7 +770,6 @@ static void *fuse_thread(void *arg) {
                 if (r < 0)
                         log_error_errno(r, "FUSE view: event loop failed: %m");
         }
-        (void) on_fuse_io(NULL, -1, 0, v);
         sd_event_unref(e);
         return NULL;
 }
@@ -792,6 +785,7 @@ static void view_free(struct fuse_view *v) {
         safe_close(v->stop_fd);
         free(v->inval);
         free(v->read_buf);
+        free(v->fuse_buf.mem);
         free(v->mountpoint);
         free(v->socket_link);
         pthread_mutex_destroy(&v->qlock);

@@ -11,6 +11,7 @@
 static struct quota_entry *quota_entry(struct registry *reg, uid_t uid, bool create) {
         struct quota_entry *q;
 
+        assert_locked(reg);
         for (size_t i = 0; i < reg->n_quotas; i++)
                 if (reg->quotas[i].uid == uid)
                         return &reg->quotas[i];
@@ -32,6 +33,7 @@ static struct quota_entry *quota_entry(struct registry *reg, uid_t uid, bool cre
 int quota_charge(struct registry *reg, const struct zone *z, uint64_t map_size) {
         struct quota_entry *q = NULL;
 
+        assert_locked(reg);
         if (map_size > reg->budget || reg->budget_used > reg->budget - map_size)
                 return -ENOSPC;
         if (z->counted) {
@@ -49,6 +51,7 @@ int quota_charge(struct registry *reg, const struct zone *z, uint64_t map_size) 
 void quota_uncharge(struct registry *reg, const struct zone *z, uint64_t map_size) {
         struct quota_entry *q = z->counted ? quota_entry(reg, z->charged_uid, false) : NULL;
 
+        assert_locked(reg);
         if (q)
                 q->used -= MIN(q->used, map_size);
         reg->budget_used -= MIN(reg->budget_used, map_size);
@@ -58,6 +61,7 @@ void quota_uncharge(struct registry *reg, const struct zone *z, uint64_t map_siz
 int quota_count_zone(struct registry *reg, uid_t uid) {
         struct quota_entry *q = quota_entry(reg, uid, true);
 
+        assert_locked(reg);
         if (!q)
                 return -ENOMEM;
         if (q->zones >= reg->max_zones)
@@ -69,6 +73,7 @@ int quota_count_zone(struct registry *reg, uid_t uid) {
 void quota_uncount_zone(struct registry *reg, uid_t uid) {
         struct quota_entry *q = quota_entry(reg, uid, false);
 
+        assert_locked(reg);
         if (q && q->zones > 0)
                 q->zones--;
 }

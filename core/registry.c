@@ -84,6 +84,7 @@ static int names_insert(struct registry *reg, struct zone *z) {
         bool found;
         size_t i = name_index(reg, z->name, &found);
 
+        assert_locked(reg);
         if (found)
                 return -EEXIST;
         if (reg->n_names == reg->cap_names) {
@@ -105,6 +106,7 @@ static void names_remove(struct registry *reg, struct zone *z) {
         bool found;
         size_t i = name_index(reg, z->name, &found);
 
+        assert_locked(reg);
         if (!found || reg->names[i] != z)
                 return;
         memmove(reg->names + i, reg->names + i + 1, (reg->n_names - i - 1) * sizeof(*reg->names));
@@ -175,6 +177,7 @@ struct zone *registry_lookup(struct registry *reg, const char *name) {
         bool found;
         size_t i = name_index(reg, name, &found);
 
+        assert_locked(reg);
         return found ? reg->names[i] : NULL;
 }
 
@@ -186,6 +189,7 @@ struct zone *registry_lookup(struct registry *reg, const char *name) {
 struct zone *registry_lookup_as(struct registry *reg, const char *name, uint64_t ino) {
         struct zone *z = registry_lookup(reg, name);
 
+        assert_locked(reg);
         return z && (ino == 0 || z->ino == ino) ? z : NULL;
 }
 
@@ -210,6 +214,7 @@ void zone_info_fill(const struct zone *z, struct shmz_msg_zone_info *ret) {
 }
 
 void registry_unref_locked(struct registry *reg, struct zone *z) {
+        assert_locked(reg);
         if (--z->refs > 0)
                 return;
         if (z->map_size > 0)
@@ -228,6 +233,7 @@ int registry_create_locked(struct registry *reg, const char *name, const char *t
         struct zone *z;
         int r;
 
+        assert_locked(reg);
         if (size > 0) {
                 map_size = zone_map_size(size);
                 if (map_size == 0)
@@ -295,6 +301,7 @@ fail_free:
 
 /* Removes the name; the memory lives on while attachments or open files hold it. */
 void registry_unlink_locked(struct registry *reg, struct zone *z) {
+        assert_locked(reg);
         names_remove(reg, z);
         (void) tdelete(z, &reg->by_ino, zone_ino_cmp);
         z->unlinked = true;
@@ -308,6 +315,7 @@ int registry_attach_locked(struct registry *reg, struct zone *z, bool rdonly, st
                            struct shmz_msg_zone_info *ret_info, bool *ret_existed) {
         int fd;
 
+        assert_locked(reg);
         if (z->fd < 0)
                 return -EAGAIN; /* pending: its size is not fixed yet */
         fd = zone_memory_reopen(z, rdonly);
@@ -443,18 +451,22 @@ out:
         return r;
 }
 
+/* The record of z, if there is one (lock held). */
+static int info_of_locked(struct registry *reg, const struct zone *z, struct shmz_msg_zone_info *ret) {
+        assert_locked(reg);
+        if (!z)
+                return -ENOENT;
+        zone_info_fill(z, ret);
+        return 0;
+}
+
 int registry_info(struct registry *reg, const char *name, struct shmz_msg_zone_info *ret) {
-        struct zone *z;
-        int r = 0;
+        int r;
 
         if (!name_is_valid(name))
                 return -EINVAL;
         registry_lock(reg);
-        z = registry_lookup(reg, name);
-        if (z)
-                zone_info_fill(z, ret);
-        else
-                r = -ENOENT;
+        r = info_of_locked(reg, registry_lookup(reg, name), ret);
         registry_unlock(reg);
         return r;
 }
@@ -495,20 +507,16 @@ int registry_list_page(struct registry *reg, const char *after, struct shmz_msg_
 static struct zone *lookup_ino(struct registry *reg, uint64_t ino) {
         struct zone key = { .ino = ino }, **p;
 
+        assert_locked(reg);
         p = tfind(&key, &reg->by_ino, zone_ino_cmp);
         return p ? *p : NULL;
 }
 
 int registry_info_by_ino(struct registry *reg, uint64_t ino, struct shmz_msg_zone_info *ret) {
-        struct zone *z;
-        int r = 0;
+        int r;
 
         registry_lock(reg);
-        z = lookup_ino(reg, ino);
-        if (z)
-                zone_info_fill(z, ret);
-        else
-                r = -ENOENT;
+        r = info_of_locked(reg, lookup_ino(reg, ino), ret);
         registry_unlock(reg);
         return r;
 }

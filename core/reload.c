@@ -22,6 +22,7 @@ static int apply_decl_locked(struct registry *reg, const struct zone_decl *d, ch
         struct zone *z = registry_lookup(reg, d->name);
         int r;
 
+        assert_locked(reg);
         if (!z) {
                 r = registry_create_locked(reg, d->name, d->tag, d->size, d->uid, d->gid, d->mode, true, &z);
                 if (r < 0)

@@ -42,6 +42,7 @@ int registry_ticket_issue(struct registry *reg, struct zone *z, bool writable, u
 }
 
 static ssize_t ticket_find(struct registry *reg, const uint64_t id[2]) {
+        assert_locked(reg);
         for (size_t i = 0; i < reg->n_tickets; i++)
                 if (reg->tickets[i].id[0] == id[0] && reg->tickets[i].id[1] == id[1])
                         return (ssize_t) i;
@@ -51,6 +52,7 @@ static ssize_t ticket_find(struct registry *reg, const uint64_t id[2]) {
 static struct zone *ticket_take_locked(struct registry *reg, size_t i) {
         struct zone *z = reg->tickets[i].zone;
 
+        assert_locked(reg);
         reg->tickets[i] = reg->tickets[--reg->n_tickets];
         return z;
 }

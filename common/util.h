@@ -98,6 +98,13 @@ static inline void strncpy_buf(char *dst, size_t size, const char *src) {
 /* Parses "123", "10K", "64M", "1G", "2T" (powers of 1024) into bytes. */
 int parse_size(const char *s, uint64_t *ret);
 
+/* Hands a figures struct to a caller whose copy of it may be older (shorter) or newer (longer) than ours. */
+static inline void copy_sized(void *dst, size_t dst_size, const void *src, size_t src_size) {
+        memcpy(dst, src, MIN(dst_size, src_size));
+        if (dst_size > src_size)
+                memset((char *) dst + src_size, 0, dst_size - src_size);
+}
+
 uint64_t now_usec(int clock);
 
 /* mkdir -p: the directories leading to path, and with last also path itself. */

@@ -375,14 +375,19 @@ static void stat_from_wire(const struct shmz_msg_zone_info *i, struct shmz_zone_
                 .mode = i->mode,
                 .attached = i->attached,
                 .flags = i->flags,
+                .ino = i->ino,
+                .mtime_usec = i->mtime_usec,
+                .ctime_usec = i->ctime_usec,
         };
         strncpy_buf(ret->name, sizeof(ret->name), buf_is_cstr(i->name, sizeof(i->name)) ? i->name : "");
         strncpy_buf(ret->tag, sizeof(ret->tag), buf_is_cstr(i->tag, sizeof(i->tag)) ? i->tag : "");
 }
 
-_public_ int shmz_zone_stat(struct shmz_client *c, const char *name, struct shmz_zone_stat *ret) {
+_public_ int shmz_zone_stat_sized(struct shmz_client *c, const char *name, struct shmz_zone_stat *ret,
+                                  size_t ret_size) {
         struct shmz_msg_zone_name req;
         struct shmz_msg_zone_info info;
+        struct shmz_zone_stat st;
         int r;
 
         assert_return(c && ret, -EINVAL);
@@ -392,7 +397,8 @@ _public_ int shmz_zone_stat(struct shmz_client *c, const char *name, struct shmz
         r = client_request(c, SHMZ_MSG_ZONE_INFO, &req, sizeof(req), &info, sizeof(info), NULL);
         if (r < 0)
                 return r;
-        stat_from_wire(&info, ret);
+        stat_from_wire(&info, &st);
+        copy_sized(ret, ret_size, &st, sizeof(st));
         return 0;
 }
 
@@ -437,7 +443,8 @@ _public_ int shmz_zone_chown(struct shmz_client *c, const char *name, uid_t uid,
         return setattr(c, name, mask, 0, (uint32_t) uid, (uint32_t) gid);
 }
 
-_public_ int shmz_daemon_status(struct shmz_client *c, struct shmz_daemon_status *ret) {
+_public_ int shmz_daemon_status_sized(struct shmz_client *c, struct shmz_daemon_status *ret, size_t ret_size) {
+        struct shmz_daemon_status out;
         struct shmz_msg_status st;
         int r;
 
@@ -445,7 +452,7 @@ _public_ int shmz_daemon_status(struct shmz_client *c, struct shmz_daemon_status
         r = client_request(c, SHMZ_MSG_STATUS, NULL, 0, &st, sizeof(st), NULL);
         if (r < 0)
                 return r;
-        *ret = (struct shmz_daemon_status){
+        out = (struct shmz_daemon_status){
                 .budget = st.budget,
                 .budget_used = st.budget_used,
                 .quota = st.quota,
@@ -457,5 +464,6 @@ _public_ int shmz_daemon_status(struct shmz_client *c, struct shmz_daemon_status
                 .segments = st.segments,
                 .uptime_usec = st.uptime_usec,
         };
+        copy_sized(ret, ret_size, &out, sizeof(out));
         return 0;
 }

@@ -61,6 +61,12 @@ int shmz_zone_existed(const struct shmz_zone *z);   /* 1 if its data predates th
 const char *shmz_zone_name(const struct shmz_zone *z);
 int shmz_zone_unlink(struct shmz_client *c, const char *name);
 
+/*
+ * Figures structs only ever grow at their end. Functions that fill one are
+ * macros passing sizeof(*ret), so a program built against an older header
+ * gets the fields it knows and a newer library never writes past them.
+ */
+
 /* Figures of one zone, as the daemon sees them. */
 struct shmz_zone_stat {
         char name[SHMZ_NAME_BUF];
@@ -72,9 +78,12 @@ struct shmz_zone_stat {
         uint32_t uid, gid, mode;
         uint32_t attached;
         uint32_t flags; /* SHMZ_ZONE_INFO_* */
+        uint64_t ino;   /* its inode number in the FUSE view */
+        uint64_t mtime_usec, ctime_usec;
 };
 
-int shmz_zone_stat(struct shmz_client *c, const char *name, struct shmz_zone_stat *ret);
+int shmz_zone_stat_sized(struct shmz_client *c, const char *name, struct shmz_zone_stat *ret, size_t ret_size);
+#define shmz_zone_stat(c, name, ret) shmz_zone_stat_sized((c), (name), (ret), sizeof(*(ret)))
 /* Calls cb for each zone; a negative return from cb stops the walk and is returned. */
 int shmz_zone_list(struct shmz_client *c, int (*cb)(const struct shmz_zone_stat *st, void *userdata), void *userdata);
 /* Like chmod(2)/chown(2) on the zone; (uid_t)-1 / (gid_t)-1 leave that part alone. */
@@ -90,7 +99,8 @@ struct shmz_daemon_status {
         uint64_t segments;
         uint64_t uptime_usec;
 };
-int shmz_daemon_status(struct shmz_client *c, struct shmz_daemon_status *ret);
+int shmz_daemon_status_sized(struct shmz_client *c, struct shmz_daemon_status *ret, size_t ret_size);
+#define shmz_daemon_status(c, ret) shmz_daemon_status_sized((c), (ret), sizeof(*(ret)))
 
 /* ---- allocator inside a zone (slab.c) -------------------------------------------------- */
 
@@ -146,7 +156,8 @@ struct shmz_alloc_stats {
 };
 
 /* Figures of the allocator; takes the zone lock unless the zone is mapped read-only. */
-int shmz_zone_alloc_stats(struct shmz_zone *z, struct shmz_alloc_stats *ret);
+int shmz_zone_alloc_stats_sized(struct shmz_zone *z, struct shmz_alloc_stats *ret, size_t ret_size);
+#define shmz_zone_alloc_stats(z, ret) shmz_zone_alloc_stats_sized((z), (ret), sizeof(*(ret)))
 
 /*
  * shmz_free() that says what went wrong: -EINVAL not a block of this zone (foreign

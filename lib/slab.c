@@ -1180,7 +1180,7 @@ _public_ int shmz_zone_check(struct shmz_zone *z) {
         return r;
 }
 
-_public_ int shmz_zone_alloc_stats(struct shmz_zone *z, struct shmz_alloc_stats *ret) {
+static int alloc_stats(struct shmz_zone *z, struct shmz_alloc_stats *ret) {
         struct slab s;
         bool locked = false;
         int r = 0;
@@ -1240,6 +1240,17 @@ _public_ int shmz_zone_alloc_stats(struct shmz_zone *z, struct shmz_alloc_stats 
 out:
         if (locked)
                 (void) shmz_mutex_unlock(&z->hdr->lock);
+        return r;
+}
+
+_public_ int shmz_zone_alloc_stats_sized(struct shmz_zone *z, struct shmz_alloc_stats *ret, size_t ret_size) {
+        struct shmz_alloc_stats st;
+        int r;
+
+        assert_return(ret, -EINVAL);
+        r = alloc_stats(z, &st);
+        if (r >= 0)
+                copy_sized(ret, ret_size, &st, sizeof(st));
         return r;
 }
 

@@ -139,7 +139,7 @@ struct registry *registry_free(struct registry *reg) {
         if (!reg)
                 return NULL;
         tickets_free(reg);
-        /* Zones still attached at exit go with the process; close what the tree holds. */
+        /* Zones still attached at exit go with the process; close what the table holds. */
         for (size_t i = 0; i < reg->n_names; i++) {
                 struct zone *z = reg->names[i];
 

@@ -94,6 +94,7 @@ struct thread_self {
         struct kernel_robust_list_head *head; /* glibc's, for this thread; NULL: fallback mode only */
         long futex_offset;                    /* head->futex_offset */
         struct shmz_mutex *pending_lock;      /* the lock we parked in head->list_op_pending, if any */
+        bool found_death;                     /* our last lock consumed a holder's death (OWNER_DIED) */
 };
 
 static __thread struct thread_self self __attribute__((tls_model("initial-exec")));
@@ -319,6 +320,7 @@ static int acquired(struct thread_self *s, struct shmz_mutex *m, bool robust, bo
         __atomic_store_n(&m->acquisitions, __atomic_load_n(&m->acquisitions, __ATOMIC_RELAXED) + 1, __ATOMIC_RELAXED);
         if (waited)
                 m->contended++;
+        s->found_death = died;
         __atomic_store_n(&m->owner_tag, OWNER_TAG(robust ? OWNER_ROBUST : OWNER_FALLBACK, s->tid), __ATOMIC_RELEASE);
 
         state = __atomic_load_n(&m->state, __ATOMIC_RELAXED);
@@ -445,7 +447,7 @@ _public_ int shmz_mutex_timedlock(struct shmz_mutex *m, uint64_t timeout_ns) {
         return lock_common(m, MODE_TIMED, timeout_ns);
 }
 
-_public_ int shmz_mutex_unlock(struct shmz_mutex *m) {
+static int unlock_common(struct shmz_mutex *m, bool keep_inconsistent) {
         struct thread_self *s;
         uint32_t v;
         bool parked;
@@ -463,7 +465,7 @@ _public_ int shmz_mutex_unlock(struct shmz_mutex *m) {
         }
 
         /* Unlocked without consistent(): nobody repaired, so nobody may trust it again (pthread semantics). */
-        if (__atomic_load_n(&m->state, __ATOMIC_RELAXED) == SHMZ_MUTEX_STATE_INCONSISTENT)
+        if (!keep_inconsistent && __atomic_load_n(&m->state, __ATOMIC_RELAXED) == SHMZ_MUTEX_STATE_INCONSISTENT)
                 m->state = SHMZ_MUTEX_STATE_NOTRECOVERABLE;
         __atomic_store_n(&m->owner_tag, 0, __ATOMIC_RELAXED);
         __atomic_store_n(&m->owner_pid, 0, __ATOMIC_RELAXED);
@@ -475,6 +477,18 @@ _public_ int shmz_mutex_unlock(struct shmz_mutex *m) {
         if (parked)
                 slot_release(s, m);
         return 0;
+}
+
+_public_ int shmz_mutex_unlock(struct shmz_mutex *m) {
+        return unlock_common(m, false);
+}
+
+int mutex_unlock_pass_death(struct shmz_mutex *m) {
+        return unlock_common(m, true);
+}
+
+bool mutex_last_lock_found_death(void) {
+        return self_get()->found_death;
 }
 
 _public_ int shmz_mutex_consistent(struct shmz_mutex *m) {

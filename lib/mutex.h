@@ -10,5 +10,14 @@
 /* True if the calling thread holds m. */
 bool mutex_held_by_me(struct shmz_mutex *m);
 
+/*
+ * Unlocks m and leaves a death reported by SHMZ_OWNER_DEAD unacknowledged: the
+ * next locker gets SHMZ_OWNER_DEAD too. For the allocator, which repairs only
+ * its own state and must not swallow the death for the zone's other users.
+ */
+int mutex_unlock_pass_death(struct shmz_mutex *m);
+/* True if this thread's last successful lock found its holder dead (not merely a death passed on). */
+bool mutex_last_lock_found_death(void);
+
 /* Tests: behave as if the C library had registered no robust list (liveness polling). */
 void mutex_test_force_fallback(bool on);

@@ -123,9 +123,15 @@ int shmz_zone_set_root(struct shmz_zone *z, void *p);
  *
  * The allocator repairs itself when it finds that a process died in the middle
  * of one of its operations, or when it takes the zone lock with SHMZ_OWNER_DEAD:
- * a block being allocated is given back, a block being freed is freed. Users who
- * keep their own structures under the zone lock and take it themselves get
- * SHMZ_OWNER_DEAD, repair their structures and call shmz_mutex_consistent().
+ * a block being allocated is given back, a block being freed is freed. It
+ * repairs only its own state and never calls shmz_mutex_consistent(): after a
+ * holder of the zone lock died, every shmz_mutex_lock() of that lock returns
+ * SHMZ_OWNER_DEAD (shmz_alloc() and friends in between included) until somebody
+ * calls shmz_mutex_consistent(). So users who keep their own structures under
+ * the zone lock always learn of the death: they repair or validate their
+ * structures, then call shmz_mutex_consistent() before unlocking (or the lock
+ * becomes unrecoverable, see below). Users of the allocator alone need do
+ * nothing; the lock stays in that state, and the allocator works on.
  */
 #define SHMZ_ALLOC_CLASSES 44
 #define SHMZ_ALLOC_MAX_CLASS 16384u

@@ -1008,7 +1008,15 @@ static int slab_enter(struct shmz_zone *z, struct slab *ret) {
         return 0;
 }
 
-/* Takes the zone lock; after a dead owner, repairs the allocator and makes the lock consistent. */
+/*
+ * Takes the zone lock: 0, SHMZ_OWNER_DEAD or -errno. After a dead holder the
+ * allocator repairs its own state, but the death is not ours to acknowledge:
+ * the lock may guard the caller's structures too, so zone_unlock() leaves it
+ * inconsistent and the next shmz_mutex_lock() still gets SHMZ_OWNER_DEAD until
+ * somebody calls shmz_mutex_consistent(). A death passed on like that was seen
+ * already: only an operation left under way (busy) needs the allocator's repair,
+ * not a full validation at every call.
+ */
 static int zone_lock(struct shmz_zone *z) {
         struct shmz_mutex *m = &z->hdr->lock;
         int r;
@@ -1017,12 +1025,18 @@ static int zone_lock(struct shmz_zone *z) {
         if (_unlikely_(r == SHMZ_OWNER_DEAD)) {
                 struct slab s;
 
-                if (formatted(z) && slab_get(z, &s) >= 0 && (LOAD(s.st->busy) || slab_validate(&s) > 0))
+                if (formatted(z) && slab_get(z, &s) >= 0 &&
+                    (LOAD(s.st->busy) || (mutex_last_lock_found_death() && slab_validate(&s) > 0)))
                         slab_repair(&s);
-                (void) shmz_mutex_consistent(m);
-                r = 0;
         }
         return r;
+}
+
+static void zone_unlock(struct shmz_zone *z, int locked) {
+        if (_unlikely_(locked == SHMZ_OWNER_DEAD))
+                (void) mutex_unlock_pass_death(&z->hdr->lock);
+        else
+                (void) shmz_mutex_unlock(&z->hdr->lock);
 }
 
 _public_ void *shmz_alloc_locked(struct shmz_zone *z, size_t n) {
@@ -1099,7 +1113,7 @@ _public_ void shmz_free_locked(struct shmz_zone *z, void *p) {
 
 _public_ void *shmz_alloc(struct shmz_zone *z, size_t n) {
         void *p;
-        int r;
+        int r, err;
 
         if (!z || z->rdonly) {
                 errno = z ? EROFS : EINVAL;
@@ -1111,9 +1125,9 @@ _public_ void *shmz_alloc(struct shmz_zone *z, size_t n) {
                 return NULL;
         }
         p = shmz_alloc_locked(z, n);
-        r = errno;
-        (void) shmz_mutex_unlock(&z->hdr->lock);
-        errno = r;
+        err = errno;
+        zone_unlock(z, r);
+        errno = err;
         return p;
 }
 
@@ -1127,18 +1141,18 @@ _public_ void *shmz_calloc(struct shmz_zone *z, size_t n) {
 }
 
 _public_ int shmz_free_checked(struct shmz_zone *z, void *p) {
-        int r;
+        int r, locked;
 
         assert_return(z, -EINVAL);
         if (!p)
                 return 0;
         if (z->rdonly)
                 return -EROFS;
-        r = zone_lock(z);
-        if (r < 0)
-                return r;
+        locked = zone_lock(z);
+        if (locked < 0)
+                return locked;
         r = shmz_free_checked_locked(z, p);
-        (void) shmz_mutex_unlock(&z->hdr->lock);
+        zone_unlock(z, locked);
         return r;
 }
 
@@ -1167,23 +1181,22 @@ _public_ int shmz_zone_check_locked(struct shmz_zone *z, unsigned flags) {
 }
 
 _public_ int shmz_zone_check(struct shmz_zone *z) {
-        int r;
+        int r, locked;
 
         assert_return(z, -EINVAL);
         if (z->rdonly)
                 return shmz_zone_check_locked(z, 0); /* cannot lock: a snapshot, may race */
-        r = zone_lock(z);
-        if (r < 0)
-                return r;
+        locked = zone_lock(z);
+        if (locked < 0)
+                return locked;
         r = shmz_zone_check_locked(z, 0);
-        (void) shmz_mutex_unlock(&z->hdr->lock);
+        zone_unlock(z, locked);
         return r;
 }
 
 static int alloc_stats(struct shmz_zone *z, struct shmz_alloc_stats *ret) {
         struct slab s;
-        bool locked = false;
-        int r = 0;
+        int locked = -1, r = 0;
 
         assert_return(z, -EINVAL);
         assert_return(ret, -EINVAL);
@@ -1195,10 +1208,9 @@ static int alloc_stats(struct shmz_zone *z, struct shmz_alloc_stats *ret) {
         if (!formatted(z))
                 return 0;
         if (!z->rdonly) {
-                r = zone_lock(z);
-                if (r < 0)
-                        return r;
-                locked = true;
+                locked = zone_lock(z);
+                if (locked < 0)
+                        return locked;
         }
         r = slab_get(z, &s);
         if (r < 0)
@@ -1238,8 +1250,8 @@ static int alloc_stats(struct shmz_zone *z, struct shmz_alloc_stats *ret) {
                 break;
         }
 out:
-        if (locked)
-                (void) shmz_mutex_unlock(&z->hdr->lock);
+        if (locked >= 0)
+                zone_unlock(z, locked);
         return r;
 }
 

@@ -13,8 +13,19 @@ struct daemon_proc {
         char config[128]; /* dir/shmzone.conf */
         char mount[128];  /* dir/fs, when mounted */
         char log[128];    /* dir/log: the daemon's stderr */
+        char notify[128]; /* dir/notify: the daemon's NOTIFY_SOCKET */
+        int notify_fd;
+        char notified[4096]; /* datagrams received since the last start or reload, each followed by '|' */
         bool mounted;
 };
+
+/*
+ * The main() of every integration binary: exits 77 (SKIP for meson) with a
+ * line "Skipping all N tests: <why>." when it is not root or, with
+ * need_fuse, cannot open /dev/fuse; runs the criterion tests otherwise.
+ * scripts/test.sh counts the skipped cases from that line.
+ */
+int harness_main(int argc, char *argv[], bool need_root, bool need_fuse);
 
 /* A fresh private directory with the given config text (NULL: none). */
 void harness_init(struct daemon_proc *d, const char *config_text);
@@ -22,14 +33,23 @@ void harness_init(struct daemon_proc *d, const char *config_text);
 void harness_write_config(struct daemon_proc *d, const char *config_text);
 /*
  * Starts the daemon with extra arguments (NULL-terminated, may be NULL) and
- * waits until its socket answers. Returns 0, or the daemon's exit status
- * (negative errno on other failures) if it did not come up.
+ * waits (up to 20 s) until it says READY=1 on the harness's own
+ * NOTIFY_SOCKET, which replaces any NOTIFY_SOCKET of the caller's. Returns
+ * 0, or the daemon's exit status if it exited, or a negative errno.
  */
 int harness_start(struct daemon_proc *d, const char *const *extra_args, bool mount);
 /* SIGTERM, wait; returns the exit status (or 128+signal). Unmounts in any case. */
 int harness_stop(struct daemon_proc *d);
-/* Sends SIGHUP and waits (up to 20 s) until the daemon logs that the reload is done; 0 or -ETIMEDOUT. */
+/* Sends SIGHUP and waits (up to 20 s) for RELOADING=1, then READY=1; 0 or a negative errno. */
 int harness_reload(struct daemon_proc *d);
+/*
+ * Waits (up to seconds) for a datagram with the line want (e.g. "STOPPING=1")
+ * on the notify socket, appending all it reads to d->notified. 0, -ETIMEDOUT,
+ * or -ESRCH if the daemon exited first (it is not reaped).
+ */
+int harness_wait_notify(struct daemon_proc *d, const char *want, unsigned seconds);
+/* Throws away the datagrams not read yet and empties d->notified. */
+void harness_drain_notify(struct daemon_proc *d);
 /* Waits (up to seconds) until the daemon's log has what in it; 0 or -ETIMEDOUT. */
 int harness_wait_log(struct daemon_proc *d, const char *what, unsigned seconds);
 /* The daemon's stderr so far, NUL-terminated (static buffer). */

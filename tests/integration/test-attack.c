@@ -694,3 +694,7 @@ Test(attack, f9_open_directories_hold_no_copy_of_the_listing, .init = start_moun
         }
         shmz_disconnect(c);
 }
+
+int main(int argc, char *argv[]) {
+        return harness_main(argc, argv, /* need_root= */ true, /* need_fuse= */ true);
+}

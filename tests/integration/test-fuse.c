@@ -541,6 +541,7 @@ Test(fuse, tickets_are_bound_to_their_open) {
         struct shmz_client *c = client();
         struct shmz_msg_zone_ticket t = {}, t2 = {};
         struct shmz_msg_zone_info info;
+        struct shmz_daemon_status st;
         int fd, zfd = -EBADF, r;
 
         make_zone(c, "tk", 4096, NULL, 0644);
@@ -556,12 +557,26 @@ Test(fuse, tickets_are_bound_to_their_open) {
         cr_assert_eq(r, -EACCES, "one use only");
         cr_assert_eq(ioctl(fd, SHMZ_IOC_TICKET, &t2), 0);
         cr_assert(memcmp(t.ticket, t2.ticket, sizeof(t.ticket)) != 0);
-        close(fd); /* the release revokes it */
-        usleep(100000);
+        /*
+         * The release revokes it, but the kernel sends RELEASE after close()
+         * returns. Waited for as a condition: with the name gone, the zone
+         * leaves zones_unlinked only when the open file and the ticket have
+         * both let go of it. (Trying t2 until refused would spend it.)
+         */
+        cr_assert_eq(shmz_zone_unlink(c, "tk"), 0);
+        close(fd);
+        for (int i = 0; i < 500; i++) {
+                cr_assert_eq(shmz_daemon_status(c, &st), 0);
+                if (st.zones_unlinked == 0)
+                        break;
+                usleep(10000);
+        }
+        cr_assert_eq(st.zones_unlinked, 0, "the release never came, or left the ticket");
         t2.flags = SHMZ_RDONLY;
         r = client_request(c, SHMZ_MSG_ZONE_OPEN_TICKET, &t2, sizeof(t2), &info, sizeof(info), &zfd);
         cr_assert_eq(r, -EACCES, "revoked at close");
         /* Other commands and files. */
+        make_zone(c, "tk", 4096, NULL, 0644);
         fd = open(zpath("tk"), O_RDONLY);
         cr_assert_eq(ioctl(fd, _IOR('z', 2, struct shmz_msg_zone_ticket), &t), -1);
         cr_assert_eq(errno, ENOTTY);
@@ -769,4 +784,8 @@ Test(fuse, reading_a_sparse_zone_allocates_nothing) {
         cr_assert_str_eq(out, "0\n", "bytes before the data are not zero");
         close(fd);
         shmz_disconnect(c);
+}
+
+int main(int argc, char *argv[]) {
+        return harness_main(argc, argv, /* need_root= */ true, /* need_fuse= */ true);
 }

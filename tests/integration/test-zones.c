@@ -478,3 +478,7 @@ Test(budget, declared_zones_use_no_quota) {
         shmz_zone_close(z);
         shmz_disconnect(c);
 }
+
+int main(int argc, char *argv[]) {
+        return harness_main(argc, argv, /* need_root= */ true, /* need_fuse= */ false);
+}

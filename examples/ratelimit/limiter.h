@@ -1,0 +1,111 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+#pragma once
+
+/*
+ * nginx's limit_req on a shmzone zone: a leaky bucket per key, shared by every
+ * process that opens the zone. Example code to copy, not part of libshmzone.
+ *
+ * Semantics (nginx's, as documented): the rate is kept in milli-requests per
+ * second (1r/s = 1000, 30r/m = 500, 1r/m = 16: the division truncates as nginx's
+ * does), each key has an `excess` in milli-requests and the time `last` it was
+ * last accounted. A request at `now` (ms):
+ *
+ *   ms = now - last; if ms < -60000, ms = 1 (the clock was reset: start over);
+ *   else if ms < 0, ms = 0 (small steps back: no drain, `last` kept);
+ *   excess = max(0, excess - rate * ms / 1000 + 1000);
+ *   excess > burst * 1000: REJECT, the state is left as it was;
+ *   else excess is stored, and `last` = now if ms != 0;
+ *   with nodelay it passes now; else it waits (excess - delay * 1000) * 1000 / rate
+ *   ms if excess > delay * 1000 (delay = 0 unless delay= is given).
+ *
+ * A key seen for the first time gets excess 0 and passes at once. An empty key
+ * is not accounted (passes), as in nginx. Keys longer than LIMITER_KEY_MAX are
+ * folded to their first 56 bytes and a 64-bit hash of the whole.
+ *
+ * State lives in a red-black tree keyed by the key, plus an LRU list, in the
+ * zone, under the zone lock, as offsets. Each decision expires up to two keys
+ * idle for a minute whose excess has drained; when the zone is full, the least
+ * recently used key is evicted. Nothing holds a reference to a key outside a
+ * decision, so nothing can block eviction (unlike nginx's `count`).
+ *
+ * After a process died holding the zone lock (SHMZ_OWNER_DEAD) the next
+ * decision validates the tree and list, rebuilds the tree from the list if a
+ * mutation was under way or anything is inconsistent, and only then calls
+ * shmz_mutex_consistent(). Every value read from the zone is checked before
+ * use and every walk is bounded: a co-writer can make the limiter forget or
+ * rebuild, not crash or hang it.
+ */
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include <shmzone.h>
+
+#define LIMITER_TAG "ratelimit-v1" /* the zone's tag: what its bytes mean */
+#define LIMITER_KEY_MAX 64u
+#define LIMITER_NODELAY UINT32_MAX
+#define LIMITER_BURST_MAX 1000000u
+#define LIMITER_IDLE_MS 60000u /* keys idle this long, drained, may be expired */
+
+struct limiter_config {
+        uint32_t rate;  /* milli-requests per second (limiter_parse_rate) */
+        uint32_t burst; /* requests */
+        uint32_t delay; /* requests passed without delay (nginx delay=), LIMITER_NODELAY: nodelay */
+};
+
+enum limiter_verdict {
+        LIMITER_PASS,
+        LIMITER_DELAY,  /* pass after delay_ms */
+        LIMITER_REJECT, /* 503 */
+};
+
+struct limiter_decision {
+        enum limiter_verdict verdict;
+        uint64_t delay_ms;
+        uint32_t excess; /* milli-requests after this request (before it, on REJECT) */
+};
+
+struct limiter_stats {
+        uint64_t nodes;       /* keys held */
+        uint64_t decisions;   /* accounted requests */
+        uint64_t passed;      /* at once */
+        uint64_t delayed;     /* passed after a delay */
+        uint64_t rejected;    /* over the burst */
+        uint64_t expired;     /* idle, drained keys removed */
+        uint64_t evicted;     /* keys removed because the zone was full */
+        uint64_t recoveries;  /* SHMZ_OWNER_DEAD handled */
+        uint64_t rebuilds;    /* tree rebuilt from the LRU list */
+        uint64_t corruptions; /* inconsistencies found outside a death */
+        uint64_t nomem;       /* decisions that found no memory even after evicting */
+};
+
+struct limiter;
+
+/* "1r/s", "30r/m" (nginx's syntax) -> milli-requests per second. 0 or -EINVAL/-ERANGE. */
+int limiter_parse_rate(const char *s, uint32_t *ret_rate);
+
+/*
+ * Attaches to the limiter in z (opened with tag LIMITER_TAG), creating it if the
+ * zone has none yet. Every process may use its own config; the zone holds only
+ * per-key state. -EBADMSG if the zone's root is something else.
+ */
+int limiter_open(struct shmz_zone *z, const struct limiter_config *cfg, struct limiter **ret);
+void limiter_close(struct limiter *l); /* NULL is fine; does not close z */
+
+/* One request for key at now_ms (any monotonic millisecond clock every user shares). */
+int limiter_decide(struct limiter *l, const void *key, size_t keylen, uint64_t now_ms, struct limiter_decision *ret);
+
+int limiter_stats(struct limiter *l, struct limiter_stats *ret);
+
+/* Bytes of one key's node for a key of keylen bytes (before the allocator rounds it to its class). */
+size_t limiter_node_bytes(size_t keylen);
+
+/*
+ * Validates the tree and the list (takes the lock): 0, or -EUCLEAN with
+ * repair false; with repair, rebuilds and returns 1 if it had to.
+ */
+int limiter_check(struct limiter *l, bool repair);
+
+/* Tests: SIGKILL ourselves at the n-th step of a mutation of the tree or list (0 = never). */
+extern unsigned limiter_test_crash_countdown;

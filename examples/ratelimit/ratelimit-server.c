@@ -71,6 +71,7 @@ struct request {
 };
 
 static struct limiter *lim;
+static char worker_pid[16];
 
 static uint64_t mono_ms(void) {
         struct timespec ts;
@@ -130,6 +131,7 @@ static enum MHD_Result respond(struct MHD_Connection *conn, unsigned status, con
         if (!resp)
                 return MHD_NO;
         (void) MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, "text/plain");
+        (void) MHD_add_response_header(resp, "X-Worker", worker_pid); /* which process answered */
         r = MHD_queue_response(conn, status, resp);
         MHD_destroy_response(resp);
         return r;
@@ -256,6 +258,7 @@ static int worker_main(int listen_fd) {
                 return 0;
         if (attach(&c, &z, &lim) < 0)
                 return 1;
+        snprintf(worker_pid, sizeof(worker_pid), "%d", (int) getpid());
 
         pthread_condattr_init(&ca);
         pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);

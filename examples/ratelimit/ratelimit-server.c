@@ -18,6 +18,7 @@
 #include <netinet/in.h>
 #include <pthread.h>
 #include <signal.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -72,6 +73,7 @@ struct request {
 
 static struct limiter *lim;
 static char worker_pid[16];
+static _Atomic unsigned held; /* delayed requests not answered yet */
 
 static uint64_t mono_ms(void) {
         struct timespec ts;
@@ -188,6 +190,7 @@ static enum MHD_Result handle(void *cls, struct MHD_Connection *conn, const char
         }
         if (req->state == REQ_DELAYED) {
                 req->state = REQ_DONE;
+                atomic_fetch_sub(&held, 1);
                 return respond(conn, MHD_HTTP_OK, "ok\n");
         }
 
@@ -201,8 +204,10 @@ static enum MHD_Result handle(void *cls, struct MHD_Connection *conn, const char
                 return respond(conn, MHD_HTTP_SERVICE_UNAVAILABLE, "limited\n");
         if (d.verdict == LIMITER_DELAY && d.delay_ms > 0) {
                 req->state = REQ_DELAYED;
+                atomic_fetch_add(&held, 1);
                 if (timer_add(conn, mono_ms() + d.delay_ms))
                         return MHD_YES;
+                atomic_fetch_sub(&held, 1);
                 req->state = REQ_DONE;
                 return respond(conn, MHD_HTTP_SERVICE_UNAVAILABLE, "limited\n");
         }
@@ -211,11 +216,16 @@ static enum MHD_Result handle(void *cls, struct MHD_Connection *conn, const char
 }
 
 static void completed(void *cls, struct MHD_Connection *conn, void **req_cls, enum MHD_RequestTerminationCode toe) {
-        free(*req_cls);
+        struct request *req = *req_cls;
+
+        if (req && req->state == REQ_DELAYED) /* ended before its answer */
+                atomic_fetch_sub(&held, 1);
+        free(req);
         *req_cls = NULL;
 }
 
-static int attach(struct shmz_client **ret_c, struct shmz_zone **ret_z, struct limiter **ret_l) {
+/* create: make the zone if missing (with --zone's size); else open it as it is. */
+static int attach(bool create, struct shmz_client **ret_c, struct shmz_zone **ret_z, struct limiter **ret_l) {
         struct shmz_client *c = NULL;
         struct shmz_zone *z = NULL;
         int r;
@@ -225,7 +235,7 @@ static int attach(struct shmz_client **ret_c, struct shmz_zone **ret_z, struct l
                 fprintf(stderr, "ratelimit-server: cannot connect to shmzoned: %s\n", strerror(-r));
                 return r;
         }
-        r = shmz_zone_open(c, arg.zone_name, arg.zone_size, LIMITER_TAG, SHMZ_CREATE, &z);
+        r = shmz_zone_open(c, arg.zone_name, create ? arg.zone_size : 0, LIMITER_TAG, create ? SHMZ_CREATE : 0, &z);
         if (r < 0) {
                 fprintf(stderr, "ratelimit-server: zone %s: %s\n", arg.zone_name, strerror(-r));
                 shmz_disconnect(c);
@@ -256,8 +266,10 @@ static int worker_main(int listen_fd) {
         (void) prctl(PR_SET_PDEATHSIG, SIGTERM);
         if (getppid() == 1)
                 return 0;
-        if (attach(&c, &z, &lim) < 0)
+        if (attach(true, &c, &z, &lim) < 0) {
+                sleep(1); /* the master replaces us: not in a tight loop while shmzoned is away */
                 return 1;
+        }
         snprintf(worker_pid, sizeof(worker_pid), "%d", (int) getpid());
 
         pthread_condattr_init(&ca);
@@ -290,6 +302,11 @@ static int worker_main(int listen_fd) {
         pthread_cond_signal(&timer.cond);
         pthread_mutex_unlock(&timer.lock);
         pthread_join(timer_thread, NULL);
+        /* Resumed, they are answered by the daemon's thread: give it a second. */
+        for (uint64_t deadline = mono_ms() + 1000; atomic_load(&held) > 0 && mono_ms() < deadline;) {
+                struct timespec ts = { .tv_nsec = 5 * 1000 * 1000 };
+                nanosleep(&ts, NULL);
+        }
         MHD_stop_daemon(mhd);
         limiter_close(lim);
         shmz_zone_close(z);
@@ -397,7 +414,7 @@ static int show_stats(void) {
         struct limiter_stats st;
         int r;
 
-        r = attach(&c, &z, &l);
+        r = attach(false, &c, &z, &l);
         if (r < 0)
                 return 1;
         r = limiter_stats(l, &st);
@@ -435,12 +452,14 @@ static int master(void) {
                 return 1;
         }
         /* Create and check the zone once, so that a mistake stops us here and not in every worker. */
-        if (attach(&c, &z, &l) < 0)
+        if (attach(true, &c, &z, &l) < 0)
                 return 1;
         limiter_close(l);
         shmz_zone_close(z);
         shmz_disconnect(c);
 
+        /* A client that went away must cost a write error, not the worker. */
+        signal(SIGPIPE, SIG_IGN);
         sigemptyset(&set);
         sigaddset(&set, SIGTERM);
         sigaddset(&set, SIGINT);

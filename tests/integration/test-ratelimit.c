@@ -10,6 +10,7 @@
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <poll.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -352,6 +353,36 @@ Test(ratelimit, killed_worker_is_replaced_and_the_bucket_survives) {
         cr_assert_geq(ok, 2, "%d passed after the kill", ok);
         cr_assert_leq(ok, 2 + (int) ((mono_ms() - t0) / 1000), "%d passed after the kill: the bucket was lost", ok);
         cr_assert_eq(server_stop(), 0, "clean stop");
+}
+
+static void *term_later(void *userdata) {
+        /* Well inside the first held-back request's 1 s delay: a choice of moment, not a synchronisation. */
+        struct timespec ts = { .tv_nsec = 300 * 1000 * 1000 };
+
+        nanosleep(&ts, NULL);
+        kill(server, SIGTERM);
+        return NULL;
+}
+
+/* SIGTERM while requests are held back: they are answered at once, workers and master exit 0. */
+Test(ratelimit, sigterm_answers_held_back_requests_and_stops) {
+        const char *args[] = { "--workers", "2", "--zone", "one:1m", "--rate", "1r/s", "--burst", "5", NULL };
+        struct reply r[4];
+        pthread_t t;
+        int status;
+
+        start(args);
+        cr_assert_eq(pthread_create(&t, NULL, term_later, NULL), 0);
+        http_many(4, NULL, r); /* delays 0, 1, 2, 3 s */
+        pthread_join(t, NULL);
+        for (int i = 0; i < 4; i++) {
+                cr_assert_eq(r[i].status, 200, "request %d: %d", i, r[i].status);
+                cr_assert_lt(r[i].ms, 1000, "request %d answered after %lu ms, not at SIGTERM", i,
+                             (unsigned long) r[i].ms);
+        }
+        cr_assert_eq(waitpid(server, &status, 0), server);
+        server = -1;
+        cr_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0, "master: status %d", status);
 }
 
 int main(int argc, char *argv[]) {

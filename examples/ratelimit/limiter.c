@@ -475,10 +475,10 @@ static void node_delete(struct limiter *l, uint32_t x) {
 
 /* ---- validation and rebuild ------------------------------------------------------------- */
 
+/* A new limiter's header. */
 static void shared_reset(struct limiter *l) {
         struct lim_shared *sh = l->sh;
 
-        /* Whatever nodes there were are lost to the allocator: only a co-writer's scribbling gets us here. */
         memset(sh, 0, sizeof(*sh));
         sh->version = LIM_VERSION;
         __atomic_store_n(&sh->magic, LIM_MAGIC, __ATOMIC_RELEASE);
@@ -625,8 +625,11 @@ static void recover(struct limiter *l, bool owner_dead) {
         if (owner_dead)
                 l->sh->recoveries++;
         if (LOAD(l->sh->magic) != LIM_MAGIC || LOAD(l->sh->version) != LIM_VERSION) {
-                shared_reset(l);
+                /* Only a co-writer does that: the list from the head is still the best guess at the keys. */
+                l->sh->version = LIM_VERSION;
+                l->sh->magic = LIM_MAGIC;
                 l->sh->corruptions++;
+                rebuild(l);
                 return;
         }
         if (LOAD(l->sh->busy) || validate(l) < 0) {

@@ -43,15 +43,17 @@ struct lim_shared {
         uint64_t recoveries, rebuilds, corruptions, nomem;
 };
 
+/* What a lookup reads at each level comes first: one cache line whatever the slot's alignment. */
 struct lim_node {
-        uint32_t left, right, parent;
-        uint32_t prev, next; /* LRU */
+        uint32_t left, right;
         uint32_t hash;
-        uint32_t excess; /* milli-requests */
         uint8_t color;
         uint8_t keylen; /* 1..LIMITER_KEY_MAX */
         uint8_t reserved[2];
-        uint64_t last; /* ms */
+        uint32_t parent;
+        uint32_t prev, next; /* LRU */
+        uint32_t excess;     /* milli-requests */
+        uint64_t last;       /* ms */
         uint8_t key[];
 };
 _Static_assert(sizeof(struct lim_node) == 40, "node header size");

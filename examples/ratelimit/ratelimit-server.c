@@ -16,6 +16,7 @@
 #include <getopt.h>
 #include <microhttpd.h>
 #include <netinet/in.h>
+#include <poll.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdatomic.h>
@@ -253,6 +254,9 @@ static int attach(bool create, struct shmz_client **ret_c, struct shmz_zone **re
         return 0;
 }
 
+/* The master's end of the readiness pipe: each worker writes a byte once it serves. */
+static int ready_fd = -1;
+
 static int worker_main(int listen_fd) {
         struct shmz_client *c;
         struct shmz_zone *z;
@@ -287,6 +291,10 @@ static int worker_main(int listen_fd) {
         if (!mhd) {
                 fprintf(stderr, "ratelimit-server: libmicrohttpd did not start\n");
                 return 1;
+        }
+        if (ready_fd >= 0) {
+                (void) write(ready_fd, "", 1); /* a replacement's byte goes nowhere (EPIPE), which is fine */
+                close(ready_fd);
         }
 
         sigemptyset(&set);
@@ -444,7 +452,7 @@ static int master(void) {
         struct limiter *l;
         pid_t pids[WORKERS_MAX] = {};
         sigset_t set;
-        int fd, r;
+        int fd, r, ready[2];
 
         fd = listen_socket(arg.listen);
         if (fd < 0) {
@@ -465,6 +473,11 @@ static int master(void) {
         sigaddset(&set, SIGINT);
         sigaddset(&set, SIGCHLD);
         sigprocmask(SIG_BLOCK, &set, NULL);
+        if (pipe2(ready, O_CLOEXEC) < 0) {
+                fprintf(stderr, "ratelimit-server: pipe: %m\n");
+                return 1;
+        }
+        ready_fd = ready[1];
         for (unsigned i = 0; i < arg.workers; i++) {
                 pids[i] = spawn(fd);
                 if (pids[i] < 0) {
@@ -472,6 +485,22 @@ static int master(void) {
                         return 1;
                 }
         }
+        close(ready[1]);
+        ready_fd = -1; /* replacements started later have nobody to tell */
+        /* "listening on" means served: every worker is in its loop (or 10 s passed). */
+        for (unsigned n = 0; n < arg.workers;) {
+                struct pollfd p = { .fd = ready[0], .events = POLLIN };
+                char b[WORKERS_MAX];
+                ssize_t k;
+
+                if (poll(&p, 1, 10000) <= 0)
+                        break;
+                k = read(ready[0], b, sizeof(b));
+                if (k <= 0)
+                        break; /* every worker gone: SIGCHLD says more below */
+                n += (unsigned) k;
+        }
+        close(ready[0]);
         print_address(fd);
 
         for (;;) {

@@ -86,8 +86,8 @@ struct limiter;
 int limiter_parse_rate(const char *s, uint32_t *ret_rate);
 
 /*
- * Attaches to the limiter in z (opened with tag LIMITER_TAG), creating it if the
- * zone has none yet. Every process may use its own config; the zone holds only
+ * Attaches to the limiter in z (opened writable, with tag LIMITER_TAG), creating
+ * it if the zone has none yet. Every process may use its own config; the zone holds only
  * per-key state. -EBADMSG if the zone's root is something else.
  */
 int limiter_open(struct shmz_zone *z, const struct limiter_config *cfg, struct limiter **ret);

@@ -505,54 +505,61 @@ static struct lim_node *node_sane(struct limiter *l, uint32_t ref) {
 static void rebuild(struct limiter *l) {
         struct lim_shared *sh = l->sh;
         uint32_t intent = LOAD(sh->busy) ? LOAD(sh->intent) : NIL, op = LOAD(sh->intent_op);
-        uint32_t cur = LOAD(sh->head), head = NIL, tail = NIL;
+        uint32_t cur = LOAD(sh->head), tail = NIL;
         uint64_t count = 0;
         bool met_intent = false;
 
-        sh->busy = 1; /* dying here, the next one starts over */
+        /*
+         * Dying here, the next one starts over: busy stays set, and the list
+         * keeps its forward links (only nodes dropped from it are unlinked, one
+         * store each), so that walk meets the same nodes again.
+         */
+        sh->busy = 1;
         sh->root = NIL;
         l->corrupt = false;
         for (uint64_t steps = 0; cur != NIL && steps < l->max_nodes; steps++) {
                 struct lim_node *n = node_sane(l, cur);
-                uint32_t next, parent = NIL, found;
-                uint8_t kl;
-                bool left = false;
+                uint32_t next, parent = NIL, found = NIL;
+                bool left = false, drop = false;
 
                 if (!n)
                         break;
                 next = LOAD(n->next);
                 if (cur == intent) {
                         met_intent = true;
-                        if (op == OP_DELETE) { /* its removal stands: freed below */
-                                cur = next;
-                                continue;
-                        }
+                        drop = op == OP_DELETE; /* its removal stands: freed below */
                 }
-                kl = LOAD(n->keylen);
-                found = tree_find(l, LOAD(n->hash), n->key, kl, &parent, &left);
-                if (found == cur || l->corrupt)
-                        break; /* a cycle */
-                if (found != NIL) {
-                        /* Two nodes of one key: keep the newer (nearer the head). The intent node is freed below. */
-                        if (cur != intent)
-                                (void) shmz_free_checked_locked(l->z, n);
+                if (!drop) {
+                        found = tree_find(l, LOAD(n->hash), n->key, LOAD(n->keylen), &parent, &left);
+                        if (found == cur || l->corrupt)
+                                break;       /* a cycle */
+                        drop = found != NIL; /* two nodes of one key: keep the newer, nearer the head */
+                }
+                if (drop) {
+                        if (tail != NIL)
+                                N(l, tail)->next = next;
                         else
-                                met_intent = false;
+                                sh->head = next;
+                        if (found != NIL) {
+                                if (cur == intent)
+                                        met_intent = false; /* freed below */
+                                else
+                                        (void) shmz_free_checked_locked(l->z, n);
+                        }
                         cur = next;
                         continue;
                 }
                 n->prev = tail;
-                n->next = NIL;
-                if (tail != NIL)
-                        N(l, tail)->next = cur;
-                else
-                        head = cur;
-                tail = cur;
                 tree_link(l, cur, parent, left);
+                tail = cur;
                 count++;
                 cur = next;
         }
-        sh->head = head;
+        /* Whatever follows a bad link or closes a cycle is cut off (lost: only a co-writer does that). */
+        if (tail != NIL)
+                N(l, tail)->next = NIL;
+        else
+                sh->head = NIL;
         sh->tail = tail;
         sh->nodes = count;
         if (intent != NIL && (!met_intent || op == OP_DELETE)) {

@@ -827,3 +827,48 @@ Test(limiter, scribbles_anywhere_in_nodes_and_header) {
         printf("limiter: 2000 scribbles anywhere: %lu corruptions found, %lu rebuilds, %lu keys left\n",
                (unsigned long) lstats().corruptions, (unsigned long) lstats().rebuilds, (unsigned long) lstats().nodes);
 }
+
+/*
+ * A process that dies while rebuilding after another's death leaves the list
+ * walkable: the next one rebuilds again and no key is lost or leaked.
+ */
+Test(limiter, death_during_rebuild_loses_nothing) {
+        struct limiter_decision d;
+        unsigned died_rebuilding = 0;
+
+        open_limiter(1 << 20, 1000, 5, 0);
+        for (uint32_t k = 0; k < 200; k++)
+                cr_assert_eq(limiter_decide(lim, &k, sizeof(k), 0, &d), 0);
+        for (unsigned round = 0; round < 30; round++) {
+                uint32_t key = 1000 + round, probe = 7;
+                int status;
+                pid_t pid;
+
+                /* Dies at its first step inside an insert: the next locker must rebuild. */
+                pid = fork();
+                cr_assert_geq(pid, 0);
+                if (pid == 0) {
+                        limiter_test_crash_countdown = 1;
+                        (void) limiter_decide(lim, &key, sizeof(key), 0, &d);
+                        _exit(1);
+                }
+                cr_assert_eq(waitpid(pid, &status, 0), pid);
+                cr_assert(WIFSIGNALED(status), "round %u", round);
+                /* Dies somewhere in that rebuild (or, past its last step, finishes). */
+                pid = fork();
+                cr_assert_geq(pid, 0);
+                if (pid == 0) {
+                        limiter_test_crash_countdown = 1 + round * 13;
+                        (void) limiter_decide(lim, &probe, sizeof(probe), 0, &d);
+                        _exit(0);
+                }
+                cr_assert_eq(waitpid(pid, &status, 0), pid);
+                died_rebuilding += WIFSIGNALED(status);
+                cr_assert_eq(limiter_decide(lim, &probe, sizeof(probe), 0, &d), 0);
+                cr_assert_eq(limiter_check(lim, false), 0, "round %u", round);
+                struct limiter_stats st = lstats();
+                cr_assert_eq(st.nodes, 200, "round %u: %lu keys", round, (unsigned long) st.nodes);
+                cr_assert_eq(used_blocks(), st.nodes + 1, "round %u", round);
+        }
+        cr_assert_geq(died_rebuilding, 10, "%u deaths inside a rebuild", died_rebuilding);
+}

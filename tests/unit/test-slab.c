@@ -507,9 +507,13 @@ static void processes(int n) {
         cr_assert_eq(st.faults, 0);
         assert_pages_add_up(&st);
         cr_assert_eq(shmz_zone_check(zone), 0);
-        /* Whether they met on the lock is up to the scheduler on a loaded 2-CPU machine: say so, do not fail. */
+        /*
+         * Whether they met on the lock is up to the scheduler on a loaded 2-CPU
+         * machine: say so, do not fail. At info level: criterion counts every
+         * warning and then exits with status 1 though every test passed.
+         */
         if (shmz_zone_mutex(zone)->contended == 0)
-                cr_log_warn("the processes never met on the lock; correctness was still checked");
+                cr_log_info("the processes never met on the lock; correctness was still checked");
 }
 
 Test(slab, two_processes) {

@@ -424,19 +424,10 @@ int registry_setattr(struct registry *reg, const struct caller *c, const char *n
                 r = -ENOENT;
                 goto out;
         }
-        /* chown(2) rules: only root gives a zone away; the owner may pick one of its groups. */
-        if ((mask & SHMZ_SETATTR_UID) && uid != z->uid && c->uid != 0) {
-                r = -EPERM;
+        r = acl_check_setattr(c, z, mask, uid, gid);
+        /* Nothing asked, nothing changed: no new ctime, no header write, no event, for anybody. */
+        if (r < 0 || mask == 0)
                 goto out;
-        }
-        if ((mask & SHMZ_SETATTR_GID) && gid != z->gid && c->uid != 0 && !(c->uid == z->uid && acl_in_group(c, gid))) {
-                r = -EPERM;
-                goto out;
-        }
-        if ((mask & (SHMZ_SETATTR_MODE | SHMZ_SETATTR_UID | SHMZ_SETATTR_GID)) && !acl_owns(c, z)) {
-                r = -EPERM;
-                goto out;
-        }
         if (mask & SHMZ_SETATTR_MODE)
                 z->mode = mode;
         if (mask & SHMZ_SETATTR_UID)
@@ -586,7 +577,8 @@ int registry_set_size(struct registry *reg, const struct caller *c, const char *
                 goto out;
         }
         if (z->fd >= 0) {
-                r = size == z->size ? 0 : -EINVAL; /* zones never change size */
+                /* Zones never change size; compare the pages it takes, as an open does. */
+                r = zone_map_size(size) == z->map_size ? 0 : -EINVAL;
                 goto out;
         }
         r = acl_check_access(c, z->uid, z->gid, z->mode, W_OK);

@@ -63,16 +63,34 @@ struct config *config_free(struct config *c) {
         return NULL;
 }
 
+_printf_(2, 3) static int fail(struct parse_state *s, const char *fmt, ...);
+/* Opens the section of a "[name]" line (the reader sees each one, keys or not). */
+static void open_section(struct parse_state *s, const char *p);
+
 static char *reader(char *buf, int size, void *userdata) {
         struct parse_state *s = userdata;
         char *p = fgets(buf, size, s->f);
+        size_t n;
 
-        if (p) {
-                s->line++;
-                if (p[strspn(p, " \t")] == '[')
-                        s->section_line = s->line;
+        if (!p)
+                return NULL;
+        s->line++;
+        n = strlen(p);
+        /* inih would read a longer line in pieces, each taken for a line of its own. */
+        if (n > 0 && p[n - 1] != '\n' && !feof(s->f)) {
+                int ch;
+
+                (void) fail(s, "line too long (at most %d bytes)", size - 2);
+                while ((ch = fgetc(s->f)) != EOF && ch != '\n')
+                        ;
+                return p;
         }
-        return p;
+        p += strspn(p, " \t");
+        if (*p == '[') {
+                s->section_line = s->line;
+                open_section(s, p + 1);
+        }
+        return buf;
 }
 
 _printf_(2, 3) static int fail(struct parse_state *s, const char *fmt, ...) {
@@ -249,22 +267,34 @@ static int new_zone_section(struct parse_state *s, const char *name) {
         return 1;
 }
 
+static void open_section(struct parse_state *s, const char *p) {
+        const char *e = strchr(p, ']');
+        char name[256];
+
+        if (!e)
+                return; /* inih refuses the line */
+        if ((size_t) (e - p) >= sizeof(name)) {
+                (void) fail(s, "section name too long");
+                return;
+        }
+        memcpy(name, p, (size_t) (e - p));
+        name[e - p] = 0;
+        (void) zone_section_done(s);
+        s->zone = NULL;
+        strncpy_buf(s->section, sizeof(s->section), name);
+        if (strncmp(name, "zone ", 5) == 0)
+                (void) new_zone_section(s, name + 5);
+        else if (!streq(name, "daemon"))
+                (void) fail(s, "unknown section [%s] (expected [daemon] or [zone NAME])", name);
+}
+
 static int handler(void *userdata, const char *section, const char *key, const char *value) {
         struct parse_state *s = userdata;
 
-        if (!streq(section, s->section)) {
-                (void) zone_section_done(s);
-                s->zone = NULL;
-                strncpy_buf(s->section, sizeof(s->section), section);
-                if (strncmp(section, "zone ", 5) == 0) {
-                        if (!new_zone_section(s, section + 5))
-                                return 0;
-                } else if (!streq(section, "daemon"))
-                        return fail(s, "unknown section [%s] (expected [daemon] or [zone NAME])", section);
-        }
-        if (!key) /* a section header with no keys yet (INI_CALL_HANDLER_ON_NEW_SECTION builds) */
+        /* Sections are the reader's (inih truncates long section names): section is not used. */
+        if (!key)
                 return 1;
-        if (streq(section, "daemon"))
+        if (streq(s->section, "daemon"))
                 return daemon_key(s, key, value);
         if (!s->zone)
                 return 0; /* the section was refused already */
@@ -289,7 +319,7 @@ int config_load(const char *path, struct config **ret) {
         (void) fclose(s.f);
         if (r < 0)
                 return log_error_errno(ENOMEM, "%s: cannot read it.", path);
-        if (s.error_line > 0)
+        if (s.error_line > 0 && (r <= 0 || s.error_line <= (unsigned) r))
                 return log_error_errno(EINVAL, "%s:%u: %s", path, s.error_line, s.error);
         if (r > 0)
                 return log_error_errno(EINVAL, "%s:%d: syntax error", path, r);

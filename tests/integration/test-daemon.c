@@ -45,9 +45,9 @@ Test(config, bad_line_refuses_start_naming_file_and_line) {
 Test(config, unknown_key_section_and_missing_size) {
         static const char *const cases[][2] = {
                 { "[daemon]\nflavour = mint\n", ":2:" },
-                { "[nonsense]\nx = 1\n", ":2:" },
+                { "[nonsense]\nx = 1\n", ":1:" }, /* section errors name the header's line */
                 { "[zone a]\ntag = x\n\n[zone b]\nsize = 1M\n", ":1:" },
-                { "[zone a/b]\nsize = 1M\n", ":2:" },
+                { "[zone a/b]\nsize = 1M\n", ":1:" },
                 { "[zone a]\nsize = 1M\nmode = 999\n", ":3:" },
                 { "[zone a]\nsize = 1M\nuser = no-such-user-here\n", ":3:" },
                 { "this is not ini\n", ":1:" },

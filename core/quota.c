@@ -77,3 +77,23 @@ void quota_uncount_zone(struct registry *reg, uid_t uid) {
         if (q && q->zones > 0)
                 q->zones--;
 }
+
+int quota_adopt(struct registry *reg, const struct zone *z) {
+        struct quota_entry *q = NULL;
+        int r = 0;
+
+        assert_locked(reg);
+        if (z->counted) {
+                q = quota_entry(reg, z->charged_uid, true);
+                if (!q)
+                        return -ENOMEM;
+                if (q->zones >= reg->max_zones || q->used > reg->quota || z->map_size > reg->quota - q->used)
+                        r = -EDQUOT;
+                q->zones++;
+                q->used += z->map_size;
+        }
+        if (reg->budget_used > reg->budget || z->map_size > reg->budget - reg->budget_used)
+                r = -ENOSPC;
+        reg->budget_used += z->map_size;
+        return r;
+}

@@ -39,6 +39,8 @@ struct zone {
         unsigned attached; /* attachments only */
         bool declared, unlinked, used;
         bool counted; /* created by a client: counts against its uid's zone quota until freed */
+        bool stored;  /* the daemon's store holds the memfd under stored_id */
+        struct zone_identity stored_id;
 };
 
 struct quota_entry {
@@ -75,6 +77,14 @@ struct registry {
                 char name[SHMZ_NAME_BUF];
         } changes[REGISTRY_MAX_CHANGES];
         size_t n_changes;
+        const struct registry_store *store;
+        void *store_data;
+        /* Store changes made under the lock, delivered once it is released; fd -EBADF: removed. */
+        struct registry_store_change {
+                struct zone_identity id;
+                int fd;
+        } store_changes[REGISTRY_MAX_CHANGES];
+        size_t n_store_changes;
 };
 
 /* registry.c */
@@ -85,6 +95,15 @@ bool registry_locked_by_me(struct registry *reg);
 #define assert_locked(reg) assert(registry_locked_by_me(reg))
 /* Records a change for the observer (lock held). */
 void registry_changed(struct registry *reg, enum registry_event ev, const struct zone *z);
+/*
+ * Brings the store in step with z (lock held): removes the entry whose name or
+ * ACL is no longer z's (or all of it once z is unlinked), stores one for a zone
+ * with memory that has none.
+ */
+void registry_store_sync(struct registry *reg, struct zone *z);
+void zone_identity_of(const struct zone *z, struct zone_identity *ret);
+/* Inserts an adopted zone (fd and map_size set, not charged yet): 0 or 1 past a limit, or -errno. */
+int registry_adopt_locked(struct registry *reg, struct zone *z);
 struct zone *registry_lookup(struct registry *reg, const char *name);
 /* The zone of that name only if it is the one with inode number ino (0: whichever). */
 struct zone *registry_lookup_as(struct registry *reg, const char *name, uint64_t ino);
@@ -112,6 +131,12 @@ void quota_uncharge(struct registry *reg, const struct zone *z, uint64_t map_siz
 /* One more zone for uid: 0 or -EDQUOT. */
 int quota_count_zone(struct registry *reg, uid_t uid);
 void quota_uncount_zone(struct registry *reg, uid_t uid);
+/*
+ * An adopted zone: counts and charges it even past a limit (its memory exists
+ * already; refusing it would destroy data). 0, -ENOSPC or -EDQUOT if past one
+ * (charged anyway), -ENOMEM (nothing charged).
+ */
+int quota_adopt(struct registry *reg, const struct zone *z);
 
 /* zone-memory.c: the memfd, its seals and mode, the header's copies, the view's mapping. */
 int zone_memory_make(struct zone *z, uint64_t size);

@@ -4,6 +4,7 @@
  * attach, detach, unlink, the last reference), and the lock that guards it
  * all. ACL, quota, memory, tickets and reload have files of their own.
  */
+#include <fcntl.h>
 #include <search.h>
 #include <sys/syscall.h>
 #include <time.h>
@@ -31,18 +32,80 @@ bool registry_locked_by_me(struct registry *reg) {
 
 void registry_unlock(struct registry *reg) {
         struct registry_change changes[REGISTRY_MAX_CHANGES];
+        struct registry_store_change stores[REGISTRY_MAX_CHANGES];
         registry_observer_t observer = reg->observer;
-        void *data = reg->observer_data;
-        size_t n = reg->n_changes;
+        const struct registry_store *store = reg->store;
+        void *data = reg->observer_data, *store_data = reg->store_data;
+        size_t n = reg->n_changes, n_stores = reg->n_store_changes;
 
         assert_locked(reg);
         memcpy(changes, reg->changes, n * sizeof(changes[0]));
+        memcpy(stores, reg->store_changes, n_stores * sizeof(stores[0]));
         reg->n_changes = 0;
+        reg->n_store_changes = 0;
         reg->owner = 0;
         pthread_mutex_unlock(&reg->lock);
-        /* Outside the lock: the observer may call back into the registry. */
+        /* Outside the lock: the observer may call back into the registry, the store talks to systemd. */
+        for (size_t i = 0; i < n_stores; i++) {
+                if (stores[i].fd < 0)
+                        store->removed(store_data, &stores[i].id);
+                else
+                        store->stored(store_data, &stores[i].id, stores[i].fd);
+                safe_close(stores[i].fd);
+        }
         for (size_t i = 0; observer && i < n; i++)
                 observer(data, changes[i].ev, changes[i].name, changes[i].ino);
+}
+
+void zone_identity_of(const struct zone *z, struct zone_identity *ret) {
+        *ret = (struct zone_identity){
+                .uid = z->uid,
+                .gid = z->gid,
+                .mode = z->mode,
+                .charged_uid = z->charged_uid,
+                .declared = z->declared,
+        };
+        strncpy_buf(ret->name, sizeof(ret->name), z->name);
+}
+
+static bool identity_eq(const struct zone_identity *a, const struct zone_identity *b) {
+        return streq(a->name, b->name) && a->uid == b->uid && a->gid == b->gid && a->mode == b->mode &&
+               a->charged_uid == b->charged_uid && a->declared == b->declared;
+}
+
+static void store_queue(struct registry *reg, const struct zone_identity *id, int fd) {
+        assert_locked(reg);
+        /* A locked section touches one zone: a removal and a store at most. */
+        assert(reg->n_store_changes < REGISTRY_MAX_CHANGES);
+        if (reg->n_store_changes >= REGISTRY_MAX_CHANGES) {
+                safe_close(fd);
+                return;
+        }
+        reg->store_changes[reg->n_store_changes++] = (struct registry_store_change){ .id = *id, .fd = fd };
+}
+
+void registry_store_sync(struct registry *reg, struct zone *z) {
+        struct zone_identity id;
+        bool want = !z->unlinked && z->fd >= 0;
+        int fd;
+
+        assert_locked(reg);
+        zone_identity_of(z, &id);
+        if (z->stored && (!want || !identity_eq(&id, &z->stored_id))) {
+                /* The old name goes first: a restarted daemon must never find a stale ACL or an unlinked zone. */
+                if (reg->store)
+                        store_queue(reg, &z->stored_id, -EBADF);
+                z->stored = false;
+        }
+        if (!want || z->stored || !reg->store)
+                return;
+        /* A copy for the store to send once the lock is gone: z (and its fd) may be freed by then. */
+        fd = fcntl(z->fd, F_DUPFD_CLOEXEC, 3);
+        if (fd < 0)
+                return; /* out of fds: the zone works, it only would not survive a restart */
+        store_queue(reg, &id, fd);
+        z->stored = true;
+        z->stored_id = id;
 }
 
 void registry_changed(struct registry *reg, enum registry_event ev, const struct zone *z) {
@@ -158,6 +221,13 @@ void registry_set_observer(struct registry *reg, registry_observer_t cb, void *u
         registry_lock(reg);
         reg->observer = cb;
         reg->observer_data = userdata;
+        registry_unlock(reg);
+}
+
+void registry_set_store(struct registry *reg, const struct registry_store *store, void *userdata) {
+        registry_lock(reg);
+        reg->store = store;
+        reg->store_data = userdata;
         registry_unlock(reg);
 }
 
@@ -285,6 +355,7 @@ int registry_create_locked(struct registry *reg, const char *name, const char *t
         reg->next_generation++;
         reg->zones++;
         registry_changed(reg, REGISTRY_ZONE_ADDED, z);
+        registry_store_sync(reg, z);
         *ret = z;
         return 0;
 
@@ -299,6 +370,34 @@ fail_free:
         return r;
 }
 
+int registry_adopt_locked(struct registry *reg, struct zone *z) {
+        int r, past;
+
+        assert_locked(reg);
+        if (registry_lookup(reg, z->name))
+                return -EEXIST;
+        z->ino = reg->next_ino;
+        z->generation = reg->next_generation;
+        r = names_insert(reg, z);
+        if (r < 0)
+                return r;
+        if (!tsearch(z, &reg->by_ino, zone_ino_cmp)) {
+                names_remove(reg, z);
+                return -ENOMEM;
+        }
+        past = quota_adopt(reg, z);
+        if (past == -ENOMEM) {
+                (void) tdelete(z, &reg->by_ino, zone_ino_cmp);
+                names_remove(reg, z);
+                return -ENOMEM;
+        }
+        reg->next_ino++;
+        reg->next_generation++;
+        reg->zones++;
+        registry_changed(reg, REGISTRY_ZONE_ADDED, z);
+        return past < 0 ? 1 : 0;
+}
+
 /* Removes the name; the memory lives on while attachments or open files hold it. */
 void registry_unlink_locked(struct registry *reg, struct zone *z) {
         assert_locked(reg);
@@ -308,6 +407,7 @@ void registry_unlink_locked(struct registry *reg, struct zone *z) {
         reg->zones--;
         reg->zones_unlinked++;
         registry_changed(reg, REGISTRY_ZONE_REMOVED, z);
+        registry_store_sync(reg, z);
         registry_unref_locked(reg, z);
 }
 
@@ -437,6 +537,7 @@ int registry_setattr(struct registry *reg, const struct caller *c, const char *n
         z->ctime_usec = now_usec(CLOCK_REALTIME);
         zone_memory_sync_acl(z);
         registry_changed(reg, REGISTRY_ZONE_CHANGED, z);
+        registry_store_sync(reg, z);
 out:
         registry_unlock(reg);
         return r;
@@ -599,6 +700,7 @@ int registry_set_size(struct registry *reg, const struct caller *c, const char *
         }
         z->mtime_usec = z->ctime_usec = now_usec(CLOCK_REALTIME);
         registry_changed(reg, REGISTRY_ZONE_CHANGED, z);
+        registry_store_sync(reg, z);
 out:
         registry_unlock(reg);
         return r;

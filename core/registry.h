@@ -42,6 +42,45 @@ enum registry_event {
 
 typedef void (*registry_observer_t)(void *userdata, enum registry_event ev, const char *name, uint64_t ino);
 
+/*
+ * What a restarted daemon needs, besides the memfd, to rebuild a zone's entry:
+ * its ACL and its quota bookkeeping. Kept outside the zone (systemd's fd store
+ * keeps it as the fd's FDNAME=): the header's copy is writable by the zone's
+ * writers, so it never is the source of an ACL.
+ */
+struct zone_identity {
+        char name[SHMZ_NAME_BUF];
+        uint32_t uid, gid, mode;
+        uint32_t charged_uid; /* whose quota a client's zone counts against */
+        bool declared;        /* the config's (nobody's quota) */
+};
+
+/*
+ * FDNAME= of a stored zone: "shmz.<uid>.<gid>.<mode, octal>.<flags, hex>.<charged uid>.<name>",
+ * decimal unless said, the name last (it may hold dots). systemd takes at most
+ * 255 characters and no ':' or control characters; a zone name (at most
+ * SHMZ_NAME_MAX of [A-Za-z0-9._-]) makes it 242 at most.
+ */
+#define ZONE_FDNAME_PREFIX "shmz."
+#define ZONE_FDNAME_MAX 255u
+#define ZONE_FDNAME_DECLARED 0x1u
+/* 0, or -ENAMETOOLONG if it would not fit in size (or in ZONE_FDNAME_MAX). */
+int zone_identity_format(const struct zone_identity *id, char *buf, size_t size);
+/* 0, or -EBADMSG unless fdname is exactly what zone_identity_format() makes. */
+int zone_identity_parse(const char *fdname, struct zone_identity *ret);
+
+/*
+ * The daemon keeps every zone's memfd outside itself (systemd's fd store), so
+ * that zones survive its restart. stored(): z got its memory, or its identity
+ * changed (after removed() of the old one); fd is a copy, valid during the
+ * call only. removed(): that identity is gone (unlink, retire, or changed).
+ * Called outside the registry lock, like the observer.
+ */
+struct registry_store {
+        void (*stored)(void *userdata, const struct zone_identity *id, int fd);
+        void (*removed)(void *userdata, const struct zone_identity *id);
+};
+
 /* A zone the config file declares. */
 struct zone_decl {
         char name[SHMZ_NAME_BUF];
@@ -68,6 +107,19 @@ int registry_new(const struct registry_limits *lim, struct registry **ret);
 struct registry *registry_free(struct registry *reg);
 void registry_set_observer(struct registry *reg, registry_observer_t cb, void *userdata);
 void registry_get_stats(struct registry *reg, struct registry_stats *ret);
+/* Set before zones are made: zones made earlier are not offered. store must outlive reg. */
+void registry_set_store(struct registry *reg, const struct registry_store *store, void *userdata);
+
+/*
+ * Takes back a zone memfd a previous daemon stored under fdname (see
+ * zone_identity_format()), before the config is applied. Checks that fd is a
+ * memfd of ours for that name, sealed as zones are, its header describing it,
+ * the name free; then the zone is charged to the budget and quota as before
+ * (past a limit too: its memory exists already) and counts as stored (systemd
+ * keeps its copy). On success the zone owns fd; 1 if it is past a limit. On
+ * failure fd is still the caller's and *ret_why says why in words.
+ */
+int registry_adopt(struct registry *reg, const char *fdname, int fd, const char **ret_why);
 
 /*
  * Open (SHMZ_CREATE/EXCL/RDONLY flags) following the tag and size rules. On

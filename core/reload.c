@@ -61,6 +61,7 @@ static int apply_decl_locked(struct registry *reg, const struct zone_decl *d, ch
                 z->ctime_usec = now_usec(CLOCK_REALTIME);
                 zone_memory_sync_acl(z);
                 registry_changed(reg, REGISTRY_ZONE_CHANGED, z);
+                registry_store_sync(reg, z);
                 (void) snprintf(msg, size, "Zone '%s': owner %u:%u, mode %04o.", d->name, d->uid, d->gid, d->mode);
         }
         return 0;

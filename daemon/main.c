@@ -29,6 +29,8 @@ static const char *arg_socket = NULL;
 static const char *arg_mount = NULL;
 static bool arg_no_mount = false;
 static int arg_threads = -1;
+/* The listening socket came from systemd (socket activation): its file is not ours to remove. */
+static bool listen_fd_passed = false;
 
 static void help(void) {
         printf("Usage: shmzoned [OPTIONS]\n\n"
@@ -164,14 +166,10 @@ static int open_listen_socket(struct daemon *d) {
         struct sockaddr_un sa = { .sun_family = AF_UNIX };
         const char *path = d->cfg->socket_path;
         _cleanup_close_ int fd = -EBADF;
-        int n, r;
+        int r;
 
-        n = sd_listen_fds(true);
-        if (n > 0) {
-                /* Socket activation: systemd made and owns the socket. */
-                if (sd_is_socket_unix(SD_LISTEN_FDS_START, SOCK_SEQPACKET, 1, NULL, 0) <= 0)
-                        return log_error_errno(EINVAL, "The socket systemd passed is not a listening SOCK_SEQPACKET.");
-                d->listen_fd = SD_LISTEN_FDS_START;
+        if (d->listen_fd >= 0) {
+                /* Socket activation (take_passed_fds()): systemd made and owns the socket. */
                 refuse_passed_fds(d->listen_fd);
                 return 0;
         }
@@ -281,6 +279,116 @@ static int apply_config(struct daemon *d, const struct config *c) {
         return registry_apply_config(d->registry, &c->limits, c->zones, c->n_zones, report, d);
 }
 
+/* The registry's store: every zone's memfd goes to systemd's fd store, named after the zone's identity. */
+static void store_stored(void *userdata, const struct zone_identity *id, int fd) {
+        char name[ZONE_FDNAME_MAX + 1];
+        int r;
+
+        if (zone_identity_format(id, name, sizeof(name)) < 0) {
+                log_warning("Zone '%s': its identity does not fit in a %u-character FDNAME; it will not survive a "
+                            "restart.",
+                            id->name, ZONE_FDNAME_MAX);
+                return;
+        }
+        r = notify_fdstore(name, fd);
+        if (r < 0)
+                log_warning_errno(r, "Zone '%s': cannot store its memfd with systemd: %m", id->name);
+}
+
+static void store_removed(void *userdata, const struct zone_identity *id) {
+        char name[ZONE_FDNAME_MAX + 1];
+        int r;
+
+        if (zone_identity_format(id, name, sizeof(name)) < 0)
+                return; /* never stored */
+        r = notify_fdstore_remove(name);
+        if (r < 0)
+                log_warning_errno(r, "Zone '%s': cannot remove its memfd from systemd's store: %m", id->name);
+}
+
+static const struct registry_store fd_store = {
+        .stored = store_stored,
+        .removed = store_removed,
+};
+
+/*
+ * What systemd passed: the control socket (socket activation) and the zone
+ * memfds of the daemon before us (its fd store, FDNAME=shmz.*). Zones are
+ * adopted before the config is applied, so that the config meets them as a
+ * reload would. A bad or foreign fd is dropped from the store too. Systemd
+ * keeps the copies it passed: adopted zones are not stored again.
+ */
+static int take_passed_fds(struct daemon *d, unsigned *ret_adopted) {
+        char **names = NULL;
+        bool *adopted = NULL;
+        unsigned n_adopted = 0;
+        int n, r = 0;
+
+        n = sd_listen_fds_with_names(true, &names);
+        if (n < 0)
+                return log_error_errno(n, "Cannot read the fds systemd passed: %m");
+        if (n > 0) {
+                adopted = calloc((size_t) n, sizeof(*adopted));
+                if (!adopted) {
+                        r = log_oom();
+                        goto out;
+                }
+        }
+        for (int i = 0; i < n; i++) {
+                int fd = SD_LISTEN_FDS_START + i;
+                const char *why;
+
+                if (strncmp(names[i], ZONE_FDNAME_PREFIX, strlen(ZONE_FDNAME_PREFIX)) == 0) {
+                        r = registry_adopt(d->registry, names[i], fd, &why);
+                        if (r < 0) {
+                                log_warning("Dropping stored fd '%s': %s.", names[i], why);
+                                safe_close(fd);
+                                (void) notify_fdstore_remove(names[i]);
+                                continue;
+                        }
+                        if (r > 0)
+                                log_warning("Stored zone '%s': %s.", names[i], why);
+                        adopted[i] = true;
+                        n_adopted++;
+                        continue;
+                }
+                if (d->listen_fd < 0 && sd_is_socket_unix(fd, SOCK_SEQPACKET, 1, NULL, 0) > 0) {
+                        d->listen_fd = fd;
+                        listen_fd_passed = true;
+                        continue;
+                }
+                r = log_error_errno(EINVAL,
+                                    "The fd systemd passed as '%s' is neither a zone nor a listening "
+                                    "SOCK_SEQPACKET.",
+                                    names[i]);
+                goto out;
+        }
+        /*
+         * FDSTOREREMOVE= drops every fd of that name: a duplicate dropped above
+         * took the copy of the zone adopted under the same name with it. Store
+         * that one again.
+         */
+        for (int i = 0; i < n; i++) {
+                if (!adopted[i])
+                        continue;
+                for (int j = 0; j < n; j++)
+                        if (j != i && !adopted[j] && streq(names[i], names[j])) {
+                                (void) notify_fdstore(names[i], SD_LISTEN_FDS_START + i);
+                                break;
+                        }
+        }
+        if (n_adopted > 0)
+                log_info("Took back %u zone(s) from the previous run.", n_adopted);
+        *ret_adopted = n_adopted;
+        r = 0;
+out:
+        for (int i = 0; names && i < n; i++)
+                free(names[i]);
+        free(names);
+        free(adopted);
+        return r;
+}
+
 /* What the FUSE view shows besides the registry's own figures (called from its thread). */
 static void view_figures(void *userdata, struct fuse_view_figures *ret) {
         struct daemon *d = userdata;
@@ -341,7 +449,7 @@ static int on_status_timer(sd_event_source *s, uint64_t usec, void *userdata) {
 
 static int run(struct daemon *d) {
         sigset_t mask;
-        unsigned n;
+        unsigned n, adopted = 0;
         int r;
 
         /* Block before any thread starts, so that only the main loop's signalfd sees them. */
@@ -360,8 +468,18 @@ static int run(struct daemon *d) {
         r = registry_new(&d->cfg->limits, &d->registry);
         if (r < 0)
                 return log_oom();
+        /* Only for systemd (or a test that plays it): elsewhere a zone would not outlive us anyway. */
+        if (getenv("NOTIFY_SOCKET"))
+                registry_set_store(d->registry, &fd_store, d);
+        r = take_passed_fds(d, &adopted);
+        if (r < 0)
+                return r;
         r = apply_config(d, d->cfg);
-        if (r != 0)
+        /* After a restart the zones have data: refuse a declaration as a reload does, keep serving them. */
+        if (r != 0 && adopted > 0)
+                log_warning("%d zone declaration(s) refused, see above; serving the zones kept from the previous run.",
+                            r);
+        else if (r != 0)
                 return log_error_errno(EINVAL, "%d zone declaration(s) cannot be served; not starting.", r);
 
         r = open_listen_socket(d);
@@ -421,7 +539,7 @@ static void daemon_done(struct daemon *d) {
         /* The socket goes first, so that nobody connects to a daemon that is leaving. */
         if (d->socket_path)
                 (void) unlink(d->socket_path);
-        if (d->listen_fd >= 0 && d->listen_fd != SD_LISTEN_FDS_START)
+        if (d->listen_fd >= 0 && !listen_fd_passed)
                 safe_close(d->listen_fd);
         for (unsigned i = 0; i < d->n_workers; i++)
                 worker_stop(d->workers[i]);

@@ -41,3 +41,17 @@ void notify_status(struct daemon *d) {
         (void) format_status(d, status, sizeof(status));
         (void) sd_notify(false, status);
 }
+
+int notify_fdstore(const char *fdname, int fd) {
+        char msg[64 + 256];
+
+        (void) snprintf(msg, sizeof(msg), "FDSTORE=1\nFDNAME=%s", fdname);
+        return sd_pid_notify_with_fds(0, false, msg, &fd, 1);
+}
+
+int notify_fdstore_remove(const char *fdname) {
+        char msg[64 + 256];
+
+        (void) snprintf(msg, sizeof(msg), "FDSTOREREMOVE=1\nFDNAME=%s", fdname);
+        return sd_notify(false, msg);
+}

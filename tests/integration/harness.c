@@ -4,6 +4,7 @@
 #include <fcntl.h>
 #include <grp.h>
 #include <poll.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -19,6 +20,7 @@
 
 #include "harness.h"
 #include "shmzone.h"
+#include "util.h"
 
 extern char **environ;
 
@@ -74,6 +76,26 @@ static int notify_socket_open(const char *path) {
         return fd;
 }
 
+/*
+ * The notify socket is read all the time by a thread of the test, as PID 1
+ * reads its own: the kernel queues only net.unix.max_dgram_qlen datagrams (10
+ * by default), and a daemon that stores every zone's fd there (FDSTORE=1) would
+ * block on a test that reads only while it waits. What is read is queued in
+ * order for harness_wait_notify(); fds go to the fd store at once.
+ */
+#define QUEUE_MAX 1024
+
+struct harness_reader {
+        pthread_t thread;
+        pthread_mutex_t lock; /* the queue, d->stored_*, d->notified */
+        bool stop;
+        char *queue[QUEUE_MAX];
+        size_t head, n;
+};
+
+/* The notify socket's reader thread (below). */
+static void *reader_main(void *userdata);
+
 void harness_init(struct daemon_proc *d, const char *config_text) {
         memset(d, 0, sizeof(*d));
         snprintf(d->dir, sizeof(d->dir), "/tmp/shmz-test-XXXXXX");
@@ -87,6 +109,12 @@ void harness_init(struct daemon_proc *d, const char *config_text) {
         snprintf(d->notify, sizeof(d->notify), "%s/notify", d->dir);
         d->notify_fd = notify_socket_open(d->notify);
         if (d->notify_fd < 0)
+                abort();
+        d->reader = calloc(1, sizeof(*d->reader));
+        if (!d->reader)
+                abort();
+        pthread_mutex_init(&d->reader->lock, NULL);
+        if (pthread_create(&d->reader->thread, NULL, reader_main, d) != 0)
                 abort();
         harness_write_config(d, config_text ? config_text : "");
 }
@@ -119,16 +147,113 @@ static bool has_line(const char *text, const char *line) {
         }
 }
 
-/* Reads one waiting datagram into buf and appends it to d->notified: 1, 0 if none waits, or -errno. */
-static int notify_recv(struct daemon_proc *d, char *buf, size_t size) {
-        ssize_t n = recv(d->notify_fd, buf, size - 1, MSG_DONTWAIT);
-        size_t l = strlen(d->notified);
+/* The value of the line "key=..." in a datagram, copied into ret (empty if there is none). */
+static void line_value(const char *text, const char *key, char *ret, size_t size) {
+        size_t k = strlen(key);
 
-        if (n < 0)
-                return errno == EAGAIN || errno == EINTR ? 0 : -errno;
-        buf[n] = 0;
+        ret[0] = 0;
+        for (const char *p = text; *p;) {
+                const char *e = strchrnul(p, '\n');
+
+                if ((size_t) (e - p) > k && memcmp(p, key, k) == 0 && p[k] == '=') {
+                        snprintf(ret, size, "%.*s", (int) (e - p - (ptrdiff_t) k - 1), p + k + 1);
+                        return;
+                }
+                p = *e ? e + 1 : e;
+        }
+}
+
+/* Plays systemd's fd store: FDSTORE=1 keeps the fds under FDNAME, FDSTOREREMOVE=1 closes all of that name. */
+static void fd_store_apply(struct daemon_proc *d, const char *text, int *fds, size_t n_fds) {
+        char name[256];
+
+        line_value(text, "FDNAME", name, sizeof(name));
+        for (size_t i = 0; has_line(text, "FDSTOREREMOVE=1") && i < d->n_stored;) {
+                if (!streq(d->stored_names[i], name)) {
+                        i++;
+                        continue;
+                }
+                close(d->stored_fds[i]);
+                d->n_stored--;
+                d->stored_fds[i] = d->stored_fds[d->n_stored];
+                memcpy(d->stored_names[i], d->stored_names[d->n_stored], sizeof(d->stored_names[i]));
+        }
+        for (size_t i = 0; i < n_fds; i++) {
+                if (has_line(text, "FDSTORE=1") && d->n_stored < HARNESS_MAX_STORED) {
+                        d->stored_fds[d->n_stored] = fds[i];
+                        snprintf(d->stored_names[d->n_stored], sizeof(d->stored_names[0]), "%s", name);
+                        d->n_stored++;
+                } else
+                        close(fds[i]);
+        }
+}
+
+/* Reads every waiting datagram: fds to the fd store, text to the queue (lock held). */
+static void pull_locked(struct daemon_proc *d) {
+        struct harness_reader *q = d->reader;
+        char buf[4096];
+
+        for (;;) {
+                union {
+                        struct cmsghdr h;
+                        char buf[CMSG_SPACE(sizeof(int) * 16)];
+                } control;
+                struct iovec iov = { .iov_base = buf, .iov_len = sizeof(buf) - 1 };
+                struct msghdr mh = {
+                        .msg_iov = &iov, .msg_iovlen = 1, .msg_control = &control, .msg_controllen = sizeof(control)
+                };
+                ssize_t n = recvmsg(d->notify_fd, &mh, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+                int fds[16];
+                size_t n_fds = 0;
+
+                if (n < 0)
+                        return;
+                buf[n] = 0;
+                for (struct cmsghdr *c = CMSG_FIRSTHDR(&mh); c; c = CMSG_NXTHDR(&mh, c))
+                        if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS)
+                                for (size_t i = 0; i < (c->cmsg_len - CMSG_LEN(0)) / sizeof(int) && n_fds < 16; i++)
+                                        memcpy(&fds[n_fds++], CMSG_DATA(c) + i * sizeof(int), sizeof(int));
+                fd_store_apply(d, buf, fds, n_fds);
+                if (q->n == QUEUE_MAX) { /* the oldest goes: a test that never waits needs none of them */
+                        free(q->queue[q->head]);
+                        q->head = (q->head + 1) % QUEUE_MAX;
+                        q->n--;
+                }
+                q->queue[(q->head + q->n++) % QUEUE_MAX] = strdup(buf);
+        }
+}
+
+/* The oldest queued datagram into buf, appended to d->notified: 1, or 0 if none waits (lock held). */
+static int pop_locked(struct daemon_proc *d, char *buf, size_t size) {
+        struct harness_reader *q = d->reader;
+        size_t l = strlen(d->notified);
+        char *m;
+
+        if (q->n == 0)
+                return 0;
+        m = q->queue[q->head];
+        q->head = (q->head + 1) % QUEUE_MAX;
+        q->n--;
+        snprintf(buf, size, "%s", m ?: "");
+        free(m);
         snprintf(d->notified + l, sizeof(d->notified) - l, "%s|", buf);
         return 1;
+}
+
+static void *reader_main(void *userdata) {
+        struct daemon_proc *d = userdata;
+        struct harness_reader *q = d->reader;
+
+        for (;;) {
+                (void) poll(&(struct pollfd){ .fd = d->notify_fd, .events = POLLIN }, 1, 50);
+                pthread_mutex_lock(&q->lock);
+                if (q->stop) {
+                        pthread_mutex_unlock(&q->lock);
+                        return NULL;
+                }
+                pull_locked(d);
+                pthread_mutex_unlock(&q->lock);
+        }
 }
 
 /* WNOWAIT: the exit status stays for harness_stop() or the test to collect. */
@@ -151,56 +276,79 @@ static uint64_t now_msec(void) {
 
 int harness_wait_notify(struct daemon_proc *d, const char *want, unsigned seconds) {
         uint64_t deadline = now_msec() + (uint64_t) seconds * 1000;
+        struct harness_reader *q = d->reader;
         char buf[4096];
 
         for (;;) {
                 /* Exit checked before reading: what a daemon sent before it died is still read. */
                 bool exited = daemon_exited(d);
-                int r;
 
+                pthread_mutex_lock(&q->lock);
+                pull_locked(d);
                 /* One datagram at a time: those after the one wanted are left for the next wait. */
-                while ((r = notify_recv(d, buf, sizeof(buf))) > 0)
-                        if (has_line(buf, want))
+                while (pop_locked(d, buf, sizeof(buf)) > 0)
+                        if (has_line(buf, want)) {
+                                pthread_mutex_unlock(&q->lock);
                                 return 0;
-                if (r < 0)
-                        return r;
+                        }
+                pthread_mutex_unlock(&q->lock);
                 if (exited)
                         return -ESRCH;
                 if (now_msec() >= deadline)
                         return -ETIMEDOUT;
-                /* Woken by the next datagram; the timeout only lets us notice a daemon that died. */
-                (void) poll(&(struct pollfd){ .fd = d->notify_fd, .events = POLLIN }, 1, 100);
+                usleep(10000);
         }
 }
 
 void harness_drain_notify(struct daemon_proc *d) {
+        struct harness_reader *q = d->reader;
         char buf[4096];
 
-        while (d->notify_fd >= 0 && recv(d->notify_fd, buf, sizeof(buf), MSG_DONTWAIT) >= 0)
+        if (!q)
+                return;
+        pthread_mutex_lock(&q->lock);
+        /* Read, not discarded: the fd store must see every FDSTORE= the daemon sent. */
+        pull_locked(d);
+        while (pop_locked(d, buf, sizeof(buf)) > 0)
                 ;
         d->notified[0] = 0;
+        pthread_mutex_unlock(&q->lock);
 }
 
-/* The caller's environment with our NOTIFY_SOCKET in place of any it has; made before fork(), for the child. */
+/*
+ * The caller's environment with our NOTIFY_SOCKET in place of any it has and
+ * no LISTEN_*; made before fork(), for the child, with 3 free slots at the end
+ * (NULL-terminated) for LISTEN_FDS, LISTEN_FDNAMES and LISTEN_PID.
+ */
 static char **child_environment(const char *notify_env) {
         size_t n = 0, k = 0;
         char **env;
 
         while (environ[n])
                 n++;
-        env = calloc(n + 2, sizeof(char *));
+        env = calloc(n + 5, sizeof(char *));
         if (!env)
                 return NULL;
         for (size_t i = 0; i < n; i++)
-                if (strncmp(environ[i], "NOTIFY_SOCKET=", strlen("NOTIFY_SOCKET=")) != 0)
+                if (strncmp(environ[i], "NOTIFY_SOCKET=", strlen("NOTIFY_SOCKET=")) != 0 &&
+                    strncmp(environ[i], "LISTEN_", strlen("LISTEN_")) != 0)
                         env[k++] = environ[i];
         env[k++] = (char *) notify_env;
         return env;
 }
 
+/* Appends to env (from child_environment()) at its first NULL. */
+static void env_append(char **env, char *entry) {
+        while (*env)
+                env++;
+        *env = entry;
+}
+
 int harness_start(struct daemon_proc *d, const char *const *extra_args, bool mount) {
         const char *argv[32];
-        char notify_env[160];
+        char notify_env[160], fds_env[32], pid_env[32];
+        _cleanup_free_ char *names_env = NULL;
+        size_t n_listen = d->n_listen;
         char **env;
         size_t n = 0;
         int status, r;
@@ -225,6 +373,31 @@ int harness_start(struct daemon_proc *d, const char *const *extra_args, bool mou
         env = child_environment(notify_env);
         if (!env)
                 return -ENOMEM;
+        d->n_listen = 0; /* for this start only */
+        if (n_listen > HARNESS_MAX_STORED) {
+                free(env);
+                return -E2BIG;
+        }
+        if (n_listen > 0) {
+                size_t len = strlen("LISTEN_FDNAMES=") + 1;
+
+                for (size_t i = 0; i < n_listen; i++)
+                        len += strlen(d->listen_names[i]) + 1;
+                names_env = calloc(1, len);
+                if (!names_env) {
+                        free(env);
+                        return -ENOMEM;
+                }
+                strcpy(names_env, "LISTEN_FDNAMES=");
+                for (size_t i = 0; i < n_listen; i++) {
+                        if (i > 0)
+                                strcat(names_env, ":");
+                        strcat(names_env, d->listen_names[i]);
+                }
+                snprintf(fds_env, sizeof(fds_env), "LISTEN_FDS=%zu", n_listen);
+                env_append(env, fds_env);
+                env_append(env, names_env);
+        }
         /* A daemon this test started and killed before may have left datagrams behind. */
         harness_drain_notify(d);
 
@@ -239,6 +412,22 @@ int harness_start(struct daemon_proc *d, const char *const *extra_args, bool mou
 
                 if (fd >= 0)
                         (void) dup2(fd, STDERR_FILENO);
+                if (n_listen > 0) {
+                        int tmp[HARNESS_MAX_STORED];
+
+                        /* Out of the way of 3.. first, then into place (dup2 clears FD_CLOEXEC). */
+                        for (size_t i = 0; i < n_listen; i++) {
+                                tmp[i] = fcntl(d->listen_fds[i], F_DUPFD_CLOEXEC, 3 + (int) n_listen);
+                                if (tmp[i] < 0)
+                                        _exit(126);
+                        }
+                        for (size_t i = 0; i < n_listen; i++)
+                                if (dup2(tmp[i], 3 + (int) i) < 0)
+                                        _exit(126);
+                        /* The child's own pid, as systemd sets it: only known after fork(). */
+                        snprintf(pid_env, sizeof(pid_env), "LISTEN_PID=%d", (int) getpid());
+                        env_append(env, pid_env);
+                }
                 execvpe(argv[0], (char *const *) argv, env);
                 _exit(127);
         }
@@ -349,9 +538,23 @@ void harness_cleanup(struct daemon_proc *d) {
         if (d->pid > 0 || d->mounted)
                 (void) harness_stop(d);
         if (d->dir[0]) {
+                if (d->reader) {
+                        pthread_mutex_lock(&d->reader->lock);
+                        d->reader->stop = true;
+                        pthread_mutex_unlock(&d->reader->lock);
+                        pthread_join(d->reader->thread, NULL);
+                        for (size_t i = 0; i < d->reader->n; i++)
+                                free(d->reader->queue[(d->reader->head + i) % QUEUE_MAX]);
+                        pthread_mutex_destroy(&d->reader->lock);
+                        free(d->reader);
+                        d->reader = NULL;
+                }
                 if (d->notify_fd >= 0)
                         close(d->notify_fd);
                 d->notify_fd = -EBADF;
+                for (size_t i = 0; i < d->n_stored; i++)
+                        close(d->stored_fds[i]);
+                d->n_stored = 0;
                 snprintf(cmd, sizeof(cmd), "rm -rf %s", d->dir);
                 (void) system(cmd);
         }

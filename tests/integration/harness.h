@@ -4,7 +4,12 @@
 /* Starts a real shmzoned on a private socket (and mount) for one test. */
 
 #include <stdbool.h>
+#include <stddef.h>
 #include <sys/types.h>
+
+#define HARNESS_MAX_STORED 64
+
+struct harness_reader;
 
 struct daemon_proc {
         pid_t pid;
@@ -15,8 +20,26 @@ struct daemon_proc {
         char log[128];    /* dir/log: the daemon's stderr */
         char notify[128]; /* dir/notify: the daemon's NOTIFY_SOCKET */
         int notify_fd;
-        char notified[4096]; /* datagrams received since the last start or reload, each followed by '|' */
+        struct harness_reader *reader; /* the thread that reads notify_fd (harness.c) */
+        char notified[4096];           /* datagrams received since the last start or reload, each followed by '|' */
         bool mounted;
+        /*
+         * systemd's fd store as the daemon filled it through the notify socket
+         * (FDSTORE=1 adds, FDSTOREREMOVE=1 drops by FDNAME), up to
+         * HARNESS_MAX_STORED; filled by every read of that socket. The fds
+         * stay open here across a stop, as they would in systemd.
+         */
+        int stored_fds[HARNESS_MAX_STORED];
+        char stored_names[HARNESS_MAX_STORED][256];
+        size_t n_stored;
+        /*
+         * For the next harness_start() only: fds to pass at 3.. with
+         * LISTEN_FDS, LISTEN_FDNAMES and the child's LISTEN_PID, as systemd
+         * does after a restart. Not taken over (the caller closes them).
+         */
+        const int *listen_fds;
+        const char *const *listen_names;
+        size_t n_listen;
 };
 
 /*
@@ -48,7 +71,7 @@ int harness_reload(struct daemon_proc *d);
  * or -ESRCH if the daemon exited first (it is not reaped).
  */
 int harness_wait_notify(struct daemon_proc *d, const char *want, unsigned seconds);
-/* Throws away the datagrams not read yet and empties d->notified. */
+/* Throws away the datagrams not read yet (their FDSTORE= fds go to d->stored_*) and empties d->notified. */
 void harness_drain_notify(struct daemon_proc *d);
 /* Waits (up to seconds) until the daemon's log has what in it; 0 or -ETIMEDOUT. */
 int harness_wait_log(struct daemon_proc *d, const char *what, unsigned seconds);

@@ -1282,3 +1282,185 @@ Test(core, observer_events, .timeout = 10) {
         cr_assert_eq(log.n, 9);
         finish();
 }
+
+/* ---- the fd store: FDNAME identities, the store hook, adoption -------------------------- */
+
+Test(core, fdname_format_and_parse) {
+        struct zone_identity id = { .uid = 4294967295u, .gid = 7, .mode = 02755, .charged_uid = 12, .declared = true },
+                             back;
+        char buf[ZONE_FDNAME_MAX + 1], long_name[SHMZ_NAME_BUF] = "";
+        static const char *const bad[] = {
+                "shmz.1.2.600.0.3",            /* no name */
+                "shmz.1.2.600.0.3.",           /* empty name */
+                "shmz.1.2.600.0.3...",         /* ".." */
+                "shmz.1.2.600.0.3.a/b",        /* not a name */
+                "shmz.01.2.600.0.3.a",         /* a second spelling of uid 1 */
+                "shmz.1.2.800.0.3.a",          /* mode not octal */
+                "shmz.1.2.17777.0.3.a",        /* mode past 07777 */
+                "shmz.1.2.600.2.3.a",          /* unknown flag */
+                "shmz.4294967296.2.600.0.3.a", /* uid past 32 bits */
+                "shmz.-1.2.600.0.3.a",
+                "shmz..2.600.0.3.a",
+                "zone.1.2.600.0.3.a",
+                "",
+        };
+
+        strncpy_buf(id.name, sizeof(id.name), "a.b-c_d");
+        cr_assert_eq(zone_identity_format(&id, buf, sizeof(buf)), 0);
+        cr_assert_str_eq(buf, "shmz.4294967295.7.2755.1.12.a.b-c_d");
+        cr_assert_eq(zone_identity_parse(buf, &back), 0);
+        cr_assert_str_eq(back.name, "a.b-c_d");
+        cr_assert(back.uid == id.uid && back.gid == id.gid && back.mode == id.mode &&
+                  back.charged_uid == id.charged_uid && back.declared);
+
+        /* The longest name with the longest numbers still fits systemd's 255. */
+        memset(long_name, 'x', SHMZ_NAME_MAX);
+        long_name[SHMZ_NAME_MAX] = 0;
+        id = (struct zone_identity){ .uid = UINT32_MAX, .gid = UINT32_MAX, .mode = 07777, .charged_uid = UINT32_MAX };
+        strncpy_buf(id.name, sizeof(id.name), long_name);
+        cr_assert_eq(zone_identity_format(&id, buf, sizeof(buf)), 0);
+        cr_assert_leq(strlen(buf), ZONE_FDNAME_MAX);
+        cr_assert_eq(zone_identity_parse(buf, &back), 0);
+        cr_assert_str_eq(back.name, long_name);
+        cr_assert_eq(zone_identity_format(&id, buf, 100), -ENAMETOOLONG);
+
+        for (size_t i = 0; i < ELEMENTSOF(bad); i++)
+                cr_assert_eq(zone_identity_parse(bad[i], &back), -EBADMSG, "%s", bad[i]);
+}
+
+/* What the store hook was told: FDNAMEs with '+' (stored, with a copy of the fd kept) or '-' (removed). */
+static struct store_log {
+        char ops[8][ZONE_FDNAME_MAX + 2];
+        int fds[8];
+        size_t n;
+} slog;
+
+static void slog_add(char op, const struct zone_identity *id, int fd) {
+        char name[ZONE_FDNAME_MAX + 1];
+
+        cr_assert_lt(slog.n, 8);
+        cr_assert_eq(zone_identity_format(id, name, sizeof(name)), 0);
+        snprintf(slog.ops[slog.n], sizeof(slog.ops[0]), "%c%s", op, name);
+        slog.fds[slog.n++] = fd >= 0 ? fcntl(fd, F_DUPFD_CLOEXEC, 3) : -EBADF;
+}
+
+static void slog_stored(void *userdata, const struct zone_identity *id, int fd) {
+        cr_assert_geq(fd, 0);
+        slog_add('+', id, fd);
+}
+
+static void slog_removed(void *userdata, const struct zone_identity *id) {
+        slog_add('-', id, -EBADF);
+}
+
+static const struct registry_store slog_store = { .stored = slog_stored, .removed = slog_removed };
+
+static void slog_reset(void) {
+        for (size_t i = 0; i < slog.n; i++)
+                safe_close(slog.fds[i]);
+        memset(&slog, 0, sizeof(slog));
+}
+
+Test(core, store_follows_memory_acl_and_unlink) {
+        struct zone *z;
+        int fd;
+
+        slog_reset();
+        registry_set_store(reg, &slog_store, NULL);
+        /* Pending: no memory, nothing to store until its size is fixed. */
+        cr_assert_eq(registry_create_pending(reg, &OWNER, "pend", 0600, NULL), 0);
+        cr_assert_eq(slog.n, 0);
+        cr_assert_eq(registry_set_size(reg, &OWNER, "pend", 0, 4096), 0);
+        cr_assert_eq(slog.n, 1);
+        cr_assert_str_eq(slog.ops[0], "+shmz.1000.1000.600.0.1000.pend");
+
+        cr_assert_eq(open_zone(&OWNER, "z", 4096, SHMZ_CREATE, &z, &fd, NULL), 0);
+        cr_assert_str_eq(slog.ops[1], "+shmz.1000.1000.600.0.1000.z");
+        /* chown to a group of the owner's, then chmod: the old name goes first each time. */
+        cr_assert_eq(registry_setattr(reg, &OWNER, "z", 0, SHMZ_SETATTR_GID, 0, 0, 2000), 0);
+        cr_assert_str_eq(slog.ops[2], "-shmz.1000.1000.600.0.1000.z");
+        cr_assert_str_eq(slog.ops[3], "+shmz.1000.2000.600.0.1000.z");
+        cr_assert_eq(registry_setattr(reg, &OWNER, "z", 0, 0, 0, 0, 0), 0);
+        cr_assert_eq(slog.n, 4, "nothing asked, nothing stored");
+        /* Unlinked while attached: out of the store at once. */
+        cr_assert_eq(registry_unlink(reg, &OWNER, "z"), 0);
+        cr_assert_str_eq(slog.ops[4], "-shmz.1000.2000.600.0.1000.z");
+        cr_assert_eq(slog.n, 5);
+        close_zone(z, fd);
+        cr_assert_eq(slog.n, 5);
+        slog_reset();
+        finish();
+}
+
+Test(core, adopt_checks_and_charges) {
+        struct shmz_msg_zone_info info;
+        struct registry_stats st;
+        char name[ZONE_FDNAME_MAX + 1];
+        const char *why;
+        struct zone *z;
+        struct stat sb;
+        void *m;
+        int fd, kept, pipefd[2], unsealed;
+
+        slog_reset();
+        registry_set_store(reg, &slog_store, NULL);
+        cr_assert_eq(open_zone(&OWNER, "old", 8192, SHMZ_CREATE, &z, &fd, NULL), 0);
+        m = mmap(NULL, 4096, PROT_WRITE, MAP_SHARED, fd, 4096);
+        cr_assert_neq(m, MAP_FAILED);
+        memset(m, 0x77, 16);
+        cr_assert_eq(munmap(m, 4096), 0);
+        cr_assert_eq(registry_setattr(reg, &OWNER, "old", 0, SHMZ_SETATTR_MODE, 0640, 0, 0), 0);
+        snprintf(name, sizeof(name), "%s", slog.ops[slog.n - 1] + 1);
+        kept = TAKE_FD(slog.fds[slog.n - 1]);
+        close_zone(z, fd);
+        slog_reset();
+        /* A new daemon: nothing of the old registry but the stored fd and its name. */
+        setup();
+        registry_set_store(reg, &slog_store, NULL);
+
+        cr_assert_eq(registry_adopt(reg, "shmz.x", kept, &why), -EBADMSG);
+        cr_assert_str_eq(why, "its FDNAME does not parse");
+        cr_assert_eq(registry_adopt(reg, "shmz.1000.1000.640.0.1000.other", kept, &why), -EBADF,
+                     "another zone's memfd");
+        cr_assert_eq(pipe2(pipefd, O_CLOEXEC), 0);
+        cr_assert_eq(registry_adopt(reg, "shmz.0.0.600.0.0.p", pipefd[0], &why), -EBADF);
+        close(pipefd[0]);
+        close(pipefd[1]);
+        unsealed = memfd_create("shmzone:u", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+        cr_assert_eq(ftruncate(unsealed, 8192), 0);
+        cr_assert_eq(registry_adopt(reg, "shmz.0.0.600.0.0.u", unsealed, &why), -EPERM);
+        close(unsealed);
+
+        /* Writers scribbled the header's ACL and its inode mode went astray: the FDNAME wins, 0400 again. */
+        cr_assert_eq(pwrite(kept, &(uint32_t[3]){ 0, 0, 0666 }, 12, offsetof(struct shmz_zone_header, uid)), 12);
+        cr_assert_eq(fchmod(kept, 0666), 0);
+        cr_assert_eq(registry_adopt(reg, name, kept, &why), 0, "%s", why ?: "");
+        cr_assert_eq(registry_info(reg, "old", &info), 0);
+        cr_assert(info.uid == 1000 && info.gid == 1000 && info.mode == 0640);
+        cr_assert_eq(read_header(kept).mode, 0640);
+        cr_assert_eq(fstat(kept, &sb), 0);
+        cr_assert_eq(sb.st_mode & 07777, 0400);
+        cr_assert_eq(slog.n, 0, "systemd kept its copy: nothing stored again");
+        registry_get_stats(reg, &st);
+        cr_assert_eq(st.budget_used, pages(3));
+        cr_assert_eq(st.zones, 1);
+        /* Its bytes, through a new attachment. */
+        cr_assert_eq(open_zone(&OWNER, "old", 0, 0, &z, &fd, NULL), 0);
+        m = mmap(NULL, 4096, PROT_READ, MAP_SHARED, fd, 4096);
+        cr_assert_neq(m, MAP_FAILED);
+        cr_assert_eq(((unsigned char *) m)[15], 0x77);
+        cr_assert_eq(munmap(m, 4096), 0);
+        close_zone(z, fd);
+
+        /* The same name again: taken. */
+        fd = fcntl(kept, F_DUPFD_CLOEXEC, 3);
+        cr_assert_eq(registry_adopt(reg, name, fd, &why), -EEXIST);
+        close(fd);
+        /* Unlinked: removed under the name it was stored under. */
+        cr_assert_eq(registry_unlink(reg, &OWNER, "old"), 0);
+        cr_assert_eq(slog.n, 1);
+        cr_assert_str_eq(slog.ops[0] + 1, name);
+        cr_assert_eq(slog.ops[0][0], '-');
+        slog_reset();
+        finish();
+}

@@ -1,0 +1,162 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+/*
+ * Zones that outlive the daemon: the name a zone's memfd is kept under in
+ * systemd's fd store, and taking such a memfd back after a restart.
+ *
+ * The FDNAME is trusted: systemd accepts FDSTORE= only from the service's own
+ * main process (NotifyAccess=main), so only a daemon of ours wrote it. The
+ * checks on the fd are against corruption and foreign fds (a mix-up, another
+ * program's store replayed), not against the sender.
+ */
+#include <fcntl.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <time.h>
+
+#include "registry-internal.h"
+#include "zone-header.h"
+
+int zone_identity_format(const struct zone_identity *id, char *buf, size_t size) {
+        int n;
+
+        n = snprintf(buf, size, ZONE_FDNAME_PREFIX "%" PRIu32 ".%" PRIu32 ".%" PRIo32 ".%x.%" PRIu32 ".%s", id->uid,
+                     id->gid, id->mode, id->declared ? ZONE_FDNAME_DECLARED : 0u, id->charged_uid, id->name);
+        if (n < 0 || (size_t) n >= size || (size_t) n > ZONE_FDNAME_MAX)
+                return -ENAMETOOLONG;
+        return 0;
+}
+
+/* One field up to the next '.': digits of base only, no sign, no overflow of uint32_t. */
+static int parse_field(const char **p, unsigned base, uint32_t *ret) {
+        uint64_t v = 0;
+        const char *s = *p;
+
+        if (*s == '.')
+                return -EBADMSG;
+        for (; *s && *s != '.'; s++) {
+                unsigned d;
+
+                if (*s >= '0' && *s <= '9')
+                        d = (unsigned) (*s - '0');
+                else if (base == 16 && *s >= 'a' && *s <= 'f')
+                        d = (unsigned) (*s - 'a' + 10);
+                else
+                        return -EBADMSG;
+                if (d >= base)
+                        return -EBADMSG;
+                v = v * base + d;
+                if (v > UINT32_MAX)
+                        return -EBADMSG;
+        }
+        if (*s != '.')
+                return -EBADMSG;
+        *p = s + 1;
+        *ret = (uint32_t) v;
+        return 0;
+}
+
+int zone_identity_parse(const char *fdname, struct zone_identity *ret) {
+        struct zone_identity id = {};
+        const char *p = fdname;
+        uint32_t flags;
+        char again[ZONE_FDNAME_MAX + 1];
+
+        if (strncmp(p, ZONE_FDNAME_PREFIX, strlen(ZONE_FDNAME_PREFIX)) != 0)
+                return -EBADMSG;
+        p += strlen(ZONE_FDNAME_PREFIX);
+        /* Fields from the left; the name takes the rest, dots and all. */
+        if (parse_field(&p, 10, &id.uid) < 0 || parse_field(&p, 10, &id.gid) < 0 || parse_field(&p, 8, &id.mode) < 0 ||
+            parse_field(&p, 16, &flags) < 0 || parse_field(&p, 10, &id.charged_uid) < 0)
+                return -EBADMSG;
+        if (id.mode > 07777 || (flags & ~ZONE_FDNAME_DECLARED) || !name_is_valid(p))
+                return -EBADMSG;
+        id.declared = flags & ZONE_FDNAME_DECLARED;
+        strncpy_buf(id.name, sizeof(id.name), p);
+        /* One spelling per identity (no leading zeros): FDSTOREREMOVE= must hit the name it was stored under. */
+        if (zone_identity_format(&id, again, sizeof(again)) < 0 || !streq(again, fdname))
+                return -EBADMSG;
+        *ret = id;
+        return 0;
+}
+
+static int refuse(const char **ret_why, const char *why, int r) {
+        *ret_why = why;
+        return r;
+}
+
+int registry_adopt(struct registry *reg, const char *fdname, int fd, const char **ret_why) {
+        struct zone_identity id;
+        struct shmz_zone_header h;
+        char path[64], link[SHMZ_NAME_BUF + 64], want[SHMZ_NAME_BUF + 64];
+        uint64_t page = (uint64_t) sysconf(_SC_PAGESIZE), now = now_usec(CLOCK_REALTIME);
+        struct stat st;
+        struct zone *z;
+        ssize_t n;
+        int r;
+
+        *ret_why = NULL;
+        if (zone_identity_parse(fdname, &id) < 0)
+                return refuse(ret_why, "its FDNAME does not parse", -EBADMSG);
+        if (fstat(fd, &st) < 0)
+                return refuse(ret_why, "fstat() failed", -errno);
+        /* Our memfds are named "shmzone:<zone>" (zone_memory_make()): a pipe, a file or another program's memfd are
+         * not. */
+        (void) snprintf(path, sizeof(path), "/proc/self/fd/%d", fd);
+        n = readlink(path, link, sizeof(link) - 1);
+        (void) snprintf(want, sizeof(want), "/memfd:shmzone:%s (deleted)", id.name);
+        if (!S_ISREG(st.st_mode) || n < 0 || (size_t) n != strlen(want) || memcmp(link, want, (size_t) n) != 0)
+                return refuse(ret_why, "it is not a shmzone memfd of that name", -EBADF);
+        /* Exactly a zone's seals: without them a holder could shrink it under the others; with more, writes fail. */
+        if (fcntl(fd, F_GET_SEALS) != (F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL))
+                return refuse(ret_why, "it is not sealed as a zone is", -EPERM);
+        if (st.st_size <= 0 || (uint64_t) st.st_size % page != 0)
+                return refuse(ret_why, "its size is not whole pages", -EBADMSG);
+        /* A copy, read once: writers may change the header at any time. Only the tag is taken from it. */
+        if (pread(fd, &h, sizeof(h), 0) != (ssize_t) sizeof(h))
+                return refuse(ret_why, "its header cannot be read", -EIO);
+        if (zone_header_check(&h, (uint64_t) st.st_size, id.name) < 0 || !tag_is_valid(h.tag))
+                return refuse(ret_why, "its header does not describe this zone", -EBADMSG);
+        /* Owner read-only, as zone_memory_make() left it: else a reader could reopen it writable. */
+        if ((st.st_mode & 07777) != 0400 && fchmod(fd, 0400) < 0)
+                return refuse(ret_why, "cannot make its inode mode 0400", -errno);
+
+        z = calloc(1, sizeof(*z));
+        if (!z)
+                return refuse(ret_why, "out of memory", -ENOMEM);
+        *z = (struct zone){
+                .created_usec = now,
+                .mtime_usec = now,
+                .ctime_usec = now,
+                .uid = id.uid,
+                .gid = id.gid,
+                .mode = id.mode,
+                .charged_uid = id.charged_uid,
+                .fd = fd,
+                .size = (uint64_t) st.st_size - SHMZ_ZONE_HEADER_SIZE,
+                .map_size = (uint64_t) st.st_size,
+                .refs = 1,
+                .declared = id.declared,
+                .counted = !id.declared,
+                .used = true,   /* its bytes predate us */
+                .stored = true, /* systemd kept its copy: nothing to store again */
+                .stored_id = id,
+        };
+        strncpy_buf(z->name, sizeof(z->name), id.name);
+        strncpy_buf(z->tag, sizeof(z->tag), h.tag);
+
+        registry_lock(reg);
+        r = registry_adopt_locked(reg, z);
+        if (r >= 0)
+                zone_memory_sync_acl(z); /* the header's copy follows the FDNAME's, never the reverse */
+        registry_unlock(reg);
+        if (r < 0) {
+                z->fd = -EBADF; /* still the caller's */
+                zone_destroy(z);
+                return refuse(ret_why, r == -EEXIST ? "a zone of that name exists already" : "out of memory", r);
+        }
+        if (r > 0)
+                *ret_why = "adopted past the memory budget or its uid's quota";
+        return r;
+}

@@ -1,0 +1,191 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+/*
+ * Zones survive a restart through systemd's fd store. The harness plays
+ * systemd: its notify socket keeps the fds the daemon stores (FDSTORE=1) and
+ * drops the ones it removes; the next daemon gets them back at 3.. with
+ * LISTEN_FDS, LISTEN_FDNAMES and its own LISTEN_PID, as after `systemctl restart`.
+ */
+#include <criterion/criterion.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "harness.h"
+#include "shmzone.h"
+#include "util.h"
+#include "zone-header.h"
+
+#define KEEP_FDNAME "shmz.1000.1000.640.0.0.keep"
+#define DECL_FDNAME "shmz.0.0.644.1.0.decl"
+
+static struct daemon_proc d;
+
+static void start(void) {
+        harness_init(&d, "[daemon]\nmemory_budget = 64M\nuid_quota = 4M\n"
+                         "[zone decl]\nsize = 64K\ntag = d\nuser = root\ngroup = root\nmode = 0644\n");
+        cr_assert_eq(harness_start(&d, NULL, false), 0, "daemon did not start: %s", harness_log(&d));
+}
+
+static void stop(void) {
+        harness_cleanup(&d);
+}
+
+TestSuite(restart, .init = start, .fini = stop, .timeout = 60);
+
+/* The harness's fd store entry of that FDNAME, or -1. */
+static int stored(const char *fdname) {
+        for (size_t i = 0; i < d.n_stored; i++)
+                if (streq(d.stored_names[i], fdname))
+                        return (int) i;
+        return -1;
+}
+
+/* Store entries of the zone called name, whatever its identity. */
+static unsigned stored_zone(const char *name) {
+        unsigned n = 0;
+
+        for (size_t i = 0; i < d.n_stored; i++) {
+                const char *s = d.stored_names[i];
+                size_t l = strlen(s), k = strlen(name);
+
+                if (l > k && s[l - k - 1] == '.' && streq(s + l - k, name))
+                        n++;
+        }
+        return n;
+}
+
+/* A memfd like the daemon's for zone `memfd_zone`, its header naming hdr_name, sealed or not. */
+static int make_memfd(const char *memfd_zone, const char *hdr_name, bool seal) {
+        struct shmz_zone_header h;
+        char name[64];
+        int fd;
+
+        snprintf(name, sizeof(name), "shmzone:%s", memfd_zone);
+        fd = memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING);
+        cr_assert_geq(fd, 0);
+        cr_assert_eq(ftruncate(fd, 8192), 0);
+        zone_header_init(&h, hdr_name, "", 8192, 0, 0, 0600, 1);
+        cr_assert_eq(pwrite(fd, &h, sizeof(h), 0), (ssize_t) sizeof(h));
+        if (seal)
+                cr_assert_eq(fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL), 0);
+        return fd;
+}
+
+static void expect_log(const char *line) {
+        cr_expect_eq(harness_wait_log(&d, line, 5), 0, "no '%s' in the log:\n%s", line, harness_log(&d));
+}
+
+Test(restart, zones_survive_and_hostile_fds_are_dropped) {
+        struct shmz_client *c = harness_connect(&d), *c2;
+        struct shmz_zone *z, *gone, *z2, *more;
+        struct shmz_daemon_status before, after;
+        struct shmz_zone_stat st;
+        volatile unsigned char *p, *p2;
+        int pipefd[2], fds[HARNESS_MAX_STORED];
+        const char *names[HARNESS_MAX_STORED];
+        size_t n = 0;
+
+        cr_assert_not_null(c);
+        /* A client's zone with a byte pattern; chmod/chown after its memory exists: the FDNAME follows. */
+        cr_assert_eq(shmz_zone_open(c, "keep", 3 << 20, "t", SHMZ_CREATE, &z), 0);
+        p = shmz_zone_base(z);
+        memset((void *) p, 0xa5, 4096);
+        p[(3 << 20) - 1] = 0x5c;
+        cr_assert_eq(shmz_zone_chown(c, "keep", 1000, 1000), 0);
+        cr_assert_eq(shmz_zone_chmod(c, "keep", 0640), 0);
+        cr_assert_eq(shmz_daemon_status(c, &before), 0);
+        /* Unlinked while a client still holds it: out of the store at once. */
+        cr_assert_eq(shmz_zone_open(c, "gone", 65536, "t", SHMZ_CREATE, &gone), 0);
+        cr_assert_eq(shmz_zone_unlink(c, "gone"), 0);
+
+        harness_drain_notify(&d);
+        cr_assert_geq(stored(KEEP_FDNAME), 0, "keep not stored under its new identity");
+        cr_assert_eq(stored_zone("keep"), 1, "the old identities of keep were not removed");
+        cr_assert_geq(stored(DECL_FDNAME), 0);
+        cr_assert_eq(stored_zone("gone"), 0, "an unlinked zone stays in the store");
+        cr_assert_eq(d.n_stored, 2);
+
+        /* systemctl restart: the store outlives the daemon; our mappings do too. */
+        cr_assert_eq(harness_stop(&d), 0);
+
+        for (size_t i = 0; i < d.n_stored; i++) {
+                fds[n] = d.stored_fds[i];
+                names[n++] = d.stored_names[i];
+        }
+        /* Hostile or broken entries, each dropped with a reason. */
+        cr_assert_eq(pipe2(pipefd, O_CLOEXEC), 0);
+        fds[n] = pipefd[0];
+        names[n++] = "shmz.0.0.600.0.0.pipe";
+        fds[n] = make_memfd("unsealed", "unsealed", false);
+        names[n++] = "shmz.0.0.600.0.0.unsealed";
+        fds[n] = make_memfd("hdr", "other", true);
+        names[n++] = "shmz.0.0.600.0.0.hdr";
+        fds[n] = make_memfd("bad", "bad", true);
+        names[n++] = "shmz.0.0.9999.0.0.bad"; /* mode not octal */
+        /* The same zone twice under one name: the second is a duplicate. */
+        fds[n] = fcntl(d.stored_fds[stored(KEEP_FDNAME)], F_DUPFD_CLOEXEC, 3);
+        names[n++] = KEEP_FDNAME;
+        d.listen_fds = fds;
+        d.listen_names = names;
+        d.n_listen = n;
+        cr_assert_eq(harness_start(&d, NULL, false), 0, "daemon did not restart: %s", harness_log(&d));
+        for (size_t i = 2; i < n; i++)
+                close(fds[i]);
+        close(pipefd[1]);
+
+        expect_log("Dropping stored fd 'shmz.0.0.600.0.0.pipe': it is not a shmzone memfd of that name.");
+        expect_log("Dropping stored fd 'shmz.0.0.600.0.0.unsealed': it is not sealed as a zone is.");
+        expect_log("Dropping stored fd 'shmz.0.0.600.0.0.hdr': its header does not describe this zone.");
+        expect_log("Dropping stored fd 'shmz.0.0.9999.0.0.bad': its FDNAME does not parse.");
+        expect_log("Dropping stored fd '" KEEP_FDNAME "': a zone of that name exists already.");
+        expect_log("Took back 2 zone(s) from the previous run.");
+
+        /* The store holds what it held: removing the duplicate's name took keep's copy, it was stored again. */
+        harness_drain_notify(&d);
+        cr_expect_eq(d.n_stored, 2);
+        cr_expect_geq(stored(KEEP_FDNAME), 0);
+        cr_expect_geq(stored(DECL_FDNAME), 0);
+
+        c2 = harness_connect(&d);
+        cr_assert_not_null(c2);
+        cr_assert_eq(shmz_zone_open(c2, "keep", 0, "t", 0, &z2), 0);
+        cr_expect_eq(shmz_zone_existed(z2), 1);
+        p2 = shmz_zone_base(z2);
+        for (size_t i = 0; i < 4096; i++)
+                cr_assert_eq(p2[i], 0xa5, "byte %zu", i);
+        cr_assert_eq(p2[(3 << 20) - 1], 0x5c);
+        /* The mapping from before the restart and the new one are the same memory. */
+        p[8192] = 0x11;
+        cr_assert_eq(p2[8192], 0x11);
+        p2[8193] = 0x22;
+        cr_assert_eq(p[8193], 0x22);
+
+        cr_assert_eq(shmz_zone_stat(c2, "keep", &st), 0);
+        cr_expect_eq(st.uid, 1000);
+        cr_expect_eq(st.gid, 1000);
+        cr_expect_eq(st.mode, 0640);
+        cr_assert_eq(shmz_zone_stat(c2, "decl", &st), 0);
+        cr_expect_eq(st.mode, 0644);
+        cr_expect(st.flags & SHMZ_ZONE_INFO_DECLARED);
+        cr_expect_eq(shmz_zone_open(c2, "gone", 0, NULL, 0, &more), -ENOENT);
+
+        /* Charged again: the same budget, and root's 4M quota has room for 1M more, not 2M. */
+        cr_assert_eq(shmz_daemon_status(c2, &after), 0);
+        cr_expect_eq(after.budget_used, before.budget_used);
+        cr_expect_eq(after.zones, 2);
+        cr_expect_eq(shmz_zone_open(c2, "more", 2 << 20, "t", SHMZ_CREATE, &more), -EDQUOT);
+
+        shmz_zone_close(z2);
+        shmz_disconnect(c2);
+        shmz_zone_close(gone);
+        shmz_zone_close(z);
+        shmz_disconnect(c);
+}
+
+int main(int argc, char *argv[]) {
+        return harness_main(argc, argv, true, false);
+}

@@ -3,9 +3,22 @@
 # under AddressSanitizer and UndefinedBehaviorSanitizer, runs every test.
 # Needs root: tests mount FUSE views and switch to other uids (without root or
 # /dev/fuse those tests are skipped, exit status 77).
+#
+# FUZZ_SECONDS=N (CI sets 20) also runs every libFuzzer target for N seconds
+# on a clean clang build (scripts/fuzz.sh) first; each target counts as a case.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/deps.sh
+fuzz_results=$(mktemp)
+trap 'rm -f "$fuzz_results"' EXIT
+if [ "${FUZZ_SECONDS:-0}" -gt 0 ]; then
+        frc=0
+        FUZZ_SECONDS=$FUZZ_SECONDS scripts/fuzz.sh | tee "$fuzz_results" || frc=$?
+        # Failed before any target ran (the clang build, say): that counts too.
+        if [ "$frc" -ne 0 ] && ! grep -q ': FAILED' "$fuzz_results"; then
+                echo "fuzz build: FAILED" >>"$fuzz_results"
+        fi
+fi
 builddir=${BUILDDIR:-build-test}
 if [ -d "$builddir" ]; then
         meson setup --reconfigure "$builddir" --native-file build-dev.ini >/dev/null
@@ -19,7 +32,7 @@ meson test -C "$builddir" --print-errorlogs --num-processes 2 "$@" || rc=$?
 # from its own synthesis line, a program that exited 77 (SKIP) from its line
 # "Skipping all N tests: ..." (tests/integration/harness.c), any other program
 # as one case.
-python3 - "$builddir/meson-logs/testlog.json" <<'PY' || { [ "$rc" -ne 0 ] || rc=1; }
+python3 - "$builddir/meson-logs/testlog.json" "$fuzz_results" <<'PY' || { [ "$rc" -ne 0 ] || rc=1; }
 import json, re, sys
 synthesis = re.compile(r"Synthesis: Tested: (\d+) \| Passing: (\d+) \| Failing: (\d+)")
 skipping = re.compile(r"^Skipping all (\d+) tests?: ", re.M)
@@ -48,6 +61,12 @@ for line in open(sys.argv[1]):
         # Not criterion, or killed before its synthesis (a timeout): one case.
         passed += ok
         failed += not ok
+# scripts/fuzz.sh: "fuzz <target>: ok (...)" or "fuzz <target>: FAILED".
+for line in open(sys.argv[2]):
+    m = re.match(r"fuzz \S+: (ok|FAILED)", line)
+    if m:
+        passed += m.group(1) == "ok"
+        failed += m.group(1) == "FAILED"
 print(f"{passed} passed, {failed} failed" + (f", {skipped} skipped" if skipped else ""))
 sys.exit(1 if failed else 0)
 PY

@@ -1,4 +1,5 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
+#include <fcntl.h>
 #include <getopt.h>
 #include <inttypes.h>
 #include <signal.h>
@@ -169,7 +170,15 @@ static int open_listen_socket(struct daemon *d) {
         int r;
 
         if (d->listen_fd >= 0) {
-                /* Socket activation (take_passed_fds()): systemd made and owns the socket. */
+                /*
+                 * Socket activation (take_passed_fds()): systemd made and owns the socket,
+                 * blocking unless the unit says NonBlocking=yes; on_accept() drains it until
+                 * EAGAIN and would hang on the last accept().
+                 */
+                int fl = fcntl(d->listen_fd, F_GETFL);
+
+                if (fl < 0 || fcntl(d->listen_fd, F_SETFL, fl | O_NONBLOCK) < 0)
+                        return log_error_errno(errno, "Cannot make the passed socket non-blocking: %m");
                 refuse_passed_fds(d->listen_fd);
                 return 0;
         }

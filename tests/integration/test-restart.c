@@ -11,7 +11,9 @@
 #include <stdio.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/un.h>
 #include <unistd.h>
 
 #include "harness.h"
@@ -184,6 +186,81 @@ Test(restart, zones_survive_and_hostile_fds_are_dropped) {
         shmz_zone_close(gone);
         shmz_zone_close(z);
         shmz_disconnect(c);
+}
+
+/* A listening socket at d.socket, as a socket unit would pass it. */
+static int make_listen_socket(void) {
+        struct sockaddr_un sa = { .sun_family = AF_UNIX };
+        int fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
+
+        cr_assert_geq(fd, 0);
+        cr_assert_lt(strlen(d.socket), sizeof(sa.sun_path));
+        memcpy(sa.sun_path, d.socket, strlen(d.socket) + 1);
+        (void) unlink(d.socket);
+        cr_assert_eq(bind(fd, (struct sockaddr *) &sa, sizeof(sa)), 0);
+        cr_assert_eq(chmod(d.socket, 0666), 0);
+        cr_assert_eq(listen(fd, 16), 0);
+        return fd;
+}
+
+Test(restart, config_meets_kept_zones_and_socket_activation) {
+        struct shmz_client *c = harness_connect(&d);
+        struct shmz_zone *z;
+        struct shmz_zone_stat st;
+        int fds[3];
+        const char *names[3];
+        int i_decl;
+
+        cr_assert_not_null(c);
+        cr_assert_eq(shmz_zone_open(c, "decl", 0, "d", 0, &z), 0);
+        memset(shmz_zone_base(z), 0x3c, 100);
+        shmz_zone_close(z);
+        shmz_disconnect(c);
+        harness_drain_notify(&d);
+        cr_assert_eq(harness_stop(&d), 0);
+        i_decl = stored(DECL_FDNAME);
+        cr_assert_geq(i_decl, 0);
+
+        /* The declaration changed its size, and a new zone is declared: refused and created, as a reload does. */
+        harness_write_config(&d, "[daemon]\nmemory_budget = 64M\nuid_quota = 4M\n"
+                                 "[zone decl]\nsize = 128K\ntag = d\nuser = root\ngroup = root\nmode = 0644\n"
+                                 "[zone fresh]\nsize = 64K\ntag = f\nuser = root\ngroup = root\nmode = 0600\n");
+        /* systemd names a socket unit's fd after the unit: not a zone's name, whatever it starts with. */
+        fds[0] = make_listen_socket();
+        names[0] = "shmzoned.socket";
+        fds[1] = d.stored_fds[i_decl];
+        names[1] = DECL_FDNAME;
+        d.listen_fds = fds;
+        d.listen_names = names;
+        d.n_listen = 2;
+        cr_assert_eq(harness_start(&d, NULL, false), 0, "daemon did not restart: %s", harness_log(&d));
+        close(fds[0]);
+        expect_log("Zone 'decl': size changed");
+        expect_log("Zone 'fresh': created");
+        expect_log("refused, see above; serving the zones kept from the previous run.");
+
+        c = harness_connect(&d);
+        cr_assert_not_null(c, "the passed socket does not serve");
+        cr_assert_eq(shmz_zone_open(c, "decl", 0, "d", 0, &z), 0);
+        cr_assert_eq(((unsigned char *) shmz_zone_base(z))[99], 0x3c);
+        cr_assert_eq(shmz_zone_stat(c, "decl", &st), 0);
+        cr_expect_eq(st.size, 65536, "the running zone keeps its size");
+        shmz_zone_close(z);
+        shmz_disconnect(c);
+        harness_drain_notify(&d);
+        cr_expect_geq(stored(DECL_FDNAME), 0);
+        cr_expect_geq(stored("shmz.0.0.600.1.0.fresh"), 0);
+
+        /* Now it is no longer declared: retired, and out of the store. */
+        harness_write_config(&d, "[daemon]\nmemory_budget = 64M\n");
+        cr_assert_eq(harness_reload(&d), 0, "reload: %s", harness_log(&d));
+        harness_drain_notify(&d);
+        cr_expect_eq(stored_zone("decl"), 0);
+        cr_expect_eq(stored_zone("fresh"), 0);
+        cr_expect_eq(d.n_stored, 0);
+        /* The socket was systemd's: the daemon leaves its file in place. */
+        cr_assert_eq(harness_stop(&d), 0);
+        cr_expect_eq(access(d.socket, F_OK), 0);
 }
 
 int main(int argc, char *argv[]) {

@@ -1400,7 +1400,7 @@ Test(core, adopt_checks_and_charges) {
         struct zone *z;
         struct stat sb;
         void *m;
-        int fd, kept, pipefd[2], unsealed;
+        int fd, kept, spare, pipefd[2], unsealed;
 
         slog_reset();
         registry_set_store(reg, &slog_store, NULL);
@@ -1434,6 +1434,8 @@ Test(core, adopt_checks_and_charges) {
         /* Writers scribbled the header's ACL and its inode mode went astray: the FDNAME wins, 0400 again. */
         cr_assert_eq(pwrite(kept, &(uint32_t[3]){ 0, 0, 0666 }, 12, offsetof(struct shmz_zone_header, uid)), 12);
         cr_assert_eq(fchmod(kept, 0666), 0);
+        spare = fcntl(kept, F_DUPFD_CLOEXEC, 3);
+        cr_assert_geq(spare, 0);
         cr_assert_eq(registry_adopt(reg, name, kept, &why), 0, "%s", why ?: "");
         cr_assert_eq(registry_info(reg, "old", &info), 0);
         cr_assert(info.uid == 1000 && info.gid == 1000 && info.mode == 0640);
@@ -1462,5 +1464,12 @@ Test(core, adopt_checks_and_charges) {
         cr_assert_str_eq(slog.ops[0] + 1, name);
         cr_assert_eq(slog.ops[0][0], '-');
         slog_reset();
+
+        /* Limits lowered across the restart: kept and charged all the same (its memory exists), and said so. */
+        setup_limits(pages(2), pages(1), 0);
+        cr_assert_eq(registry_adopt(reg, name, spare, &why), 1);
+        cr_assert_str_eq(why, "adopted past the memory budget or its uid's quota");
+        expect_stats(pages(3), 1, 0);
+        cr_assert_eq(open_zone(&OWNER, "new", 4096, SHMZ_CREATE, &z, &fd, NULL), -EDQUOT);
         finish();
 }

@@ -79,12 +79,17 @@ struct registry {
         size_t n_changes;
         const struct registry_store *store;
         void *store_data;
-        /* Store changes made under the lock, delivered once it is released; fd -EBADF: removed. */
+        /*
+         * Store changes made under the lock, in order, delivered once it is
+         * released by one thread at a time (store_delivering), so that systemd
+         * sees them in that order too; fd -EBADF: removed.
+         */
         struct registry_store_change {
+                struct registry_store_change *next;
                 struct zone_identity id;
                 int fd;
-        } store_changes[REGISTRY_MAX_CHANGES];
-        size_t n_store_changes;
+        } * store_head, *store_tail;
+        bool store_delivering;
 };
 
 /* registry.c */

@@ -30,29 +30,56 @@ bool registry_locked_by_me(struct registry *reg) {
         return __atomic_load_n(&reg->owner, __ATOMIC_RELAXED) == gettid_cached();
 }
 
+/*
+ * Delivers store changes in the order they were made: a chmod's removal and
+ * store must reach systemd in that order across threads too, or a stale ACL
+ * could be the one a restart finds. One thread delivers at a time; one that
+ * finds a delivery running leaves its changes to it. The lock is not held
+ * while delivering: the store talks to systemd.
+ */
+static void store_deliver(struct registry *reg, const struct registry_store *store, void *data,
+                          struct registry_store_change *batch) {
+        while (batch) {
+                while (batch) {
+                        struct registry_store_change *c = batch;
+
+                        batch = c->next;
+                        if (c->fd < 0)
+                                store->removed(data, &c->id);
+                        else
+                                store->stored(data, &c->id, c->fd);
+                        safe_close(c->fd);
+                        free(c);
+                }
+                pthread_mutex_lock(&reg->lock);
+                batch = reg->store_head;
+                reg->store_head = reg->store_tail = NULL;
+                if (!batch)
+                        reg->store_delivering = false;
+                pthread_mutex_unlock(&reg->lock);
+        }
+}
+
 void registry_unlock(struct registry *reg) {
         struct registry_change changes[REGISTRY_MAX_CHANGES];
-        struct registry_store_change stores[REGISTRY_MAX_CHANGES];
+        struct registry_store_change *batch = NULL;
         registry_observer_t observer = reg->observer;
         const struct registry_store *store = reg->store;
         void *data = reg->observer_data, *store_data = reg->store_data;
-        size_t n = reg->n_changes, n_stores = reg->n_store_changes;
+        size_t n = reg->n_changes;
 
         assert_locked(reg);
         memcpy(changes, reg->changes, n * sizeof(changes[0]));
-        memcpy(stores, reg->store_changes, n_stores * sizeof(stores[0]));
         reg->n_changes = 0;
-        reg->n_store_changes = 0;
+        if (reg->store_head && !reg->store_delivering) {
+                batch = reg->store_head;
+                reg->store_head = reg->store_tail = NULL;
+                reg->store_delivering = true;
+        }
         reg->owner = 0;
         pthread_mutex_unlock(&reg->lock);
-        /* Outside the lock: the observer may call back into the registry, the store talks to systemd. */
-        for (size_t i = 0; i < n_stores; i++) {
-                if (stores[i].fd < 0)
-                        store->removed(store_data, &stores[i].id);
-                else
-                        store->stored(store_data, &stores[i].id, stores[i].fd);
-                safe_close(stores[i].fd);
-        }
+        /* Outside the lock: the store talks to systemd, the observer may call back into the registry. */
+        store_deliver(reg, store, store_data, batch);
         for (size_t i = 0; observer && i < n; i++)
                 observer(data, changes[i].ev, changes[i].name, changes[i].ino);
 }
@@ -73,15 +100,22 @@ static bool identity_eq(const struct zone_identity *a, const struct zone_identit
                a->charged_uid == b->charged_uid && a->declared == b->declared;
 }
 
-static void store_queue(struct registry *reg, const struct zone_identity *id, int fd) {
+/* false if out of memory (the change is lost: a removal leaves a stale entry, a store an unkept zone). */
+static bool store_queue(struct registry *reg, const struct zone_identity *id, int fd) {
+        struct registry_store_change *c = malloc(sizeof(*c));
+
         assert_locked(reg);
-        /* A locked section touches one zone: a removal and a store at most. */
-        assert(reg->n_store_changes < REGISTRY_MAX_CHANGES);
-        if (reg->n_store_changes >= REGISTRY_MAX_CHANGES) {
+        if (!c) {
                 safe_close(fd);
-                return;
+                return false;
         }
-        reg->store_changes[reg->n_store_changes++] = (struct registry_store_change){ .id = *id, .fd = fd };
+        *c = (struct registry_store_change){ .id = *id, .fd = fd };
+        if (reg->store_tail)
+                reg->store_tail->next = c;
+        else
+                reg->store_head = c;
+        reg->store_tail = c;
+        return true;
 }
 
 void registry_store_sync(struct registry *reg, struct zone *z) {
@@ -94,7 +128,7 @@ void registry_store_sync(struct registry *reg, struct zone *z) {
         if (z->stored && (!want || !identity_eq(&id, &z->stored_id))) {
                 /* The old name goes first: a restarted daemon must never find a stale ACL or an unlinked zone. */
                 if (reg->store)
-                        store_queue(reg, &z->stored_id, -EBADF);
+                        (void) store_queue(reg, &z->stored_id, -EBADF);
                 z->stored = false;
         }
         if (!want || z->stored || !reg->store)
@@ -103,7 +137,8 @@ void registry_store_sync(struct registry *reg, struct zone *z) {
         fd = fcntl(z->fd, F_DUPFD_CLOEXEC, 3);
         if (fd < 0)
                 return; /* out of fds: the zone works, it only would not survive a restart */
-        store_queue(reg, &id, fd);
+        if (!store_queue(reg, &id, fd))
+                return;
         z->stored = true;
         z->stored_id = id;
 }
@@ -209,6 +244,13 @@ struct registry *registry_free(struct registry *reg) {
                 (void) tdelete(z, &reg->by_ino, zone_ino_cmp);
                 if (--z->refs == 0)
                         zone_destroy(z);
+        }
+        while (reg->store_head) {
+                struct registry_store_change *c = reg->store_head;
+
+                reg->store_head = c->next;
+                safe_close(c->fd);
+                free(c);
         }
         free(reg->names);
         free(reg->quotas);

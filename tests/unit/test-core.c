@@ -11,6 +11,7 @@
 #include <fcntl.h>
 #include <inttypes.h>
 #include <limits.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -1471,5 +1472,67 @@ Test(core, adopt_checks_and_charges) {
         cr_assert_str_eq(why, "adopted past the memory budget or its uid's quota");
         expect_stats(pages(3), 1, 0);
         cr_assert_eq(open_zone(&OWNER, "new", 4096, SHMZ_CREATE, &z, &fd, NULL), -EDQUOT);
+        finish();
+}
+
+/* A store like systemd's: names in, names out, in the order they arrive. */
+static struct {
+        pthread_mutex_t lock;
+        char names[16][ZONE_FDNAME_MAX + 1];
+        size_t n;
+        bool overflow;
+} sim = { .lock = PTHREAD_MUTEX_INITIALIZER };
+
+static void sim_stored(void *userdata, const struct zone_identity *id, int fd) {
+        usleep(20); /* a slow PID 1 widens the window for another thread's changes to overtake */
+        pthread_mutex_lock(&sim.lock);
+        if (sim.n < ELEMENTSOF(sim.names))
+                (void) zone_identity_format(id, sim.names[sim.n++], sizeof(sim.names[0]));
+        else
+                sim.overflow = true;
+        pthread_mutex_unlock(&sim.lock);
+}
+
+static void sim_removed(void *userdata, const struct zone_identity *id) {
+        char name[ZONE_FDNAME_MAX + 1];
+
+        (void) zone_identity_format(id, name, sizeof(name));
+        pthread_mutex_lock(&sim.lock);
+        for (size_t i = 0; i < sim.n;)
+                if (streq(sim.names[i], name))
+                        memcpy(sim.names[i], sim.names[--sim.n], sizeof(sim.names[0]));
+                else
+                        i++;
+        pthread_mutex_unlock(&sim.lock);
+}
+
+static const struct registry_store sim_store = { .stored = sim_stored, .removed = sim_removed };
+
+static void *chmod_loop(void *userdata) {
+        uint32_t base = *(const uint32_t *) userdata;
+
+        for (uint32_t i = 0; i < 2000; i++)
+                cr_assert_eq(registry_setattr(reg, &ROOT, "raced", 0, SHMZ_SETATTR_MODE, base | (i & 7), 0, 0), 0);
+        return NULL;
+}
+
+/* Two threads chmod one zone at once: the store ends with its last identity only, never a stale one. */
+Test(core, store_order_across_threads) {
+        struct shmz_msg_zone_info info;
+        uint32_t modes[2] = { 0600, 0640 };
+        char want[ZONE_FDNAME_MAX + 1];
+        pthread_t t[2];
+
+        registry_set_store(reg, &sim_store, NULL);
+        make_attached_and_detach(&OWNER, "raced", 4096);
+        for (int i = 0; i < 2; i++)
+                cr_assert_eq(pthread_create(&t[i], NULL, chmod_loop, &modes[i]), 0);
+        for (int i = 0; i < 2; i++)
+                cr_assert_eq(pthread_join(t[i], NULL), 0);
+        cr_assert_eq(registry_info(reg, "raced", &info), 0);
+        snprintf(want, sizeof(want), "shmz.1000.1000.%o.0.1000.raced", info.mode);
+        cr_assert_not(sim.overflow);
+        cr_assert_eq(sim.n, 1, "%zu entries, the first %s", sim.n, sim.names[0]);
+        cr_assert_str_eq(sim.names[0], want);
         finish();
 }

@@ -74,7 +74,9 @@ int zone_identity_parse(const char *fdname, struct zone_identity *ret);
  * that zones survive its restart. stored(): z got its memory, or its identity
  * changed (after removed() of the old one); fd is a copy, valid during the
  * call only. removed(): that identity is gone (unlink, retire, or changed).
- * Called outside the registry lock, like the observer.
+ * Called outside the registry lock, in the order the changes were made (one
+ * thread delivers at a time; it may be another thread than the one that made
+ * the change).
  */
 struct registry_store {
         void (*stored)(void *userdata, const struct zone_identity *id, int fd);

@@ -26,8 +26,9 @@ struct daemon_proc {
         /*
          * systemd's fd store as the daemon filled it through the notify socket
          * (FDSTORE=1 adds, FDSTOREREMOVE=1 drops by FDNAME), up to
-         * HARNESS_MAX_STORED; filled by every read of that socket. The fds
-         * stay open here across a stop, as they would in systemd.
+         * HARNESS_MAX_STORED, kept by the reader thread. Read them after
+         * harness_drain_notify() or harness_stop(), while the daemon is idle.
+         * The fds stay open here across a stop, as they would in systemd.
          */
         int stored_fds[HARNESS_MAX_STORED];
         char stored_names[HARNESS_MAX_STORED][256];

@@ -118,7 +118,11 @@ Test(restart, zones_survive_and_hostile_fds_are_dropped) {
                 fds[n] = d.stored_fds[i];
                 names[n++] = d.stored_names[i];
         }
-        /* Hostile or broken entries, each dropped with a reason. */
+        /*
+         * Hostile or broken entries, each dropped with a reason. The FDNAME itself
+         * is trusted (systemd takes FDSTORE= from the service's main process
+         * only, NotifyAccess=main): these stand for corruption and foreign fds.
+         */
         cr_assert_eq(pipe2(pipefd, O_CLOEXEC), 0);
         fds[n] = pipefd[0];
         names[n++] = "shmz.0.0.600.0.0.pipe";
@@ -145,6 +149,13 @@ Test(restart, zones_survive_and_hostile_fds_are_dropped) {
         expect_log("Dropping stored fd 'shmz.0.0.9999.0.0.bad': its FDNAME does not parse.");
         expect_log("Dropping stored fd '" KEEP_FDNAME "': a zone of that name exists already.");
         expect_log("Took back 2 zone(s) from the previous run.");
+        /* Dropped from systemd's store too (sent before READY=1, so harness_start() has read them). */
+        for (size_t i = 2; i < n; i++) {
+                char line[300];
+
+                snprintf(line, sizeof(line), "FDSTOREREMOVE=1\nFDNAME=%s|", names[i]);
+                cr_expect(strstr(d.notified, line), "no %s in %s", line, d.notified);
+        }
 
         /* The store holds what it held: removing the duplicate's name took keep's copy, it was stored again. */
         harness_drain_notify(&d);

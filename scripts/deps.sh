@@ -5,7 +5,7 @@ pkgs=(
         meson ninja-build pkgconf gcc g++
         libfuse3-dev fuse3 libsystemd-dev libinih-dev
         libcriterion-dev attr libboost-dev scdoc clang-format
-        libmicrohttpd-dev
+        libmicrohttpd-dev libjson-c-dev bash-completion
 )
 missing=()
 for p in "${pkgs[@]}"; do

@@ -417,11 +417,118 @@ Test(shmzctl, create_list_info_chmod_rm) {
         cr_assert_eq(shmzctl(out, sizeof(out), "list"), 0, "%s", out);
         cr_assert(strstr(out, "demo ") && strstr(out, "(declared)") && strstr(out, "web "), "%s", out);
         cr_assert_eq(shmzctl(out, sizeof(out), "rm web"), 0, "%s", out);
-        cr_assert_eq(shmzctl(out, sizeof(out), "info web"), 1);
+        cr_assert_eq(shmzctl(out, sizeof(out), "info web"), 3);
         cr_assert(strstr(out, "No such file"), "%s", out);
         cr_assert_eq(shmzctl(out, sizeof(out), "status"), 0, "%s", out);
         cr_assert(strstr(out, "zones: 1 "), "%s", out);
         cr_assert_eq(shmzctl(out, sizeof(out), "frobnicate"), 2);
+}
+
+/* Runs a shell command line; its exit status, output in out. */
+static int run(char *out, size_t size, const char *cmd) {
+        FILE *p = popen(cmd, "re");
+        size_t n;
+
+        cr_assert_not_null(p);
+        n = fread(out, 1, size - 1, p);
+        out[n] = 0;
+        return WEXITSTATUS(pclose(p));
+}
+
+/* Checks shmzctl's JSON with python's parser: a python expression over j that must be true. */
+static void check_json(const char *args, const char *expr) {
+        char cmd[2048], out[8192];
+
+        snprintf(cmd, sizeof(cmd),
+                 "%s --socket %s %s | python3 -c \"import json,sys; j=json.load(sys.stdin); sys.exit(0 if (%s) else "
+                 "1)\" "
+                 "2>&1",
+                 getenv("SHMZCTL"), d.socket, args, expr);
+        cr_assert_eq(run(out, sizeof(out), cmd), 0, "%s: %s: %s", args, expr, out);
+}
+
+Test(shmzctl, commands_json_options_exit_codes) {
+        char out[8192], cmd[1024];
+
+        harness_init(&d, "[zone demo]\nsize = 1M\ntag = demo\n");
+        cr_assert_eq(harness_start(&d, NULL, false), 0, "log: %s", harness_log(&d));
+
+        /* Options before, between and after the operands. */
+        cr_assert_eq(shmzctl(out, sizeof(out), "create a --size 2M --tag t1 --mode 0644"), 0, "%s", out);
+        cr_assert_eq(shmzctl(out, sizeof(out), "--size 4K --json create b"), 0, "%s", out);
+        cr_assert_eq(shmzctl(out, sizeof(out), "--size 1G create c --size 3M"), 0, "%s", out);
+        snprintf(cmd, sizeof(cmd), "POSIXLY_CORRECT=1 %s --socket %s create e --size 1K 2>&1", getenv("SHMZCTL"),
+                 d.socket);
+        cr_assert_eq(run(out, sizeof(out), cmd), 0, "%s", out);
+        cr_assert_eq(shmzctl(out, sizeof(out), "show a"), 0, "%s", out);
+        cr_assert(strstr(out, "tag: t1\n") && strstr(out, "mode: 0644\n") && strstr(out, "size: 2097152\n"), "%s", out);
+
+        check_json("list --json", "[z['name'] for z in j] == ['a','b','c','demo','e'] and j[3]['declared'] is True and "
+                                  "j[0]['size'] == 2097152 and j[0]['mode'] == 0o644 and j[0]['tag'] == 't1' and "
+                                  "j[1]['size'] == 4096 and j[2]['size'] == 3145728 and isinstance(j[0]['uid'], int)");
+        check_json("show a --json", "j['name'] == 'a' and j['size'] == 2097152 and j['attached'] == 0 and "
+                                    "j['declared'] is False and j['gid'] == 0");
+        check_json("--json status", "j['zones'] == 5 and isinstance(j['budget'], int) and j['budget_used'] > 0 and "
+                                    "set(j) >= {'clients','requests','errors','uptime_usec','uid_quota'}");
+
+        cr_assert_eq(shmzctl(out, sizeof(out), "list --names"), 0, "%s", out);
+        cr_assert_str_eq(out, "a\nb\nc\ndemo\ne\n");
+        cr_assert_eq(shmzctl(out, sizeof(out), "chown 65534:65534 b"), 0, "%s", out);
+        check_json("show b --json", "j['uid'] == 65534 and j['gid'] == 65534");
+        cr_assert_eq(shmzctl(out, sizeof(out), "chmod 0600 b"), 0, "%s", out);
+        cr_assert_eq(shmzctl(out, sizeof(out), "rm e"), 0, "%s", out);
+
+        /* 2: usage. */
+        cr_assert_eq(shmzctl(out, sizeof(out), ""), 2, "%s", out);
+        cr_assert_eq(shmzctl(out, sizeof(out), "create x"), 2, "%s", out);
+        cr_assert_eq(shmzctl(out, sizeof(out), "create x --size lots"), 2, "%s", out);
+        cr_assert_eq(shmzctl(out, sizeof(out), "chmod 99 a"), 2, "%s", out);
+        cr_assert_eq(shmzctl(out, sizeof(out), "chown no-such-user-here a"), 2, "%s", out);
+        cr_assert_eq(shmzctl(out, sizeof(out), "--bogus list"), 2, "%s", out);
+        cr_assert_eq(shmzctl(out, sizeof(out), "show"), 2, "%s", out);
+        /* 3: not found. */
+        cr_assert_eq(shmzctl(out, sizeof(out), "show nope"), 3, "%s", out);
+        cr_assert_eq(shmzctl(out, sizeof(out), "rm nope"), 3, "%s", out);
+        cr_assert_eq(shmzctl(out, sizeof(out), "chmod 644 nope"), 3, "%s", out);
+        /* 1: anything else (it exists). */
+        cr_assert_eq(shmzctl(out, sizeof(out), "create a --size 1M"), 1, "%s", out);
+        /* 4: permission, as nobody on root's zone. */
+        snprintf(cmd, sizeof(cmd), "setpriv --reuid=65534 --regid=65534 --clear-groups %s --socket %s %s 2>&1",
+                 getenv("SHMZCTL"), d.socket, "chmod 0666 a");
+        cr_assert_eq(run(out, sizeof(out), cmd), 4, "%s", out);
+        snprintf(cmd, sizeof(cmd), "setpriv --reuid=65534 --regid=65534 --clear-groups %s --socket %s %s 2>&1",
+                 getenv("SHMZCTL"), d.socket, "rm a");
+        cr_assert_eq(run(out, sizeof(out), cmd), 4, "%s", out);
+        /* 5: no daemon there. */
+        snprintf(cmd, sizeof(cmd), "%s --socket /nonexistent/shmzone.sock status 2>&1", getenv("SHMZCTL"));
+        cr_assert_eq(run(out, sizeof(out), cmd), 5, "%s", out);
+        snprintf(cmd, sizeof(cmd), "SHMZONE_SOCKET=/nonexistent/shmzone.sock %s list 2>&1", getenv("SHMZCTL"));
+        cr_assert_eq(run(out, sizeof(out), cmd), 5, "%s", out);
+
+        snprintf(cmd, sizeof(cmd), "%s --help", getenv("SHMZCTL"));
+        cr_assert_eq(run(out, sizeof(out), cmd), 0);
+        cr_assert(strstr(out, "Exit status") && strstr(out, "chown"), "%s", out);
+        snprintf(cmd, sizeof(cmd), "%s --version", getenv("SHMZCTL"));
+        cr_assert_eq(run(out, sizeof(out), cmd), 0);
+        cr_assert(!strncmp(out, "shmzctl ", 8), "%s", out);
+}
+
+Test(shmzctl, bash_completion) {
+        char out[4096], cmd[2048];
+        char file[1024];
+
+        /* tools/meson.build copies it next to the binary. */
+        snprintf(file, sizeof(file), "%s.bash", getenv("SHMZCTL"));
+
+        if (access(file, R_OK) < 0 || access("/bin/bash", X_OK) < 0)
+                cr_skip_test("no completion script or no bash");
+        snprintf(
+                cmd, sizeof(cmd),
+                "bash -c 'source %s && COMP_WORDS=(shmzctl cr) && COMP_CWORD=1 && _shmzctl && echo \"${COMPREPLY[@]}\" "
+                "&& COMP_WORDS=(shmzctl list --js) && COMP_CWORD=2 && _shmzctl && echo \"${COMPREPLY[@]}\"' 2>&1",
+                file);
+        cr_assert_eq(run(out, sizeof(out), cmd), 0, "%s", out);
+        cr_assert_str_eq(out, "create\n--json\n");
 }
 
 Test(config, help_and_version) {

@@ -301,9 +301,7 @@ int main(int argc, char *argv[]) {
         struct shmz_client *c;
         int o, r;
 
-        /* Options anywhere, as admins type them: "-" would be POSIXLY_CORRECT-proof permutation too, but
-         * it hands operands back as option 1; a leading "+" is what stops permutation, so say neither and
-         * drop POSIXLY_CORRECT, which would. */
+        /* Options anywhere, as admins type them: glibc permutes argv unless POSIXLY_CORRECT is set. */
         unsetenv("POSIXLY_CORRECT");
         while ((o = getopt_long(argc, argv, "s:S:t:m:jqhV", options, NULL)) >= 0)
                 switch (o) {

@@ -505,6 +505,14 @@ Test(shmzctl, commands_json_options_exit_codes) {
         snprintf(cmd, sizeof(cmd), "SHMZONE_SOCKET=/nonexistent/shmzone.sock %s list 2>&1", getenv("SHMZCTL"));
         cr_assert_eq(run(out, sizeof(out), cmd), 5, "%s", out);
 
+        /* The completion offers zone names, asking the daemon the command line names. */
+        snprintf(cmd, sizeof(cmd),
+                 "PATH=$(dirname %s):$PATH bash -c 'source %s.bash && COMP_WORDS=(shmzctl --socket %s show d) && "
+                 "COMP_CWORD=4 && _shmzctl && echo \"${COMPREPLY[@]}\"' 2>&1",
+                 getenv("SHMZCTL"), getenv("SHMZCTL"), d.socket);
+        cr_assert_eq(run(out, sizeof(out), cmd), 0, "%s", out);
+        cr_assert_str_eq(out, "demo\n");
+
         snprintf(cmd, sizeof(cmd), "%s --help", getenv("SHMZCTL"));
         cr_assert_eq(run(out, sizeof(out), cmd), 0);
         cr_assert(strstr(out, "Exit status") && strstr(out, "chown"), "%s", out);

@@ -2,7 +2,8 @@
 # SPDX-License-Identifier: LGPL-2.1-or-later
 # System test: boots systemd as PID 1 in fresh mount/pid/uts namespaces over a throwaway
 # overlay of /, installs the build there, and drives shmzoned.socket/.service with systemctl:
-# restart keeps zones (mount, library, an attached client's mapping), reload adds a zone,
+# restart (and a crash restarted by Restart=on-failure) keeps zones (mount, library, an attached
+# client's mapping), reload adds a zone,
 # stop leaves no FUSE mount, the journal has the log with priorities.
 # Never boots systemd on the host. Usage: test-system.sh BUILD_DIR SOURCE_DIR [CONFIG]. Exit 77: skipped.
 set -u
@@ -150,6 +151,13 @@ touch "$T/meta/go"
 wait $HOLD || fail "held client: $(cat "$T/hold.log")"
 cin "$T/client" $SOCK pat check 64 PATTERN-B || fail "old client's write not seen by a new one"
 echo "ok restart keeps the zone"
+
+cin sh -c 'kill -SEGV $(systemctl show -P MainPID shmzoned)'
+deadline=$((SECONDS + 20))
+until [ "$(cin systemctl is-active shmzoned)" = active ] && cin test -e $Z && [ "$(cin systemctl show -P NRestarts shmzoned)" = 1 ]; do
+        [ $SECONDS -lt $deadline ] || fail "no restart after a crash: $(cin systemctl status shmzoned --no-pager)"; sleep 0.2; done
+cin grep -q PATTERN-A $Z || fail "pattern lost after a crash"
+echo "ok crash restart keeps the zone"
 
 cin sh -c 'printf "\n[zone added]\nsize = 64K\n" >> "$1"' sh "$CONF"
 cin systemctl reload shmzoned.service || fail "reload"

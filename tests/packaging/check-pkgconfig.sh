@@ -33,7 +33,12 @@ int main(void)
         return 0;
 }
 C
-# shellcheck disable=SC2086
-"$CC" -std=c99 -pedantic -Wall -Wextra -Werror -o "$tmp/prog" "$tmp/prog.c" $flags
 libdir=$(dirname "$(dirname "$pcfile")")
+# A sanitized build installs a sanitized library: its users must link the runtimes first.
+san=""
+if readelf -d "$libdir"/libshmzone.so.0 2>/dev/null | grep -q 'libasan'; then
+        san="-fsanitize=address,undefined"
+fi
+# shellcheck disable=SC2086
+"$CC" -std=c99 -pedantic -Wall -Wextra -Werror $san -o "$tmp/prog" "$tmp/prog.c" $flags
 LD_LIBRARY_PATH="$libdir" "$tmp/prog"

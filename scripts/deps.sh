@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Installs what building, running and testing shmzone need on Debian 12.
+# Installs what building, running and testing shmzone need on Debian 12, and
+# any further packages named as arguments (scripts/fuzz.sh: clang, libFuzzer).
 set -euo pipefail
 pkgs=(
         meson ninja-build pkgconf gcc g++
         libfuse3-dev fuse3 libsystemd-dev libinih-dev
         libcriterion-dev attr libboost-dev scdoc clang-format
         libmicrohttpd-dev libjson-c-dev bash-completion
+        "$@"
 )
 missing=()
 for p in "${pkgs[@]}"; do

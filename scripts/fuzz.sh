@@ -15,19 +15,8 @@ seconds=${FUZZ_SECONDS:-20}
 builddir=${BUILDDIR:-build-fuzz}
 targets=${FUZZ_TARGETS:-fuzz-control fuzz-config fuzz-slab}
 
-# Build dependencies first (as CI installs them), then the compiler with libFuzzer.
-scripts/deps.sh
-pkgs=(clang libclang-rt-14-dev)
-missing=()
-for p in "${pkgs[@]}"; do
-        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-        sudo=""
-        [ "$(id -u)" -eq 0 ] || sudo=sudo
-        $sudo apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
-fi
+# Build dependencies, and the compiler with libFuzzer.
+scripts/deps.sh clang libclang-rt-14-dev
 
 # Clean, so that no object of another configuration (gcc, no coverage) slips in.
 # The test suite and benchmarks are not needed; sanitizers for every language and

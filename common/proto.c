@@ -16,6 +16,13 @@ _Static_assert(sizeof(struct shmz_msg_header) == 16, "message header size");
 _Static_assert(sizeof(struct shmz_msg_zone_open) == 16 + SHMZ_NAME_BUF + SHMZ_TAG_BUF, "open size");
 _Static_assert(sizeof(struct shmz_msg_zone_info) == 88 + SHMZ_NAME_BUF + SHMZ_TAG_BUF, "info size");
 _Static_assert(sizeof(struct shmz_msg_zone_info) + sizeof(struct shmz_msg_header) <= SHMZ_MSG_MAX, "fits");
+_Static_assert(sizeof(struct shmz_segment_header) == SHMZ_SEGMENT_HEADER_SIZE, "segment header size");
+_Static_assert(offsetof(struct shmz_segment_header, used) == 128, "segment bitmap offset");
+_Static_assert(sizeof(struct shmz_channel_dir) == 64, "channel direction size");
+_Static_assert(sizeof(struct shmz_channel) <= SHMZ_CHANNEL_SIZE, "channel fits its page");
+_Static_assert(sizeof(struct shmz_frame) == 32, "frame header size");
+_Static_assert(sizeof(struct shmz_msg_port_info) + sizeof(struct shmz_msg_header) <= SHMZ_MSG_MAX, "fits");
+_Static_assert(sizeof(struct shmz_msg_port_peer) + sizeof(struct shmz_msg_header) <= SHMZ_MSG_MAX, "fits");
 
 int proto_send(int fd, uint16_t type, uint16_t flags, uint32_t stream, int32_t status, const void *body,
                size_t body_size, int pass_fd) {

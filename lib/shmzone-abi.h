@@ -15,7 +15,7 @@
 #include <stdint.h>
 
 #define SHMZ_ABI_VERSION 2u   /* 2: the zone lock keeps no robust-list links */
-#define SHMZ_PROTO_VERSION 2u /* 2: zone info carries ino, mtime, ctime */
+#define SHMZ_PROTO_VERSION 3u /* 3: ports and segments; status grew */
 
 /* Names: [A-Za-z0-9._-], 1..200 bytes, not "." or "..". Tags: printable, 0..63 bytes. */
 #define SHMZ_NAME_MAX 200u
@@ -117,7 +117,15 @@ enum {
         SHMZ_MSG_ZONE_SETATTR = 7,
         SHMZ_MSG_ZONE_OPEN_TICKET = 8,
         SHMZ_MSG_STATUS = 9,
+        SHMZ_MSG_PORT_LISTEN =
+                10, /* shmz_msg_port_listen -> shmz_msg_port_info; the connection becomes the listener's */
+        SHMZ_MSG_PORT_CONNECT = 11,    /* shmz_msg_zone_name -> shmz_msg_port_peer, fds: [socket end, channel] */
+        SHMZ_MSG_PORT_ACCEPTED = 12,   /* one-way, on a listener connection: shmz_msg_port_ref (token 0) */
+        SHMZ_MSG_SEGMENT_CREATE = 13,  /* shmz_msg_port_ref -> shmz_msg_segment_info, fd: the segment (read-write) */
+        SHMZ_MSG_PORT_LIST = 14,       /* run of shmz_msg_port_info, then an empty LAST */
+        SHMZ_MSG_SEGMENT_LIST = 15,    /* run of shmz_msg_segment_info, then an empty LAST */
         SHMZ_MSG_NOTICE_SHUTDOWN = 64, /* daemon -> client: the daemon is stopping */
+        SHMZ_MSG_NOTICE_PORT = 65,     /* daemon -> listener: shmz_msg_port_peer, fds: [socket end, channel] */
 };
 
 #define SHMZ_MSG_F_REPLY 0x1u
@@ -218,6 +226,172 @@ struct shmz_msg_status {
         uint64_t requests, errors;
         uint64_t segments;
         uint64_t uptime_usec;
+        /* protocol 3 */
+        uint64_t listeners;                /* published port names */
+        uint64_t ports;                    /* connections between two processes */
+        uint64_t segment_bytes;            /* memory of all segments */
+        uint64_t chunks, chunks_used;      /* of all segments; used = claimed by a sender, not yet released */
+        uint64_t messages, message_bytes;  /* sent on live ports, as the ports' channels count them */
+        uint64_t ports_closed, peers_died; /* since start: ports that ended, and of those, by a process's death */
+};
+
+/* ---- ports ----------------------------------------------------------------------------- */
+
+/*
+ * A port is a SOCK_SEQPACKET socketpair the daemon makes between a listener and
+ * a connector, plus a channel memfd both sides map (figures, the sender's wait
+ * word). Each side has a token, a random secret the daemon gives it with its
+ * end: SEGMENT_CREATE for that side of that port needs it. The daemon keeps a
+ * copy of both ends and a pidfd of both processes, and shuts the port down
+ * (shutdown(2) on the dead side's end: the survivor reads what is queued, then
+ * end of file) when either process dies; when a side shuts its end down itself
+ * (closing a port), the daemon drops the port and its segments.
+ *
+ * Side 0 is the connector, side 1 the acceptor. Direction d carries what side d sends.
+ */
+#define SHMZ_PORT_SIDE_CONNECTOR 0u
+#define SHMZ_PORT_SIDE_ACCEPTOR 1u
+
+struct shmz_msg_port_listen {
+        uint32_t mode; /* who may connect: write permission of mode against uid/gid of the listener */
+        uint32_t reserved;
+        char name[SHMZ_NAME_BUF];
+};
+
+/* CONNECT reply (peer = the listener) and NOTICE_PORT (peer = the connector). */
+struct shmz_msg_port_peer {
+        uint64_t port_id;         /* daemon-wide, never reused while the daemon runs */
+        uint64_t token;           /* this side's secret */
+        uint32_t side;            /* SHMZ_PORT_SIDE_* of the receiver of this message */
+        uint32_t pid, uid, gid;   /* the peer's, from the kernel (SO_PEERCRED of its connection) */
+        uint32_t chunk_size;      /* [daemon] chunk_size: segments of this port are cut in chunks of this */
+        uint32_t segment_chunks;  /* chunks per segment */
+        uint64_t port_memory;     /* [daemon] port_memory: segment bytes one direction may have */
+        char name[SHMZ_NAME_BUF]; /* the listener's name */
+};
+
+/* SEGMENT_CREATE: for side `side` of port_id (token checked); PORT_ACCEPTED: token 0. */
+struct shmz_msg_port_ref {
+        uint64_t port_id;
+        uint64_t token;
+        uint32_t side;
+        uint32_t reserved;
+};
+
+/* PORT_LISTEN reply and PORT_LIST entries: a published name, or (listener 0) a connection. */
+struct shmz_msg_port_info {
+        uint64_t port_id;        /* 0 for a listener */
+        uint32_t mode, uid, gid; /* a listener's ACL; for a connection, the acceptor's uid/gid */
+        uint32_t pid[2];         /* per side (listener: pid[1]) */
+        uint32_t uid_side[2];
+        uint32_t backlog;     /* listener: connections not accepted yet */
+        uint32_t segments;    /* connection: both directions */
+        uint64_t connections; /* listener: live connections */
+        uint64_t messages[2]; /* connection, per direction, as the channel counts them (figures) */
+        uint64_t bytes[2];
+        uint64_t chunks_in_flight[2]; /* claimed and not released, from the segments' bitmaps */
+        uint64_t created_usec;
+        char name[SHMZ_NAME_BUF];
+};
+
+/* SEGMENT_CREATE reply and SEGMENT_LIST entries. */
+struct shmz_msg_segment_info {
+        uint64_t id;      /* daemon-wide segment id, never reused while the daemon runs */
+        uint64_t port_id; /* the port whose direction `side` owns it */
+        uint32_t side;
+        uint32_t slot;       /* index among that direction's segments, 0.. */
+        uint32_t chunk_size; /* bytes */
+        uint32_t n_chunks;
+        uint64_t map_size;    /* memfd bytes: SHMZ_SEGMENT_HEADER_SIZE + n_chunks * chunk_size */
+        uint32_t chunks_used; /* list only */
+        uint32_t owner_pid, owner_uid, reserved;
+        uint64_t created_usec;
+};
+
+/*
+ * The channel: one page both sides map read-write (sealed memfd). Only
+ * figures and wake-up words: neither side trusts what it reads here.
+ */
+#define SHMZ_CHANNEL_MAGIC UINT64_C(0x314e48435a5a4853) /* "SHZZCHN1" */
+#define SHMZ_CHANNEL_SIZE 4096u
+
+struct shmz_channel_dir {
+        uint32_t release_seq;  /* futex: the receiver adds one after releasing chunks */
+        uint32_t sender_waits; /* non-zero while a sender sleeps on release_seq */
+        uint64_t messages;     /* figures, added by the sender */
+        uint64_t bytes;
+        uint8_t reserved[40]; /* pads to 64 */
+};
+
+struct shmz_channel {
+        uint64_t magic; /* SHMZ_CHANNEL_MAGIC */
+        uint32_t abi_version;
+        uint32_t size; /* SHMZ_CHANNEL_SIZE */
+        uint64_t port_id;
+        uint8_t reserved0[40];          /* pads to 64 */
+        struct shmz_channel_dir dir[2]; /* 64: per direction (side that sends) */
+};
+
+/*
+ * A segment: a sealed memfd (F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) made by
+ * the daemon for one direction of one port. Header page, then n_chunks chunks.
+ * A chunk's bit in used[] is set by the sender when it claims it and cleared by
+ * the receiver when it releases it (atomics). The daemon fills the header; the
+ * receiver checks the segment against what it was told and the fd's own size
+ * and seals, never against the header.
+ */
+#define SHMZ_SEGMENT_MAGIC UINT64_C(0x314745535a5a4853) /* "SHZZSEG1" */
+#define SHMZ_SEGMENT_HEADER_SIZE 4096u
+#define SHMZ_SEGMENT_MAX_CHUNKS 16384u /* the bitmap's capacity */
+
+struct shmz_segment_header {
+        uint64_t magic; /* SHMZ_SEGMENT_MAGIC */
+        uint32_t abi_version;
+        uint32_t header_size; /* SHMZ_SEGMENT_HEADER_SIZE */
+        uint64_t map_size;
+        uint64_t id;
+        uint64_t port_id;
+        uint32_t side, slot;
+        uint32_t chunk_size, n_chunks;
+        uint8_t reserved[72];                        /* pads to 128 */
+        uint64_t used[SHMZ_SEGMENT_MAX_CHUNKS / 64]; /* 128: bit c of used[c / 64]: chunk c claimed */
+        uint8_t reserved1[SHMZ_SEGMENT_HEADER_SIZE - 128 - SHMZ_SEGMENT_MAX_CHUNKS / 8];
+};
+
+/*
+ * Frames on a port's socket, peer to peer. Every frame starts with this
+ * header; a DATA frame without SHMZ_FRAME_F_CHUNK carries its payload after
+ * it, one with it names chunks [chunk, chunk + ceil(size / chunk_size)) of
+ * the sender's segment `segment` (a slot). A SEGMENT frame's payload is a
+ * shmz_frame_segment and its one fd the segment; it comes before any frame
+ * that uses the slot. An fd rides along with DATA only with SHMZ_FRAME_F_FD.
+ * Anything else (unknown kind or flag, a slot not announced, chunks out of
+ * range, a size that disagrees, an fd where none belongs) is a protocol
+ * violation: the receiver drops the port.
+ */
+enum {
+        SHMZ_FRAME_DATA = 1,
+        SHMZ_FRAME_SEGMENT = 2,
+};
+#define SHMZ_FRAME_F_LAST 0x1u /* = SHMZ_MSG_LAST */
+#define SHMZ_FRAME_F_CHUNK 0x100u
+#define SHMZ_FRAME_F_FD 0x200u
+#define SHMZ_FRAME_INLINE_MAX 4096u /* largest payload carried in the frame itself */
+
+struct shmz_frame {
+        uint32_t kind; /* SHMZ_FRAME_* */
+        uint32_t flags;
+        uint32_t type, stream; /* the application's */
+        uint64_t size;         /* payload bytes */
+        uint32_t segment, chunk;
+};
+
+struct shmz_frame_segment {
+        uint64_t id;
+        uint32_t slot;
+        uint32_t chunk_size;
+        uint32_t n_chunks;
+        uint32_t reserved;
 };
 
 #endif

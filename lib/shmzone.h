@@ -98,9 +98,101 @@ struct shmz_daemon_status {
         uint64_t requests, errors;
         uint64_t segments;
         uint64_t uptime_usec;
+        /* since protocol 3 (0 from an older daemon) */
+        uint64_t listeners, ports;
+        uint64_t segment_bytes, chunks, chunks_used;
+        uint64_t messages, message_bytes;
+        uint64_t ports_closed, peers_died;
 };
 int shmz_daemon_status_sized(struct shmz_client *c, struct shmz_daemon_status *ret, size_t ret_size);
 #define shmz_daemon_status(c, ret) shmz_daemon_status_sized((c), (ret), sizeof(*(ret)))
+
+/* ---- ports: messages between processes (port.c) ---------------------------------------- */
+
+/*
+ * A port is a connection between two processes that the daemon brokers and
+ * then watches: payloads travel through shared-memory chunks, written once and
+ * never copied by the kernel. Every call is safe from several threads at once.
+ * Timeouts are in nanoseconds: 0 = do not wait (-EAGAIN), -1 = wait forever,
+ * else -ETIMEDOUT once that long has passed.
+ */
+struct shmz_listener;
+struct shmz_port;
+
+/* Publish `name` (zone name rules); only uids/gids that `mode` lets write may connect. -EADDRINUSE while a live
+ * listener has it. */
+int shmz_port_listen(struct shmz_client *c, const char *name, mode_t mode, struct shmz_listener **ret);
+int shmz_listener_fd(const struct shmz_listener *l); /* readable when a connection waits */
+int shmz_port_accept(struct shmz_listener *l, int64_t timeout_ns, struct shmz_port **ret);
+void shmz_listener_close(struct shmz_listener *l); /* the name goes; NULL is fine */
+/* -ENOENT no such listener, -EACCES its mode refuses us, -EAGAIN its backlog is full. */
+int shmz_port_connect(struct shmz_client *c, const char *name, struct shmz_port **ret);
+void shmz_port_close(struct shmz_port *p);   /* NULL is fine */
+int shmz_port_fd(const struct shmz_port *p); /* readable: a message waits, or the peer is gone */
+int shmz_port_peer(const struct shmz_port *p, pid_t *pid, uid_t *uid, gid_t *gid); /* as the daemon saw it */
+
+#define SHMZ_MSG_LAST 0x1     /* the stream ends; reply handlers for it are dropped */
+#define SHMZ_MSG_CLOSE_FD 0x2 /* send: close m->fd once it is sent */
+
+struct shmz_msg {
+        uint32_t type;   /* the application's */
+        uint32_t stream; /* 0: none */
+        uint32_t flags;  /* SHMZ_MSG_* */
+        void *data;      /* received: the payload in place */
+        size_t size;
+        int fd;          /* -1, or an fd riding along (received: the caller owns it) */
+        uint64_t handle; /* received: the library's, for shmz_msg_release() */
+};
+
+/*
+ * A send buffer inside the port's shared memory: fill it, then send it with
+ * m->data pointing at it (ownership passes, nothing is copied). NULL with
+ * errno EAGAIN when the port's shared memory is used up, EMSGSIZE when size
+ * exceeds a segment, EPIPE when the peer is gone.
+ */
+void *shmz_port_buf(struct shmz_port *p, size_t size);
+/* A buffer from shmz_port_buf() that will not be sent. */
+void shmz_port_buf_free(struct shmz_port *p, void *buf);
+/*
+ * Data from shmz_port_buf() travels in place; any other data is copied (inline
+ * when small, through a chunk when large). -EAGAIN (timeout 0) or -ETIMEDOUT when
+ * memory stays used up, -EPIPE when the peer is gone, -EMSGSIZE too large.
+ */
+int shmz_port_send(struct shmz_port *p, const struct shmz_msg *m, int64_t timeout_ns);
+/*
+ * 0 and a message; -EAGAIN / -ETIMEDOUT; -EPIPE once the peer is gone and
+ * nothing is left; -EBADMSG once for a peer that broke the protocol (the port
+ * is then closed down, -EPIPE after).
+ */
+int shmz_port_recv(struct shmz_port *p, struct shmz_msg *ret, int64_t timeout_ns);
+void shmz_msg_release(struct shmz_port *p, struct shmz_msg *m); /* its chunks go back to the sender */
+
+/*
+ * RPC on a port. shmz_port_call() sends m on a new stream (its m->stream is
+ * ignored) and calls handler for each reply on that stream: with error 0 and
+ * the reply (which the handler releases or keeps), until a reply flagged
+ * SHMZ_MSG_LAST; with -EPIPE when the peer dies, -ETIMEDOUT when deadline_ns
+ * (CLOCK_MONOTONIC, 0 = none) passes first; each ends the call.
+ * shmz_port_dispatch() receives what waits (timeout as for recv), hands
+ * replies to their handlers and anything else to the port's handler
+ * (shmz_port_set_handler), fires timeouts, and returns the number of
+ * messages handled or a negative errno. For event loops: watch shmz_port_fd()
+ * for reading, and wake at shmz_port_next_deadline() (CLOCK_MONOTONIC ns,
+ * UINT64_MAX = none); call shmz_port_dispatch(p, 0) on either.
+ */
+typedef void (*shmz_reply_handler_t)(struct shmz_port *p, int error, struct shmz_msg *reply, void *userdata);
+typedef void (*shmz_msg_handler_t)(struct shmz_port *p, struct shmz_msg *m, void *userdata);
+void shmz_port_set_handler(struct shmz_port *p, shmz_msg_handler_t handler, void *userdata);
+int shmz_port_call(struct shmz_port *p, const struct shmz_msg *m, uint64_t deadline_ns, shmz_reply_handler_t handler,
+                   void *userdata, uint32_t *ret_stream);
+int shmz_port_dispatch(struct shmz_port *p, int64_t timeout_ns);
+uint64_t shmz_port_next_deadline(struct shmz_port *p);
+
+/* Ports and segments the daemon knows of (anyone may list: names and figures). */
+int shmz_port_list(struct shmz_client *c, int (*cb)(const struct shmz_msg_port_info *pi, void *userdata),
+                   void *userdata);
+int shmz_segment_list(struct shmz_client *c, int (*cb)(const struct shmz_msg_segment_info *si, void *userdata),
+                      void *userdata);
 
 /* ---- allocator inside a zone (slab.c) -------------------------------------------------- */
 

@@ -1,72 +1,89 @@
 #!/bin/bash
 # SPDX-License-Identifier: LGPL-2.1-or-later
-# System test: boots systemd as PID 1 in fresh mount/pid/uts namespaces over a throwaway
-# overlay of /, installs the build there, and drives shmzoned.socket/.service with systemctl:
+# System test: builds the Debian packages (scripts/build-debs.sh, lintian included) unless
+# DEB_DIR holds them, boots systemd as PID 1 in fresh mount/pid/uts namespaces over a throwaway
+# overlay of /, installs the packages there with dpkg, and drives shmzoned.socket/.service with
+# systemctl: the package starts the service and its FUSE view is seen outside the service;
 # restart (and a crash restarted by Restart=on-failure) keeps zones (mount, library, an attached
-# client's mapping), reload adds a zone,
-# stop leaves no FUSE mount, the journal has the log with priorities.
-# Never boots systemd on the host. Usage: test-system.sh BUILD_DIR SOURCE_DIR [CONFIG]. Exit 77: skipped.
+# client's mapping, which still shares memory with a new client); reload adds a zone; the journal
+# has the log with priorities; stop leaves no mount; stop+start loses the zones (systemd 252);
+# poweroff leaves nothing running and no mount.
+# Never boots systemd on the host, never installs anything on it (but build-debs.sh's
+# Build-Depends).
+#
+# Usage: test-system.sh SOURCE_DIR [DEB_DIR]
+# Prints "ok NAME" or "FAIL NAME: why" per check, then "Synthesis: Tested: N | Passing: N |
+# Failing: N" (checks after a failure count as failing). Exit 77: skipped, with a line
+# "Skipping all N tests: why". SHMZONE_SYSTEM_DROPIN=FILE installs FILE as a drop-in of
+# shmzoned.service before the packages (to try unit settings).
 set -u
-BUILD=$(realpath "${1:?build dir}")
-SRC=$(realpath "${2:?source dir}")
-CONF=${3:-/etc/shmzone/shmzone.conf}
-[ "$(id -u)" = 0 ] || { echo "skip: not root"; exit 77; }
-for t in unshare nsenter systemctl cc meson; do
-        command -v $t >/dev/null || { echo "skip: no $t"; exit 77; }
+SRC=$(realpath "${1:?source dir}")
+DEBS=${2:-}
+CHECKS=(debs boot install view-outside-service verify helper-pkg-config create-and-write restart
+        crash-restart reload journal stop stop-start-loses-zones poweroff)
+npass=0
+done_=0
+skip() { echo "Skipping all ${#CHECKS[@]} tests: $*"; exit 77; }
+[ "$(id -u)" = 0 ] || skip "not root"
+for t in unshare nsenter pivot_root systemctl dpkg cc; do
+        command -v $t >/dev/null || skip "no $t"
 done
-[ -x /lib/systemd/systemd ] || { echo "skip: no systemd"; exit 77; }
-[ -c /dev/fuse ] || { echo "skip: no /dev/fuse"; exit 77; }
+[ -x /lib/systemd/systemd ] || skip "no systemd"
+[ -c /dev/fuse ] || skip "no /dev/fuse"
 
 T=$(mktemp -d /tmp/shmz-system.XXXXXX)
 UPID=
+P1=
 cleanup() {
         local p
-        if [ -n "$UPID" ]; then
+        if [ -n "$UPID" ] && kill -0 "$UPID" 2>/dev/null; then
                 p=$(cat /proc/$UPID/task/$UPID/children 2>/dev/null)
                 [ -n "$p" ] && kill -KILL $p 2>/dev/null
-                kill -KILL $UPID 2>/dev/null
-                wait $UPID 2>/dev/null
+                kill -KILL "$UPID" 2>/dev/null
+                wait "$UPID" 2>/dev/null
         fi
-        # Every mount was made inside the namespace, and goes with it.
+        # Every mount was made inside the container's mount namespace, and went with it.
         rm -rf "$T"
+        if [ $done_ = 0 ]; then
+                echo "Synthesis: Tested: ${#CHECKS[@]} | Passing: $npass | Failing: $((${#CHECKS[@]} - npass))"
+        fi
 }
 trap cleanup EXIT
-fail() { echo "FAIL: $*"; echo "--- container log"; tail -n 40 "$T/boot.log" 2>/dev/null; exit 1; }
-
-# The helper: attaches to a zone with the library and checks/writes patterns.
-cat > "$T/client.c" <<'C'
-#include <shmzone.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <unistd.h>
-int main(int argc, char **argv) {
-        /* client SOCKET ZONE hold DIR | client SOCKET ZONE check OFFSET STRING */
-        struct shmz_client *c; struct shmz_zone *z; char *b; int r;
-        if ((r = shmz_connect(argv[1], &c)) < 0) { fprintf(stderr, "connect: %s\n", strerror(-r)); return 1; }
-        if ((r = shmz_zone_open(c, argv[2], 0, NULL, 0, &z)) < 0) { fprintf(stderr, "open: %s\n", strerror(-r)); return 1; }
-        b = shmz_zone_base(z);
-        if (strcmp(argv[3], "check") == 0) {
-                size_t off = strtoul(argv[4], NULL, 0);
-                if (memcmp(b + off, argv[5], strlen(argv[5])) != 0) { fprintf(stderr, "check: mismatch\n"); return 1; }
-                return 0;
-        }
-        memcpy(b, "PATTERN-A", 9);
-        char p[512]; snprintf(p, sizeof(p), "%s/ready", argv[4]);
-        FILE *f = fopen(p, "w"); if (f) fclose(f);
-        snprintf(p, sizeof(p), "%s/go", argv[4]);
-        for (int i = 0; i < 600 && access(p, F_OK) < 0; i++) usleep(100000);
-        if (access(p, F_OK) < 0) { fprintf(stderr, "hold: no go\n"); return 1; }
-        if (memcmp(b, "PATTERN-A", 9) != 0) { fprintf(stderr, "hold: pattern lost\n"); return 1; }
-        memcpy(b + 64, "PATTERN-B", 9);
-        return 0;
+ok() { echo "ok $1"; npass=$((npass + 1)); }
+fail() {
+        local name=$1
+        shift
+        echo "FAIL $name: $*"
+        echo "not run: ${CHECKS[*]:$((npass + 1))}"
+        if [ -n "$P1" ] && kill -0 "$P1" 2>/dev/null; then
+                echo "--- journalctl -u shmzoned"
+                cin journalctl -u shmzoned -n 30 --no-pager 2>&1
+        fi
+        echo "--- container console"
+        tail -n 40 "$T/boot.log" 2>/dev/null
+        exit 1
 }
-C
-LIBDIR=$(dirname "$(find "$BUILD/lib" -maxdepth 1 -name 'libshmzone.so*' | head -n1)")
-cc -o "$T/client" "$T/client.c" -I"$SRC/lib" -L"$LIBDIR" -lshmzone -Wl,-rpath,"$LIBDIR" || fail "helper does not build"
 
-# The container: overlay of / (tmpfs upper), fresh /proc, /run, /tmp; systemd as PID 1.
-cat > "$T/boot.sh" <<'B'
+# 1. The packages.
+if [ -z "$DEBS" ]; then
+        DEBS=$T/debs
+        echo "building the packages (scripts/build-debs.sh)"
+        "$SRC/scripts/build-debs.sh" "$DEBS" >"$T/debs.log" 2>&1 || fail debs "build-debs.sh: $(tail -n 30 "$T/debs.log")"
+fi
+DEBS=$(realpath "$DEBS")
+# Under $T, which the container sees at the same path (its /tmp is its own).
+PKGS=()
+mkdir -p "$T/pkgs"
+for p in shmzoned libshmzone0 libshmzone-dev; do
+        f=$(ls "$DEBS"/${p}_*.deb 2>/dev/null | tail -n 1)
+        [ -n "$f" ] || fail debs "no ${p}_*.deb in $DEBS"
+        cp "$f" "$T/pkgs/" || fail debs "cp $f"
+        PKGS+=("$T/pkgs/${f##*/}")
+done
+ok debs
+
+# 2. The container: overlay of / (tmpfs upper), fresh /proc, /run, /tmp; systemd as PID 1.
+cat >"$T/boot.sh" <<'B'
 set -e
 T=$1
 mount --make-rprivate /
@@ -87,10 +104,21 @@ for u in systemd-sysctl systemd-binfmt systemd-modules-load systemd-udevd system
          e2scrub_all.timer fstrim.timer systemd-tmpfiles-clean.timer systemd-random-seed systemd-remount-fs \
          systemd-hwdb-update systemd-journal-flush systemd-pstore systemd-firstboot systemd-machine-id-commit \
          dev-hugepages.mount sys-kernel-debug.mount sys-kernel-tracing.mount sys-fs-fuse-connections.mount \
-         sys-kernel-config.mount proc-sys-fs-binfmt_misc.automount tmp.mount systemd-update-utmp; do
+         sys-kernel-config.mount proc-sys-fs-binfmt_misc.automount tmp.mount systemd-update-utmp \
+         man-db.timer man-db; do
         ln -sf /dev/null "$R/etc/systemd/system/$u.service" 2>/dev/null || true
         case $u in *.*) ln -sf /dev/null "$R/etc/systemd/system/$u";; esac
 done
+# A clean system: no shmzone from a `meson install` on the host shadows the packages.
+rm -rf "$R"/usr/local/sbin/shmzoned "$R"/usr/local/bin/shmzctl "$R"/usr/local/include/shmzone*.h \
+       "$R"/usr/local/lib/*/libshmzone* "$R"/usr/local/lib/*/pkgconfig/shmzone.pc \
+       "$R"/usr/local/lib/systemd/system/shmzoned.* "$R"/usr/local/etc/shmzone \
+       "$R"/etc/systemd/system/shmzoned.* "$R"/etc/shmzone
+# A Docker image's policy-rc.d (exit 101) forbids maintainer scripts to start services; a
+# real system has none.
+rm -f "$R/usr/sbin/policy-rc.d"
+# The man-db trigger would index every man page on the host: not what is tested, and slow.
+rm -f "$R/var/lib/man-db/auto-update"
 mkdir -p "$R/.oldroot"
 cd "$R"
 pivot_root . .oldroot
@@ -101,82 +129,206 @@ mkdir -p "$T/meta"
 unshare --mount --pid --uts --fork bash "$T/boot.sh" "$T" >"$T/boot.log" 2>&1 &
 UPID=$!
 
-inpid() { cat /proc/$UPID/task/$UPID/children 2>/dev/null; }
 deadline=$((SECONDS + 30))
 while :; do
-        P1=$(inpid); P1=${P1%% *}
-        [ -n "$P1" ] && [ "$(cat /proc/${P1% }/comm 2>/dev/null)" = systemd ] && break
-        [ $SECONDS -lt $deadline ] || fail "systemd did not start"
+        P1=$(cat /proc/$UPID/task/$UPID/children 2>/dev/null)
+        P1=${P1%% *}
+        [ -n "$P1" ] && [ "$(cat /proc/$P1/comm 2>/dev/null)" = systemd ] && break
+        P1=
+        [ $SECONDS -lt $deadline ] || fail boot "systemd did not start"
         sleep 0.2
 done
-cin() { timeout 30 nsenter -t "$P1" -m -p -u -- "$@"; }
+# A command in the container (its mount, pid and uts namespaces: a shell there, not the service).
+cint() { local t=$1; shift; timeout "$t" nsenter -t "$P1" -m -p -u -- env -u SHMZONE_SOCKET "$@"; }
+cin() { cint 30 "$@"; }
+PIDNS=$(readlink /proc/$P1/ns/pid)
 deadline=$((SECONDS + 45))
 until cin systemctl is-system-running 2>/dev/null | grep -qE 'running|degraded'; do
-        [ $SECONDS -lt $deadline ] || fail "the container did not finish booting: $(cin systemctl is-system-running 2>&1)"
+        [ $SECONDS -lt $deadline ] || fail boot "did not finish booting: $(cin systemctl is-system-running 2>&1)"
         sleep 0.5
 done
-echo "booted in ${SECONDS}s"
+ok boot
 
-# Install the build into the overlay.
-cin env DESTDIR=/ meson install -C "$BUILD" --no-rebuild --quiet >/dev/null || fail "meson install"
-cin ldconfig
-cin systemctl daemon-reload
+# 3. Install the packages; their maintainer scripts enable and start the socket and the service.
+if [ -n "${SHMZONE_SYSTEM_DROPIN:-}" ]; then
+        cin mkdir -p /etc/systemd/system/shmzoned.service.d
+        cin cp "$(realpath "$SHMZONE_SYSTEM_DROPIN")" /etc/systemd/system/shmzoned.service.d/test.conf ||
+                fail install "drop-in $SHMZONE_SYSTEM_DROPIN"
+fi
+cint 120 env DEBIAN_FRONTEND=noninteractive dpkg -i --force-confnew "${PKGS[@]}" >"$T/dpkg.log" 2>&1 ||
+        fail install "dpkg -i: $(tail -n 20 "$T/dpkg.log")"
 U=$(cin systemctl show -P FragmentPath shmzoned.service)
-[ -n "$U" ] || fail "shmzoned.service not installed"
-cin systemd-analyze verify --man=no shmzoned.service shmzoned.socket || fail "systemd-analyze verify"
-echo "ok verify"
+[ "$U" = /lib/systemd/system/shmzoned.service ] || fail install "unit is '$U', not the package's"
+for u in shmzoned.socket shmzoned.service; do
+        [ "$(cin systemctl is-enabled $u)" = enabled ] || fail install "$u not enabled"
+        [ "$(cin systemctl is-active $u)" = active ] || fail install "$u not started: $(cin systemctl status $u --no-pager 2>&1)"
+done
+ok install
 
-cin systemctl start shmzoned.socket shmzoned.service || fail "start"
-SOCK=/run/shmzone/shmzone.sock
-CTL=$(cin sh -c 'command -v shmzctl') || fail "no shmzctl installed"
-cin "$CTL" --socket $SOCK create pat --size 1M || fail "create"
-Z=/run/shmzone/fs/zones/pat
-cin test -e $Z || fail "no $Z in the view"
+# 4. The view is mounted where everybody looks: a shell in the container, outside the service,
+# lists it (the hardening must not leave it in a mount namespace of the service's own).
+V=/run/shmzone/fs
+cin sh -c "ls $V/zones" 2>&1 | grep -qx demo || fail view-outside-service "ls $V/zones: $(cin ls -la $V $V/zones 2>&1)"
+ok view-outside-service
 
-# An attached client, held across the restart.
-cin "$T/client" $SOCK pat hold "$T/meta" >"$T/hold.log" 2>&1 &
+cin systemd-analyze verify --man=no shmzoned.service shmzoned.socket >"$T/verify.log" 2>&1 ||
+        fail verify "$(cat "$T/verify.log")"
+[ -s "$T/verify.log" ] && fail verify "warnings: $(cat "$T/verify.log")"
+ok verify
+
+# 5. The helper, built in the container against the installed libshmzone-dev.
+# client ZONE hold DIR: attach, expect PATTERN-A at 0 (written through the view), say ready, wait
+#   for DIR/go (after the restart), expect PATTERN-A at 0 and PATTERN-C at 128 (written through
+#   the new daemon's view) in the same mapping, write PATTERN-B at 64.
+# client ZONE check OFFSET STRING: attach and compare.
+cat >"$T/client.c" <<'C'
+#include <errno.h>
+#include <shmzone.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+static int expect(const char *b, size_t off, const char *s) {
+        if (memcmp(b + off, s, strlen(s)) != 0) {
+                fprintf(stderr, "no %s at %zu\n", s, off);
+                return -1;
+        }
+        return 0;
+}
+
+int main(int argc, char **argv) {
+        struct shmz_client *c;
+        struct shmz_zone *z;
+        char p[512];
+        char *b;
+        FILE *f;
+        int r;
+
+        if (argc < 4)
+                return 2;
+        r = shmz_connect(NULL, &c);
+        if (r < 0) {
+                fprintf(stderr, "connect: %s\n", strerror(-r));
+                return 1;
+        }
+        r = shmz_zone_open(c, argv[1], 0, NULL, 0, &z);
+        if (r < 0) {
+                fprintf(stderr, "open: %s\n", strerror(-r));
+                return 1;
+        }
+        b = shmz_zone_base(z);
+        if (strcmp(argv[2], "check") == 0)
+                return argc == 5 && expect(b, strtoul(argv[3], NULL, 0), argv[4]) == 0 ? 0 : 1;
+
+        if (expect(b, 0, "PATTERN-A") < 0)
+                return 1;
+        snprintf(p, sizeof(p), "%s/ready", argv[3]);
+        f = fopen(p, "w");
+        if (!f)
+                return 1;
+        fclose(f);
+        snprintf(p, sizeof(p), "%s/go", argv[3]);
+        for (int i = 0; i < 900 && access(p, F_OK) < 0; i++)
+                usleep(100000);
+        if (access(p, F_OK) < 0) {
+                fprintf(stderr, "hold: no go\n");
+                return 1;
+        }
+        if (expect(b, 0, "PATTERN-A") < 0 || expect(b, 128, "PATTERN-C") < 0)
+                return 1;
+        memcpy(b + 64, "PATTERN-B", 9);
+        return 0;
+}
+C
+PC=$(cin pkg-config --path shmzone) || fail helper-pkg-config "no shmzone.pc"
+cin dpkg -S "$PC" | grep -q '^libshmzone-dev' || fail helper-pkg-config "$PC is not libshmzone-dev's"
+cin sh -c 'cc -Wall -o "$1/client" "$1/client.c" $(pkg-config --cflags --libs shmzone)' sh "$T" >"$T/cc.log" 2>&1 ||
+        fail helper-pkg-config "$(cat "$T/cc.log")"
+cin ldd "$T/client" | grep -q '/libshmzone.so.0 ' || fail helper-pkg-config "not linked to libshmzone.so.0"
+ok helper-pkg-config
+
+# 6. A zone made with shmzctl, a pattern written through the view, a client attached.
+CTL=/usr/bin/shmzctl
+Z=$V/zones/pat
+cin $CTL create pat --size 1M >"$T/ctl.log" 2>&1 || fail create-and-write "shmzctl create: $(cat "$T/ctl.log")"
+cin test -e $Z || fail create-and-write "no $Z in the view"
+printf PATTERN-A | cin dd of=$Z conv=notrunc status=none || fail create-and-write "write through the view"
+cin "$CTL" show pat >/dev/null || fail create-and-write "shmzctl show pat"
+cint 120 "$T/client" pat hold "$T/meta" >"$T/hold.log" 2>&1 &
 HOLD=$!
-deadline=$((SECONDS + 10))
-until [ -e "$T/meta/ready" ]; do [ $SECONDS -lt $deadline ] || fail "client not ready"; sleep 0.1; done
-cin grep -q PATTERN-A $Z || fail "pattern not seen through the mount"
-echo "ok pattern written"
+deadline=$((SECONDS + 15))
+until [ -e "$T/meta/ready" ]; do
+        kill -0 $HOLD 2>/dev/null || fail create-and-write "client: $(cat "$T/hold.log")"
+        [ $SECONDS -lt $deadline ] || fail create-and-write "client not ready"
+        sleep 0.1
+done
+ok create-and-write
 
+# 7. Restart: the zone, its bytes, and the attached client's mapping are the same memory.
 OLD=$(cin systemctl show -P MainPID shmzoned)
-cin systemctl restart shmzoned.service || fail "restart"
+cin systemctl restart shmzoned.service || fail restart "systemctl restart"
 NEW=$(cin systemctl show -P MainPID shmzoned)
-[ "$OLD" != "$NEW" ] || fail "restart kept pid $OLD"
-cin grep -q PATTERN-A $Z || fail "pattern lost through the mount after restart"
-cin "$T/client" $SOCK pat check 0 PATTERN-A || fail "pattern lost through the library after restart"
+[ "$OLD" != "$NEW" ] || fail restart "restart kept pid $OLD"
+cin grep -q PATTERN-A $Z || fail restart "pattern lost through the view"
+cin "$T/client" pat check 0 PATTERN-A || fail restart "pattern lost through the library"
+printf PATTERN-C | cin dd of=$Z bs=1 seek=128 conv=notrunc status=none || fail restart "write through the new view"
 touch "$T/meta/go"
-wait $HOLD || fail "held client: $(cat "$T/hold.log")"
-cin "$T/client" $SOCK pat check 64 PATTERN-B || fail "old client's write not seen by a new one"
-echo "ok restart keeps the zone"
+wait $HOLD || fail restart "attached client: $(cat "$T/hold.log")"
+cin "$T/client" pat check 64 PATTERN-B || fail restart "the old client's write not seen by a new one"
+cin grep -q PATTERN-B $Z || fail restart "the old client's write not seen through the view"
+ok restart
 
 cin sh -c 'kill -SEGV $(systemctl show -P MainPID shmzoned)'
 deadline=$((SECONDS + 20))
-until [ "$(cin systemctl is-active shmzoned)" = active ] && cin test -e $Z && [ "$(cin systemctl show -P NRestarts shmzoned)" = 1 ]; do
-        [ $SECONDS -lt $deadline ] || fail "no restart after a crash: $(cin systemctl status shmzoned --no-pager)"; sleep 0.2; done
-cin grep -q PATTERN-A $Z || fail "pattern lost after a crash"
-echo "ok crash restart keeps the zone"
-
-cin sh -c 'printf "\n[zone added]\nsize = 64K\n" >> "$1"' sh "$CONF"
-cin systemctl reload shmzoned.service || fail "reload"
-cin test -e /run/shmzone/fs/zones/added || fail "reload did not add the zone: $(cin "$CTL" --socket $SOCK list)"
-echo "ok reload"
-
-cin journalctl --sync 2>/dev/null
-cin journalctl -u shmzoned -p info -o json --no-pager | grep '"PRIORITY":"6"' | grep -q 'serving' ||
-        fail "no 'serving' line with PRIORITY 6 in the journal"
-echo "ok journal"
-
-cin systemctl stop shmzoned.socket shmzoned.service || fail "stop"
-if cin grep -q ' /run/shmzone/fs ' /proc/self/mountinfo; then fail "FUSE mount left behind"; fi
-echo "ok stop leaves no mount"
-
-cin systemctl poweroff --no-block >/dev/null 2>&1
-deadline=$((SECONDS + 20))
-while kill -0 $UPID 2>/dev/null; do
-        [ $SECONDS -lt $deadline ] || { echo "poweroff timed out; killing"; break; }
+until [ "$(cin systemctl is-active shmzoned)" = active ] && cin test -e $Z &&
+      [ "$(cin systemctl show -P NRestarts shmzoned)" = 1 ]; do
+        [ $SECONDS -lt $deadline ] || fail crash-restart "no restart: $(cin systemctl status shmzoned --no-pager 2>&1)"
         sleep 0.2
 done
+cin grep -q PATTERN-B $Z || fail crash-restart "pattern lost"
+ok crash-restart
+
+CONF=/etc/shmzone/shmzone.conf
+cin sh -c 'printf "\n[zone added]\nsize = 64K\n" >>"$1"' sh $CONF
+cin systemctl reload shmzoned.service || fail reload "systemctl reload"
+cin test -e $V/zones/added || fail reload "zone not added: $(cin $CTL list 2>&1)"
+ok reload
+
+# The daemon's "<N>" prefixes become journal priorities: info when serving, a warning when a
+# reload refuses a changed size.
+cin sed -i 's/^size = 64K$/size = 128K/' $CONF
+cin systemctl reload shmzoned.service || fail journal "systemctl reload"
+cin journalctl --sync
+J=$(cin journalctl -u shmzoned -o json --no-pager)
+echo "$J" | grep '"PRIORITY":"6"' | grep -q 'serving' || fail journal "no 'serving' line with priority 6"
+echo "$J" | grep '"PRIORITY":"4"' | grep -q 'refused' || fail journal "no 'refused' line with priority 4"
+cin journalctl -u shmzoned -p warning --no-pager | grep -q refused || fail journal "journalctl -p warning"
+ok journal
+
+cin systemctl stop shmzoned.socket shmzoned.service || fail stop "systemctl stop"
+cin grep -q " $V " /proc/self/mountinfo && fail stop "FUSE mount left behind"
+cin pgrep -x shmzoned >/dev/null && fail stop "shmzoned still running"
+ok stop
+
+# systemd 252 empties the fd store when the service stops (README, "Restarting the daemon").
+cin systemctl start shmzoned.socket shmzoned.service || fail stop-start-loses-zones "start"
+cin test -e $V/zones/demo || fail stop-start-loses-zones "no declared zone after start"
+cin test -e $Z && fail stop-start-loses-zones "pat survived stop+start: update the README"
+ok stop-start-loses-zones
+
+# Power off with the service running: systemd stops it and exits, the namespaces go.
+cin systemctl poweroff --no-block >/dev/null 2>&1
+deadline=$((SECONDS + 30))
+while kill -0 "$UPID" 2>/dev/null; do
+        [ $SECONDS -lt $deadline ] || fail poweroff "the container did not exit"
+        sleep 0.2
+done
+wait "$UPID" 2>/dev/null
+P1=
+for p in /proc/[0-9]*; do
+        [ "$(readlink $p/ns/pid 2>/dev/null)" = "$PIDNS" ] && fail poweroff "left running: $(cat $p/cmdline | tr '\0' ' ')"
+done
+grep -q "$T" /proc/self/mountinfo && fail poweroff "a mount of the test is left on the host"
+ok poweroff
 echo "PASS in ${SECONDS}s"

@@ -20,7 +20,7 @@ set -u
 SRC=$(realpath "${1:?source dir}")
 DEBS=${2:-}
 CHECKS=(debs boot install view-outside-service verify helper-pkg-config create-and-write restart
-        crash-restart reload journal stop stop-start-loses-zones poweroff)
+        crash-restart reload journal stop stop-start-loses-zones namespacing-hides-view poweroff)
 npass=0
 done_=0
 skip() { echo "Skipping all ${#CHECKS[@]} tests: $*"; exit 77; }
@@ -151,9 +151,9 @@ ok boot
 
 # 3. Install the packages; their maintainer scripts enable and start the socket and the service.
 if [ -n "${SHMZONE_SYSTEM_DROPIN:-}" ]; then
+        cp "$SHMZONE_SYSTEM_DROPIN" "$T/dropin.conf" || fail install "drop-in $SHMZONE_SYSTEM_DROPIN"
         cin mkdir -p /etc/systemd/system/shmzoned.service.d
-        cin cp "$(realpath "$SHMZONE_SYSTEM_DROPIN")" /etc/systemd/system/shmzoned.service.d/test.conf ||
-                fail install "drop-in $SHMZONE_SYSTEM_DROPIN"
+        cin cp "$T/dropin.conf" /etc/systemd/system/shmzoned.service.d/test.conf || fail install "drop-in"
 fi
 cint 120 env DEBIAN_FRONTEND=noninteractive dpkg -i --force-confnew "${PKGS[@]}" >"$T/dpkg.log" 2>&1 ||
         fail install "dpkg -i: $(tail -n 20 "$T/dpkg.log")"
@@ -316,6 +316,25 @@ cin systemctl start shmzoned.socket shmzoned.service || fail stop-start-loses-zo
 cin test -e $V/zones/demo || fail stop-start-loses-zones "no declared zone after start"
 cin test -e $Z && fail stop-start-loses-zones "pat survived stop+start: update the README"
 ok stop-start-loses-zones
+
+# Why the unit has no ProtectSystem=, ProtectHome=, PrivateTmp= (comments there): each gives the
+# service a mount namespace whose mounts never reach the host. The daemon mounts its view there,
+# and nobody else sees it.
+D=/run/systemd/system/shmzoned.service.d
+cin mkdir -p $D
+for d in ProtectSystem=full ProtectHome=read-only PrivateTmp=yes; do
+        printf '[Service]\n%s\n' "$d" | cin sh -c "cat >$D/ns.conf" && cin systemctl daemon-reload &&
+                cin systemctl restart shmzoned.service || fail namespacing-hides-view "restart with $d"
+        MP=$(cin systemctl show -P MainPID shmzoned)
+        cin nsenter -t "$MP" -m ls $V/zones 2>/dev/null | grep -qx demo ||
+                fail namespacing-hides-view "with $d the service has no view of its own"
+        cin sh -c "ls $V/zones" 2>/dev/null | grep -qx demo &&
+                fail namespacing-hides-view "with $d the view is seen outside the service: use $d in the unit"
+done
+cin rm -r $D && cin systemctl daemon-reload && cin systemctl restart shmzoned.service ||
+        fail namespacing-hides-view "restart without the drop-in"
+cin sh -c "ls $V/zones" | grep -qx demo || fail namespacing-hides-view "no view after dropping the drop-in"
+ok namespacing-hides-view
 
 # Power off with the service running: systemd stops it and exits, the namespaces go.
 cin systemctl poweroff --no-block >/dev/null 2>&1

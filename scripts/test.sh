@@ -6,11 +6,16 @@
 #
 # FUZZ_SECONDS=N (CI sets 20) also runs every libFuzzer target for N seconds
 # on a clean clang build (scripts/fuzz.sh) first; each target counts as a case.
+#
+# Then the system test (tests/system/test-system.sh): builds the Debian packages,
+# installs them in a container booted with systemd and drives the service; each
+# of its checks counts as a case. SYSTEM_TEST=0 leaves it out.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/deps.sh
 fuzz_results=$(mktemp)
-trap 'rm -f "$fuzz_results"' EXIT
+system_results=$(mktemp)
+trap 'rm -f "$fuzz_results" "$system_results"' EXIT
 if [ "${FUZZ_SECONDS:-0}" -gt 0 ]; then
         frc=0
         FUZZ_SECONDS=$FUZZ_SECONDS scripts/fuzz.sh | tee "$fuzz_results" || frc=$?
@@ -27,12 +32,17 @@ else
 fi
 meson compile -C "$builddir"
 rc=0
-meson test -C "$builddir" --print-errorlogs --num-processes 2 "$@" || rc=$?
+# Suite 'system' (registered only without sanitizers) runs below, once.
+meson test -C "$builddir" --print-errorlogs --num-processes 2 --no-suite system "$@" || rc=$?
+if [ "${SYSTEM_TEST:-1}" != 0 ]; then
+        # Its exit status rides along as a last line: the pipe to tee would hide it.
+        { tests/system/test-system.sh "$PWD" 2>&1 || echo "system-test exit $?"; } | tee "$system_results"
+fi
 # The closing line counts test cases, not programs: a criterion program's cases
 # from its own synthesis line, a program that exited 77 (SKIP) from its line
 # "Skipping all N tests: ..." (tests/integration/harness.c), any other program
 # as one case.
-python3 - "$builddir/meson-logs/testlog.json" "$fuzz_results" <<'PY' || { [ "$rc" -ne 0 ] || rc=1; }
+python3 - "$builddir/meson-logs/testlog.json" "$fuzz_results" "$system_results" <<'PY' || { [ "$rc" -ne 0 ] || rc=1; }
 import json, re, sys
 synthesis = re.compile(r"Synthesis: Tested: (\d+) \| Passing: (\d+) \| Failing: (\d+)")
 skipping = re.compile(r"^Skipping all (\d+) tests?: ", re.M)
@@ -67,6 +77,22 @@ for line in open(sys.argv[2]):
     if m:
         passed += m.group(1) == "ok"
         failed += m.group(1) == "FAILED"
+# tests/system/test-system.sh: its synthesis, or "Skipping all N tests: ..." when it exited 77;
+# "system-test exit N" when it failed (a failure outside its checks counts as one more).
+out = open(sys.argv[3]).read()
+status = re.search(r"^system-test exit (\d+)$", out, re.M)
+status = int(status.group(1)) if status else 0
+m = synthesis.findall(out)
+if status == 77:
+    m = skipping.search(out)
+    skipped += int(m.group(1)) if m else 1
+elif m:
+    _, p, f = map(int, m[-1])
+    passed += p
+    failed += f + (status != 0 and f == 0)
+elif out.strip():
+    passed += status == 0
+    failed += status != 0
 print(f"{passed} passed, {failed} failed" + (f", {skipped} skipped" if skipped else ""))
 sys.exit(1 if failed else 0)
 PY

@@ -67,6 +67,13 @@ struct kernel_robust_list_head {
  * a second.
  */
 #define ROBUST_POLL_NS (200 * 1000 * 1000ULL)
+/*
+ * How many times a locker looks at a held word before it sleeps. Zone critical
+ * sections are short: the owner usually lets go within a few hundred
+ * nanoseconds, while a sleep costs a system call on each side. Bounded, so
+ * that a preempted or dead owner costs a waiter no more than this.
+ */
+#define SPIN_TRIES 64u
 
 _Static_assert(sizeof(struct shmz_mutex) == SHMZ_MUTEX_SIZE, "mutex size is ABI");
 _Static_assert(__builtin_offsetof(struct shmz_mutex, futex) == 0, "futex word first");
@@ -310,6 +317,16 @@ static bool owner_is_dead(const struct thread_self *s, struct shmz_mutex *m, uin
 
 enum { MODE_BLOCK, MODE_TRY, MODE_TIMED };
 
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+        __builtin_ia32_pause();
+#elif defined(__aarch64__)
+        __asm__ __volatile__("yield" ::: "memory");
+#else
+        barrier();
+#endif
+}
+
 static int acquired(struct thread_self *s, struct shmz_mutex *m, bool robust, bool died, bool waited) {
         uint32_t state;
 
@@ -349,6 +366,21 @@ __attribute__((noinline)) static int lock_slow(struct thread_self *s, struct shm
         if (mode == MODE_TIMED) {
                 uint64_t now = mono_ns();
                 deadline = timeout_ns > UINT64_MAX - now ? UINT64_MAX : now + timeout_ns;
+        }
+
+        /* Spin first; a death, our own hold and everything else are the loop's business below. */
+        for (unsigned i = 0; mode != MODE_TRY && i < SPIN_TRIES; i++) {
+                uint32_t v = atomic_load_explicit(w, memory_order_relaxed);
+
+                if ((v & SHMZ_FUTEX_TID_MASK) == 0) {
+                        if (atomic_compare_exchange_weak_explicit(w, &v, s->tid | (v & SHMZ_FUTEX_WAITERS),
+                                                                  memory_order_acquire, memory_order_relaxed))
+                                return acquired(s, m, robust, v & SHMZ_FUTEX_OWNER_DIED, true);
+                        continue;
+                }
+                if ((v & SHMZ_FUTEX_TID_MASK) == s->tid)
+                        break;
+                cpu_relax();
         }
 
         for (;;) {

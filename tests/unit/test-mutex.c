@@ -142,6 +142,49 @@ Test(mutex, owner_killed_fallback_polling) {
         owner_death(true);
 }
 
+/*
+ * The kernel's clean-up leaves the word free with OWNER_DIED: the fast path's
+ * CAS fails on it, and the locker takes it while spinning, death reported.
+ */
+Test(mutex, dead_owner_word_taken_while_spinning) {
+        pid_t pid = child_holding(false);
+        kill(pid, SIGKILL);
+        wait_child(pid);
+        cr_assert_eq(sh->m.futex, SHMZ_FUTEX_OWNER_DIED, "the kernel did not clean up: %#x", sh->m.futex);
+        cr_assert_eq(shmz_mutex_lock(&sh->m), SHMZ_OWNER_DEAD);
+        cr_assert_eq(sh->m.contended, 1, "taken on the spin path, without sleeping");
+        cr_assert_eq(sh->m.futex & ~SHMZ_FUTEX_TID_MASK, 0u, "no waiter was announced");
+        cr_assert_eq(sh->m.owner_deaths, 1);
+        cr_assert_eq(shmz_mutex_consistent(&sh->m), 0);
+        cr_assert_eq(shmz_mutex_unlock(&sh->m), 0);
+}
+
+/* A holder that lets go while the locker spins hands over without anyone sleeping or waking. */
+Test(mutex, spinning_locker_takes_a_released_lock) {
+        pid_t pid = fork();
+        cr_assert_geq(pid, 0);
+        if (pid == 0) {
+                for (int i = 0; i < 200000; i++) {
+                        if (shmz_mutex_lock(&sh->m) != 0)
+                                _exit(1);
+                        sh->counter++;
+                        if (shmz_mutex_unlock(&sh->m) != 0)
+                                _exit(2);
+                }
+                _exit(0);
+        }
+        for (int i = 0; i < 200000; i++) {
+                cr_assert_eq(shmz_mutex_lock(&sh->m), 0);
+                sh->counter++;
+                cr_assert_eq(shmz_mutex_unlock(&sh->m), 0);
+        }
+        int status = wait_child(pid);
+        cr_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+        cr_assert_eq(sh->counter, 400000);
+        cr_assert_eq(sh->m.futex, 0);
+        cr_assert_eq(sh->m.owner_deaths, 0);
+}
+
 struct killer_arg {
         pid_t pid;
         unsigned delay_ms;

@@ -44,6 +44,7 @@ struct class_info {
         uint32_t nslots;   /* slots per span */
         uint32_t nwords;   /* 0: bitmap in the descriptor; else words at the end of the span */
         uint32_t bits_off; /* offset of those words in the span */
+        uint32_t recip;    /* ceil(2^32 / size): rel / size = rel * recip >> 32 while rel * size < 2^32 */
 };
 
 static struct class_info classes[SLAB_NCLASSES];
@@ -79,6 +80,23 @@ static inline struct pdesc pd_load(const struct pdesc *d) {
                 .prev = LOAD(d->prev),
                 .head = LOAD(d->head),
                 .bits = LOAD(d->bits),
+        };
+}
+
+/*
+ * The fields of a block's head descriptor that alloc and free use, each read
+ * once; list links are left unread (atomic loads are never dropped as unused).
+ */
+static inline struct pdesc pd_load_block(const struct pdesc *d) {
+        return (struct pdesc){
+                .type = LOAD(d->type),
+                .cls = LOAD(d->cls),
+                .nfree = LOAD(d->nfree),
+                .npages = LOAD(d->npages),
+                .head = LOAD(d->head),
+                .bits = LOAD(d->bits),
+                .next = SLAB_NONE,
+                .prev = SLAB_NONE,
         };
 }
 
@@ -132,6 +150,8 @@ __attribute__((constructor)) static void classes_init(void) {
                 uint32_t size = slab_class_size(c);
 
                 ci->size = size;
+                /* free_off() divides by the size at every free: a multiplication is several times cheaper. */
+                ci->recip = (uint32_t) ((UINT64_C(1) << 32) / size + ((UINT64_C(1) << 32) % size != 0));
                 if (size < 64) {
                         /* More than 64 slots: the bitmap goes into the span's tail. */
                         uint32_t n = SLAB_PAGE_SIZE / size;
@@ -194,7 +214,7 @@ static inline bool formatted(struct shmz_zone *z) {
 }
 
 /* Reads the layout once and checks it against what this process mapped. */
-static int slab_get(struct shmz_zone *z, struct slab *ret) {
+static inline int slab_get(struct shmz_zone *z, struct slab *ret) {
         struct slab_state *st = state_of(z);
         uint32_t npages = __atomic_load_n(&st->npages, __ATOMIC_RELAXED);
         uint64_t pages_off = __atomic_load_n(&st->pages_off, __ATOMIC_RELAXED);
@@ -531,7 +551,7 @@ static bool span_release(struct slab *s, unsigned c, uint32_t h) {
 
 /* ---- allocation ------------------------------------------------------------------------ */
 
-static void *alloc_small(struct slab *s, unsigned c) {
+static inline __attribute__((always_inline)) void *alloc_small(struct slab *s, unsigned c) {
         const struct class_info *ci = &classes[c];
         struct slab_class_state *cs = &s->st->cls[c];
         uint32_t h = LOAD(cs->partial), slot;
@@ -552,7 +572,7 @@ static void *alloc_small(struct slab *s, unsigned c) {
         if (h >= s->npages)
                 return SLAB_MAP_CORRUPT;
         d = &s->d[h];
-        pd = pd_load(d);
+        pd = pd_load_block(d);
         if (!span_ok(s, h, c, &pd) || pd.nfree == 0 || pd.bits == 0)
                 return SLAB_MAP_CORRUPT;
 
@@ -593,7 +613,7 @@ static void *alloc_small(struct slab *s, unsigned c) {
         return s->base + off;
 }
 
-static void *alloc_large(struct slab *s, size_t n) {
+__attribute__((noinline)) static void *alloc_large(struct slab *s, size_t n) {
         /* Rounded up without adding first: n + SLAB_PAGE_SIZE - 1 wraps to 0 pages near SIZE_MAX. */
         uint64_t np64 = ((uint64_t) n >> SLAB_PAGE_SHIFT) + ((n & (SLAB_PAGE_SIZE - 1)) != 0);
         int64_t r;
@@ -625,7 +645,7 @@ static void *alloc_large(struct slab *s, size_t n) {
 /* ---- free ------------------------------------------------------------------------------ */
 
 /* Frees the block at zone offset off: 0, -EINVAL, -EALREADY or -EUCLEAN. */
-static int free_off(struct slab *s, uint64_t off) {
+static inline __attribute__((always_inline)) int free_off(struct slab *s, uint64_t off) {
         uint64_t poff = (uint64_t) (s->pages - s->base);
         uint32_t pg, h, nfree;
         struct pdesc *d, pd;
@@ -634,7 +654,7 @@ static int free_off(struct slab *s, uint64_t off) {
                 return -EINVAL;
         pg = (uint32_t) ((off - poff) >> SLAB_PAGE_SHIFT);
         h = pg;
-        pd = pd_load(&s->d[pg]);
+        pd = pd_load_block(&s->d[pg]);
         switch (pd.type) {
         case SLAB_PD_SLAB:
         case SLAB_PD_LARGE:
@@ -643,7 +663,7 @@ static int free_off(struct slab *s, uint64_t off) {
                 h = pd.head;
                 if (h >= pg)
                         return -EALREADY;
-                pd = pd_load(&s->d[h]);
+                pd = pd_load_block(&s->d[h]);
                 if ((pd.type != SLAB_PD_SLAB && pd.type != SLAB_PD_LARGE) || pd.npages <= pg - h)
                         return -EALREADY; /* a stale page of a block freed earlier */
                 break;
@@ -675,7 +695,8 @@ static int free_off(struct slab *s, uint64_t off) {
                 return -EUCLEAN;
         const struct class_info *ci = &classes[c];
         struct slab_class_state *cs = &s->st->cls[c];
-        uint32_t rel = (uint32_t) (off - page_zoff(s, h)), slot = rel / ci->size;
+        /* rel < SLAB_MAX_SPAN_PAGES pages (2^16) and size <= 2^14: rel * size < 2^32 keeps the quotient exact. */
+        uint32_t rel = (uint32_t) (off - page_zoff(s, h)), slot = (uint32_t) (((uint64_t) rel * ci->recip) >> 32);
 
         if (slot * ci->size != rel || slot >= ci->nslots)
                 return -EINVAL;
@@ -862,7 +883,7 @@ static uint64_t slab_validate(struct slab *s) {
  * if it is allocated (a free rolls forward, an allocation nobody received rolls
  * back). Pages that no valid head claims become free.
  */
-static void slab_repair(struct slab *s) {
+__attribute__((noinline, cold)) static void slab_repair(struct slab *s) {
         struct slab_state *st = s->st;
         uint64_t intent = LOAD(st->busy) ? LOAD(st->intent_off) : 0;
         uint32_t run = SLAB_NONE;
@@ -964,7 +985,7 @@ static void slab_repair(struct slab *s) {
 
 /* ---- entry points ---------------------------------------------------------------------- */
 
-static int slab_format(struct shmz_zone *z) {
+__attribute__((noinline, cold)) static int slab_format(struct shmz_zone *z) {
         struct slab_state *st = state_of(z);
         uint32_t npages = npages_for(z->map_size);
         struct slab s;
@@ -990,7 +1011,7 @@ static int slab_format(struct shmz_zone *z) {
 }
 
 /* With the zone lock held: a usable allocator, formatted and repaired if need be. */
-static int slab_enter(struct shmz_zone *z, struct slab *ret) {
+static inline __attribute__((always_inline)) int slab_enter(struct shmz_zone *z, struct slab *ret) {
         int r;
 
         if (_unlikely_(!formatted(z))) {

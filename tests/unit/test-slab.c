@@ -339,6 +339,36 @@ Test(slab, bad_frees_are_reported) {
         free(heap);
 }
 
+/* Every slot of a whole span of every class: its block frees, a pointer into it does not (slot arithmetic). */
+Test(slab, every_slot_of_every_class) {
+        static void *blocks[4096];
+
+        for (unsigned c = 0; c < SHMZ_ALLOC_CLASSES; c++) {
+                uint32_t size = slab_class_size(c);
+                uint64_t total;
+                size_t n = 0;
+
+                blocks[n++] = shmz_alloc(zone, size);
+                cr_assert_not_null(blocks[0]);
+                total = stats().classes[c].total;
+                cr_assert_leq(total, 4096);
+                while (n < total) {
+                        blocks[n] = shmz_alloc(zone, size);
+                        cr_assert_not_null(blocks[n]);
+                        n++;
+                }
+                cr_assert_eq(stats().classes[c].total, total, "class %u: one span only", c);
+                for (size_t i = 0; i < n; i++) {
+                        uint8_t *p = blocks[i];
+                        cr_assert_eq(shmz_free_checked(zone, p + size / 2), -EINVAL, "class %u slot %zu", c, i);
+                        cr_assert_eq(shmz_free_checked(zone, p + size - 1), -EINVAL, "class %u slot %zu", c, i);
+                        cr_assert_eq(shmz_free_checked(zone, p), 0, "class %u slot %zu", c, i);
+                }
+                cr_assert_eq(stats().classes[c].used, 0);
+        }
+        cr_assert_eq(shmz_zone_check(zone), 0);
+}
+
 Test(slab, read_only_zone_fails_cleanly) {
         void *p = shmz_alloc(zone, 10);
         zone->rdonly = true;

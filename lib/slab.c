@@ -48,6 +48,8 @@ struct class_info {
 };
 
 static struct class_info classes[SLAB_NCLASSES];
+/* Class of n bytes, 1 <= n <= 1024, by (n - 1) / 8: every class boundary up to 1024 is a multiple of 8. */
+static uint8_t small_class[128];
 
 /* A checked view of one zone's allocator, valid while the lock is held. */
 struct slab {
@@ -144,7 +146,16 @@ int slab_class_of(size_t n) {
         return (int) (16 + (sh - 7) * 4 + ((m >> (sh - 2)) & 3));
 }
 
+/* slab_class_of() without its arithmetic for the common sizes. */
+static inline int class_of(size_t n) {
+        if (_likely_(n - 1 < 1024))
+                return small_class[(n - 1) >> 3];
+        return slab_class_of(n);
+}
+
 __attribute__((constructor)) static void classes_init(void) {
+        for (unsigned i = 0; i < 128; i++)
+                small_class[i] = (uint8_t) slab_class_of(i * 8 + 8);
         for (unsigned c = 0; c < SLAB_NCLASSES; c++) {
                 struct class_info *ci = &classes[c];
                 uint32_t size = slab_class_size(c);
@@ -1079,7 +1090,7 @@ _public_ void *shmz_alloc_locked(struct shmz_zone *z, size_t n) {
                 return NULL;
         }
         for (int attempt = 0;; attempt++) {
-                int c = slab_class_of(n);
+                int c = class_of(n);
 
                 op_begin(s.st);
                 p = c >= 0 ? alloc_small(&s, (unsigned) c) : alloc_large(&s, n);

@@ -339,6 +339,19 @@ Test(slab, bad_frees_are_reported) {
         free(heap);
 }
 
+/* Each request size up to 1024 bytes lands in its smallest class (the allocator's lookup table). */
+Test(slab, request_sizes_land_in_their_class) {
+        for (size_t n = 1; n <= 1024; n++) {
+                unsigned c = (unsigned) slab_class_of(n);
+                uint64_t before = stats().classes[c].used;
+                void *p = shmz_alloc(zone, n);
+
+                cr_assert_not_null(p);
+                cr_assert_eq(stats().classes[c].used, before + 1, "n=%zu not in class %u", n, c);
+                shmz_free(zone, p);
+        }
+}
+
 /* Every slot of a whole span of every class: its block frees, a pointer into it does not (slot arithmetic). */
 Test(slab, every_slot_of_every_class) {
         static void *blocks[4096];

@@ -304,7 +304,7 @@ struct shmz_msg_segment_info {
         uint32_t n_chunks;
         uint64_t map_size;    /* memfd bytes: SHMZ_SEGMENT_HEADER_SIZE + n_chunks * chunk_size */
         uint32_t chunks_used; /* list only */
-        uint32_t owner_pid, owner_uid, reserved;
+        uint32_t owner_pid, owner_uid, owner_gid; /* the sending side's process */
         uint64_t created_usec;
 };
 
@@ -328,7 +328,9 @@ struct shmz_channel {
         uint32_t abi_version;
         uint32_t size; /* SHMZ_CHANNEL_SIZE */
         uint64_t port_id;
-        uint8_t reserved0[40];          /* pads to 64 */
+        uint32_t closed; /* the daemon sets it (and wakes every waiter) when the port ends */
+        uint32_t reserved1;
+        uint8_t reserved0[32];          /* pads to 64 */
         struct shmz_channel_dir dir[2]; /* 64: per direction (side that sends) */
 };
 

@@ -23,11 +23,11 @@
 #include "shmzone.h"
 #include "util.h"
 
-#define MAX_SLOTS 4096u       /* bounds the slot tables whatever port_memory says */
-#define RUN_MAX 64u           /* chunks per message: one word of used[], one CAS */
-#define FRAME_FDS_MAX 4       /* control room: more fds than this is a violation anyway */
+#define MAX_SLOTS 4096u /* bounds the slot tables whatever port_memory says */
+#define RUN_MAX 64u     /* chunks per message: one word of used[], one CAS */
+#define FRAME_FDS_MAX 4 /* control room: more fds than this is a violation anyway */
 #define HANDLE_CHUNK (UINT64_C(1) << 63)
-#define DISPATCH_BATCH 64     /* messages one dispatch call handles at most */
+#define DISPATCH_BATCH 64 /* messages one dispatch call handles at most */
 
 struct seg {
         uint8_t *map; /* header page, then the chunks */
@@ -290,8 +290,8 @@ static void seg_unclaim(const struct shmz_port *p, struct seg *s, uint32_t c, ui
 /* ---- frames ------------------------------------------------------------------------------------- */
 
 /* Sends one frame (and at most one fd) before deadline. */
-static int frame_send(struct shmz_port *p, const struct shmz_frame *f, const void *payload, size_t payload_size,
-                      int fd, int64_t timeout_ns, uint64_t deadline) {
+static int frame_send(struct shmz_port *p, const struct shmz_frame *f, const void *payload, size_t payload_size, int fd,
+                      int64_t timeout_ns, uint64_t deadline) {
         struct iovec iov[2] = {
                 { .iov_base = (void *) f, .iov_len = sizeof(*f) },
                 { .iov_base = (void *) payload, .iov_len = payload_size },
@@ -598,8 +598,8 @@ static int violation(struct shmz_port *p, int *fds, size_t n_fds) {
         return -EBADMSG;
 }
 
-static int recv_segment(struct shmz_port *p, const struct shmz_frame *f, const uint8_t *payload, size_t n,
-                        int *fds, size_t n_fds) {
+static int recv_segment(struct shmz_port *p, const struct shmz_frame *f, const uint8_t *payload, size_t n, int *fds,
+                        size_t n_fds) {
         struct shmz_frame_segment fs;
         struct seg *s;
         int r;
@@ -608,8 +608,7 @@ static int recv_segment(struct shmz_port *p, const struct shmz_frame *f, const u
                 return violation(p, fds, n_fds);
         memcpy(&fs, payload, sizeof(fs));
         if (fs.slot != f->segment || fs.slot >= p->max_slots || fs.reserved != 0 || f->chunk != 0 ||
-            fs.chunk_size != p->pp.chunk_size || fs.n_chunks != p->pp.segment_chunks ||
-            atomic_load(&p->rx[fs.slot]))
+            fs.chunk_size != p->pp.chunk_size || fs.n_chunks != p->pp.segment_chunks || atomic_load(&p->rx[fs.slot]))
                 return violation(p, fds, n_fds);
         r = seg_map(p, fds[0], fs.id, false, &s);
         if (r == -EBADMSG)
@@ -1451,8 +1450,8 @@ static int segment_list_one(const void *reply, void *userdata) {
         return ctx->cb(&si, ctx->userdata);
 }
 
-_public_ int shmz_segment_list(struct shmz_client *c,
-                               int (*cb)(const struct shmz_msg_segment_info *si, void *userdata), void *userdata) {
+_public_ int shmz_segment_list(struct shmz_client *c, int (*cb)(const struct shmz_msg_segment_info *si, void *userdata),
+                               void *userdata) {
         struct segment_list_ctx ctx = { .cb = cb, .userdata = userdata };
 
         assert_return(c && cb, -EINVAL);

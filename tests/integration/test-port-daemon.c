@@ -31,8 +31,17 @@
 
 static struct daemon_proc d;
 
+/* The daemon must stop cleanly: exit 0, nothing from the sanitizers (leaks of ports, watches, segments). */
 static void stop(void) {
+        int st = d.pid > 0 ? harness_stop(&d) : 0;
+        const char *log = harness_log(&d);
+        bool clean = !strstr(log, "Sanitizer") && !strstr(log, "runtime error");
+
+        if (st != 0 || !clean)
+                fprintf(stderr, "daemon log:\n%s\n", log);
         harness_cleanup(&d);
+        cr_assert_eq(st, 0, "the daemon exited with %d", st);
+        cr_assert(clean, "the sanitizers complained");
 }
 
 static void start(void) {
@@ -724,6 +733,33 @@ Test(portd, reload_applies_to_new_ports) {
                 close(ch[i]);
         }
         wait_empty();
+        close(cfd);
+}
+
+/* The daemon stops with live ports and listeners: it lets go of them (exit 0, no leak); the peers keep talking. */
+Test(portd, stop_with_live_ports) {
+        struct shmz_msg_port_peer cp, ap;
+        struct shmz_msg_segment_info si;
+        int lfd, cfd, csock, cchan, asock, achan, seg;
+        char buf[8];
+
+        lfd = listen_on("svc", 0666);
+        cfd = raw_client();
+        cr_assert_eq(connect_to(cfd, "svc", &cp, &csock, &cchan), 0);
+        expect_notice(lfd, &ap, &asock, &achan);
+        cr_assert_eq(segment_create(cfd, cp.port_id, cp.token, 0, &si, &seg), 0);
+        accepted(lfd, ap.port_id); /* not accepted, it would end with its listener's connection */
+        (void) listener_entry(cfd, "svc", 0);
+        cr_assert_eq(harness_stop(&d), 0, "log: %s", harness_log(&d));
+        cr_assert_null(strstr(harness_log(&d), "Sanitizer"), "log: %s", harness_log(&d));
+        cr_assert_eq(send(csock, "after", 5, 0), 5);
+        cr_assert_eq(recv(asock, buf, sizeof(buf), 0), 5);
+        close(seg);
+        close(csock);
+        close(cchan);
+        close(asock);
+        close(achan);
+        close(lfd);
         close(cfd);
 }
 

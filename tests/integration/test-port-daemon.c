@@ -46,7 +46,7 @@ static void stop(void) {
 
 static void start(void) {
         harness_init(&d, "[daemon]\nchunk_size = 4K\nsegment_chunks = 16\nport_memory = 128K\nport_backlog = 2\n"
-                         "max_ports_per_uid = 64\n");
+                         "max_ports_per_uid = 256\n");
         cr_assert_eq(harness_start(&d, NULL, false), 0, "daemon did not start: %s", harness_log(&d));
 }
 
@@ -731,6 +731,78 @@ Test(portd, reload_applies_to_new_ports) {
                 shutdown(s[i], SHUT_RDWR);
                 close(s[i]);
                 close(ch[i]);
+        }
+        wait_empty();
+        close(cfd);
+}
+
+/* Listings longer than a page (32) come whole, in order, a page at a time. */
+#define N_LIST 35
+Test(portd, listings_page_through) {
+        int lfd[N_LIST], cfd, csock[N_LIST], cchan[N_LIST], asock, achan, seg;
+        struct shmz_msg_port_peer cp, ap;
+        struct shmz_msg_segment_info si;
+        struct reply r;
+        char name[32], prev[SHMZ_NAME_BUF] = "";
+        unsigned n_listeners = 0, n_ports = 0, n_segments = 0;
+        uint64_t last_id = 0;
+
+        cfd = raw_client();
+        for (int i = 0; i < N_LIST; i++) {
+                /* Names whose order differs from the order they are made in. */
+                snprintf(name, sizeof(name), "p%02d", (i * 17) % N_LIST);
+                lfd[i] = listen_on(name, 0666);
+                cr_assert_eq(connect_to(cfd, name, &cp, &csock[i], &cchan[i]), 0);
+                expect_notice(lfd[i], &ap, &asock, &achan);
+                accepted(lfd[i], ap.port_id);
+                close(asock); /* the daemon's copy keeps the port */
+                close(achan);
+                for (int k = 0; k < 2; k++) {
+                        cr_assert_eq(segment_create(cfd, cp.port_id, cp.token, 0, &si, &seg), 0);
+                        close(seg);
+                }
+        }
+        request(cfd, SHMZ_MSG_PORT_LIST, NULL, 0, &r);
+        while (!(r.h.flags & SHMZ_MSG_F_LAST)) {
+                struct shmz_msg_port_info pi;
+
+                cr_assert_eq(r.h.status, 0);
+                cr_assert_eq(r.body_size, sizeof(pi));
+                memcpy(&pi, r.body, sizeof(pi));
+                if (pi.port_id == 0) {
+                        cr_assert_eq(n_ports, 0u, "listeners come first");
+                        cr_assert_gt(strcmp(pi.name, prev), 0, "%s after %s", pi.name, prev);
+                        strncpy_buf(prev, sizeof(prev), pi.name);
+                        n_listeners++;
+                } else {
+                        cr_assert_gt(pi.port_id, last_id);
+                        last_id = pi.port_id;
+                        cr_assert_eq(pi.segments, 2u);
+                        n_ports++;
+                }
+                cr_assert(recv_msg(cfd, &r, 5000));
+        }
+        cr_assert_eq(n_listeners, N_LIST);
+        cr_assert_eq(n_ports, N_LIST);
+        last_id = 0;
+        request(cfd, SHMZ_MSG_SEGMENT_LIST, NULL, 0, &r);
+        while (!(r.h.flags & SHMZ_MSG_F_LAST)) {
+                struct shmz_msg_segment_info li;
+
+                cr_assert_eq(r.body_size, sizeof(li));
+                memcpy(&li, r.body, sizeof(li));
+                cr_assert_gt(li.id, last_id);
+                last_id = li.id;
+                n_segments++;
+                cr_assert(recv_msg(cfd, &r, 5000));
+        }
+        cr_assert_eq(n_segments, 2 * N_LIST);
+        cr_assert_eq(status().segments, 2u * N_LIST);
+        for (int i = 0; i < N_LIST; i++) {
+                close(lfd[i]);
+                shutdown(csock[i], SHUT_RDWR);
+                close(csock[i]);
+                close(cchan[i]);
         }
         wait_empty();
         close(cfd);

@@ -497,9 +497,19 @@ static void *reader(void *arg) {
         return (void *) found;
 }
 
+static int count_fds(void) {
+        int n = 0;
+
+        for (int fd = 0; fd < 4096; fd++)
+                if (fcntl(fd, F_GETFD) >= 0)
+                        n++;
+        return n;
+}
+
 Test(ports, lockfree_lookup_under_churn) {
         pthread_t t[2];
         struct listener *l;
+        int fds_before = count_fds();
 
         cr_assert_eq(ports_listen(pt, &OWNER, "svc", 0666, NULL, &l), 0);
         for (int i = 0; i < 2; i++)
@@ -524,4 +534,6 @@ Test(ports, lockfree_lookup_under_churn) {
         ports_get_stats(pt, &st);
         cr_assert_eq(st.segments, 0u);
         cr_assert_eq(st.ports, 0u);
+        /* Every segment's memfd and every channel went with its port. */
+        cr_assert_eq(count_fds(), fds_before);
 }

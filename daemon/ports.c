@@ -304,9 +304,10 @@ static int do_connect(struct conn *c, const struct shmz_msg_header *h, const str
         pthread_mutex_unlock(&fe_lock);
 
         for (unsigned i = 0; i < 2; i++) {
-                r = sd_event_add_io(worker_event(c->worker), &w->end_src[i], w->end[i], 0, on_end, w);
+                r = sd_event_add_io(sd_event_source_get_event(c->source), &w->end_src[i], w->end[i], 0, on_end, w);
                 if (r >= 0)
-                        r = sd_event_add_io(worker_event(c->worker), &w->pid_src[i], w->pidfd[i], EPOLLIN, on_pid, w);
+                        r = sd_event_add_io(sd_event_source_get_event(c->source), &w->pid_src[i], w->pidfd[i], EPOLLIN,
+                                            on_pid, w);
                 if (r < 0)
                         break;
         }

@@ -7,7 +7,6 @@
 
 #include "registry.h"
 
-
 struct daemon;
 struct worker;
 

@@ -876,6 +876,34 @@ Test(portd, churn_leaves_nothing_behind) {
         wait_empty();
 }
 
+/* A figure, not a bound: what brokering one port costs (connect, reply, notice; then a shutdown). */
+Test(portd, connect_figure) {
+        int lfd = listen_on("svc", 0666), cfd = raw_client();
+        uint64_t t0, total = 0;
+        const int n = 200;
+
+        for (int i = 0; i < n; i++) {
+                struct shmz_msg_port_peer cp, ap;
+                int csock, cchan, asock, achan;
+
+                t0 = now_ns();
+                cr_assert_eq(connect_to(cfd, "svc", &cp, &csock, &cchan), 0);
+                expect_notice(lfd, &ap, &asock, &achan);
+                total += now_ns() - t0;
+                accepted(lfd, ap.port_id);
+                shutdown(csock, SHUT_RDWR);
+                close(csock);
+                close(cchan);
+                close(asock);
+                close(achan);
+        }
+        fprintf(stderr, "FIGURE port_connect_us %.1f (sanitized build, connect + reply + notice)\n",
+                (double) total / n / 1000.0);
+        close(lfd);
+        wait_empty();
+        close(cfd);
+}
+
 /* Listings longer than a page (32) come whole, in order, a page at a time. */
 #define N_LIST 35
 Test(portd, listings_page_through) {

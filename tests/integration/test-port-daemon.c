@@ -897,7 +897,7 @@ Test(portd, connect_figure) {
                 close(asock);
                 close(achan);
         }
-        fprintf(stderr, "FIGURE port_connect_us %.1f (sanitized build, connect + reply + notice)\n",
+        fprintf(stderr, "FIGURE port_connect_us %.1f (connect + reply + notice)\n",
                 (double) total / n / 1000.0);
         close(lfd);
         wait_empty();

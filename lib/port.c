@@ -875,7 +875,8 @@ int port_new(int sock_fd, int channel_fd, const struct port_params *pp, struct s
         p->pp = *pp;
         p->seg_map_size = SHMZ_SEGMENT_HEADER_SIZE + (size_t) pp->segment_chunks * pp->chunk_size;
         p->n_words = (pp->segment_chunks + 63) / 64;
-        slots = pp->port_memory / p->seg_map_size;
+        /* As the daemon counts a direction's memory: the chunks, not the header pages. */
+        slots = pp->port_memory / ((uint64_t) pp->segment_chunks * pp->chunk_size);
         p->max_slots = (uint32_t) MAX(UINT64_C(1), MIN(slots, (uint64_t) MAX_SLOTS));
         p->max_msg = (size_t) MIN(RUN_MAX, pp->segment_chunks) * pp->chunk_size;
         p->source = source ?: segment_create;

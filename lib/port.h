@@ -40,7 +40,7 @@ int port_new(int sock_fd, int channel_fd, const struct port_params *pp, struct s
 /* Checks pp (from the daemon): sizes, powers of two, overflow. */
 int port_params_check(const struct port_params *pp);
 
-/* Segment slots per direction: port_memory / segment bytes (at least 1). */
+/* Segment slots per direction: port_memory / (segment_chunks * chunk_size), at least 1. */
 uint32_t port_max_slots(const struct shmz_port *p);
 /* The largest message: min(64, segment_chunks) * chunk_size. */
 size_t port_max_message(const struct shmz_port *p);

@@ -244,12 +244,14 @@ static uint64_t word_valid(const struct shmz_port *p, uint32_t w) {
 static int find_run(uint64_t free, uint32_t n) {
         uint64_t run = run_mask(n);
 
-        for (unsigned pos = 0; pos + n <= 64 && free;) {
-                unsigned skip = (unsigned) __builtin_ctzll(free >> pos << pos);
+        for (unsigned pos = 0; pos + n <= 64;) {
+                uint64_t rest = free >> pos << pos;
 
-                if (skip + n > 64)
+                if (!rest)
                         return -1;
-                pos = skip;
+                pos = (unsigned) __builtin_ctzll(rest); /* the next free bit */
+                if (pos + n > 64)
+                        return -1;
                 if (((free >> pos) & run) == run)
                         return (int) pos;
                 pos++;
@@ -446,7 +448,7 @@ done:
         return r;
 }
 
-/* Which of this side's segments holds ptr, as the start of a chunk. */
+/* Which of this side's segments holds ptr, and the chunk it starts (UINT32_MAX: none). */
 static struct seg *tx_find(struct shmz_port *p, const void *ptr, uint32_t *ret_slot, uint32_t *ret_chunk) {
         uint32_t n_tx = atomic_load(&p->n_tx);
         uintptr_t a = (uintptr_t) ptr;
@@ -456,10 +458,10 @@ static struct seg *tx_find(struct shmz_port *p, const void *ptr, uint32_t *ret_s
                 uintptr_t base = (uintptr_t) seg_chunk(p, s, 0);
 
                 if (a >= base && a < (uintptr_t) s->map + s->map_size) {
-                        if ((a - base) % p->pp.chunk_size != 0)
-                                return NULL;
                         *ret_slot = i;
-                        *ret_chunk = (uint32_t) ((a - base) / p->pp.chunk_size);
+                        /* Not the start of a chunk: no buffer of ours starts there. */
+                        *ret_chunk = (a - base) % p->pp.chunk_size != 0 ? UINT32_MAX
+                                                                        : (uint32_t) ((a - base) / p->pp.chunk_size);
                         return s;
                 }
         }
@@ -505,7 +507,7 @@ _public_ void shmz_port_buf_free(struct shmz_port *p, void *buf) {
         if (!p || !buf)
                 return;
         s = tx_find(p, buf, &slot, &chunk);
-        if (!s || s->buf_n[chunk] == 0)
+        if (!s || chunk == UINT32_MAX || s->buf_n[chunk] == 0)
                 return;
         seg_unclaim(p, s, chunk, s->buf_n[chunk]);
         s->buf_n[chunk] = 0;
@@ -543,7 +545,7 @@ _public_ int shmz_port_send(struct shmz_port *p, const struct shmz_msg *m, int64
                 s = tx_find(p, m->data, &slot, &chunk);
         if (s) {
                 /* A buffer of shmz_port_buf(): it travels in place. */
-                buf_n = s->buf_n[chunk];
+                buf_n = chunk == UINT32_MAX ? 0 : s->buf_n[chunk];
                 if (buf_n == 0 || m->size > (size_t) buf_n * p->pp.chunk_size)
                         return -EINVAL;
                 n = chunks_for(p, m->size);

@@ -220,6 +220,16 @@ Test(port, buf_zero_copy) {
         m.data = buf;
         m.size = 10;
         cr_assert_eq(shmz_port_send(a, &m, 0), -EINVAL);
+        /* Inside a buffer but not at its start: not a buffer either. */
+        buf = shmz_port_buf(a, 2 * CHUNK);
+        m.data = buf + 10;
+        cr_assert_eq(shmz_port_send(a, &m, 0), -EINVAL);
+        m.data = buf + CHUNK;
+        cr_assert_eq(shmz_port_send(a, &m, 0), -EINVAL);
+        shmz_port_buf_free(a, buf + CHUNK); /* nothing */
+        cr_assert_eq(port_tx_chunks_used(a), 2);
+        shmz_port_buf_free(a, buf);
+        cr_assert_eq(port_tx_chunks_used(a), 0);
         errno = 0;
         cr_assert_null(shmz_port_buf(a, 65 * CHUNK));
         cr_assert_eq(errno, EMSGSIZE);

@@ -66,7 +66,8 @@ struct shmz_port {
 
         /* One receiver at a time: a DATA frame is never taken before the SEGMENT it uses is mapped. */
         pthread_mutex_t recv_lock;
-        atomic_bool gone; /* end of file, or shut down: -EPIPE */
+        atomic_bool gone;        /* end of file, or shut down: -EPIPE */
+        atomic_bool recv_waited; /* the last receive had to sleep: sleep first next time (one syscall less) */
 
         atomic_uint next_stream;
         pthread_mutex_t rpc_lock;
@@ -682,7 +683,7 @@ static int recv_data(struct shmz_port *p, const struct shmz_frame *f, const uint
 }
 
 /* One message if one waits (recv_lock held): -EAGAIN if none, -EPIPE at the end, -EBADMSG on a violation. */
-static int recv_one_locked(struct shmz_port *p, struct shmz_msg *ret) {
+static int recv_one_locked(struct shmz_port *p, struct shmz_msg *ret, bool block) {
         for (;;) {
                 union {
                         struct shmz_frame f;
@@ -703,7 +704,7 @@ static int recv_one_locked(struct shmz_port *p, struct shmz_msg *ret) {
 
                 if (atomic_load(&p->gone))
                         return -EPIPE;
-                n = recvmsg(p->fd, &mh, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+                n = recvmsg(p->fd, &mh, (block ? 0 : MSG_DONTWAIT) | MSG_CMSG_CLOEXEC);
                 if (n < 0) {
                         if (errno == EINTR)
                                 continue;
@@ -748,24 +749,62 @@ static int recv_one_locked(struct shmz_port *p, struct shmz_msg *ret) {
 }
 
 _public_ int shmz_port_recv(struct shmz_port *p, struct shmz_msg *ret, int64_t timeout_ns) {
+        struct timespec abs;
+        bool poll_first;
         uint64_t deadline;
 
         assert_return(p && ret, -EINVAL);
-        deadline = deadline_of(timeout_ns);
-        for (;;) {
+        if (timeout_ns < 0) {
                 int r;
 
+                /*
+                 * Waiting for good: sleep in recvmsg() itself, holding the lock (one
+                 * syscall per message). Receivers with a timeout wait for the lock
+                 * no longer than it; the holder takes the next message anyway.
+                 */
                 pthread_mutex_lock(&p->recv_lock);
-                r = recv_one_locked(p, ret);
+                r = recv_one_locked(p, ret, true);
                 pthread_mutex_unlock(&p->recv_lock);
-                if (r != -EAGAIN)
+                return r;
+        }
+        deadline = deadline_of(timeout_ns);
+        /*
+         * A receiver that keeps finding nothing (request/reply) saves the empty
+         * recvmsg() by sleeping in poll() first; one that keeps finding
+         * messages (a stream) reads at once.
+         */
+        poll_first = timeout_ns != 0 && atomic_load_explicit(&p->recv_waited, memory_order_relaxed);
+        for (bool slept = false;;) {
+                int r;
+
+                if (poll_first) {
+                        uint64_t t0 = now_ns();
+
+                        r = wait_fd(p->fd, POLLIN, deadline);
+                        if (r < 0)
+                                return r == -ETIMEDOUT ? expired(timeout_ns) : r;
+                        /* A poll that found data at once did not sleep (the clock is the vDSO's: cheap). */
+                        slept = slept || now_ns() - t0 > 5000;
+                }
+                if (timeout_ns == 0)
+                        r = pthread_mutex_trylock(&p->recv_lock);
+                else {
+                        abs = (struct timespec){ .tv_sec = (time_t) (deadline / 1000000000),
+                                                 .tv_nsec = (long) (deadline % 1000000000) };
+                        r = pthread_mutex_clocklock(&p->recv_lock, CLOCK_MONOTONIC, &abs);
+                }
+                if (r != 0) /* another thread is receiving, for at least as long */
+                        return expired(timeout_ns);
+                r = recv_one_locked(p, ret, false);
+                pthread_mutex_unlock(&p->recv_lock);
+                if (r != -EAGAIN) {
+                        atomic_store_explicit(&p->recv_waited, slept, memory_order_relaxed);
                         return r;
+                }
                 if (timeout_ns == 0)
                         return -EAGAIN;
                 /* Sleep outside the lock, so that other receivers keep their own timeouts. */
-                r = wait_fd(p->fd, POLLIN, deadline);
-                if (r < 0)
-                        return r == -ETIMEDOUT ? expired(timeout_ns) : r;
+                poll_first = true;
         }
 }
 
@@ -885,6 +924,7 @@ int port_new(int sock_fd, int channel_fd, const struct port_params *pp, struct s
         p->source_userdata = userdata;
         atomic_init(&p->n_tx, 0);
         atomic_init(&p->gone, false);
+        atomic_init(&p->recv_waited, false);
         atomic_init(&p->next_stream, 0);
         (void) pthread_mutex_init(&p->create_lock, NULL);
         (void) pthread_mutex_init(&p->recv_lock, NULL);

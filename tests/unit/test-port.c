@@ -808,3 +808,41 @@ Test(port, bad_params) {
         cr_assert_eq(port_new(sv[0], memfd_sealed(8192, true), &pp, NULL, source_cb, &src_a, &p), -EPROTO);
         close(sv[1]);
 }
+
+struct blocked {
+        struct shmz_port *p;
+        struct shmz_msg m;
+        int r;
+};
+
+static void *recv_forever(void *arg) {
+        struct blocked *b = arg;
+
+        b->r = shmz_port_recv(b->p, &b->m, -1);
+        return NULL;
+}
+
+Test(port, receivers_with_and_without_timeouts) {
+        struct shmz_port *a, *b;
+        struct shmz_msg m = { .type = 9, .data = "z", .size = 2, .fd = -1 }, r;
+        struct blocked bl = { .r = 1 };
+        pthread_t t;
+        uint64_t t0;
+
+        pair(64, UINT64_C(1) << 24, &a, &b);
+        bl.p = b;
+        cr_assert(pthread_create(&t, NULL, recv_forever, &bl) == 0);
+        usleep(50000);
+        /* Another receiver's timeout holds while one sleeps without any. */
+        cr_assert_eq(shmz_port_recv(b, &r, 0), -EAGAIN);
+        t0 = mono_ns();
+        cr_assert_eq(shmz_port_recv(b, &r, 20000000), -ETIMEDOUT);
+        cr_assert_lt(mono_ns() - t0, 500000000u);
+        cr_assert_eq(shmz_port_send(a, &m, 0), 0);
+        pthread_join(t, NULL);
+        cr_assert_eq(bl.r, 0);
+        cr_assert_eq(bl.m.type, 9);
+        shmz_msg_release(b, &bl.m);
+        shmz_port_close(a);
+        shmz_port_close(b);
+}

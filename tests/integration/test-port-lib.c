@@ -304,6 +304,36 @@ Test(portlib, rpc_across_processes) {
         shmz_disconnect(c);
 }
 
+Test(portlib, listener_close_keeps_accepted_ports) {
+        struct shmz_client *c1, *c2;
+        struct shmz_listener *l;
+        struct shmz_port *p1, *p2, *ap;
+        struct shmz_msg m = { .type = 1, .data = "x", .size = 2, .fd = -1 }, r;
+
+        cr_assert_eq(shmz_connect(d.socket, &c1), 0);
+        cr_assert_eq(shmz_connect(d.socket, &c2), 0);
+        cr_assert_eq(shmz_port_listen(c1, "door", 0666, &l), 0);
+        cr_assert_geq(shmz_listener_fd(l), 0);
+        cr_assert_eq(shmz_port_connect(c2, "door", &p1), 0);
+        cr_assert_eq(shmz_port_connect(c2, "door", &p2), 0);
+        cr_assert_eq(shmz_port_accept(l, 2000000000, &ap), 0);
+        shmz_listener_close(l);
+        /* The name is gone; the connection never accepted is shut down; the accepted one lives. */
+        cr_assert_eq(shmz_port_connect(c2, "door", &(struct shmz_port *){ NULL }), -ENOENT);
+        cr_assert_eq(shmz_port_recv(p2, &r, 2000000000), -EPIPE);
+        cr_assert_eq(shmz_port_send(p1, &m, 0), 0);
+        cr_assert_eq(shmz_port_recv(ap, &r, 2000000000), 0);
+        shmz_msg_release(ap, &r);
+        shmz_port_close(p1);
+        shmz_port_close(p2);
+        shmz_port_close(ap);
+        /* The name may be published again. */
+        cr_assert_eq(shmz_port_listen(c2, "door", 0600, &l), 0);
+        shmz_listener_close(l);
+        shmz_disconnect(c1);
+        shmz_disconnect(c2);
+}
+
 int main(int argc, char *argv[]) {
         return harness_main(argc, argv, /* need_root= */ true, /* need_fuse= */ false);
 }

@@ -7,7 +7,8 @@
  * unmounted) before the registry is freed.
  *
  *   <mount>/zones/<name>     the zone's usable bytes (offset 0 = first byte after the header)
- *   <mount>/segments/, ports/  empty until ports exist
+ *   <mount>/ports/<name>/    a published port name; one read-only file per live connection, named by port id
+ *   <mount>/segments/<id>    a segment's bytes (its whole memfd, header included), read-only
  *   <mount>/status, metrics  daemon-wide figures (text, Prometheus)
  *   <mount>/socket           symlink to the control socket (shmz_zone_open_path follows it)
  */
@@ -19,6 +20,7 @@
 #include "shmzone-abi.h"
 
 struct fuse_view;
+struct ports;
 struct registry;
 
 /* Daemon-wide figures the view shows in status and metrics, besides the registry's own. */
@@ -39,3 +41,12 @@ int fuse_view_start(struct registry *reg, const char *mountpoint, const char *so
                     void *figures_data, struct fuse_view **ret);
 /* Stops the thread and unmounts. NULL is fine. */
 void fuse_view_stop(struct fuse_view *v);
+
+/*
+ * Shows pt's listeners, ports and segments in ports/ and segments/ (empty
+ * until this is called), counts them in status and metrics, and becomes pt's
+ * observer (ports_set_observer) to invalidate the kernel's copies. pt must
+ * outlive the view: fuse_view_stop() drops references it still holds. NULL
+ * detaches.
+ */
+void fuse_view_set_ports(struct fuse_view *v, struct ports *pt);

@@ -573,43 +573,28 @@ static uint64_t count_used(const void *map, size_t size, uint32_t n_chunks) {
 static int segment_xattr(struct fuse_view *v, uint64_t ino, const char *name, char *buf, size_t size, size_t *ret_len) {
         struct ports *pt = view_ports(v);
         struct shmz_msg_segment_info si;
-        struct vhandle *h = open_handle_of(v, ino);
-        struct segment *s = NULL;
+        struct vhandle *h;
         uint64_t value, used;
-        const void *map = NULL;
-        size_t map_size = 0;
-        int n, r;
+        int n;
 
         if (pt && ports_segment_info(pt, ino - PORTS_INO_SEGMENT_BASE, &si) >= 0)
-                ;
-        else if (h && h->segment)
+                used = si.chunks_used; /* the core counts the bitmap */
+        else if ((h = open_handle_of(v, ino)) && h->segment) {
+                /* Gone from the table, still open here: count what the mapping we hold shows. */
                 si = h->seg_info;
-        else
+                used = count_used(h->seg_map, h->seg_size, si.n_chunks);
+        } else
                 return -ENOENT;
 
         if (streq(name, PX_OWNER_PID))
                 value = si.owner_pid;
         else if (streq(name, PX_PORT))
                 value = si.port_id;
-        else if (streq(name, PX_CHUNKS_FREE) || streq(name, PX_CHUNKS_USED)) {
-                if (h && h->segment) {
-                        map = h->seg_map;
-                        map_size = h->seg_size;
-                } else {
-                        r = pt ? ports_segment_ref(pt, si.id, &s) : -ENOENT;
-                        if (r >= 0)
-                                r = segment_view_map(s, &map, &map_size);
-                        if (r < 0) {
-                                if (s)
-                                        ports_segment_unref(pt, s);
-                                return r == -ENOENT ? -ENOENT : -ENODATA;
-                        }
-                }
-                used = count_used(map, map_size, si.n_chunks);
-                if (s)
-                        ports_segment_unref(pt, s);
-                value = streq(name, PX_CHUNKS_USED) ? used : (si.n_chunks > used ? si.n_chunks - used : 0);
-        } else
+        else if (streq(name, PX_CHUNKS_USED))
+                value = used;
+        else if (streq(name, PX_CHUNKS_FREE))
+                value = si.n_chunks > used ? si.n_chunks - used : 0;
+        else
                 return -ENODATA;
         n = snprintf(buf, size, "%" PRIu64, value);
         if (n < 0 || (size_t) n >= size)

@@ -244,7 +244,7 @@ void view_ports_event(void *userdata, enum ports_event ev, const char *name, uin
         case PORTS_PORT_ADDED:
         case PORTS_PORT_REMOVED:
                 /* Called outside the core's lock: asking it for the listener's inode is allowed. */
-                if (name && ports_listener_info(view_ports(v), name, &info, &li) >= 0)
+                if (name && view_ports(v) && ports_listener_info(view_ports(v), name, &info, &li) >= 0)
                         view_queue_inval(v, li);
                 break;
         case PORTS_SEGMENT_ADDED:

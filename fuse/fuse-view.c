@@ -878,7 +878,6 @@ int fuse_view_start(struct registry *reg, struct ports *ports, const char *mount
         if (!v)
                 return -ENOMEM;
         v->registry = reg;
-        v->ports = ports;
         v->figures = figures;
         v->figures_data = figures_data;
         v->stop_fd = -EBADF;
@@ -886,7 +885,7 @@ int fuse_view_start(struct registry *reg, struct ports *ports, const char *mount
         v->gid = getegid();
         v->start_usec = now_usec(CLOCK_REALTIME);
         atomic_init(&v->zones_mtime_usec, v->start_usec);
-        atomic_init(&v->ports, NULL);
+        atomic_init(&v->ports, ports);
         atomic_init(&v->ports_mtime_usec, v->start_usec);
         atomic_init(&v->segments_mtime_usec, v->start_usec);
         v->handles.next = v->handles.prev = &v->handles;
@@ -954,6 +953,8 @@ int fuse_view_start(struct registry *reg, struct ports *ports, const char *mount
                 goto fail;
         v->notifier_started = true;
         registry_set_observer(v->registry, on_registry_event, v);
+        if (ports)
+                ports_set_observer(ports, view_ports_event, v);
         log_info("FUSE view mounted at %s.", v->mountpoint);
         *ret = v;
         return 0;

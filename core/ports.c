@@ -1001,6 +1001,75 @@ int ports_list_segments(struct ports *pt, struct shmz_msg_segment_info **ret, si
         return 0;
 }
 
+int ports_list_listeners_page(struct ports *pt, const char *after, struct shmz_msg_port_info *ret, size_t max,
+                              size_t *ret_n) {
+        bool found;
+        size_t i, n = 0;
+
+        if (!after || !ret_n)
+                return -EINVAL;
+        pthread_mutex_lock(&pt->lock);
+        i = listener_pos(pt, after, &found);
+        if (found)
+                i++;
+        for (; i < pt->n_listeners && n < max; i++)
+                listener_info_fill(pt->listeners[i], &ret[n++]);
+        pthread_mutex_unlock(&pt->lock);
+        *ret_n = n;
+        return 0;
+}
+
+int ports_list_ports_page(struct ports *pt, uint64_t after_id, struct shmz_msg_port_info *ret, size_t max,
+                          size_t *ret_n) {
+        bool found;
+        size_t i, n = 0;
+
+        if (!ret_n)
+                return -EINVAL;
+        pthread_mutex_lock(&pt->lock);
+        i = port_pos(pt, after_id, &found);
+        if (found)
+                i++;
+        for (; i < pt->n_ports && n < max; i++)
+                port_info_fill(pt->ports[i], &ret[n++]);
+        pthread_mutex_unlock(&pt->lock);
+        *ret_n = n;
+        return 0;
+}
+
+int ports_list_segments_page(struct ports *pt, uint64_t after_id, struct shmz_msg_segment_info *ret, size_t max,
+                             size_t *ret_n) {
+        size_t n = 0;
+
+        if (!ret_n)
+                return -EINVAL;
+        pthread_mutex_lock(&pt->lock);
+        /* The max smallest ids past after_id, kept sorted in ret (ids are not in creation order). */
+        for (size_t i = 0; i < pt->n_ports && max > 0; i++)
+                for (unsigned d = 0; d < 2; d++)
+                        for (uint32_t k = 0; k < pt->ports[i]->n_segs[d]; k++) {
+                                const struct segment *s = pt->ports[i]->segs[d][k];
+                                size_t at;
+
+                                if (s->info.id <= after_id || (n == max && s->info.id >= ret[n - 1].id))
+                                        continue;
+                                for (at = n; at > 0 && ret[at - 1].id > s->info.id; at--)
+                                        ;
+                                if (n < max)
+                                        n++;
+                                memmove(&ret[at + 1], &ret[at], (n - 1 - at) * sizeof(*ret));
+                                ret[at] = s->info;
+                        }
+        for (size_t i = 0; i < n; i++) {
+                uint64_t slot1 = ret[i].id & SEG_SLOT_MASK;
+
+                ret[i].chunks_used = (uint32_t) count_used(seg_slot(pt, (uint32_t) (slot1 - 1)));
+        }
+        pthread_mutex_unlock(&pt->lock);
+        *ret_n = n;
+        return 0;
+}
+
 /* Lock-free: a reference on the segment with that id, if it is in the table (linked or, with any, not). */
 static struct segment *segment_get(struct ports *pt, uint64_t id, bool any) {
         uint64_t slot1 = id & SEG_SLOT_MASK;

@@ -377,64 +377,40 @@ static int do_segment_create(struct conn *c, const struct shmz_msg_header *h, co
         return reply(c, h, 0, &info, sizeof(info), fd);
 }
 
-/*
- * A page of a listing after the last entry sent. The core gives whole
- * snapshots; a page keeps PORT_LIST_PAGE of one, so that a client that does
- * not read holds one page, as ZONE_LIST does.
- */
+/* A page of a listing after the last entry sent: a client that does not read holds one page, as for ZONE_LIST. */
 static int port_list_page(struct conn *c, struct shmz_msg_port_info *out, size_t *ret_n) {
-        struct shmz_msg_port_info *v = NULL;
-        size_t n = 0, k = 0;
         int r;
 
-        *ret_n = 0;
         if (c->list.phase == 0) {
-                r = ports_list_listeners(c->daemon->ports, &v, &n);
+                r = ports_list_listeners_page(c->daemon->ports, c->list.after, out, PORT_LIST_PAGE, ret_n);
                 if (r < 0)
                         return r;
-                for (size_t i = 0; i < n && k < PORT_LIST_PAGE; i++)
-                        if (strcmp(v[i].name, c->list.after) > 0)
-                                out[k++] = v[i];
-                free(v);
-                if (k > 0)
-                        strncpy_buf(c->list.after, sizeof(c->list.after), out[k - 1].name);
-                if (k < PORT_LIST_PAGE)
+                if (*ret_n > 0)
+                        strncpy_buf(c->list.after, sizeof(c->list.after), out[*ret_n - 1].name);
+                if (*ret_n < PORT_LIST_PAGE)
                         c->list.phase = 1;
-                *ret_n = k;
                 return 0;
         }
-        r = ports_list_ports(c->daemon->ports, &v, &n);
+        r = ports_list_ports_page(c->daemon->ports, c->list.after_id, out, PORT_LIST_PAGE, ret_n);
         if (r < 0)
                 return r;
-        for (size_t i = 0; i < n && k < PORT_LIST_PAGE; i++)
-                if (v[i].port_id > c->list.after_id)
-                        out[k++] = v[i];
-        free(v);
-        if (k > 0)
-                c->list.after_id = out[k - 1].port_id;
-        if (k < PORT_LIST_PAGE)
+        if (*ret_n > 0)
+                c->list.after_id = out[*ret_n - 1].port_id;
+        if (*ret_n < PORT_LIST_PAGE)
                 c->list.phase = 2;
-        *ret_n = k;
         return 0;
 }
 
 static int segment_list_page(struct conn *c, struct shmz_msg_segment_info *out, size_t *ret_n) {
-        struct shmz_msg_segment_info *v = NULL;
-        size_t n = 0, k = 0;
         int r;
 
-        r = ports_list_segments(c->daemon->ports, &v, &n);
+        r = ports_list_segments_page(c->daemon->ports, c->list.after_id, out, PORT_LIST_PAGE, ret_n);
         if (r < 0)
                 return r;
-        for (size_t i = 0; i < n && k < PORT_LIST_PAGE; i++)
-                if (v[i].id > c->list.after_id)
-                        out[k++] = v[i];
-        free(v);
-        if (k > 0)
-                c->list.after_id = out[k - 1].id;
-        if (k < PORT_LIST_PAGE)
+        if (*ret_n > 0)
+                c->list.after_id = out[*ret_n - 1].id;
+        if (*ret_n < PORT_LIST_PAGE)
                 c->list.phase = 2;
-        *ret_n = k;
         return 0;
 }
 

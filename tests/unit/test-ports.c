@@ -430,6 +430,115 @@ Test(ports, listings_sorted) {
         free(v);
 }
 
+/* Pages give what the whole listings give, in the same order. */
+Test(ports, pages_match_listings) {
+        struct listener *l[40];
+        struct port *p[40];
+        struct shmz_msg_port_info *all, page[7];
+        struct shmz_msg_segment_info *sall, spage[7];
+        size_t n_all, n, k;
+        char name[16];
+
+        teardown();
+        setup_with(4096, 1, 3 * 4096, 5000, 5000);
+        /*
+         * More segments than the table makes fresh slots for, dropped in
+         * reverse: the slots are reused from then on, so that ids no longer
+         * follow the order segments are made in.
+         */
+        {
+                static struct port *tmp[400];
+                struct listener *tl;
+
+                cr_assert_eq(ports_listen(pt, &OWNER, "tmp", 0666, NULL, &tl), 0);
+                for (int i = 0; i < 400; i++) {
+                        struct shmz_msg_port_peer c;
+                        struct shmz_msg_segment_info si;
+                        int fd;
+
+                        tmp[i] = connect_ok(&OTHER, "tmp");
+                        ports_port_peer(pt, tmp[i], 0, &c);
+                        for (int j = 0; j < 3; j++) {
+                                cr_assert_eq(ports_segment_create(pt, c.port_id, c.token, 0, &si, &fd), 0);
+                                close(fd);
+                        }
+                }
+                for (int i = 399; i >= 0; i--)
+                        ports_port_drop(pt, tmp[i], false);
+                ports_unlisten(pt, tl);
+        }
+        for (int i = 0; i < 40; i++) {
+                snprintf(name, sizeof(name), "n%02d", (i * 13) % 40);
+                cr_assert_eq(ports_listen(pt, &OWNER, name, 0666, NULL, &l[i]), 0);
+        }
+        bool out_of_order = false;
+        uint64_t last = 0;
+        for (int i = 0; i < 40; i++) {
+                struct shmz_msg_port_peer c;
+                struct shmz_msg_segment_info si;
+                int fd;
+
+                snprintf(name, sizeof(name), "n%02d", i % 40);
+                p[i] = connect_ok(&OTHER, name);
+                ports_port_peer(pt, p[i], 0, &c);
+                for (int j = 0; j < i % 4; j++) {
+                        cr_assert_eq(ports_segment_create(pt, c.port_id, c.token, 0, &si, &fd), 0);
+                        out_of_order |= si.id < last;
+                        last = si.id;
+                        close(fd);
+                }
+        }
+        cr_assert(out_of_order, "segment ids follow creation order: the test tests nothing");
+
+        cr_assert_eq(ports_list_listeners(pt, &all, &n_all), 0);
+        k = 0;
+        for (char after[SHMZ_NAME_BUF] = "";;) {
+                cr_assert_eq(ports_list_listeners_page(pt, after, page, 7, &n), 0);
+                for (size_t i = 0; i < n; i++)
+                        cr_assert_str_eq(page[i].name, all[k++].name);
+                if (n < 7)
+                        break;
+                strncpy_buf(after, sizeof(after), page[n - 1].name);
+        }
+        cr_assert_eq(k, n_all);
+        free(all);
+
+        cr_assert_eq(ports_list_ports(pt, &all, &n_all), 0);
+        k = 0;
+        for (uint64_t after = 0;;) {
+                cr_assert_eq(ports_list_ports_page(pt, after, page, 7, &n), 0);
+                for (size_t i = 0; i < n; i++)
+                        cr_assert_eq(page[i].port_id, all[k++].port_id);
+                if (n < 7)
+                        break;
+                after = page[n - 1].port_id;
+        }
+        cr_assert_eq(k, n_all);
+        free(all);
+
+        cr_assert_eq(ports_list_segments(pt, &sall, &n_all), 0);
+        cr_assert_gt(n_all, 14u);
+        k = 0;
+        for (uint64_t after = 0;;) {
+                cr_assert_eq(ports_list_segments_page(pt, after, spage, 7, &n), 0);
+                for (size_t i = 0; i < n; i++) {
+                        cr_assert_eq(spage[i].id, sall[k].id);
+                        cr_assert_eq(spage[i].port_id, sall[k].port_id);
+                        k++;
+                }
+                if (n < 7)
+                        break;
+                after = spage[n - 1].id;
+        }
+        cr_assert_eq(k, n_all);
+        free(sall);
+
+        for (int i = 0; i < 40; i++)
+                ports_port_drop(pt, p[i], false);
+        for (int i = 0; i < 40; i++)
+                ports_unlisten(pt, l[i]);
+}
+
 struct seen {
         int added, removed;
 };
@@ -497,9 +606,19 @@ static void *reader(void *arg) {
         return (void *) found;
 }
 
+static int count_fds(void) {
+        int n = 0;
+
+        for (int fd = 0; fd < 4096; fd++)
+                if (fcntl(fd, F_GETFD) >= 0)
+                        n++;
+        return n;
+}
+
 Test(ports, lockfree_lookup_under_churn) {
         pthread_t t[2];
         struct listener *l;
+        int fds_before = count_fds();
 
         cr_assert_eq(ports_listen(pt, &OWNER, "svc", 0666, NULL, &l), 0);
         for (int i = 0; i < 2; i++)
@@ -524,4 +643,6 @@ Test(ports, lockfree_lookup_under_churn) {
         ports_get_stats(pt, &st);
         cr_assert_eq(st.segments, 0u);
         cr_assert_eq(st.ports, 0u);
+        /* Every segment's memfd and every channel went with its port. */
+        cr_assert_eq(count_fds(), fds_before);
 }

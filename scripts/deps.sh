@@ -19,3 +19,16 @@ if [ ${#missing[@]} -gt 0 ]; then
         $sudo apt-get update -qq
         DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
+# Optional: Eclipse iceoryx, an anchor of bench-ports (which prints "SKIP iceoryx" without it). Not every
+# release has it (Debian 12 does): a failure here does not fail the script.
+optional=(iceoryx libiceoryx-binding-c-dev)
+opt_missing=()
+for p in "${optional[@]}"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || opt_missing+=("$p")
+done
+if [ ${#opt_missing[@]} -gt 0 ]; then
+        sudo=""
+        [ "$(id -u)" -eq 0 ] || sudo=sudo
+        DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${opt_missing[@]}" ||
+                echo "deps.sh: optional ${opt_missing[*]} not installed (bench-ports will skip iceoryx)" >&2
+fi

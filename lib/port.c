@@ -610,8 +610,9 @@ static int recv_segment(struct shmz_port *p, const struct shmz_frame *f, const u
         if (n != sizeof(*f) + sizeof(fs) || f->size != sizeof(fs) || f->flags != 0 || n_fds != 1)
                 return violation(p, fds, n_fds);
         memcpy(&fs, payload, sizeof(fs));
-        if (fs.slot != f->segment || fs.slot >= p->max_slots || fs.reserved != 0 || f->chunk != 0 ||
-            fs.chunk_size != p->pp.chunk_size || fs.n_chunks != p->pp.segment_chunks || atomic_load(&p->rx[fs.slot]))
+        /* The frame header's segment and chunk are not defined for SEGMENT frames: the payload says it all. */
+        if (fs.slot >= p->max_slots || fs.reserved != 0 || fs.chunk_size != p->pp.chunk_size ||
+            fs.n_chunks != p->pp.segment_chunks || atomic_load(&p->rx[fs.slot]))
                 return violation(p, fds, n_fds);
         r = seg_map(p, fds[0], fs.id, false, &s);
         if (r == -EBADMSG)
@@ -1442,12 +1443,43 @@ _public_ int shmz_port_accept(struct shmz_listener *l, int64_t timeout_ns, struc
         }
 }
 
+/*
+ * Ends the listener's connection and waits (a while) for the daemon to close
+ * its side, which it does after unpublishing the name and shutting down the
+ * connections never accepted: once we return, the name is free again.
+ * Notices that still come are dropped, their ends shut down.
+ */
+static void listener_hang_up(struct shmz_listener *l) {
+        uint64_t deadline = now_ns() + UINT64_C(2000000000);
+        int fd = client_fd(l->conn);
+
+        if (shutdown(fd, SHUT_WR) < 0)
+                return;
+        for (;;) {
+                uint8_t buf[SHMZ_MSG_MAX];
+                int fds[PROTO_MAX_FDS], r;
+                size_t size, n_fds;
+
+                if (wait_fd(fd, POLLIN, deadline) < 0)
+                        return;
+                r = proto_recv(fd, buf, sizeof(buf), &size, fds, &n_fds);
+                for (size_t i = 0; i < n_fds; i++) {
+                        (void) shutdown(fds[i], SHUT_RDWR); /* a socket end: its connector sees the end */
+                        safe_close(fds[i]);
+                }
+                if (r < 0 && r != -EAGAIN && r != -EMSGSIZE && r != -EBADMSG)
+                        return; /* end of file (or the connection broke): the daemon is done with it */
+        }
+}
+
 _public_ void shmz_listener_close(struct shmz_listener *l) {
         if (!l)
                 return;
         for (size_t i = 0; i < l->n_queue; i++)
                 pending_close(&l->queue[i]);
         free(l->queue);
+        if (l->conn && !l->dead)
+                listener_hang_up(l);
         /* Closing the connection unpublishes the name; the daemon shuts down ports never accepted. */
         shmz_disconnect(l->conn);
         client_unref(l->client);

@@ -32,7 +32,7 @@
 struct seg {
         uint8_t *map; /* header page, then the chunks */
         size_t map_size;
-        int fd;
+        int fd; /* tx, until its SEGMENT frame is sent; then, and always for rx, -EBADF */
         uint64_t id;
         _Atomic uint64_t *held; /* rx: chunks received here and not released yet (private) */
         uint8_t *buf_n;         /* tx: run length of each shmz_port_buf() buffer, by its first chunk */
@@ -225,7 +225,9 @@ static int seg_map(struct shmz_port *p, int fd, uint64_t id, bool tx, struct seg
                 seg_free(s);
                 return r;
         }
-        s->fd = TAKE_FD(f);
+        /* The mapping is all a receiver needs: no fd per segment is kept. A sender keeps it until announced. */
+        if (tx)
+                s->fd = TAKE_FD(f);
         *ret = s;
         return 0;
 }
@@ -376,6 +378,7 @@ static int tx_grow_locked(struct shmz_port *p, int64_t timeout_ns, uint64_t dead
         if (r < 0)
                 return r; /* kept for the next try: the daemon counted it already */
         p->tx_unannounced = NULL;
+        s->fd = safe_close(s->fd); /* the peer has its copy, the daemon its own: the mapping is enough */
         atomic_store(&p->tx[slot], s);
         atomic_store(&p->n_tx, slot + 1);
         return 0;
@@ -869,6 +872,8 @@ static int segment_create(struct shmz_port *p, void *userdata, int *ret_fd, uint
 
         (void) userdata;
         r = client_request(p->client, SHMZ_MSG_SEGMENT_CREATE, &req, sizeof(req), &si, sizeof(si), &fd);
+        if (r == -ENOENT)
+                return -EPIPE; /* the daemon dropped the port already: the peer is gone */
         if (r < 0)
                 return r;
         if (fd < 0 || si.port_id != p->pp.port_id || si.side != p->pp.side || si.chunk_size != p->pp.chunk_size ||

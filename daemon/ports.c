@@ -64,6 +64,7 @@ struct watch {
         struct port_listen *pl;      /* while not accepted (fe_lock) */
         struct watch *pnext, *pprev; /* in pl->pending (fe_lock) */
         struct watch *next, *prev;   /* in watches (fe_lock) */
+        struct watch *stop_next;     /* port_worker_stop()'s list (its own thread) */
 };
 
 static pthread_mutex_t fe_lock = PTHREAD_MUTEX_INITIALIZER;
@@ -303,9 +304,10 @@ static int do_connect(struct conn *c, const struct shmz_msg_header *h, const str
         pthread_mutex_unlock(&fe_lock);
 
         for (unsigned i = 0; i < 2; i++) {
-                r = sd_event_add_io(worker_event(c->worker), &w->end_src[i], w->end[i], 0, on_end, w);
+                r = sd_event_add_io(sd_event_source_get_event(c->source), &w->end_src[i], w->end[i], 0, on_end, w);
                 if (r >= 0)
-                        r = sd_event_add_io(worker_event(c->worker), &w->pid_src[i], w->pidfd[i], EPOLLIN, on_pid, w);
+                        r = sd_event_add_io(sd_event_source_get_event(c->source), &w->pid_src[i], w->pidfd[i], EPOLLIN,
+                                            on_pid, w);
                 if (r < 0)
                         break;
         }
@@ -493,15 +495,20 @@ void port_conn_closed(struct conn *c) {
 }
 
 void port_worker_stop(struct worker *wk) {
-        for (;;) {
-                struct watch *w;
+        struct watch *mine = NULL;
 
-                pthread_mutex_lock(&fe_lock);
-                for (w = watches; w && w->w != wk; w = w->next)
-                        ;
-                pthread_mutex_unlock(&fe_lock);
-                if (!w)
-                        return;
+        /* One pass: only this thread frees its watches, so the ones collected stay until freed below. */
+        pthread_mutex_lock(&fe_lock);
+        for (struct watch *w = watches; w; w = w->next)
+                if (w->w == wk) {
+                        w->stop_next = mine;
+                        mine = w;
+                }
+        pthread_mutex_unlock(&fe_lock);
+        while (mine) {
+                struct watch *w = mine;
+
+                mine = w->stop_next;
                 /* The daemon stops: the processes keep their port, nobody watches it any more. */
                 w->port = NULL;
                 watch_free(w);

@@ -169,10 +169,6 @@ int conn_send(struct conn *c, uint16_t type, uint16_t flags, uint32_t stream, in
         return conn_send_fds(c, type, flags, stream, status, body, body_size, &fd, fd >= 0 ? 1 : 0);
 }
 
-sd_event *worker_event(struct worker *w) {
-        return w->event;
-}
-
 static int on_conn_io(sd_event_source *s, int fd, uint32_t revents, void *userdata) {
         struct conn *c = userdata;
         uint8_t buf[SHMZ_MSG_MAX];

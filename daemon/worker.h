@@ -7,8 +7,6 @@
 
 #include "registry.h"
 
-#include <systemd/sd-event.h>
-
 struct daemon;
 struct worker;
 
@@ -66,8 +64,6 @@ int conn_send(struct conn *c, uint16_t type, uint16_t flags, uint32_t stream, in
 /* The same with up to PROTO_SEND_MAX_FDS fds, all passed and then closed. */
 int conn_send_fds(struct conn *c, uint16_t type, uint16_t flags, uint32_t stream, int32_t status, const void *body,
                   size_t body_size, const int *fds, size_t n_fds);
-/* The worker's loop (for sources of its own thread only). */
-sd_event *worker_event(struct worker *w);
 
 /* ports.c: the port requests, the watch on both processes of each port. */
 int port_dispatch(struct conn *c, const struct shmz_msg_header *h, const void *body);

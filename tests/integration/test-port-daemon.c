@@ -8,7 +8,9 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/futex.h>
 #include <poll.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -397,6 +399,27 @@ static uint64_t now_ns(void) {
         return (uint64_t) ts.tv_sec * 1000000000u + (uint64_t) ts.tv_nsec;
 }
 
+struct sleeper {
+        uint32_t *word;
+        uint32_t seen;
+        bool woken;
+};
+
+static void *sleep_on(void *arg) {
+        struct sleeper *s = arg;
+        struct timespec ts = { .tv_sec = 5 };
+
+        /* Shared (not private) futex: the daemon wakes it through its own mapping. */
+        while (__atomic_load_n(s->word, __ATOMIC_ACQUIRE) == s->seen) {
+                long r = syscall(SYS_futex, s->word, FUTEX_WAIT, s->seen, &ts, NULL, 0);
+
+                if (r < 0 && errno == ETIMEDOUT)
+                        return NULL;
+        }
+        s->woken = true;
+        return NULL;
+}
+
 Test(portd, killed_connector_gives_eof_within_10ms) {
         struct shmz_msg_port_peer ap;
         struct shmz_msg_status st;
@@ -435,6 +458,10 @@ Test(portd, killed_connector_gives_eof_within_10ms) {
         cr_assert_neq(ch, MAP_FAILED);
         uint32_t seq0 = ch->dir[1].release_seq;
         cr_assert_eq(status().segments, 1u);
+        /* A sender asleep for memory, as the library sleeps: it must be woken when the port ends. */
+        struct sleeper sl = { .word = &ch->dir[1].release_seq, .seen = seq0 };
+        pthread_t sleeper_thread;
+        cr_assert_eq(pthread_create(&sleeper_thread, NULL, sleep_on, &sl), 0);
 
         /*
          * Two figures: from kill() (includes the kernel tearing the process
@@ -477,6 +504,8 @@ Test(portd, killed_connector_gives_eof_within_10ms) {
                 usleep(1000);
         cr_assert_eq(ch->closed, 1u);
         cr_assert_neq(ch->dir[1].release_seq, seq0);
+        pthread_join(sleeper_thread, NULL);
+        cr_assert(sl.woken, "the sleeping sender was not woken");
         munmap(ch, SHMZ_CHANNEL_SIZE);
 
         close(lfd);
@@ -845,6 +874,34 @@ Test(portd, churn_leaves_nothing_behind) {
         fprintf(stderr, "FIGURE churn_ports %d peers_died %lu\n", N_CHURN, (unsigned long) st.peers_died);
         close(lfd);
         wait_empty();
+}
+
+/* A figure, not a bound: what brokering one port costs (connect, reply, notice; then a shutdown). */
+Test(portd, connect_figure) {
+        int lfd = listen_on("svc", 0666), cfd = raw_client();
+        uint64_t t0, total = 0;
+        const int n = 200;
+
+        for (int i = 0; i < n; i++) {
+                struct shmz_msg_port_peer cp, ap;
+                int csock, cchan, asock, achan;
+
+                t0 = now_ns();
+                cr_assert_eq(connect_to(cfd, "svc", &cp, &csock, &cchan), 0);
+                expect_notice(lfd, &ap, &asock, &achan);
+                total += now_ns() - t0;
+                accepted(lfd, ap.port_id);
+                shutdown(csock, SHUT_RDWR);
+                close(csock);
+                close(cchan);
+                close(asock);
+                close(achan);
+        }
+        fprintf(stderr, "FIGURE port_connect_us %.1f (connect + reply + notice)\n",
+                (double) total / n / 1000.0);
+        close(lfd);
+        wait_empty();
+        close(cfd);
 }
 
 /* Listings longer than a page (32) come whole, in order, a page at a time. */

@@ -287,9 +287,6 @@ static int cmd_status(struct shmz_client *c, int argc, char **argv) {
 
 /* ---- ports and segments ------------------------------------------------------------ */
 
-/* Until lib/port.c (shmz_port_list, shmz_segment_list) is in the tree; tools/meson.build says. */
-#ifdef SHMZCTL_PORTS
-
 static const char *const side_name[2] = { "connector", "acceptor" };
 
 static struct json_object *listener_json(const struct shmz_msg_port_info *pi) {
@@ -561,8 +558,6 @@ static int cmd_segment(struct shmz_client *c, int argc, char **argv) {
         return w.found ? 0 : -ENOENT;
 }
 
-#endif /* SHMZCTL_PORTS */
-
 static int exit_code(int r) {
         switch (r) {
         case -EUCLEAN:
@@ -593,13 +588,18 @@ int main(int argc, char *argv[]) {
                 const char *name;
                 int (*fn)(struct shmz_client *c, int argc, char **argv);
         } cmds[] = {
-                { "list", cmd_list },       { "show", cmd_show },     { "info", cmd_show },
-                { "create", cmd_create },   { "rm", cmd_rm },         { "chmod", cmd_chmod },
-                { "chown", cmd_chown },     { "status", cmd_status },
-#ifdef SHMZCTL_PORTS
-                { "ports", cmd_ports },     { "port", cmd_port },     { "segments", cmd_segments },
+                { "list", cmd_list },
+                { "show", cmd_show },
+                { "info", cmd_show },
+                { "create", cmd_create },
+                { "rm", cmd_rm },
+                { "chmod", cmd_chmod },
+                { "chown", cmd_chown },
+                { "status", cmd_status },
+                { "ports", cmd_ports },
+                { "port", cmd_port },
+                { "segments", cmd_segments },
                 { "segment", cmd_segment },
-#endif
         };
         struct shmz_client *c;
         int o, r;

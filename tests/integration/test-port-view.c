@@ -376,7 +376,7 @@ Test(portview, listener_connection_segment) {
         struct child ch;
         struct stat st;
         char out[16384], id[32], sid[32];
-        const char *seg, *pfile;
+        char seg[512], pfile[512]; /* mpath() rotates its buffers */
         int fd;
 
         cr_assert_not_null(c);
@@ -406,7 +406,7 @@ Test(portview, listener_connection_segment) {
         cr_assert_eq(pf.listeners, 1);
         cr_assert_eq(pf.ports, 1);
         snprintf(id, sizeof(id), "%" PRIu64, pf.port_id);
-        pfile = mpath("ports/echo/%s", id);
+        snprintf(pfile, sizeof(pfile), "%s", mpath("ports/echo/%s", id));
         cr_assert_eq(run(out, sizeof(out), "ls %s/ports/echo", d.mount), 0);
         cr_assert_eq(strncmp(out, id, strlen(id)), 0, "%s vs %s", out, id);
         cr_assert_eq(stat(pfile, &st), 0);
@@ -437,7 +437,7 @@ Test(portview, listener_connection_segment) {
         cr_assert_eq(sf.si.port_id, pf.port_id);
         cr_assert_eq(sf.si.side, SHMZ_PORT_SIDE_CONNECTOR);
         snprintf(sid, sizeof(sid), "%" PRIu64, sf.si.id);
-        seg = mpath("segments/%s", sid);
+        snprintf(seg, sizeof(seg), "%s", mpath("segments/%s", sid));
         cr_assert_eq(run(out, sizeof(out), "ls %s/segments", d.mount), 0);
         cr_assert(strstr(out, sid), "%s", out);
         cr_assert_eq(stat(seg, &st), 0);
@@ -657,8 +657,8 @@ Test(portview, shmzctl) {
         if (access(out, R_OK) == 0 && access("/bin/bash", X_OK) == 0) {
                 cr_assert_eq(run(out, sizeof(out),
                                  "PATH=$(dirname %s):$PATH bash -c 'source %s.bash && COMP_WORDS=(shmzctl --socket %s "
-                                 "port show s) && COMP_CWORD=4 && _shmzctl && echo \"${COMPREPLY[@]}\" && "
-                                 "COMP_WORDS=(shmzctl --socket %s segment s) && COMP_CWORD=3 && _shmzctl && "
+                                 "port show s) && COMP_CWORD=5 && _shmzctl && echo \"${COMPREPLY[@]}\" && "
+                                 "COMP_WORDS=(shmzctl --socket %s segment s) && COMP_CWORD=4 && _shmzctl && "
                                  "echo \"${COMPREPLY[@]}\"' 2>&1",
                                  ctl, ctl, d.socket, d.socket),
                              0, "%s", out);

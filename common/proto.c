@@ -23,9 +23,11 @@ _Static_assert(sizeof(struct shmz_channel) <= SHMZ_CHANNEL_SIZE, "channel fits i
 _Static_assert(sizeof(struct shmz_frame) == 32, "frame header size");
 _Static_assert(sizeof(struct shmz_msg_port_info) + sizeof(struct shmz_msg_header) <= SHMZ_MSG_MAX, "fits");
 _Static_assert(sizeof(struct shmz_msg_port_peer) + sizeof(struct shmz_msg_header) <= SHMZ_MSG_MAX, "fits");
+_Static_assert(sizeof(struct shmz_msg_segment_info) + sizeof(struct shmz_msg_header) <= SHMZ_MSG_MAX, "fits");
+_Static_assert(sizeof(struct shmz_msg_status) + sizeof(struct shmz_msg_header) <= SHMZ_MSG_MAX, "fits");
 
-int proto_send(int fd, uint16_t type, uint16_t flags, uint32_t stream, int32_t status, const void *body,
-               size_t body_size, int pass_fd) {
+int proto_send_fds(int fd, uint16_t type, uint16_t flags, uint32_t stream, int32_t status, const void *body,
+                   size_t body_size, const int *fds, size_t n_fds) {
         struct shmz_msg_header h = {
                 .size = (uint32_t) (sizeof(h) + body_size),
                 .type = type,
@@ -39,23 +41,23 @@ int proto_send(int fd, uint16_t type, uint16_t flags, uint32_t stream, int32_t s
         };
         union {
                 struct cmsghdr cmsg;
-                uint8_t buf[CMSG_SPACE(sizeof(int))];
+                uint8_t buf[CMSG_SPACE(sizeof(int) * PROTO_SEND_MAX_FDS)];
         } control = {};
         struct msghdr mh = { .msg_iov = iov, .msg_iovlen = body_size > 0 ? 2 : 1 };
         ssize_t n;
 
-        if (sizeof(h) + body_size > SHMZ_MSG_MAX)
+        if (sizeof(h) + body_size > SHMZ_MSG_MAX || n_fds > PROTO_SEND_MAX_FDS)
                 return -EMSGSIZE;
-        if (pass_fd >= 0) {
+        if (n_fds > 0) {
                 struct cmsghdr *c;
 
                 mh.msg_control = &control;
-                mh.msg_controllen = sizeof(control.buf);
+                mh.msg_controllen = CMSG_SPACE(sizeof(int) * n_fds);
                 c = CMSG_FIRSTHDR(&mh);
                 c->cmsg_level = SOL_SOCKET;
                 c->cmsg_type = SCM_RIGHTS;
-                c->cmsg_len = CMSG_LEN(sizeof(int));
-                memcpy(CMSG_DATA(c), &pass_fd, sizeof(int));
+                c->cmsg_len = CMSG_LEN(sizeof(int) * n_fds);
+                memcpy(CMSG_DATA(c), fds, sizeof(int) * n_fds);
         }
         do
                 n = sendmsg(fd, &mh, MSG_NOSIGNAL);
@@ -63,6 +65,11 @@ int proto_send(int fd, uint16_t type, uint16_t flags, uint32_t stream, int32_t s
         if (n < 0)
                 return -errno;
         return n == (ssize_t) h.size ? 0 : -EIO;
+}
+
+int proto_send(int fd, uint16_t type, uint16_t flags, uint32_t stream, int32_t status, const void *body,
+               size_t body_size, int pass_fd) {
+        return proto_send_fds(fd, type, flags, stream, status, body, body_size, &pass_fd, pass_fd >= 0 ? 1 : 0);
 }
 
 int proto_recv(int fd, void *buf, size_t buf_size, size_t *ret_size, int ret_fds[static PROTO_MAX_FDS],
@@ -130,8 +137,22 @@ ssize_t proto_body_size(uint16_t type, bool reply) {
                 return reply ? sizeof(struct shmz_msg_zone_info) : sizeof(struct shmz_msg_zone_ticket);
         case SHMZ_MSG_STATUS:
                 return reply ? sizeof(struct shmz_msg_status) : 0;
+        case SHMZ_MSG_PORT_LISTEN:
+                return reply ? sizeof(struct shmz_msg_port_info) : sizeof(struct shmz_msg_port_listen);
+        case SHMZ_MSG_PORT_CONNECT:
+                return reply ? sizeof(struct shmz_msg_port_peer) : sizeof(struct shmz_msg_zone_name);
+        case SHMZ_MSG_PORT_ACCEPTED:
+                return reply ? -EBADMSG : (ssize_t) sizeof(struct shmz_msg_port_ref); /* one-way */
+        case SHMZ_MSG_SEGMENT_CREATE:
+                return reply ? sizeof(struct shmz_msg_segment_info) : sizeof(struct shmz_msg_port_ref);
+        case SHMZ_MSG_PORT_LIST:
+                return reply ? sizeof(struct shmz_msg_port_info) : 0;
+        case SHMZ_MSG_SEGMENT_LIST:
+                return reply ? sizeof(struct shmz_msg_segment_info) : 0;
         case SHMZ_MSG_NOTICE_SHUTDOWN:
                 return reply ? -EBADMSG : 0;
+        case SHMZ_MSG_NOTICE_PORT:
+                return reply ? -EBADMSG : (ssize_t) sizeof(struct shmz_msg_port_peer);
         default:
                 return -EBADMSG;
         }

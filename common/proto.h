@@ -17,6 +17,12 @@
 int proto_send(int fd, uint16_t type, uint16_t flags, uint32_t stream, int32_t status, const void *body,
                size_t body_size, int pass_fd);
 
+/* The most fds one message of ours carries (a port's socket end and its channel). */
+#define PROTO_SEND_MAX_FDS 2
+/* The same with n_fds (at most PROTO_SEND_MAX_FDS) fds; none of them is closed. */
+int proto_send_fds(int fd, uint16_t type, uint16_t flags, uint32_t stream, int32_t status, const void *body,
+                   size_t body_size, const int *fds, size_t n_fds);
+
 /* The most fds the kernel passes with one message (SCM_MAX_FD). */
 #define PROTO_MAX_FDS 253
 

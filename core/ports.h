@@ -113,6 +113,17 @@ int ports_listener_info(struct ports *pt, const char *name, struct shmz_msg_port
 int ports_port_info(struct ports *pt, uint64_t port_id, struct shmz_msg_port_info *ret);
 /* Segments by id. */
 int ports_list_segments(struct ports *pt, struct shmz_msg_segment_info **ret, size_t *ret_n);
+/*
+ * A listing one page at a time, for the control socket: up to max entries
+ * after the last one sent (a name, "" for the first; an id, 0 for the first),
+ * in the order of the calls above. Nothing is allocated.
+ */
+int ports_list_listeners_page(struct ports *pt, const char *after, struct shmz_msg_port_info *ret, size_t max,
+                              size_t *ret_n);
+int ports_list_ports_page(struct ports *pt, uint64_t after_id, struct shmz_msg_port_info *ret, size_t max,
+                          size_t *ret_n);
+int ports_list_segments_page(struct ports *pt, uint64_t after_id, struct shmz_msg_segment_info *ret, size_t max,
+                             size_t *ret_n);
 /* Lock-free lookup in the segment table. */
 int ports_segment_info(struct ports *pt, uint64_t id, struct shmz_msg_segment_info *ret);
 

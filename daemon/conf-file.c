@@ -1,5 +1,6 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 #include <grp.h>
+#include <inttypes.h>
 #include <ini.h>
 #include <pwd.h>
 #include <stdarg.h>
@@ -17,6 +18,15 @@
 #define DEFAULT_UID_MAX_CLIENTS 256u
 #define DEFAULT_HELLO_TIMEOUT 10u
 #define MAX_THREADS 64u
+/* Ports: segments of 64 chunks of 64 KiB (4 MiB, the largest message), 64 MiB per direction of a port. */
+#define DEFAULT_CHUNK_SIZE (UINT32_C(64) << 10)
+#define DEFAULT_SEGMENT_CHUNKS 64u
+#define DEFAULT_PORT_MEMORY (UINT64_C(64) << 20)
+#define DEFAULT_MAX_PORTS_PER_UID 256u
+#define DEFAULT_PORT_BACKLOG 64u
+#define MAX_CHUNK_SIZE (UINT64_C(64) << 20)
+#define MAX_SEGMENT_BYTES (UINT64_C(1) << 30)
+#define MAX_PORT_MEMORY (UINT64_C(64) << 30)
 
 struct parse_state {
         struct config *cfg;
@@ -49,6 +59,13 @@ int config_new_default(struct config **ret) {
         c->max_clients = DEFAULT_MAX_CLIENTS;
         c->uid_max_clients = DEFAULT_UID_MAX_CLIENTS;
         c->hello_timeout = DEFAULT_HELLO_TIMEOUT;
+        c->ports = (struct ports_limits){
+                .chunk_size = DEFAULT_CHUNK_SIZE,
+                .segment_chunks = DEFAULT_SEGMENT_CHUNKS,
+                .port_memory = DEFAULT_PORT_MEMORY,
+                .max_ports_per_uid = DEFAULT_MAX_PORTS_PER_UID,
+                .backlog = DEFAULT_PORT_BACKLOG,
+        };
         *ret = c;
         return 0;
 }
@@ -196,7 +213,55 @@ static int daemon_key(struct parse_state *s, const char *key, const char *value)
                 *(streq(key, "memory_budget") ? &c->limits.budget : &c->limits.quota) = u;
                 return 1;
         }
+        if (streq(key, "chunk_size")) {
+                if (parse_size(value, &u) < 0 || u < 4096 || u > MAX_CHUNK_SIZE || (u & (u - 1)) != 0)
+                        return fail(s, "chunk_size must be a power of two from 4K to 64M, not '%s'", value);
+                c->ports.chunk_size = (uint32_t) u;
+                return 1;
+        }
+        if (streq(key, "port_memory")) {
+                if (parse_size(value, &u) < 0 || u == 0 || u > MAX_PORT_MEMORY)
+                        return fail(
+                                s,
+                                "port_memory: bad size '%s' (a number with an optional K, M or G suffix, at most 64G)",
+                                value);
+                c->ports.port_memory = u;
+                return 1;
+        }
+        if (streq(key, "segment_chunks") || streq(key, "max_ports_per_uid") || streq(key, "port_backlog")) {
+                unsigned long long n, max = streq(key, "segment_chunks") ? SHMZ_SEGMENT_MAX_CHUNKS
+                                            : streq(key, "port_backlog") ? 65536
+                                                                         : 1000000;
+
+                errno = 0;
+                n = strtoull(value, &end, 10);
+                if (!*value || *end || errno || n == 0 || n > max)
+                        return fail(s, "%s must be a number from 1 to %llu", key, max);
+                if (streq(key, "segment_chunks"))
+                        c->ports.segment_chunks = (uint32_t) n;
+                else if (streq(key, "port_backlog"))
+                        c->ports.backlog = (uint32_t) n;
+                else
+                        c->ports.max_ports_per_uid = (uint32_t) n;
+                return 1;
+        }
         return fail(s, "unknown key '%s' in [daemon]", key);
+}
+
+/* Keys that constrain each other, once all are read: 0, or -EINVAL (logged). */
+static int check_ports(const char *path, const struct ports_limits *p) {
+        uint64_t seg = (uint64_t) p->chunk_size * p->segment_chunks;
+
+        if (seg > MAX_SEGMENT_BYTES)
+                return log_error_errno(
+                        EINVAL, "%s: chunk_size * segment_chunks = %" PRIu64 " bytes; a segment may have 1G at most.",
+                        path, seg);
+        if (p->port_memory < seg)
+                return log_error_errno(EINVAL,
+                                       "%s: port_memory (%" PRIu64
+                                       ") must hold at least one segment (chunk_size * segment_chunks = %" PRIu64 ").",
+                                       path, p->port_memory, seg);
+        return 0;
 }
 
 static int zone_key(struct parse_state *s, const char *key, const char *value) {
@@ -323,6 +388,9 @@ int config_load(const char *path, struct config **ret) {
                 return log_error_errno(EINVAL, "%s:%u: %s", path, s.error_line, s.error);
         if (r > 0)
                 return log_error_errno(EINVAL, "%s:%d: syntax error", path, r);
+        r = check_ports(path, &c->ports);
+        if (r < 0)
+                return r;
         *ret = TAKE_PTR(c);
         return 0;
 }

@@ -5,6 +5,7 @@
 #include <stdint.h>
 #include <sys/types.h>
 
+#include "ports.h"
 #include "registry.h"
 
 struct config {
@@ -15,6 +16,7 @@ struct config {
         unsigned max_clients;          /* connections at once */
         unsigned uid_max_clients;      /* connections of one uid at once (root: only max_clients) */
         unsigned hello_timeout;        /* seconds a new connection has to say hello */
+        struct ports_limits ports;     /* chunk_size, segment_chunks, port_memory, max_ports_per_uid, port_backlog */
         struct zone_decl *zones;
         size_t n_zones;
 };

@@ -5,6 +5,7 @@
 #include "clients.h"
 #include "daemon.h"
 #include "log.h"
+#include "ports.h"
 #include "proto.h"
 #include "registry.h"
 #include "shmzone.h"
@@ -116,6 +117,8 @@ static int do_info(struct conn *c, const struct shmz_msg_header *h, const struct
  * page, however many zones there are.
  */
 int control_list_pump(struct conn *c) {
+        if (c->list.active && c->list.type != SHMZ_MSG_ZONE_LIST)
+                return port_list_pump(c);
         while (c->list.active && !c->out_head) {
                 struct shmz_msg_zone_info v[LIST_PAGE];
                 size_t n;
@@ -143,6 +146,7 @@ int control_list_pump(struct conn *c) {
 
 static int do_list(struct conn *c, const struct shmz_msg_header *h) {
         c->list.active = true;
+        c->list.type = SHMZ_MSG_ZONE_LIST;
         c->list.stream = h->stream;
         c->list.after[0] = 0;
         return control_list_pump(c);
@@ -164,9 +168,12 @@ static int do_setattr(struct conn *c, const struct shmz_msg_header *h, const str
 
 static int do_status(struct conn *c, const struct shmz_msg_header *h) {
         struct registry_stats st;
+        struct ports_stats ps = {};
         struct shmz_msg_status out;
 
         registry_get_stats(c->daemon->registry, &st);
+        if (c->daemon->ports)
+                ports_get_stats(c->daemon->ports, &ps);
         out = (struct shmz_msg_status){
                 .budget = st.budget,
                 .budget_used = st.budget_used,
@@ -176,7 +183,17 @@ static int do_status(struct conn *c, const struct shmz_msg_header *h) {
                 .clients = clients_count(c->daemon->clients),
                 .requests = atomic_load(&c->daemon->requests),
                 .errors = atomic_load(&c->daemon->errors),
+                .segments = ps.segments,
                 .uptime_usec = now_usec(CLOCK_MONOTONIC) - c->daemon->start_usec,
+                .listeners = ps.listeners,
+                .ports = ps.ports,
+                .segment_bytes = ps.segment_bytes,
+                .chunks = ps.chunks,
+                .chunks_used = ps.chunks_used,
+                .messages = ps.messages,
+                .message_bytes = ps.message_bytes,
+                .ports_closed = ps.ports_closed,
+                .peers_died = ps.peers_died,
         };
         return reply(c, h, 0, &out, sizeof(out), -EBADF);
 }
@@ -210,12 +227,15 @@ int control_dispatch(struct conn *c, const void *msg, size_t size) {
         if (h.flags & SHMZ_MSG_F_REPLY)
                 return reply(c, &h, -EBADMSG, NULL, 0, -EBADF);
         want = proto_body_size(h.type, false);
-        if (want < 0 || h.type == SHMZ_MSG_NOTICE_SHUTDOWN)
+        if (want < 0 || h.type == SHMZ_MSG_NOTICE_SHUTDOWN || h.type == SHMZ_MSG_NOTICE_PORT)
                 return reply(c, &h, -EOPNOTSUPP, NULL, 0, -EBADF);
         if ((size_t) want != size - sizeof(h))
                 return reply(c, &h, -EBADMSG, NULL, 0, -EBADF);
         if (!c->hello && h.type != SHMZ_MSG_HELLO)
                 return reply(c, &h, -EPROTO, NULL, 0, -EBADF);
+        /* A listener's connection carries notices and PORT_ACCEPTED only. */
+        if (c->port_listener && h.type != SHMZ_MSG_PORT_ACCEPTED)
+                return reply(c, &h, -EISCONN, NULL, 0, -EBADF);
 
         switch (h.type) {
         case SHMZ_MSG_HELLO:
@@ -236,6 +256,13 @@ int control_dispatch(struct conn *c, const void *msg, size_t size) {
                 return do_ticket(c, &h, body);
         case SHMZ_MSG_STATUS:
                 return do_status(c, &h);
+        case SHMZ_MSG_PORT_LISTEN:
+        case SHMZ_MSG_PORT_CONNECT:
+        case SHMZ_MSG_PORT_ACCEPTED:
+        case SHMZ_MSG_SEGMENT_CREATE:
+        case SHMZ_MSG_PORT_LIST:
+        case SHMZ_MSG_SEGMENT_LIST:
+                return port_dispatch(c, &h, body);
         default:
                 return reply(c, &h, -EOPNOTSUPP, NULL, 0, -EBADF);
         }

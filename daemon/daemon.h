@@ -8,6 +8,7 @@
 struct clients;
 struct config;
 struct fuse_view;
+struct ports;
 struct registry;
 struct worker;
 
@@ -16,6 +17,7 @@ struct daemon {
         struct config *cfg;
         const char *config_path;
         struct registry *registry;
+        struct ports *ports; /* listeners, ports, segments (core/ports.h); NULL: port requests are refused */
         sd_event *event; /* the main thread's loop */
         int listen_fd;
         sd_event_source *accept_source;

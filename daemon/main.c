@@ -18,6 +18,7 @@
 #include "fuse-view.h"
 #include "log.h"
 #include "notify.h"
+#include "ports.h"
 #include "reaper.h"
 #include "shmzone.h"
 #include "registry.h"
@@ -430,6 +431,8 @@ static int on_reload(sd_event_source *s, const struct signalfd_siginfo *si, void
                     !streq(c->mount_path ?: "", d->cfg->mount_path ?: "") || c->threads != d->cfg->threads)
                         log_warning("Socket, mount or thread changes take a restart; zones and limits are applied.");
                 apply_client_limits(d, c);
+                /* Ports and segments made from now on get the new limits; live ones keep theirs. */
+                ports_set_limits(d->ports, &c->ports);
                 r = apply_config(d, c);
                 if (r != 0)
                         log_warning("Reload: %d zone declaration(s) refused, see above.", r);
@@ -477,6 +480,9 @@ static int run(struct daemon *d) {
         r = registry_new(&d->cfg->limits, &d->registry);
         if (r < 0)
                 return log_oom();
+        r = ports_new(&d->cfg->ports, &d->ports);
+        if (r < 0)
+                return log_error_errno(r, "Cannot set up the port table: %m");
         /* Only for systemd (or a test that plays it): elsewhere a zone would not outlive us anyway. */
         if (getenv("NOTIFY_SOCKET"))
                 registry_set_store(d->registry, &fd_store, d);
@@ -514,7 +520,8 @@ static int run(struct daemon *d) {
         }
 
         if (d->cfg->mount_path) {
-                r = fuse_view_start(d->registry, d->cfg->mount_path, d->cfg->socket_path, view_figures, d, &d->fuse);
+                r = fuse_view_start(d->registry, d->ports, d->cfg->mount_path, d->cfg->socket_path, view_figures, d,
+                                    &d->fuse);
                 if (r < 0)
                         return log_error_errno(r, "Cannot mount the FUSE view at %s: %m", d->cfg->mount_path);
         }
@@ -557,6 +564,8 @@ static void daemon_done(struct daemon *d) {
         fuse_view_stop(d->fuse);
         sd_event_source_unref(d->accept_source);
         sd_event_unref(d->event);
+        /* After the workers (their watches) and the view (its segment references). */
+        ports_free(d->ports);
         registry_free(d->registry);
         clients_free(d->clients);
         config_free(d->cfg);

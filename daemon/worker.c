@@ -21,7 +21,8 @@
 
 struct outmsg {
         struct outmsg *next;
-        int fd;
+        int fds[PROTO_SEND_MAX_FDS];
+        size_t n_fds;
         size_t size;
         uint8_t buf[];
 };
@@ -49,6 +50,8 @@ struct worker {
 static void conn_free(struct conn *c) {
         struct worker *w = c->worker;
 
+        /* Before the fd goes: another worker may be sending this listener a notice. */
+        port_conn_closed(c);
         control_release(c);
         sd_event_source_disable_unref(c->source);
         sd_event_source_disable_unref(c->hello_timer);
@@ -57,7 +60,8 @@ static void conn_free(struct conn *c) {
                 struct outmsg *m = c->out_head;
 
                 c->out_head = m->next;
-                safe_close(m->fd);
+                for (size_t i = 0; i < m->n_fds; i++)
+                        safe_close(m->fds[i]);
                 free(m);
         }
         if (c->prev)
@@ -78,8 +82,8 @@ static int flush_out(struct conn *c) {
                 int r;
 
                 memcpy(&h, m->buf, sizeof(h));
-                r = proto_send(c->fd, h.type, h.flags, h.stream, h.status, m->buf + sizeof(h), m->size - sizeof(h),
-                               m->fd);
+                r = proto_send_fds(c->fd, h.type, h.flags, h.stream, h.status, m->buf + sizeof(h), m->size - sizeof(h),
+                                   m->fds, m->n_fds);
                 if (r == -EAGAIN)
                         return 0;
                 if (r < 0)
@@ -88,7 +92,8 @@ static int flush_out(struct conn *c) {
                 if (!c->out_head)
                         c->out_tail = NULL;
                 c->out_bytes -= m->size;
-                safe_close(m->fd);
+                for (size_t i = 0; i < m->n_fds; i++)
+                        safe_close(m->fds[i]);
                 free(m);
         }
         return 0;
@@ -108,8 +113,13 @@ void conn_hello_done(struct conn *c) {
         c->hello_timer = sd_event_source_disable_unref(c->hello_timer);
 }
 
-int conn_send(struct conn *c, uint16_t type, uint16_t flags, uint32_t stream, int32_t status, const void *body,
-              size_t body_size, int fd) {
+static void close_all(const int *fds, size_t n_fds) {
+        for (size_t i = 0; i < n_fds; i++)
+                safe_close(fds[i]);
+}
+
+int conn_send_fds(struct conn *c, uint16_t type, uint16_t flags, uint32_t stream, int32_t status, const void *body,
+                  size_t body_size, const int *fds, size_t n_fds) {
         struct shmz_msg_header h = { .size = (uint32_t) (sizeof(h) + body_size),
                                      .type = type,
                                      .flags = flags,
@@ -118,24 +128,29 @@ int conn_send(struct conn *c, uint16_t type, uint16_t flags, uint32_t stream, in
         struct outmsg *m;
         int r;
 
+        if (n_fds > PROTO_SEND_MAX_FDS) {
+                close_all(fds, n_fds);
+                return -EINVAL;
+        }
         if (!c->out_head) {
-                r = proto_send(c->fd, type, flags, stream, status, body, body_size, fd);
+                r = proto_send_fds(c->fd, type, flags, stream, status, body, body_size, fds, n_fds);
                 if (r != -EAGAIN) {
-                        safe_close(fd);
+                        close_all(fds, n_fds);
                         return r;
                 }
         }
         if (c->out_bytes + h.size > OUT_MAX_BYTES) {
-                safe_close(fd);
+                close_all(fds, n_fds);
                 return -ENOBUFS;
         }
         m = malloc(sizeof(*m) + h.size);
         if (!m) {
-                safe_close(fd);
+                close_all(fds, n_fds);
                 return -ENOMEM;
         }
         m->next = NULL;
-        m->fd = fd;
+        memcpy(m->fds, fds, n_fds * sizeof(int));
+        m->n_fds = n_fds;
         m->size = h.size;
         memcpy(m->buf, &h, sizeof(h));
         if (body_size > 0)
@@ -147,6 +162,11 @@ int conn_send(struct conn *c, uint16_t type, uint16_t flags, uint32_t stream, in
         c->out_tail = m;
         c->out_bytes += h.size;
         return conn_update_events(c);
+}
+
+int conn_send(struct conn *c, uint16_t type, uint16_t flags, uint32_t stream, int32_t status, const void *body,
+              size_t body_size, int fd) {
+        return conn_send_fds(c, type, flags, stream, status, body, body_size, &fd, fd >= 0 ? 1 : 0);
 }
 
 static int on_conn_io(sd_event_source *s, int fd, uint32_t revents, void *userdata) {
@@ -279,6 +299,8 @@ static int conn_new(struct worker *w, int fd, uid_t counted_uid) {
 }
 
 static void shutdown_clients(struct worker *w) {
+        /* The ports this thread watches: the processes keep talking, the daemon stops watching. */
+        port_worker_stop(w);
         while (w->conns) {
                 struct conn *c = w->conns;
 

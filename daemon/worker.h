@@ -34,10 +34,14 @@ struct conn {
         uint64_t next_handle;
         struct outmsg *out_head, *out_tail; /* replies the socket could not take yet */
         struct {
-                bool active; /* a ZONE_LIST is being sent: no request is read until it ends */
+                bool active;   /* a listing is being sent: no request is read until it ends */
+                uint16_t type; /* ZONE_LIST, PORT_LIST, SEGMENT_LIST */
                 uint32_t stream;
                 char after[SHMZ_NAME_BUF]; /* the last name sent */
+                unsigned phase;            /* PORT_LIST: 0 listeners (by name), 1 connections (by id) */
+                uint64_t after_id;         /* the last id sent */
         } list;
+        struct port_listen *port_listener; /* PORT_LISTEN made this connection a listener's (daemon/ports.c) */
         size_t out_bytes;
         struct conn *next, *prev;
 };
@@ -56,6 +60,19 @@ void conn_hello_done(struct conn *c);
 /* Queues a reply (or sends it at once); fd, if >= 0, is passed and then closed. */
 int conn_send(struct conn *c, uint16_t type, uint16_t flags, uint32_t stream, int32_t status, const void *body,
               size_t body_size, int fd);
+
+/* The same with up to PROTO_SEND_MAX_FDS fds, all passed and then closed. */
+int conn_send_fds(struct conn *c, uint16_t type, uint16_t flags, uint32_t stream, int32_t status, const void *body,
+                  size_t body_size, const int *fds, size_t n_fds);
+
+/* ports.c: the port requests, the watch on both processes of each port. */
+int port_dispatch(struct conn *c, const struct shmz_msg_header *h, const void *body);
+/* Sends more of a running PORT_LIST or SEGMENT_LIST. */
+int port_list_pump(struct conn *c);
+/* c ends: if it is a listener's, the name goes and ports not accepted yet are shut down. */
+void port_conn_closed(struct conn *c);
+/* w stops (on its thread): its watches go. */
+void port_worker_stop(struct worker *w);
 
 /* control.c: handles one framed message from c. A negative return ends the connection. */
 int control_dispatch(struct conn *c, const void *msg, size_t size);

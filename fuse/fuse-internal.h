@@ -77,6 +77,7 @@ struct fuse_view {
         fuse_view_figures_t figures;
         void *figures_data;
         struct registry *registry;
+        struct ports *ports; /* listeners, ports, segments (core/ports.h); may be NULL */
         struct fuse_session *se;
         char *mountpoint;
         char *socket_link; /* absolute path of the control socket */

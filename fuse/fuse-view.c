@@ -807,8 +807,8 @@ static int absolute_path(const char *p, char **ret) {
         return *ret ? 0 : -ENOMEM;
 }
 
-int fuse_view_start(struct registry *reg, const char *mountpoint, const char *socket_path, fuse_view_figures_t figures,
-                    void *figures_data, struct fuse_view **ret) {
+int fuse_view_start(struct registry *reg, struct ports *ports, const char *mountpoint, const char *socket_path,
+                    fuse_view_figures_t figures, void *figures_data, struct fuse_view **ret) {
         char *argv[] = { (char *) "shmzoned", (char *) "-o",
                          (char *) "allow_other,default_permissions,fsname=shmzone,subtype=shmzone", NULL };
         struct fuse_args args = FUSE_ARGS_INIT(3, argv);
@@ -819,6 +819,7 @@ int fuse_view_start(struct registry *reg, const char *mountpoint, const char *so
         if (!v)
                 return -ENOMEM;
         v->registry = reg;
+        v->ports = ports;
         v->figures = figures;
         v->figures_data = figures_data;
         v->stop_fd = -EBADF;

@@ -19,6 +19,7 @@
 #include "shmzone-abi.h"
 
 struct fuse_view;
+struct ports;
 struct registry;
 
 /* Daemon-wide figures the view shows in status and metrics, besides the registry's own. */
@@ -32,10 +33,10 @@ typedef void (*fuse_view_figures_t)(void *userdata, struct fuse_view_figures *re
 
 /*
  * Clears a stale mount at mountpoint, mounts, starts the thread. The view
- * serves reg (which must outlive it), links <mount>/socket to socket_path, and
+ * serves reg and ports (which must outlive it; ports may be NULL), links <mount>/socket to socket_path, and
  * asks figures() (from its own thread) for what status and metrics show.
  */
-int fuse_view_start(struct registry *reg, const char *mountpoint, const char *socket_path, fuse_view_figures_t figures,
-                    void *figures_data, struct fuse_view **ret);
+int fuse_view_start(struct registry *reg, struct ports *ports, const char *mountpoint, const char *socket_path,
+                    fuse_view_figures_t figures, void *figures_data, struct fuse_view **ret);
 /* Stops the thread and unmounts. NULL is fine. */
 void fuse_view_stop(struct fuse_view *v);

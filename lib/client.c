@@ -1,4 +1,5 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
+#include <assert.h>
 #include <fcntl.h>
 #include <limits.h>
 #include <stdio.h>
@@ -21,7 +22,8 @@ struct shmz_client {
         int fd;
         uint32_t next_stream;
         int daemon_pid;
-        bool dead; /* the daemon said it stops, or the socket broke */
+        bool dead;  /* the daemon said it stops, or the socket broke */
+        char *path; /* the socket, for the dedicated connections of port listeners */
 };
 
 struct shmz_client *client_ref(struct shmz_client *c) {
@@ -34,44 +36,45 @@ void client_unref(struct shmz_client *c) {
                 return;
         safe_close(c->fd);
         (void) pthread_mutex_destroy(&c->lock);
+        free(c->path);
         free(c);
 }
 
-/* Receives the reply to `stream`, skipping notices. Called with c->lock held. */
+/*
+ * Receives the reply to `stream`, skipping notices. Called with c->lock held.
+ * Up to max_fds passed fds are returned in ret_fds (the rest closed).
+ */
 static int recv_reply(struct shmz_client *c, uint16_t type, uint32_t stream, uint8_t *buf, size_t *ret_size,
-                      int *ret_fd) {
+                      int *ret_fds, size_t max_fds, size_t *ret_n_fds) {
         for (;;) {
                 struct shmz_msg_header h;
-                int fds[PROTO_MAX_FDS], fd = -EBADF, r;
-                size_t size, n_fds;
+                int fds[PROTO_MAX_FDS], r;
+                size_t size, n_fds, keep;
 
                 r = proto_recv(c->fd, buf, SHMZ_MSG_MAX, &size, fds, &n_fds);
-                /* The daemon passes at most one fd per reply; anything else goes. */
-                if (n_fds > 0)
-                        fd = fds[0];
-                for (size_t i = 1; i < n_fds; i++)
+                /* The daemon passes at most max_fds fds per reply; anything else goes. */
+                keep = MIN(n_fds, max_fds);
+                for (size_t i = keep; i < n_fds; i++)
                         safe_close(fds[i]);
+                if (r >= 0) {
+                        memcpy(&h, buf, sizeof(h));
+                        if (h.type == SHMZ_MSG_NOTICE_SHUTDOWN && !(h.flags & SHMZ_MSG_F_REPLY))
+                                r = -ENOTCONN;
+                        /* Replies come in order: anything else means we no longer understand the daemon. */
+                        else if (!(h.flags & SHMZ_MSG_F_REPLY) || h.type != type || h.stream != stream ||
+                                 h.status > 0)
+                                r = -EPROTO;
+                } else if (r == -ECONNRESET)
+                        r = -ENOTCONN;
                 if (r < 0) {
-                        safe_close(fd);
+                        for (size_t i = 0; i < keep; i++)
+                                safe_close(fds[i]);
                         c->dead = true;
-                        return r == -ECONNRESET ? -ENOTCONN : r;
+                        return r;
                 }
-                memcpy(&h, buf, sizeof(h));
-                if (h.type == SHMZ_MSG_NOTICE_SHUTDOWN && !(h.flags & SHMZ_MSG_F_REPLY)) {
-                        safe_close(fd);
-                        c->dead = true;
-                        return -ENOTCONN;
-                }
-                /* Replies come in order: anything else means we no longer understand the daemon. */
-                if (!(h.flags & SHMZ_MSG_F_REPLY) || h.type != type || h.stream != stream || h.status > 0) {
-                        safe_close(fd);
-                        c->dead = true;
-                        return -EPROTO;
-                }
-                if (ret_fd)
-                        *ret_fd = fd;
-                else
-                        safe_close(fd);
+                for (size_t i = 0; i < keep; i++)
+                        ret_fds[i] = fds[i];
+                *ret_n_fds = keep;
                 *ret_size = size;
                 return 0;
         }
@@ -94,33 +97,48 @@ static int send_request(struct shmz_client *c, uint16_t type, const void *body, 
         return 0;
 }
 
-int client_request(struct shmz_client *c, uint16_t type, const void *body, size_t body_size, void *ret_reply,
-                   size_t reply_size, int *ret_fd) {
+int client_request_fds(struct shmz_client *c, uint16_t type, const void *body, size_t body_size, void *ret_reply,
+                       size_t reply_size, int *ret_fds, size_t n_fds) {
         uint8_t buf[SHMZ_MSG_MAX];
         struct shmz_msg_header h;
+        int fds[2] = { -EBADF, -EBADF };
         uint32_t stream;
-        size_t size;
-        int fd = -EBADF, r;
+        size_t size, got = 0;
+        int r;
 
+        assert(n_fds <= ELEMENTSOF(fds));
         pthread_mutex_lock(&c->lock);
         r = send_request(c, type, body, body_size, &stream);
         if (r >= 0)
-                r = recv_reply(c, type, stream, buf, &size, &fd);
+                r = recv_reply(c, type, stream, buf, &size, fds, n_fds, &got);
         pthread_mutex_unlock(&c->lock);
         if (r < 0)
                 return r;
 
         memcpy(&h, buf, sizeof(h));
-        if (h.status < 0) {
-                safe_close(fd);
-                return h.status;
-        }
-        if (size - sizeof(h) != reply_size) {
-                safe_close(fd);
-                return -EPROTO;
+        if (h.status < 0)
+                r = h.status;
+        else if (size - sizeof(h) != reply_size)
+                r = -EPROTO;
+        if (r < 0) {
+                for (size_t i = 0; i < got; i++)
+                        safe_close(fds[i]);
+                return r;
         }
         if (reply_size > 0)
                 memcpy(ret_reply, proto_body(buf), reply_size);
+        for (size_t i = 0; i < n_fds; i++)
+                ret_fds[i] = i < got ? fds[i] : -EBADF;
+        return 0;
+}
+
+int client_request(struct shmz_client *c, uint16_t type, const void *body, size_t body_size, void *ret_reply,
+                   size_t reply_size, int *ret_fd) {
+        int fd = -EBADF, r;
+
+        r = client_request_fds(c, type, body, body_size, ret_reply, reply_size, &fd, 1);
+        if (r < 0)
+                return r;
         if (ret_fd)
                 *ret_fd = fd;
         else
@@ -150,7 +168,7 @@ int client_request_run(struct shmz_client *c, uint16_t type, const void *body, s
                 struct shmz_msg_header h;
                 size_t size;
 
-                r = recv_reply(c, type, stream, buf, &size, NULL);
+                r = recv_reply(c, type, stream, buf, &size, NULL, 0, &(size_t){ 0 });
                 if (r < 0)
                         break;
                 memcpy(&h, buf, sizeof(h));
@@ -207,7 +225,8 @@ _public_ int shmz_connect(const char *socket_path, struct shmz_client **ret) {
         atomic_init(&c->refs, 1);
         (void) pthread_mutex_init(&c->lock, NULL);
         c->fd = -EBADF;
-        r = connect_path(socket_path, &c->fd);
+        c->path = strdup(socket_path);
+        r = c->path ? connect_path(socket_path, &c->fd) : -ENOMEM;
         if (r >= 0)
                 r = client_request(c, SHMZ_MSG_HELLO, &hello, sizeof(hello), &reply, sizeof(reply), NULL);
         if (r >= 0 && reply.version != SHMZ_PROTO_VERSION)
@@ -219,6 +238,14 @@ _public_ int shmz_connect(const char *socket_path, struct shmz_client **ret) {
         c->daemon_pid = (int) reply.pid;
         *ret = c;
         return 0;
+}
+
+int client_fd(const struct shmz_client *c) {
+        return c->fd;
+}
+
+const char *client_path(const struct shmz_client *c) {
+        return c->path;
 }
 
 _public_ void shmz_disconnect(struct shmz_client *c) {
@@ -463,6 +490,15 @@ _public_ int shmz_daemon_status_sized(struct shmz_client *c, struct shmz_daemon_
                 .errors = st.errors,
                 .segments = st.segments,
                 .uptime_usec = st.uptime_usec,
+                .listeners = st.listeners,
+                .ports = st.ports,
+                .segment_bytes = st.segment_bytes,
+                .chunks = st.chunks,
+                .chunks_used = st.chunks_used,
+                .messages = st.messages,
+                .message_bytes = st.message_bytes,
+                .ports_closed = st.ports_closed,
+                .peers_died = st.peers_died,
         };
         copy_sized(ret, ret_size, &out, sizeof(out));
         return 0;

@@ -16,9 +16,11 @@
  * size; ZONE_OPEN_TICKET requests can get real tickets (pick_ticket()).
  *
  * Besides the sanitizers, the replies are checked: framing, one reply per
- * request (a run for ZONE_LIST) echoing its type and stream, bodies of the
- * size the protocol says, an fd exactly on successful opens. And no fd
- * outlives the input.
+ * request (a run for the listings; none for the one-way ZONE_CLOSE and
+ * PORT_ACCEPTED when accepted) echoing its type and stream, bodies of the size
+ * the protocol says, an fd exactly on successful opens and segments. And no
+ * fd outlives the input. The port table is real too; with one connection, a
+ * listener cannot be connected to (its connection takes nothing else).
  */
 #include <fcntl.h>
 #include <sys/socket.h>
@@ -31,6 +33,7 @@
 #include "daemon.h"
 #include "fuzz-util.h"
 #include "log.h"
+#include "ports.h"
 #include "proto.h"
 #include "registry.h"
 #include "shmzone.h"
@@ -134,6 +137,10 @@ static void pick_ticket(struct link *l, uint8_t *pkt, size_t len) {
                 memcpy(pkt + sizeof(h), &m, sizeof(m));
 }
 
+static bool is_listing(uint16_t type) {
+        return type == SHMZ_MSG_ZONE_LIST || type == SHMZ_MSG_PORT_LIST || type == SHMZ_MSG_SEGMENT_LIST;
+}
+
 /* Reads every reply the dispatcher sent for the request h and checks it against the protocol. */
 static void drain_replies(struct link *l, const struct shmz_msg_header *req) {
         bool last = false;
@@ -161,14 +168,14 @@ static void drain_replies(struct link *l, const struct shmz_msg_header *req) {
                 fuzz_assert(h.type == req->type && h.stream == req->stream, "reply %u/%u to request %u/%u", h.type,
                             h.stream, req->type, req->stream);
                 fuzz_assert(!last, "type %u: a reply after the last one of its run", h.type);
-                fuzz_assert(h.type == SHMZ_MSG_ZONE_LIST || (n == 1 && !(h.flags & SHMZ_MSG_F_LAST)),
+                fuzz_assert(is_listing(h.type) || (n == 1 && !(h.flags & SHMZ_MSG_F_LAST)),
                             "type %u: reply %u, flags %#x", h.type, n, h.flags);
                 fuzz_assert(h.status <= 0, "type %u: status %d", h.type, h.status);
                 last = h.flags & SHMZ_MSG_F_LAST;
                 if (h.status < 0) {
                         fuzz_assert(body == 0 && n_fds == 0, "type %u: error %d with %zu bytes and %zu fds", h.type,
                                     h.status, body, n_fds);
-                } else if (h.type == SHMZ_MSG_ZONE_LIST && last) {
+                } else if (is_listing(h.type) && last) {
                         fuzz_assert(body == 0 && n_fds == 0, "end of listing with %zu bytes", body);
                 } else {
                         bool opens = h.type == SHMZ_MSG_ZONE_OPEN || h.type == SHMZ_MSG_ZONE_OPEN_TICKET;
@@ -176,7 +183,11 @@ static void drain_replies(struct link *l, const struct shmz_msg_header *req) {
                         want = proto_body_size(h.type, true);
                         fuzz_assert(want >= 0 && (size_t) want == body, "type %u: reply of %zu bytes, want %zd", h.type,
                                     body, want);
-                        fuzz_assert(n_fds == (opens ? 1u : 0u), "type %u: %zu fds", h.type, n_fds);
+                        unsigned want_fds = opens || h.type == SHMZ_MSG_SEGMENT_CREATE ? 1u
+                                            : h.type == SHMZ_MSG_PORT_CONNECT          ? 2u
+                                                                                       : 0u;
+
+                        fuzz_assert(n_fds == want_fds, "type %u: %zu fds", h.type, n_fds);
                         if (opens) {
                                 struct shmz_msg_zone_info info;
                                 struct stat st;
@@ -195,12 +206,13 @@ static void drain_replies(struct link *l, const struct shmz_msg_header *req) {
                 for (size_t i = 0; i < n_fds; i++)
                         safe_close(fds[i]);
         }
-        /* ZONE_CLOSE is one-way; everything else gets its answer now (the socket never fills). */
-        if (req->type == SHMZ_MSG_ZONE_CLOSE && !(req->flags & SHMZ_MSG_F_REPLY))
-                fuzz_assert(n <= 1, "%u replies to a ZONE_CLOSE", n);
+        /* ZONE_CLOSE and PORT_ACCEPTED are one-way; everything else gets its answer now (the socket never fills). */
+        if ((req->type == SHMZ_MSG_ZONE_CLOSE || req->type == SHMZ_MSG_PORT_ACCEPTED) &&
+            !(req->flags & SHMZ_MSG_F_REPLY))
+                fuzz_assert(n <= 1, "%u replies to a one-way type %u", n, req->type);
         else
                 fuzz_assert(n >= 1, "request type %u: no reply", req->type);
-        fuzz_assert(req->type != SHMZ_MSG_ZONE_LIST || n == 1 || last, "listing of %u replies never ended", n);
+        fuzz_assert(!is_listing(req->type) || n == 1 || last, "listing of %u replies never ended", n);
 }
 
 /* One request through the real decoder into the dispatcher, as the worker's read loop does: < 0 ends the connection. */
@@ -269,6 +281,18 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
 
         if (registry_new(&lim, &d.registry) < 0)
                 abort();
+        {
+                struct ports_limits plim = {
+                        .chunk_size = 4096,
+                        .segment_chunks = 4,
+                        .port_memory = 32768,
+                        .max_ports_per_uid = 4,
+                        .backlog = 2,
+                };
+
+                if (ports_new(&plim, &d.ports) < 0)
+                        abort();
+        }
         d.clients = clients;
         d.start_usec = now_usec(CLOCK_MONOTONIC);
 
@@ -324,6 +348,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         }
 
         /* What conn_free() does with a connection, less the worker's own bookkeeping. */
+        port_conn_closed(&c);
         control_release(&c);
         fuzz_assert(!c.attachments && c.n_attachments == 0, "attachments left after release");
         sd_event_source_disable_unref(src);
@@ -331,6 +356,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         safe_close(conn_fds[1]);
         safe_close(wire[0]);
         safe_close(wire[1]);
+        /* Watches of ports this loop made (none can be: see above), then the table. */
+        port_worker_stop(NULL);
+        ports_free(d.ports);
         registry_free(d.registry);
 
         fuzz_assert(count_fds() == fds_before, "%d fds before the input, %d after", fds_before, count_fds());

@@ -22,6 +22,7 @@
 #endif
 
 #include "conf-file.h"
+#include "shmzone-abi.h"
 #include "shmzone.h"
 #include "util.h"
 
@@ -272,6 +273,73 @@ Test(conf, daemon_sizes) {
         expect_error("[daemon]\nmemory_budget = 0\n", 2, "memory_budget: bad size '0'");
         expect_error("[daemon]\nuid_quota = 1X\n", 2, "uid_quota: bad size '1X'");
         expect_error("[daemon]\nmemory_budget = 99999999999T\n", 2, "memory_budget: bad size");
+}
+
+/* ---- [daemon] port keys ------------------------------------------------------------------ */
+
+Test(conf, port_defaults) {
+        struct config *c = expect_ok("");
+
+        cr_assert_eq(c->ports.chunk_size, 64u << 10);
+        cr_assert_eq(c->ports.segment_chunks, 64u);
+        cr_assert_eq(c->ports.port_memory, UINT64_C(64) << 20);
+        cr_assert_eq(c->ports.max_ports_per_uid, 256u);
+        cr_assert_eq(c->ports.backlog, 64u);
+        config_free(c);
+        expect_no_leaks();
+}
+
+Test(conf, port_keys) {
+        struct config *c = expect_ok("[daemon]\nchunk_size = 4K\nsegment_chunks = 16384\nport_memory = 1G\n"
+                                     "max_ports_per_uid = 1\nport_backlog = 65536\n");
+
+        cr_assert_eq(c->ports.chunk_size, 4096u);
+        cr_assert_eq(c->ports.segment_chunks, SHMZ_SEGMENT_MAX_CHUNKS);
+        cr_assert_eq(c->ports.port_memory, UINT64_C(1) << 30);
+        cr_assert_eq(c->ports.max_ports_per_uid, 1u);
+        cr_assert_eq(c->ports.backlog, 65536u);
+        config_free(c);
+        /* One segment exactly fills port_memory. */
+        c = expect_ok("[daemon]\nchunk_size = 1M\nsegment_chunks = 8\nport_memory = 8M\n");
+        cr_assert_eq(c->ports.chunk_size, 1u << 20);
+        config_free(c);
+        expect_no_leaks();
+}
+
+Test(conf, port_keys_out_of_range) {
+        expect_error("[daemon]\nchunk_size = 2K\n", 2, "chunk_size must be a power of two");
+        expect_error("[daemon]\nchunk_size = 12K\n", 2, "chunk_size must be a power of two");
+        expect_error("[daemon]\nchunk_size = 128M\n", 2, "chunk_size must be a power of two");
+        expect_error("[daemon]\nchunk_size = big\n", 2, "chunk_size must be a power of two");
+        expect_error("[daemon]\nsegment_chunks = 0\n", 2, "segment_chunks must be a number from 1 to 16384");
+        expect_error("[daemon]\nsegment_chunks = 16385\n", 2, "segment_chunks must be a number from 1 to 16384");
+        expect_error("[daemon]\nport_memory = 0\n", 2, "port_memory: bad size");
+        expect_error("[daemon]\nport_memory = 65G\n", 2, "port_memory: bad size");
+        expect_error("[daemon]\nmax_ports_per_uid = 0\n", 2, "max_ports_per_uid must be");
+        expect_error("[daemon]\nport_backlog = 65537\n", 2, "port_backlog must be");
+        expect_error("[daemon]\nport_backlog = -3\n", 2, "port_backlog must be");
+}
+
+/* Keys that constrain each other are checked once the file is read, whatever their order. */
+static void expect_ports_refused(const char *text, const char *what) {
+        struct config *c = NULL;
+        int r = load(text, &c);
+
+        config_free(c);
+        expect_no_leaks();
+        cr_assert_eq(r, -EINVAL, "loaded: %s", text);
+        cr_assert_null(c);
+        cr_assert(strstr(log_buf, path), "no file named in '%s'", log_buf);
+        cr_assert(strstr(log_buf, what), "expected '%s' in '%s'", what, log_buf);
+}
+
+Test(conf, port_keys_together) {
+        /* The default port_memory (64M) cannot hold a segment of 64 x 2M. */
+        expect_ports_refused("[daemon]\nchunk_size = 2M\n", "port_memory (67108864) must hold at least one segment");
+        expect_ports_refused("[daemon]\nport_memory = 1M\nchunk_size = 64K\n", "must hold at least one segment");
+        /* A segment of 16384 x 64M is past 1G. */
+        expect_ports_refused("[daemon]\nchunk_size = 64M\nsegment_chunks = 17\nport_memory = 64G\n",
+                             "a segment may have 1G at most");
 }
 
 /* ---- [zone NAME] ------------------------------------------------------------------------ */

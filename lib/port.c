@@ -1,0 +1,1503 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+/*
+ * Ports: messages between two processes over a SOCK_SEQPACKET pair the daemon
+ * brokered, with payloads in shared-memory segments (see shmzone-abi.h for
+ * the frames and layouts). Every frame from the peer is hostile until checked.
+ */
+#include <assert.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <linux/futex.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <time.h>
+
+#include "client.h"
+#include "port.h"
+#include "proto.h"
+#include "shmzone.h"
+#include "util.h"
+
+#define MAX_SLOTS 4096u /* bounds the slot tables whatever port_memory says */
+#define RUN_MAX 64u     /* chunks per message: one word of used[], one CAS */
+#define FRAME_FDS_MAX 4 /* control room: more fds than this is a violation anyway */
+#define HANDLE_CHUNK (UINT64_C(1) << 63)
+#define DISPATCH_BATCH 64 /* messages one dispatch call handles at most */
+
+struct seg {
+        uint8_t *map; /* header page, then the chunks */
+        size_t map_size;
+        int fd;
+        uint64_t id;
+        _Atomic uint64_t *held; /* rx: chunks received here and not released yet (private) */
+        uint8_t *buf_n;         /* tx: run length of each shmz_port_buf() buffer, by its first chunk */
+};
+
+struct call {
+        uint32_t stream;
+        uint64_t deadline_ns; /* 0: none */
+        shmz_reply_handler_t handler;
+        void *userdata;
+};
+
+struct shmz_port {
+        int fd;
+        struct shmz_channel *ch;
+        struct shmz_client *client; /* SEGMENT_CREATE goes there (a reference) */
+        port_segment_source_t source;
+        void *source_userdata;
+        struct port_params pp;
+        size_t seg_map_size;
+        uint32_t n_words; /* used[] words that hold chunks */
+        uint32_t max_slots;
+        size_t max_msg;
+
+        /* Slots are filled once and never moved while the port lives: readers take no lock. */
+        _Atomic(struct seg *) *tx;
+        _Atomic(struct seg *) *rx;
+        atomic_uint n_tx;
+        struct seg *tx_unannounced; /* made, its SEGMENT frame not sent yet (create_lock) */
+        pthread_mutex_t create_lock;
+
+        /* One receiver at a time: a DATA frame is never taken before the SEGMENT it uses is mapped. */
+        pthread_mutex_t recv_lock;
+        atomic_bool gone;        /* end of file, or shut down: -EPIPE */
+        atomic_bool recv_waited; /* the last receive had to sleep: sleep first next time (one syscall less) */
+
+        atomic_uint next_stream;
+        pthread_mutex_t rpc_lock;
+        struct call *calls;
+        size_t n_calls, cap_calls;
+        shmz_msg_handler_t handler;
+        void *handler_userdata;
+};
+
+/* ---- time ------------------------------------------------------------------------------ */
+
+static uint64_t now_ns(void) {
+        struct timespec ts;
+
+        (void) clock_gettime(CLOCK_MONOTONIC, &ts);
+        return (uint64_t) ts.tv_sec * UINT64_C(1000000000) + (uint64_t) ts.tv_nsec;
+}
+
+static uint64_t deadline_of(int64_t timeout_ns) {
+        uint64_t now;
+
+        if (timeout_ns < 0)
+                return UINT64_MAX;
+        now = now_ns();
+        return (uint64_t) timeout_ns > UINT64_MAX - now ? UINT64_MAX : now + (uint64_t) timeout_ns;
+}
+
+static int expired(int64_t timeout_ns) {
+        return timeout_ns == 0 ? -EAGAIN : -ETIMEDOUT;
+}
+
+/* Waits for events on fd until deadline: 0 when something is there, -ETIMEDOUT. */
+static int wait_fd(int fd, short events, uint64_t deadline) {
+        for (;;) {
+                struct pollfd pfd = { .fd = fd, .events = events };
+                int ms = -1, n;
+
+                if (deadline != UINT64_MAX) {
+                        uint64_t now = now_ns();
+
+                        if (now >= deadline)
+                                return -ETIMEDOUT;
+                        ms = (int) MIN((deadline - now + 999999) / 1000000, (uint64_t) INT_MAX);
+                }
+                n = poll(&pfd, 1, ms);
+                if (n < 0 && errno != EINTR)
+                        return -errno;
+                if (n > 0)
+                        return 0;
+        }
+}
+
+/* ---- the channel's wake-up words (shared with a process we do not trust: figures and wake-ups only) ---- */
+
+static void futex_wake_all(uint32_t *addr) {
+        (void) syscall(SYS_futex, addr, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
+}
+
+/* After chunks of direction d went back: wake its sleeping senders. */
+static void channel_released(struct shmz_channel *ch, unsigned d) {
+        __atomic_fetch_add(&ch->dir[d].release_seq, 1, __ATOMIC_SEQ_CST);
+        if (__atomic_load_n(&ch->dir[d].sender_waits, __ATOMIC_SEQ_CST) != 0)
+                futex_wake_all(&ch->dir[d].release_seq);
+}
+
+static bool port_closed(struct shmz_port *p) {
+        struct pollfd pfd = { .fd = p->fd, .events = 0 };
+
+        if (atomic_load(&p->gone) || __atomic_load_n(&p->ch->closed, __ATOMIC_ACQUIRE))
+                return true;
+        /* The peer shut its end down (or died and the daemon did): POLLHUP. */
+        return poll(&pfd, 1, 0) > 0 && (pfd.revents & (POLLHUP | POLLERR | POLLNVAL));
+}
+
+/* ---- params and segments ------------------------------------------------------------------------ */
+
+static bool is_pow2(uint64_t x) {
+        return x && !(x & (x - 1));
+}
+
+int port_params_check(const struct port_params *pp) {
+        if (!pp || pp->side > SHMZ_PORT_SIDE_ACCEPTOR)
+                return -EINVAL;
+        if (!is_pow2(pp->chunk_size) || pp->chunk_size < 4096 || pp->chunk_size > (UINT32_C(1) << 30))
+                return -EINVAL;
+        if (pp->segment_chunks == 0 || pp->segment_chunks > SHMZ_SEGMENT_MAX_CHUNKS)
+                return -EINVAL;
+        /* 16384 chunks of at most 1 GiB: fits 64 bits, but not every address space. */
+        if ((uint64_t) pp->segment_chunks * pp->chunk_size > (uint64_t) SIZE_MAX / 2)
+                return -EINVAL;
+        return 0;
+}
+
+uint32_t port_max_slots(const struct shmz_port *p) {
+        return p->max_slots;
+}
+
+size_t port_max_message(const struct shmz_port *p) {
+        return p->max_msg;
+}
+
+static struct shmz_segment_header *seg_hdr(const struct seg *s) {
+        return (struct shmz_segment_header *) s->map;
+}
+
+static uint8_t *seg_chunk(const struct shmz_port *p, const struct seg *s, uint32_t c) {
+        return s->map + SHMZ_SEGMENT_HEADER_SIZE + (size_t) c * p->pp.chunk_size;
+}
+
+static void seg_free(struct seg *s) {
+        if (!s)
+                return;
+        if (s->map)
+                (void) munmap(s->map, s->map_size);
+        safe_close(s->fd);
+        free(s->held);
+        free(s->buf_n);
+        free(s);
+}
+
+/* Maps a segment fd after checking it against the port, never against its header. Takes fd. */
+static int seg_map(struct shmz_port *p, int fd, uint64_t id, bool tx, struct seg **ret) {
+        _cleanup_close_ int f = fd;
+        struct stat st;
+        struct seg *s;
+        int seals;
+
+        if (fstat(f, &st) < 0)
+                return -errno;
+        if (!S_ISREG(st.st_mode) || (uint64_t) st.st_size != p->seg_map_size)
+                return -EBADMSG;
+        seals = fcntl(f, F_GET_SEALS);
+        if (seals < 0 || (seals & (F_SEAL_SHRINK | F_SEAL_GROW)) != (F_SEAL_SHRINK | F_SEAL_GROW))
+                return -EBADMSG;
+        s = calloc(1, sizeof(*s));
+        if (!s)
+                return -ENOMEM;
+        s->fd = -EBADF;
+        s->map_size = p->seg_map_size;
+        s->id = id;
+        if (tx)
+                s->buf_n = calloc(p->pp.segment_chunks, 1);
+        else
+                s->held = calloc(p->n_words, sizeof(*s->held));
+        if (tx ? !s->buf_n : !s->held) {
+                seg_free(s);
+                return -ENOMEM;
+        }
+        /* Read-write: the receiver clears bits of used[] when it releases chunks. */
+        s->map = mmap(NULL, s->map_size, PROT_READ | PROT_WRITE, MAP_SHARED, f, 0);
+        if (s->map == MAP_FAILED) {
+                int r = errno == EACCES || errno == EPERM ? -EBADMSG : -errno;
+
+                s->map = NULL;
+                seg_free(s);
+                return r;
+        }
+        s->fd = TAKE_FD(f);
+        *ret = s;
+        return 0;
+}
+
+static uint64_t run_mask(uint32_t n) {
+        return n >= 64 ? UINT64_MAX : (UINT64_C(1) << n) - 1;
+}
+
+/* Bits of word w that name real chunks. */
+static uint64_t word_valid(const struct shmz_port *p, uint32_t w) {
+        uint32_t bits = p->pp.segment_chunks - w * 64;
+
+        return bits >= 64 ? UINT64_MAX : (UINT64_C(1) << bits) - 1;
+}
+
+/* The lowest position where n free bits start in `free`, or -1. */
+static int find_run(uint64_t free, uint32_t n) {
+        uint64_t run = run_mask(n);
+
+        for (unsigned pos = 0; pos + n <= 64;) {
+                uint64_t rest = free >> pos << pos;
+
+                if (!rest)
+                        return -1;
+                pos = (unsigned) __builtin_ctzll(rest); /* the next free bit */
+                if (pos + n > 64)
+                        return -1;
+                if (((free >> pos) & run) == run)
+                        return (int) pos;
+                pos++;
+        }
+        return -1;
+}
+
+/* Claims n chunks of s in one word with one compare-and-swap (retried while the word changes). */
+static int seg_claim(const struct shmz_port *p, struct seg *s, uint32_t n, uint32_t *ret_chunk) {
+        struct shmz_segment_header *h = seg_hdr(s);
+
+        for (uint32_t w = 0; w < p->n_words; w++) {
+                uint64_t valid = word_valid(p, w);
+                uint64_t v = __atomic_load_n(&h->used[w], __ATOMIC_RELAXED);
+
+                for (;;) {
+                        int pos = find_run(~v & valid, n);
+
+                        if (pos < 0)
+                                break;
+                        if (__atomic_compare_exchange_n(&h->used[w], &v, v | (run_mask(n) << pos), false,
+                                                        __ATOMIC_ACQUIRE, __ATOMIC_RELAXED)) {
+                                *ret_chunk = w * 64 + (uint32_t) pos;
+                                return 0;
+                        }
+                }
+        }
+        return -ENOSPC;
+}
+
+static void seg_unclaim(const struct shmz_port *p, struct seg *s, uint32_t c, uint32_t n) {
+        if (n == 0)
+                return;
+        __atomic_fetch_and(&seg_hdr(s)->used[c / 64], ~(run_mask(n) << (c % 64)), __ATOMIC_RELEASE);
+        channel_released(p->ch, p->pp.side);
+}
+
+/* ---- frames ------------------------------------------------------------------------------------- */
+
+/* Sends one frame (and at most one fd) before deadline. */
+static int frame_send(struct shmz_port *p, const struct shmz_frame *f, const void *payload, size_t payload_size, int fd,
+                      int64_t timeout_ns, uint64_t deadline) {
+        struct iovec iov[2] = {
+                { .iov_base = (void *) f, .iov_len = sizeof(*f) },
+                { .iov_base = (void *) payload, .iov_len = payload_size },
+        };
+        union {
+                struct cmsghdr cmsg;
+                uint8_t buf[CMSG_SPACE(sizeof(int))];
+        } control = {};
+        struct msghdr mh = { .msg_iov = iov, .msg_iovlen = payload_size > 0 ? 2 : 1 };
+
+        if (fd >= 0) {
+                struct cmsghdr *c;
+
+                mh.msg_control = &control;
+                mh.msg_controllen = sizeof(control.buf);
+                c = CMSG_FIRSTHDR(&mh);
+                c->cmsg_level = SOL_SOCKET;
+                c->cmsg_type = SCM_RIGHTS;
+                c->cmsg_len = CMSG_LEN(sizeof(int));
+                memcpy(CMSG_DATA(c), &fd, sizeof(int));
+        }
+        for (;;) {
+                ssize_t n;
+                int r;
+
+                if (atomic_load(&p->gone))
+                        return -EPIPE;
+                n = sendmsg(p->fd, &mh, MSG_NOSIGNAL | MSG_DONTWAIT);
+                if (n >= 0)
+                        return (size_t) n == sizeof(*f) + payload_size ? 0 : -EIO;
+                if (errno == EINTR)
+                        continue;
+                if (errno == EPIPE || errno == ECONNRESET || errno == ENOTCONN)
+                        return -EPIPE;
+                if (errno != EAGAIN)
+                        return -errno;
+                if (timeout_ns == 0)
+                        return -EAGAIN;
+                r = wait_fd(p->fd, POLLOUT, deadline);
+                if (r < 0)
+                        return r == -ETIMEDOUT ? expired(timeout_ns) : r;
+        }
+}
+
+/*
+ * Adds a segment to this side's table (create_lock held): asks the source,
+ * checks and maps it, announces it to the peer, and only then publishes the
+ * slot, so no other thread can send a DATA frame naming it before its SEGMENT.
+ */
+static int tx_grow_locked(struct shmz_port *p, int64_t timeout_ns, uint64_t deadline) {
+        uint32_t slot = atomic_load(&p->n_tx);
+        struct shmz_frame_segment fs;
+        struct shmz_frame f;
+        struct seg *s;
+        int r;
+
+        if (slot >= p->max_slots)
+                return -ENOSPC;
+        if (!p->tx_unannounced) {
+                int fd = -EBADF;
+                uint64_t id = 0;
+
+                r = p->source(p, p->source_userdata, &fd, &id);
+                if (r < 0)
+                        return r;
+                r = seg_map(p, fd, id, true, &p->tx_unannounced);
+                if (r < 0)
+                        return r == -EBADMSG ? -EPROTO : r; /* the daemon made no sense */
+        }
+        s = p->tx_unannounced;
+        fs = (struct shmz_frame_segment){
+                .id = s->id,
+                .slot = slot,
+                .chunk_size = p->pp.chunk_size,
+                .n_chunks = p->pp.segment_chunks,
+        };
+        f = (struct shmz_frame){ .kind = SHMZ_FRAME_SEGMENT, .size = sizeof(fs), .segment = slot };
+        r = frame_send(p, &f, &fs, sizeof(fs), s->fd, timeout_ns, deadline);
+        if (r < 0)
+                return r; /* kept for the next try: the daemon counted it already */
+        p->tx_unannounced = NULL;
+        atomic_store(&p->tx[slot], s);
+        atomic_store(&p->n_tx, slot + 1);
+        return 0;
+}
+
+/*
+ * Claims n chunks in this side's segments: scan, else a new segment, else
+ * (timeout permitting) sleep on the channel until the receiver releases some.
+ */
+static int tx_claim(struct shmz_port *p, uint32_t n, int64_t timeout_ns, uint64_t deadline, uint32_t *ret_slot,
+                    uint32_t *ret_chunk) {
+        struct shmz_channel_dir *dir = &p->ch->dir[p->pp.side];
+        bool waiting = false;
+        int r;
+
+        for (;;) {
+                uint32_t seq = __atomic_load_n(&dir->release_seq, __ATOMIC_SEQ_CST);
+                uint32_t n_tx = atomic_load(&p->n_tx);
+
+                for (uint32_t i = 0; i < n_tx; i++)
+                        if (seg_claim(p, atomic_load(&p->tx[i]), n, ret_chunk) >= 0) {
+                                *ret_slot = i;
+                                r = 0;
+                                goto done;
+                        }
+                if (port_closed(p)) {
+                        r = -EPIPE;
+                        goto done;
+                }
+                if (n_tx < p->max_slots) {
+                        pthread_mutex_lock(&p->create_lock);
+                        /* Another thread may have added one while we scanned: scan again first. */
+                        r = atomic_load(&p->n_tx) == n_tx ? tx_grow_locked(p, timeout_ns, deadline) : 0;
+                        pthread_mutex_unlock(&p->create_lock);
+                        if (r >= 0)
+                                continue;
+                        if (r != -ENOSPC)
+                                goto done;
+                }
+                if (timeout_ns == 0) {
+                        r = -EAGAIN;
+                        goto done;
+                }
+                if (!waiting) {
+                        /* Say we sleep, then look once more: a release after this sees the flag and wakes us. */
+                        __atomic_fetch_add(&dir->sender_waits, 1, __ATOMIC_SEQ_CST);
+                        waiting = true;
+                        continue;
+                }
+                {
+                        struct timespec ts, *tsp = NULL;
+
+                        if (deadline != UINT64_MAX) {
+                                uint64_t now = now_ns(), left;
+
+                                if (now >= deadline) {
+                                        r = -ETIMEDOUT;
+                                        goto done;
+                                }
+                                left = deadline - now;
+                                ts = (struct timespec){ .tv_sec = (time_t) (left / 1000000000),
+                                                        .tv_nsec = (long) (left % 1000000000) };
+                                tsp = &ts;
+                        }
+                        (void) syscall(SYS_futex, &dir->release_seq, FUTEX_WAIT, seq, tsp, NULL, 0);
+                }
+        }
+done:
+        if (waiting)
+                __atomic_fetch_sub(&dir->sender_waits, 1, __ATOMIC_SEQ_CST);
+        return r;
+}
+
+/* Which of this side's segments holds ptr, and the chunk it starts (UINT32_MAX: none). */
+static struct seg *tx_find(struct shmz_port *p, const void *ptr, uint32_t *ret_slot, uint32_t *ret_chunk) {
+        uint32_t n_tx = atomic_load(&p->n_tx);
+        uintptr_t a = (uintptr_t) ptr;
+
+        for (uint32_t i = 0; i < n_tx; i++) {
+                struct seg *s = atomic_load(&p->tx[i]);
+                uintptr_t base = (uintptr_t) seg_chunk(p, s, 0);
+
+                if (a >= base && a < (uintptr_t) s->map + s->map_size) {
+                        *ret_slot = i;
+                        /* Not the start of a chunk: no buffer of ours starts there. */
+                        *ret_chunk = (a - base) % p->pp.chunk_size != 0 ? UINT32_MAX
+                                                                        : (uint32_t) ((a - base) / p->pp.chunk_size);
+                        return s;
+                }
+        }
+        return NULL;
+}
+
+static uint32_t chunks_for(const struct shmz_port *p, size_t size) {
+        return (uint32_t) ((size + p->pp.chunk_size - 1) / p->pp.chunk_size);
+}
+
+_public_ void *shmz_port_buf(struct shmz_port *p, size_t size) {
+        uint32_t slot, chunk, n;
+        struct seg *s;
+        int r;
+
+        if (!p || size == 0) {
+                errno = EINVAL;
+                return NULL;
+        }
+        if (size > p->max_msg) {
+                errno = EMSGSIZE;
+                return NULL;
+        }
+        if (atomic_load(&p->gone) || __atomic_load_n(&p->ch->closed, __ATOMIC_ACQUIRE)) {
+                errno = EPIPE;
+                return NULL;
+        }
+        n = chunks_for(p, size);
+        r = tx_claim(p, n, 0, 0, &slot, &chunk);
+        if (r < 0) {
+                errno = -r;
+                return NULL;
+        }
+        s = atomic_load(&p->tx[slot]);
+        s->buf_n[chunk] = (uint8_t) n;
+        return seg_chunk(p, s, chunk);
+}
+
+_public_ void shmz_port_buf_free(struct shmz_port *p, void *buf) {
+        uint32_t slot, chunk;
+        struct seg *s;
+
+        if (!p || !buf)
+                return;
+        s = tx_find(p, buf, &slot, &chunk);
+        if (!s || chunk == UINT32_MAX || s->buf_n[chunk] == 0)
+                return;
+        seg_unclaim(p, s, chunk, s->buf_n[chunk]);
+        s->buf_n[chunk] = 0;
+}
+
+static void count_sent(struct shmz_port *p, size_t size) {
+        struct shmz_channel_dir *dir = &p->ch->dir[p->pp.side];
+
+        __atomic_fetch_add(&dir->messages, 1, __ATOMIC_RELAXED);
+        __atomic_fetch_add(&dir->bytes, (uint64_t) size, __ATOMIC_RELAXED);
+}
+
+_public_ int shmz_port_send(struct shmz_port *p, const struct shmz_msg *m, int64_t timeout_ns) {
+        struct shmz_frame f;
+        uint64_t deadline;
+        uint32_t slot = 0, chunk = 0, n = 0, buf_n = 0;
+        struct seg *s = NULL;
+        int r;
+
+        assert_return(p && m, -EINVAL);
+        assert_return(!(m->flags & ~(uint32_t) (SHMZ_MSG_LAST | SHMZ_MSG_CLOSE_FD)), -EINVAL);
+        assert_return(m->size == 0 || m->data, -EINVAL);
+        if (atomic_load(&p->gone))
+                return -EPIPE;
+        deadline = deadline_of(timeout_ns);
+        f = (struct shmz_frame){
+                .kind = SHMZ_FRAME_DATA,
+                .flags = (m->flags & SHMZ_MSG_LAST ? SHMZ_FRAME_F_LAST : 0) | (m->fd >= 0 ? SHMZ_FRAME_F_FD : 0),
+                .type = m->type,
+                .stream = m->stream,
+                .size = m->size,
+        };
+
+        if (m->data)
+                s = tx_find(p, m->data, &slot, &chunk);
+        if (s) {
+                /* A buffer of shmz_port_buf(): it travels in place. */
+                buf_n = chunk == UINT32_MAX ? 0 : s->buf_n[chunk];
+                if (buf_n == 0 || m->size > (size_t) buf_n * p->pp.chunk_size)
+                        return -EINVAL;
+                n = chunks_for(p, m->size);
+                if (n == 0)
+                        s = NULL; /* empty: inline, the buffer goes back once sent */
+        } else if (m->size > SHMZ_FRAME_INLINE_MAX) {
+                if (m->size > p->max_msg)
+                        return -EMSGSIZE;
+                n = chunks_for(p, m->size);
+                r = tx_claim(p, n, timeout_ns, deadline, &slot, &chunk);
+                if (r < 0)
+                        return r;
+                s = atomic_load(&p->tx[slot]);
+                memcpy(seg_chunk(p, s, chunk), m->data, m->size);
+        }
+
+        if (s) {
+                f.flags |= SHMZ_FRAME_F_CHUNK;
+                f.segment = slot;
+                f.chunk = chunk;
+                r = frame_send(p, &f, NULL, 0, m->fd, timeout_ns, deadline);
+                if (r < 0) {
+                        if (buf_n == 0)
+                                seg_unclaim(p, s, chunk, n); /* our copy: the caller's data is still theirs */
+                        return r;
+                }
+                if (buf_n > n) /* the tail of a larger buffer is not sent: back to the pool */
+                        seg_unclaim(p, s, chunk + n, buf_n - n);
+                if (buf_n > 0)
+                        s->buf_n[chunk] = 0;
+        } else {
+                r = frame_send(p, &f, m->size > 0 ? m->data : NULL, m->size, m->fd, timeout_ns, deadline);
+                if (r < 0)
+                        return r;
+                if (buf_n > 0)
+                        shmz_port_buf_free(p, m->data);
+        }
+        count_sent(p, m->size);
+        if (m->fd >= 0 && (m->flags & SHMZ_MSG_CLOSE_FD))
+                safe_close(m->fd);
+        return 0;
+}
+
+/* ---- receiving ------------------------------------------------------------------------------------ */
+
+/* The peer broke the protocol: nothing more from it. Returns -EBADMSG. */
+static int violation(struct shmz_port *p, int *fds, size_t n_fds) {
+        for (size_t i = 0; i < n_fds; i++)
+                safe_close(fds[i]);
+        atomic_store(&p->gone, true);
+        (void) shutdown(p->fd, SHUT_RDWR);
+        return -EBADMSG;
+}
+
+static int recv_segment(struct shmz_port *p, const struct shmz_frame *f, const uint8_t *payload, size_t n, int *fds,
+                        size_t n_fds) {
+        struct shmz_frame_segment fs;
+        struct seg *s;
+        int r;
+
+        if (n != sizeof(*f) + sizeof(fs) || f->size != sizeof(fs) || f->flags != 0 || n_fds != 1)
+                return violation(p, fds, n_fds);
+        memcpy(&fs, payload, sizeof(fs));
+        if (fs.slot != f->segment || fs.slot >= p->max_slots || fs.reserved != 0 || f->chunk != 0 ||
+            fs.chunk_size != p->pp.chunk_size || fs.n_chunks != p->pp.segment_chunks || atomic_load(&p->rx[fs.slot]))
+                return violation(p, fds, n_fds);
+        r = seg_map(p, fds[0], fs.id, false, &s);
+        if (r == -EBADMSG)
+                return violation(p, NULL, 0);
+        if (r < 0)
+                return r;
+        atomic_store(&p->rx[fs.slot], s);
+        return 0;
+}
+
+static int recv_data(struct shmz_port *p, const struct shmz_frame *f, const uint8_t *payload, size_t n, int *fds,
+                     size_t n_fds, struct shmz_msg *ret) {
+        const uint32_t known = SHMZ_FRAME_F_LAST | SHMZ_FRAME_F_CHUNK | SHMZ_FRAME_F_FD;
+        struct shmz_msg m = {
+                .type = f->type,
+                .stream = f->stream,
+                .flags = f->flags & SHMZ_FRAME_F_LAST ? SHMZ_MSG_LAST : 0,
+                .fd = -1,
+        };
+
+        if ((f->flags & ~known) || n_fds != (f->flags & SHMZ_FRAME_F_FD ? 1u : 0u))
+                return violation(p, fds, n_fds);
+
+        if (f->flags & SHMZ_FRAME_F_CHUNK) {
+                struct seg *s;
+                uint64_t bits, old;
+                uint32_t c, k;
+
+                if (n != sizeof(*f) || f->size == 0 || f->size > p->max_msg || f->segment >= p->max_slots)
+                        return violation(p, fds, n_fds);
+                s = atomic_load(&p->rx[f->segment]);
+                k = chunks_for(p, (size_t) f->size);
+                c = f->chunk;
+                if (!s || c >= p->pp.segment_chunks || k > p->pp.segment_chunks - c || c / 64 != (c + k - 1) / 64)
+                        return violation(p, fds, n_fds);
+                bits = run_mask(k) << (c % 64);
+                /* The sender claimed them before sending; a run we hold already is a replay. */
+                if ((__atomic_load_n(&seg_hdr(s)->used[c / 64], __ATOMIC_ACQUIRE) & bits) != bits)
+                        return violation(p, fds, n_fds);
+                old = atomic_fetch_or(&s->held[c / 64], bits);
+                if (old & bits) {
+                        atomic_fetch_and(&s->held[c / 64], ~(bits & ~old));
+                        return violation(p, fds, n_fds);
+                }
+                m.data = seg_chunk(p, s, c);
+                m.size = (size_t) f->size;
+                m.handle = HANDLE_CHUNK | (uint64_t) f->segment << 32 | (uint64_t) c << 8 | k;
+        } else {
+                if (f->size > SHMZ_FRAME_INLINE_MAX || n != sizeof(*f) + f->size || f->segment != 0 || f->chunk != 0)
+                        return violation(p, fds, n_fds);
+                if (f->size > 0) {
+                        void *copy = malloc((size_t) f->size);
+
+                        if (!copy) {
+                                for (size_t i = 0; i < n_fds; i++)
+                                        safe_close(fds[i]);
+                                return -ENOMEM;
+                        }
+                        memcpy(copy, payload, (size_t) f->size);
+                        m.data = copy;
+                        m.size = (size_t) f->size;
+                        m.handle = (uint64_t) (uintptr_t) copy;
+                }
+        }
+        if (n_fds == 1)
+                m.fd = fds[0];
+        *ret = m;
+        return 0;
+}
+
+/* One message if one waits (recv_lock held): -EAGAIN if none, -EPIPE at the end, -EBADMSG on a violation. */
+static int recv_one_locked(struct shmz_port *p, struct shmz_msg *ret, bool block) {
+        for (;;) {
+                union {
+                        struct shmz_frame f;
+                        uint8_t buf[sizeof(struct shmz_frame) + SHMZ_FRAME_INLINE_MAX];
+                } u;
+                union {
+                        struct cmsghdr cmsg;
+                        uint8_t buf[CMSG_SPACE(sizeof(int) * FRAME_FDS_MAX)];
+                } control;
+                struct iovec iov = { .iov_base = u.buf, .iov_len = sizeof(u.buf) };
+                struct msghdr mh = {
+                        .msg_iov = &iov, .msg_iovlen = 1, .msg_control = &control, .msg_controllen = sizeof(control)
+                };
+                int fds[FRAME_FDS_MAX];
+                size_t n_fds = 0;
+                ssize_t n;
+                int r;
+
+                if (atomic_load(&p->gone))
+                        return -EPIPE;
+                n = recvmsg(p->fd, &mh, (block ? 0 : MSG_DONTWAIT) | MSG_CMSG_CLOEXEC);
+                if (n < 0) {
+                        if (errno == EINTR)
+                                continue;
+                        if (errno == EAGAIN)
+                                return -EAGAIN;
+                        if (errno == ECONNRESET || errno == EPIPE || errno == ENOTCONN) {
+                                atomic_store(&p->gone, true);
+                                return -EPIPE;
+                        }
+                        return -errno;
+                }
+                for (struct cmsghdr *c = CMSG_FIRSTHDR(&mh); c; c = CMSG_NXTHDR(&mh, c)) {
+                        size_t k;
+
+                        if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
+                                continue;
+                        k = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+                        for (size_t i = 0; i < k && n_fds < FRAME_FDS_MAX; i++)
+                                memcpy(&fds[n_fds++], CMSG_DATA(c) + i * sizeof(int), sizeof(int));
+                }
+                if (n == 0) {
+                        /* End of file (a zero-length datagram is no frame either). */
+                        if (n_fds > 0)
+                                return violation(p, fds, n_fds);
+                        atomic_store(&p->gone, true);
+                        return -EPIPE;
+                }
+                if ((mh.msg_flags & (MSG_TRUNC | MSG_CTRUNC)) || (size_t) n < sizeof(u.f))
+                        return violation(p, fds, n_fds);
+                switch (u.f.kind) {
+                case SHMZ_FRAME_SEGMENT:
+                        r = recv_segment(p, &u.f, u.buf + sizeof(u.f), (size_t) n, fds, n_fds);
+                        if (r < 0)
+                                return r;
+                        continue; /* not a message: read on */
+                case SHMZ_FRAME_DATA:
+                        return recv_data(p, &u.f, u.buf + sizeof(u.f), (size_t) n, fds, n_fds, ret);
+                default:
+                        return violation(p, fds, n_fds);
+                }
+        }
+}
+
+_public_ int shmz_port_recv(struct shmz_port *p, struct shmz_msg *ret, int64_t timeout_ns) {
+        struct timespec abs;
+        bool poll_first;
+        uint64_t deadline;
+
+        assert_return(p && ret, -EINVAL);
+        if (timeout_ns < 0) {
+                int r;
+
+                /*
+                 * Waiting for good: sleep in recvmsg() itself, holding the lock (one
+                 * syscall per message). Receivers with a timeout wait for the lock
+                 * no longer than it; the holder takes the next message anyway.
+                 */
+                pthread_mutex_lock(&p->recv_lock);
+                r = recv_one_locked(p, ret, true);
+                pthread_mutex_unlock(&p->recv_lock);
+                return r;
+        }
+        deadline = deadline_of(timeout_ns);
+        /*
+         * A receiver that keeps finding nothing (request/reply) saves the empty
+         * recvmsg() by sleeping in poll() first; one that keeps finding
+         * messages (a stream) reads at once.
+         */
+        poll_first = timeout_ns != 0 && atomic_load_explicit(&p->recv_waited, memory_order_relaxed);
+        for (bool slept = false;;) {
+                int r;
+
+                if (poll_first) {
+                        uint64_t t0 = now_ns();
+
+                        r = wait_fd(p->fd, POLLIN, deadline);
+                        if (r < 0)
+                                return r == -ETIMEDOUT ? expired(timeout_ns) : r;
+                        /* A poll that found data at once did not sleep (the clock is the vDSO's: cheap). */
+                        slept = slept || now_ns() - t0 > 5000;
+                }
+                if (timeout_ns == 0)
+                        r = pthread_mutex_trylock(&p->recv_lock);
+                else {
+                        abs = (struct timespec){ .tv_sec = (time_t) (deadline / 1000000000),
+                                                 .tv_nsec = (long) (deadline % 1000000000) };
+                        r = pthread_mutex_clocklock(&p->recv_lock, CLOCK_MONOTONIC, &abs);
+                }
+                if (r != 0) /* another thread is receiving, for at least as long */
+                        return expired(timeout_ns);
+                r = recv_one_locked(p, ret, false);
+                pthread_mutex_unlock(&p->recv_lock);
+                if (r != -EAGAIN) {
+                        atomic_store_explicit(&p->recv_waited, slept, memory_order_relaxed);
+                        return r;
+                }
+                if (timeout_ns == 0)
+                        return -EAGAIN;
+                /* Sleep outside the lock, so that other receivers keep their own timeouts. */
+                poll_first = true;
+        }
+}
+
+_public_ void shmz_msg_release(struct shmz_port *p, struct shmz_msg *m) {
+        if (!p || !m || m->handle == 0)
+                return;
+        if (m->handle & HANDLE_CHUNK) {
+                uint32_t slot = (uint32_t) (m->handle >> 32) & 0x7fffffffu;
+                uint32_t c = (uint32_t) (m->handle >> 8) & 0xffffffu, k = (uint32_t) m->handle & 0xffu;
+                struct seg *s = slot < p->max_slots ? atomic_load(&p->rx[slot]) : NULL;
+                uint64_t bits, old;
+
+                if (!s || k == 0 || k > RUN_MAX || c >= p->pp.segment_chunks || c / 64 != (c + k - 1) / 64)
+                        return;
+                bits = run_mask(k) << (c % 64);
+                /* Only the release that finds them held gives them back: a second one does nothing. */
+                old = atomic_fetch_and(&s->held[c / 64], ~bits);
+                if ((old & bits) == bits) {
+                        __atomic_fetch_and(&seg_hdr(s)->used[c / 64], ~bits, __ATOMIC_RELEASE);
+                        channel_released(p->ch, !p->pp.side);
+                }
+        } else
+                free((void *) (uintptr_t) m->handle);
+        m->handle = 0;
+        m->data = NULL;
+        m->size = 0;
+}
+
+static uint64_t count_bits(const struct shmz_port *p, _Atomic(struct seg *) *table, bool tx) {
+        uint64_t total = 0;
+
+        for (uint32_t i = 0; i < p->max_slots; i++) {
+                struct seg *s = atomic_load(&table[i]);
+
+                if (!s)
+                        continue;
+                for (uint32_t w = 0; w < p->n_words; w++) {
+                        uint64_t v = tx ? __atomic_load_n(&seg_hdr(s)->used[w], __ATOMIC_RELAXED) & word_valid(p, w)
+                                        : atomic_load(&s->held[w]);
+
+                        total += (uint64_t) __builtin_popcountll(v);
+                }
+        }
+        return total;
+}
+
+uint64_t port_tx_chunks_used(const struct shmz_port *p) {
+        return count_bits(p, p->tx, true);
+}
+
+uint64_t port_rx_chunks_held(const struct shmz_port *p) {
+        return count_bits(p, p->rx, false);
+}
+
+/* ---- a port's life ------------------------------------------------------------------------------ */
+
+static int segment_create(struct shmz_port *p, void *userdata, int *ret_fd, uint64_t *ret_id) {
+        struct shmz_msg_port_ref req = { .port_id = p->pp.port_id, .token = p->pp.token, .side = p->pp.side };
+        struct shmz_msg_segment_info si;
+        int fd = -EBADF, r;
+
+        (void) userdata;
+        r = client_request(p->client, SHMZ_MSG_SEGMENT_CREATE, &req, sizeof(req), &si, sizeof(si), &fd);
+        if (r < 0)
+                return r;
+        if (fd < 0 || si.port_id != p->pp.port_id || si.side != p->pp.side || si.chunk_size != p->pp.chunk_size ||
+            si.n_chunks != p->pp.segment_chunks || si.map_size != p->seg_map_size) {
+                safe_close(fd);
+                return -EPROTO;
+        }
+        *ret_fd = fd;
+        *ret_id = si.id;
+        return 0;
+}
+
+int port_new(int sock_fd, int channel_fd, const struct port_params *pp, struct shmz_client *client,
+             port_segment_source_t source, void *userdata, struct shmz_port **ret) {
+        _cleanup_close_ int sfd = sock_fd, cfd = channel_fd;
+        struct shmz_port *p;
+        struct stat st;
+        uint64_t slots;
+        int type = 0, seals, r;
+        socklen_t len = sizeof(type);
+
+        /* Whatever fails, the end is shut down: the peer sees end of file, not a port that never answers. */
+        if (!ret || (!source && !client))
+                r = -EINVAL;
+        else
+                r = port_params_check(pp);
+        if (r >= 0 && (getsockopt(sfd, SOL_SOCKET, SO_TYPE, &type, &len) < 0 || type != SOCK_SEQPACKET))
+                r = -EPROTO;
+        if (r >= 0 && fstat(cfd, &st) < 0)
+                r = -errno;
+        if (r >= 0) {
+                seals = fcntl(cfd, F_GET_SEALS);
+                if (!S_ISREG(st.st_mode) || st.st_size != SHMZ_CHANNEL_SIZE || seals < 0 ||
+                    (seals & (F_SEAL_SHRINK | F_SEAL_GROW)) != (F_SEAL_SHRINK | F_SEAL_GROW))
+                        r = -EPROTO;
+        }
+        p = r >= 0 ? calloc(1, sizeof(*p)) : NULL;
+        if (r >= 0 && !p)
+                r = -ENOMEM;
+        if (r < 0) {
+                if (sfd >= 0)
+                        (void) shutdown(sfd, SHUT_RDWR);
+                return r;
+        }
+        p->fd = TAKE_FD(sfd);
+        p->pp = *pp;
+        p->seg_map_size = SHMZ_SEGMENT_HEADER_SIZE + (size_t) pp->segment_chunks * pp->chunk_size;
+        p->n_words = (pp->segment_chunks + 63) / 64;
+        /* As the daemon counts a direction's memory: the chunks, not the header pages. */
+        slots = pp->port_memory / ((uint64_t) pp->segment_chunks * pp->chunk_size);
+        p->max_slots = (uint32_t) MAX(UINT64_C(1), MIN(slots, (uint64_t) MAX_SLOTS));
+        p->max_msg = (size_t) MIN(RUN_MAX, pp->segment_chunks) * pp->chunk_size;
+        p->source = source ?: segment_create;
+        p->source_userdata = userdata;
+        atomic_init(&p->n_tx, 0);
+        atomic_init(&p->gone, false);
+        atomic_init(&p->recv_waited, false);
+        atomic_init(&p->next_stream, 0);
+        (void) pthread_mutex_init(&p->create_lock, NULL);
+        (void) pthread_mutex_init(&p->recv_lock, NULL);
+        (void) pthread_mutex_init(&p->rpc_lock, NULL);
+        p->tx = calloc(p->max_slots, sizeof(*p->tx));
+        p->rx = calloc(p->max_slots, sizeof(*p->rx));
+        p->ch = mmap(NULL, SHMZ_CHANNEL_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED, cfd, 0);
+        if (p->ch == MAP_FAILED) {
+                p->ch = NULL;
+                shmz_port_close(p);
+                return -EPROTO;
+        }
+        if (!p->tx || !p->rx) {
+                shmz_port_close(p);
+                return -ENOMEM;
+        }
+        if (client)
+                p->client = client_ref(client);
+        *ret = p;
+        return 0;
+}
+
+static int fail_calls(struct shmz_port *p, int error, bool only_expired);
+
+_public_ void shmz_port_close(struct shmz_port *p) {
+        if (!p)
+                return;
+        if (p->fd >= 0)
+                (void) shutdown(p->fd, SHUT_RDWR);
+        atomic_store(&p->gone, true);
+        if (p->ch) {
+                /* Senders of either side sleeping for memory wake and see the port is gone. */
+                __atomic_store_n(&p->ch->closed, 1, __ATOMIC_RELEASE);
+                channel_released(p->ch, 0);
+                channel_released(p->ch, 1);
+        }
+        (void) fail_calls(p, -EPIPE, false);
+        for (uint32_t i = 0; p->rx && i < p->max_slots; i++) {
+                struct seg *s = atomic_load(&p->rx[i]);
+
+                if (!s)
+                        continue;
+                /* Chunks still held go back to the sender. */
+                for (uint32_t w = 0; w < p->n_words; w++) {
+                        uint64_t held = atomic_load(&s->held[w]);
+
+                        if (held)
+                                __atomic_fetch_and(&seg_hdr(s)->used[w], ~held, __ATOMIC_RELEASE);
+                }
+                seg_free(s);
+        }
+        for (uint32_t i = 0; p->tx && i < p->max_slots; i++)
+                seg_free(atomic_load(&p->tx[i]));
+        seg_free(p->tx_unannounced);
+        free(p->tx);
+        free(p->rx);
+        if (p->ch)
+                (void) munmap(p->ch, SHMZ_CHANNEL_SIZE);
+        safe_close(p->fd);
+        client_unref(p->client);
+        free(p->calls);
+        (void) pthread_mutex_destroy(&p->create_lock);
+        (void) pthread_mutex_destroy(&p->recv_lock);
+        (void) pthread_mutex_destroy(&p->rpc_lock);
+        free(p);
+}
+
+_public_ int shmz_port_fd(const struct shmz_port *p) {
+        assert_return(p, -EINVAL);
+        return p->fd;
+}
+
+_public_ int shmz_port_peer(const struct shmz_port *p, pid_t *pid, uid_t *uid, gid_t *gid) {
+        assert_return(p, -EINVAL);
+        if (pid)
+                *pid = p->pp.peer_pid;
+        if (uid)
+                *uid = p->pp.peer_uid;
+        if (gid)
+                *gid = p->pp.peer_gid;
+        return 0;
+}
+
+/* ---- RPC ---------------------------------------------------------------------------------------- */
+
+/*
+ * Stream ids of calls carry the caller's side in bit 31, so a message whose
+ * stream has our bit is a reply to one of our calls, never a call of the peer.
+ */
+static uint32_t stream_new(struct shmz_port *p) {
+        for (;;) {
+                uint32_t s = (atomic_fetch_add(&p->next_stream, 1) + 1) & 0x7fffffffu;
+
+                if (s != 0)
+                        return s | (p->pp.side ? 0x80000000u : 0);
+        }
+}
+
+static bool stream_is_ours(const struct shmz_port *p, uint32_t stream) {
+        return stream != 0 && !!(stream & 0x80000000u) == !!p->pp.side;
+}
+
+/* Takes out the call of stream (rpc_lock held); false if none. */
+static bool call_take_locked(struct shmz_port *p, uint32_t stream, bool remove, struct call *ret) {
+        for (size_t i = 0; i < p->n_calls; i++)
+                if (p->calls[i].stream == stream) {
+                        *ret = p->calls[i];
+                        if (remove)
+                                p->calls[i] = p->calls[--p->n_calls];
+                        return true;
+                }
+        return false;
+}
+
+/* Ends calls with error: all of them, or those whose deadline passed. Handlers run without the lock. */
+static int fail_calls(struct shmz_port *p, int error, bool only_expired) {
+        uint64_t now = only_expired ? now_ns() : 0;
+        int n = 0;
+
+        for (;;) {
+                struct call c;
+                bool found = false;
+
+                pthread_mutex_lock(&p->rpc_lock);
+                for (size_t i = 0; i < p->n_calls; i++)
+                        if (!only_expired || (p->calls[i].deadline_ns != 0 && p->calls[i].deadline_ns <= now)) {
+                                c = p->calls[i];
+                                p->calls[i] = p->calls[--p->n_calls];
+                                found = true;
+                                break;
+                        }
+                pthread_mutex_unlock(&p->rpc_lock);
+                if (!found)
+                        return n;
+                c.handler(p, error, NULL, c.userdata);
+                n++;
+        }
+}
+
+_public_ void shmz_port_set_handler(struct shmz_port *p, shmz_msg_handler_t handler, void *userdata) {
+        if (!p)
+                return;
+        pthread_mutex_lock(&p->rpc_lock);
+        p->handler = handler;
+        p->handler_userdata = userdata;
+        pthread_mutex_unlock(&p->rpc_lock);
+}
+
+_public_ int shmz_port_call(struct shmz_port *p, const struct shmz_msg *m, uint64_t deadline_ns,
+                            shmz_reply_handler_t handler, void *userdata, uint32_t *ret_stream) {
+        struct shmz_msg req;
+        struct call c;
+        int64_t timeout = -1;
+        int r;
+
+        assert_return(p && m && handler, -EINVAL);
+        if (atomic_load(&p->gone))
+                return -EPIPE;
+        if (deadline_ns != 0) {
+                uint64_t now = now_ns();
+
+                if (deadline_ns <= now)
+                        return -ETIMEDOUT;
+                timeout = (int64_t) MIN(deadline_ns - now, (uint64_t) INT64_MAX);
+        }
+        req = *m;
+        req.stream = stream_new(p);
+        c = (struct call){ .stream = req.stream, .deadline_ns = deadline_ns, .handler = handler, .userdata = userdata };
+
+        /* Registered before it is sent: another thread may dispatch the reply at once. */
+        pthread_mutex_lock(&p->rpc_lock);
+        if (p->n_calls == p->cap_calls) {
+                size_t cap = MAX((size_t) 16, p->cap_calls * 2);
+                struct call *a = realloc(p->calls, cap * sizeof(*a));
+
+                if (!a) {
+                        pthread_mutex_unlock(&p->rpc_lock);
+                        return -ENOMEM;
+                }
+                p->calls = a;
+                p->cap_calls = cap;
+        }
+        p->calls[p->n_calls++] = c;
+        pthread_mutex_unlock(&p->rpc_lock);
+
+        r = shmz_port_send(p, &req, timeout);
+        if (r < 0) {
+                pthread_mutex_lock(&p->rpc_lock);
+                (void) call_take_locked(p, req.stream, true, &c);
+                pthread_mutex_unlock(&p->rpc_lock);
+                return r == -EAGAIN && timeout != 0 ? -ETIMEDOUT : r;
+        }
+        if (ret_stream)
+                *ret_stream = req.stream;
+        return 0;
+}
+
+_public_ uint64_t shmz_port_next_deadline(struct shmz_port *p) {
+        uint64_t d = UINT64_MAX;
+
+        if (!p)
+                return d;
+        pthread_mutex_lock(&p->rpc_lock);
+        for (size_t i = 0; i < p->n_calls; i++)
+                if (p->calls[i].deadline_ns != 0)
+                        d = MIN(d, p->calls[i].deadline_ns);
+        pthread_mutex_unlock(&p->rpc_lock);
+        return d;
+}
+
+/* Hands one received message to its reply handler or to the port's handler. */
+static void dispatch_one(struct shmz_port *p, struct shmz_msg *m) {
+        shmz_msg_handler_t handler = NULL;
+        void *userdata = NULL;
+        struct call c;
+        bool found = false;
+
+        pthread_mutex_lock(&p->rpc_lock);
+        if (stream_is_ours(p, m->stream))
+                found = call_take_locked(p, m->stream, m->flags & SHMZ_MSG_LAST, &c);
+        else {
+                handler = p->handler;
+                userdata = p->handler_userdata;
+        }
+        pthread_mutex_unlock(&p->rpc_lock);
+
+        if (found)
+                c.handler(p, 0, m, c.userdata);
+        else if (handler)
+                handler(p, m, userdata);
+        else {
+                /* A reply nobody waits for any more (its call timed out), or no handler: dropped. */
+                if (m->fd >= 0)
+                        safe_close(m->fd);
+                shmz_msg_release(p, m);
+        }
+}
+
+_public_ int shmz_port_dispatch(struct shmz_port *p, int64_t timeout_ns) {
+        uint64_t deadline;
+        int handled;
+
+        assert_return(p, -EINVAL);
+        deadline = deadline_of(timeout_ns);
+        handled = fail_calls(p, -ETIMEDOUT, true);
+        for (;;) {
+                struct shmz_msg m;
+                uint64_t next = shmz_port_next_deadline(p), until = MIN(deadline, next), now;
+                int64_t t = 0;
+                int r;
+
+                /* Wait only while nothing was handled, and wake for the next call's deadline. */
+                if (handled == 0 && timeout_ns != 0) {
+                        now = now_ns();
+                        t = until == UINT64_MAX ? -1
+                            : until > now       ? (int64_t) MIN(until - now, (uint64_t) INT64_MAX)
+                                                : 0;
+                }
+                r = shmz_port_recv(p, &m, t);
+                if (r == -EAGAIN || r == -ETIMEDOUT) {
+                        handled += fail_calls(p, -ETIMEDOUT, true);
+                        if (handled > 0)
+                                return handled;
+                        if (timeout_ns == 0)
+                                return -EAGAIN;
+                        if (deadline != UINT64_MAX && now_ns() >= deadline)
+                                return -ETIMEDOUT;
+                        continue; /* woken for a deadline that moved: wait on */
+                }
+                if (r < 0) {
+                        /* The peer is gone (or broke the protocol): every pending call ends. */
+                        handled += fail_calls(p, -EPIPE, false);
+                        return handled > 0 && r == -EPIPE ? handled : r;
+                }
+                dispatch_one(p, &m);
+                if (++handled >= DISPATCH_BATCH)
+                        return handled;
+        }
+}
+
+/* ---- listeners and connections through the daemon -------------------------------------------------------- */
+
+struct pending {
+        struct shmz_msg_port_peer peer;
+        int fds[2];
+};
+
+struct shmz_listener {
+        struct shmz_client *client; /* the one listen() was called on: segments of accepted ports come from it */
+        struct shmz_client *conn;   /* the dedicated connection */
+        pthread_mutex_t lock;
+        struct pending *queue;
+        size_t n_queue, cap_queue;
+        bool dead;
+};
+
+static int params_from_peer(const struct shmz_msg_port_peer *pe, uint32_t side, struct port_params *ret) {
+        *ret = (struct port_params){
+                .port_id = pe->port_id,
+                .token = pe->token,
+                .side = pe->side,
+                .peer_pid = (pid_t) pe->pid,
+                .peer_uid = (uid_t) pe->uid,
+                .peer_gid = (gid_t) pe->gid,
+                .chunk_size = pe->chunk_size,
+                .segment_chunks = pe->segment_chunks,
+                .port_memory = pe->port_memory,
+        };
+        if (pe->side != side || !buf_is_cstr(pe->name, sizeof(pe->name)))
+                return -EPROTO;
+        return port_params_check(ret) < 0 ? -EPROTO : 0;
+}
+
+_public_ int shmz_port_connect(struct shmz_client *c, const char *name, struct shmz_port **ret) {
+        struct shmz_msg_zone_name req;
+        struct shmz_msg_port_peer pe;
+        struct port_params pp;
+        int fds[2] = { -EBADF, -EBADF }, r;
+
+        assert_return(c && ret, -EINVAL);
+        if (!name || !name_is_valid(name))
+                return -EINVAL;
+        strncpy_buf(req.name, sizeof(req.name), name);
+        r = client_request_fds(c, SHMZ_MSG_PORT_CONNECT, &req, sizeof(req), &pe, sizeof(pe), fds, 2);
+        if (r < 0)
+                return r;
+        r = params_from_peer(&pe, SHMZ_PORT_SIDE_CONNECTOR, &pp);
+        if (r < 0 || fds[0] < 0 || fds[1] < 0) {
+                if (fds[0] >= 0)
+                        (void) shutdown(fds[0], SHUT_RDWR);
+                safe_close(fds[0]);
+                safe_close(fds[1]);
+                /* The daemon keeps its copies of the ends until we shut ours down: closing both is enough. */
+                return r < 0 ? r : -EPROTO;
+        }
+        return port_new(fds[0], fds[1], &pp, c, NULL, NULL, ret);
+}
+
+static void pending_close(struct pending *q) {
+        if (q->fds[0] >= 0)
+                (void) shutdown(q->fds[0], SHUT_RDWR);
+        safe_close(q->fds[0]);
+        safe_close(q->fds[1]);
+}
+
+/* Reads one message of the listener's connection (lock held): a NOTICE_PORT is queued. */
+static int listener_read_locked(struct shmz_listener *l, uint16_t want_reply, uint32_t stream, void *ret_body,
+                                size_t body_size, bool *ret_got_reply) {
+        uint8_t buf[SHMZ_MSG_MAX];
+        struct shmz_msg_header h;
+        int fds[PROTO_MAX_FDS], r;
+        size_t size, n_fds;
+
+        *ret_got_reply = false;
+        r = proto_recv(client_fd(l->conn), buf, sizeof(buf), &size, fds, &n_fds);
+        if (r == -EAGAIN) {
+                for (size_t i = 0; i < n_fds; i++)
+                        safe_close(fds[i]);
+                return r;
+        }
+        if (r < 0) {
+                for (size_t i = 0; i < n_fds; i++)
+                        safe_close(fds[i]);
+                if (r == -EMSGSIZE)
+                        return 0; /* dropped by proto_recv; not ours to understand */
+                l->dead = true;
+                return -ENOTCONN;
+        }
+        memcpy(&h, buf, sizeof(h));
+        if (h.type == SHMZ_MSG_NOTICE_PORT && !(h.flags & SHMZ_MSG_F_REPLY)) {
+                struct pending q = { .fds = { -EBADF, -EBADF } };
+
+                if (size - sizeof(h) != sizeof(q.peer) || n_fds != 2) {
+                        for (size_t i = 0; i < n_fds; i++)
+                                safe_close(fds[i]);
+                        return 0; /* a notice that makes no sense is dropped */
+                }
+                memcpy(&q.peer, proto_body(buf), sizeof(q.peer));
+                q.fds[0] = fds[0];
+                q.fds[1] = fds[1];
+                if (l->n_queue == l->cap_queue) {
+                        size_t cap = MAX((size_t) 8, l->cap_queue * 2);
+                        struct pending *a = realloc(l->queue, cap * sizeof(*a));
+
+                        if (!a) {
+                                pending_close(&q);
+                                return -ENOMEM;
+                        }
+                        l->queue = a;
+                        l->cap_queue = cap;
+                }
+                l->queue[l->n_queue++] = q;
+                return 0;
+        }
+        for (size_t i = 0; i < n_fds; i++)
+                safe_close(fds[i]);
+        if (h.type == SHMZ_MSG_NOTICE_SHUTDOWN && !(h.flags & SHMZ_MSG_F_REPLY)) {
+                l->dead = true;
+                return -ENOTCONN;
+        }
+        if (want_reply && (h.flags & SHMZ_MSG_F_REPLY) && h.type == want_reply && h.stream == stream) {
+                *ret_got_reply = true;
+                if (h.status < 0)
+                        return h.status;
+                if (h.status > 0 || size - sizeof(h) != body_size)
+                        return -EPROTO;
+                memcpy(ret_body, proto_body(buf), body_size);
+                return 0;
+        }
+        l->dead = true;
+        return -EPROTO;
+}
+
+_public_ int shmz_port_listen(struct shmz_client *c, const char *name, mode_t mode, struct shmz_listener **ret) {
+        struct shmz_msg_port_listen req = { .mode = (uint32_t) mode };
+        struct shmz_msg_port_info info;
+        struct shmz_listener *l;
+        int r;
+
+        assert_return(c && ret, -EINVAL);
+        if (!name || !name_is_valid(name) || (mode & ~(mode_t) 07777))
+                return -EINVAL;
+        strncpy_buf(req.name, sizeof(req.name), name);
+
+        l = calloc(1, sizeof(*l));
+        if (!l)
+                return -ENOMEM;
+        (void) pthread_mutex_init(&l->lock, NULL);
+        /* A connection of its own: NOTICE_PORTs arrive there whenever, and c stays request/reply. */
+        r = shmz_connect(client_path(c), &l->conn);
+        if (r < 0) {
+                shmz_listener_close(l);
+                return r;
+        }
+        l->client = client_ref(c);
+        /* Stream 1 was the hello's. */
+        r = proto_send(client_fd(l->conn), SHMZ_MSG_PORT_LISTEN, 0, 2, 0, &req, sizeof(req), -EBADF);
+        for (bool got = false; r >= 0 && !got;)
+                r = listener_read_locked(l, SHMZ_MSG_PORT_LISTEN, 2, &info, sizeof(info), &got);
+        if (r < 0) {
+                shmz_listener_close(l);
+                return r == -EPIPE || r == -ECONNRESET ? -ENOTCONN : r;
+        }
+        /* From now on reads must not block: several threads may accept. */
+        r = fcntl(client_fd(l->conn), F_GETFL);
+        if (r < 0 || fcntl(client_fd(l->conn), F_SETFL, r | O_NONBLOCK) < 0) {
+                r = -errno;
+                shmz_listener_close(l);
+                return r;
+        }
+        *ret = l;
+        return 0;
+}
+
+_public_ int shmz_listener_fd(const struct shmz_listener *l) {
+        assert_return(l, -EINVAL);
+        return client_fd(l->conn);
+}
+
+/* Tells the daemon a port was taken (the daemon counts it accepted, and no longer drops it with the listener). */
+static void listener_accepted(struct shmz_listener *l, uint64_t port_id) {
+        struct shmz_msg_port_ref ref = { .port_id = port_id };
+        int fd = client_fd(l->conn);
+
+        for (int tries = 0; tries < 100; tries++) {
+                int r = proto_send(fd, SHMZ_MSG_PORT_ACCEPTED, 0, 0, 0, &ref, sizeof(ref), -EBADF);
+
+                if (r != -EAGAIN)
+                        return;
+                (void) wait_fd(fd, POLLOUT, now_ns() + UINT64_C(100000000));
+        }
+}
+
+_public_ int shmz_port_accept(struct shmz_listener *l, int64_t timeout_ns, struct shmz_port **ret) {
+        uint64_t deadline;
+
+        assert_return(l && ret, -EINVAL);
+        deadline = deadline_of(timeout_ns);
+        for (;;) {
+                struct pending q;
+                struct port_params pp;
+                bool got;
+                int r = 0;
+
+                pthread_mutex_lock(&l->lock);
+                while (l->n_queue == 0 && r >= 0 && !l->dead)
+                        r = listener_read_locked(l, 0, 0, NULL, 0, &got);
+                if (l->n_queue > 0) {
+                        q = l->queue[0];
+                        memmove(l->queue, l->queue + 1, --l->n_queue * sizeof(*l->queue));
+                        r = 1;
+                } else if (l->dead)
+                        r = -ENOTCONN;
+                pthread_mutex_unlock(&l->lock);
+
+                if (r == 1) {
+                        r = params_from_peer(&q.peer, SHMZ_PORT_SIDE_ACCEPTOR, &pp);
+                        if (r < 0) {
+                                pending_close(&q);
+                                continue; /* the daemon's problem, not the next connection's */
+                        }
+                        r = port_new(q.fds[0], q.fds[1], &pp, l->client, NULL, NULL, ret);
+                        if (r < 0)
+                                return r;
+                        listener_accepted(l, pp.port_id);
+                        return 0;
+                }
+                if (r != -EAGAIN)
+                        return r;
+                if (timeout_ns == 0)
+                        return -EAGAIN;
+                r = wait_fd(client_fd(l->conn), POLLIN, deadline);
+                if (r < 0)
+                        return r == -ETIMEDOUT ? -ETIMEDOUT : r;
+        }
+}
+
+_public_ void shmz_listener_close(struct shmz_listener *l) {
+        if (!l)
+                return;
+        for (size_t i = 0; i < l->n_queue; i++)
+                pending_close(&l->queue[i]);
+        free(l->queue);
+        /* Closing the connection unpublishes the name; the daemon shuts down ports never accepted. */
+        shmz_disconnect(l->conn);
+        client_unref(l->client);
+        (void) pthread_mutex_destroy(&l->lock);
+        free(l);
+}
+
+/* ---- listings ----------------------------------------------------------------------------------- */
+
+struct port_list_ctx {
+        int (*cb)(const struct shmz_msg_port_info *pi, void *userdata);
+        void *userdata;
+};
+
+static int port_list_one(const void *reply, void *userdata) {
+        struct port_list_ctx *ctx = userdata;
+        struct shmz_msg_port_info pi;
+
+        memcpy(&pi, reply, sizeof(pi));
+        pi.name[sizeof(pi.name) - 1] = 0; /* the callee may treat it as a string whatever came */
+        return ctx->cb(&pi, ctx->userdata);
+}
+
+_public_ int shmz_port_list(struct shmz_client *c, int (*cb)(const struct shmz_msg_port_info *pi, void *userdata),
+                            void *userdata) {
+        struct port_list_ctx ctx = { .cb = cb, .userdata = userdata };
+
+        assert_return(c && cb, -EINVAL);
+        return client_request_run(c, SHMZ_MSG_PORT_LIST, NULL, 0, sizeof(struct shmz_msg_port_info), port_list_one,
+                                  &ctx);
+}
+
+struct segment_list_ctx {
+        int (*cb)(const struct shmz_msg_segment_info *si, void *userdata);
+        void *userdata;
+};
+
+static int segment_list_one(const void *reply, void *userdata) {
+        struct segment_list_ctx *ctx = userdata;
+        struct shmz_msg_segment_info si;
+
+        memcpy(&si, reply, sizeof(si));
+        return ctx->cb(&si, ctx->userdata);
+}
+
+_public_ int shmz_segment_list(struct shmz_client *c, int (*cb)(const struct shmz_msg_segment_info *si, void *userdata),
+                               void *userdata) {
+        struct segment_list_ctx ctx = { .cb = cb, .userdata = userdata };
+
+        assert_return(c && cb, -EINVAL);
+        return client_request_run(c, SHMZ_MSG_SEGMENT_LIST, NULL, 0, sizeof(struct shmz_msg_segment_info),
+                                  segment_list_one, &ctx);
+}

@@ -1,0 +1,848 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+/*
+ * Ports without a daemon: two ends of a socketpair in this process, a channel
+ * memfd, and segments from memfds made here (the daemon's SEGMENT_CREATE is
+ * replaced by a source callback). Hostile frames are written raw on one end.
+ */
+#include <criterion/criterion.h>
+#include <dirent.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "port.h"
+#include "shmzone.h"
+#include "util.h"
+
+#define CHUNK 4096u
+
+struct source {
+        uint32_t chunk_size, n_chunks;
+        atomic_int made;
+        int limit; /* segments the "daemon" hands out per direction, 0: none */
+        bool unsealed;
+        uint64_t wrong_size;
+};
+
+static int memfd_sealed(size_t size, bool seal) {
+        int fd = memfd_create("test", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+
+        cr_assert(fd >= 0);
+        cr_assert(ftruncate(fd, (off_t) size) == 0);
+        if (seal)
+                cr_assert(fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) == 0);
+        return fd;
+}
+
+static int source_cb(struct shmz_port *p, void *userdata, int *ret_fd, uint64_t *ret_id) {
+        struct source *s = userdata;
+        int n;
+
+        (void) p;
+        n = atomic_fetch_add(&s->made, 1);
+        if (s->limit && n >= s->limit) {
+                atomic_fetch_sub(&s->made, 1);
+                return -ENOSPC;
+        }
+        *ret_fd = memfd_sealed(s->wrong_size ?: SHMZ_SEGMENT_HEADER_SIZE + (size_t) s->n_chunks * s->chunk_size,
+                               !s->unsealed);
+        *ret_id = (uint64_t) n + 1;
+        return 0;
+}
+
+static int channel_new(void) {
+        int fd = memfd_sealed(SHMZ_CHANNEL_SIZE, false);
+        struct shmz_channel ch = { .magic = SHMZ_CHANNEL_MAGIC, .abi_version = SHMZ_ABI_VERSION, .size = 4096 };
+
+        cr_assert(pwrite(fd, &ch, sizeof(ch), 0) == sizeof(ch));
+        cr_assert(fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) == 0);
+        return fd;
+}
+
+static struct port_params params(uint32_t side, uint32_t n_chunks, uint64_t port_memory) {
+        return (struct port_params){
+                .port_id = 7,
+                .token = 42,
+                .side = side,
+                .peer_pid = 1234,
+                .peer_uid = 1000,
+                .peer_gid = 100,
+                .chunk_size = CHUNK,
+                .segment_chunks = n_chunks,
+                .port_memory = port_memory,
+        };
+}
+
+static struct source src_a, src_b;
+
+/* a (connector) and b (acceptor) joined by a socketpair and one channel. */
+static void pair(uint32_t n_chunks, uint64_t port_memory, struct shmz_port **a, struct shmz_port **b) {
+        struct port_params pa = params(0, n_chunks, port_memory), pb = params(1, n_chunks, port_memory);
+        int sv[2], ch = channel_new();
+
+        src_a = (struct source){ .chunk_size = CHUNK, .n_chunks = n_chunks };
+        src_b = src_a;
+        cr_assert(socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) == 0);
+        cr_assert_eq(port_new(sv[0], fcntl(ch, F_DUPFD_CLOEXEC, 3), &pa, NULL, source_cb, &src_a, a), 0);
+        cr_assert_eq(port_new(sv[1], ch, &pb, NULL, source_cb, &src_b, b), 0);
+}
+
+/* b as a port, and the raw other end for writing hostile frames. */
+static void half(uint32_t n_chunks, int *ret_raw, struct shmz_port **b) {
+        struct port_params pb = params(1, n_chunks, UINT64_C(1) << 24);
+        int sv[2];
+
+        src_b = (struct source){ .chunk_size = CHUNK, .n_chunks = n_chunks };
+        cr_assert(socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) == 0);
+        cr_assert_eq(port_new(sv[1], channel_new(), &pb, NULL, source_cb, &src_b, b), 0);
+        *ret_raw = sv[0];
+}
+
+static int count_fds(void) {
+        DIR *d = opendir("/proc/self/fd");
+        int n = 0;
+
+        cr_assert(d);
+        while (readdir(d))
+                n++;
+        closedir(d);
+        return n;
+}
+
+static void fill(uint8_t *p, size_t n, unsigned seed) {
+        for (size_t i = 0; i < n; i++)
+                p[i] = (uint8_t) (i * 31 + seed);
+}
+
+static bool check(const uint8_t *p, size_t n, unsigned seed) {
+        for (size_t i = 0; i < n; i++)
+                if (p[i] != (uint8_t) (i * 31 + seed))
+                        return false;
+        return true;
+}
+
+Test(port, inline_round_trip) {
+        struct shmz_port *a, *b;
+        struct shmz_msg m = { .type = 7, .stream = 3, .flags = SHMZ_MSG_LAST, .data = "hello", .size = 6, .fd = -1 };
+        struct shmz_msg r;
+        pid_t pid;
+        uid_t uid;
+        gid_t gid;
+
+        pair(64, UINT64_C(1) << 24, &a, &b);
+        cr_assert_eq(shmz_port_recv(b, &r, 0), -EAGAIN);
+        cr_assert_eq(shmz_port_send(a, &m, 0), 0);
+        cr_assert_eq(shmz_port_recv(b, &r, -1), 0);
+        cr_assert_eq(r.type, 7);
+        cr_assert_eq(r.stream, 3);
+        cr_assert_eq(r.flags, SHMZ_MSG_LAST);
+        cr_assert_eq(r.size, 6);
+        cr_assert_str_eq(r.data, "hello");
+        cr_assert_eq(r.fd, -1);
+        shmz_msg_release(b, &r);
+        /* Nothing went through shared memory. */
+        cr_assert_eq(src_a.made, 0);
+        /* Empty messages too. */
+        m = (struct shmz_msg){ .type = 1, .fd = -1 };
+        cr_assert_eq(shmz_port_send(b, &m, 0), 0);
+        cr_assert_eq(shmz_port_recv(a, &r, 1000000000), 0);
+        cr_assert_eq(r.size, 0);
+        shmz_msg_release(a, &r);
+        cr_assert_eq(shmz_port_recv(a, &r, 1000000), -ETIMEDOUT);
+        cr_assert_eq(shmz_port_peer(a, &pid, &uid, &gid), 0);
+        cr_assert(pid == 1234 && uid == 1000 && gid == 100);
+        shmz_port_close(a);
+        shmz_port_close(b);
+}
+
+Test(port, chunked_round_trip) {
+        struct shmz_port *a, *b;
+        size_t size = 200000;
+        uint8_t *data = malloc(size);
+        struct shmz_msg m = { .type = 1, .data = data, .size = size, .fd = -1 }, r;
+
+        pair(64, UINT64_C(1) << 24, &a, &b);
+        fill(data, size, 5);
+        cr_assert_eq(shmz_port_send(a, &m, -1), 0);
+        cr_assert_eq(src_a.made, 1);
+        cr_assert_eq(port_tx_chunks_used(a), (size + CHUNK - 1) / CHUNK);
+        cr_assert_eq(shmz_port_recv(b, &r, -1), 0);
+        cr_assert_eq(r.size, size);
+        cr_assert(r.data != data);
+        cr_assert(check(r.data, size, 5));
+        cr_assert_eq(port_rx_chunks_held(b), (size + CHUNK - 1) / CHUNK);
+        shmz_msg_release(b, &r);
+        shmz_msg_release(b, &r); /* twice: nothing */
+        cr_assert_eq(port_tx_chunks_used(a), 0);
+        cr_assert_eq(port_rx_chunks_held(b), 0);
+        /* Larger than one run of 64 chunks: refused. */
+        m.size = 64 * CHUNK + 1;
+        data = realloc(data, m.size);
+        m.data = data;
+        cr_assert_eq(shmz_port_send(a, &m, 0), -EMSGSIZE);
+        free(data);
+        shmz_port_close(a);
+        shmz_port_close(b);
+}
+
+Test(port, buf_zero_copy) {
+        struct shmz_port *a, *b;
+        struct shmz_msg m = { .type = 2, .fd = -1 }, r;
+        uint8_t *buf;
+
+        pair(64, UINT64_C(1) << 24, &a, &b);
+        buf = shmz_port_buf(a, 3 * CHUNK);
+        cr_assert_not_null(buf);
+        cr_assert_eq(port_tx_chunks_used(a), 3);
+        fill(buf, 100, 9);
+        m.data = buf;
+        m.size = 100; /* smaller than asked: the tail goes back */
+        cr_assert_eq(shmz_port_send(a, &m, 0), 0);
+        cr_assert_eq(port_tx_chunks_used(a), 1);
+        cr_assert_eq(shmz_port_recv(b, &r, -1), 0);
+        cr_assert_eq(r.size, 100);
+        cr_assert(check(r.data, 100, 9));
+        /* The same memory, not a copy. */
+        buf[0] = 0xee;
+        cr_assert_eq(((uint8_t *) r.data)[0], 0xee);
+        shmz_msg_release(b, &r);
+        cr_assert_eq(port_tx_chunks_used(a), 0);
+        /* A buffer not sent goes back with buf_free; an unknown pointer is refused by send. */
+        buf = shmz_port_buf(a, 10);
+        cr_assert_eq(port_tx_chunks_used(a), 1);
+        shmz_port_buf_free(a, buf);
+        cr_assert_eq(port_tx_chunks_used(a), 0);
+        m.data = buf;
+        m.size = 10;
+        cr_assert_eq(shmz_port_send(a, &m, 0), -EINVAL);
+        /* Inside a buffer but not at its start: not a buffer either. */
+        buf = shmz_port_buf(a, 2 * CHUNK);
+        m.data = buf + 10;
+        cr_assert_eq(shmz_port_send(a, &m, 0), -EINVAL);
+        m.data = buf + CHUNK;
+        cr_assert_eq(shmz_port_send(a, &m, 0), -EINVAL);
+        shmz_port_buf_free(a, buf + CHUNK); /* nothing */
+        cr_assert_eq(port_tx_chunks_used(a), 2);
+        shmz_port_buf_free(a, buf);
+        cr_assert_eq(port_tx_chunks_used(a), 0);
+        errno = 0;
+        cr_assert_null(shmz_port_buf(a, 65 * CHUNK));
+        cr_assert_eq(errno, EMSGSIZE);
+        shmz_port_close(a);
+        shmz_port_close(b);
+}
+
+Test(port, fd_rides_along) {
+        struct shmz_port *a, *b;
+        struct shmz_msg m = { .type = 3, .data = "x", .size = 1, .flags = SHMZ_MSG_CLOSE_FD }, r;
+        int pfd[2];
+        char c;
+
+        pair(64, UINT64_C(1) << 24, &a, &b);
+        cr_assert(pipe2(pfd, O_CLOEXEC) == 0);
+        m.fd = pfd[1];
+        cr_assert_eq(shmz_port_send(a, &m, 0), 0);
+        cr_assert(fcntl(pfd[1], F_GETFD) < 0); /* closed once sent */
+        cr_assert_eq(shmz_port_recv(b, &r, -1), 0);
+        cr_assert(r.fd >= 0);
+        cr_assert(write(r.fd, "!", 1) == 1);
+        cr_assert(read(pfd[0], &c, 1) == 1 && c == '!');
+        close(r.fd);
+        close(pfd[0]);
+        shmz_msg_release(b, &r);
+        shmz_port_close(a);
+        shmz_port_close(b);
+}
+
+struct sender {
+        struct shmz_port *p;
+        size_t size;
+        int r;
+        uint64_t done_ns;
+};
+
+static uint64_t mono_ns(void) {
+        struct timespec ts;
+
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        return (uint64_t) ts.tv_sec * 1000000000u + (uint64_t) ts.tv_nsec;
+}
+
+static void *send_one(void *arg) {
+        struct sender *s = arg;
+        uint8_t *data = calloc(1, s->size);
+        struct shmz_msg m = { .data = data, .size = s->size, .fd = -1 };
+
+        s->r = shmz_port_send(s->p, &m, -1);
+        s->done_ns = mono_ns();
+        free(data);
+        return NULL;
+}
+
+Test(port, backpressure) {
+        struct shmz_port *a, *b;
+        uint8_t data[2 * CHUNK] = {};
+        struct shmz_msg m = { .data = data, .size = sizeof(data), .fd = -1 }, r;
+        struct sender s;
+        pthread_t t;
+        uint64_t released;
+
+        /* One segment of 64 chunks per direction: 32 messages of 2 chunks fill it. */
+        pair(64, SHMZ_SEGMENT_HEADER_SIZE + 64 * CHUNK, &a, &b);
+        cr_assert_eq(port_max_slots(a), 1);
+        for (int i = 0; i < 32; i++)
+                cr_assert_eq(shmz_port_send(a, &m, 0), 0);
+        cr_assert_eq(shmz_port_send(a, &m, 0), -EAGAIN);
+        cr_assert_eq(shmz_port_send(a, &m, 20000000), -ETIMEDOUT);
+        errno = 0;
+        cr_assert_null(shmz_port_buf(a, 100));
+        cr_assert_eq(errno, EAGAIN);
+        /* Inline messages need no memory. */
+        m.size = 10;
+        cr_assert_eq(shmz_port_send(a, &m, 0), 0);
+
+        /* A sender sleeping for memory wakes as soon as the receiver releases. */
+        s = (struct sender){ .p = a, .size = 2 * CHUNK };
+        cr_assert(pthread_create(&t, NULL, send_one, &s) == 0);
+        usleep(100000);
+        cr_assert_eq(s.done_ns, 0);
+        cr_assert_eq(shmz_port_recv(b, &r, -1), 0);
+        released = mono_ns();
+        shmz_msg_release(b, &r);
+        pthread_join(t, NULL);
+        cr_assert_eq(s.r, 0);
+        cr_assert_lt(s.done_ns - released, 50000000, "woken after %llu ns",
+                     (unsigned long long) (s.done_ns - released));
+        shmz_port_close(a);
+        shmz_port_close(b);
+}
+
+Test(port, sender_wakes_with_epipe_when_port_closes) {
+        struct shmz_port *a, *b;
+        uint8_t data[2 * CHUNK] = {};
+        struct shmz_msg m = { .data = data, .size = sizeof(data), .fd = -1 };
+        struct sender s;
+        pthread_t t;
+
+        pair(64, SHMZ_SEGMENT_HEADER_SIZE + 64 * CHUNK, &a, &b);
+        for (int i = 0; i < 32; i++)
+                cr_assert_eq(shmz_port_send(a, &m, 0), 0);
+        s = (struct sender){ .p = a, .size = 2 * CHUNK };
+        cr_assert(pthread_create(&t, NULL, send_one, &s) == 0);
+        usleep(50000);
+        shmz_port_close(b); /* as the daemon does on the peer's death: channel closed, senders woken */
+        pthread_join(t, NULL);
+        cr_assert_eq(s.r, -EPIPE);
+        shmz_port_close(a);
+}
+
+Test(port, epipe_after_queued_messages) {
+        struct shmz_port *a, *b;
+        uint8_t big[3 * CHUNK];
+        struct shmz_msg m = { .data = big, .size = sizeof(big), .fd = -1 }, r;
+
+        pair(64, UINT64_C(1) << 24, &a, &b);
+        fill(big, sizeof(big), 1);
+        for (int i = 0; i < 3; i++) {
+                m.type = (uint32_t) i;
+                m.size = i == 1 ? 5 : sizeof(big);
+                cr_assert_eq(shmz_port_send(a, &m, 0), 0);
+        }
+        shmz_port_close(a);
+        for (int i = 0; i < 3; i++) {
+                cr_assert_eq(shmz_port_recv(b, &r, -1), 0);
+                cr_assert_eq(r.type, (uint32_t) i);
+                cr_assert(check(r.data, r.size, 1));
+                shmz_msg_release(b, &r);
+        }
+        cr_assert_eq(shmz_port_recv(b, &r, -1), -EPIPE);
+        cr_assert_eq(shmz_port_recv(b, &r, 0), -EPIPE);
+        m.size = 1;
+        cr_assert_eq(shmz_port_send(b, &m, 0), -EPIPE);
+        shmz_port_close(b);
+}
+
+/* ---- hostile frames --------------------------------------------------------------------- */
+
+static void send_raw(int fd, const struct shmz_frame *f, const void *payload, size_t n, const int *fds, size_t n_fds) {
+        struct iovec iov[2] = { { (void *) f, sizeof(*f) }, { (void *) payload, n } };
+        union {
+                struct cmsghdr c;
+                uint8_t buf[CMSG_SPACE(sizeof(int) * 4)];
+        } control = {};
+        struct msghdr mh = { .msg_iov = iov, .msg_iovlen = n ? 2 : 1 };
+
+        if (n_fds) {
+                struct cmsghdr *c;
+
+                mh.msg_control = &control;
+                mh.msg_controllen = CMSG_SPACE(sizeof(int) * n_fds);
+                c = CMSG_FIRSTHDR(&mh);
+                c->cmsg_level = SOL_SOCKET;
+                c->cmsg_type = SCM_RIGHTS;
+                c->cmsg_len = CMSG_LEN(sizeof(int) * n_fds);
+                memcpy(CMSG_DATA(c), fds, sizeof(int) * n_fds);
+        }
+        cr_assert(sendmsg(fd, &mh, MSG_NOSIGNAL) >= 0, "sendmsg: %m");
+}
+
+/* A good SEGMENT frame for slot 0 (fd: a proper segment), so DATA frames can name chunks. */
+static int announce(int raw, uint32_t n_chunks, uint32_t slot) {
+        int fd = memfd_sealed(SHMZ_SEGMENT_HEADER_SIZE + (size_t) n_chunks * CHUNK, true);
+        struct shmz_frame f = { .kind = SHMZ_FRAME_SEGMENT,
+                                .size = sizeof(struct shmz_frame_segment),
+                                .segment = slot };
+        struct shmz_frame_segment fs = { .id = 1, .slot = slot, .chunk_size = CHUNK, .n_chunks = n_chunks };
+
+        send_raw(raw, &f, &fs, sizeof(fs), &fd, 1);
+        return fd;
+}
+
+enum hostile {
+        H_KIND,
+        H_FLAGS,
+        H_INLINE_SIZE_MISMATCH,
+        H_INLINE_TOO_BIG,
+        H_FD_WITHOUT_FLAG,
+        H_FLAG_WITHOUT_FD,
+        H_TWO_FDS,
+        H_SLOT_UNKNOWN,
+        H_SLOT_TOO_BIG,
+        H_CHUNK_OUT_OF_RANGE,
+        H_RUN_CROSSES_WORD,
+        H_SIZE_OVERFLOW,
+        H_SIZE_ZERO_CHUNK,
+        H_BITS_NOT_CLAIMED,
+        H_REPLAY,
+        H_SEGMENT_WRONG_SIZE,
+        H_SEGMENT_UNSEALED,
+        H_SEGMENT_NO_FD,
+        H_SEGMENT_TWICE,
+        H_SEGMENT_WRONG_CHUNKS,
+        H_SEGMENT_READ_ONLY,
+        H_SEGMENT_NOT_MEMFD,
+        H_SHORT,
+        H_EMPTY_WITH_FD,
+        H_COUNT,
+};
+
+static void hostile(enum hostile h) {
+        struct shmz_port *b;
+        struct shmz_frame f = { .kind = SHMZ_FRAME_DATA };
+        struct shmz_frame_segment fs = { .id = 1, .chunk_size = CHUNK, .n_chunks = 128 };
+        uint8_t payload[SHMZ_FRAME_INLINE_MAX + 8] = {};
+        struct shmz_msg r;
+        int raw, seg = -1, fds[2], before, expect_ok = 0;
+        uint64_t *used = NULL;
+
+        before = count_fds();
+        half(128, &raw, &b);
+        cr_assert(pipe2(fds, O_CLOEXEC) == 0);
+
+        /* A legitimate segment in slot 0 with chunks 0..1 claimed, and one message naming it, first. */
+        if (h >= H_SLOT_UNKNOWN && h <= H_REPLAY) {
+                seg = announce(raw, 128, 0);
+                used = mmap(NULL, SHMZ_SEGMENT_HEADER_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED, seg, 0);
+                cr_assert(used != MAP_FAILED);
+                used = ((struct shmz_segment_header *) (void *) used)->used;
+                __atomic_store_n(&used[0], 3, __ATOMIC_SEQ_CST);
+        }
+        f.flags = SHMZ_FRAME_F_CHUNK;
+        switch (h) {
+        case H_KIND:
+                f = (struct shmz_frame){ .kind = 9 };
+                send_raw(raw, &f, NULL, 0, NULL, 0);
+                break;
+        case H_FLAGS:
+                f = (struct shmz_frame){ .kind = SHMZ_FRAME_DATA, .flags = 0x4 };
+                send_raw(raw, &f, NULL, 0, NULL, 0);
+                break;
+        case H_INLINE_SIZE_MISMATCH:
+                f = (struct shmz_frame){ .kind = SHMZ_FRAME_DATA, .size = 10 };
+                send_raw(raw, &f, payload, 5, NULL, 0);
+                break;
+        case H_INLINE_TOO_BIG:
+                f = (struct shmz_frame){ .kind = SHMZ_FRAME_DATA, .size = SHMZ_FRAME_INLINE_MAX + 8 };
+                send_raw(raw, &f, payload, SHMZ_FRAME_INLINE_MAX + 8, NULL, 0);
+                break;
+        case H_FD_WITHOUT_FLAG:
+                f = (struct shmz_frame){ .kind = SHMZ_FRAME_DATA, .size = 1 };
+                send_raw(raw, &f, payload, 1, &fds[0], 1);
+                break;
+        case H_FLAG_WITHOUT_FD:
+                f = (struct shmz_frame){ .kind = SHMZ_FRAME_DATA, .flags = SHMZ_FRAME_F_FD, .size = 1 };
+                send_raw(raw, &f, payload, 1, NULL, 0);
+                break;
+        case H_TWO_FDS:
+                f = (struct shmz_frame){ .kind = SHMZ_FRAME_DATA, .flags = SHMZ_FRAME_F_FD, .size = 1 };
+                send_raw(raw, &f, payload, 1, fds, 2);
+                break;
+        case H_SLOT_UNKNOWN:
+                f.segment = 1;
+                f.size = 10;
+                send_raw(raw, &f, NULL, 0, NULL, 0);
+                break;
+        case H_SLOT_TOO_BIG:
+                f.segment = UINT32_MAX;
+                f.size = 10;
+                send_raw(raw, &f, NULL, 0, NULL, 0);
+                break;
+        case H_CHUNK_OUT_OF_RANGE:
+                f.chunk = 127;
+                f.size = 2 * CHUNK;
+                send_raw(raw, &f, NULL, 0, NULL, 0);
+                break;
+        case H_RUN_CROSSES_WORD:
+                __atomic_store_n(&used[0], UINT64_MAX, __ATOMIC_SEQ_CST);
+                __atomic_store_n(&used[1], UINT64_MAX, __ATOMIC_SEQ_CST);
+                f.chunk = 60;
+                f.size = 8 * CHUNK;
+                send_raw(raw, &f, NULL, 0, NULL, 0);
+                break;
+        case H_SIZE_OVERFLOW:
+                f.size = UINT64_MAX;
+                send_raw(raw, &f, NULL, 0, NULL, 0);
+                break;
+        case H_SIZE_ZERO_CHUNK:
+                f.size = 0;
+                send_raw(raw, &f, NULL, 0, NULL, 0);
+                break;
+        case H_BITS_NOT_CLAIMED:
+                f.chunk = 4;
+                f.size = 10;
+                send_raw(raw, &f, NULL, 0, NULL, 0);
+                break;
+        case H_REPLAY:
+                f.size = 2 * CHUNK;
+                send_raw(raw, &f, NULL, 0, NULL, 0);
+                send_raw(raw, &f, NULL, 0, NULL, 0);
+                expect_ok = 1;
+                break;
+        case H_SEGMENT_WRONG_SIZE:
+        case H_SEGMENT_UNSEALED:
+        case H_SEGMENT_READ_ONLY:
+        case H_SEGMENT_NOT_MEMFD: {
+                size_t size = SHMZ_SEGMENT_HEADER_SIZE + 128 * CHUNK;
+
+                if (h == H_SEGMENT_NOT_MEMFD)
+                        seg = dup(fds[0]);
+                else
+                        seg = memfd_sealed(h == H_SEGMENT_WRONG_SIZE ? size - CHUNK : size, h != H_SEGMENT_UNSEALED);
+                if (h == H_SEGMENT_READ_ONLY) {
+                        char path[64];
+                        int ro;
+
+                        snprintf(path, sizeof(path), "/proc/self/fd/%d", seg);
+                        ro = open(path, O_RDONLY | O_CLOEXEC);
+                        cr_assert(ro >= 0);
+                        close(seg);
+                        seg = ro;
+                }
+                f = (struct shmz_frame){ .kind = SHMZ_FRAME_SEGMENT, .size = sizeof(fs) };
+                send_raw(raw, &f, &fs, sizeof(fs), &seg, 1);
+                break;
+        }
+        case H_SEGMENT_NO_FD:
+                f = (struct shmz_frame){ .kind = SHMZ_FRAME_SEGMENT, .size = sizeof(fs) };
+                send_raw(raw, &f, &fs, sizeof(fs), NULL, 0);
+                break;
+        case H_SEGMENT_TWICE:
+                seg = announce(raw, 128, 0);
+                close(announce(raw, 128, 0));
+                break;
+        case H_SEGMENT_WRONG_CHUNKS:
+                seg = announce(raw, 64, 0);
+                break;
+        case H_SHORT:
+                cr_assert(send(raw, "abc", 3, MSG_NOSIGNAL) == 3);
+                break;
+        case H_EMPTY_WITH_FD:
+                f = (struct shmz_frame){ .kind = SHMZ_FRAME_DATA };
+                send_raw(raw, &f, NULL, 0, &fds[0], 1);
+                break;
+        default:
+                cr_assert_fail();
+        }
+        /* A good message after the bad one: it must never be seen. */
+        f = (struct shmz_frame){ .kind = SHMZ_FRAME_DATA, .size = 2 };
+        send_raw(raw, &f, "ok", 2, NULL, 0);
+
+        for (int i = 0; i < expect_ok; i++) {
+                cr_assert_eq(shmz_port_recv(b, &r, -1), 0, "case %d", h);
+                shmz_msg_release(b, &r);
+        }
+        cr_assert_eq(shmz_port_recv(b, &r, -1), -EBADMSG, "case %d", h);
+        cr_assert_eq(shmz_port_recv(b, &r, -1), -EPIPE, "case %d", h);
+        cr_assert_eq(shmz_port_recv(b, &r, 0), -EPIPE, "case %d", h);
+        /* The peer sees the port shut down. */
+        {
+                char c;
+
+                cr_assert_eq(recv(raw, &c, 1, MSG_DONTWAIT), 0, "case %d", h);
+        }
+        shmz_port_close(b);
+        if (used)
+                munmap((uint8_t *) used - offsetof(struct shmz_segment_header, used), SHMZ_SEGMENT_HEADER_SIZE);
+        safe_close(seg);
+        close(raw);
+        close(fds[0]);
+        close(fds[1]);
+        /* Every fd that came with the hostile frames was closed. */
+        cr_assert_eq(count_fds(), before, "case %d: fds leaked", h);
+}
+
+Test(port, hostile_frames) {
+        for (int h = 0; h < H_COUNT; h++)
+                hostile((enum hostile) h);
+}
+
+/* ---- threads --------------------------------------------------------------------------- */
+
+#define THREADS 4
+#define PER_THREAD 300
+
+struct worker {
+        struct shmz_port *p;
+        unsigned id;
+        int r;
+};
+
+static void *sender_thread(void *arg) {
+        struct worker *w = arg;
+        static const size_t sizes[] = { 16, 3000, 5000, 70000, 200000 };
+        uint8_t *data = malloc(200000);
+
+        for (unsigned i = 0; i < PER_THREAD && w->r == 0; i++) {
+                size_t size = sizes[(i + w->id) % ELEMENTSOF(sizes)];
+                struct shmz_msg m = { .type = w->id, .stream = i + 1, .size = size, .fd = -1 };
+
+                if (i % 3 == 0 && size > 16) {
+                        /* In place, through a buffer of the port. */
+                        uint8_t *buf;
+
+                        while (!(buf = shmz_port_buf(w->p, size)))
+                                if (errno != EAGAIN) {
+                                        w->r = -errno;
+                                        break;
+                                } else
+                                        usleep(100);
+                        if (!buf)
+                                break;
+                        fill(buf, size, w->id * 1000 + i);
+                        m.data = buf;
+                } else {
+                        fill(data, size, w->id * 1000 + i);
+                        m.data = data;
+                }
+                w->r = shmz_port_send(w->p, &m, -1);
+        }
+        free(data);
+        return NULL;
+}
+
+static void *receiver_thread(void *arg) {
+        struct worker *w = arg;
+
+        for (;;) {
+                struct shmz_msg m;
+                int r = shmz_port_recv(w->p, &m, 5000000000);
+
+                if (r == -ETIMEDOUT || r == -EPIPE)
+                        return NULL;
+                if (r < 0 || m.type >= THREADS || !check(m.data, m.size, m.type * 1000 + (m.stream - 1))) {
+                        w->r = r < 0 ? r : -EBADMSG;
+                        return NULL;
+                }
+                shmz_msg_release(w->p, &m);
+                if (atomic_fetch_add((atomic_uint *) &w->id, 1) + 1 == THREADS * PER_THREAD)
+                        return NULL;
+        }
+}
+
+Test(port, threads) {
+        struct shmz_port *a, *b;
+        struct worker s[THREADS], rcv = {};
+        pthread_t ts[THREADS], tr[2];
+
+        /* Little memory, so that senders wait for each other's releases. */
+        pair(64, 4 * (SHMZ_SEGMENT_HEADER_SIZE + 64 * CHUNK), &a, &b);
+        rcv.p = b;
+        for (int i = 0; i < 2; i++)
+                cr_assert(pthread_create(&tr[i], NULL, receiver_thread, &rcv) == 0);
+        for (unsigned i = 0; i < THREADS; i++) {
+                s[i] = (struct worker){ .p = a, .id = i };
+                cr_assert(pthread_create(&ts[i], NULL, sender_thread, &s[i]) == 0);
+        }
+        for (unsigned i = 0; i < THREADS; i++) {
+                pthread_join(ts[i], NULL);
+                cr_assert_eq(s[i].r, 0, "sender %u: %d", i, s[i].r);
+        }
+        /* The receivers count together; the one that reaches the total ends, the other times out or sees EPIPE. */
+        while (atomic_load((atomic_uint *) &rcv.id) < THREADS * PER_THREAD && rcv.r == 0)
+                usleep(1000);
+        shmz_port_close(a);
+        for (int i = 0; i < 2; i++)
+                pthread_join(tr[i], NULL);
+        cr_assert_eq(rcv.r, 0);
+        cr_assert_eq(rcv.id, THREADS * PER_THREAD);
+        cr_assert_leq(src_a.made, 4);
+        cr_assert_eq(port_rx_chunks_held(b), 0);
+        shmz_port_close(b);
+}
+
+/* ---- RPC ----------------------------------------------------------------------------- */
+
+struct rpc_seen {
+        int replies, last_error, ended;
+        uint32_t stream;
+};
+
+static void server(struct shmz_port *p, struct shmz_msg *m, void *userdata) {
+        int *mode = userdata;
+
+        /* mode 0: two replies, the second LAST; 1: silence. */
+        if (*mode == 0) {
+                struct shmz_msg r1 = { .type = 100, .stream = m->stream, .data = "one", .size = 4, .fd = -1 };
+                struct shmz_msg r2 = { .type = 101, .stream = m->stream, .flags = SHMZ_MSG_LAST, .fd = -1 };
+
+                cr_assert_eq(shmz_port_send(p, &r1, -1), 0);
+                cr_assert_eq(shmz_port_send(p, &r2, -1), 0);
+        }
+        shmz_msg_release(p, m);
+}
+
+static void on_reply(struct shmz_port *p, int error, struct shmz_msg *reply, void *userdata) {
+        struct rpc_seen *s = userdata;
+
+        if (error < 0) {
+                s->last_error = error;
+                s->ended++;
+                return;
+        }
+        s->replies++;
+        s->stream = reply->stream;
+        if (reply->flags & SHMZ_MSG_LAST)
+                s->ended++;
+        shmz_msg_release(p, reply);
+}
+
+Test(port, rpc) {
+        struct shmz_port *a, *b;
+        struct shmz_msg req = { .type = 1, .data = "q", .size = 2, .fd = -1 };
+        struct rpc_seen seen = {};
+        uint32_t stream;
+        int mode = 0;
+
+        pair(64, UINT64_C(1) << 24, &a, &b);
+        shmz_port_set_handler(b, server, &mode);
+        cr_assert_eq(shmz_port_next_deadline(a), UINT64_MAX);
+
+        /* Replies, dropped on LAST. */
+        cr_assert_eq(shmz_port_call(a, &req, 0, on_reply, &seen, &stream), 0);
+        cr_assert_eq(shmz_port_dispatch(b, -1), 1);
+        cr_assert_eq(shmz_port_dispatch(a, -1), 2);
+        cr_assert_eq(seen.replies, 2);
+        cr_assert_eq(seen.ended, 1);
+        cr_assert_eq(seen.stream, stream);
+        cr_assert_eq(shmz_port_dispatch(a, 0), -EAGAIN);
+
+        /* Calls from the other side use streams of their own: b calls a, a's handler answers. */
+        shmz_port_set_handler(a, server, &mode);
+        memset(&seen, 0, sizeof(seen));
+        cr_assert_eq(shmz_port_call(b, &req, 0, on_reply, &seen, &stream), 0);
+        cr_assert(stream & 0x80000000u);
+        cr_assert_eq(shmz_port_dispatch(a, -1), 1);
+        cr_assert_eq(shmz_port_dispatch(b, -1), 2);
+        cr_assert_eq(seen.ended, 1);
+
+        /* A deadline: the handler gets -ETIMEDOUT, and a late reply is dropped. */
+        mode = 1;
+        memset(&seen, 0, sizeof(seen));
+        {
+                struct timespec ts;
+                uint64_t now, t0;
+
+                clock_gettime(CLOCK_MONOTONIC, &ts);
+                now = (uint64_t) ts.tv_sec * 1000000000u + (uint64_t) ts.tv_nsec;
+                cr_assert_eq(shmz_port_call(a, &req, now + 50000000, on_reply, &seen, &stream), 0);
+                cr_assert_eq(shmz_port_next_deadline(a), now + 50000000);
+                cr_assert_eq(shmz_port_dispatch(b, -1), 1);
+                t0 = mono_ns();
+                cr_assert_eq(shmz_port_dispatch(a, -1), 1); /* the deadline wakes a dispatch that would wait forever */
+                cr_assert_lt(mono_ns() - t0, 1000000000u);
+                cr_assert_eq(seen.last_error, -ETIMEDOUT);
+                cr_assert_eq(seen.ended, 1);
+                cr_assert_eq(shmz_port_next_deadline(a), UINT64_MAX);
+        }
+
+        /* The peer goes: pending calls end with -EPIPE. */
+        memset(&seen, 0, sizeof(seen));
+        cr_assert_eq(shmz_port_call(a, &req, 0, on_reply, &seen, NULL), 0);
+        shmz_port_close(b);
+        cr_assert_eq(shmz_port_dispatch(a, -1), 1);
+        cr_assert_eq(seen.last_error, -EPIPE);
+        cr_assert_eq(shmz_port_dispatch(a, -1), -EPIPE);
+        cr_assert_eq(shmz_port_call(a, &req, 0, on_reply, &seen, NULL), -EPIPE);
+        shmz_port_close(a);
+}
+
+Test(port, bad_params) {
+        struct port_params pp = params(0, 64, 1 << 24);
+        struct shmz_port *p;
+        int sv[2];
+
+        pp.chunk_size = 5000;
+        cr_assert(socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) == 0);
+        cr_assert_eq(port_new(sv[0], channel_new(), &pp, NULL, source_cb, &src_a, &p), -EINVAL);
+        /* The other end learns at once. */
+        cr_assert_eq(recv(sv[1], &(char){ 0 }, 1, MSG_DONTWAIT), 0);
+        close(sv[1]);
+        /* A channel of the wrong size. */
+        pp = params(0, 64, 1 << 24);
+        cr_assert(socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) == 0);
+        cr_assert_eq(port_new(sv[0], memfd_sealed(8192, true), &pp, NULL, source_cb, &src_a, &p), -EPROTO);
+        close(sv[1]);
+}
+
+struct blocked {
+        struct shmz_port *p;
+        struct shmz_msg m;
+        int r;
+};
+
+static void *recv_forever(void *arg) {
+        struct blocked *b = arg;
+
+        b->r = shmz_port_recv(b->p, &b->m, -1);
+        return NULL;
+}
+
+Test(port, receivers_with_and_without_timeouts) {
+        struct shmz_port *a, *b;
+        struct shmz_msg m = { .type = 9, .data = "z", .size = 2, .fd = -1 }, r;
+        struct blocked bl = { .r = 1 };
+        pthread_t t;
+        uint64_t t0;
+
+        pair(64, UINT64_C(1) << 24, &a, &b);
+        bl.p = b;
+        cr_assert(pthread_create(&t, NULL, recv_forever, &bl) == 0);
+        usleep(50000);
+        /* Another receiver's timeout holds while one sleeps without any. */
+        cr_assert_eq(shmz_port_recv(b, &r, 0), -EAGAIN);
+        t0 = mono_ns();
+        cr_assert_eq(shmz_port_recv(b, &r, 20000000), -ETIMEDOUT);
+        cr_assert_lt(mono_ns() - t0, 500000000u);
+        cr_assert_eq(shmz_port_send(a, &m, 0), 0);
+        pthread_join(t, NULL);
+        cr_assert_eq(bl.r, 0);
+        cr_assert_eq(bl.m.type, 9);
+        shmz_msg_release(b, &bl.m);
+        shmz_port_close(a);
+        shmz_port_close(b);
+}

@@ -36,10 +36,14 @@
 #include "shmzone.h"
 
 #if HAVE_ICEORYX
+/* Its headers declare `f()` without void. */
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wstrict-prototypes"
 #include <iceoryx_binding_c/publisher.h>
 #include <iceoryx_binding_c/runtime.h>
 #include <iceoryx_binding_c/subscriber.h>
 #include <iceoryx_binding_c/wait_set.h>
+#pragma GCC diagnostic pop
 #endif
 
 #define RUNS 5

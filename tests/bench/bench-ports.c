@@ -36,10 +36,14 @@
 #include "shmzone.h"
 
 #if HAVE_ICEORYX
+/* Its headers declare `f()` without void. */
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wstrict-prototypes"
 #include <iceoryx_binding_c/publisher.h>
 #include <iceoryx_binding_c/runtime.h>
 #include <iceoryx_binding_c/subscriber.h>
 #include <iceoryx_binding_c/wait_set.h>
+#pragma GCC diagnostic pop
 #endif
 
 #define RUNS 5
@@ -61,6 +65,8 @@ static void stamp(void *buf, size_t size, uint64_t v) {
                 memset(buf, (int) v, size);
 }
 
+/* The stamp, or STAMP_TORN when its two copies differ. */
+#define STAMP_TORN (UINT64_MAX - 1)
 static uint64_t read_stamp(const void *buf, size_t size) {
         uint64_t a = 0, b = 0;
 
@@ -68,7 +74,7 @@ static uint64_t read_stamp(const void *buf, size_t size) {
                 return size ? *(const unsigned char *) buf : 0;
         memcpy(&a, buf, 8);
         memcpy(&b, (const char *) buf + size - 8, 8);
-        return a ^ b;
+        return a == b ? a : STAMP_TORN;
 }
 
 /* ---- shmzone ports ---------------------------------------------------------------------- */
@@ -133,8 +139,8 @@ static double shmz_rtt(struct shmz_port *p, size_t size, long iters) {
 
                 if (shmz_send_stamped(p, size, (uint64_t) i) < 0 || shmz_port_recv(p, &m, -1) < 0)
                         die("shmz round trip failed");
-                if (size >= 16 && read_stamp(m.data, m.size) != 0)
-                        die("shmz round trip: stamp changed");
+                if (size >= 16 && read_stamp(m.data, m.size) != (uint64_t) i)
+                        die("shmz round trip: the stamp did not come back");
                 shmz_msg_release(p, &m);
         }
         return (now_ns() - t0) / (double) iters;
@@ -251,6 +257,8 @@ static double seq_rtt(int fd, char *buf, size_t size, long iters) {
                 seq_send(fd, buf, size);
                 if (seq_recv(fd, buf, size) < 0)
                         die("seqpacket round trip failed");
+                if (size >= 16 && read_stamp(buf, size) != (uint64_t) i)
+                        die("seqpacket round trip: the stamp did not come back");
         }
         return (now_ns() - t0) / (double) iters;
 }
@@ -369,8 +377,10 @@ static const void *iox_take(struct iox_side *s) {
 static void iox_send(struct iox_side *s, size_t size, uint64_t v) {
         void *chunk;
 
-        if (iox_pub_loan_chunk(s->pub, &chunk, (uint32_t) size) != AllocationResult_SUCCESS)
+        if (iox_pub_loan_chunk(s->pub, &chunk, (uint32_t) size) != AllocationResult_SUCCESS) {
+                fprintf(stderr, "bench-ports: iceoryx could not loan %zu bytes\n", size);
                 _exit(6);
+        }
         stamp(chunk, size, v);
         iox_pub_publish_chunk(s->pub, chunk);
 }
@@ -413,7 +423,7 @@ static _Noreturn void iox_ping(size_t size, long iters, double *ret) {
 
                         iox_send(&s, size, (uint64_t) i);
                         in = iox_take(&s);
-                        if (size >= 16 && read_stamp(in, size) != 0)
+                        if (size >= 16 && read_stamp(in, size) != (uint64_t) i)
                                 _exit(7);
                         iox_sub_release_chunk(s.sub, in);
                 }
@@ -459,20 +469,26 @@ static pid_t roudi_start(const char *dir, char *why, size_t why_size) {
 
                 if (fd < 0 || dup2(fd, 1) < 0 || dup2(fd, 2) < 0 || chdir(dir) < 0)
                         _exit(127);
-                execl(roudi, roudi, "-c", cfg, "-l", "warning", (char *) NULL);
+                /* No process monitoring: a busy machine must not get our processes removed; we stop it ourselves. */
+                execl(roudi, roudi, "-c", cfg, "-l", "warning", "-m", "off", (char *) NULL);
                 _exit(127);
         }
-        /* RouDi is up once its own management segment is there. */
-        for (int i = 0; i < 500; i++) {
-                struct stat st;
+        /* RouDi is up once it says so (a stale management segment of an earlier one proves nothing). */
+        for (int i = 0; i < 1000; i++) {
+                char text[8192] = "";
+                int fd;
 
                 if (waitpid(pid, NULL, WNOHANG) == pid) {
                         snprintf(why, why_size, "iox-roudi exited at start (is another RouDi running?), see %s", log);
                         return -1;
                 }
-                if (stat("/dev/shm/iceoryx_mgmt", &st) == 0) {
-                        usleep(100000);
-                        return pid;
+                fd = open(log, O_RDONLY | O_CLOEXEC);
+                if (fd >= 0) {
+                        ssize_t n = read(fd, text, sizeof(text) - 1);
+
+                        close(fd);
+                        if (n > 0 && strstr(text, "RouDi is ready for clients"))
+                                return pid;
                 }
                 usleep(10000);
         }
@@ -489,8 +505,8 @@ static void roudi_stop(pid_t pid) {
 
 /* Median round trip of size bytes through iceoryx, or a negative value. */
 static double iox_rtt(size_t size, long iters, double *shared) {
-        pid_t pong, ping;
-        int st;
+        pid_t pong, ping, w = 0;
+        int st = 0;
 
         *shared = -1;
         pong = fork();
@@ -499,12 +515,24 @@ static double iox_rtt(size_t size, long iters, double *shared) {
         ping = fork();
         if (ping == 0)
                 iox_ping(size, iters, shared);
-        if (waitpid(ping, &st, 0) != ping || !WIFEXITED(st) || WEXITSTATUS(st) != 0) {
+        /* Bounded: a run that hangs (RouDi gone, a process dropped) ends as a failure, not a stuck benchmark. */
+        for (int i = 0; i < 6000 && (w = waitpid(ping, &st, WNOHANG)) == 0; i++)
+                usleep(50000);
+        if (w != ping || !WIFEXITED(st) || WEXITSTATUS(st) != 0) {
+                if (w == 0) {
+                        kill(ping, SIGKILL);
+                        waitpid(ping, NULL, 0);
+                }
                 kill(pong, SIGKILL);
                 waitpid(pong, NULL, 0);
                 return -1;
         }
-        waitpid(pong, NULL, 0);
+        for (int i = 0; i < 200 && (w = waitpid(pong, &st, WNOHANG)) == 0; i++)
+                usleep(50000);
+        if (w == 0) {
+                kill(pong, SIGKILL);
+                waitpid(pong, NULL, 0);
+        }
         return *shared;
 }
 #endif

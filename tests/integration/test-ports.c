@@ -658,6 +658,9 @@ Test(ports, last_and_streams_come_through) {
 
 /* ---- backpressure ----------------------------------------------------------------------- */
 
+/* A suite of its own: a test's .init runs after the suite's, which would start a second daemon. */
+TestSuite(ports_small, .init = start_small, .fini = stop, .timeout = 120);
+
 /* Fills the port's memory for this direction with 64 KiB messages the peer does not read yet. */
 static void fill_port_memory(struct shmz_port *p) {
         static char chunk[KiB(64)];
@@ -678,7 +681,7 @@ struct wake_page {
         _Atomic uint64_t released_ns;
 };
 
-Test(ports, backpressure_waits_for_a_release, .init = start_small) {
+Test(ports_small, backpressure_waits_for_a_release) {
         struct shmz_client *c = connect_or_die();
         struct shmz_listener *l = listen_or_die(c, "bp", 0600);
         struct wake_page *w = shared_page();
@@ -757,7 +760,7 @@ static void *killer_main(void *arg) {
         return NULL;
 }
 
-Test(ports, sender_waiting_for_memory_sees_its_peer_die, .init = start_small) {
+Test(ports_small, sender_waiting_for_memory_sees_its_peer_die) {
         struct shmz_client *c = connect_or_die();
         struct shmz_listener *l = listen_or_die(c, "bpdie", 0600);
         static char chunk[KiB(64)];

@@ -13,6 +13,7 @@
 #include <sys/stat.h>
 
 #include "fuse-view.h"
+#include "ports.h"
 #include "registry.h"
 #include "util.h"
 
@@ -55,6 +56,17 @@ enum {
 /* The largest read the kernel sends us (max_pages is 256 with libfuse 3.14): 1 MiB. */
 #define READ_BUF_SIZE (1u << 20)
 
+/* ports/ and segments/ timeouts: figures change by themselves; names come and go (no dentry is trusted). */
+#define PORTS_ENTRY_TIMEOUT 0.0
+#define PORTS_ATTR_TIMEOUT 0.0   /* ports/<name>/<id>: its size is that of a text that changes */
+#define SEGMENT_ATTR_TIMEOUT 1.0 /* segments/<id>: nothing but nlink changes, and that is invalidated */
+
+/* One entry of a listing of ports/, ports/<name> or segments/, as it was when the listing began. */
+struct view_dirent {
+        struct stat st;
+        char name[SHMZ_NAME_BUF];
+};
+
 /* An open file or directory; listed so that fuse_view_stop() frees what the kernel never released. */
 struct vhandle {
         struct vhandle *prev, *next;
@@ -71,13 +83,23 @@ struct vhandle {
         /* zones/: where a listing stands, so that it continues by name, not from a copy of the directory */
         uint64_t dir_pos;              /* offset of the next entry */
         char dir_after[SHMZ_NAME_BUF]; /* the last zone listed */
+        /* ports/, segments/ (fuse-ports.c) */
+        struct view_dirent *dents; /* a listing's snapshot, taken at offset 0 */
+        size_t n_dents;
+        char listener[SHMZ_NAME_BUF]; /* ports/<name>: the name */
+        struct segment *segment;      /* segments/<id>: a reference held while open */
+        const void *seg_map;          /* its read-only mapping (the core's, one per segment) */
+        size_t seg_size;
+        struct shmz_msg_segment_info seg_info; /* as at open: fstat and xattrs after the segment went */
+        struct ports *seg_ports;               /* whose reference that is */
+        struct shmz_msg_port_info port_info;   /* ports/<name>/<id>: as at open (h->text is its text) */
+        bool is_port;
 };
 
 struct fuse_view {
         fuse_view_figures_t figures;
         void *figures_data;
         struct registry *registry;
-        struct ports *ports; /* listeners, ports, segments (core/ports.h); may be NULL */
         struct fuse_session *se;
         char *mountpoint;
         char *socket_link; /* absolute path of the control socket */
@@ -86,6 +108,9 @@ struct fuse_view {
         gid_t gid;
         uint64_t start_usec;
         atomic_uint_fast64_t zones_mtime_usec; /* zones/ changes: its mtime */
+        _Atomic(struct ports *) ports;         /* fuse_view_set_ports(), from another thread */
+        atomic_uint_fast64_t ports_mtime_usec; /* a listener came or went */
+        atomic_uint_fast64_t segments_mtime_usec;
 
         pthread_t thread;
         bool thread_started;
@@ -115,6 +140,10 @@ struct vhandle *vhandle_new(struct fuse_view *v, uint64_t ino);
 void vhandle_free(struct fuse_view *v, struct vhandle *h);
 void caller_from_req(fuse_req_t req, struct caller *ret);
 void stat_from_usec(struct timespec *ts, uint64_t usec);
+bool add_dirent(fuse_req_t req, bool plus, char *buf, size_t size, size_t *used, const char *name,
+                const struct stat *st, uint64_t generation, double entry_timeout, double attr_timeout,
+                uint64_t next_off);
+void reply_xattr(fuse_req_t req, int r, const char *buf, size_t len, size_t size);
 
 /* fuse-zones.c: zones/ and its files. */
 void zone_stat(const struct shmz_msg_zone_info *i, struct stat *ret);
@@ -136,6 +165,27 @@ void zones_listxattr(struct fuse_view *v, fuse_req_t req, fuse_ino_t ino, size_t
 void zones_setxattr(struct fuse_view *v, fuse_req_t req, fuse_ino_t ino, const char *name, const char *value,
                     size_t size, int flags);
 void zones_removexattr(struct fuse_view *v, fuse_req_t req, fuse_ino_t ino, const char *name);
+
+/* fuse-ports.c: ports/ and segments/. Inode numbers from the ranges in core/ports.h. */
+static inline bool ino_is_ports(uint64_t ino) {
+        return ino >= PORTS_INO_LISTENER_BASE && ino < PORTS_INO_END;
+}
+static inline struct ports *view_ports(struct fuse_view *v) {
+        return atomic_load(&v->ports);
+}
+void view_ports_event(void *userdata, enum ports_event ev, const char *name, uint64_t ino);
+int view_ports_lookup(struct fuse_view *v, uint64_t parent, const char *name, struct fuse_entry_param *ret);
+int view_ports_getattr(struct fuse_view *v, uint64_t ino, struct vhandle *h, struct stat *ret, double *ret_timeout);
+uint64_t view_ports_parent(uint64_t ino);
+int view_ports_opendir(struct fuse_view *v, uint64_t ino, struct vhandle *h);
+void view_ports_readdir(struct fuse_view *v, fuse_req_t req, struct vhandle *h, bool plus, off_t off, char *buf,
+                        size_t size, size_t *used);
+void view_ports_open(struct fuse_view *v, fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi);
+void view_ports_read(struct fuse_view *v, fuse_req_t req, struct vhandle *h, size_t size, off_t off);
+void view_ports_release(struct fuse_view *v, struct vhandle *h);
+void view_ports_getxattr(struct fuse_view *v, fuse_req_t req, fuse_ino_t ino, const char *name, size_t size);
+void view_ports_listxattr(struct fuse_view *v, fuse_req_t req, fuse_ino_t ino, size_t size);
+bool view_ports_xattr_is_ours(const char *name);
 
 /* fuse-status.c: status and metrics. */
 int status_text(struct fuse_view *v, bool prometheus, char **ret, size_t *ret_len);

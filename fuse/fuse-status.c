@@ -16,6 +16,7 @@ struct figure {
 int status_text(struct fuse_view *v, bool prometheus, char **ret, size_t *ret_len) {
         _cleanup_free_ struct shmz_msg_zone_info *zi = NULL;
         struct fuse_view_figures fig = {};
+        struct ports_stats ps = {};
         struct registry_stats st;
         char *buf = NULL;
         size_t len = 0, n = 0;
@@ -24,6 +25,8 @@ int status_text(struct fuse_view *v, bool prometheus, char **ret, size_t *ret_le
 
         registry_get_stats(v->registry, &st);
         v->figures(v->figures_data, &fig);
+        if (view_ports(v))
+                ports_get_stats(view_ports(v), &ps);
         r = registry_list(v->registry, &zi, &n);
         if (r < 0)
                 return r;
@@ -38,6 +41,17 @@ int status_text(struct fuse_view *v, bool prometheus, char **ret, size_t *ret_le
                 { "requests_total", "counter", "Requests served on the control socket.", fig.requests },
                 { "errors_total", "counter", "Requests answered with an error.", fig.errors },
                 { "uptime_seconds", "gauge", "Seconds since the daemon started.", fig.uptime_usec / 1000000u },
+                { "listeners", "gauge", "Published port names.", ps.listeners },
+                { "ports", "gauge", "Live connections between two processes.", ps.ports },
+                { "segments", "gauge", "Shared-memory segments of live ports.", ps.segments },
+                { "segment_bytes", "gauge", "Memory of all segments, headers included.", ps.segment_bytes },
+                { "chunks", "gauge", "Chunks of all segments.", ps.chunks },
+                { "chunks_used", "gauge", "Chunks claimed by a sender and not released yet.", ps.chunks_used },
+                { "messages_total", "counter", "Messages sent on live ports (as their channels count them).",
+                  ps.messages },
+                { "message_bytes_total", "counter", "Bytes of the messages sent on live ports.", ps.message_bytes },
+                { "ports_closed_total", "counter", "Ports that ended.", ps.ports_closed },
+                { "peers_died_total", "counter", "Ports that ended because a process died.", ps.peers_died },
         };
 
         f = open_memstream(&buf, &len);

@@ -3,7 +3,8 @@
  * The FUSE view: mount, the FUSE thread and its sd_event loop, the
  * invalidation thread, and the fixed part of the tree (root, status,
  * metrics, socket, the provider directories). Zone files live in
- * fuse-zones.c, the status texts in fuse-status.c.
+ * fuse-zones.c, ports/ and segments/ in fuse-ports.c, the status texts in
+ * fuse-status.c.
  *
  * Threads: all requests are served by one FUSE thread (one sd_event loop;
  * the registry's critical sections never wait, so one thread keeps up; bulk
@@ -59,6 +60,9 @@ void vhandle_free(struct fuse_view *v, struct vhandle *h) {
         h->next->prev = h->prev;
         if (h->zone)
                 zones_release(v, h);
+        if (h->segment)
+                view_ports_release(v, h);
+        free(h->dents);
         free(h->text);
         free(h);
 }
@@ -72,7 +76,7 @@ static struct vhandle *handle_of(const struct fuse_file_info *fi) {
 }
 
 static bool ino_is_zone(uint64_t ino) {
-        return ino >= REGISTRY_FIRST_INO;
+        return ino >= REGISTRY_FIRST_INO && ino < PORTS_INO_LISTENER_BASE;
 }
 
 /* ---- invalidations ------------------------------------------------------------------ */
@@ -189,10 +193,20 @@ static int fixed_stat(struct fuse_view *v, uint64_t ino, struct stat *ret) {
                 stat_from_usec(&ret->st_mtim, atomic_load(&v->zones_mtime_usec));
                 break;
         case INO_SEGMENTS:
-        case INO_PORTS:
                 ret->st_mode = S_IFDIR | 0555;
                 ret->st_nlink = 2;
+                stat_from_usec(&ret->st_mtim, atomic_load(&v->segments_mtime_usec));
                 break;
+        case INO_PORTS: {
+                struct ports_stats ps = {};
+
+                if (view_ports(v))
+                        ports_get_stats(view_ports(v), &ps);
+                ret->st_mode = S_IFDIR | 0555;
+                ret->st_nlink = 2 + (nlink_t) MIN(ps.listeners, (uint64_t) UINT32_MAX); /* a subdirectory each */
+                stat_from_usec(&ret->st_mtim, atomic_load(&v->ports_mtime_usec));
+                break;
+        }
         case INO_STATUS:
         case INO_METRICS: {
                 _cleanup_free_ char *text = NULL;
@@ -220,7 +234,9 @@ static int fixed_stat(struct fuse_view *v, uint64_t ino, struct stat *ret) {
 }
 
 static double fixed_timeout(uint64_t ino) {
-        return ino == INO_STATUS || ino == INO_METRICS || ino == INO_ZONES ? 0.0 : FIXED_TIMEOUT;
+        return ino == INO_STATUS || ino == INO_METRICS || ino == INO_ZONES || ino == INO_PORTS || ino == INO_SEGMENTS
+                       ? 0.0
+                       : FIXED_TIMEOUT;
 }
 
 /* ---- operations ---------------------------------------------------------------------- */
@@ -276,7 +292,17 @@ static void op_lookup(fuse_req_t req, fuse_ino_t parent, const char *name) {
                         (void) fuse_reply_entry(req, &e);
                 return;
         }
-        (void) fuse_reply_err(req, parent == INO_SEGMENTS || parent == INO_PORTS ? ENOENT : ENOTDIR);
+        if (parent == INO_SEGMENTS || parent == INO_PORTS || ino_is_ports(parent)) {
+                struct fuse_entry_param e;
+
+                r = view_ports_lookup(v, parent, name, &e);
+                if (r < 0)
+                        (void) fuse_reply_err(req, -r);
+                else
+                        (void) fuse_reply_entry(req, &e);
+                return;
+        }
+        (void) fuse_reply_err(req, ENOTDIR);
 }
 
 static int getattr_any(struct fuse_view *v, uint64_t ino, struct vhandle *h, struct stat *ret, double *ret_timeout) {
@@ -288,6 +314,8 @@ static int getattr_any(struct fuse_view *v, uint64_t ino, struct vhandle *h, str
                 *ret_timeout = ZONE_ATTR_TIMEOUT;
                 return zones_getattr(v, ino, h, ret);
         }
+        if (ino_is_ports(ino))
+                return view_ports_getattr(v, ino, h, ret, ret_timeout);
         return -ENOENT;
 }
 
@@ -326,6 +354,10 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi) {
 
         if (ino_is_zone(ino)) {
                 zones_open(v, req, ino, fi);
+                return;
+        }
+        if (ino_is_ports(ino)) {
+                view_ports_open(v, req, ino, fi);
                 return;
         }
         if ((fi->flags & O_ACCMODE) != O_RDONLY) {
@@ -369,6 +401,10 @@ static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, stru
                 zones_read(v, req, h, size, off);
                 return;
         }
+        if (h->segment) {
+                view_ports_read(v, req, h, size, off);
+                return;
+        }
         if (h->text) {
                 size_t o = (uint64_t) off >= h->text_len ? h->text_len : (size_t) off;
 
@@ -406,8 +442,9 @@ static void op_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
 static void op_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi) {
         struct fuse_view *v = view_of(req);
         struct vhandle *h;
+        int r;
 
-        if (!(ino == INO_ROOT || ino == INO_ZONES || ino == INO_SEGMENTS || ino == INO_PORTS)) {
+        if (!(ino == INO_ROOT || ino == INO_ZONES || ino == INO_SEGMENTS || ino == INO_PORTS || ino_is_ports(ino))) {
                 (void) fuse_reply_err(req, ENOTDIR);
                 return;
         }
@@ -416,15 +453,23 @@ static void op_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
                 (void) fuse_reply_err(req, ENOMEM);
                 return;
         }
+        if (ino == INO_SEGMENTS || ino == INO_PORTS || ino_is_ports(ino)) {
+                r = view_ports_opendir(v, ino, h);
+                if (r < 0) {
+                        vhandle_free(v, h);
+                        (void) fuse_reply_err(req, -r);
+                        return;
+                }
+        }
         fi->fh = (uintptr_t) h;
         if (fuse_reply_open(req, fi) < 0)
                 vhandle_free(v, h);
 }
 
 /* Adds one entry at offset next_off - 1; false when it does not fit (nothing added). */
-static bool add_dirent(fuse_req_t req, bool plus, char *buf, size_t size, size_t *used, const char *name,
-                       const struct stat *st, uint64_t generation, double entry_timeout, double attr_timeout,
-                       uint64_t next_off) {
+bool add_dirent(fuse_req_t req, bool plus, char *buf, size_t size, size_t *used, const char *name,
+                const struct stat *st, uint64_t generation, double entry_timeout, double attr_timeout,
+                uint64_t next_off) {
         size_t n;
 
         if (plus) {
@@ -461,6 +506,7 @@ static void do_readdir(fuse_req_t req, size_t size, off_t off, struct fuse_file_
         uint64_t pos = (uint64_t) off;
         size_t used = 0;
         struct stat st;
+        double timeout;
 
         if (!h || off < 0) {
                 (void) fuse_reply_err(req, EINVAL);
@@ -473,13 +519,19 @@ static void do_readdir(fuse_req_t req, size_t size, off_t off, struct fuse_file_
                 return;
         }
         if (pos == 0) {
-                (void) fixed_stat(v, h->ino, &st);
+                if (getattr_any(v, h->ino, h, &st, &timeout) < 0) {
+                        (void) fuse_reply_err(req, ENOENT); /* ports/<name> went */
+                        return;
+                }
                 if (!add_dirent(req, plus, buf, size, &used, ".", &st, 0, 0, 0, 1))
                         goto reply;
                 pos = 1;
         }
         if (pos == 1) {
-                (void) fixed_stat(v, INO_ROOT, &st);
+                uint64_t parent = ino_is_ports(h->ino) ? view_ports_parent(h->ino) : INO_ROOT;
+
+                if (getattr_any(v, parent, NULL, &st, &timeout) < 0)
+                        (void) fixed_stat(v, INO_ROOT, &st);
                 if (!add_dirent(req, plus, buf, size, &used, "..", &st, 0, 0, 0, 2))
                         goto reply;
                 pos = 2;
@@ -495,8 +547,10 @@ static void do_readdir(fuse_req_t req, size_t size, off_t off, struct fuse_file_
                 }
                 goto reply;
         }
-        if (h->ino != INO_ZONES)
-                goto reply; /* segments/, ports/: nothing yet */
+        if (h->ino != INO_ZONES) {
+                view_ports_readdir(v, req, h, plus, off, buf, size, &used);
+                goto reply;
+        }
 
         if (pos != h->dir_pos) {
                 /* Not where we stopped: walk from the first zone to pos. */
@@ -576,6 +630,8 @@ static void op_unlink(fuse_req_t req, fuse_ino_t parent, const char *name) {
 static void op_getxattr(fuse_req_t req, fuse_ino_t ino, const char *name, size_t size) {
         if (ino_is_zone(ino))
                 zones_getxattr(view_of(req), req, ino, name, size);
+        else if (ino_is_ports(ino))
+                view_ports_getxattr(view_of(req), req, ino, name, size);
         else
                 (void) fuse_reply_err(req, ENODATA);
 }
@@ -583,6 +639,8 @@ static void op_getxattr(fuse_req_t req, fuse_ino_t ino, const char *name, size_t
 static void op_listxattr(fuse_req_t req, fuse_ino_t ino, size_t size) {
         if (ino_is_zone(ino))
                 zones_listxattr(view_of(req), req, ino, size);
+        else if (ino_is_ports(ino))
+                view_ports_listxattr(view_of(req), req, ino, size);
         else if (size == 0)
                 (void) fuse_reply_xattr(req, 0);
         else
@@ -593,14 +651,15 @@ static void op_setxattr(fuse_req_t req, fuse_ino_t ino, const char *name, const 
         if (ino_is_zone(ino))
                 zones_setxattr(view_of(req), req, ino, name, value, size, flags);
         else
-                (void) fuse_reply_err(req, ENOTSUP);
+                /* The figures are the daemon's; nothing else can be stored here. */
+                (void) fuse_reply_err(req, ino_is_ports(ino) && view_ports_xattr_is_ours(name) ? EPERM : ENOTSUP);
 }
 
 static void op_removexattr(fuse_req_t req, fuse_ino_t ino, const char *name) {
         if (ino_is_zone(ino))
                 zones_removexattr(view_of(req), req, ino, name);
         else
-                (void) fuse_reply_err(req, ENOTSUP);
+                (void) fuse_reply_err(req, ino_is_ports(ino) && view_ports_xattr_is_ours(name) ? EPERM : ENOTSUP);
 }
 
 static void op_ioctl(fuse_req_t req, fuse_ino_t ino, unsigned cmd, void *arg, struct fuse_file_info *fi, unsigned flags,
@@ -819,7 +878,6 @@ int fuse_view_start(struct registry *reg, struct ports *ports, const char *mount
         if (!v)
                 return -ENOMEM;
         v->registry = reg;
-        v->ports = ports;
         v->figures = figures;
         v->figures_data = figures_data;
         v->stop_fd = -EBADF;
@@ -827,6 +885,9 @@ int fuse_view_start(struct registry *reg, struct ports *ports, const char *mount
         v->gid = getegid();
         v->start_usec = now_usec(CLOCK_REALTIME);
         atomic_init(&v->zones_mtime_usec, v->start_usec);
+        atomic_init(&v->ports, ports);
+        atomic_init(&v->ports_mtime_usec, v->start_usec);
+        atomic_init(&v->segments_mtime_usec, v->start_usec);
         v->handles.next = v->handles.prev = &v->handles;
         pthread_mutex_init(&v->qlock, NULL);
         pthread_cond_init(&v->qcond, NULL);
@@ -892,6 +953,8 @@ int fuse_view_start(struct registry *reg, struct ports *ports, const char *mount
                 goto fail;
         v->notifier_started = true;
         registry_set_observer(v->registry, on_registry_event, v);
+        if (ports)
+                ports_set_observer(ports, view_ports_event, v);
         log_info("FUSE view mounted at %s.", v->mountpoint);
         *ret = v;
         return 0;
@@ -901,6 +964,22 @@ fail:
         return r;
 }
 
+void fuse_view_set_ports(struct fuse_view *v, struct ports *pt) {
+        struct ports *old;
+
+        if (!v)
+                return;
+        old = atomic_exchange(&v->ports, pt);
+        if (old && old != pt)
+                ports_set_observer(old, NULL, NULL);
+        if (pt)
+                ports_set_observer(pt, view_ports_event, v);
+        atomic_store(&v->ports_mtime_usec, now_usec(CLOCK_REALTIME));
+        atomic_store(&v->segments_mtime_usec, now_usec(CLOCK_REALTIME));
+        view_queue_inval(v, INO_PORTS);
+        view_queue_inval(v, INO_SEGMENTS);
+}
+
 void fuse_view_stop(struct fuse_view *v) {
         bool stuck = false;
 
@@ -908,6 +987,8 @@ void fuse_view_stop(struct fuse_view *v) {
                 return;
         if (v->registry)
                 registry_set_observer(v->registry, NULL, NULL);
+        if (view_ports(v))
+                ports_set_observer(view_ports(v), NULL, NULL); /* the view keeps pt for the references it holds */
         /* The notifier first: the FUSE thread must keep serving whatever request it may wait for. */
         pthread_mutex_lock(&v->qlock);
         v->stopping = true;

@@ -515,7 +515,7 @@ static bool zone_has_allocator(struct fuse_view *v, uint64_t ino) {
         return state == SHMZ_ZONE_ALLOC_FORMATTED;
 }
 
-static void reply_xattr(fuse_req_t req, int r, const char *buf, size_t len, size_t size) {
+void reply_xattr(fuse_req_t req, int r, const char *buf, size_t len, size_t size) {
         if (r < 0)
                 (void) fuse_reply_err(req, -r);
         else if (size == 0)

@@ -32,7 +32,7 @@
 struct seg {
         uint8_t *map; /* header page, then the chunks */
         size_t map_size;
-        int fd;
+        int fd; /* tx, until its SEGMENT frame is sent; then, and always for rx, -EBADF */
         uint64_t id;
         _Atomic uint64_t *held; /* rx: chunks received here and not released yet (private) */
         uint8_t *buf_n;         /* tx: run length of each shmz_port_buf() buffer, by its first chunk */
@@ -225,7 +225,9 @@ static int seg_map(struct shmz_port *p, int fd, uint64_t id, bool tx, struct seg
                 seg_free(s);
                 return r;
         }
-        s->fd = TAKE_FD(f);
+        /* The mapping is all a receiver needs: no fd per segment is kept. A sender keeps it until announced. */
+        if (tx)
+                s->fd = TAKE_FD(f);
         *ret = s;
         return 0;
 }
@@ -376,6 +378,7 @@ static int tx_grow_locked(struct shmz_port *p, int64_t timeout_ns, uint64_t dead
         if (r < 0)
                 return r; /* kept for the next try: the daemon counted it already */
         p->tx_unannounced = NULL;
+        s->fd = safe_close(s->fd); /* the peer has its copy, the daemon its own: the mapping is enough */
         atomic_store(&p->tx[slot], s);
         atomic_store(&p->n_tx, slot + 1);
         return 0;
@@ -610,8 +613,9 @@ static int recv_segment(struct shmz_port *p, const struct shmz_frame *f, const u
         if (n != sizeof(*f) + sizeof(fs) || f->size != sizeof(fs) || f->flags != 0 || n_fds != 1)
                 return violation(p, fds, n_fds);
         memcpy(&fs, payload, sizeof(fs));
-        if (fs.slot != f->segment || fs.slot >= p->max_slots || fs.reserved != 0 || f->chunk != 0 ||
-            fs.chunk_size != p->pp.chunk_size || fs.n_chunks != p->pp.segment_chunks || atomic_load(&p->rx[fs.slot]))
+        /* The frame header's segment and chunk are not defined for SEGMENT frames: the payload says it all. */
+        if (fs.slot >= p->max_slots || fs.reserved != 0 || fs.chunk_size != p->pp.chunk_size ||
+            fs.n_chunks != p->pp.segment_chunks || atomic_load(&p->rx[fs.slot]))
                 return violation(p, fds, n_fds);
         r = seg_map(p, fds[0], fs.id, false, &s);
         if (r == -EBADMSG)
@@ -868,6 +872,8 @@ static int segment_create(struct shmz_port *p, void *userdata, int *ret_fd, uint
 
         (void) userdata;
         r = client_request(p->client, SHMZ_MSG_SEGMENT_CREATE, &req, sizeof(req), &si, sizeof(si), &fd);
+        if (r == -ENOENT)
+                return -EPIPE; /* the daemon dropped the port already: the peer is gone */
         if (r < 0)
                 return r;
         if (fd < 0 || si.port_id != p->pp.port_id || si.side != p->pp.side || si.chunk_size != p->pp.chunk_size ||
@@ -1442,12 +1448,43 @@ _public_ int shmz_port_accept(struct shmz_listener *l, int64_t timeout_ns, struc
         }
 }
 
+/*
+ * Ends the listener's connection and waits (a while) for the daemon to close
+ * its side, which it does after unpublishing the name and shutting down the
+ * connections never accepted: once we return, the name is free again.
+ * Notices that still come are dropped, their ends shut down.
+ */
+static void listener_hang_up(struct shmz_listener *l) {
+        uint64_t deadline = now_ns() + UINT64_C(2000000000);
+        int fd = client_fd(l->conn);
+
+        if (shutdown(fd, SHUT_WR) < 0)
+                return;
+        for (;;) {
+                uint8_t buf[SHMZ_MSG_MAX];
+                int fds[PROTO_MAX_FDS], r;
+                size_t size, n_fds;
+
+                if (wait_fd(fd, POLLIN, deadline) < 0)
+                        return;
+                r = proto_recv(fd, buf, sizeof(buf), &size, fds, &n_fds);
+                for (size_t i = 0; i < n_fds; i++) {
+                        (void) shutdown(fds[i], SHUT_RDWR); /* a socket end: its connector sees the end */
+                        safe_close(fds[i]);
+                }
+                if (r < 0 && r != -EAGAIN && r != -EMSGSIZE && r != -EBADMSG)
+                        return; /* end of file (or the connection broke): the daemon is done with it */
+        }
+}
+
 _public_ void shmz_listener_close(struct shmz_listener *l) {
         if (!l)
                 return;
         for (size_t i = 0; i < l->n_queue; i++)
                 pending_close(&l->queue[i]);
         free(l->queue);
+        if (l->conn && !l->dead)
+                listener_hang_up(l);
         /* Closing the connection unpublishes the name; the daemon shuts down ports never accepted. */
         shmz_disconnect(l->conn);
         client_unref(l->client);

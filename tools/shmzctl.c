@@ -1,5 +1,6 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
-/* shmzctl: look at and manage shmzoned's zones; a client of libshmzone like any other. */
+/* shmzctl: look at and manage shmzoned's zones, look at its ports and segments; a client of libshmzone like any other.
+ */
 #include <errno.h>
 #include <getopt.h>
 #include <grp.h>
@@ -39,14 +40,18 @@ static void help(void) {
                "  rm NAME...                 remove zone names (memory goes after the last detach)\n"
                "  chmod MODE NAME            change a zone's mode (octal)\n"
                "  chown USER[:GROUP] NAME    change a zone's owner (names or numbers)\n"
-               "  status                     the daemon's figures (--json)\n\n"
+               "  status                     the daemon's figures (--json)\n"
+               "  ports                      published port names and live connections (--names, --json)\n"
+               "  port show NAME             one published name and its connections (--json)\n"
+               "  segments                   shared-memory segments of live ports (--names: ids, --json)\n"
+               "  segment show ID            one segment's figures (--json)\n\n"
                "Options:\n"
                "  -s, --socket PATH   control socket (default $SHMZONE_SOCKET, else /run/shmzone/shmzone.sock)\n"
                "  -S, --size SIZE     size for create\n"
                "  -t, --tag TAG       tag for create\n"
                "  -m, --mode MODE     mode for create (octal)\n"
-               "  -j, --json          JSON output (list, show, status)\n"
-               "  -q, --names         list: zone names only, one a line\n"
+               "  -j, --json          JSON output (list, show, status, ports, port show, segments, segment show)\n"
+               "  -q, --names         list, ports: names only; segments: ids only; one a line\n"
                "  -h, --help          this help\n"
                "  -V, --version       the version\n\n"
                "Exit status: 0 ok, 1 other error, 2 usage, 3 not found, 4 permission denied,\n"
@@ -254,6 +259,16 @@ static int cmd_status(struct shmz_client *c, int argc, char **argv) {
                 json_object_object_add(o, "requests", json_object_new_uint64(st.requests));
                 json_object_object_add(o, "errors", json_object_new_uint64(st.errors));
                 json_object_object_add(o, "uptime_usec", json_object_new_uint64(st.uptime_usec));
+                json_object_object_add(o, "listeners", json_object_new_uint64(st.listeners));
+                json_object_object_add(o, "ports", json_object_new_uint64(st.ports));
+                json_object_object_add(o, "segments", json_object_new_uint64(st.segments));
+                json_object_object_add(o, "segment_bytes", json_object_new_uint64(st.segment_bytes));
+                json_object_object_add(o, "chunks", json_object_new_uint64(st.chunks));
+                json_object_object_add(o, "chunks_used", json_object_new_uint64(st.chunks_used));
+                json_object_object_add(o, "messages", json_object_new_uint64(st.messages));
+                json_object_object_add(o, "message_bytes", json_object_new_uint64(st.message_bytes));
+                json_object_object_add(o, "ports_closed", json_object_new_uint64(st.ports_closed));
+                json_object_object_add(o, "peers_died", json_object_new_uint64(st.peers_died));
                 json_print(o);
                 return 0;
         }
@@ -262,8 +277,291 @@ static int cmd_status(struct shmz_client *c, int argc, char **argv) {
                "\nuptime: %" PRIu64 " s\n",
                st.zones, st.zones_unlinked, st.budget_used, st.budget, st.quota, st.clients, st.requests, st.errors,
                st.uptime_usec / 1000000);
+        printf("listeners: %" PRIu64 "\nports: %" PRIu64 " (%" PRIu64 " closed since start, %" PRIu64
+               " by a death)\nsegments: %" PRIu64 " (%" PRIu64 " bytes)\nchunks: %" PRIu64 " of %" PRIu64
+               " used\nmessages: %" PRIu64 " (%" PRIu64 " bytes)\n",
+               st.listeners, st.ports, st.ports_closed, st.peers_died, st.segments, st.segment_bytes, st.chunks_used,
+               st.chunks, st.messages, st.message_bytes);
         return 0;
 }
+
+/* ---- ports and segments ------------------------------------------------------------ */
+
+/* Until lib/port.c (shmz_port_list, shmz_segment_list) is in the tree; tools/meson.build says. */
+#ifdef SHMZCTL_PORTS
+
+static const char *const side_name[2] = { "connector", "acceptor" };
+
+static struct json_object *listener_json(const struct shmz_msg_port_info *pi) {
+        struct json_object *o = json_object_new_object();
+
+        json_object_object_add(o, "kind", json_object_new_string("listener"));
+        json_object_object_add(o, "name", json_object_new_string(pi->name));
+        json_object_object_add(o, "mode", json_object_new_int64(pi->mode));
+        json_object_object_add(o, "uid", json_object_new_int64(pi->uid));
+        json_object_object_add(o, "gid", json_object_new_int64(pi->gid));
+        json_object_object_add(o, "pid", json_object_new_int64(pi->pid[SHMZ_PORT_SIDE_ACCEPTOR]));
+        json_object_object_add(o, "backlog", json_object_new_int64(pi->backlog));
+        json_object_object_add(o, "connections", json_object_new_uint64(pi->connections));
+        json_object_object_add(o, "created_usec", json_object_new_uint64(pi->created_usec));
+        return o;
+}
+
+static struct json_object *connection_json(const struct shmz_msg_port_info *pi) {
+        struct json_object *o = json_object_new_object();
+
+        json_object_object_add(o, "kind", json_object_new_string("port"));
+        json_object_object_add(o, "port_id", json_object_new_uint64(pi->port_id));
+        json_object_object_add(o, "name", json_object_new_string(pi->name));
+        json_object_object_add(o, "segments", json_object_new_int64(pi->segments));
+        json_object_object_add(o, "created_usec", json_object_new_uint64(pi->created_usec));
+        /* Per side: its process, and what it sent. */
+        for (int s = 0; s < 2; s++) {
+                struct json_object *d = json_object_new_object();
+
+                json_object_object_add(d, "pid", json_object_new_int64(pi->pid[s]));
+                json_object_object_add(d, "uid", json_object_new_int64(pi->uid_side[s]));
+                json_object_object_add(d, "messages", json_object_new_uint64(pi->messages[s]));
+                json_object_object_add(d, "bytes", json_object_new_uint64(pi->bytes[s]));
+                json_object_object_add(d, "chunks_in_flight", json_object_new_uint64(pi->chunks_in_flight[s]));
+                json_object_object_add(o, side_name[s], d);
+        }
+        return o;
+}
+
+/* The daemon's entries, copied: listeners (port_id 0) and connections, in the daemon's order. */
+struct port_entries {
+        struct shmz_msg_port_info *e;
+        size_t n, cap;
+};
+
+static int collect_port(const struct shmz_msg_port_info *pi, void *userdata) {
+        struct port_entries *pe = userdata;
+
+        if (pe->n == pe->cap) {
+                size_t cap = pe->cap ? pe->cap * 2 : 32;
+                struct shmz_msg_port_info *e = reallocarray(pe->e, cap, sizeof(*e));
+
+                if (!e)
+                        return -ENOMEM;
+                pe->e = e;
+                pe->cap = cap;
+        }
+        pe->e[pe->n] = *pi;
+        /* From the daemon: terminate what is printed whatever it sent. */
+        pe->e[pe->n].name[SHMZ_NAME_BUF - 1] = 0;
+        pe->n++;
+        return 0;
+}
+
+static void print_listener_header(void) {
+        printf("%-24s %4s %5s %5s %7s %7s %5s\n", "NAME", "MODE", "UID", "GID", "PID", "BACKLOG", "CONNS");
+}
+
+static void print_listener(const struct shmz_msg_port_info *pi) {
+        printf("%-24s %04o %5u %5u %7u %7u %5" PRIu64 "\n", pi->name, pi->mode, pi->uid, pi->gid,
+               pi->pid[SHMZ_PORT_SIDE_ACCEPTOR], pi->backlog, pi->connections);
+}
+
+/* Messages and bytes per direction: C> what the connector sent, A> what the acceptor sent. */
+static void print_connection_header(void) {
+        printf("%-8s %-24s %7s %5s %7s %5s %9s %11s %9s %11s %8s %4s\n", "PORT", "NAME", "C.PID", "C.UID", "A.PID",
+               "A.UID", "C>MSGS", "C>BYTES", "A>MSGS", "A>BYTES", "INFLIGHT", "SEGS");
+}
+
+static void print_connection(const struct shmz_msg_port_info *pi) {
+        printf("%-8" PRIu64 " %-24s %7u %5u %7u %5u %9" PRIu64 " %11" PRIu64 " %9" PRIu64 " %11" PRIu64 " %8" PRIu64
+               " %4u\n",
+               pi->port_id, pi->name, pi->pid[0], pi->uid_side[0], pi->pid[1], pi->uid_side[1], pi->messages[0],
+               pi->bytes[0], pi->messages[1], pi->bytes[1], pi->chunks_in_flight[0] + pi->chunks_in_flight[1],
+               pi->segments);
+}
+
+/* name NULL: everything; else that listener and its connections (-ENOENT without the listener). */
+static int show_ports(struct shmz_client *c, const char *name) {
+        struct port_entries pe = {};
+        struct json_object *out = NULL;
+        bool found = false;
+        size_t nl = 0, nc = 0;
+        int r;
+
+        r = shmz_port_list(c, collect_port, &pe);
+        if (r < 0)
+                goto out;
+        for (size_t i = 0; i < pe.n; i++) {
+                if (name && !streq(pe.e[i].name, name))
+                        continue;
+                if (pe.e[i].port_id == 0) {
+                        nl++;
+                        found = true;
+                } else
+                        nc++;
+        }
+        if (name && !found) {
+                r = -ENOENT;
+                goto out;
+        }
+        if (arg_json) {
+                struct json_object *conns = json_object_new_array();
+
+                for (size_t i = 0; i < pe.n; i++)
+                        if (pe.e[i].port_id != 0 && (!name || streq(pe.e[i].name, name)))
+                                json_object_array_add(conns, connection_json(&pe.e[i]));
+                if (name) {
+                        for (size_t i = 0; i < pe.n; i++)
+                                if (pe.e[i].port_id == 0 && streq(pe.e[i].name, name)) {
+                                        out = listener_json(&pe.e[i]);
+                                        break;
+                                }
+                        json_object_object_add(out, "ports", conns);
+                } else {
+                        struct json_object *ls = json_object_new_array();
+
+                        for (size_t i = 0; i < pe.n; i++)
+                                if (pe.e[i].port_id == 0)
+                                        json_object_array_add(ls, listener_json(&pe.e[i]));
+                        out = json_object_new_object();
+                        json_object_object_add(out, "listeners", ls);
+                        json_object_object_add(out, "ports", conns);
+                }
+                json_print(out);
+                goto out;
+        }
+        if (arg_names && !name) {
+                for (size_t i = 0; i < pe.n; i++)
+                        if (pe.e[i].port_id == 0)
+                                puts(pe.e[i].name);
+                goto out;
+        }
+        if (name) {
+                for (size_t i = 0; i < pe.n; i++)
+                        if (pe.e[i].port_id == 0 && streq(pe.e[i].name, name))
+                                printf("name: %s\nmode: %04o\nuid: %u\ngid: %u\npid: %u\nbacklog: %u\n"
+                                       "connections: %" PRIu64 "\n",
+                                       pe.e[i].name, pe.e[i].mode, pe.e[i].uid, pe.e[i].gid,
+                                       pe.e[i].pid[SHMZ_PORT_SIDE_ACCEPTOR], pe.e[i].backlog, pe.e[i].connections);
+        } else {
+                print_listener_header();
+                for (size_t i = 0; i < pe.n; i++)
+                        if (pe.e[i].port_id == 0)
+                                print_listener(&pe.e[i]);
+        }
+        if (nc > 0 || !name) {
+                putchar('\n');
+                print_connection_header();
+                for (size_t i = 0; i < pe.n; i++)
+                        if (pe.e[i].port_id != 0 && (!name || streq(pe.e[i].name, name)))
+                                print_connection(&pe.e[i]);
+        }
+out:
+        free(pe.e);
+        return r;
+}
+
+static int cmd_ports(struct shmz_client *c, int argc, char **argv) {
+        if (argc != 1)
+                return -EUCLEAN;
+        return show_ports(c, NULL);
+}
+
+static int cmd_port(struct shmz_client *c, int argc, char **argv) {
+        if (argc != 3 || !streq(argv[1], "show"))
+                return -EUCLEAN;
+        return show_ports(c, argv[2]);
+}
+
+static struct json_object *segment_json(const struct shmz_msg_segment_info *si) {
+        struct json_object *o = json_object_new_object();
+
+        json_object_object_add(o, "id", json_object_new_uint64(si->id));
+        json_object_object_add(o, "port_id", json_object_new_uint64(si->port_id));
+        json_object_object_add(o, "side", json_object_new_string(si->side < 2 ? side_name[si->side] : "?"));
+        json_object_object_add(o, "slot", json_object_new_int64(si->slot));
+        json_object_object_add(o, "chunk_size", json_object_new_int64(si->chunk_size));
+        json_object_object_add(o, "chunks", json_object_new_int64(si->n_chunks));
+        json_object_object_add(o, "chunks_used", json_object_new_int64(si->chunks_used));
+        json_object_object_add(o, "map_size", json_object_new_uint64(si->map_size));
+        json_object_object_add(o, "owner_pid", json_object_new_int64(si->owner_pid));
+        json_object_object_add(o, "owner_uid", json_object_new_int64(si->owner_uid));
+        json_object_object_add(o, "owner_gid", json_object_new_int64(si->owner_gid));
+        json_object_object_add(o, "created_usec", json_object_new_uint64(si->created_usec));
+        return o;
+}
+
+struct segment_walk {
+        struct json_object *array; /* --json */
+        uint64_t id;               /* segment show: the one wanted, else 0 */
+        bool found;
+};
+
+static int print_segment(const struct shmz_msg_segment_info *si, void *userdata) {
+        struct segment_walk *w = userdata;
+
+        if (w->id != 0) {
+                if (si->id != w->id)
+                        return 0;
+                w->found = true;
+                if (arg_json)
+                        json_print(segment_json(si));
+                else
+                        printf("id: %" PRIu64 "\nport: %" PRIu64 "\nside: %s\nslot: %u\nchunk_size: %u\n"
+                               "chunks: %u\nchunks_used: %u\nmap_size: %" PRIu64 "\nowner_pid: %u\nowner_uid: %u\n"
+                               "owner_gid: %u\n",
+                               si->id, si->port_id, si->side < 2 ? side_name[si->side] : "?", si->slot, si->chunk_size,
+                               si->n_chunks, si->chunks_used, si->map_size, si->owner_pid, si->owner_uid,
+                               si->owner_gid);
+                return 0;
+        }
+        if (w->array)
+                json_object_array_add(w->array, segment_json(si));
+        else if (arg_names)
+                printf("%" PRIu64 "\n", si->id);
+        else
+                printf("%-8" PRIu64 " %-8" PRIu64 " %-9s %4u %10u %6u %6u %10" PRIu64 " %7u %5u %5u\n", si->id,
+                       si->port_id, si->side < 2 ? side_name[si->side] : "?", si->slot, si->chunk_size, si->n_chunks,
+                       si->chunks_used, si->map_size, si->owner_pid, si->owner_uid, si->owner_gid);
+        return 0;
+}
+
+static int cmd_segments(struct shmz_client *c, int argc, char **argv) {
+        struct segment_walk w = {};
+        int r;
+
+        if (argc != 1)
+                return -EUCLEAN;
+        if (arg_json)
+                w.array = json_object_new_array();
+        else if (!arg_names)
+                printf("%-8s %-8s %-9s %4s %10s %6s %6s %10s %7s %5s %5s\n", "ID", "PORT", "SIDE", "SLOT", "CHUNK_SIZE",
+                       "CHUNKS", "USED", "MAP_SIZE", "PID", "UID", "GID");
+        r = shmz_segment_list(c, print_segment, &w);
+        if (w.array) {
+                if (r >= 0)
+                        json_print(w.array);
+                else
+                        json_object_put(w.array);
+        }
+        return r;
+}
+
+static int cmd_segment(struct shmz_client *c, int argc, char **argv) {
+        struct segment_walk w = {};
+        char *end;
+        int r;
+
+        if (argc != 3 || !streq(argv[1], "show"))
+                return -EUCLEAN;
+        errno = 0;
+        w.id = strtoull(argv[2], &end, 10);
+        if (!argv[2][0] || *end || errno || w.id == 0 || argv[2][0] == '-' || argv[2][0] == '+')
+                return -EUCLEAN;
+        r = shmz_segment_list(c, print_segment, &w);
+        if (r < 0)
+                return r;
+        return w.found ? 0 : -ENOENT;
+}
+
+#endif /* SHMZCTL_PORTS */
 
 static int exit_code(int r) {
         switch (r) {
@@ -295,8 +593,13 @@ int main(int argc, char *argv[]) {
                 const char *name;
                 int (*fn)(struct shmz_client *c, int argc, char **argv);
         } cmds[] = {
-                { "list", cmd_list }, { "show", cmd_show },   { "info", cmd_show },   { "create", cmd_create },
-                { "rm", cmd_rm },     { "chmod", cmd_chmod }, { "chown", cmd_chown }, { "status", cmd_status },
+                { "list", cmd_list },       { "show", cmd_show },     { "info", cmd_show },
+                { "create", cmd_create },   { "rm", cmd_rm },         { "chmod", cmd_chmod },
+                { "chown", cmd_chown },     { "status", cmd_status },
+#ifdef SHMZCTL_PORTS
+                { "ports", cmd_ports },     { "port", cmd_port },     { "segments", cmd_segments },
+                { "segment", cmd_segment },
+#endif
         };
         struct shmz_client *c;
         int o, r;

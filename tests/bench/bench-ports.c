@@ -52,8 +52,13 @@
 
 static struct daemon_proc d;
 
+static pid_t main_pid;
+
 static void die(const char *what) {
         fprintf(stderr, "bench-ports: %s\n", what);
+        /* The daemon goes with the benchmark, not with one of its children. */
+        if (getpid() == main_pid)
+                harness_cleanup(&d);
         exit(1);
 }
 
@@ -567,6 +572,7 @@ int main(void) {
                 die("out of memory");
         memset(buf, 1, MiB);
         memset(buf2, 2, MiB);
+        main_pid = getpid();
         harness_init(&d, "[daemon]\nmemory_budget = 64M\n");
         if (harness_start(&d, NULL, false) != 0) {
                 fprintf(stderr, "daemon did not start: %s\n", harness_log(&d));

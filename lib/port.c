@@ -361,7 +361,7 @@ static int tx_grow_locked(struct shmz_port *p, int64_t timeout_ns, uint64_t dead
 
                 r = p->source(p, p->source_userdata, &fd, &id);
                 if (r < 0)
-                        return r == -ENOENT ? -EPIPE : r; /* the daemon dropped the port: its peer is gone */
+                        return r;
                 r = seg_map(p, fd, id, true, &p->tx_unannounced);
                 if (r < 0)
                         return r == -EBADMSG ? -EPROTO : r; /* the daemon made no sense */

@@ -52,8 +52,13 @@
 
 static struct daemon_proc d;
 
+static pid_t main_pid;
+
 static void die(const char *what) {
         fprintf(stderr, "bench-ports: %s\n", what);
+        /* The daemon goes with the benchmark, not with one of its children. */
+        if (getpid() == main_pid)
+                harness_cleanup(&d);
         exit(1);
 }
 
@@ -342,16 +347,20 @@ struct iox_side {
         iox_ws_t ws;
 };
 
-static void iox_side_open(struct iox_side *s, const char *name, const char *out, const char *in) {
+static void iox_side_open(struct iox_side *s, const char *name, const char *out, const char *in, size_t size) {
+        char instance[32];
         iox_pub_options_t po;
         iox_sub_options_t so;
+
+        /* A service per size: a process of an earlier run that lingers never subscribes to this one. */
+        snprintf(instance, sizeof(instance), "rtt%zu", size);
 
         iox_runtime_init(name);
         iox_pub_options_init(&po);
         iox_sub_options_init(&so);
         so.queueCapacity = 16;
-        s->pub = iox_pub_init(&s->pub_storage, "shmzbench", "rtt", out, &po);
-        s->sub = iox_sub_init(&s->sub_storage, "shmzbench", "rtt", in, &so);
+        s->pub = iox_pub_init(&s->pub_storage, "shmzbench", instance, out, &po);
+        s->sub = iox_sub_init(&s->sub_storage, "shmzbench", instance, in, &so);
         s->ws = iox_ws_init(&s->ws_storage);
         if (iox_ws_attach_subscriber_state(s->ws, s->sub, SubscriberState_HAS_DATA, 0, NULL) != WaitSetResult_SUCCESS)
                 _exit(5);
@@ -390,7 +399,7 @@ static _Noreturn void iox_pong(size_t size) {
         char name[64];
 
         snprintf(name, sizeof(name), "shmzbench-pong-%d", (int) getpid());
-        iox_side_open(&s, name, "pong", "ping");
+        iox_side_open(&s, name, "pong", "ping", size);
         for (;;) {
                 const void *in = iox_take(&s);
                 uint64_t v = read_stamp(in, size);
@@ -414,7 +423,7 @@ static _Noreturn void iox_ping(size_t size, long iters, double *ret) {
         char name[64];
 
         snprintf(name, sizeof(name), "shmzbench-ping-%d", (int) getpid());
-        iox_side_open(&s, name, "ping", "pong");
+        iox_side_open(&s, name, "ping", "pong", size);
         for (int r = -1; r < RUNS; r++) { /* run -1 warms up */
                 double t0 = now_ns();
 
@@ -563,6 +572,7 @@ int main(void) {
                 die("out of memory");
         memset(buf, 1, MiB);
         memset(buf2, 2, MiB);
+        main_pid = getpid();
         harness_init(&d, "[daemon]\nmemory_budget = 64M\n");
         if (harness_start(&d, NULL, false) != 0) {
                 fprintf(stderr, "daemon did not start: %s\n", harness_log(&d));

@@ -108,7 +108,7 @@ struct fuse_view {
         gid_t gid;
         uint64_t start_usec;
         atomic_uint_fast64_t zones_mtime_usec; /* zones/ changes: its mtime */
-        _Atomic(struct ports *) ports;         /* fuse_view_set_ports(), from another thread */
+        _Atomic(struct ports *) ports;         /* fuse_view_start()'s; NULL: ports/ and segments/ look empty */
         atomic_uint_fast64_t ports_mtime_usec; /* a listener came or went */
         atomic_uint_fast64_t segments_mtime_usec;
 

@@ -964,22 +964,6 @@ fail:
         return r;
 }
 
-void fuse_view_set_ports(struct fuse_view *v, struct ports *pt) {
-        struct ports *old;
-
-        if (!v)
-                return;
-        old = atomic_exchange(&v->ports, pt);
-        if (old && old != pt)
-                ports_set_observer(old, NULL, NULL);
-        if (pt)
-                ports_set_observer(pt, view_ports_event, v);
-        atomic_store(&v->ports_mtime_usec, now_usec(CLOCK_REALTIME));
-        atomic_store(&v->segments_mtime_usec, now_usec(CLOCK_REALTIME));
-        view_queue_inval(v, INO_PORTS);
-        view_queue_inval(v, INO_SEGMENTS);
-}
-
 void fuse_view_stop(struct fuse_view *v) {
         bool stuck = false;
 

@@ -41,13 +41,3 @@ int fuse_view_start(struct registry *reg, struct ports *ports, const char *mount
                     fuse_view_figures_t figures, void *figures_data, struct fuse_view **ret);
 /* Stops the thread and unmounts. NULL is fine. */
 void fuse_view_stop(struct fuse_view *v);
-
-/*
- * Shows pt's listeners, ports and segments in ports/ and segments/, counts
- * them in status and metrics, and makes the view pt's observer
- * (ports_set_observer) to invalidate the kernel's copies; what
- * fuse_view_start() does with its ports, for a table made later or another
- * one. pt must outlive the view: fuse_view_stop() drops the references it
- * still holds. NULL: ports/ and segments/ look empty.
- */
-void fuse_view_set_ports(struct fuse_view *v, struct ports *pt);

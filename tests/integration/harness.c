@@ -594,3 +594,15 @@ int harness_raw_connect(const char *path) {
         }
         return fd;
 }
+
+void harness_stop_clean(struct daemon_proc *d) {
+        int st = d->pid > 0 ? harness_stop(d) : 0;
+        const char *log = harness_log(d);
+        bool clean = !strstr(log, "Sanitizer") && !strstr(log, "runtime error");
+
+        if (st != 0 || !clean)
+                fprintf(stderr, "daemon log:\n%s\n", log);
+        harness_cleanup(d);
+        cr_assert_eq(st, 0, "the daemon exited with %d", st);
+        cr_assert(clean, "the sanitizers complained");
+}

@@ -64,6 +64,12 @@ void harness_write_config(struct daemon_proc *d, const char *config_text);
 int harness_start(struct daemon_proc *d, const char *const *extra_args, bool mount);
 /* SIGTERM, wait; returns the exit status (or 128+signal). Unmounts in any case. */
 int harness_stop(struct daemon_proc *d);
+/*
+ * Stops a daemon that may not have started (harness_stop), cleans up, and asserts that it
+ * exited 0 with nothing from the sanitizers in its log (leaks of what the test made), which
+ * it prints otherwise.
+ */
+void harness_stop_clean(struct daemon_proc *d);
 /* Sends SIGHUP and waits (up to 20 s) for RELOADING=1, then READY=1; 0 or a negative errno. */
 int harness_reload(struct daemon_proc *d);
 /*

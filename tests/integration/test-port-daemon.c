@@ -37,15 +37,7 @@ static struct daemon_proc d;
 
 /* The daemon must stop cleanly: exit 0, nothing from the sanitizers (leaks of ports, watches, segments). */
 static void stop(void) {
-        int st = d.pid > 0 ? harness_stop(&d) : 0;
-        const char *log = harness_log(&d);
-        bool clean = !strstr(log, "Sanitizer") && !strstr(log, "runtime error");
-
-        if (st != 0 || !clean)
-                fprintf(stderr, "daemon log:\n%s\n", log);
-        harness_cleanup(&d);
-        cr_assert_eq(st, 0, "the daemon exited with %d", st);
-        cr_assert(clean, "the sanitizers complained");
+        harness_stop_clean(&d);
 }
 
 static void start(void) {
@@ -901,8 +893,7 @@ Test(portd, connect_figure) {
                 for (int j = 0; j < 500 && status().ports > 0; j++)
                         usleep(1000);
         }
-        fprintf(stderr, "FIGURE port_connect_us %.1f (connect + reply + notice)\n",
-                (double) total / n / 1000.0);
+        fprintf(stderr, "FIGURE port_connect_us %.1f (connect + reply + notice)\n", (double) total / n / 1000.0);
         close(lfd);
         wait_empty();
         close(cfd);

@@ -216,8 +216,14 @@ static int seg_map(struct shmz_port *p, int fd, uint64_t id, bool tx, struct seg
                 seg_free(s);
                 return -ENOMEM;
         }
-        /* Read-write: the receiver clears bits of used[] when it releases chunks. */
-        s->map = mmap(NULL, s->map_size, PROT_READ | PROT_WRITE, MAP_SHARED, f, 0);
+        /*
+         * Read-write: the receiver clears bits of used[] when it releases chunks.
+         * A sender populates its own segment at once: it is made only when every
+         * other one is full, so it is about to be written, and one bulk populate
+         * costs far less than a page fault per 4 KiB in the middle of a send.
+         * A receiver does not: a peer's segment costs us nothing until we read it.
+         */
+        s->map = mmap(NULL, s->map_size, PROT_READ | PROT_WRITE, MAP_SHARED | (tx ? MAP_POPULATE : 0), f, 0);
         if (s->map == MAP_FAILED) {
                 int r = errno == EACCES || errno == EPERM ? -EBADMSG : -errno;
 

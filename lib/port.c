@@ -134,6 +134,8 @@ static void channel_released(struct shmz_channel *ch, unsigned d) {
                 futex_wake_all(&ch->dir[d].release_seq);
 }
 
+#define SEND_WAIT_MAX_NS UINT64_C(250000000)
+
 static bool port_closed(struct shmz_port *p) {
         struct pollfd pfd = { .fd = p->fd, .events = 0 };
 
@@ -141,6 +143,13 @@ static bool port_closed(struct shmz_port *p) {
                 return true;
         /* The peer shut its end down (or died and the daemon did): POLLHUP. */
         return poll(&pfd, 1, 0) > 0 && (pfd.revents & (POLLHUP | POLLERR | POLLNVAL));
+}
+
+/* This side saw the port end (EOF, a violation, a close): senders asleep for memory wake and see it. */
+static void port_set_gone(struct shmz_port *p) {
+        atomic_store(&p->gone, true);
+        if (p->ch)
+                channel_released(p->ch, p->pp.side);
 }
 
 /* ---- params and segments ------------------------------------------------------------------------ */
@@ -449,21 +458,24 @@ static int tx_claim(struct shmz_port *p, uint32_t n, int64_t timeout_ns, uint64_
                         continue;
                 }
                 {
-                        struct timespec ts, *tsp = NULL;
+                        /* A release wakes us at once. The daemon wakes us when the peer dies, but a
+                         * restarted daemon no longer watches this port: then only the socket's POLLHUP
+                         * tells, so a sleep lasts at most SEND_WAIT_MAX_NS before port_closed() looks. */
+                        uint64_t left = SEND_WAIT_MAX_NS;
+                        struct timespec ts;
 
                         if (deadline != UINT64_MAX) {
-                                uint64_t now = now_ns(), left;
+                                uint64_t now = now_ns();
 
                                 if (now >= deadline) {
                                         r = -ETIMEDOUT;
                                         goto done;
                                 }
-                                left = deadline - now;
-                                ts = (struct timespec){ .tv_sec = (time_t) (left / 1000000000),
-                                                        .tv_nsec = (long) (left % 1000000000) };
-                                tsp = &ts;
+                                left = MIN(left, deadline - now);
                         }
-                        (void) syscall(SYS_futex, &dir->release_seq, FUTEX_WAIT, seq, tsp, NULL, 0);
+                        ts = (struct timespec){ .tv_sec = (time_t) (left / 1000000000),
+                                                .tv_nsec = (long) (left % 1000000000) };
+                        (void) syscall(SYS_futex, &dir->release_seq, FUTEX_WAIT, seq, &ts, NULL, 0);
                 }
         }
 done:
@@ -520,21 +532,25 @@ _public_ void *shmz_port_buf(struct shmz_port *p, size_t size) {
                 return NULL;
         }
         s = atomic_load(&p->tx[slot]);
-        s->buf_n[chunk] = (uint8_t) n;
+        __atomic_store_n(&s->buf_n[chunk], (uint8_t) n, __ATOMIC_RELEASE);
         return seg_chunk(p, s, chunk);
 }
 
 _public_ void shmz_port_buf_free(struct shmz_port *p, void *buf) {
         uint32_t slot, chunk;
         struct seg *s;
+        uint8_t n;
 
         if (!p || !buf)
                 return;
         s = tx_find(p, buf, &slot, &chunk);
-        if (!s || chunk == UINT32_MAX || s->buf_n[chunk] == 0)
+        if (!s || chunk == UINT32_MAX)
                 return;
-        seg_unclaim(p, s, chunk, s->buf_n[chunk]);
-        s->buf_n[chunk] = 0;
+        /* Take the entry before the chunks go back: once unclaimed, another thread's
+         * shmz_port_buf() may claim them and record its own entry here. */
+        n = __atomic_exchange_n(&s->buf_n[chunk], 0, __ATOMIC_ACQ_REL);
+        if (n > 0)
+                seg_unclaim(p, s, chunk, n);
 }
 
 static void count_sent(struct shmz_port *p, size_t size) {
@@ -548,7 +564,7 @@ _public_ int shmz_port_send(struct shmz_port *p, const struct shmz_msg *m, int64
         struct shmz_frame f;
         uint64_t deadline;
         uint32_t slot = 0, chunk = 0, n = 0, buf_n = 0;
-        struct seg *s = NULL;
+        struct seg *s = NULL, *s_buf = NULL;
         int r;
 
         assert_return(p && m, -EINVAL);
@@ -568,10 +584,16 @@ _public_ int shmz_port_send(struct shmz_port *p, const struct shmz_msg *m, int64
         if (m->data)
                 s = tx_find(p, m->data, &slot, &chunk);
         if (s) {
-                /* A buffer of shmz_port_buf(): it travels in place. */
-                buf_n = chunk == UINT32_MAX ? 0 : s->buf_n[chunk];
-                if (buf_n == 0 || m->size > (size_t) buf_n * p->pp.chunk_size)
+                /* A buffer of shmz_port_buf(): it travels in place. The entry is taken now: once the
+                 * frame is out the receiver may release the chunks and another thread claim them. */
+                buf_n = chunk == UINT32_MAX ? 0 : __atomic_exchange_n(&s->buf_n[chunk], 0, __ATOMIC_ACQ_REL);
+                if (buf_n == 0)
                         return -EINVAL;
+                s_buf = s;
+                if (m->size > (size_t) buf_n * p->pp.chunk_size) {
+                        __atomic_store_n(&s->buf_n[chunk], (uint8_t) buf_n, __ATOMIC_RELEASE);
+                        return -EINVAL;
+                }
                 n = chunks_for(p, m->size);
                 if (n == 0)
                         s = NULL; /* empty: inline, the buffer goes back once sent */
@@ -594,18 +616,21 @@ _public_ int shmz_port_send(struct shmz_port *p, const struct shmz_msg *m, int64
                 if (r < 0) {
                         if (buf_n == 0)
                                 seg_unclaim(p, s, chunk, n); /* our copy: the caller's data is still theirs */
+                        else                                 /* not sent: the buffer is still the caller's */
+                                __atomic_store_n(&s->buf_n[chunk], (uint8_t) buf_n, __ATOMIC_RELEASE);
                         return r;
                 }
                 if (buf_n > n) /* the tail of a larger buffer is not sent: back to the pool */
                         seg_unclaim(p, s, chunk + n, buf_n - n);
-                if (buf_n > 0)
-                        s->buf_n[chunk] = 0;
         } else {
                 r = frame_send(p, &f, m->size > 0 ? m->data : NULL, m->size, m->fd, timeout_ns, deadline);
-                if (r < 0)
+                if (r < 0) {
+                        if (buf_n > 0)
+                                __atomic_store_n(&s_buf->buf_n[chunk], (uint8_t) buf_n, __ATOMIC_RELEASE);
                         return r;
+                }
                 if (buf_n > 0)
-                        shmz_port_buf_free(p, m->data);
+                        seg_unclaim(p, s_buf, chunk, buf_n);
         }
         count_sent(p, m->size);
         if (m->fd >= 0 && (m->flags & SHMZ_MSG_CLOSE_FD))
@@ -619,7 +644,7 @@ _public_ int shmz_port_send(struct shmz_port *p, const struct shmz_msg *m, int64
 static int violation(struct shmz_port *p, int *fds, size_t n_fds) {
         for (size_t i = 0; i < n_fds; i++)
                 safe_close(fds[i]);
-        atomic_store(&p->gone, true);
+        port_set_gone(p);
         (void) shutdown(p->fd, SHUT_RDWR);
         return -EBADMSG;
 }
@@ -735,7 +760,7 @@ static int recv_one_locked(struct shmz_port *p, struct shmz_msg *ret, bool block
                         if (errno == EAGAIN)
                                 return -EAGAIN;
                         if (errno == ECONNRESET || errno == EPIPE || errno == ENOTCONN) {
-                                atomic_store(&p->gone, true);
+                                port_set_gone(p);
                                 return -EPIPE;
                         }
                         return -errno;
@@ -753,7 +778,7 @@ static int recv_one_locked(struct shmz_port *p, struct shmz_msg *ret, bool block
                         /* End of file (a zero-length datagram is no frame either). */
                         if (n_fds > 0)
                                 return violation(p, fds, n_fds);
-                        atomic_store(&p->gone, true);
+                        port_set_gone(p);
                         return -EPIPE;
                 }
                 if ((mh.msg_flags & (MSG_TRUNC | MSG_CTRUNC)) || (size_t) n < sizeof(u.f))

@@ -345,6 +345,33 @@ Test(port, sender_wakes_with_epipe_when_port_closes) {
         shmz_port_close(a);
 }
 
+/* The peer is gone and nobody touches the channel (a restarted daemon no longer watches the port):
+ * the sleeping sender still finds out, from the socket, within a bounded time. */
+Test(port, sender_wakes_with_epipe_without_the_daemon) {
+        struct shmz_port *a, *b;
+        uint8_t data[2 * CHUNK] = {};
+        struct shmz_msg m = { .data = data, .size = sizeof(data), .fd = -1 };
+        struct sender s;
+        pthread_t t;
+        uint64_t gone;
+
+        pair(64, SHMZ_SEGMENT_HEADER_SIZE + 64 * CHUNK, &a, &b);
+        for (int i = 0; i < 32; i++)
+                cr_assert_eq(shmz_port_send(a, &m, 0), 0);
+        s = (struct sender){ .p = a, .size = 2 * CHUNK };
+        cr_assert(pthread_create(&t, NULL, send_one, &s) == 0);
+        usleep(50000);
+        cr_assert_eq(s.done_ns, 0);
+        gone = mono_ns();
+        cr_assert_eq(shutdown(shmz_port_fd(b), SHUT_RDWR), 0); /* the socket only, not the channel */
+        pthread_join(t, NULL);
+        cr_assert_eq(s.r, -EPIPE);
+        cr_assert_lt(s.done_ns - gone, UINT64_C(2000000000), "woken after %llu ns",
+                     (unsigned long long) (s.done_ns - gone));
+        shmz_port_close(a);
+        shmz_port_close(b);
+}
+
 Test(port, epipe_after_queued_messages) {
         struct shmz_port *a, *b;
         uint8_t big[3 * CHUNK];

@@ -8,6 +8,7 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <linux/futex.h>
+#include <linux/magic.h>
 #include <poll.h>
 #include <pthread.h>
 #include <stdatomic.h>
@@ -15,6 +16,7 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
+#include <sys/vfs.h>
 #include <time.h>
 
 #include "client.h"
@@ -202,6 +204,7 @@ static void seg_free(struct seg *s) {
 /* Maps a segment fd after checking it against the port, never against its header. Takes fd. */
 static int seg_map(struct shmz_port *p, int fd, uint64_t id, bool tx, struct seg **ret) {
         _cleanup_close_ int f = fd;
+        struct statfs sfs;
         struct stat st;
         struct seg *s;
         int seals;
@@ -212,6 +215,12 @@ static int seg_map(struct shmz_port *p, int fd, uint64_t id, bool tx, struct seg
                 return -EBADMSG;
         seals = fcntl(f, F_GET_SEALS);
         if (seals < 0 || (seals & (F_SEAL_SHRINK | F_SEAL_GROW)) != (F_SEAL_SHRINK | F_SEAL_GROW))
+                return -EBADMSG;
+        /* Plain shmem only: a hugetlbfs memfd also takes seals, and a hole its owner punches
+         * in it would make our reads of it fault (SIGBUS). */
+        if (fstatfs(f, &sfs) < 0)
+                return -errno;
+        if (sfs.f_type != TMPFS_MAGIC)
                 return -EBADMSG;
         s = calloc(1, sizeof(*s));
         if (!s)

@@ -632,6 +632,34 @@ Test(port, hostile_frames) {
                 hostile((enum hostile) h);
 }
 
+/* A hugetlbfs memfd takes seals too, but a hole its owner punches would fault our reads: refused. */
+Test(port, hugetlb_segment_refused) {
+        struct shmz_frame_segment fs = { .id = 1, .chunk_size = CHUNK, .n_chunks = 511 };
+        struct shmz_frame f = { .kind = SHMZ_FRAME_SEGMENT, .size = sizeof(fs) };
+        struct shmz_port *b;
+        struct shmz_msg r;
+        int raw, seg;
+
+        /* 4 KiB + 511 chunks of 4 KiB: 2 MiB, one huge page. */
+        half(511, &raw, &b);
+        seg = memfd_create("huge", MFD_CLOEXEC | MFD_ALLOW_SEALING | MFD_HUGETLB);
+        if (seg < 0) {
+                shmz_port_close(b);
+                close(raw);
+                cr_skip_test("no hugetlbfs memfd here: %m");
+        }
+        cr_assert(ftruncate(seg, SHMZ_SEGMENT_HEADER_SIZE + 511 * CHUNK) == 0, "%m");
+        cr_assert(fcntl(seg, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) == 0, "%m");
+        send_raw(raw, &f, &fs, sizeof(fs), &seg, 1);
+        f = (struct shmz_frame){ .kind = SHMZ_FRAME_DATA, .size = 2 };
+        send_raw(raw, &f, "ok", 2, NULL, 0);
+        cr_assert_eq(shmz_port_recv(b, &r, -1), -EBADMSG);
+        cr_assert_eq(shmz_port_recv(b, &r, -1), -EPIPE);
+        shmz_port_close(b);
+        close(seg);
+        close(raw);
+}
+
 /* ---- threads --------------------------------------------------------------------------- */
 
 #define THREADS 4

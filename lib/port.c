@@ -674,8 +674,13 @@ static int recv_segment(struct shmz_port *p, const struct shmz_frame *f, const u
         r = seg_map(p, fds[0], fs.id, false, &s);
         if (r == -EBADMSG)
                 return violation(p, NULL, 0);
-        if (r < 0)
+        if (r < 0) {
+                /* We could not map it (out of memory, maps, fds): the frames that use the slot would
+                 * look forged, and the peer is honest. The port ends here, with our errno. */
+                port_set_gone(p);
+                (void) shutdown(p->fd, SHUT_RDWR);
                 return r;
+        }
         atomic_store(&p->rx[fs.slot], s);
         return 0;
 }

@@ -162,7 +162,9 @@ int shmz_port_send(struct shmz_port *p, const struct shmz_msg *m, int64_t timeou
 /*
  * 0 and a message; -EAGAIN / -ETIMEDOUT; -EPIPE once the peer is gone and
  * nothing is left; -EBADMSG once for a peer that broke the protocol (the port
- * is then closed down, -EPIPE after).
+ * is then closed down, -EPIPE after). A payload that came in chunks (any over
+ * 4 KiB, every shmz_port_buf() buffer) is the sender's shared memory, which
+ * the sender can still write: copy what you validate before you rely on it.
  */
 int shmz_port_recv(struct shmz_port *p, struct shmz_msg *ret, int64_t timeout_ns);
 void shmz_msg_release(struct shmz_port *p, struct shmz_msg *m); /* its chunks go back to the sender */

@@ -1177,10 +1177,16 @@ _public_ int shmz_port_call(struct shmz_port *p, const struct shmz_msg *m, uint6
 
         r = shmz_port_send(p, &req, timeout);
         if (r < 0) {
+                bool ours;
+
                 pthread_mutex_lock(&p->rpc_lock);
-                (void) call_take_locked(p, req.stream, true, &c);
+                ours = call_take_locked(p, req.stream, true, &c);
                 pthread_mutex_unlock(&p->rpc_lock);
-                return r == -EAGAIN && timeout != 0 ? -ETIMEDOUT : r;
+                /* Another thread already ended the call (the peer died, the deadline passed) and told
+                 * the handler: the handler owns the outcome, an error here would report it twice. */
+                if (ours)
+                        return r == -EAGAIN && timeout != 0 ? -ETIMEDOUT : r;
+                r = 0;
         }
         if (ret_stream)
                 *ret_stream = req.stream;

@@ -174,7 +174,8 @@ void shmz_msg_release(struct shmz_port *p, struct shmz_msg *m); /* its chunks go
  * ignored) and calls handler for each reply on that stream: with error 0 and
  * the reply (which the handler releases or keeps), until a reply flagged
  * SHMZ_MSG_LAST; with -EPIPE when the peer dies, -ETIMEDOUT when deadline_ns
- * (CLOCK_MONOTONIC, 0 = none) passes first; each ends the call.
+ * (CLOCK_MONOTONIC, 0 = none) passes first; each ends the call. A negative
+ * return from shmz_port_call() means the handler is never called for it.
  * shmz_port_dispatch() receives what waits (timeout as for recv), hands
  * replies to their handlers and anything else to the port's handler
  * (shmz_port_set_handler), fires timeouts, and returns the number of

@@ -99,3 +99,23 @@ int mkdir_parents(const char *path, mode_t mode, bool last) {
                 return -errno;
         return 0;
 }
+
+size_t sorted_name_index(void *const *items, size_t n, size_t name_offset, const char *name, bool *ret_found) {
+        size_t lo = 0, hi = n;
+
+        while (lo < hi) {
+                size_t mid = lo + (hi - lo) / 2;
+                int c = strcmp((const char *) items[mid] + name_offset, name);
+
+                if (c == 0) {
+                        *ret_found = true;
+                        return mid;
+                }
+                if (c < 0)
+                        lo = mid + 1;
+                else
+                        hi = mid;
+        }
+        *ret_found = false;
+        return lo;
+}

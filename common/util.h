@@ -85,6 +85,11 @@ static inline bool buf_is_cstr(const char *buf, size_t size) {
 
 /* Names of zones (and later ports): [A-Za-z0-9._-], 1..SHMZ_NAME_MAX bytes, not "." or "..". */
 bool name_is_valid(const char *name);
+/*
+ * Binary search of items (pointers to structs sorted by the NUL-terminated name at name_offset
+ * in each): the index of name, or where it would go; *ret_found says which.
+ */
+size_t sorted_name_index(void *const *items, size_t n, size_t name_offset, const char *name, bool *ret_found);
 /* Tags: printable ASCII, at most SHMZ_TAG_MAX bytes. */
 bool tag_is_valid(const char *tag);
 

@@ -272,23 +272,8 @@ static void uid_uncharge(struct ports *pt, uid_t uid) {
 
 /* Index of the listener called name, or where it would go (*found false). */
 static size_t listener_pos(struct ports *pt, const char *name, bool *found) {
-        size_t lo = 0, hi = pt->n_listeners;
-
-        while (lo < hi) {
-                size_t mid = (lo + hi) / 2;
-                int c = strcmp(pt->listeners[mid]->name, name);
-
-                if (c == 0) {
-                        *found = true;
-                        return mid;
-                }
-                if (c < 0)
-                        lo = mid + 1;
-                else
-                        hi = mid;
-        }
-        *found = false;
-        return lo;
+        return sorted_name_index((void *const *) pt->listeners, pt->n_listeners, offsetof(struct listener, name), name,
+                                 found);
 }
 
 static size_t port_pos(struct ports *pt, uint64_t id, bool *found) {

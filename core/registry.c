@@ -159,23 +159,8 @@ void registry_changed(struct registry *reg, enum registry_event ev, const struct
 
 /* Where name is in reg->names, or where it would go; *ret_found says which. */
 static size_t name_index(struct registry *reg, const char *name, bool *ret_found) {
-        size_t lo = 0, hi = reg->n_names;
-
-        while (lo < hi) {
-                size_t mid = lo + (hi - lo) / 2;
-                int c = strcmp(reg->names[mid]->name, name);
-
-                if (c == 0) {
-                        *ret_found = true;
-                        return mid;
-                }
-                if (c < 0)
-                        lo = mid + 1;
-                else
-                        hi = mid;
-        }
-        *ret_found = false;
-        return lo;
+        return sorted_name_index((void *const *) reg->names, reg->n_names, offsetof(struct zone, name), name,
+                                 ret_found);
 }
 
 static int names_insert(struct registry *reg, struct zone *z) {

@@ -75,11 +75,15 @@ int parse_size(const char *s, uint64_t *ret) {
         return 0;
 }
 
-uint64_t now_usec(int clock) {
+uint64_t now_nsec(int clock) {
         struct timespec ts;
 
         (void) clock_gettime(clock, &ts);
-        return (uint64_t) ts.tv_sec * 1000000u + (uint64_t) ts.tv_nsec / 1000u;
+        return (uint64_t) ts.tv_sec * UINT64_C(1000000000) + (uint64_t) ts.tv_nsec;
+}
+
+uint64_t now_usec(int clock) {
+        return now_nsec(clock) / 1000u;
 }
 
 int mkdir_parents(const char *path, mode_t mode, bool last) {

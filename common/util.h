@@ -110,6 +110,7 @@ static inline void copy_sized(void *dst, size_t dst_size, const void *src, size_
                 memset((char *) dst + src_size, 0, dst_size - src_size);
 }
 
+uint64_t now_nsec(int clock);
 uint64_t now_usec(int clock);
 
 /* mkdir -p: the directories leading to path, and with last also path itself. */

@@ -83,10 +83,7 @@ struct shmz_port {
 /* ---- time ------------------------------------------------------------------------------ */
 
 static uint64_t now_ns(void) {
-        struct timespec ts;
-
-        (void) clock_gettime(CLOCK_MONOTONIC, &ts);
-        return (uint64_t) ts.tv_sec * UINT64_C(1000000000) + (uint64_t) ts.tv_nsec;
+        return now_nsec(CLOCK_MONOTONIC);
 }
 
 static uint64_t deadline_of(int64_t timeout_ns) {
@@ -177,10 +174,6 @@ uint32_t port_max_slots(const struct shmz_port *p) {
         return p->max_slots;
 }
 
-size_t port_max_message(const struct shmz_port *p) {
-        return p->max_msg;
-}
-
 static struct shmz_segment_header *seg_hdr(const struct seg *s) {
         return (struct shmz_segment_header *) s->map;
 }
@@ -202,26 +195,33 @@ static void seg_free(struct seg *s) {
 }
 
 /* Maps a segment fd after checking it against the port, never against its header. Takes fd. */
-static int seg_map(struct shmz_port *p, int fd, uint64_t id, bool tx, struct seg **ret) {
-        _cleanup_close_ int f = fd;
+/*
+ * Memory another process hands us (a segment, the channel): a regular file of exactly size
+ * bytes that can neither shrink nor grow, on plain shmem (a hugetlbfs memfd takes seals too,
+ * and a hole its owner punches would make our reads fault). -EBADMSG if not.
+ */
+static int shmem_fd_check(int fd, uint64_t size) {
         struct statfs sfs;
         struct stat st;
-        struct seg *s;
         int seals;
 
-        if (fstat(f, &st) < 0)
+        if (fstat(fd, &st) < 0 || fstatfs(fd, &sfs) < 0)
                 return -errno;
-        if (!S_ISREG(st.st_mode) || (uint64_t) st.st_size != p->seg_map_size)
+        seals = fcntl(fd, F_GET_SEALS);
+        if (!S_ISREG(st.st_mode) || (uint64_t) st.st_size != size || sfs.f_type != TMPFS_MAGIC || seals < 0 ||
+            (seals & (F_SEAL_SHRINK | F_SEAL_GROW)) != (F_SEAL_SHRINK | F_SEAL_GROW))
                 return -EBADMSG;
-        seals = fcntl(f, F_GET_SEALS);
-        if (seals < 0 || (seals & (F_SEAL_SHRINK | F_SEAL_GROW)) != (F_SEAL_SHRINK | F_SEAL_GROW))
-                return -EBADMSG;
-        /* Plain shmem only: a hugetlbfs memfd also takes seals, and a hole its owner punches
-         * in it would make our reads of it fault (SIGBUS). */
-        if (fstatfs(f, &sfs) < 0)
-                return -errno;
-        if (sfs.f_type != TMPFS_MAGIC)
-                return -EBADMSG;
+        return 0;
+}
+
+static int seg_map(struct shmz_port *p, int fd, uint64_t id, bool tx, struct seg **ret) {
+        _cleanup_close_ int f = fd;
+        struct seg *s;
+        int r;
+
+        r = shmem_fd_check(f, p->seg_map_size);
+        if (r < 0)
+                return r;
         s = calloc(1, sizeof(*s));
         if (!s)
                 return -ENOMEM;
@@ -240,8 +240,7 @@ static int seg_map(struct shmz_port *p, int fd, uint64_t id, bool tx, struct seg
         /* Read-write: the receiver clears bits of used[] when it releases chunks. */
         s->map = mmap(NULL, s->map_size, PROT_READ | PROT_WRITE, MAP_SHARED, f, 0);
         if (s->map == MAP_FAILED) {
-                int r = errno == EACCES || errno == EPERM ? -EBADMSG : -errno;
-
+                r = errno == EACCES || errno == EPERM ? -EBADMSG : -errno;
                 s->map = NULL;
                 seg_free(s);
                 return r;
@@ -949,9 +948,8 @@ int port_new(int sock_fd, int channel_fd, const struct port_params *pp, struct s
              port_segment_source_t source, void *userdata, struct shmz_port **ret) {
         _cleanup_close_ int sfd = sock_fd, cfd = channel_fd;
         struct shmz_port *p;
-        struct stat st;
         uint64_t slots;
-        int type = 0, seals, r;
+        int type = 0, r;
         socklen_t len = sizeof(type);
 
         /* Whatever fails, the end is shut down: the peer sees end of file, not a port that never answers. */
@@ -961,12 +959,9 @@ int port_new(int sock_fd, int channel_fd, const struct port_params *pp, struct s
                 r = port_params_check(pp);
         if (r >= 0 && (getsockopt(sfd, SOL_SOCKET, SO_TYPE, &type, &len) < 0 || type != SOCK_SEQPACKET))
                 r = -EPROTO;
-        if (r >= 0 && fstat(cfd, &st) < 0)
-                r = -errno;
         if (r >= 0) {
-                seals = fcntl(cfd, F_GET_SEALS);
-                if (!S_ISREG(st.st_mode) || st.st_size != SHMZ_CHANNEL_SIZE || seals < 0 ||
-                    (seals & (F_SEAL_SHRINK | F_SEAL_GROW)) != (F_SEAL_SHRINK | F_SEAL_GROW))
+                r = shmem_fd_check(cfd, SHMZ_CHANNEL_SIZE);
+                if (r == -EBADMSG)
                         r = -EPROTO;
         }
         p = r >= 0 ? calloc(1, sizeof(*p)) : NULL;
@@ -1186,7 +1181,6 @@ _public_ int shmz_port_call(struct shmz_port *p, const struct shmz_msg *m, uint6
                  * the handler: the handler owns the outcome, an error here would report it twice. */
                 if (ours)
                         return r == -EAGAIN && timeout != 0 ? -ETIMEDOUT : r;
-                r = 0;
         }
         if (ret_stream)
                 *ret_stream = req.stream;
@@ -1509,7 +1503,7 @@ _public_ int shmz_port_accept(struct shmz_listener *l, int64_t timeout_ns, struc
                         return -EAGAIN;
                 r = wait_fd(client_fd(l->conn), POLLIN, deadline);
                 if (r < 0)
-                        return r == -ETIMEDOUT ? -ETIMEDOUT : r;
+                        return r;
         }
 }
 

@@ -42,8 +42,6 @@ int port_params_check(const struct port_params *pp);
 
 /* Segment slots per direction: port_memory / (segment_chunks * chunk_size), at least 1. */
 uint32_t port_max_slots(const struct shmz_port *p);
-/* The largest message: min(64, segment_chunks) * chunk_size. */
-size_t port_max_message(const struct shmz_port *p);
 /* Chunks this side has claimed in its own segments, and chunks it holds of the peer's (received, unreleased). */
 uint64_t port_tx_chunks_used(const struct shmz_port *p);
 uint64_t port_rx_chunks_held(const struct shmz_port *p);

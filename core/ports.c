@@ -777,21 +777,23 @@ out:
         return r;
 }
 
-static uint64_t count_used(const struct segment *s) {
+uint64_t segment_chunks_used(const struct shmz_segment_header *h, uint32_t n_chunks) {
         uint64_t n = 0;
-        uint32_t words = (s->info.n_chunks + 63) / 64;
 
-        if (!s->map)
-                return 0;
-        for (uint32_t i = 0; i < words; i++) {
-                uint64_t w = __atomic_load_n(&s->map->used[i], __ATOMIC_RELAXED);
+        n_chunks = MIN(n_chunks, SHMZ_SEGMENT_MAX_CHUNKS);
+        for (uint32_t i = 0; i * 64 < n_chunks; i++) {
+                uint64_t w = __atomic_load_n(&h->used[i], __ATOMIC_RELAXED);
 
                 /* Bits past n_chunks are the sender's scribbles: not chunks. */
-                if (i == words - 1 && s->info.n_chunks % 64)
-                        w &= (UINT64_C(1) << (s->info.n_chunks % 64)) - 1;
+                if (n_chunks - i * 64 < 64)
+                        w &= (UINT64_C(1) << (n_chunks - i * 64)) - 1;
                 n += (uint64_t) __builtin_popcountll(w);
         }
         return n;
+}
+
+static uint64_t count_used(const struct segment *s) {
+        return s->map ? segment_chunks_used(s->map, s->info.n_chunks) : 0;
 }
 
 static uint64_t sat_add(uint64_t a, uint64_t b) {

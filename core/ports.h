@@ -127,6 +127,9 @@ int ports_list_segments_page(struct ports *pt, uint64_t after_id, struct shmz_ms
 /* Lock-free lookup in the segment table. */
 int ports_segment_info(struct ports *pt, uint64_t id, struct shmz_msg_segment_info *ret);
 
+/* Chunks claimed in a segment's bitmap (bits past n_chunks ignored): figures, never trusted for more. */
+uint64_t segment_chunks_used(const struct shmz_segment_header *h, uint32_t n_chunks);
+
 /* A reference that keeps a segment's memory (the view reads it while a file is open). */
 int ports_segment_ref(struct ports *pt, uint64_t id, struct segment **ret);
 void ports_segment_unref(struct ports *pt, struct segment *s);

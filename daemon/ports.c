@@ -448,9 +448,6 @@ int port_list_pump(struct conn *c) {
 int port_dispatch(struct conn *c, const struct shmz_msg_header *h, const void *body) {
         if (!c->daemon->ports)
                 return reply(c, h, -EOPNOTSUPP, NULL, 0, -EBADF);
-        /* A listener's connection carries notices and PORT_ACCEPTED, nothing else. */
-        if (c->port_listener && h->type != SHMZ_MSG_PORT_ACCEPTED)
-                return reply(c, h, -EISCONN, NULL, 0, -EBADF);
         switch (h->type) {
         case SHMZ_MSG_PORT_LISTEN:
                 return do_listen(c, h, body);

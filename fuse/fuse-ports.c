@@ -554,20 +554,9 @@ void view_ports_release(struct fuse_view *v, struct vhandle *h) {
 
 /* Chunks claimed in the segment's bitmap (written by its peers: figures only, bounded by what the core says). */
 static uint64_t count_used(const void *map, size_t size, uint32_t n_chunks) {
-        const struct shmz_segment_header *hdr = map;
-        uint32_t n = MIN(n_chunks, SHMZ_SEGMENT_MAX_CHUNKS);
-        uint64_t used = 0;
-
         if (!map || size < SHMZ_SEGMENT_HEADER_SIZE)
                 return 0;
-        for (uint32_t w = 0; w * 64 < n; w++) {
-                uint64_t word = __atomic_load_n(&hdr->used[w], __ATOMIC_RELAXED);
-
-                if (n - w * 64 < 64)
-                        word &= (UINT64_C(1) << (n - w * 64)) - 1;
-                used += (uint64_t) __builtin_popcountll(word);
-        }
-        return used;
+        return segment_chunks_used(map, n_chunks);
 }
 
 static int segment_xattr(struct fuse_view *v, uint64_t ino, const char *name, char *buf, size_t size, size_t *ret_len) {

@@ -517,9 +517,17 @@ Test(portview, listener_connection_segment) {
         cr_assert_eq(text_value(out, "chunks_used"), 0, "%s", out);
         cr_assert_eq(text_value(out, "messages_total"), 1, "%s", out);
         cr_assert_eq(run(out, sizeof(out), "cat %s/metrics", d.mount), 0);
-        cr_assert(strstr(out, "\nshmzone_ports 1\n") && strstr(out, "\nshmzone_listeners 1\n") &&
-                          strstr(out, "# TYPE shmzone_chunks_used gauge\n"),
-                  "%s", out);
+        {
+                char want[128];
+
+                cr_assert(strstr(out, "\nshmzone_ports 1\n") && strstr(out, "\nshmzone_listeners 1\n") &&
+                                  strstr(out, "\nshmzone_segments 1\n") && strstr(out, "\nshmzone_chunks_used 0\n") &&
+                                  strstr(out, "\nshmzone_messages_total 1\n") &&
+                                  strstr(out, "# TYPE shmzone_chunks_used gauge\n"),
+                          "%s", out);
+                snprintf(want, sizeof(want), "\nshmzone_chunks %u\n", sf.si.n_chunks);
+                cr_assert(strstr(out, want), "%s", out);
+        }
 
         /* An open file of the segment outlives the port: it reads on, with no link left. */
         fd = open(seg, O_RDONLY | O_CLOEXEC);

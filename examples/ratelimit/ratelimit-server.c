@@ -74,7 +74,8 @@ struct request {
 
 static struct limiter *lim;
 static char worker_pid[16];
-static _Atomic unsigned held; /* delayed requests not answered yet */
+static _Atomic unsigned held;       /* delayed requests not answered yet */
+static _Atomic unsigned open_conns; /* connections this worker accepted and has not closed */
 
 static uint64_t mono_ms(void) {
         struct timespec ts;
@@ -111,19 +112,20 @@ static void *timer_main(void *userdata) {
         return NULL;
 }
 
-static bool timer_add(struct MHD_Connection *conn, uint64_t due_ms) {
-        bool ok;
+/* 1: queued; 0: the worker is stopping; -ENOBUFS: the queue is full. */
+static int timer_add(struct MHD_Connection *conn, uint64_t due_ms) {
+        int r;
 
         pthread_mutex_lock(&timer.lock);
-        ok = !timer.stop && timer.n < DELAYED_MAX;
-        if (ok) {
+        r = timer.stop ? 0 : timer.n < DELAYED_MAX ? 1 : -ENOBUFS;
+        if (r > 0) {
                 /* Suspended before the timer can see it: resume never comes before suspend. */
                 MHD_suspend_connection(conn);
                 timer.q[timer.n++] = (struct delayed){ .conn = conn, .due_ms = due_ms };
                 pthread_cond_signal(&timer.cond);
         }
         pthread_mutex_unlock(&timer.lock);
-        return ok;
+        return r;
 }
 
 static enum MHD_Result respond(struct MHD_Connection *conn, unsigned status, const char *body) {
@@ -206,14 +208,26 @@ static enum MHD_Result handle(void *cls, struct MHD_Connection *conn, const char
         if (d.verdict == LIMITER_DELAY && d.delay_ms > 0) {
                 req->state = REQ_DELAYED;
                 atomic_fetch_add(&held, 1);
-                if (timer_add(conn, mono_ms() + d.delay_ms))
+                r = timer_add(conn, mono_ms() + d.delay_ms);
+                if (r > 0)
                         return MHD_YES;
                 atomic_fetch_sub(&held, 1);
                 req->state = REQ_DONE;
+                /* Stopping: held-back requests are answered now, so is one that comes in meanwhile. */
+                if (r == 0)
+                        return respond(conn, MHD_HTTP_OK, "ok\n");
                 return respond(conn, MHD_HTTP_SERVICE_UNAVAILABLE, "limited\n");
         }
         req->state = REQ_DONE;
         return respond(conn, MHD_HTTP_OK, "ok\n");
+}
+
+static void connection_notify(void *cls, struct MHD_Connection *conn, void **socket_context,
+                              enum MHD_ConnectionNotificationCode toe) {
+        if (toe == MHD_CONNECTION_NOTIFY_STARTED)
+                atomic_fetch_add(&open_conns, 1);
+        else if (toe == MHD_CONNECTION_NOTIFY_CLOSED)
+                atomic_fetch_sub(&open_conns, 1);
 }
 
 static void completed(void *cls, struct MHD_Connection *conn, void **req_cls, enum MHD_RequestTerminationCode toe) {
@@ -287,7 +301,8 @@ static int worker_main(int listen_fd) {
         /* Signals stay blocked (inherited from the master), so only sigwait() below sees them. */
         mhd = MHD_start_daemon(MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_AUTO | MHD_ALLOW_SUSPEND_RESUME, 0, NULL, NULL,
                                handle, NULL, MHD_OPTION_LISTEN_SOCKET, listen_fd, MHD_OPTION_NOTIFY_COMPLETED,
-                               completed, NULL, MHD_OPTION_CONNECTION_TIMEOUT, (unsigned) 30, MHD_OPTION_END);
+                               completed, NULL, MHD_OPTION_NOTIFY_CONNECTION, connection_notify, NULL,
+                               MHD_OPTION_CONNECTION_TIMEOUT, (unsigned) 30, MHD_OPTION_END);
         if (!mhd) {
                 fprintf(stderr, "ratelimit-server: libmicrohttpd did not start\n");
                 return 1;
@@ -310,8 +325,12 @@ static int worker_main(int listen_fd) {
         pthread_cond_signal(&timer.cond);
         pthread_mutex_unlock(&timer.lock);
         pthread_join(timer_thread, NULL);
-        /* Resumed, they are answered by the daemon's thread: give it a second. */
-        for (uint64_t deadline = mono_ms() + 1000; atomic_load(&held) > 0 && mono_ms() < deadline;) {
+        /*
+         * Resumed, they are answered by the daemon's thread, and so is every connection this worker
+         * accepted before it stopped (its request may not have been read yet): give them two seconds.
+         */
+        for (uint64_t deadline = mono_ms() + 2000;
+             (atomic_load(&held) > 0 || atomic_load(&open_conns) > 0) && mono_ms() < deadline;) {
                 struct timespec ts = { .tv_nsec = 5 * 1000 * 1000 };
                 nanosleep(&ts, NULL);
         }

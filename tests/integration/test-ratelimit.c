@@ -355,11 +355,39 @@ Test(ratelimit, killed_worker_is_replaced_and_the_bucket_survives) {
         cr_assert_eq(server_stop(), 0, "clean stop");
 }
 
+/*
+ * Connections waiting in the accept queue of the listening socket on 127.0.0.1:port (for a
+ * listening socket, /proc/net/tcp's rx_queue is that queue), or -errno.
+ */
+static int accept_queue(int listen_port) {
+        FILE *f = fopen("/proc/net/tcp", "re");
+        char line[512];
+        int r = -ENOENT;
+
+        if (!f)
+                return -errno;
+        while (r == -ENOENT && fgets(line, sizeof(line), f)) {
+                unsigned addr, lport, st, txq, rxq;
+
+                if (sscanf(line, " %*u: %x:%x %*x:%*x %x %x:%x", &addr, &lport, &st, &txq, &rxq) == 5 && st == 0x0A &&
+                    (int) lport == listen_port)
+                        r = (int) rxq;
+        }
+        fclose(f);
+        return r;
+}
+
 static void *term_later(void *userdata) {
         /* Well inside the first held-back request's 1 s delay: a choice of moment, not a synchronisation. */
-        struct timespec ts = { .tv_nsec = 300 * 1000 * 1000 };
+        struct timespec ts = { .tv_nsec = 300 * 1000 * 1000 }, poll_ts = { .tv_nsec = 5 * 1000 * 1000 };
 
         nanosleep(&ts, NULL);
+        /*
+         * A connection still in the accept queue when every worker stops is the kernel's to refuse (as
+         * with nginx): wait until the workers took all three, for 5 s at most (a loaded machine).
+         */
+        for (int i = 0; i < 1000 && accept_queue(port) > 0; i++)
+                nanosleep(&poll_ts, NULL);
         kill(server, SIGTERM);
         return NULL;
 }

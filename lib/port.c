@@ -71,6 +71,7 @@ struct shmz_port {
         pthread_mutex_t recv_lock;
         atomic_bool gone;        /* end of file, or shut down: -EPIPE */
         atomic_bool recv_waited; /* the last receive had to sleep: sleep first next time (one syscall less) */
+        _Atomic uint64_t spin_ns; /* shmz_port_set_spin() */
 
         atomic_uint next_stream;
         pthread_mutex_t rpc_lock;
@@ -1050,6 +1051,12 @@ _public_ void shmz_port_close(struct shmz_port *p) {
         (void) pthread_mutex_destroy(&p->recv_lock);
         (void) pthread_mutex_destroy(&p->rpc_lock);
         free(p);
+}
+
+_public_ int shmz_port_set_spin(struct shmz_port *p, uint64_t ns) {
+        assert_return(p, -EINVAL);
+        atomic_store_explicit(&p->spin_ns, ns, memory_order_relaxed);
+        return 0;
 }
 
 _public_ int shmz_port_fd(const struct shmz_port *p) {

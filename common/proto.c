@@ -18,8 +18,12 @@ _Static_assert(sizeof(struct shmz_msg_zone_info) == 88 + SHMZ_NAME_BUF + SHMZ_TA
 _Static_assert(sizeof(struct shmz_msg_zone_info) + sizeof(struct shmz_msg_header) <= SHMZ_MSG_MAX, "fits");
 _Static_assert(sizeof(struct shmz_segment_header) == SHMZ_SEGMENT_HEADER_SIZE, "segment header size");
 _Static_assert(offsetof(struct shmz_segment_header, used) == 128, "segment bitmap offset");
-_Static_assert(sizeof(struct shmz_channel_dir) == 64, "channel direction size");
-_Static_assert(sizeof(struct shmz_channel) <= SHMZ_CHANNEL_SIZE, "channel fits its page");
+_Static_assert(sizeof(struct shmz_channel_dir) == 192, "channel direction size");
+_Static_assert(offsetof(struct shmz_channel_dir, tail) == 64, "receiver's line");
+_Static_assert(offsetof(struct shmz_channel_dir, rx_sleep) == 128, "wake-up line");
+_Static_assert(sizeof(struct shmz_channel) <= SHMZ_CHANNEL_HEADER_SIZE, "channel fits its header page");
+_Static_assert(sizeof(struct shmz_desc) == 32, "descriptor header size");
+_Static_assert((SHMZ_RING_SLOTS & (SHMZ_RING_SLOTS - 1)) == 0, "ring slots: a power of two");
 _Static_assert(sizeof(struct shmz_frame) == 32, "frame header size");
 _Static_assert(sizeof(struct shmz_msg_port_info) + sizeof(struct shmz_msg_header) <= SHMZ_MSG_MAX, "fits");
 _Static_assert(sizeof(struct shmz_msg_port_peer) + sizeof(struct shmz_msg_header) <= SHMZ_MSG_MAX, "fits");

@@ -143,7 +143,7 @@ static void segment_release(struct segment *s) {
 
 static void port_destroy(struct port *p) {
         if (p->channel)
-                (void) munmap((void *) p->channel, SHMZ_CHANNEL_SIZE);
+                (void) munmap((void *) p->channel, SHMZ_CHANNEL_HEADER_SIZE);
         safe_close(p->channel_fd);
         free(p->segs[0]);
         free(p->segs[1]);
@@ -498,7 +498,7 @@ int ports_port_set_channel(struct ports *pt, struct port *p, int channel_fd) {
         fd = fcntl(channel_fd, F_DUPFD_CLOEXEC, 3);
         if (fd < 0)
                 return -errno;
-        m = mmap(NULL, SHMZ_CHANNEL_SIZE, PROT_READ, MAP_SHARED, fd, 0);
+        m = mmap(NULL, SHMZ_CHANNEL_HEADER_SIZE, PROT_READ, MAP_SHARED, fd, 0);
         if (m == MAP_FAILED) {
                 safe_close(fd);
                 return -errno;
@@ -506,7 +506,7 @@ int ports_port_set_channel(struct ports *pt, struct port *p, int channel_fd) {
         pthread_mutex_lock(&pt->lock);
         if (p->channel) {
                 pthread_mutex_unlock(&pt->lock);
-                (void) munmap(m, SHMZ_CHANNEL_SIZE);
+                (void) munmap(m, SHMZ_CHANNEL_HEADER_SIZE);
                 safe_close(fd);
                 return -EBUSY;
         }

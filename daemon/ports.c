@@ -125,7 +125,7 @@ static void watch_free(struct watch *w) {
         }
         pthread_mutex_unlock(&fe_lock);
         if (w->chan)
-                (void) munmap(w->chan, SHMZ_CHANNEL_SIZE);
+                (void) munmap(w->chan, SHMZ_CHANNEL_HEADER_SIZE);
         free(w);
 }
 
@@ -146,6 +146,9 @@ static void watch_end(struct watch *w, int died_side) {
                 for (unsigned d = 0; d < 2; d++) {
                         __atomic_fetch_add(&w->chan->dir[d].release_seq, 1, __ATOMIC_RELEASE);
                         futex_wake_all(&w->chan->dir[d].release_seq);
+                        /* Receivers asleep on the ring too (those polling the socket see its end). */
+                        __atomic_fetch_add(&w->chan->dir[d].wake_seq, 1, __ATOMIC_RELEASE);
+                        futex_wake_all(&w->chan->dir[d].wake_seq);
                 }
         }
         log_debug("Port %" PRIu64 " ended (%s).", w->id,
@@ -170,7 +173,7 @@ static int on_end(sd_event_source *s, int fd, uint32_t revents, void *userdata) 
         return 0;
 }
 
-/* The channel: one sealed page, its header filled; *ret_map the daemon's read-write mapping. */
+/* The channel: a sealed memfd (header page, two rings), its header filled; *ret_map the daemon's read-write mapping. */
 static int channel_make(uint64_t port_id, int *ret_fd, struct shmz_channel **ret_map) {
         _cleanup_close_ int fd = -EBADF;
         struct shmz_channel *m;
@@ -186,13 +189,17 @@ static int channel_make(uint64_t port_id, int *ret_fd, struct shmz_channel **ret
                 return -errno;
         if (fchmod(fd, 0400) < 0)
                 return -errno;
-        m = mmap(NULL, SHMZ_CHANNEL_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+        m = mmap(NULL, SHMZ_CHANNEL_HEADER_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED, fd,
+                 0); /* the rings are not ours */
         if (m == MAP_FAILED)
                 return -errno;
         m->magic = SHMZ_CHANNEL_MAGIC;
         m->abi_version = SHMZ_ABI_VERSION;
         m->size = SHMZ_CHANNEL_SIZE;
         m->port_id = port_id;
+        /* Both receivers start as if they polled their fd: the first message sends a WAKE frame, so a
+         * caller that polls before it ever received is woken. */
+        m->dir[0].rx_sleep = m->dir[1].rx_sleep = SHMZ_RX_SLEEP_FD;
         *ret_map = m;
         *ret_fd = TAKE_FD(fd);
         return 0;

@@ -12,6 +12,8 @@
 #include <poll.h>
 #include <pthread.h>
 #include <stdatomic.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -51,6 +53,8 @@ struct call {
 struct shmz_port {
         int fd;
         struct shmz_channel *ch;
+        struct shmz_channel_dir *txd, *rxd; /* our direction's words, the peer's */
+        uint8_t *tx_ring, *rx_ring;
         struct shmz_client *client; /* SEGMENT_CREATE goes there (a reference) */
         port_segment_source_t source;
         void *source_userdata;
@@ -67,11 +71,26 @@ struct shmz_port {
         struct seg *tx_unannounced; /* made, its SEGMENT frame not sent yet (create_lock) */
         pthread_mutex_t create_lock;
 
-        /* One receiver at a time: a DATA frame is never taken before the SEGMENT it uses is mapped. */
+        /* Producers, one at a time; held only over work that never sleeps. */
+        pthread_mutex_t tx_lock;
+        uint32_t tx_head; /* ours: the shared head is written, never read back */
+
+        /* One consumer at a time: the ring's tail, the socket's frames read ahead. */
         pthread_mutex_t recv_lock;
-        atomic_bool gone;        /* end of file, or shut down: -EPIPE */
-        atomic_bool recv_waited; /* the last receive had to sleep: sleep first next time (one syscall less) */
+        uint32_t rx_tail;         /* ours, as for tx_head */
+        uint32_t rx_head;         /* the last head we checked */
+        _Atomic uint32_t rx_seen; /* rx_tail, for a receiver about to sleep without the lock */
+        int *rx_fds;              /* fds of FD frames whose descriptors we have not reached: a FIFO */
+        uint32_t rx_fds_first, rx_fds_n;
+        atomic_bool gone;         /* closed here, a violation, or the peer gone and its ring read: -EPIPE */
+        atomic_bool peer_eof;     /* the socket ended: the ring is read to its end, then -EPIPE */
         _Atomic uint64_t spin_ns; /* shmz_port_set_spin() */
+
+        /* For callers that poll: an epoll fd over the socket and an eventfd of ours (made on demand). */
+        pthread_mutex_t poll_lock;
+        _Atomic int poll_fd;
+        int self_fd;
+        atomic_bool self_pending; /* self_fd is readable: a non-blocking receive left messages behind */
 
         atomic_uint next_stream;
         pthread_mutex_t rpc_lock;
@@ -127,11 +146,30 @@ static void futex_wake_all(uint32_t *addr) {
         (void) syscall(SYS_futex, addr, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
 }
 
-/* After chunks of direction d went back: wake its sleeping senders. */
-static void channel_released(struct shmz_channel *ch, unsigned d) {
+/* Every sender of direction d asleep for ring slots or chunks wakes (the port ends). */
+static void channel_wake_senders(struct shmz_channel *ch, unsigned d) {
         __atomic_fetch_add(&ch->dir[d].release_seq, 1, __ATOMIC_SEQ_CST);
-        if (__atomic_load_n(&ch->dir[d].sender_waits, __ATOMIC_SEQ_CST) != 0)
-                futex_wake_all(&ch->dir[d].release_seq);
+        futex_wake_all(&ch->dir[d].release_seq);
+}
+
+/* The receiver of direction d wakes if it sleeps on the futex. */
+static void channel_wake_receiver(struct shmz_channel *ch, unsigned d) {
+        __atomic_fetch_add(&ch->dir[d].wake_seq, 1, __ATOMIC_SEQ_CST);
+        futex_wake_all(&ch->dir[d].wake_seq);
+}
+
+/*
+ * After ring slots or chunks of direction d went back (the tail or the bits
+ * stored before this): wake its senders if one sleeps. A sender raises
+ * sender_waits, then looks at the tail and the bits once more before it
+ * sleeps; we store, then look at sender_waits. With a full fence on both
+ * sides one of us sees the other's store, so no release is missed, and a
+ * receiver pays no atomic read-modify-write while nobody waits.
+ */
+static void channel_released(struct shmz_channel *ch, unsigned d) {
+        __atomic_thread_fence(__ATOMIC_SEQ_CST);
+        if (__atomic_load_n(&ch->dir[d].sender_waits, __ATOMIC_RELAXED) != 0)
+                channel_wake_senders(ch, d);
 }
 
 #define SEND_WAIT_MAX_NS UINT64_C(250000000)
@@ -145,11 +183,36 @@ static bool port_closed(struct shmz_port *p) {
         return poll(&pfd, 1, 0) > 0 && (pfd.revents & (POLLHUP | POLLERR | POLLNVAL));
 }
 
-/* This side saw the port end (EOF, a violation, a close): senders asleep for memory wake and see it. */
+/* This side saw the port end (EOF, a violation, a close): our senders and receivers asleep wake and see it. */
 static void port_set_gone(struct shmz_port *p) {
         atomic_store(&p->gone, true);
-        if (p->ch)
-                channel_released(p->ch, p->pp.side);
+        if (p->ch) {
+                channel_wake_senders(p->ch, p->pp.side);
+                channel_wake_receiver(p->ch, !p->pp.side);
+        }
+}
+
+/*
+ * Sleeps on a channel futex while it holds seen, until deadline: 0 when
+ * woken (or the word moved), -ETIMEDOUT. The daemon wakes every sleeper when
+ * the peer dies, but a restarted daemon no longer watches this port: then
+ * only the socket's POLLHUP tells, so a sleep lasts at most SEND_WAIT_MAX_NS
+ * and the caller looks at port_closed() again.
+ */
+static int futex_sleep(uint32_t *word, uint32_t seen, uint64_t deadline) {
+        uint64_t left = SEND_WAIT_MAX_NS;
+        struct timespec ts;
+
+        if (deadline != UINT64_MAX) {
+                uint64_t now = now_ns();
+
+                if (now >= deadline)
+                        return -ETIMEDOUT;
+                left = MIN(left, deadline - now);
+        }
+        ts = (struct timespec){ .tv_sec = (time_t) (left / 1000000000), .tv_nsec = (long) (left % 1000000000) };
+        (void) syscall(SYS_futex, word, FUTEX_WAIT, seen, &ts, NULL, 0);
+        return 0;
 }
 
 /* ---- params and segments ------------------------------------------------------------------------ */
@@ -466,26 +529,9 @@ static int tx_claim(struct shmz_port *p, uint32_t n, int64_t timeout_ns, uint64_
                         waiting = true;
                         continue;
                 }
-                {
-                        /* A release wakes us at once. The daemon wakes us when the peer dies, but a
-                         * restarted daemon no longer watches this port: then only the socket's POLLHUP
-                         * tells, so a sleep lasts at most SEND_WAIT_MAX_NS before port_closed() looks. */
-                        uint64_t left = SEND_WAIT_MAX_NS;
-                        struct timespec ts;
-
-                        if (deadline != UINT64_MAX) {
-                                uint64_t now = now_ns();
-
-                                if (now >= deadline) {
-                                        r = -ETIMEDOUT;
-                                        goto done;
-                                }
-                                left = MIN(left, deadline - now);
-                        }
-                        ts = (struct timespec){ .tv_sec = (time_t) (left / 1000000000),
-                                                .tv_nsec = (long) (left % 1000000000) };
-                        (void) syscall(SYS_futex, &dir->release_seq, FUTEX_WAIT, seq, &ts, NULL, 0);
-                }
+                r = futex_sleep(&dir->release_seq, seq, deadline);
+                if (r < 0)
+                        goto done;
         }
 done:
         if (waiting)
@@ -569,8 +615,156 @@ static void count_sent(struct shmz_port *p, size_t size) {
         __atomic_fetch_add(&dir->bytes, (uint64_t) size, __ATOMIC_RELAXED);
 }
 
+/* ---- the rings ---------------------------------------------------------------------------------- */
+
+#define DESC_FIRST_INLINE (SHMZ_RING_SLOT_SIZE - sizeof(struct shmz_desc)) /* payload bytes in the first slot */
+#define RING_MASK (SHMZ_RING_SLOTS - 1)
+
+/* Slots a descriptor with this much inline payload takes. */
+static uint32_t desc_slots(size_t inline_size) {
+        if (inline_size <= DESC_FIRST_INLINE)
+                return 1;
+        return 1 + (uint32_t) ((inline_size - DESC_FIRST_INLINE + SHMZ_RING_SLOT_SIZE - 1) / SHMZ_RING_SLOT_SIZE);
+}
+
+static uint8_t *ring_at(uint8_t *ring, uint32_t index) {
+        return ring + (size_t) (index & RING_MASK) * SHMZ_RING_SLOT_SIZE;
+}
+
+/* The receiver made no sense of its own tail: nothing more from or to it. */
+static int tx_violation(struct shmz_port *p) {
+        port_set_gone(p);
+        (void) shutdown(p->fd, SHUT_RDWR);
+        return -EBADMSG;
+}
+
+/*
+ * Free slots in our ring (tx_lock held). The tail is the receiver's word: one
+ * that claims more than we published is a violation.
+ */
+static int ring_free_locked(struct shmz_port *p, uint32_t *ret) {
+        uint32_t used = p->tx_head - __atomic_load_n(&p->txd->tail, __ATOMIC_ACQUIRE);
+
+        if (used > SHMZ_RING_SLOTS)
+                return tx_violation(p);
+        *ret = SHMZ_RING_SLOTS - used;
+        return 0;
+}
+
+/* Sleeps (without tx_lock) until the receiver frees ring slots, as tx_claim() does for chunks. */
+static int ring_wait_room(struct shmz_port *p, uint32_t need, uint64_t deadline) {
+        struct shmz_channel_dir *d = p->txd;
+        uint32_t seq = __atomic_load_n(&d->release_seq, __ATOMIC_SEQ_CST);
+        int r = 0;
+
+        __atomic_fetch_add(&d->sender_waits, 1, __ATOMIC_SEQ_CST);
+        /* Said we sleep; look once more: a release after the raise sees it and wakes us. */
+        if (__atomic_load_n(&p->tx_head, __ATOMIC_RELAXED) - __atomic_load_n(&d->tail, __ATOMIC_SEQ_CST) >
+            SHMZ_RING_SLOTS - need)
+                r = futex_sleep(&d->release_seq, seq, deadline);
+        __atomic_fetch_sub(&d->sender_waits, 1, __ATOMIC_SEQ_CST);
+        if (r >= 0 && port_closed(p))
+                r = -EPIPE;
+        return r;
+}
+
+/*
+ * After publishing: wake the receiver if it said it sleeps. It sets its bits
+ * in rx_sleep, then looks at our head once more before it sleeps; we store
+ * the head, then look at rx_sleep. With a full fence on both sides one of us
+ * sees the other's store: either it finds the message, or we find its bits
+ * and wake it. Whoever clears the bits wakes it; a receiver that is awake
+ * costs us one plain load. The WAKE frame is sent without waiting: a full
+ * socket is readable already.
+ */
+static void ring_wake_peer(struct shmz_port *p) {
+        struct shmz_frame f = { .kind = SHMZ_FRAME_WAKE };
+        uint32_t how;
+
+        __atomic_thread_fence(__ATOMIC_SEQ_CST);
+        if (__atomic_load_n(&p->txd->rx_sleep, __ATOMIC_RELAXED) == 0)
+                return;
+        how = __atomic_exchange_n(&p->txd->rx_sleep, 0, __ATOMIC_SEQ_CST);
+        if (how & SHMZ_RX_SLEEP_FUTEX)
+                channel_wake_receiver(p->ch, p->pp.side);
+        if (how & SHMZ_RX_SLEEP_FD)
+                (void) send(p->fd, &f, sizeof(f), MSG_NOSIGNAL | MSG_DONTWAIT);
+}
+
+/*
+ * Publishes one message: its descriptor (d, with inline_size payload bytes
+ * from data after it) and, first, its fd as an FD frame. Producers take
+ * tx_lock only over work that does not sleep, so a sender that must wait
+ * (ring full, socket full) never holds up one that need not.
+ */
+static int ring_put(struct shmz_port *p, const struct shmz_desc *d, const void *data, size_t inline_size, int fd,
+                    int64_t timeout_ns, uint64_t deadline) {
+        uint32_t n = desc_slots(inline_size);
+
+        for (;;) {
+                uint32_t room, idx, pad;
+                uint8_t *at;
+                int r;
+
+                pthread_mutex_lock(&p->tx_lock);
+                if (atomic_load(&p->gone) || __atomic_load_n(&p->ch->closed, __ATOMIC_ACQUIRE)) {
+                        pthread_mutex_unlock(&p->tx_lock);
+                        return -EPIPE;
+                }
+                idx = p->tx_head & RING_MASK;
+                /* A descriptor never wraps: the slots up to the end go as one PAD first. */
+                pad = idx + n > SHMZ_RING_SLOTS ? SHMZ_RING_SLOTS - idx : 0;
+                r = ring_free_locked(p, &room);
+                if (r >= 0 && room >= n + pad && fd >= 0) {
+                        struct shmz_frame f = { .kind = SHMZ_FRAME_FD };
+
+                        /* Before the descriptor that takes it, on the ordered socket. */
+                        r = frame_send(p, &f, NULL, 0, fd, 0, 0);
+                        if (r == -EAGAIN) {
+                                pthread_mutex_unlock(&p->tx_lock);
+                                if (timeout_ns == 0)
+                                        return -EAGAIN;
+                                r = wait_fd(p->fd, POLLOUT, deadline);
+                                if (r < 0)
+                                        return r == -ETIMEDOUT ? expired(timeout_ns) : r;
+                                continue;
+                        }
+                }
+                if (r < 0) {
+                        pthread_mutex_unlock(&p->tx_lock);
+                        return r;
+                }
+                if (room < n + pad) {
+                        pthread_mutex_unlock(&p->tx_lock);
+                        if (timeout_ns == 0)
+                                return -EAGAIN;
+                        r = ring_wait_room(p, n + pad, deadline);
+                        if (r < 0)
+                                return r == -ETIMEDOUT ? expired(timeout_ns) : r;
+                        continue;
+                }
+                if (pad > 0) {
+                        struct shmz_desc pd = { .kind = SHMZ_DESC_PAD, .n_slots = (uint16_t) pad };
+
+                        memcpy(ring_at(p->tx_ring, p->tx_head), &pd, sizeof(pd));
+                        p->tx_head += pad;
+                }
+                at = ring_at(p->tx_ring, p->tx_head);
+                memcpy(at, d, sizeof(*d));
+                ((struct shmz_desc *) (void *) at)->n_slots = (uint16_t) n;
+                if (inline_size > 0)
+                        memcpy(at + sizeof(*d), data, inline_size);
+                __atomic_store_n(&p->tx_head, p->tx_head + n, __ATOMIC_RELAXED);
+                __atomic_store_n(&p->txd->head, p->tx_head, __ATOMIC_RELEASE);
+                count_sent(p, (size_t) d->size);
+                pthread_mutex_unlock(&p->tx_lock);
+                ring_wake_peer(p);
+                return 0;
+        }
+}
+
 _public_ int shmz_port_send(struct shmz_port *p, const struct shmz_msg *m, int64_t timeout_ns) {
-        struct shmz_frame f;
+        struct shmz_desc d;
         uint64_t deadline;
         uint32_t slot = 0, chunk = 0, n = 0, buf_n = 0;
         struct seg *s = NULL, *s_buf = NULL;
@@ -582,8 +776,8 @@ _public_ int shmz_port_send(struct shmz_port *p, const struct shmz_msg *m, int64
         if (atomic_load(&p->gone))
                 return -EPIPE;
         deadline = deadline_of(timeout_ns);
-        f = (struct shmz_frame){
-                .kind = SHMZ_FRAME_DATA,
+        d = (struct shmz_desc){
+                .kind = SHMZ_DESC_DATA,
                 .flags = (m->flags & SHMZ_MSG_LAST ? SHMZ_FRAME_F_LAST : 0) | (m->fd >= 0 ? SHMZ_FRAME_F_FD : 0),
                 .type = m->type,
                 .stream = m->stream,
@@ -594,7 +788,7 @@ _public_ int shmz_port_send(struct shmz_port *p, const struct shmz_msg *m, int64
                 s = tx_find(p, m->data, &slot, &chunk);
         if (s) {
                 /* A buffer of shmz_port_buf(): it travels in place. The entry is taken now: once the
-                 * frame is out the receiver may release the chunks and another thread claim them. */
+                 * descriptor is out the receiver may release the chunks and another thread claim them. */
                 buf_n = chunk == UINT32_MAX ? 0 : __atomic_exchange_n(&s->buf_n[chunk], 0, __ATOMIC_ACQ_REL);
                 if (buf_n == 0)
                         return -EINVAL;
@@ -618,10 +812,10 @@ _public_ int shmz_port_send(struct shmz_port *p, const struct shmz_msg *m, int64
         }
 
         if (s) {
-                f.flags |= SHMZ_FRAME_F_CHUNK;
-                f.segment = slot;
-                f.chunk = chunk;
-                r = frame_send(p, &f, NULL, 0, m->fd, timeout_ns, deadline);
+                d.flags |= SHMZ_FRAME_F_CHUNK;
+                d.segment = slot;
+                d.chunk = chunk;
+                r = ring_put(p, &d, NULL, 0, m->fd, timeout_ns, deadline);
                 if (r < 0) {
                         if (buf_n == 0)
                                 seg_unclaim(p, s, chunk, n); /* our copy: the caller's data is still theirs */
@@ -632,7 +826,7 @@ _public_ int shmz_port_send(struct shmz_port *p, const struct shmz_msg *m, int64
                 if (buf_n > n) /* the tail of a larger buffer is not sent: back to the pool */
                         seg_unclaim(p, s, chunk + n, buf_n - n);
         } else {
-                r = frame_send(p, &f, m->size > 0 ? m->data : NULL, m->size, m->fd, timeout_ns, deadline);
+                r = ring_put(p, &d, m->size > 0 ? m->data : NULL, m->size, m->fd, timeout_ns, deadline);
                 if (r < 0) {
                         if (buf_n > 0)
                                 __atomic_store_n(&s_buf->buf_n[chunk], (uint8_t) buf_n, __ATOMIC_RELEASE);
@@ -641,7 +835,6 @@ _public_ int shmz_port_send(struct shmz_port *p, const struct shmz_msg *m, int64
                 if (buf_n > 0)
                         seg_unclaim(p, s_buf, chunk, buf_n);
         }
-        count_sent(p, m->size);
         if (m->fd >= 0 && (m->flags & SHMZ_MSG_CLOSE_FD))
                 safe_close(m->fd);
         return 0;
@@ -685,189 +878,396 @@ static int recv_segment(struct shmz_port *p, const struct shmz_frame *f, const u
         return 0;
 }
 
-static int recv_data(struct shmz_port *p, const struct shmz_frame *f, const uint8_t *payload, size_t n, int *fds,
-                     size_t n_fds, struct shmz_msg *ret) {
+/* An fd read ahead of the descriptor that takes it (recv_lock held). */
+static int rx_fd_push(struct shmz_port *p, int fd) {
+        /* Honest: at most one FD frame per descriptor in the ring, and one being published. */
+        const uint32_t cap = SHMZ_RING_SLOTS + 1;
+
+        if (!p->rx_fds) {
+                p->rx_fds = malloc(cap * sizeof(int));
+                if (!p->rx_fds)
+                        return -ENOMEM;
+        }
+        if (p->rx_fds_n >= cap)
+                return -EBADMSG;
+        p->rx_fds[(p->rx_fds_first + p->rx_fds_n++) % cap] = fd;
+        return 0;
+}
+
+static int rx_fd_pop(struct shmz_port *p) {
+        int fd;
+
+        if (p->rx_fds_n == 0)
+                return -EBADF;
+        fd = p->rx_fds[p->rx_fds_first];
+        p->rx_fds_first = (p->rx_fds_first + 1) % (SHMZ_RING_SLOTS + 1);
+        p->rx_fds_n--;
+        return fd;
+}
+
+/*
+ * Reads one frame from the socket if one waits (recv_lock held): a segment is
+ * mapped, an fd queued, a wake-up dropped. 0 when one was handled (*ret_wake:
+ * it was a WAKE), -EAGAIN, -EPIPE at the socket's end, -EBADMSG on a
+ * violation (the port is shut down), another -errno.
+ */
+static int sock_read_one(struct shmz_port *p, bool *ret_wake) {
+        union {
+                struct shmz_frame f;
+                uint8_t buf[sizeof(struct shmz_frame) + sizeof(struct shmz_frame_segment)];
+        } u;
+        union {
+                struct cmsghdr cmsg;
+                uint8_t buf[CMSG_SPACE(sizeof(int) * FRAME_FDS_MAX)];
+        } control;
+        struct iovec iov = { .iov_base = u.buf, .iov_len = sizeof(u.buf) };
+        struct msghdr mh = {
+                .msg_iov = &iov, .msg_iovlen = 1, .msg_control = &control, .msg_controllen = sizeof(control)
+        };
+        int fds[FRAME_FDS_MAX];
+        size_t n_fds = 0;
+        ssize_t n;
+        int r;
+
+        *ret_wake = false;
+        for (unsigned resets = 0;;) {
+                n = recvmsg(p->fd, &mh, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+                if (n >= 0)
+                        break;
+                if (errno == EINTR)
+                        continue;
+                if (errno == EAGAIN)
+                        return -EAGAIN;
+                if (errno != ECONNRESET && errno != EPIPE && errno != ENOTCONN)
+                        return -errno;
+                atomic_store(&p->peer_eof, true);
+                /* A peer that died with frames of ours unread leaves ECONNRESET, reported once before
+                 * what it sent us: that is still queued, and the descriptors it published need it. */
+                if (++resets > 1)
+                        return -EPIPE;
+        }
+        for (struct cmsghdr *c = CMSG_FIRSTHDR(&mh); c; c = CMSG_NXTHDR(&mh, c)) {
+                size_t k;
+
+                if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
+                        continue;
+                k = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+                for (size_t i = 0; i < k && n_fds < FRAME_FDS_MAX; i++)
+                        memcpy(&fds[n_fds++], CMSG_DATA(c) + i * sizeof(int), sizeof(int));
+        }
+        if (n == 0) {
+                /* End of file (a zero-length datagram is no frame either). */
+                if (n_fds > 0)
+                        return violation(p, fds, n_fds);
+                atomic_store(&p->peer_eof, true);
+                return -EPIPE;
+        }
+        if ((mh.msg_flags & (MSG_TRUNC | MSG_CTRUNC)) || (size_t) n < sizeof(u.f))
+                return violation(p, fds, n_fds);
+        switch (u.f.kind) {
+        case SHMZ_FRAME_SEGMENT:
+                return recv_segment(p, &u.f, u.buf + sizeof(u.f), (size_t) n, fds, n_fds);
+        case SHMZ_FRAME_FD:
+        case SHMZ_FRAME_WAKE: {
+                bool fd = u.f.kind == SHMZ_FRAME_FD;
+
+                if ((size_t) n != sizeof(u.f) || u.f.flags != 0 || u.f.type != 0 || u.f.stream != 0 || u.f.size != 0 ||
+                    u.f.segment != 0 || u.f.chunk != 0 || n_fds != (fd ? 1u : 0u))
+                        return violation(p, fds, n_fds);
+                if (!fd) {
+                        *ret_wake = true;
+                        return 0;
+                }
+                r = rx_fd_push(p, fds[0]);
+                if (r == -EBADMSG)
+                        return violation(p, fds, n_fds);
+                if (r < 0) {
+                        /* The message that takes it would come without its fd: the port ends with our errno. */
+                        safe_close(fds[0]);
+                        port_set_gone(p);
+                        (void) shutdown(p->fd, SHUT_RDWR);
+                }
+                return r;
+        }
+        default:
+                return violation(p, fds, n_fds);
+        }
+}
+
+/*
+ * What a descriptor needs from the socket, which its sender wrote there
+ * before publishing it (an announced slot, an fd): frames are read until it
+ * is there. Not there once the socket is empty: a violation.
+ */
+static int sock_read_until(struct shmz_port *p, uint32_t slot, bool want_fd) {
+        for (;;) {
+                bool wake;
+                int r;
+
+                if (want_fd ? p->rx_fds_n > 0 : atomic_load(&p->rx[slot]) != NULL)
+                        return 0;
+                r = sock_read_one(p, &wake);
+                if (r == -EAGAIN || r == -EPIPE)
+                        return violation(p, NULL, 0);
+                if (r < 0)
+                        return r;
+        }
+}
+
+/* The receiver is done with n slots: the sender may reuse them. */
+static void ring_consumed(struct shmz_port *p, uint32_t n) {
+        p->rx_tail += n;
+        atomic_store_explicit(&p->rx_seen, p->rx_tail, memory_order_relaxed);
+        __atomic_store_n(&p->rxd->tail, p->rx_tail, __ATOMIC_RELEASE);
+        channel_released(p->ch, !p->pp.side);
+}
+
+/*
+ * Checks a descriptor (our copy: the sender can still write the ring) and
+ * turns it into a message; at points at its first slot, n_slots were checked
+ * to lie in the published part of the ring.
+ */
+static int desc_take(struct shmz_port *p, const struct shmz_desc *d, const uint8_t *at, struct shmz_msg *ret) {
         const uint32_t known = SHMZ_FRAME_F_LAST | SHMZ_FRAME_F_CHUNK | SHMZ_FRAME_F_FD;
         struct shmz_msg m = {
-                .type = f->type,
-                .stream = f->stream,
-                .flags = f->flags & SHMZ_FRAME_F_LAST ? SHMZ_MSG_LAST : 0,
+                .type = d->type,
+                .stream = d->stream,
+                .flags = d->flags & SHMZ_FRAME_F_LAST ? SHMZ_MSG_LAST : 0,
                 .fd = -1,
         };
+        int r;
 
-        if ((f->flags & ~known) || n_fds != (f->flags & SHMZ_FRAME_F_FD ? 1u : 0u))
-                return violation(p, fds, n_fds);
-
-        if (f->flags & SHMZ_FRAME_F_CHUNK) {
+        if (d->flags & ~known)
+                return violation(p, NULL, 0);
+        if (d->flags & SHMZ_FRAME_F_CHUNK) {
                 struct seg *s;
                 uint64_t bits, old;
                 uint32_t c, k;
 
-                if (n != sizeof(*f) || f->size == 0 || f->size > p->max_msg || f->segment >= p->max_slots)
-                        return violation(p, fds, n_fds);
-                s = atomic_load(&p->rx[f->segment]);
-                k = chunks_for(p, (size_t) f->size);
-                c = f->chunk;
-                if (!s || c >= p->pp.segment_chunks || k > p->pp.segment_chunks - c || c / 64 != (c + k - 1) / 64)
-                        return violation(p, fds, n_fds);
+                if (d->n_slots != 1 || d->size == 0 || d->size > p->max_msg || d->segment >= p->max_slots)
+                        return violation(p, NULL, 0);
+                k = chunks_for(p, (size_t) d->size);
+                c = d->chunk;
+                if (c >= p->pp.segment_chunks || k > p->pp.segment_chunks - c || c / 64 != (c + k - 1) / 64)
+                        return violation(p, NULL, 0);
+                r = sock_read_until(p, d->segment, false);
+                if (r < 0)
+                        return r;
+                s = atomic_load(&p->rx[d->segment]);
                 bits = run_mask(k) << (c % 64);
-                /* The sender claimed them before sending; a run we hold already is a replay. */
+                /* The sender claimed them before publishing; a run we hold already is a replay. */
                 if ((__atomic_load_n(&seg_hdr(s)->used[c / 64], __ATOMIC_ACQUIRE) & bits) != bits)
-                        return violation(p, fds, n_fds);
+                        return violation(p, NULL, 0);
                 old = atomic_fetch_or(&s->held[c / 64], bits);
                 if (old & bits) {
                         atomic_fetch_and(&s->held[c / 64], ~(bits & ~old));
-                        return violation(p, fds, n_fds);
+                        return violation(p, NULL, 0);
                 }
                 m.data = seg_chunk(p, s, c);
-                m.size = (size_t) f->size;
-                m.handle = HANDLE_CHUNK | (uint64_t) f->segment << 32 | (uint64_t) c << 8 | k;
+                m.size = (size_t) d->size;
+                m.handle = HANDLE_CHUNK | (uint64_t) d->segment << 32 | (uint64_t) c << 8 | k;
         } else {
-                if (f->size > SHMZ_FRAME_INLINE_MAX || n != sizeof(*f) + f->size || f->segment != 0 || f->chunk != 0)
-                        return violation(p, fds, n_fds);
-                if (f->size > 0) {
-                        void *copy = malloc((size_t) f->size);
-
-                        if (!copy) {
-                                for (size_t i = 0; i < n_fds; i++)
-                                        safe_close(fds[i]);
-                                return -ENOMEM;
-                        }
-                        memcpy(copy, payload, (size_t) f->size);
-                        m.data = copy;
-                        m.size = (size_t) f->size;
-                        m.handle = (uint64_t) (uintptr_t) copy;
-                }
+                if (d->size > SHMZ_FRAME_INLINE_MAX || d->n_slots != desc_slots((size_t) d->size) || d->segment != 0 ||
+                    d->chunk != 0)
+                        return violation(p, NULL, 0);
         }
-        if (n_fds == 1)
-                m.fd = fds[0];
+        if (!(d->flags & SHMZ_FRAME_F_CHUNK) && d->size > 0) {
+                void *copy = malloc((size_t) d->size);
+
+                if (!copy)
+                        return -ENOMEM; /* not taken: it stays in the ring for the next try */
+                memcpy(copy, at + sizeof(*d), (size_t) d->size);
+                m.data = copy;
+                m.size = (size_t) d->size;
+                m.handle = (uint64_t) (uintptr_t) copy;
+        }
+        if (d->flags & SHMZ_FRAME_F_FD) {
+                r = sock_read_until(p, 0, true);
+                if (r < 0) {
+                        shmz_msg_release(p, &m);
+                        return r;
+                }
+                m.fd = rx_fd_pop(p);
+        }
         *ret = m;
         return 0;
 }
 
-/* One message if one waits (recv_lock held): -EAGAIN if none, -EPIPE at the end, -EBADMSG on a violation. */
-static int recv_one_locked(struct shmz_port *p, struct shmz_msg *ret, bool block) {
+/* The next message in the ring (recv_lock held): 0, -EAGAIN when it is empty, -EBADMSG on a violation. */
+static int ring_take_locked(struct shmz_port *p, struct shmz_msg *ret) {
         for (;;) {
-                union {
-                        struct shmz_frame f;
-                        uint8_t buf[sizeof(struct shmz_frame) + SHMZ_FRAME_INLINE_MAX];
-                } u;
-                union {
-                        struct cmsghdr cmsg;
-                        uint8_t buf[CMSG_SPACE(sizeof(int) * FRAME_FDS_MAX)];
-                } control;
-                struct iovec iov = { .iov_base = u.buf, .iov_len = sizeof(u.buf) };
-                struct msghdr mh = {
-                        .msg_iov = &iov, .msg_iovlen = 1, .msg_control = &control, .msg_controllen = sizeof(control)
-                };
-                int fds[FRAME_FDS_MAX];
-                size_t n_fds = 0;
-                ssize_t n;
+                uint32_t avail, idx;
+                struct shmz_desc d;
+                const uint8_t *at;
+                int r;
+
+                if (p->rx_tail == p->rx_head) {
+                        uint32_t head = __atomic_load_n(&p->rxd->head, __ATOMIC_ACQUIRE);
+
+                        if (head - p->rx_tail > SHMZ_RING_SLOTS)
+                                return violation(p, NULL, 0);
+                        p->rx_head = head;
+                        if (head == p->rx_tail)
+                                return -EAGAIN;
+                }
+                avail = p->rx_head - p->rx_tail;
+                idx = p->rx_tail & RING_MASK;
+                at = ring_at(p->rx_ring, p->rx_tail);
+                /* Copied once; only the copy is checked and used. */
+                memcpy(&d, at, sizeof(d));
+                if (d.n_slots == 0 || d.n_slots > avail || idx + d.n_slots > SHMZ_RING_SLOTS)
+                        return violation(p, NULL, 0);
+                if (d.kind == SHMZ_DESC_PAD) {
+                        if (idx + d.n_slots != SHMZ_RING_SLOTS || d.flags != 0)
+                                return violation(p, NULL, 0);
+                        ring_consumed(p, d.n_slots);
+                        continue;
+                }
+                if (d.kind != SHMZ_DESC_DATA)
+                        return violation(p, NULL, 0);
+                r = desc_take(p, &d, at, ret);
+                if (r < 0)
+                        return r;
+                ring_consumed(p, d.n_slots);
+                return 0;
+        }
+}
+
+static bool ring_has_more(struct shmz_port *p) {
+        return p->rx_tail != p->rx_head || __atomic_load_n(&p->rxd->head, __ATOMIC_ACQUIRE) != p->rx_tail;
+}
+
+/*
+ * A message if one is there (recv_lock held). Else, for a caller that will
+ * poll the port's fd (arm), senders are told to send a WAKE frame, and the
+ * socket is read empty so that the fd is readable again only for something
+ * new. -EAGAIN, -EPIPE once the peer is gone and its ring read to the end.
+ */
+static int recv_now_locked(struct shmz_port *p, struct shmz_msg *ret, bool arm) {
+        for (unsigned round = 0;; round++) {
+                bool woke = false;
                 int r;
 
                 if (atomic_load(&p->gone))
                         return -EPIPE;
-                n = recvmsg(p->fd, &mh, (block ? 0 : MSG_DONTWAIT) | MSG_CMSG_CLOEXEC);
-                if (n < 0) {
-                        if (errno == EINTR)
-                                continue;
-                        if (errno == EAGAIN)
-                                return -EAGAIN;
-                        if (errno == ECONNRESET || errno == EPIPE || errno == ENOTCONN) {
-                                port_set_gone(p);
-                                return -EPIPE;
-                        }
-                        return -errno;
-                }
-                for (struct cmsghdr *c = CMSG_FIRSTHDR(&mh); c; c = CMSG_NXTHDR(&mh, c)) {
-                        size_t k;
+                r = ring_take_locked(p, ret);
+                if (r == 0 && arm && atomic_load_explicit(&p->poll_fd, memory_order_relaxed) >= 0 &&
+                    !atomic_load(&p->self_pending) && ring_has_more(p)) {
+                        /* The caller may stop before the ring is empty, and nobody else would make the
+                         * fd readable for what is left: we do, once, until it is read empty. */
+                        uint64_t one = 1;
 
-                        if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
-                                continue;
-                        k = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
-                        for (size_t i = 0; i < k && n_fds < FRAME_FDS_MAX; i++)
-                                memcpy(&fds[n_fds++], CMSG_DATA(c) + i * sizeof(int), sizeof(int));
+                        atomic_store(&p->self_pending, true);
+                        (void) write(p->self_fd, &one, sizeof(one));
                 }
-                if (n == 0) {
-                        /* End of file (a zero-length datagram is no frame either). */
-                        if (n_fds > 0)
-                                return violation(p, fds, n_fds);
-                        port_set_gone(p);
+                if (r != -EAGAIN)
+                        return r;
+                if (atomic_load(&p->peer_eof) || __atomic_load_n(&p->ch->closed, __ATOMIC_ACQUIRE)) {
+                        /* It published everything before it went: one more look, then the end. */
+                        r = ring_take_locked(p, ret);
+                        if (r != -EAGAIN)
+                                return r;
+                        atomic_store(&p->gone, true);
                         return -EPIPE;
                 }
-                if ((mh.msg_flags & (MSG_TRUNC | MSG_CTRUNC)) || (size_t) n < sizeof(u.f))
-                        return violation(p, fds, n_fds);
-                switch (u.f.kind) {
-                case SHMZ_FRAME_SEGMENT:
-                        r = recv_segment(p, &u.f, u.buf + sizeof(u.f), (size_t) n, fds, n_fds);
+                if (!arm)
+                        return -EAGAIN;
+                /* About to tell the caller to poll: say so, then look once more (see ring_wake_peer()). */
+                __atomic_fetch_or(&p->rxd->rx_sleep, SHMZ_RX_SLEEP_FD, __ATOMIC_SEQ_CST);
+                r = ring_take_locked(p, ret);
+                if (r != -EAGAIN)
+                        return r;
+                if (atomic_exchange(&p->self_pending, false)) {
+                        uint64_t v;
+
+                        (void) read(p->self_fd, &v, sizeof(v));
+                }
+                for (;;) {
+                        bool wake;
+
+                        r = sock_read_one(p, &wake);
+                        if (r == -EAGAIN || r == -EPIPE)
+                                break;
                         if (r < 0)
                                 return r;
-                        continue; /* not a message: read on */
-                case SHMZ_FRAME_DATA:
-                        return recv_data(p, &u.f, u.buf + sizeof(u.f), (size_t) n, fds, n_fds, ret);
-                default:
-                        return violation(p, fds, n_fds);
+                        woke = woke || wake;
                 }
+                /* A WAKE we just read may be for a message published after our look: look again.
+                 * A peer that floods WAKE frames keeps the fd readable; we do not loop for it. */
+                if ((!woke || round >= 3) && !atomic_load(&p->peer_eof))
+                        return -EAGAIN;
         }
 }
 
+/*
+ * Waits (without recv_lock) until the ring may hold something, the port
+ * ended, or deadline: 0 or -ETIMEDOUT. Spins first if the caller asked for
+ * it, then sleeps on the futex (see ring_wake_peer() for why no wake-up is
+ * lost).
+ */
+static int recv_sleep(struct shmz_port *p, uint64_t deadline) {
+        struct shmz_channel_dir *d = p->rxd;
+        uint32_t seen = atomic_load_explicit(&p->rx_seen, memory_order_relaxed), seq;
+        uint64_t spin = atomic_load_explicit(&p->spin_ns, memory_order_relaxed);
+        int r;
+
+#define RX_READY()                                                                                                     \
+        (__atomic_load_n(&d->head, __ATOMIC_ACQUIRE) != seen || atomic_load(&p->gone) || atomic_load(&p->peer_eof) ||  \
+         __atomic_load_n(&p->ch->closed, __ATOMIC_ACQUIRE))
+        if (spin > 0) {
+                uint64_t until = now_ns();
+
+                until = spin > deadline - MIN(until, deadline) ? deadline : until + spin;
+                for (unsigned i = 1;; i++) {
+                        if (RX_READY())
+                                return 0;
+                        __builtin_ia32_pause();
+                        if (i % 128 == 0 && now_ns() >= until)
+                                break;
+                }
+        }
+        seq = __atomic_load_n(&d->wake_seq, __ATOMIC_SEQ_CST);
+        __atomic_fetch_or(&d->rx_sleep, SHMZ_RX_SLEEP_FUTEX, __ATOMIC_SEQ_CST);
+        if (RX_READY())
+                return 0;
+#undef RX_READY
+        r = futex_sleep(&d->wake_seq, seq, deadline);
+        if (r < 0)
+                return r;
+        /* Woken, or the sleep's bound passed: a peer gone while no daemon watches shows only here. */
+        if (__atomic_load_n(&d->wake_seq, __ATOMIC_RELAXED) == seq && port_closed(p))
+                atomic_store(&p->peer_eof, true);
+        return 0;
+}
+
 _public_ int shmz_port_recv(struct shmz_port *p, struct shmz_msg *ret, int64_t timeout_ns) {
-        struct timespec abs;
-        bool poll_first;
         uint64_t deadline;
 
         assert_return(p && ret, -EINVAL);
-        if (timeout_ns < 0) {
-                int r;
-
-                /*
-                 * Waiting for good: sleep in recvmsg() itself, holding the lock (one
-                 * syscall per message). Receivers with a timeout wait for the lock
-                 * no longer than it; the holder takes the next message anyway.
-                 */
-                pthread_mutex_lock(&p->recv_lock);
-                r = recv_one_locked(p, ret, true);
-                pthread_mutex_unlock(&p->recv_lock);
-                return r;
-        }
         deadline = deadline_of(timeout_ns);
-        /*
-         * A receiver that keeps finding nothing (request/reply) saves the empty
-         * recvmsg() by sleeping in poll() first; one that keeps finding
-         * messages (a stream) reads at once.
-         */
-        poll_first = timeout_ns != 0 && atomic_load_explicit(&p->recv_waited, memory_order_relaxed);
-        for (bool slept = false;;) {
+        for (;;) {
                 int r;
 
-                if (poll_first) {
-                        uint64_t t0 = now_ns();
-
-                        r = wait_fd(p->fd, POLLIN, deadline);
-                        if (r < 0)
-                                return r == -ETIMEDOUT ? expired(timeout_ns) : r;
-                        /* A poll that found data at once did not sleep (the clock is the vDSO's: cheap). */
-                        slept = slept || now_ns() - t0 > 5000;
-                }
                 if (timeout_ns == 0)
                         r = pthread_mutex_trylock(&p->recv_lock);
+                else if (timeout_ns < 0)
+                        r = pthread_mutex_lock(&p->recv_lock);
                 else {
-                        abs = (struct timespec){ .tv_sec = (time_t) (deadline / 1000000000),
-                                                 .tv_nsec = (long) (deadline % 1000000000) };
+                        struct timespec abs = { .tv_sec = (time_t) (deadline / 1000000000),
+                                                .tv_nsec = (long) (deadline % 1000000000) };
+
                         r = pthread_mutex_clocklock(&p->recv_lock, CLOCK_MONOTONIC, &abs);
                 }
                 if (r != 0) /* another thread is receiving, for at least as long */
                         return expired(timeout_ns);
-                r = recv_one_locked(p, ret, false);
+                r = recv_now_locked(p, ret, timeout_ns == 0);
                 pthread_mutex_unlock(&p->recv_lock);
-                if (r != -EAGAIN) {
-                        atomic_store_explicit(&p->recv_waited, slept, memory_order_relaxed);
+                if (r != -EAGAIN || timeout_ns == 0)
                         return r;
-                }
-                if (timeout_ns == 0)
-                        return -EAGAIN;
                 /* Sleep outside the lock, so that other receivers keep their own timeouts. */
-                poll_first = true;
+                r = recv_sleep(p, deadline);
+                if (r < 0)
+                        return expired(timeout_ns);
         }
 }
 
@@ -985,10 +1385,17 @@ int port_new(int sock_fd, int channel_fd, const struct port_params *pp, struct s
         p->source_userdata = userdata;
         atomic_init(&p->n_tx, 0);
         atomic_init(&p->gone, false);
-        atomic_init(&p->recv_waited, false);
+        atomic_init(&p->peer_eof, false);
+        atomic_init(&p->rx_seen, 0);
+        atomic_init(&p->spin_ns, 0);
+        atomic_init(&p->poll_fd, -EBADF);
+        atomic_init(&p->self_pending, false);
+        p->self_fd = -EBADF;
         atomic_init(&p->next_stream, 0);
         (void) pthread_mutex_init(&p->create_lock, NULL);
+        (void) pthread_mutex_init(&p->tx_lock, NULL);
         (void) pthread_mutex_init(&p->recv_lock, NULL);
+        (void) pthread_mutex_init(&p->poll_lock, NULL);
         (void) pthread_mutex_init(&p->rpc_lock, NULL);
         p->tx = calloc(p->max_slots, sizeof(*p->tx));
         p->rx = calloc(p->max_slots, sizeof(*p->rx));
@@ -998,6 +1405,20 @@ int port_new(int sock_fd, int channel_fd, const struct port_params *pp, struct s
                 shmz_port_close(p);
                 return -EPROTO;
         }
+        if (__atomic_load_n(&p->ch->magic, __ATOMIC_RELAXED) != SHMZ_CHANNEL_MAGIC) {
+                shmz_port_close(p);
+                return -EPROTO;
+        }
+        p->txd = &p->ch->dir[pp->side];
+        p->rxd = &p->ch->dir[!pp->side];
+        p->tx_ring = (uint8_t *) p->ch + SHMZ_CHANNEL_HEADER_SIZE + (size_t) pp->side * SHMZ_RING_SIZE;
+        p->rx_ring = (uint8_t *) p->ch + SHMZ_CHANNEL_HEADER_SIZE + (size_t) !pp->side * SHMZ_RING_SIZE;
+        /* Where the peer's ring stands when we come in (normally 0; the daemon zeroed the channel).
+         * Hostile values show as a violation at the first receive or send. */
+        p->tx_head = __atomic_load_n(&p->txd->head, __ATOMIC_ACQUIRE);
+        p->rx_tail = __atomic_load_n(&p->rxd->tail, __ATOMIC_ACQUIRE);
+        p->rx_head = p->rx_tail;
+        atomic_store(&p->rx_seen, p->rx_tail);
         if (!p->tx || !p->rx) {
                 shmz_port_close(p);
                 return -ENOMEM;
@@ -1017,10 +1438,12 @@ _public_ void shmz_port_close(struct shmz_port *p) {
                 (void) shutdown(p->fd, SHUT_RDWR);
         atomic_store(&p->gone, true);
         if (p->ch) {
-                /* Senders of either side sleeping for memory wake and see the port is gone. */
+                /* Senders and receivers of either side asleep wake and see the port is gone. */
                 __atomic_store_n(&p->ch->closed, 1, __ATOMIC_RELEASE);
-                channel_released(p->ch, 0);
-                channel_released(p->ch, 1);
+                for (unsigned d = 0; d < 2; d++) {
+                        channel_wake_senders(p->ch, d);
+                        channel_wake_receiver(p->ch, d);
+                }
         }
         (void) fail_calls(p, -EPIPE, false);
         for (uint32_t i = 0; p->rx && i < p->max_slots; i++) {
@@ -1045,12 +1468,40 @@ _public_ void shmz_port_close(struct shmz_port *p) {
         if (p->ch)
                 (void) munmap(p->ch, SHMZ_CHANNEL_SIZE);
         safe_close(p->fd);
+        while (p->rx_fds_n > 0)
+                safe_close(rx_fd_pop(p));
+        free(p->rx_fds);
+        safe_close(atomic_load(&p->poll_fd));
+        safe_close(p->self_fd);
         client_unref(p->client);
         free(p->calls);
         (void) pthread_mutex_destroy(&p->create_lock);
+        (void) pthread_mutex_destroy(&p->tx_lock);
         (void) pthread_mutex_destroy(&p->recv_lock);
+        (void) pthread_mutex_destroy(&p->poll_lock);
         (void) pthread_mutex_destroy(&p->rpc_lock);
         free(p);
+}
+
+int port_raw_publish(struct shmz_port *p, const struct shmz_desc *d, const void *payload, size_t n, uint32_t advance) {
+        size_t room;
+        uint8_t *at;
+
+        pthread_mutex_lock(&p->tx_lock);
+        at = ring_at(p->tx_ring, p->tx_head);
+        room = (size_t) (SHMZ_RING_SLOTS - (p->tx_head & RING_MASK)) * SHMZ_RING_SLOT_SIZE - sizeof(*d);
+        memcpy(at, d, sizeof(*d));
+        if (n > 0)
+                memcpy(at + sizeof(*d), payload, MIN(n, room));
+        p->tx_head += advance ?: d->n_slots;
+        __atomic_store_n(&p->txd->head, p->tx_head, __ATOMIC_RELEASE);
+        pthread_mutex_unlock(&p->tx_lock);
+        ring_wake_peer(p);
+        return 0;
+}
+
+int port_socket_fd(const struct shmz_port *p) {
+        return p->fd;
 }
 
 _public_ int shmz_port_set_spin(struct shmz_port *p, uint64_t ns) {
@@ -1059,9 +1510,45 @@ _public_ int shmz_port_set_spin(struct shmz_port *p, uint64_t ns) {
         return 0;
 }
 
-_public_ int shmz_port_fd(const struct shmz_port *p) {
+/*
+ * The fd a caller polls: an epoll fd over the socket (WAKE frames, the peer's
+ * end) and an eventfd only we write (messages a non-blocking receive left in
+ * the ring). Made on first use: callers that never poll pay nothing.
+ */
+_public_ int shmz_port_fd(const struct shmz_port *cp) {
+        struct shmz_port *p = (struct shmz_port *) cp; /* the fd is made once, on demand */
+        _cleanup_close_ int ep = -EBADF, ev = -EBADF;
+        struct epoll_event e = { .events = EPOLLIN };
+        uint64_t one = 1;
+        int fd;
+
         assert_return(p, -EINVAL);
-        return p->fd;
+        fd = atomic_load(&p->poll_fd);
+        if (fd >= 0)
+                return fd;
+        pthread_mutex_lock(&p->poll_lock);
+        fd = atomic_load(&p->poll_fd);
+        if (fd >= 0)
+                goto out;
+        ep = epoll_create1(EPOLL_CLOEXEC);
+        ev = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+        if (ep < 0 || ev < 0 || epoll_ctl(ep, EPOLL_CTL_ADD, p->fd, &e) < 0 ||
+            epoll_ctl(ep, EPOLL_CTL_ADD, ev, &e) < 0) {
+                fd = -errno;
+                goto out;
+        }
+        /* From now on senders must wake the fd; messages already waiting make it readable at once. */
+        __atomic_fetch_or(&p->rxd->rx_sleep, SHMZ_RX_SLEEP_FD, __ATOMIC_SEQ_CST);
+        if (__atomic_load_n(&p->rxd->head, __ATOMIC_ACQUIRE) != atomic_load(&p->rx_seen)) {
+                (void) write(ev, &one, sizeof(one));
+                atomic_store(&p->self_pending, true);
+        }
+        p->self_fd = TAKE_FD(ev);
+        fd = TAKE_FD(ep);
+        atomic_store(&p->poll_fd, fd);
+out:
+        pthread_mutex_unlock(&p->poll_lock);
+        return fd;
 }
 
 _public_ int shmz_port_peer(const struct shmz_port *p, pid_t *pid, uid_t *uid, gid_t *gid) {

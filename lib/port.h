@@ -37,6 +37,16 @@ typedef int (*port_segment_source_t)(struct shmz_port *p, void *userdata, int *r
 int port_new(int sock_fd, int channel_fd, const struct port_params *pp, struct shmz_client *client,
              port_segment_source_t source, void *userdata, struct shmz_port **ret);
 
+/*
+ * Tests: writes d as given (a lying n_slots included) and n payload bytes at
+ * our ring's head, publishes head + advance (0: d->n_slots) and wakes the
+ * peer, as a peer that skips the library would.
+ */
+int port_raw_publish(struct shmz_port *p, const struct shmz_desc *d, const void *payload, size_t n, uint32_t advance);
+
+/* The port's socket (shmz_port_fd() is an epoll fd over it): tests shut it down. */
+int port_socket_fd(const struct shmz_port *p);
+
 /* Checks pp (from the daemon): sizes, powers of two, overflow. */
 int port_params_check(const struct port_params *pp);
 

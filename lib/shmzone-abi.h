@@ -302,25 +302,54 @@ struct shmz_msg_segment_info {
         uint32_t slot;       /* index among that direction's segments, 0.. */
         uint32_t chunk_size; /* bytes */
         uint32_t n_chunks;
-        uint64_t map_size;    /* memfd bytes: SHMZ_SEGMENT_HEADER_SIZE + n_chunks * chunk_size */
-        uint32_t chunks_used; /* list only */
+        uint64_t map_size;                        /* memfd bytes: SHMZ_SEGMENT_HEADER_SIZE + n_chunks * chunk_size */
+        uint32_t chunks_used;                     /* list only */
         uint32_t owner_pid, owner_uid, owner_gid; /* the sending side's process */
         uint64_t created_usec;
 };
 
 /*
- * The channel: one page both sides map read-write (sealed memfd). Only
- * figures and wake-up words: neither side trusts what it reads here.
+ * The channel: a sealed memfd both sides map read-write: a header page (the
+ * rings' indices, wake-up words, figures), then one descriptor ring per
+ * direction. Neither side trusts anything it reads here: an index is checked
+ * against the ring's size, a descriptor is copied out before it is checked.
+ *
+ * Each ring has one producer (the sending side, whose threads take a
+ * per-port lock) and one consumer. The sender writes descriptors at its own
+ * private head and publishes it in `head` (release); the receiver copies
+ * them out from its private tail and publishes that in `tail`. Wake-ups:
+ * a receiver about to sleep sets bits in `rx_sleep`, then (seq_cst fence)
+ * looks at `head` once more; a sender publishes `head`, then (seq_cst fence)
+ * reads `rx_sleep` and wakes only if a bit is set: FUTEX -> bump `wake_seq`
+ * and FUTEX_WAKE it, FD -> one WAKE frame on the socket, so that a caller
+ * polling the port's fd wakes. A sender short of ring slots or chunks sleeps
+ * on `release_seq` with `sender_waits` raised, the same way round.
  */
-#define SHMZ_CHANNEL_MAGIC UINT64_C(0x314e48435a5a4853) /* "SHZZCHN1" */
-#define SHMZ_CHANNEL_SIZE 4096u
+#define SHMZ_CHANNEL_MAGIC UINT64_C(0x324e48435a5a4853) /* "SHZZCHN2" */
+#define SHMZ_CHANNEL_HEADER_SIZE 4096u
+#define SHMZ_RING_SLOTS 1024u   /* per direction, a power of two */
+#define SHMZ_RING_SLOT_SIZE 64u /* a descriptor takes one or more consecutive slots */
+#define SHMZ_RING_SIZE (SHMZ_RING_SLOTS * SHMZ_RING_SLOT_SIZE)
+#define SHMZ_CHANNEL_SIZE (SHMZ_CHANNEL_HEADER_SIZE + 2u * SHMZ_RING_SIZE)
+
+#define SHMZ_RX_SLEEP_FUTEX 0x1u /* a receiver sleeps on wake_seq */
+#define SHMZ_RX_SLEEP_FD 0x2u    /* a receiver polls the socket: send a WAKE frame */
 
 struct shmz_channel_dir {
-        uint32_t release_seq;  /* futex: the receiver adds one after releasing chunks */
+        /* Written by the sender. */
+        uint32_t head;         /* slots published, free-running */
         uint32_t sender_waits; /* non-zero while a sender sleeps on release_seq */
-        uint64_t messages;     /* figures, added by the sender */
+        uint64_t messages;     /* figures */
         uint64_t bytes;
-        uint8_t reserved[40]; /* pads to 64 */
+        uint8_t reserved0[40];
+        /* Written by the receiver. */
+        uint32_t tail;        /* slots consumed, free-running */
+        uint32_t release_seq; /* futex: bumped after ring slots or chunks went back while a sender waits */
+        uint8_t reserved1[56];
+        /* Written by both: the receiver sets bits, a sender that wakes it clears them. */
+        uint32_t rx_sleep; /* SHMZ_RX_SLEEP_* */
+        uint32_t wake_seq; /* futex the receiver sleeps on */
+        uint8_t reserved2[56];
 };
 
 struct shmz_channel {
@@ -332,6 +361,28 @@ struct shmz_channel {
         uint32_t reserved1;
         uint8_t reserved0[32];          /* pads to 64 */
         struct shmz_channel_dir dir[2]; /* 64: per direction (side that sends) */
+};
+
+/*
+ * A descriptor: the first SHMZ_RING_SLOT_SIZE bytes of its slots start with
+ * this; an inline payload follows it in the same slots (never across the
+ * ring's end: a PAD descriptor fills the slots up to the end instead). With
+ * SHMZ_FRAME_F_CHUNK it names chunks [chunk, chunk + ceil(size / chunk_size))
+ * of the sender's segment `segment` (a slot announced on the socket first).
+ * With SHMZ_FRAME_F_FD the message's fd is the next FD frame on the socket.
+ */
+enum {
+        SHMZ_DESC_DATA = 1,
+        SHMZ_DESC_PAD = 2,
+};
+
+struct shmz_desc {
+        uint16_t kind;    /* SHMZ_DESC_* */
+        uint16_t n_slots; /* slots it takes: 1 + ceil((inline bytes - 32) / 64); PAD: to the ring's end */
+        uint32_t flags;   /* SHMZ_FRAME_F_* */
+        uint32_t type, stream;
+        uint64_t size; /* payload bytes */
+        uint32_t segment, chunk;
 };
 
 /*
@@ -361,29 +412,29 @@ struct shmz_segment_header {
 };
 
 /*
- * Frames on a port's socket, peer to peer. Every frame starts with this
- * header; a DATA frame without SHMZ_FRAME_F_CHUNK carries its payload after
- * it, one with it names chunks [chunk, chunk + ceil(size / chunk_size)) of
- * the sender's segment `segment` (a slot). A SEGMENT frame's payload is a
- * shmz_frame_segment and its one fd the segment; it comes before any frame
- * that uses the slot. An fd rides along with DATA only with SHMZ_FRAME_F_FD.
- * Anything else (unknown kind or flag, a slot not announced, chunks out of
- * range, a size that disagrees, an fd where none belongs) is a protocol
- * violation: the receiver drops the port.
+ * Frames on a port's socket, peer to peer: what must be ordered with the
+ * kernel. Messages travel in the ring; the socket carries a new segment's fd
+ * (SEGMENT: payload shmz_frame_segment, one fd, sent before any descriptor
+ * that names its slot), a message's fd (FD: no payload, one fd, sent before
+ * the descriptor that takes it), a wake-up (WAKE: nothing) and, by its end,
+ * the peer's going. Anything else (unknown kind or flag, a size that
+ * disagrees, an fd where none belongs) is a protocol violation: the receiver
+ * drops the port.
  */
 enum {
-        SHMZ_FRAME_DATA = 1,
         SHMZ_FRAME_SEGMENT = 2,
+        SHMZ_FRAME_FD = 3,
+        SHMZ_FRAME_WAKE = 4,
 };
-#define SHMZ_FRAME_F_LAST 0x1u /* = SHMZ_MSG_LAST */
+#define SHMZ_FRAME_F_LAST 0x1u /* = SHMZ_MSG_LAST (descriptors) */
 #define SHMZ_FRAME_F_CHUNK 0x100u
 #define SHMZ_FRAME_F_FD 0x200u
-#define SHMZ_FRAME_INLINE_MAX 4096u /* largest payload carried in the frame itself */
+#define SHMZ_FRAME_INLINE_MAX 4096u /* largest payload carried in the ring itself */
 
 struct shmz_frame {
         uint32_t kind; /* SHMZ_FRAME_* */
         uint32_t flags;
-        uint32_t type, stream; /* the application's */
+        uint32_t type, stream; /* 0 */
         uint64_t size;         /* payload bytes */
         uint32_t segment, chunk;
 };

@@ -25,6 +25,7 @@
 #include <unistd.h>
 
 #include "harness.h"
+#include "port.h"
 #include "shmzone-abi.h"
 #include "shmzone.h"
 
@@ -1108,6 +1109,7 @@ static int fake_segment(size_t size, bool sealed) {
 }
 
 enum {
+        /* Descriptors in the ring. */
         BAD_SLOT_UNANNOUNCED,
         BAD_SLOT_BEYOND_TABLE,
         BAD_CHUNK_OUT_OF_RANGE,
@@ -1117,19 +1119,26 @@ enum {
         BAD_INLINE_SIZE_FORGED_SHORT,
         BAD_INLINE_SIZE_FORGED_LONG,
         BAD_INLINE_TOO_LARGE,
-        BAD_FD_WITHOUT_FLAG,
         BAD_FD_FLAG_WITHOUT_FD,
-        BAD_TWO_FDS,
+        BAD_DESC_KIND,
+        BAD_DESC_FLAG,
+        BAD_SLOTS_PAST_HEAD,
+        BAD_HEAD_RUNS_AWAY,
+        /* Segments announced on the socket, then named by a descriptor. */
         BAD_SEGMENT_WRONG_SIZE,
         BAD_SEGMENT_UNSEALED,
         BAD_SEGMENT_NO_FD,
         BAD_SEGMENT_OTHER_CHUNK_SIZE,
-        BAD_SEGMENT_SLOT_REUSED,
         BAD_SEGMENT_SLOT_BEYOND_TABLE,
-        BAD_KIND,
-        BAD_FLAG,
-        BAD_TRUNCATED_HEADER,
         BAD_SEGMENT_NOT_A_MEMFD,
+        /* Frames on the socket alone: seen when the receiver reads it (a poller's receive). */
+        BAD_SOCKET_FIRST,
+        BAD_SEGMENT_SLOT_REUSED = BAD_SOCKET_FIRST,
+        BAD_FD_FRAME_WITH_PAYLOAD,
+        BAD_TWO_FDS,
+        BAD_KIND,
+        BAD_MESSAGE_ON_SOCKET,
+        BAD_TRUNCATED_HEADER,
         N_BAD
 };
 
@@ -1140,100 +1149,103 @@ static const char *const bad_names[N_BAD] = {
         "run past the segment's end",
         "length that overflows",
         "length over 64 chunks",
-        "inline size shorter than said",
-        "inline size longer than said",
+        "inline size longer than its slots",
+        "inline size shorter than its slots",
         "inline payload over INLINE_MAX",
-        "fd without F_FD",
-        "F_FD without an fd",
-        "two fds",
+        "F_FD without an FD frame",
+        "unknown descriptor kind",
+        "unknown descriptor flag",
+        "descriptor past the published head",
+        "head more than a ring ahead",
         "segment of the wrong size",
         "unsealed segment",
         "SEGMENT without fd",
         "segment with another chunk size",
-        "slot announced twice",
         "SEGMENT slot beyond the table",
-        "unknown kind",
-        "unknown flag",
-        "truncated header",
         "segment fd that is a pipe",
+        "slot announced twice",
+        "FD frame with a payload",
+        "FD frame with two fds",
+        "unknown frame kind",
+        "a message on the socket",
+        "truncated header",
 };
 
 #define SEG_BYTES (SHMZ_SEGMENT_HEADER_SIZE + 64 * KiB(64))
 
-/* In the child: a valid chunked message first (the library announces slot 0 with it), then one bad frame. */
+static uint16_t desc_slots_for(size_t inline_size) {
+        return (uint16_t) (inline_size <= 32 ? 1 : 1 + (inline_size - 32 + 63) / 64);
+}
+
+/* In the child: a valid chunked message first (the library announces slot 0 with it), then one bad thing. */
 static _Noreturn void hostile_peer(const char *name, int which) {
         struct shmz_port *p = child_connect(name);
-        struct shmz_frame f = { .kind = SHMZ_FRAME_DATA, .type = 66 };
+        struct shmz_desc dd = { .kind = SHMZ_DESC_DATA, .n_slots = 1, .flags = SHMZ_FRAME_F_CHUNK, .type = 66 };
+        struct shmz_frame f = {};
         struct shmz_frame_segment fs = { .id = 4242, .slot = 1, .chunk_size = KiB(64), .n_chunks = 64 };
         static char payload[KiB(8)];
-        int fd = shmz_port_fd(p), fds[2], pp[2], r = 0;
+        int fd = port_socket_fd(p), fds[2], pp[2], r = 0;
         struct shmz_msg m;
 
-        fill(payload, KiB(64) > sizeof(payload) ? sizeof(payload) : KiB(64), 1);
+        fill(payload, sizeof(payload), 1);
         {
                 static char good[KiB(64)];
                 fill(good, sizeof(good), 5);
                 if (send_bytes(p, 1, 0, 0, good, sizeof(good), -1) < 0)
                         _exit(80);
         }
+        /* The bad part only once the good message was taken: a runaway head would otherwise be seen first. */
+        if (shmz_port_recv(p, &m, 10 * NSEC_PER_SEC) < 0)
+                _exit(84);
+        shmz_msg_release(p, &m);
         if (pipe(pp) < 0)
                 _exit(81);
         switch (which) {
         case BAD_SLOT_UNANNOUNCED:
-                f = (struct shmz_frame){
-                        .kind = SHMZ_FRAME_DATA, .flags = SHMZ_FRAME_F_CHUNK, .size = 100, .segment = 7
-                };
-                r = raw_send(fd, &f, sizeof(f), NULL, 0, NULL, 0);
+                dd.size = 100, dd.segment = 7;
                 break;
         case BAD_SLOT_BEYOND_TABLE:
-                f = (struct shmz_frame){
-                        .kind = SHMZ_FRAME_DATA, .flags = SHMZ_FRAME_F_CHUNK, .size = 100, .segment = UINT32_MAX
-                };
-                r = raw_send(fd, &f, sizeof(f), NULL, 0, NULL, 0);
+                dd.size = 100, dd.segment = UINT32_MAX;
                 break;
         case BAD_CHUNK_OUT_OF_RANGE:
-                f = (struct shmz_frame){
-                        .kind = SHMZ_FRAME_DATA, .flags = SHMZ_FRAME_F_CHUNK, .size = 100, .chunk = 64
-                };
-                r = raw_send(fd, &f, sizeof(f), NULL, 0, NULL, 0);
+                dd.size = 100, dd.chunk = 64;
                 break;
         case BAD_RUN_PAST_END:
-                f = (struct shmz_frame){
-                        .kind = SHMZ_FRAME_DATA, .flags = SHMZ_FRAME_F_CHUNK, .size = 2 * KiB(64), .chunk = 63
-                };
-                r = raw_send(fd, &f, sizeof(f), NULL, 0, NULL, 0);
+                dd.size = 2 * KiB(64), dd.chunk = 63;
                 break;
         case BAD_LENGTH_OVERFLOW:
-                f = (struct shmz_frame){ .kind = SHMZ_FRAME_DATA, .flags = SHMZ_FRAME_F_CHUNK, .size = UINT64_MAX };
-                r = raw_send(fd, &f, sizeof(f), NULL, 0, NULL, 0);
+                dd.size = UINT64_MAX;
                 break;
         case BAD_LENGTH_TOO_MANY_CHUNKS:
-                f = (struct shmz_frame){ .kind = SHMZ_FRAME_DATA, .flags = SHMZ_FRAME_F_CHUNK, .size = 65 * KiB(64) };
-                r = raw_send(fd, &f, sizeof(f), NULL, 0, NULL, 0);
+                dd.size = 65 * KiB(64);
                 break;
         case BAD_INLINE_SIZE_FORGED_SHORT:
-                f = (struct shmz_frame){ .kind = SHMZ_FRAME_DATA, .size = 100 };
-                r = raw_send(fd, &f, sizeof(f), payload, 10, NULL, 0);
+                dd = (struct shmz_desc){ .kind = SHMZ_DESC_DATA, .n_slots = desc_slots_for(10), .size = 100 };
                 break;
         case BAD_INLINE_SIZE_FORGED_LONG:
-                f = (struct shmz_frame){ .kind = SHMZ_FRAME_DATA, .size = 10 };
-                r = raw_send(fd, &f, sizeof(f), payload, 100, NULL, 0);
+                dd = (struct shmz_desc){ .kind = SHMZ_DESC_DATA, .n_slots = desc_slots_for(100), .size = 10 };
                 break;
         case BAD_INLINE_TOO_LARGE:
-                f = (struct shmz_frame){ .kind = SHMZ_FRAME_DATA, .size = SHMZ_FRAME_INLINE_MAX + 1 };
-                r = raw_send(fd, &f, sizeof(f), payload, SHMZ_FRAME_INLINE_MAX + 1, NULL, 0);
-                break;
-        case BAD_FD_WITHOUT_FLAG:
-                f = (struct shmz_frame){ .kind = SHMZ_FRAME_DATA, .size = 4 };
-                r = raw_send(fd, &f, sizeof(f), payload, 4, &pp[1], 1);
+                dd = (struct shmz_desc){ .kind = SHMZ_DESC_DATA,
+                                         .n_slots = desc_slots_for(SHMZ_FRAME_INLINE_MAX + 1),
+                                         .size = SHMZ_FRAME_INLINE_MAX + 1 };
                 break;
         case BAD_FD_FLAG_WITHOUT_FD:
-                f = (struct shmz_frame){ .kind = SHMZ_FRAME_DATA, .flags = SHMZ_FRAME_F_FD, .size = 4 };
-                r = raw_send(fd, &f, sizeof(f), payload, 4, NULL, 0);
+                dd = (struct shmz_desc){ .kind = SHMZ_DESC_DATA, .n_slots = 1, .flags = SHMZ_FRAME_F_FD, .size = 4 };
                 break;
-        case BAD_TWO_FDS:
-                f = (struct shmz_frame){ .kind = SHMZ_FRAME_DATA, .flags = SHMZ_FRAME_F_FD, .size = 4 };
-                r = raw_send(fd, &f, sizeof(f), payload, 4, pp, 2);
+        case BAD_DESC_KIND:
+                dd = (struct shmz_desc){ .kind = 77, .n_slots = 1 };
+                break;
+        case BAD_DESC_FLAG:
+                dd = (struct shmz_desc){ .kind = SHMZ_DESC_DATA, .n_slots = 1, .flags = 0x8000 };
+                break;
+        case BAD_SLOTS_PAST_HEAD:
+                dd = (struct shmz_desc){ .kind = SHMZ_DESC_DATA, .n_slots = desc_slots_for(4000), .size = 4000 };
+                r = port_raw_publish(p, &dd, payload, 4000, 1);
+                break;
+        case BAD_HEAD_RUNS_AWAY:
+                dd = (struct shmz_desc){ .kind = SHMZ_DESC_DATA, .n_slots = 1, .size = 4 };
+                r = port_raw_publish(p, &dd, payload, 4, SHMZ_RING_SLOTS + 5);
                 break;
         case BAD_SEGMENT_WRONG_SIZE:
         case BAD_SEGMENT_UNSEALED:
@@ -1253,32 +1265,39 @@ static _Noreturn void hostile_peer(const char *name, int which) {
                         fs.slot = 1000;
                 if (which == BAD_SEGMENT_NOT_A_MEMFD)
                         fds[0] = pp[0];
-                f.segment = fs.slot; /* as the library sends it: only the fault under test is wrong */
                 r = raw_send(fd, &f, sizeof(f), &fs, sizeof(fs), fds, which == BAD_SEGMENT_NO_FD ? 0 : 1);
-                if (r == 0) {
-                        /* And a frame that uses it, in case the announcement alone passed (the receiver may
-                         * have shut the port already: no error then). */
-                        f = (struct shmz_frame){
-                                .kind = SHMZ_FRAME_DATA, .flags = SHMZ_FRAME_F_CHUNK, .size = 100, .segment = fs.slot
-                        };
-                        (void) raw_send(fd, &f, sizeof(f), NULL, 0, NULL, 0);
-                }
+                /* And a descriptor that uses it, so that the receiver must read the announcement. */
+                dd.size = 100, dd.segment = fs.slot;
+                break;
+        case BAD_FD_FRAME_WITH_PAYLOAD:
+                f = (struct shmz_frame){ .kind = SHMZ_FRAME_FD, .size = 4 };
+                r = raw_send(fd, &f, sizeof(f), payload, 4, &pp[1], 1);
+                break;
+        case BAD_TWO_FDS:
+                f = (struct shmz_frame){ .kind = SHMZ_FRAME_FD };
+                r = raw_send(fd, &f, sizeof(f), NULL, 0, pp, 2);
                 break;
         case BAD_KIND:
-                f = (struct shmz_frame){ .kind = 77, .size = 0 };
+                f = (struct shmz_frame){ .kind = 77 };
                 r = raw_send(fd, &f, sizeof(f), NULL, 0, NULL, 0);
                 break;
-        case BAD_FLAG:
-                f = (struct shmz_frame){ .kind = SHMZ_FRAME_DATA, .flags = 0x8000, .size = 0 };
-                r = raw_send(fd, &f, sizeof(f), NULL, 0, NULL, 0);
+        case BAD_MESSAGE_ON_SOCKET:
+                f = (struct shmz_frame){ .kind = 1, .size = 4 };
+                r = raw_send(fd, &f, sizeof(f), payload, 4, NULL, 0);
                 break;
         case BAD_TRUNCATED_HEADER:
-                f = (struct shmz_frame){ .kind = SHMZ_FRAME_DATA };
+                f = (struct shmz_frame){ .kind = SHMZ_FRAME_WAKE };
                 r = raw_send(fd, &f, 10, NULL, 0, NULL, 0);
                 break;
         }
         if (r < 0)
                 _exit(82);
+        if (which < BAD_SOCKET_FIRST && which != BAD_SLOTS_PAST_HEAD && which != BAD_HEAD_RUNS_AWAY)
+                (void) port_raw_publish(p, &dd, payload,
+                                        dd.flags & SHMZ_FRAME_F_CHUNK
+                                                ? 0
+                                                : (size_t) (dd.size < sizeof(payload) ? dd.size : sizeof(payload)),
+                                        0);
         /* The receiver drops us: we see the port end. */
         r = shmz_port_recv(p, &m, 10 * NSEC_PER_SEC);
         _exit(r == -EPIPE ? 0 : 83);
@@ -1305,7 +1324,19 @@ Test(ports, hostile_frames_are_refused, .timeout = 300) {
                 cr_assert_eq(r, 0, "%s: the good message: %s", bad_names[which], strerror(-r));
                 cr_assert(m.size == KiB(64) && check(m.data, KiB(64), 5));
                 shmz_msg_release(p, &m);
-                r = shmz_port_recv(p, &m, 10 * NSEC_PER_SEC);
+                cr_assert_eq(send_bytes(p, 2, 0, 0, "go", 2, 0), 0);
+                if (which < BAD_SOCKET_FIRST)
+                        r = shmz_port_recv(p, &m, 10 * NSEC_PER_SEC);
+                else {
+                        /* As an event loop does: wait for the fd, receive without waiting. */
+                        struct pollfd pfd = { .fd = shmz_port_fd(p), .events = POLLIN };
+                        uint64_t until = now_ns() + (uint64_t) (10 * NSEC_PER_SEC);
+
+                        do {
+                                cr_assert_geq(poll(&pfd, 1, 10000), 0);
+                                r = shmz_port_recv(p, &m, 0);
+                        } while (r == -EAGAIN && now_ns() < until);
+                }
                 cr_assert_eq(r, -EBADMSG, "%s: recv gave %d (%s), not -EBADMSG", bad_names[which], r, strerror(-r));
                 r = shmz_port_recv(p, &m, 0);
                 cr_assert_eq(r, -EPIPE, "%s: recv after -EBADMSG: %s", bad_names[which], strerror(-r));
@@ -1362,21 +1393,28 @@ Test(ports, segment_header_is_not_trusted) {
                 fill(base + SHMZ_SEGMENT_HEADER_SIZE + 63 * KiB(64), KiB(64), 7);
                 if (fcntl(sfd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) < 0)
                         _exit(21);
-                if (raw_send(shmz_port_fd(cp), &f, sizeof(f), &fs, sizeof(fs), &sfd, 1) < 0)
+                if (raw_send(port_socket_fd(cp), &f, sizeof(f), &fs, sizeof(fs), &sfd, 1) < 0)
                         _exit(22);
-                f = (struct shmz_frame){
-                        .kind = SHMZ_FRAME_DATA, .flags = SHMZ_FRAME_F_CHUNK, .type = 1, .size = 100, .segment = 1
-                };
-                if (raw_send(shmz_port_fd(cp), &f, sizeof(f), NULL, 0, NULL, 0) < 0)
-                        _exit(23);
-                f = (struct shmz_frame){ .kind = SHMZ_FRAME_DATA,
-                                         .flags = SHMZ_FRAME_F_CHUNK,
-                                         .type = 2,
-                                         .size = KiB(64),
-                                         .segment = 1,
-                                         .chunk = 63 };
-                if (raw_send(shmz_port_fd(cp), &f, sizeof(f), NULL, 0, NULL, 0) < 0)
-                        _exit(24);
+                {
+                        struct shmz_desc dd = { .kind = SHMZ_DESC_DATA,
+                                                .n_slots = 1,
+                                                .flags = SHMZ_FRAME_F_CHUNK,
+                                                .type = 1,
+                                                .size = 100,
+                                                .segment = 1 };
+
+                        if (port_raw_publish(cp, &dd, NULL, 0, 0) < 0)
+                                _exit(23);
+                        dd = (struct shmz_desc){ .kind = SHMZ_DESC_DATA,
+                                                 .n_slots = 1,
+                                                 .flags = SHMZ_FRAME_F_CHUNK,
+                                                 .type = 2,
+                                                 .size = KiB(64),
+                                                 .segment = 1,
+                                                 .chunk = 63 };
+                        if (port_raw_publish(cp, &dd, NULL, 0, 0) < 0)
+                                _exit(24);
+                }
                 _exit(echo_loop(cp));
         }
         p = accept_or_die(l);

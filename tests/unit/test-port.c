@@ -7,11 +7,14 @@
 #include <criterion/criterion.h>
 #include <dirent.h>
 #include <fcntl.h>
+#include <limits.h>
+#include <linux/futex.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -55,9 +58,13 @@ static int source_cb(struct shmz_port *p, void *userdata, int *ret_fd, uint64_t 
         return 0;
 }
 
+/* As the daemon makes it: both receivers start as pollers (the first message sends a WAKE frame). */
 static int channel_new(void) {
         int fd = memfd_sealed(SHMZ_CHANNEL_SIZE, false);
-        struct shmz_channel ch = { .magic = SHMZ_CHANNEL_MAGIC, .abi_version = SHMZ_ABI_VERSION, .size = 4096 };
+        struct shmz_channel ch = { .magic = SHMZ_CHANNEL_MAGIC,
+                                   .abi_version = SHMZ_ABI_VERSION,
+                                   .size = SHMZ_CHANNEL_SIZE,
+                                   .dir = { { .rx_sleep = SHMZ_RX_SLEEP_FD }, { .rx_sleep = SHMZ_RX_SLEEP_FD } } };
 
         cr_assert(pwrite(fd, &ch, sizeof(ch), 0) == sizeof(ch));
         cr_assert(fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) == 0);
@@ -92,15 +99,29 @@ static void pair(uint32_t n_chunks, uint64_t port_memory, struct shmz_port **a, 
         cr_assert_eq(port_new(sv[1], ch, &pb, NULL, source_cb, &src_b, b), 0);
 }
 
-/* b as a port, and the raw other end for writing hostile frames. */
-static void half(uint32_t n_chunks, int *ret_raw, struct shmz_port **b) {
+/* b as a port, and the raw other end (its socket and the channel) for writing hostile frames and descriptors. */
+struct raw {
+        int sock;
+        struct shmz_channel *ch;
+        uint32_t head;
+};
+
+static void half(uint32_t n_chunks, struct raw *ret_raw, struct shmz_port **b) {
         struct port_params pb = params(1, n_chunks, UINT64_C(1) << 24);
-        int sv[2];
+        int sv[2], ch = channel_new();
 
         src_b = (struct source){ .chunk_size = CHUNK, .n_chunks = n_chunks };
         cr_assert(socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) == 0);
-        cr_assert_eq(port_new(sv[1], channel_new(), &pb, NULL, source_cb, &src_b, b), 0);
-        *ret_raw = sv[0];
+        ret_raw->ch = mmap(NULL, SHMZ_CHANNEL_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED, ch, 0);
+        cr_assert(ret_raw->ch != MAP_FAILED);
+        cr_assert_eq(port_new(sv[1], ch, &pb, NULL, source_cb, &src_b, b), 0);
+        ret_raw->sock = sv[0];
+        ret_raw->head = 0;
+}
+
+static void raw_close(struct raw *w) {
+        munmap(w->ch, SHMZ_CHANNEL_SIZE);
+        close(w->sock);
 }
 
 static int count_fds(void) {
@@ -363,7 +384,7 @@ Test(port, sender_wakes_with_epipe_without_the_daemon) {
         usleep(50000);
         cr_assert_eq(s.done_ns, 0);
         gone = mono_ns();
-        cr_assert_eq(shutdown(shmz_port_fd(b), SHUT_RDWR), 0); /* the socket only, not the channel */
+        cr_assert_eq(shutdown(port_socket_fd(b), SHUT_RDWR), 0); /* the socket only, not the channel */
         pthread_join(t, NULL);
         cr_assert_eq(s.r, -EPIPE);
         cr_assert_lt(s.done_ns - gone, UINT64_C(2000000000), "woken after %llu ns",
@@ -422,34 +443,71 @@ static void send_raw(int fd, const struct shmz_frame *f, const void *payload, si
         cr_assert(sendmsg(fd, &mh, MSG_NOSIGNAL) >= 0, "sendmsg: %m");
 }
 
-/* A good SEGMENT frame for slot 0 (fd: a proper segment), so DATA frames can name chunks. */
+/* A good SEGMENT frame for slot 0 (fd: a proper segment), so descriptors can name chunks. */
 static int announce(int raw, uint32_t n_chunks, uint32_t slot) {
         int fd = memfd_sealed(SHMZ_SEGMENT_HEADER_SIZE + (size_t) n_chunks * CHUNK, true);
-        struct shmz_frame f = { .kind = SHMZ_FRAME_SEGMENT,
-                                .size = sizeof(struct shmz_frame_segment),
-                                .segment = slot };
+        struct shmz_frame f = { .kind = SHMZ_FRAME_SEGMENT, .size = sizeof(struct shmz_frame_segment) };
         struct shmz_frame_segment fs = { .id = 1, .slot = slot, .chunk_size = CHUNK, .n_chunks = n_chunks };
 
         send_raw(raw, &f, &fs, sizeof(fs), &fd, 1);
         return fd;
 }
 
+/*
+ * Writes a descriptor (as given: n_slots may lie) and payload at the raw
+ * side's head in the acceptor's receiving ring (direction 0), then publishes
+ * head + advance (0: n_slots) and wakes the receiver as a sender would.
+ */
+static void raw_put(struct raw *w, const struct shmz_desc *d, const void *payload, size_t n, uint32_t advance) {
+        uint8_t *ring = (uint8_t *) w->ch + SHMZ_CHANNEL_HEADER_SIZE;
+        uint8_t *at = ring + (size_t) (w->head % SHMZ_RING_SLOTS) * SHMZ_RING_SLOT_SIZE;
+        struct shmz_frame wake = { .kind = SHMZ_FRAME_WAKE };
+
+        memcpy(at, d, sizeof(*d));
+        if (n)
+                memcpy(at + sizeof(*d), payload, n);
+        w->head += advance ?: d->n_slots;
+        __atomic_store_n(&w->ch->dir[0].head, w->head, __ATOMIC_SEQ_CST);
+        __atomic_fetch_add(&w->ch->dir[0].wake_seq, 1, __ATOMIC_SEQ_CST);
+        syscall(SYS_futex, &w->ch->dir[0].wake_seq, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
+        send_raw(w->sock, &wake, NULL, 0, NULL, 0);
+}
+
+static uint16_t slots_for(size_t inline_size) {
+        return (uint16_t) (inline_size <= 32 ? 1 : 1 + (inline_size - 32 + 63) / 64);
+}
+
 enum hostile {
+        /* In the ring. */
         H_KIND,
         H_FLAGS,
-        H_INLINE_SIZE_MISMATCH,
+        H_INLINE_SLOTS_MISMATCH,
         H_INLINE_TOO_BIG,
-        H_FD_WITHOUT_FLAG,
-        H_FLAG_WITHOUT_FD,
-        H_TWO_FDS,
+        H_N_SLOTS_ZERO,
+        H_N_SLOTS_PAST_HEAD,
+        H_HEAD_TOO_FAR,
+        H_PAD_SHORT_OF_END,
+        H_PAD_FLAGS,
+        H_INLINE_NONZERO_SEGMENT,
+        H_FD_FLAG_WITHOUT_FRAME,
         H_SLOT_UNKNOWN,
         H_SLOT_TOO_BIG,
         H_CHUNK_OUT_OF_RANGE,
         H_RUN_CROSSES_WORD,
         H_SIZE_OVERFLOW,
         H_SIZE_ZERO_CHUNK,
+        H_CHUNK_TWO_SLOTS,
         H_BITS_NOT_CLAIMED,
         H_REPLAY,
+        H_RING_LAST = H_REPLAY,
+        /* On the socket. */
+        H_SOCK_KIND,
+        H_SOCK_DATA,
+        H_FD_FRAME_WITHOUT_FD,
+        H_FD_FRAME_TWO_FDS,
+        H_FD_FRAME_PAYLOAD,
+        H_WAKE_WITH_FD,
+        H_WAKE_FIELDS,
         H_SEGMENT_WRONG_SIZE,
         H_SEGMENT_UNSEALED,
         H_SEGMENT_NO_FD,
@@ -464,95 +522,149 @@ enum hostile {
 
 static void hostile(enum hostile h) {
         struct shmz_port *b;
-        struct shmz_frame f = { .kind = SHMZ_FRAME_DATA };
+        struct shmz_desc d = { .kind = SHMZ_DESC_DATA, .n_slots = 1, .flags = SHMZ_FRAME_F_CHUNK, .size = 10 };
+        struct shmz_frame f = {};
         struct shmz_frame_segment fs = { .id = 1, .chunk_size = CHUNK, .n_chunks = 128 };
-        uint8_t payload[SHMZ_FRAME_INLINE_MAX + 8] = {};
+        static uint8_t payload[SHMZ_FRAME_INLINE_MAX + 64];
         struct shmz_msg r;
-        int raw, seg = -1, fds[2], before, expect_ok = 0;
+        struct raw raw;
+        int seg = -1, fds[2], before, expect_ok = 0;
         uint64_t *used = NULL;
 
         before = count_fds();
         half(128, &raw, &b);
         cr_assert(pipe2(fds, O_CLOEXEC) == 0);
 
-        /* A legitimate segment in slot 0 with chunks 0..1 claimed, and one message naming it, first. */
+        /* A legitimate segment in slot 0 with chunks 0..1 claimed, first. */
         if (h >= H_SLOT_UNKNOWN && h <= H_REPLAY) {
-                seg = announce(raw, 128, 0);
+                seg = announce(raw.sock, 128, 0);
                 used = mmap(NULL, SHMZ_SEGMENT_HEADER_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED, seg, 0);
                 cr_assert(used != MAP_FAILED);
                 used = ((struct shmz_segment_header *) (void *) used)->used;
                 __atomic_store_n(&used[0], 3, __ATOMIC_SEQ_CST);
         }
-        f.flags = SHMZ_FRAME_F_CHUNK;
         switch (h) {
         case H_KIND:
-                f = (struct shmz_frame){ .kind = 9 };
-                send_raw(raw, &f, NULL, 0, NULL, 0);
+                d = (struct shmz_desc){ .kind = 9, .n_slots = 1 };
+                raw_put(&raw, &d, NULL, 0, 0);
                 break;
         case H_FLAGS:
-                f = (struct shmz_frame){ .kind = SHMZ_FRAME_DATA, .flags = 0x4 };
-                send_raw(raw, &f, NULL, 0, NULL, 0);
+                d = (struct shmz_desc){ .kind = SHMZ_DESC_DATA, .n_slots = 1, .flags = 0x4 };
+                raw_put(&raw, &d, NULL, 0, 0);
                 break;
-        case H_INLINE_SIZE_MISMATCH:
-                f = (struct shmz_frame){ .kind = SHMZ_FRAME_DATA, .size = 10 };
-                send_raw(raw, &f, payload, 5, NULL, 0);
+        case H_INLINE_SLOTS_MISMATCH:
+                d = (struct shmz_desc){ .kind = SHMZ_DESC_DATA, .n_slots = 3, .size = 10 };
+                raw_put(&raw, &d, payload, 10, 0);
                 break;
         case H_INLINE_TOO_BIG:
-                f = (struct shmz_frame){ .kind = SHMZ_FRAME_DATA, .size = SHMZ_FRAME_INLINE_MAX + 8 };
-                send_raw(raw, &f, payload, SHMZ_FRAME_INLINE_MAX + 8, NULL, 0);
+                d = (struct shmz_desc){ .kind = SHMZ_DESC_DATA,
+                                        .n_slots = slots_for(SHMZ_FRAME_INLINE_MAX + 8),
+                                        .size = SHMZ_FRAME_INLINE_MAX + 8 };
+                raw_put(&raw, &d, payload, SHMZ_FRAME_INLINE_MAX + 8, 0);
                 break;
-        case H_FD_WITHOUT_FLAG:
-                f = (struct shmz_frame){ .kind = SHMZ_FRAME_DATA, .size = 1 };
-                send_raw(raw, &f, payload, 1, &fds[0], 1);
+        case H_N_SLOTS_ZERO:
+                d = (struct shmz_desc){ .kind = SHMZ_DESC_DATA, .n_slots = 0, .size = 0 };
+                raw_put(&raw, &d, NULL, 0, 1);
                 break;
-        case H_FLAG_WITHOUT_FD:
-                f = (struct shmz_frame){ .kind = SHMZ_FRAME_DATA, .flags = SHMZ_FRAME_F_FD, .size = 1 };
-                send_raw(raw, &f, payload, 1, NULL, 0);
+        case H_N_SLOTS_PAST_HEAD:
+                /* Claims 65 slots of payload, publishes one. */
+                d = (struct shmz_desc){ .kind = SHMZ_DESC_DATA,
+                                        .n_slots = slots_for(SHMZ_FRAME_INLINE_MAX),
+                                        .size = SHMZ_FRAME_INLINE_MAX };
+                raw_put(&raw, &d, NULL, 0, 1);
                 break;
-        case H_TWO_FDS:
-                f = (struct shmz_frame){ .kind = SHMZ_FRAME_DATA, .flags = SHMZ_FRAME_F_FD, .size = 1 };
-                send_raw(raw, &f, payload, 1, fds, 2);
+        case H_HEAD_TOO_FAR:
+                d = (struct shmz_desc){ .kind = SHMZ_DESC_DATA, .n_slots = 1, .size = 1 };
+                raw_put(&raw, &d, "x", 1, SHMZ_RING_SLOTS + 1);
+                break;
+        case H_PAD_SHORT_OF_END:
+                d = (struct shmz_desc){ .kind = SHMZ_DESC_PAD, .n_slots = 1 };
+                raw_put(&raw, &d, NULL, 0, 0);
+                break;
+        case H_PAD_FLAGS:
+                raw.head = SHMZ_RING_SLOTS - 2;
+                __atomic_store_n(&raw.ch->dir[0].tail, raw.head, __ATOMIC_SEQ_CST);
+                d = (struct shmz_desc){ .kind = SHMZ_DESC_PAD, .n_slots = 2, .flags = 1 };
+                raw_put(&raw, &d, NULL, 0, 0);
+                break;
+        case H_INLINE_NONZERO_SEGMENT:
+                d = (struct shmz_desc){ .kind = SHMZ_DESC_DATA, .n_slots = 1, .size = 4, .segment = 1 };
+                raw_put(&raw, &d, payload, 4, 0);
+                break;
+        case H_FD_FLAG_WITHOUT_FRAME:
+                d = (struct shmz_desc){ .kind = SHMZ_DESC_DATA, .n_slots = 1, .flags = SHMZ_FRAME_F_FD, .size = 1 };
+                raw_put(&raw, &d, payload, 1, 0);
                 break;
         case H_SLOT_UNKNOWN:
-                f.segment = 1;
-                f.size = 10;
-                send_raw(raw, &f, NULL, 0, NULL, 0);
+                d.segment = 1;
+                raw_put(&raw, &d, NULL, 0, 0);
                 break;
         case H_SLOT_TOO_BIG:
-                f.segment = UINT32_MAX;
-                f.size = 10;
-                send_raw(raw, &f, NULL, 0, NULL, 0);
+                d.segment = UINT32_MAX;
+                raw_put(&raw, &d, NULL, 0, 0);
                 break;
         case H_CHUNK_OUT_OF_RANGE:
-                f.chunk = 127;
-                f.size = 2 * CHUNK;
-                send_raw(raw, &f, NULL, 0, NULL, 0);
+                d.chunk = 127;
+                d.size = 2 * CHUNK;
+                raw_put(&raw, &d, NULL, 0, 0);
                 break;
         case H_RUN_CROSSES_WORD:
                 __atomic_store_n(&used[0], UINT64_MAX, __ATOMIC_SEQ_CST);
                 __atomic_store_n(&used[1], UINT64_MAX, __ATOMIC_SEQ_CST);
-                f.chunk = 60;
-                f.size = 8 * CHUNK;
-                send_raw(raw, &f, NULL, 0, NULL, 0);
+                d.chunk = 60;
+                d.size = 8 * CHUNK;
+                raw_put(&raw, &d, NULL, 0, 0);
                 break;
         case H_SIZE_OVERFLOW:
-                f.size = UINT64_MAX;
-                send_raw(raw, &f, NULL, 0, NULL, 0);
+                d.size = UINT64_MAX;
+                raw_put(&raw, &d, NULL, 0, 0);
                 break;
         case H_SIZE_ZERO_CHUNK:
-                f.size = 0;
-                send_raw(raw, &f, NULL, 0, NULL, 0);
+                d.size = 0;
+                raw_put(&raw, &d, NULL, 0, 0);
+                break;
+        case H_CHUNK_TWO_SLOTS:
+                d.n_slots = 2;
+                raw_put(&raw, &d, NULL, 0, 0);
                 break;
         case H_BITS_NOT_CLAIMED:
-                f.chunk = 4;
-                f.size = 10;
-                send_raw(raw, &f, NULL, 0, NULL, 0);
+                d.chunk = 4;
+                raw_put(&raw, &d, NULL, 0, 0);
                 break;
         case H_REPLAY:
-                f.size = 2 * CHUNK;
-                send_raw(raw, &f, NULL, 0, NULL, 0);
-                send_raw(raw, &f, NULL, 0, NULL, 0);
+                d.size = 2 * CHUNK;
+                raw_put(&raw, &d, NULL, 0, 0);
+                raw_put(&raw, &d, NULL, 0, 0);
                 expect_ok = 1;
+                break;
+        case H_SOCK_KIND:
+                f = (struct shmz_frame){ .kind = 9 };
+                send_raw(raw.sock, &f, NULL, 0, NULL, 0);
+                break;
+        case H_SOCK_DATA:
+                /* Messages travel in the ring: a message frame on the socket is none of ours. */
+                f = (struct shmz_frame){ .kind = 1, .size = 2 };
+                send_raw(raw.sock, &f, "ok", 2, NULL, 0);
+                break;
+        case H_FD_FRAME_WITHOUT_FD:
+                f = (struct shmz_frame){ .kind = SHMZ_FRAME_FD };
+                send_raw(raw.sock, &f, NULL, 0, NULL, 0);
+                break;
+        case H_FD_FRAME_TWO_FDS:
+                f = (struct shmz_frame){ .kind = SHMZ_FRAME_FD };
+                send_raw(raw.sock, &f, NULL, 0, fds, 2);
+                break;
+        case H_FD_FRAME_PAYLOAD:
+                f = (struct shmz_frame){ .kind = SHMZ_FRAME_FD, .size = 4 };
+                send_raw(raw.sock, &f, payload, 4, &fds[0], 1);
+                break;
+        case H_WAKE_WITH_FD:
+                f = (struct shmz_frame){ .kind = SHMZ_FRAME_WAKE };
+                send_raw(raw.sock, &f, NULL, 0, &fds[0], 1);
+                break;
+        case H_WAKE_FIELDS:
+                f = (struct shmz_frame){ .kind = SHMZ_FRAME_WAKE, .type = 1 };
+                send_raw(raw.sock, &f, NULL, 0, NULL, 0);
                 break;
         case H_SEGMENT_WRONG_SIZE:
         case H_SEGMENT_UNSEALED:
@@ -575,59 +687,76 @@ static void hostile(enum hostile h) {
                         seg = ro;
                 }
                 f = (struct shmz_frame){ .kind = SHMZ_FRAME_SEGMENT, .size = sizeof(fs) };
-                send_raw(raw, &f, &fs, sizeof(fs), &seg, 1);
+                send_raw(raw.sock, &f, &fs, sizeof(fs), &seg, 1);
                 break;
         }
         case H_SEGMENT_NO_FD:
                 f = (struct shmz_frame){ .kind = SHMZ_FRAME_SEGMENT, .size = sizeof(fs) };
-                send_raw(raw, &f, &fs, sizeof(fs), NULL, 0);
+                send_raw(raw.sock, &f, &fs, sizeof(fs), NULL, 0);
                 break;
         case H_SEGMENT_TWICE:
-                seg = announce(raw, 128, 0);
-                close(announce(raw, 128, 0));
+                seg = announce(raw.sock, 128, 0);
+                close(announce(raw.sock, 128, 0));
                 break;
         case H_SEGMENT_WRONG_CHUNKS:
-                seg = announce(raw, 64, 0);
+                seg = announce(raw.sock, 64, 0);
                 break;
         case H_SHORT:
-                cr_assert(send(raw, "abc", 3, MSG_NOSIGNAL) == 3);
+                cr_assert(send(raw.sock, "abc", 3, MSG_NOSIGNAL) == 3);
                 break;
-        case H_EMPTY_WITH_FD:
-                f = (struct shmz_frame){ .kind = SHMZ_FRAME_DATA };
-                send_raw(raw, &f, NULL, 0, &fds[0], 1);
+        case H_EMPTY_WITH_FD: {
+                struct iovec iov = { NULL, 0 };
+                union {
+                        struct cmsghdr c;
+                        uint8_t buf[CMSG_SPACE(sizeof(int))];
+                } control = {};
+                struct msghdr mh = {
+                        .msg_iov = &iov, .msg_iovlen = 1, .msg_control = &control, .msg_controllen = sizeof(control.buf)
+                };
+                struct cmsghdr *c = CMSG_FIRSTHDR(&mh);
+
+                c->cmsg_level = SOL_SOCKET;
+                c->cmsg_type = SCM_RIGHTS;
+                c->cmsg_len = CMSG_LEN(sizeof(int));
+                memcpy(CMSG_DATA(c), &fds[0], sizeof(int));
+                cr_assert(sendmsg(raw.sock, &mh, MSG_NOSIGNAL) >= 0);
                 break;
+        }
         default:
                 cr_assert_fail();
         }
-        /* A good message after the bad one: it must never be seen. */
-        f = (struct shmz_frame){ .kind = SHMZ_FRAME_DATA, .size = 2 };
-        send_raw(raw, &f, "ok", 2, NULL, 0);
+        if (h <= H_RING_LAST && h != H_HEAD_TOO_FAR && h != H_N_SLOTS_PAST_HEAD) {
+                /* A good message after the bad one: it must never be seen. */
+                d = (struct shmz_desc){ .kind = SHMZ_DESC_DATA, .n_slots = 1, .size = 2 };
+                raw_put(&raw, &d, "ok", 2, 0);
+        }
 
         for (int i = 0; i < expect_ok; i++) {
                 cr_assert_eq(shmz_port_recv(b, &r, -1), 0, "case %d", h);
                 shmz_msg_release(b, &r);
         }
-        cr_assert_eq(shmz_port_recv(b, &r, -1), -EBADMSG, "case %d", h);
+        /* What is wrong on the socket shows when the socket is read: a receive that finds the ring empty. */
+        cr_assert_eq(shmz_port_recv(b, &r, h <= H_RING_LAST ? -1 : 0), -EBADMSG, "case %d", h);
         cr_assert_eq(shmz_port_recv(b, &r, -1), -EPIPE, "case %d", h);
         cr_assert_eq(shmz_port_recv(b, &r, 0), -EPIPE, "case %d", h);
         /* The peer sees the port shut down. */
         {
                 char c;
 
-                cr_assert_eq(recv(raw, &c, 1, MSG_DONTWAIT), 0, "case %d", h);
+                cr_assert_eq(recv(raw.sock, &c, 1, MSG_DONTWAIT), 0, "case %d", h);
         }
         shmz_port_close(b);
         if (used)
                 munmap((uint8_t *) used - offsetof(struct shmz_segment_header, used), SHMZ_SEGMENT_HEADER_SIZE);
         safe_close(seg);
-        close(raw);
+        raw_close(&raw);
         close(fds[0]);
         close(fds[1]);
         /* Every fd that came with the hostile frames was closed. */
         cr_assert_eq(count_fds(), before, "case %d: fds leaked", h);
 }
 
-Test(port, hostile_frames) {
+Test(port, hostile_frames_and_descriptors) {
         for (int h = 0; h < H_COUNT; h++)
                 hostile((enum hostile) h);
 }
@@ -638,26 +767,25 @@ Test(port, hugetlb_segment_refused) {
         struct shmz_frame f = { .kind = SHMZ_FRAME_SEGMENT, .size = sizeof(fs) };
         struct shmz_port *b;
         struct shmz_msg r;
-        int raw, seg;
+        struct raw raw;
+        int seg;
 
         /* 4 KiB + 511 chunks of 4 KiB: 2 MiB, one huge page. */
         half(511, &raw, &b);
         seg = memfd_create("huge", MFD_CLOEXEC | MFD_ALLOW_SEALING | MFD_HUGETLB);
         if (seg < 0) {
                 shmz_port_close(b);
-                close(raw);
+                raw_close(&raw);
                 cr_skip_test("no hugetlbfs memfd here: %m");
         }
         cr_assert(ftruncate(seg, SHMZ_SEGMENT_HEADER_SIZE + 511 * CHUNK) == 0, "%m");
         cr_assert(fcntl(seg, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) == 0, "%m");
-        send_raw(raw, &f, &fs, sizeof(fs), &seg, 1);
-        f = (struct shmz_frame){ .kind = SHMZ_FRAME_DATA, .size = 2 };
-        send_raw(raw, &f, "ok", 2, NULL, 0);
-        cr_assert_eq(shmz_port_recv(b, &r, -1), -EBADMSG);
+        send_raw(raw.sock, &f, &fs, sizeof(fs), &seg, 1);
+        cr_assert_eq(shmz_port_recv(b, &r, 0), -EBADMSG);
         cr_assert_eq(shmz_port_recv(b, &r, -1), -EPIPE);
         shmz_port_close(b);
         close(seg);
-        close(raw);
+        raw_close(&raw);
 }
 
 /* ---- threads --------------------------------------------------------------------------- */

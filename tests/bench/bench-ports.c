@@ -819,12 +819,12 @@ int main(void) {
          * iceoryx's, and again, each with processes of its own.
          */
         {
-                double *shared = MAP_FAILED;
                 char why[512] = "libiceoryx-binding-c-dev was not found at build time";
                 long iters = cases[0].iters;
 
 #if HAVE_ICEORYX
-                shared = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+                double *shared = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+
                 if (shared == MAP_FAILED)
                         snprintf(why, sizeof(why), "mmap: %s", strerror(errno));
                 else

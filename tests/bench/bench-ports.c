@@ -5,15 +5,27 @@
  *    copies the payload, both sides sleeping in recv;
  *  - rtt_64B and rtt_1MiB against Eclipse iceoryx's C binding (waitset, a RouDi
  *    of our own), when it was found at build time;
+ *  - rtt_64B with both sides spinning (shmz_port_set_spin() far longer than a
+ *    run, shmz_port_recv(-1)) against iceoryx with busy-polling subscribers
+ *    (iox_sub_take_chunk in a loop, no waitset), one fresh pair of processes
+ *    per run each, so that no idle spinner steals a core from the other's run;
+ *    a run ends after its round trips or after RUN_CAP_NS, whichever comes
+ *    first (the figure is per round trip done);
  *  - one-way throughput of 1 MiB messages the sender fills in place
  *    (shmz_port_buf), against one memcpy of 1 MiB per message and against a
- *    stream socket (the sender fills its own buffer and writes it).
+ *    stream socket (the sender fills its own buffer and writes it);
+ *  - one-way messages per second (msgs_64B): the sender sends 64 bytes from
+ *    its own buffer as fast as the port takes them (waiting when it is full),
+ *    the receiver checks each one's sequence number and answers an end
+ *    marker that carries their number (runs capped as above); against the
+ *    same over a SOCK_SEQPACKET socketpair.
  * In round trips each side stamps the first and last 8 bytes of what it sends
  * (a port buffer, an iceoryx chunk, or the socket's user buffer) and the other
  * side reads them: payloads are produced in place, the socket copies them.
  * Small payloads (<= SHMZ_FRAME_INLINE_MAX) go the way an application sends
  * them: shmz_port_send() from its own buffer (inline). Medians of several
- * runs; RATIO <metric>/<anchor> x, x = anchor time / our time (> 1: we win).
+ * runs; RATIO <metric>/<anchor> x, x = anchor time / our time, or for msgs_64B
+ * our rate / the anchor's rate (> 1: we win).
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -48,17 +60,31 @@
 
 #define RUNS 5
 #define THR_MSGS 400
+#define MSGS 200000 /* one-way messages per run */
+/* Longer than any run: a spinning receiver never goes to sleep. */
+#define SPIN_NS (10 * (uint64_t) 1000000000)
+/*
+ * What a run of the spinning round trips or of msgs_64B may take at most (a tenth for a warm-up): busy pollers on
+ * a loaded machine (2 shared cores) can take 100 us a round trip, which must not make the benchmark take minutes.
+ */
+#define RUN_CAP_NS 2e9
 #define MiB (1u << 20)
 
 static struct daemon_proc d;
 
 static pid_t main_pid;
+static pid_t roudi_pid = -1; /* our RouDi while it runs */
 
 static void die(const char *what) {
         fprintf(stderr, "bench-ports: %s\n", what);
-        /* The daemon goes with the benchmark, not with one of its children. */
-        if (getpid() == main_pid)
+        /* The daemon (and RouDi) go with the benchmark, not with one of its children. */
+        if (getpid() == main_pid) {
+                if (roudi_pid > 0) {
+                        kill(roudi_pid, SIGTERM);
+                        waitpid(roudi_pid, NULL, 0);
+                }
                 harness_cleanup(&d);
+        }
         exit(1);
 }
 
@@ -80,6 +106,23 @@ static uint64_t read_stamp(const void *buf, size_t size) {
         memcpy(&a, buf, 8);
         memcpy(&b, (const char *) buf + size - 8, 8);
         return a == b ? a : STAMP_TORN;
+}
+
+/* Whether a run that began at t0, i steps in, is over its cap (0: none). Looks at the clock every 64 steps. */
+static bool over_cap(double t0, double cap_ns, long i) {
+        return cap_ns > 0 && i > 0 && (i & 63) == 0 && now_ns() - t0 > cap_ns;
+}
+
+/*
+ * How many of RUNS runs the cap cut short, from their figures: time per step (or, rate: steps per second) and the
+ * steps a whole run has. Many: the machine is loaded (spinners wait for a core), the figures say little.
+ */
+static int n_capped(const double *v, bool rate, long steps) {
+        int n = 0;
+
+        for (int r = 0; r < RUNS; r++)
+                n += rate ? (double) steps * 1e9 / v[r] > RUN_CAP_NS : v[r] * (double) steps > RUN_CAP_NS;
+        return n;
 }
 
 /* ---- shmzone ports ---------------------------------------------------------------------- */
@@ -107,9 +150,9 @@ static void *port_buf_wait(struct shmz_port *p, size_t size) {
 }
 
 /* Sends size bytes stamped v: in place when large, from our own buffer when small. */
-static int shmz_send_stamped(struct shmz_port *p, size_t size, uint64_t v) {
+static int shmz_send_typed(struct shmz_port *p, uint32_t type, size_t size, uint64_t v) {
         static char small[SHMZ_FRAME_INLINE_MAX];
-        struct shmz_msg m = { .type = 1, .size = size, .fd = -1 };
+        struct shmz_msg m = { .type = type, .size = size, .fd = -1 };
 
         m.data = size > SHMZ_FRAME_INLINE_MAX ? port_buf_wait(p, size) : small;
         if (!m.data)
@@ -118,15 +161,22 @@ static int shmz_send_stamped(struct shmz_port *p, size_t size, uint64_t v) {
         return shmz_port_send(p, &m, -1);
 }
 
-static _Noreturn void shmz_echo(const char *name) {
+static int shmz_send_stamped(struct shmz_port *p, size_t size, uint64_t v) {
+        return shmz_send_typed(p, 1, size, v);
+}
+
+/* Answers every message with its size and stamp, until the port goes or a type 2 message (the end) comes. */
+static _Noreturn void shmz_echo(const char *name, uint64_t spin_ns) {
         struct shmz_port *p = child_port(name);
 
+        if (spin_ns > 0 && shmz_port_set_spin(p, spin_ns) < 0)
+                _exit(2);
         for (;;) {
                 struct shmz_msg m;
                 uint64_t v;
                 size_t size;
 
-                if (shmz_port_recv(p, &m, -1) < 0)
+                if (shmz_port_recv(p, &m, -1) < 0 || m.type == 2)
                         _exit(0);
                 v = read_stamp(m.data, m.size);
                 size = m.size;
@@ -136,10 +186,12 @@ static _Noreturn void shmz_echo(const char *name) {
         }
 }
 
-static double shmz_rtt(struct shmz_port *p, size_t size, long iters) {
+/* Mean round trip over iters of them, or over those done when cap_ns (0: none) passed. */
+static double shmz_rtt(struct shmz_port *p, size_t size, long iters, double cap_ns) {
         double t0 = now_ns();
+        long i;
 
-        for (long i = 0; i < iters; i++) {
+        for (i = 0; i < iters && !over_cap(t0, cap_ns, i); i++) {
                 struct shmz_msg m;
 
                 if (shmz_send_stamped(p, size, (uint64_t) i) < 0 || shmz_port_recv(p, &m, -1) < 0)
@@ -148,7 +200,7 @@ static double shmz_rtt(struct shmz_port *p, size_t size, long iters) {
                         die("shmz round trip: the stamp did not come back");
                 shmz_msg_release(p, &m);
         }
-        return (now_ns() - t0) / (double) iters;
+        return (now_ns() - t0) / (double) i;
 }
 
 /* The receiver of the throughput run: checks a byte at each end, tells when the run's end marker came. */
@@ -199,6 +251,84 @@ static struct shmz_port *accept_child(struct shmz_listener *l) {
         if (shmz_port_accept(l, 10 * (int64_t) 1000000000, &p) < 0)
                 die("accept failed");
         return p;
+}
+
+/*
+ * One run of 64-byte round trips with both sides spinning, with an echo of its own: once the run is over the echo
+ * is gone, so that it spins on no core while the anchor runs.
+ */
+static double shmz_spin_rtt(struct shmz_listener *l, long iters) {
+        struct shmz_port *p;
+        double t;
+        pid_t echo;
+
+        echo = fork();
+        if (echo < 0)
+                die("fork");
+        if (echo == 0)
+                shmz_echo("bench", SPIN_NS);
+        p = accept_child(l);
+        if (shmz_port_set_spin(p, SPIN_NS) < 0)
+                die("shmz_port_set_spin failed");
+        (void) shmz_rtt(p, 64, iters / 10 + 1, RUN_CAP_NS / 10);
+        t = shmz_rtt(p, 64, iters, RUN_CAP_NS);
+        if (shmz_send_typed(p, 2, 16, 0) < 0)
+                die("shmz end of run failed");
+        waitpid(echo, NULL, 0);
+        shmz_port_close(p);
+        return t;
+}
+
+/*
+ * The receiver of one-way messages: a run is messages of 64 bytes stamped 0, 1, ... and an end (type 2) stamped
+ * with their number; it answers the end with that number when every one came, in order, else with UINT64_MAX.
+ */
+static _Noreturn void shmz_msgs_sink(const char *name) {
+        struct shmz_port *p = child_port(name);
+        uint64_t next = 0;
+        bool ok = true;
+
+        for (;;) {
+                struct shmz_msg m;
+
+                if (shmz_port_recv(p, &m, -1) < 0)
+                        _exit(0);
+                if (m.type == 2) {
+                        uint64_t n = read_stamp(m.data, m.size);
+
+                        shmz_msg_release(p, &m);
+                        if (shmz_send_stamped(p, 16, ok && next == n ? n : UINT64_MAX) < 0)
+                                _exit(0);
+                        next = 0;
+                        ok = true;
+                        continue;
+                }
+                if (m.type != 1 || m.size != 64 || read_stamp(m.data, m.size) != next)
+                        ok = false;
+                next++;
+                shmz_msg_release(p, &m);
+        }
+}
+
+/*
+ * Messages per second, from the first send until the receiver said it has them all: n of them, or those sent until
+ * cap_ns passed.
+ */
+static double shmz_msgs(struct shmz_port *p, long n, double cap_ns) {
+        double t0 = now_ns();
+        struct shmz_msg m;
+        long i;
+
+        for (i = 0; i < n && !over_cap(t0, cap_ns, i); i++)
+                if (shmz_send_stamped(p, 64, (uint64_t) i) < 0)
+                        die("shmz message send failed");
+        n = i;
+        if (shmz_send_typed(p, 2, 16, (uint64_t) n) < 0 || shmz_port_recv(p, &m, -1) < 0)
+                die("shmz end of messages failed");
+        if (m.size != 16 || read_stamp(m.data, m.size) != (uint64_t) n)
+                die("shmz messages: lost or out of order");
+        shmz_msg_release(p, &m);
+        return (double) n * 1e9 / (now_ns() - t0);
 }
 
 /* ---- sockets ---------------------------------------------------------------------------- */
@@ -266,6 +396,52 @@ static double seq_rtt(int fd, char *buf, size_t size, long iters) {
                         die("seqpacket round trip: the stamp did not come back");
         }
         return (now_ns() - t0) / (double) iters;
+}
+
+/* As shmz_msgs_sink(): 64-byte datagrams stamped 0, 1, ..., then a 16-byte one (the end) stamped with their number. */
+static _Noreturn void seq_msgs_sink(int fd) {
+        char buf[64];
+        uint64_t next = 0;
+        bool ok = true;
+
+        for (;;) {
+                ssize_t k = recv(fd, buf, sizeof(buf), 0);
+
+                if (k <= 0)
+                        _exit(0);
+                if (k == 16) {
+                        uint64_t n = read_stamp(buf, 16);
+
+                        stamp(buf, 16, ok && next == n ? n : UINT64_MAX);
+                        if (send(fd, buf, 16, MSG_NOSIGNAL) != 16)
+                                _exit(0);
+                        next = 0;
+                        ok = true;
+                        continue;
+                }
+                if (k != 64 || read_stamp(buf, 64) != next)
+                        ok = false;
+                next++;
+        }
+}
+
+static double seq_msgs(int fd, long n, double cap_ns) {
+        double t0 = now_ns();
+        char buf[64];
+        long i;
+
+        for (i = 0; i < n && !over_cap(t0, cap_ns, i); i++) {
+                stamp(buf, 64, (uint64_t) i);
+                if (send(fd, buf, 64, MSG_NOSIGNAL) != 64)
+                        die("seqpacket message send failed");
+        }
+        n = i;
+        stamp(buf, 16, (uint64_t) n);
+        if (send(fd, buf, 16, MSG_NOSIGNAL) != 16 || recv(fd, buf, sizeof(buf), 0) != 16)
+                die("seqpacket end of messages failed");
+        if (read_stamp(buf, 16) != (uint64_t) n)
+                die("seqpacket messages: lost or out of order");
+        return (double) n * 1e9 / (now_ns() - t0);
 }
 
 static bool read_all(int fd, void *buf, size_t size) {
@@ -344,16 +520,17 @@ struct iox_side {
         iox_ws_storage_t ws_storage;
         iox_pub_t pub;
         iox_sub_t sub;
-        iox_ws_t ws;
+        iox_ws_t ws; /* NULL: busy polling */
 };
 
-static void iox_side_open(struct iox_side *s, const char *name, const char *out, const char *in, size_t size) {
-        char instance[32];
+/*
+ * A service per instance (a size, or a run of the busy case): a process of an earlier run that lingers never
+ * subscribes to this one.
+ */
+static void iox_side_open(struct iox_side *s, const char *name, const char *out, const char *in, const char *instance,
+                          bool busy) {
         iox_pub_options_t po;
         iox_sub_options_t so;
-
-        /* A service per size: a process of an earlier run that lingers never subscribes to this one. */
-        snprintf(instance, sizeof(instance), "rtt%zu", size);
 
         iox_runtime_init(name);
         iox_pub_options_init(&po);
@@ -361,15 +538,19 @@ static void iox_side_open(struct iox_side *s, const char *name, const char *out,
         so.queueCapacity = 16;
         s->pub = iox_pub_init(&s->pub_storage, "shmzbench", instance, out, &po);
         s->sub = iox_sub_init(&s->sub_storage, "shmzbench", instance, in, &so);
-        s->ws = iox_ws_init(&s->ws_storage);
-        if (iox_ws_attach_subscriber_state(s->ws, s->sub, SubscriberState_HAS_DATA, 0, NULL) != WaitSetResult_SUCCESS)
-                _exit(5);
+        s->ws = NULL;
+        if (!busy) {
+                s->ws = iox_ws_init(&s->ws_storage);
+                if (iox_ws_attach_subscriber_state(s->ws, s->sub, SubscriberState_HAS_DATA, 0, NULL) !=
+                    WaitSetResult_SUCCESS)
+                        _exit(5);
+        }
         /* Both directions connected before the first message. */
         while (!iox_pub_has_subscribers(s->pub) || iox_sub_get_subscription_state(s->sub) != SubscribeState_SUBSCRIBED)
                 usleep(1000);
 }
 
-/* Sleeps in the waitset until a chunk is there, takes it. */
+/* Sleeps in the waitset until a chunk is there (busy: polls), takes it. */
 static const void *iox_take(struct iox_side *s) {
         const void *chunk;
 
@@ -379,8 +560,17 @@ static const void *iox_take(struct iox_side *s) {
 
                 if (iox_sub_take_chunk(s->sub, &chunk) == ChunkReceiveResult_SUCCESS)
                         return chunk;
-                (void) iox_ws_wait(s->ws, infos, 4, &missed);
+                if (s->ws)
+                        (void) iox_ws_wait(s->ws, infos, 4, &missed);
         }
+}
+
+static void iox_side_close(struct iox_side *s) {
+        if (s->ws)
+                iox_ws_deinit(s->ws);
+        iox_sub_deinit(s->sub);
+        iox_pub_deinit(s->pub);
+        iox_runtime_shutdown();
 }
 
 static void iox_send(struct iox_side *s, size_t size, uint64_t v) {
@@ -394,12 +584,12 @@ static void iox_send(struct iox_side *s, size_t size, uint64_t v) {
         iox_pub_publish_chunk(s->pub, chunk);
 }
 
-static _Noreturn void iox_pong(size_t size) {
+static _Noreturn void iox_pong(size_t size, const char *instance, bool busy) {
         struct iox_side s;
         char name[64];
 
         snprintf(name, sizeof(name), "shmzbench-pong-%d", (int) getpid());
-        iox_side_open(&s, name, "pong", "ping", size);
+        iox_side_open(&s, name, "pong", "ping", instance, busy);
         for (;;) {
                 const void *in = iox_take(&s);
                 uint64_t v = read_stamp(in, size);
@@ -409,25 +599,25 @@ static _Noreturn void iox_pong(size_t size) {
                         break;
                 iox_send(&s, size, v);
         }
-        iox_ws_deinit(s.ws);
-        iox_sub_deinit(s.sub);
-        iox_pub_deinit(s.pub);
-        iox_runtime_shutdown();
+        iox_side_close(&s);
         _exit(0);
 }
 
-/* In a child of its own: medians of RUNS runs into *ret. */
-static _Noreturn void iox_ping(size_t size, long iters, double *ret) {
+/* In a child of its own: the median of runs runs into *ret. Busy: runs capped as those of ours (RUN_CAP_NS). */
+static _Noreturn void iox_ping(size_t size, long iters, int runs, const char *instance, bool busy, double *ret) {
         double t[RUNS];
         struct iox_side s;
         char name[64];
 
         snprintf(name, sizeof(name), "shmzbench-ping-%d", (int) getpid());
-        iox_side_open(&s, name, "ping", "pong", size);
-        for (int r = -1; r < RUNS; r++) { /* run -1 warms up */
+        iox_side_open(&s, name, "ping", "pong", instance, busy);
+        for (int r = -1; r < runs; r++) { /* run -1 warms up */
                 double t0 = now_ns();
+                /* Busy: the warm-up and the cap are those of ours. */
+                long n = r < 0 && busy ? iters / 10 + 1 : iters, i;
+                double cap = busy ? (r < 0 ? RUN_CAP_NS / 10 : RUN_CAP_NS) : 0;
 
-                for (long i = 0; i < iters; i++) {
+                for (i = 0; i < n && !over_cap(t0, cap, i); i++) {
                         const void *in;
 
                         iox_send(&s, size, (uint64_t) i);
@@ -437,14 +627,11 @@ static _Noreturn void iox_ping(size_t size, long iters, double *ret) {
                         iox_sub_release_chunk(s.sub, in);
                 }
                 if (r >= 0)
-                        t[r] = (now_ns() - t0) / (double) iters;
+                        t[r] = (now_ns() - t0) / (double) i;
         }
         iox_send(&s, size >= 16 ? size : 16, UINT64_MAX); /* ends the pong */
-        *ret = median(t, RUNS);
-        iox_ws_deinit(s.ws);
-        iox_sub_deinit(s.sub);
-        iox_pub_deinit(s.pub);
-        iox_runtime_shutdown();
+        *ret = median(t, (size_t) runs);
+        iox_side_close(&s);
         _exit(0);
 }
 
@@ -512,18 +699,25 @@ static void roudi_stop(pid_t pid) {
         waitpid(pid, NULL, 0);
 }
 
-/* Median round trip of size bytes through iceoryx, or a negative value. */
-static double iox_rtt(size_t size, long iters, double *shared) {
+/* Median of runs (<= RUNS) round trips of size bytes through iceoryx, or a negative value. */
+static double iox_rtt(size_t size, long iters, int runs, const char *instance, bool busy, double *shared) {
         pid_t pong, ping, w = 0;
         int st = 0;
 
         *shared = -1;
         pong = fork();
+        if (pong < 0)
+                die("fork");
         if (pong == 0)
-                iox_pong(size);
+                iox_pong(size, instance, busy);
         ping = fork();
+        if (ping < 0) {
+                kill(pong, SIGKILL);
+                waitpid(pong, NULL, 0);
+                die("fork");
+        }
         if (ping == 0)
-                iox_ping(size, iters, shared);
+                iox_ping(size, iters, runs, instance, busy, shared);
         /* Bounded: a run that hangs (RouDi gone, a process dropped) ends as a failure, not a stuck benchmark. */
         for (int i = 0; i < 6000 && (w = waitpid(ping, &st, WNOHANG)) == 0; i++)
                 usleep(50000);
@@ -589,7 +783,7 @@ int main(void) {
 
                 echo = fork();
                 if (echo == 0)
-                        shmz_echo("bench");
+                        shmz_echo("bench", 0);
                 p = accept_child(l);
                 if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) < 0)
                         die("socketpair");
@@ -601,12 +795,12 @@ int main(void) {
                         seq_echo(sv[1], rc->size);
                 }
                 close(sv[1]);
-                (void) shmz_rtt(p, rc->size, rc->iters / 10 + 1);
+                (void) shmz_rtt(p, rc->size, rc->iters / 10 + 1, 0);
                 (void) seq_rtt(sv[0], buf, rc->size, rc->iters / 10 + 1);
                 /* Interleaved runs: machine noise hits both sides alike. */
                 for (int r = 0; r < RUNS; r++) {
                         anchor[r] = seq_rtt(sv[0], buf, rc->size, rc->iters);
-                        ours[r] = shmz_rtt(p, rc->size, rc->iters);
+                        ours[r] = shmz_rtt(p, rc->size, rc->iters, 0);
                 }
                 rc->ours = median(ours, RUNS);
                 rc->seq = median(anchor, RUNS);
@@ -620,31 +814,68 @@ int main(void) {
                 fflush(stdout);
         }
 
-#if HAVE_ICEORYX
+        /*
+         * iceoryx (a RouDi of our own for both of its cases), then both sides spinning: a run of ours, a run of
+         * iceoryx's, and again, each with processes of its own.
+         */
         {
+                char why[512] = "libiceoryx-binding-c-dev was not found at build time";
+                long iters = cases[0].iters;
+
+#if HAVE_ICEORYX
                 double *shared = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
-                char why[512];
-                pid_t roudi;
 
-                roudi = roudi_start(d.dir, why, sizeof(why));
-                if (roudi < 0 || shared == MAP_FAILED)
-                        printf("SKIP iceoryx (%s)\n", why);
-                else {
-                        double i64 = iox_rtt(64, cases[0].iters, shared);
-                        double i1m = iox_rtt(MiB, cases[3].iters, shared);
+                if (shared == MAP_FAILED)
+                        snprintf(why, sizeof(why), "mmap: %s", strerror(errno));
+                else
+                        roudi_pid = roudi_start(d.dir, why, sizeof(why));
+                if (roudi_pid > 0) {
+                        double i64 = iox_rtt(64, cases[0].iters, RUNS, "rtt64", false, shared);
+                        double i1m = iox_rtt(MiB, cases[3].iters, RUNS, "rtt1048576", false, shared);
 
-                        roudi_stop(roudi);
                         if (i64 < 0 || i1m < 0)
                                 die("iceoryx round trips failed");
                         printf("rtt 64B: iceoryx (waitset) %.0f ns; rtt 1MiB: iceoryx (waitset) %.0f ns\n", i64, i1m);
                         printf("RATIO rtt_64B/iceoryx_waitset %.3f\n", i64 / cases[0].ours);
                         printf("RATIO rtt_1MiB/iceoryx %.3f\n", i1m / cases[3].ours);
                 }
-                fflush(stdout);
-        }
-#else
-        printf("SKIP iceoryx (libiceoryx-binding-c-dev was not found at build time)\n");
 #endif
+                if (roudi_pid <= 0)
+                        printf("SKIP iceoryx (%s)\n", why);
+                fflush(stdout);
+
+                for (int r = 0; r < RUNS; r++) {
+                        ours[r] = shmz_spin_rtt(l, iters);
+#if HAVE_ICEORYX
+                        if (roudi_pid > 0) {
+                                char instance[32];
+
+                                snprintf(instance, sizeof(instance), "busy64r%d", r);
+                                anchor[r] = iox_rtt(64, iters, 1, instance, true, shared);
+                                if (anchor[r] < 0)
+                                        die("iceoryx busy round trips failed");
+                        }
+#endif
+                }
+                printf("rtt 64B, both sides spinning: shmzone (set_spin) %.0f ns (median of %d x up to %ld or %.0f s; "
+                       "cut short: %d)\n",
+                       median(ours, RUNS), RUNS, iters, RUN_CAP_NS / 1e9, n_capped(ours, false, iters));
+                if (roudi_pid > 0) {
+                        printf("rtt 64B, both sides spinning: iceoryx (busy polling) %.0f ns (cut short: %d)\n",
+                               median(anchor, RUNS), n_capped(anchor, false, iters));
+                        printf("RATIO rtt_64B_spin/iceoryx_busy %.3f\n", median(anchor, RUNS) / median(ours, RUNS));
+                } else
+                        printf("SKIP rtt_64B_spin/iceoryx_busy (the anchor is missing: %s)\n", why);
+                fflush(stdout);
+#if HAVE_ICEORYX
+                if (roudi_pid > 0) {
+                        roudi_stop(roudi_pid);
+                        roudi_pid = -1;
+                }
+                if (shared != MAP_FAILED)
+                        munmap(shared, 4096);
+#endif
+        }
 
         {
                 struct shmz_port *p;
@@ -678,6 +909,49 @@ int main(void) {
                        median(ours, RUNS), median(anchor, RUNS), median(anchor2, RUNS), RUNS, THR_MSGS);
                 printf("RATIO thr_1MiB/memcpy %.3f\n", median(anchor, RUNS) / median(ours, RUNS));
                 printf("RATIO thr_1MiB/unix_stream %.3f\n", median(anchor2, RUNS) / median(ours, RUNS));
+                fflush(stdout);
+        }
+
+        /* One-way 64-byte messages, interleaved runs as above. */
+        {
+                struct shmz_port *p;
+                pid_t sink, ssink;
+
+                sink = fork();
+                if (sink < 0)
+                        die("fork");
+                if (sink == 0)
+                        shmz_msgs_sink("bench");
+                p = accept_child(l);
+                if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) < 0)
+                        die("socketpair");
+                /* As for the round trips (and faster than the default for a stream of small datagrams). */
+                big_buffers(sv[0], 4 * MiB);
+                big_buffers(sv[1], 4 * MiB);
+                ssink = fork();
+                if (ssink < 0)
+                        die("fork");
+                if (ssink == 0) {
+                        close(sv[0]);
+                        seq_msgs_sink(sv[1]);
+                }
+                close(sv[1]);
+                (void) shmz_msgs(p, MSGS / 10, RUN_CAP_NS / 10);
+                (void) seq_msgs(sv[0], MSGS / 10, RUN_CAP_NS / 10);
+                for (int r = 0; r < RUNS; r++) {
+                        anchor[r] = seq_msgs(sv[0], MSGS, RUN_CAP_NS);
+                        ours[r] = shmz_msgs(p, MSGS, RUN_CAP_NS);
+                }
+                close(sv[0]);
+                shmz_port_close(p);
+                waitpid(ssink, NULL, 0);
+                waitpid(sink, NULL, 0);
+                printf("msgs 64B one way: shmzone %.0f msgs/s, unix seqpacket %.0f msgs/s (median of %d x up to %d or "
+                       "%.0f s; cut short: %d, %d)\n",
+                       median(ours, RUNS), median(anchor, RUNS), RUNS, MSGS, RUN_CAP_NS / 1e9,
+                       n_capped(ours, true, MSGS), n_capped(anchor, true, MSGS));
+                printf("RATIO msgs_64B/unix_seqpacket %.3f\n", median(ours, RUNS) / median(anchor, RUNS));
+                fflush(stdout);
         }
 
         shmz_listener_close(l);

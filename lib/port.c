@@ -1500,6 +1500,10 @@ int port_raw_publish(struct shmz_port *p, const struct shmz_desc *d, const void 
         return 0;
 }
 
+struct shmz_channel *port_channel(const struct shmz_port *p) {
+        return p->ch;
+}
+
 int port_socket_fd(const struct shmz_port *p) {
         return p->fd;
 }

@@ -44,6 +44,9 @@ int port_new(int sock_fd, int channel_fd, const struct port_params *pp, struct s
  */
 int port_raw_publish(struct shmz_port *p, const struct shmz_desc *d, const void *payload, size_t n, uint32_t advance);
 
+/* The channel as this process maps it (tests: a forked third process scribbles on it). */
+struct shmz_channel *port_channel(const struct shmz_port *p);
+
 /* The port's socket (shmz_port_fd() is an epoll fd over it): tests shut it down. */
 int port_socket_fd(const struct shmz_port *p);
 

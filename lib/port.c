@@ -650,7 +650,7 @@ static int ring_free_locked(struct shmz_port *p, uint32_t need, uint32_t *ret) {
 
         /* The tail we saw last, while it leaves room: the receiver's line is not pulled over per message. */
         if (SHMZ_RING_SLOTS - used < need) {
-                p->tx_tail = p->tx_head; /* checked against the shared tail when room runs short */
+                p->tx_tail = __atomic_load_n(&p->txd->tail, __ATOMIC_ACQUIRE);
                 used = p->tx_head - p->tx_tail;
                 if (used > SHMZ_RING_SLOTS)
                         return tx_violation(p);

@@ -347,6 +347,60 @@ Test(port, backpressure) {
         shmz_port_close(b);
 }
 
+/* The ring holds 1024 one-slot messages; a sender waiting for slots wakes once the receiver has freed some. */
+static void *send_small_blocking(void *arg) {
+        struct sender *s = arg;
+        struct shmz_msg m = { .type = 99999, .fd = -1 };
+
+        s->r = shmz_port_send(s->p, &m, -1);
+        s->done_ns = mono_ns();
+        return NULL;
+}
+
+Test(port, ring_full_backpressure) {
+        struct shmz_port *a, *b;
+        struct shmz_msg r;
+        struct sender s;
+        pthread_t t;
+        uint32_t n = 0;
+        uint64_t freed;
+
+        pair(64, UINT64_C(1) << 24, &a, &b);
+        for (;; n++) {
+                struct shmz_msg m = { .type = n, .data = &n, .size = sizeof(n), .fd = -1 };
+                int rr = shmz_port_send(a, &m, 0);
+
+                if (rr == -EAGAIN)
+                        break;
+                cr_assert_eq(rr, 0);
+        }
+        cr_assert_eq(n, SHMZ_RING_SLOTS, "%u one-slot messages fit", n);
+        {
+                struct shmz_msg m = { .data = &n, .size = sizeof(n), .fd = -1 };
+
+                cr_assert_eq(shmz_port_send(a, &m, 20000000), -ETIMEDOUT);
+        }
+        s = (struct sender){ .p = a };
+        cr_assert(pthread_create(&t, NULL, send_small_blocking, &s) == 0);
+        usleep(50000);
+        cr_assert_eq(s.done_ns, 0, "a sender went into a full ring");
+        /* Take them all, in order: the sender wakes once the receiver gives slots back. */
+        for (uint32_t i = 0; i < n; i++) {
+                cr_assert_eq(shmz_port_recv(b, &r, -1), 0);
+                cr_assert_eq(r.type, i);
+                shmz_msg_release(b, &r);
+        }
+        freed = mono_ns();
+        cr_assert_eq(shmz_port_recv(b, &r, -1), 0);
+        cr_assert_eq(r.type, 99999);
+        shmz_msg_release(b, &r);
+        pthread_join(t, NULL);
+        cr_assert_eq(s.r, 0);
+        cr_assert_lt((int64_t) (s.done_ns - freed), 50000000, "woken %lld ns after", (long long) (s.done_ns - freed));
+        shmz_port_close(a);
+        shmz_port_close(b);
+}
+
 Test(port, sender_wakes_with_epipe_when_port_closes) {
         struct shmz_port *a, *b;
         uint8_t data[2 * CHUNK] = {};

@@ -1,5 +1,6 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 #include <criterion/criterion.h>
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <grp.h>
@@ -605,4 +606,43 @@ void harness_stop_clean(struct daemon_proc *d) {
         harness_cleanup(d);
         cr_assert_eq(st, 0, "the daemon exited with %d", st);
         cr_assert(clean, "the sanitizers complained");
+}
+
+int harness_wait_child(pid_t pid) {
+        int status;
+
+        if (waitpid(pid, &status, 0) != pid)
+                return -1;
+        return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+}
+
+struct shmz_port *harness_child_connect(const struct daemon_proc *d, const char *name) {
+        struct shmz_client *c;
+        struct shmz_port *p;
+
+        if (shmz_connect(d->socket, &c) < 0)
+                _exit(100);
+        if (shmz_port_connect(c, name, &p) < 0)
+                _exit(101);
+        return p; /* the client lives until _exit, as the port needs */
+}
+
+unsigned harness_count_fds(pid_t pid) {
+        char path[64];
+        struct dirent *de;
+        unsigned n = 0;
+        DIR *dir;
+
+        if (pid > 0)
+                snprintf(path, sizeof(path), "/proc/%d/fd", (int) pid);
+        else
+                snprintf(path, sizeof(path), "/proc/self/fd");
+        dir = opendir(path);
+        if (!dir)
+                return 0;
+        while ((de = readdir(dir)))
+                if (de->d_name[0] != '.')
+                        n++;
+        closedir(dir);
+        return n - (pid > 0 ? 0 : 1); /* not the directory's own fd */
 }

@@ -92,3 +92,10 @@ void harness_cleanup(struct daemon_proc *d);
 int harness_run_as(uid_t uid, gid_t gid, int (*fn)(void *), void *userdata);
 /* A bare SOCK_SEQPACKET connection to path (no hello), or -errno. */
 int harness_raw_connect(const char *path);
+
+/* A child's exit status, or 128 + the signal that ended it; -1 if it cannot be waited for. */
+int harness_wait_child(pid_t pid);
+/* In a forked child: its own client of d and a port to the listener `name`, or _exit(100/101). */
+struct shmz_port *harness_child_connect(const struct daemon_proc *d, const char *name);
+/* Open fds of pid (0: this process), not counting the one that reads them. */
+unsigned harness_count_fds(pid_t pid);

@@ -11,7 +11,6 @@
  *    -EBADMSG once and -EPIPE after, and the daemon serves on.
  */
 #include <criterion/criterion.h>
-#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
@@ -56,33 +55,26 @@ static uint64_t now_ns(void) {
 }
 
 static int wait_child(pid_t pid) {
-        int status;
-
-        if (waitpid(pid, &status, 0) != pid)
-                return -1;
-        return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+        return harness_wait_child(pid);
 }
 
 static struct shmz_port *child_connect(const char *name) {
-        struct shmz_client *c;
-        struct shmz_port *p;
-
-        if (shmz_connect(d.socket, &c) < 0)
-                _exit(100);
-        if (shmz_port_connect(c, name, &p) < 0)
-                _exit(101);
-        return p;
+        return harness_child_connect(&d, name);
 }
 
 static unsigned count_fds(void) {
-        DIR *dir = opendir("/proc/self/fd");
-        unsigned n = 0;
+        return harness_count_fds(0);
+}
 
-        cr_assert_not_null(dir);
-        while (readdir(dir))
-                n++;
-        closedir(dir);
-        return n;
+/* Tells the child its messages all came, and that it may go; then everything is closed. */
+static void finish(struct shmz_client *c, struct shmz_listener *l, struct shmz_port *p, pid_t pid) {
+        struct shmz_msg m = { .type = 2, .data = "done", .size = 4, .fd = -1 };
+
+        cr_assert_eq(shmz_port_send(p, &m, -1), 0);
+        cr_assert_eq(wait_child(pid), 0);
+        shmz_port_close(p);
+        shmz_listener_close(l);
+        shmz_disconnect(c);
 }
 
 /* ---- a million messages, random sleeps ---------------------------------------------------- */
@@ -232,15 +224,7 @@ Test(ring, million_messages_random_sleeps_never_hang) {
         }
         cr_log_info("%u messages in %.1f s, %u waits", STRESS_MSGS, (double) (now_ns() - t0) / 1e9, waits);
         cr_assert_eq(rx.bad, 0, "%u messages wrong", rx.bad);
-        {
-                struct shmz_msg m = { .type = 2, .data = "done", .size = 4, .fd = -1 };
-
-                cr_assert_eq(shmz_port_send(p, &m, -1), 0);
-        }
-        cr_assert_eq(wait_child(pid), 0);
-        shmz_port_close(p);
-        shmz_listener_close(l);
-        shmz_disconnect(c);
+        finish(c, l, p, pid);
 }
 
 /* ---- several sending threads ------------------------------------------------------------ */
@@ -312,15 +296,7 @@ Test(ring, threads_sending_on_one_port_keep_their_order) {
                 next[m.type]++;
                 shmz_msg_release(p, &m);
         }
-        {
-                struct shmz_msg m = { .type = 2, .data = "done", .size = 4, .fd = -1 };
-
-                cr_assert_eq(shmz_port_send(p, &m, -1), 0);
-        }
-        cr_assert_eq(wait_child(pid), 0);
-        shmz_port_close(p);
-        shmz_listener_close(l);
-        shmz_disconnect(c);
+        finish(c, l, p, pid);
 }
 
 /* ---- a third process rewrites the ring ---------------------------------------------------------- */

@@ -97,25 +97,12 @@ static struct shmz_port *accept_or_die(struct shmz_listener *l) {
         return p;
 }
 
-/* Its exit status, or 128 + the signal that ended it. */
 static int wait_child(pid_t pid) {
-        int status;
-
-        if (waitpid(pid, &status, 0) != pid)
-                return -1;
-        return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+        return harness_wait_child(pid);
 }
 
-/* In a child: its own client and a port to `name`, or exit. */
 static struct shmz_port *child_connect(const char *name) {
-        struct shmz_client *c;
-        struct shmz_port *p;
-
-        if (shmz_connect(d.socket, &c) < 0)
-                _exit(100);
-        if (shmz_port_connect(c, name, &p) < 0)
-                _exit(101);
-        return p; /* the client lives until _exit, as the port needs */
+        return harness_child_connect(&d, name);
 }
 
 static void fill(void *buf, size_t size, unsigned seed) {
@@ -154,23 +141,7 @@ static int send_bytes(struct shmz_port *p, uint32_t type, uint32_t stream, uint3
 }
 
 static unsigned count_fds(pid_t pid) {
-        char path[64];
-        struct dirent *de;
-        unsigned n = 0;
-        DIR *dir;
-
-        if (pid > 0)
-                snprintf(path, sizeof(path), "/proc/%d/fd", (int) pid);
-        else
-                snprintf(path, sizeof(path), "/proc/self/fd");
-        dir = opendir(path);
-        if (!dir)
-                return 0;
-        while ((de = readdir(dir)))
-                if (de->d_name[0] != '.')
-                        n++;
-        closedir(dir);
-        return n - (pid > 0 ? 0 : 1); /* not the directory's own fd */
+        return harness_count_fds(pid);
 }
 
 static bool fd_is_open(int fd) {

@@ -29,6 +29,15 @@
  * state and start time in /proc (against tid reuse), and is judged only for
  * owners in the waiter's pid namespace; other owners are left to the kernel.
  *
+ * Liveness needs the owner's record, which names the owner only from its tag
+ * store after the CAS to the clearing before the release. A fallback-mode lock
+ * taken while our parked lock holds the slot therefore borrows the slot for
+ * those two windows (the parked lock is left to its waiters' backstop
+ * meanwhile), so that a death there is the kernel's to clean up. Without a
+ * usable head there is nobody to lend: a death in those windows (a few
+ * instructions, no system call) leaves the lock held until the zone is
+ * reinitialised.
+ *
  * What a co-writer can still do: break exclusion (clear or forge the word),
  * make waiters believe an owner died (forge its record) or keep them waiting,
  * like it can corrupt anything else in the zone. What it cannot: make a lock
@@ -109,6 +118,16 @@ static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
 
 #define barrier() __asm__ __volatile__("" ::: "memory")
 
+/* Tests: SIGKILL ourselves at the n-th step of a lock or unlock we pass (0 = never). */
+unsigned mutex_test_crash_countdown = 0;
+#define CRASH_POINT()                                                                                                  \
+        do {                                                                                                           \
+                barrier();                                                                                             \
+                if (_unlikely_(mutex_test_crash_countdown) && --mutex_test_crash_countdown == 0)                       \
+                        (void) kill(getpid(), SIGKILL);                                                                \
+                barrier();                                                                                             \
+        } while (0)
+
 /* Our entry for m: the kernel adds futex_offset back and never reads the entry itself. */
 static inline struct kernel_robust_list *entry_of(const struct thread_self *s, struct shmz_mutex *m) {
         return (struct kernel_robust_list *) ((uintptr_t) &m->futex - (uintptr_t) s->futex_offset);
@@ -133,6 +152,30 @@ static inline void slot_release(struct thread_self *s, struct shmz_mutex *m) {
         if (s->head && s->head->list_op_pending == entry_of(s, m))
                 s->head->list_op_pending = NULL;
         s->pending_lock = NULL;
+}
+
+/*
+ * A lock taken in fallback mode (another of ours is parked) borrows the slot
+ * for the steps where its word may hold our TID while its owner record does
+ * not name us: from before its CAS to its tag store, and from clearing its
+ * record to its wake-up. A death there would leave waiters nothing to judge
+ * liveness by, so the kernel must clean it up. The parked lock, whose record is
+ * whole, is left to its waiters' liveness backstop meanwhile (as when glibc
+ * takes the slot). Only if the slot still holds our parked lock.
+ */
+static inline bool slot_lend(struct thread_self *s, struct shmz_mutex *m) {
+        if (!s->head || !s->pending_lock || s->pending_lock == m ||
+            s->head->list_op_pending != entry_of(s, s->pending_lock))
+                return false;
+        s->head->list_op_pending = entry_of(s, m);
+        barrier();
+        return true;
+}
+
+static inline void slot_return(struct thread_self *s, struct shmz_mutex *m) {
+        barrier();
+        if (s->head->list_op_pending == entry_of(s, m) && s->pending_lock)
+                s->head->list_op_pending = entry_of(s, s->pending_lock);
 }
 
 static void atfork_child(void) {
@@ -330,6 +373,7 @@ static inline void cpu_relax(void) {
 static int acquired(struct thread_self *s, struct shmz_mutex *m, bool robust, bool died, bool waited) {
         uint32_t state;
 
+        CRASH_POINT(); /* the word is ours, nothing else yet */
         /* The record waiters judge our liveness by; the tag, stored last, vouches for it. */
         __atomic_store_n(&m->owner_pid, s->pid, __ATOMIC_RELAXED);
         __atomic_store_n(&m->owner_start, s->start, __ATOMIC_RELAXED);
@@ -338,7 +382,9 @@ static int acquired(struct thread_self *s, struct shmz_mutex *m, bool robust, bo
         if (waited)
                 m->contended++;
         s->found_death = died;
+        CRASH_POINT();
         __atomic_store_n(&m->owner_tag, OWNER_TAG(robust ? OWNER_ROBUST : OWNER_FALLBACK, s->tid), __ATOMIC_RELEASE);
+        CRASH_POINT();
 
         state = __atomic_load_n(&m->state, __ATOMIC_RELAXED);
         if (_unlikely_(state == SHMZ_MUTEX_STATE_NOTRECOVERABLE)) {
@@ -447,6 +493,24 @@ __attribute__((noinline)) static int lock_slow(struct thread_self *s, struct shm
         return r;
 }
 
+/* Fallback mode: the slot is lent to m while it is taken (and while it is waited for). */
+__attribute__((noinline)) static int lock_nested(struct thread_self *s, struct shmz_mutex *m, int mode,
+                                                 uint64_t timeout_ns) {
+        bool lent = slot_lend(s, m);
+        uint32_t zero = 0;
+        int r;
+
+        CRASH_POINT();
+        if (atomic_compare_exchange_strong_explicit(futex_word(m), &zero, s->tid, memory_order_acquire,
+                                                    memory_order_relaxed))
+                r = acquired(s, m, false, false, false);
+        else
+                r = lock_slow(s, m, false, mode, timeout_ns);
+        if (lent)
+                slot_return(s, m);
+        return r;
+}
+
 static inline int lock_common(struct shmz_mutex *m, int mode, uint64_t timeout_ns) {
         struct thread_self *s;
         uint32_t zero = 0;
@@ -455,10 +519,13 @@ static inline int lock_common(struct shmz_mutex *m, int mode, uint64_t timeout_n
         assert_return(m, -EINVAL);
         s = self_get();
         robust = slot_take(s, m);
+        if (_unlikely_(!robust))
+                return lock_nested(s, m, mode, timeout_ns);
+        CRASH_POINT();
         if (_likely_(atomic_compare_exchange_strong_explicit(futex_word(m), &zero, s->tid, memory_order_acquire,
                                                              memory_order_relaxed)))
-                return acquired(s, m, robust, false, false);
-        return lock_slow(s, m, robust, mode, timeout_ns);
+                return acquired(s, m, true, false, false);
+        return lock_slow(s, m, true, mode, timeout_ns);
 }
 
 _public_ int shmz_mutex_init(struct shmz_mutex *m) {
@@ -482,7 +549,7 @@ _public_ int shmz_mutex_timedlock(struct shmz_mutex *m, uint64_t timeout_ns) {
 static int unlock_common(struct shmz_mutex *m, bool keep_inconsistent) {
         struct thread_self *s;
         uint32_t v;
-        bool parked;
+        bool parked, lent;
 
         assert_return(m, -EINVAL);
         s = self_get();
@@ -496,18 +563,26 @@ static int unlock_common(struct shmz_mutex *m, bool keep_inconsistent) {
                 return -EPERM;
         }
 
+        lent = !parked && slot_lend(s, m);
         /* Unlocked without consistent(): nobody repaired, so nobody may trust it again (pthread semantics). */
+        CRASH_POINT();
         if (!keep_inconsistent && __atomic_load_n(&m->state, __ATOMIC_RELAXED) == SHMZ_MUTEX_STATE_INCONSISTENT)
                 m->state = SHMZ_MUTEX_STATE_NOTRECOVERABLE;
         __atomic_store_n(&m->owner_tag, 0, __ATOMIC_RELAXED);
         __atomic_store_n(&m->owner_pid, 0, __ATOMIC_RELAXED);
+        CRASH_POINT();
 
         v = atomic_exchange_explicit(futex_word(m), 0, memory_order_release);
+        CRASH_POINT();
         if (v & SHMZ_FUTEX_WAITERS)
                 futex_wake(futex_word(m), 1);
+        CRASH_POINT();
         /* Only now: dying between the release and the wake-up, the kernel wakes a waiter for us. */
         if (parked)
                 slot_release(s, m);
+        else if (lent)
+                slot_return(s, m);
+        CRASH_POINT();
         return 0;
 }
 

@@ -370,7 +370,8 @@ static inline void cpu_relax(void) {
 #endif
 }
 
-static int acquired(struct thread_self *s, struct shmz_mutex *m, bool robust, bool died, bool waited) {
+static inline __attribute__((always_inline)) int acquired(struct thread_self *s, struct shmz_mutex *m, bool robust,
+                                                          bool died, bool waited) {
         uint32_t state;
 
         CRASH_POINT(); /* the word is ours, nothing else yet */
@@ -546,7 +547,7 @@ _public_ int shmz_mutex_timedlock(struct shmz_mutex *m, uint64_t timeout_ns) {
         return lock_common(m, MODE_TIMED, timeout_ns);
 }
 
-static int unlock_common(struct shmz_mutex *m, bool keep_inconsistent) {
+static inline __attribute__((always_inline)) int unlock_common(struct shmz_mutex *m, bool keep_inconsistent) {
         struct thread_self *s;
         uint32_t v;
         bool parked, lent;

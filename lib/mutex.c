@@ -574,7 +574,7 @@ static inline __attribute__((always_inline)) int unlock_common(struct shmz_mutex
                 return -EPERM;
         }
 
-        lent = !parked && slot_lend(s, m);
+        lent = _unlikely_(!parked) && slot_lend(s, m);
         /* Unlocked without consistent(): nobody repaired, so nobody may trust it again (pthread semantics). */
         CRASH_POINT(t);
         if (!keep_inconsistent && __atomic_load_n(&m->state, __ATOMIC_RELAXED) == SHMZ_MUTEX_STATE_INCONSISTENT)
@@ -589,7 +589,7 @@ static inline __attribute__((always_inline)) int unlock_common(struct shmz_mutex
                 futex_wake(futex_word(m), 1);
         CRASH_POINT(t);
         /* Only now: dying between the release and the wake-up, the kernel wakes a waiter for us. */
-        if (parked)
+        if (_likely_(parked))
                 slot_release(s, m);
         else if (lent)
                 slot_return(s, m);

@@ -557,24 +557,11 @@ _public_ int shmz_mutex_timedlock(struct shmz_mutex *m, uint64_t timeout_ns) {
         return TESTING() ? lock_common(m, MODE_TIMED, timeout_ns, true) : lock_common(m, MODE_TIMED, timeout_ns, false);
 }
 
-static inline __attribute__((always_inline)) int unlock_common(struct shmz_mutex *m, bool keep_inconsistent, bool t) {
-        struct thread_self *s;
+/* The release, after the caller checked that the word names us; parked: m is in the slot, lent: borrowed it. */
+static inline __attribute__((always_inline)) int release(struct thread_self *s, struct shmz_mutex *m,
+                                                         bool keep_inconsistent, bool parked, bool lent, bool t) {
         uint32_t v;
-        bool parked, lent;
 
-        assert_return(m, -EINVAL);
-        s = self_get();
-        /* Which lock is parked we know from our own memory, never from the zone's owner tag. */
-        parked = s->pending_lock == m;
-        v = atomic_load_explicit(futex_word(m), memory_order_relaxed);
-        if ((v & SHMZ_FUTEX_TID_MASK) != s->tid) {
-                /* Taken from us (a co-writer's doing): at least free the slot. */
-                if (parked)
-                        slot_release(s, m);
-                return -EPERM;
-        }
-
-        lent = _unlikely_(!parked) && slot_lend(s, m);
         /* Unlocked without consistent(): nobody repaired, so nobody may trust it again (pthread semantics). */
         CRASH_POINT(t);
         if (!keep_inconsistent && __atomic_load_n(&m->state, __ATOMIC_RELAXED) == SHMZ_MUTEX_STATE_INCONSISTENT)
@@ -589,12 +576,39 @@ static inline __attribute__((always_inline)) int unlock_common(struct shmz_mutex
                 futex_wake(futex_word(m), 1);
         CRASH_POINT(t);
         /* Only now: dying between the release and the wake-up, the kernel wakes a waiter for us. */
-        if (_likely_(parked))
+        if (parked)
                 slot_release(s, m);
         else if (lent)
                 slot_return(s, m);
         CRASH_POINT(t);
         return 0;
+}
+
+/* A lock taken in fallback mode: released with the slot borrowed, if our parked lock holds it. */
+__attribute__((noinline)) static int release_unparked(struct thread_self *s, struct shmz_mutex *m,
+                                                      bool keep_inconsistent, bool t) {
+        return release(s, m, keep_inconsistent, false, slot_lend(s, m), t);
+}
+
+static inline __attribute__((always_inline)) int unlock_common(struct shmz_mutex *m, bool keep_inconsistent, bool t) {
+        struct thread_self *s;
+        uint32_t v;
+        bool parked;
+
+        assert_return(m, -EINVAL);
+        s = self_get();
+        /* Which lock is parked we know from our own memory, never from the zone's owner tag. */
+        parked = s->pending_lock == m;
+        v = atomic_load_explicit(futex_word(m), memory_order_relaxed);
+        if ((v & SHMZ_FUTEX_TID_MASK) != s->tid) {
+                /* Taken from us (a co-writer's doing): at least free the slot. */
+                if (parked)
+                        slot_release(s, m);
+                return -EPERM;
+        }
+        if (_unlikely_(!parked))
+                return release_unparked(s, m, keep_inconsistent, t);
+        return release(s, m, keep_inconsistent, true, false, t);
 }
 
 _public_ int shmz_mutex_unlock(struct shmz_mutex *m) {

@@ -29,6 +29,15 @@
  * state and start time in /proc (against tid reuse), and is judged only for
  * owners in the waiter's pid namespace; other owners are left to the kernel.
  *
+ * Liveness needs the owner's record, which names the owner only from its tag
+ * store after the CAS to the clearing before the release. A fallback-mode lock
+ * taken while our parked lock holds the slot therefore borrows the slot for
+ * those two windows (the parked lock is left to its waiters' backstop
+ * meanwhile), so that a death there is the kernel's to clean up. Without a
+ * usable head there is nobody to lend: a death in those windows (a few
+ * instructions, no system call) leaves the lock held until the zone is
+ * reinitialised.
+ *
  * What a co-writer can still do: break exclusion (clear or forge the word),
  * make waiters believe an owner died (forge its record) or keep them waiting,
  * like it can corrupt anything else in the zone. What it cannot: make a lock
@@ -109,6 +118,25 @@ static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
 
 #define barrier() __asm__ __volatile__("" ::: "memory")
 
+/*
+ * Tests: SIGKILL ourselves at the n-th step of a lock or unlock we pass (0 =
+ * never). The entry points test the countdown once and run a copy with crash
+ * points only when it is set, so that the fast paths carry none.
+ */
+unsigned mutex_test_crash_countdown = 0;
+#define TESTING() _unlikely_(mutex_test_crash_countdown != 0)
+#define CRASH_POINT(t)                                                                                                 \
+        do {                                                                                                           \
+                if (t)                                                                                                 \
+                        crash_point();                                                                                 \
+        } while (0)
+
+/* Not inlined: the call keeps the compiler from moving any step across it. */
+__attribute__((noinline, cold)) static void crash_point(void) {
+        if (mutex_test_crash_countdown && --mutex_test_crash_countdown == 0)
+                (void) kill(getpid(), SIGKILL);
+}
+
 /* Our entry for m: the kernel adds futex_offset back and never reads the entry itself. */
 static inline struct kernel_robust_list *entry_of(const struct thread_self *s, struct shmz_mutex *m) {
         return (struct kernel_robust_list *) ((uintptr_t) &m->futex - (uintptr_t) s->futex_offset);
@@ -133,6 +161,30 @@ static inline void slot_release(struct thread_self *s, struct shmz_mutex *m) {
         if (s->head && s->head->list_op_pending == entry_of(s, m))
                 s->head->list_op_pending = NULL;
         s->pending_lock = NULL;
+}
+
+/*
+ * A lock taken in fallback mode (another of ours is parked) borrows the slot
+ * for the steps where its word may hold our TID while its owner record does
+ * not name us: from before its CAS to its tag store, and from clearing its
+ * record to its wake-up. A death there would leave waiters nothing to judge
+ * liveness by, so the kernel must clean it up. The parked lock, whose record is
+ * whole, is left to its waiters' liveness backstop meanwhile (as when glibc
+ * takes the slot). Only if the slot still holds our parked lock.
+ */
+static inline bool slot_lend(struct thread_self *s, struct shmz_mutex *m) {
+        if (!s->head || !s->pending_lock || s->pending_lock == m ||
+            s->head->list_op_pending != entry_of(s, s->pending_lock))
+                return false;
+        s->head->list_op_pending = entry_of(s, m);
+        barrier();
+        return true;
+}
+
+static inline void slot_return(struct thread_self *s, struct shmz_mutex *m) {
+        barrier();
+        if (s->head->list_op_pending == entry_of(s, m) && s->pending_lock)
+                s->head->list_op_pending = entry_of(s, s->pending_lock);
 }
 
 static void atfork_child(void) {
@@ -327,9 +379,11 @@ static inline void cpu_relax(void) {
 #endif
 }
 
-static int acquired(struct thread_self *s, struct shmz_mutex *m, bool robust, bool died, bool waited) {
+static inline __attribute__((always_inline)) int acquired(struct thread_self *s, struct shmz_mutex *m, bool robust,
+                                                          bool died, bool waited, bool t) {
         uint32_t state;
 
+        CRASH_POINT(t); /* the word is ours, nothing else yet */
         /* The record waiters judge our liveness by; the tag, stored last, vouches for it. */
         __atomic_store_n(&m->owner_pid, s->pid, __ATOMIC_RELAXED);
         __atomic_store_n(&m->owner_start, s->start, __ATOMIC_RELAXED);
@@ -338,7 +392,9 @@ static int acquired(struct thread_self *s, struct shmz_mutex *m, bool robust, bo
         if (waited)
                 m->contended++;
         s->found_death = died;
+        CRASH_POINT(t);
         __atomic_store_n(&m->owner_tag, OWNER_TAG(robust ? OWNER_ROBUST : OWNER_FALLBACK, s->tid), __ATOMIC_RELEASE);
+        CRASH_POINT(t);
 
         state = __atomic_load_n(&m->state, __ATOMIC_RELAXED);
         if (_unlikely_(state == SHMZ_MUTEX_STATE_NOTRECOVERABLE)) {
@@ -360,7 +416,7 @@ __attribute__((noinline)) static int lock_slow(struct thread_self *s, struct shm
                                                uint64_t timeout_ns) {
         _Atomic uint32_t *w = futex_word(m);
         uint64_t deadline = UINT64_MAX;
-        bool waited = false, overdue = false;
+        bool waited = false, overdue = false, t = TESTING();
         int r;
 
         if (mode == MODE_TIMED) {
@@ -375,7 +431,7 @@ __attribute__((noinline)) static int lock_slow(struct thread_self *s, struct shm
                 if ((v & SHMZ_FUTEX_TID_MASK) == 0) {
                         if (atomic_compare_exchange_weak_explicit(w, &v, s->tid | (v & SHMZ_FUTEX_WAITERS),
                                                                   memory_order_acquire, memory_order_relaxed))
-                                return acquired(s, m, robust, v & SHMZ_FUTEX_OWNER_DIED, true);
+                                return acquired(s, m, robust, v & SHMZ_FUTEX_OWNER_DIED, true, t);
                         continue;
                 }
                 if ((v & SHMZ_FUTEX_TID_MASK) == s->tid)
@@ -395,7 +451,7 @@ __attribute__((noinline)) static int lock_slow(struct thread_self *s, struct shm
 
                         if (atomic_compare_exchange_weak_explicit(w, &v, nv, memory_order_acquire,
                                                                   memory_order_relaxed))
-                                return acquired(s, m, robust, v & SHMZ_FUTEX_OWNER_DIED, waited);
+                                return acquired(s, m, robust, v & SHMZ_FUTEX_OWNER_DIED, waited, t);
                         continue;
                 }
                 if (mode == MODE_TRY) {
@@ -447,7 +503,26 @@ __attribute__((noinline)) static int lock_slow(struct thread_self *s, struct shm
         return r;
 }
 
-static inline int lock_common(struct shmz_mutex *m, int mode, uint64_t timeout_ns) {
+/* Fallback mode: the slot is lent to m while it is taken (and while it is waited for). */
+__attribute__((noinline)) static int lock_nested(struct thread_self *s, struct shmz_mutex *m, int mode,
+                                                 uint64_t timeout_ns) {
+        bool lent = slot_lend(s, m), t = TESTING();
+        uint32_t zero = 0;
+        int r;
+
+        CRASH_POINT(t);
+        if (atomic_compare_exchange_strong_explicit(futex_word(m), &zero, s->tid, memory_order_acquire,
+                                                    memory_order_relaxed))
+                r = acquired(s, m, false, false, false, t);
+        else
+                r = lock_slow(s, m, false, mode, timeout_ns);
+        if (lent)
+                slot_return(s, m);
+        return r;
+}
+
+static inline __attribute__((always_inline)) int lock_common(struct shmz_mutex *m, int mode, uint64_t timeout_ns,
+                                                             bool t) {
         struct thread_self *s;
         uint32_t zero = 0;
         bool robust;
@@ -455,10 +530,13 @@ static inline int lock_common(struct shmz_mutex *m, int mode, uint64_t timeout_n
         assert_return(m, -EINVAL);
         s = self_get();
         robust = slot_take(s, m);
+        if (_unlikely_(!robust))
+                return lock_nested(s, m, mode, timeout_ns);
+        CRASH_POINT(t);
         if (_likely_(atomic_compare_exchange_strong_explicit(futex_word(m), &zero, s->tid, memory_order_acquire,
                                                              memory_order_relaxed)))
-                return acquired(s, m, robust, false, false);
-        return lock_slow(s, m, robust, mode, timeout_ns);
+                return acquired(s, m, true, false, false, t);
+        return lock_slow(s, m, true, mode, timeout_ns);
 }
 
 _public_ int shmz_mutex_init(struct shmz_mutex *m) {
@@ -468,18 +546,51 @@ _public_ int shmz_mutex_init(struct shmz_mutex *m) {
 }
 
 _public_ int shmz_mutex_lock(struct shmz_mutex *m) {
-        return lock_common(m, MODE_BLOCK, 0);
+        return TESTING() ? lock_common(m, MODE_BLOCK, 0, true) : lock_common(m, MODE_BLOCK, 0, false);
 }
 
 _public_ int shmz_mutex_trylock(struct shmz_mutex *m) {
-        return lock_common(m, MODE_TRY, 0);
+        return TESTING() ? lock_common(m, MODE_TRY, 0, true) : lock_common(m, MODE_TRY, 0, false);
 }
 
 _public_ int shmz_mutex_timedlock(struct shmz_mutex *m, uint64_t timeout_ns) {
-        return lock_common(m, MODE_TIMED, timeout_ns);
+        return TESTING() ? lock_common(m, MODE_TIMED, timeout_ns, true) : lock_common(m, MODE_TIMED, timeout_ns, false);
 }
 
-static int unlock_common(struct shmz_mutex *m, bool keep_inconsistent) {
+/* The release, after the caller checked that the word names us; parked: m is in the slot, lent: borrowed it. */
+static inline __attribute__((always_inline)) int release(struct thread_self *s, struct shmz_mutex *m,
+                                                         bool keep_inconsistent, bool parked, bool lent, bool t) {
+        uint32_t v;
+
+        /* Unlocked without consistent(): nobody repaired, so nobody may trust it again (pthread semantics). */
+        CRASH_POINT(t);
+        if (!keep_inconsistent && __atomic_load_n(&m->state, __ATOMIC_RELAXED) == SHMZ_MUTEX_STATE_INCONSISTENT)
+                m->state = SHMZ_MUTEX_STATE_NOTRECOVERABLE;
+        __atomic_store_n(&m->owner_tag, 0, __ATOMIC_RELAXED);
+        __atomic_store_n(&m->owner_pid, 0, __ATOMIC_RELAXED);
+        CRASH_POINT(t);
+
+        v = atomic_exchange_explicit(futex_word(m), 0, memory_order_release);
+        CRASH_POINT(t);
+        if (v & SHMZ_FUTEX_WAITERS)
+                futex_wake(futex_word(m), 1);
+        CRASH_POINT(t);
+        /* Only now: dying between the release and the wake-up, the kernel wakes a waiter for us. */
+        if (parked)
+                slot_release(s, m);
+        else if (lent)
+                slot_return(s, m);
+        CRASH_POINT(t);
+        return 0;
+}
+
+/* A lock taken in fallback mode: released with the slot borrowed, if our parked lock holds it. */
+__attribute__((noinline)) static int release_unparked(struct thread_self *s, struct shmz_mutex *m,
+                                                      bool keep_inconsistent, bool t) {
+        return release(s, m, keep_inconsistent, false, slot_lend(s, m), t);
+}
+
+static inline __attribute__((always_inline)) int unlock_common(struct shmz_mutex *m, bool keep_inconsistent, bool t) {
         struct thread_self *s;
         uint32_t v;
         bool parked;
@@ -495,28 +606,17 @@ static int unlock_common(struct shmz_mutex *m, bool keep_inconsistent) {
                         slot_release(s, m);
                 return -EPERM;
         }
-
-        /* Unlocked without consistent(): nobody repaired, so nobody may trust it again (pthread semantics). */
-        if (!keep_inconsistent && __atomic_load_n(&m->state, __ATOMIC_RELAXED) == SHMZ_MUTEX_STATE_INCONSISTENT)
-                m->state = SHMZ_MUTEX_STATE_NOTRECOVERABLE;
-        __atomic_store_n(&m->owner_tag, 0, __ATOMIC_RELAXED);
-        __atomic_store_n(&m->owner_pid, 0, __ATOMIC_RELAXED);
-
-        v = atomic_exchange_explicit(futex_word(m), 0, memory_order_release);
-        if (v & SHMZ_FUTEX_WAITERS)
-                futex_wake(futex_word(m), 1);
-        /* Only now: dying between the release and the wake-up, the kernel wakes a waiter for us. */
-        if (parked)
-                slot_release(s, m);
-        return 0;
+        if (_unlikely_(!parked))
+                return release_unparked(s, m, keep_inconsistent, t);
+        return release(s, m, keep_inconsistent, true, false, t);
 }
 
 _public_ int shmz_mutex_unlock(struct shmz_mutex *m) {
-        return unlock_common(m, false);
+        return TESTING() ? unlock_common(m, false, true) : unlock_common(m, false, false);
 }
 
 int mutex_unlock_pass_death(struct shmz_mutex *m) {
-        return unlock_common(m, true);
+        return TESTING() ? unlock_common(m, true, true) : unlock_common(m, true, false);
 }
 
 bool mutex_last_lock_found_death(void) {

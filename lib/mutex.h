@@ -19,5 +19,8 @@ int mutex_unlock_pass_death(struct shmz_mutex *m);
 /* True if this thread's last successful lock found its holder dead (not merely a death passed on). */
 bool mutex_last_lock_found_death(void);
 
+/* Tests: the lock SIGKILLs its own process at the n-th crash point it passes (0 = off): between every two
+ * steps of a lock (slot, CAS, owner record, tag) and of an unlock (record, release, wake-up, slot). */
+extern unsigned mutex_test_crash_countdown;
 /* Tests: behave as if the C library had registered no robust list (liveness polling). */
 void mutex_test_force_fallback(bool on);

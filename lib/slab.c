@@ -224,16 +224,24 @@ static inline bool formatted(struct shmz_zone *z) {
         return __atomic_load_n(&z->hdr->alloc_state, __ATOMIC_ACQUIRE) == SHMZ_ZONE_ALLOC_FORMATTED;
 }
 
-/* Reads the layout once and checks it against what this process mapped. */
+/*
+ * Reads the layout once and checks it against what this process mapped. A
+ * layout equal to the one this process checked last needs no arithmetic.
+ */
 static inline int slab_get(struct shmz_zone *z, struct slab *ret) {
         struct slab_state *st = state_of(z);
         uint32_t npages = __atomic_load_n(&st->npages, __ATOMIC_RELAXED);
         uint64_t pages_off = __atomic_load_n(&st->pages_off, __ATOMIC_RELAXED);
 
-        if (_unlikely_(LOAD(st->magic) != SLAB_MAGIC || npages == 0 || npages == SLAB_NONE ||
-                       pages_off != pages_off_for(npages) ||
-                       pages_off + (uint64_t) npages * SLAB_PAGE_SIZE > z->map_size))
+        if (_unlikely_(LOAD(st->magic) != SLAB_MAGIC))
                 return -EUCLEAN;
+        if (_unlikely_(npages != z->slab_npages || pages_off != z->slab_pages_off)) {
+                if (npages == 0 || npages == SLAB_NONE || pages_off != pages_off_for(npages) ||
+                    pages_off + (uint64_t) npages * SLAB_PAGE_SIZE > z->map_size)
+                        return -EUCLEAN;
+                z->slab_npages = npages;
+                z->slab_pages_off = pages_off;
+        }
         *ret = (struct slab){
                 .base = zone_bytes(z),
                 .st = st,
@@ -1071,10 +1079,34 @@ static void zone_unlock(struct shmz_zone *z, int locked) {
                 (void) shmz_mutex_unlock(&z->hdr->lock);
 }
 
+/*
+ * Metadata that lied to an allocation (op under way): count it, rebuild from
+ * the descriptors, try once more. NULL with errno set on failure.
+ */
+__attribute__((noinline, cold)) static void *alloc_after_fault(struct slab *s, size_t n) {
+        int c = class_of(n);
+        void *p;
+
+        fault(s, -EUCLEAN, s->st->intent_off);
+        slab_repair(s);
+        op_begin(s->st);
+        p = c >= 0 ? alloc_small(s, (unsigned) c) : alloc_large(s, n);
+        if (p == SLAB_MAP_CORRUPT) {
+                fault(s, -EUCLEAN, s->st->intent_off);
+                slab_repair(s);
+                errno = EUCLEAN;
+                return NULL;
+        }
+        op_end(s->st);
+        if (!p)
+                errno = ENOMEM;
+        return p;
+}
+
 _public_ void *shmz_alloc_locked(struct shmz_zone *z, size_t n) {
         struct slab s;
         void *p;
-        int r;
+        int r, c;
 
         if (!z) {
                 errno = EINVAL;
@@ -1085,27 +1117,17 @@ _public_ void *shmz_alloc_locked(struct shmz_zone *z, size_t n) {
                 return NULL;
         }
         r = slab_enter(z, &s);
-        if (r < 0) {
+        if (_unlikely_(r < 0)) {
                 errno = -r;
                 return NULL;
         }
-        for (int attempt = 0;; attempt++) {
-                int c = class_of(n);
-
-                op_begin(s.st);
-                p = c >= 0 ? alloc_small(&s, (unsigned) c) : alloc_large(&s, n);
-                if (_likely_(p != SLAB_MAP_CORRUPT))
-                        break;
-                /* Metadata that lies: count it, rebuild from the descriptors, try once more. */
-                fault(&s, -EUCLEAN, s.st->intent_off);
-                slab_repair(&s);
-                if (attempt > 0) {
-                        errno = EUCLEAN;
-                        return NULL;
-                }
-        }
+        c = class_of(n);
+        op_begin(s.st);
+        p = c >= 0 ? alloc_small(&s, (unsigned) c) : alloc_large(&s, n);
+        if (_unlikely_(p == SLAB_MAP_CORRUPT))
+                return alloc_after_fault(&s, n);
         op_end(s.st);
-        if (!p)
+        if (_unlikely_(!p))
                 errno = ENOMEM;
         return p;
 }

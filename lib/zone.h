@@ -19,6 +19,9 @@ struct shmz_zone {
         struct shmz_client *client;   /* holds a reference; NULL for anonymous zones */
         bool rdonly;
         bool existed;
+        /* The allocator's layout as this process last checked it against map_size (slab.c); 0: not yet. */
+        uint32_t slab_npages;
+        uint64_t slab_pages_off;
         char name[SHMZ_NAME_BUF];
 };
 

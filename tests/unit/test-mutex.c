@@ -15,6 +15,7 @@
 
 #include "mutex.h"
 #include "shmzone.h"
+#include "util.h"
 #include "zone.h"
 
 struct shared {
@@ -659,4 +660,180 @@ Test(mutex, failed_attempts_free_the_slot) {
         cr_assert_not_null(my_robust_head()->list_op_pending);
         cr_assert_eq(shmz_mutex_unlock(m2), 0);
         cr_assert_null(my_robust_head()->list_op_pending);
+}
+
+/* ---- a death between any two steps of a lock or an unlock ---- */
+
+/* What the child's script does: the lock, lock or unlock, and whether that lock is (or was last) taken parked. */
+static const struct {
+        int which; /* 0: sh->m, 1: the second lock */
+        bool lock;
+        bool parked;
+} crash_script[] = {
+        { 0, true, true },   { 0, false, true },                     /* alone: parked in the pending slot */
+        { 0, true, true },   { 1, true, false },                     /* nested: the second one in fallback mode */
+        { 1, false, false }, { 0, false, true },  { 1, true, true }, /* the other way round */
+        { 0, true, false },  { 0, false, false }, { 1, false, true }, { 0, true, true }, /* trylock */
+        { 0, false, true },
+};
+
+/*
+ * A child runs crash_script and SIGKILLs itself at its k-th crash point inside
+ * the lock, for every k: between slot and CAS, CAS and owner record, record and
+ * tag, tag and return; between the unlock's check, record, release, wake-up and
+ * slot. Whatever the step, the survivor gets both locks promptly, with
+ * SHMZ_OWNER_DEAD exactly when the child died holding one; and the kernel has
+ * cleaned up every lock that was parked: the dead child's tid is left in a word
+ * only for a lock it took in fallback mode.
+ */
+Test(mutex, killed_at_every_step_of_lock_and_unlock) {
+        struct shmz_mutex *m2 = second_lock();
+        struct shmz_mutex *locks[] = { &sh->m, m2 };
+        unsigned k, completed = 0, kernel_cleaned = 0, polled = 0, free_after = 0;
+
+        for (k = 1; k < 400; k++) {
+                shmz_mutex_init(&sh->m);
+                shmz_mutex_init(m2);
+                atomic_store(&sh->ready, UINT32_MAX);
+                pid_t pid = fork();
+                cr_assert_geq(pid, 0);
+                if (pid == 0) {
+                        mutex_test_crash_countdown = k;
+                        for (unsigned i = 0; i < ELEMENTSOF(crash_script); i++) {
+                                struct shmz_mutex *m = locks[crash_script[i].which];
+                                int r;
+
+                                atomic_store(&sh->ready, i);
+                                if (!crash_script[i].lock)
+                                        r = shmz_mutex_unlock(m);
+                                else if (i == ELEMENTSOF(crash_script) - 2)
+                                        r = shmz_mutex_trylock(m);
+                                else
+                                        r = shmz_mutex_lock(m);
+                                if (r != 0)
+                                        _exit(10 + (int) i);
+                                if (crash_script[i].lock && (m->owner_tag >> 30) != (crash_script[i].parked ? 1u : 2u))
+                                        _exit(50 + (int) i); /* the script's modes are wrong: proves nothing */
+                        }
+                        mutex_test_crash_countdown = 0;
+                        _exit(0);
+                }
+                int status = wait_child(pid);
+                if (WIFEXITED(status)) {
+                        cr_assert_eq(WEXITSTATUS(status), 0, "step %u: child exited with %d", k, WEXITSTATUS(status));
+                        completed = k;
+                        break; /* the script ran out of crash points */
+                }
+                cr_assert(WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL, "step %u", k);
+
+                uint32_t at = atomic_load(&sh->ready);
+                cr_assert_lt(at, ELEMENTSOF(crash_script), "step %u: died outside the script", k);
+                for (int l = 0; l < 2; l++) {
+                        uint32_t word = __atomic_load_n(&locks[l]->futex, __ATOMIC_ACQUIRE);
+                        bool parked = false, held;
+                        int expect;
+
+                        /* How the child last took this lock, up to the call it died in. */
+                        for (uint32_t i = 0; i <= at; i++)
+                                if (crash_script[i].which == l && crash_script[i].lock)
+                                        parked = crash_script[i].parked;
+                        /* The other lock, in fallback mode, may have borrowed the slot for the call it died in. */
+                        bool other_parked = true;
+                        for (uint32_t i = 0; i <= at; i++)
+                                if (crash_script[i].which != l && crash_script[i].lock)
+                                        other_parked = crash_script[i].parked;
+                        bool other_borrowed = crash_script[at].which != l && !other_parked;
+                        if ((word & SHMZ_FUTEX_TID_MASK) == (uint32_t) pid) {
+                                cr_assert(!parked || other_borrowed,
+                                          "step %u (call %u): lock %d was parked, the kernel left it held", k, at, l);
+                                held = true;
+                                polled++;
+                        } else {
+                                cr_assert_eq(word & SHMZ_FUTEX_TID_MASK, 0u, "step %u: lock %d: word %#x", k, l, word);
+                                held = word & SHMZ_FUTEX_OWNER_DIED;
+                                kernel_cleaned += held;
+                                free_after += !held;
+                        }
+                        expect = held ? SHMZ_OWNER_DEAD : 0;
+                        uint64_t t0 = now_ns();
+                        cr_assert_eq(shmz_mutex_timedlock(locks[l], 5000 * 1000 * 1000ULL), expect,
+                                     "step %u (call %u): lock %d", k, at, l);
+                        cr_assert_lt(now_ns() - t0, 2000 * 1000 * 1000ULL, "step %u: lock %d taken late", k, l);
+                        if (held)
+                                cr_assert_eq(shmz_mutex_consistent(locks[l]), 0);
+                        cr_assert_eq(shmz_mutex_unlock(locks[l]), 0);
+                }
+                cr_assert_null(my_robust_head()->list_op_pending);
+        }
+        cr_assert_gt(completed, 40, "the script passes many crash points (%u)", completed);
+        cr_assert_gt(kernel_cleaned, 0);
+        cr_assert_gt(polled, 0);
+        cr_assert_gt(free_after, 0);
+        cr_log_info("killed at each of %u steps: %u kernel clean-ups, %u left to polling, %u free", completed - 1,
+                    kernel_cleaned, polled, free_after);
+}
+
+/*
+ * The same for the unlock with a waiter asleep in the kernel: the holder dies
+ * between any two steps of its unlock, release and wake-up included. The
+ * waiter is woken promptly and learns of the death exactly when the holder
+ * died still holding; also when the lock was taken in fallback mode, nested in
+ * another.
+ */
+static void killed_unlocking_with_a_sleeper(bool nested) {
+        struct shmz_mutex *m2 = second_lock();
+        unsigned k, completed = 0;
+
+        for (k = 1; k < 20; k++) {
+                shmz_mutex_init(&sh->m);
+                shmz_mutex_init(m2);
+                atomic_store(&sh->ready, 0);
+                pid_t pid = fork();
+                cr_assert_geq(pid, 0);
+                if (pid == 0) {
+                        /* Nested: m2 is parked, sh->m taken in fallback mode (it borrows the slot to unlock). */
+                        if (nested && shmz_mutex_lock(m2) != 0)
+                                _exit(9);
+                        if (shmz_mutex_lock(&sh->m) != 0 || (sh->m.owner_tag >> 30) != (nested ? 2u : 1u))
+                                _exit(10);
+                        atomic_store(&sh->ready, 1);
+                        /* The waiter announces itself just before it sleeps. */
+                        while (!(__atomic_load_n(&sh->m.futex, __ATOMIC_ACQUIRE) & SHMZ_FUTEX_WAITERS))
+                                usleep(100);
+                        usleep(20 * 1000);
+                        mutex_test_crash_countdown = k;
+                        if (shmz_mutex_unlock(&sh->m) != 0)
+                                _exit(11);
+                        mutex_test_crash_countdown = 0;
+                        _exit(0);
+                }
+                wait_ready_from(pid, 1);
+                uint64_t t0 = now_ns();
+                int r = shmz_mutex_timedlock(&sh->m, 5000 * 1000 * 1000ULL);
+                uint64_t dt = now_ns() - t0;
+                int status = wait_child(pid);
+                bool died = WIFSIGNALED(status);
+
+                cr_assert(died || (WIFEXITED(status) && WEXITSTATUS(status) == 0), "step %u: status %#x", k,
+                          (unsigned) status);
+                cr_assert_lt(dt, 2000 * 1000 * 1000ULL, "step %u: the waiter slept on", k);
+                /* The first two steps come before the release: the holder died holding. */
+                cr_assert_eq(r, died && k <= 2 ? SHMZ_OWNER_DEAD : 0, "step %u: %d", k, r);
+                if (r == SHMZ_OWNER_DEAD)
+                        cr_assert_eq(shmz_mutex_consistent(&sh->m), 0);
+                cr_assert_eq(shmz_mutex_unlock(&sh->m), 0);
+                if (!died) {
+                        completed = k;
+                        break;
+                }
+        }
+        cr_assert_eq(completed, 6, "an unlock has five crash points, not %u", completed ? completed - 1 : 0);
+}
+
+Test(mutex, killed_unlocking_with_a_sleeper) {
+        killed_unlocking_with_a_sleeper(false);
+}
+
+Test(mutex, killed_unlocking_with_a_sleeper_nested) {
+        killed_unlocking_with_a_sleeper(true);
 }

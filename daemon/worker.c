@@ -388,7 +388,8 @@ static void worker_accept(struct worker *w) {
          * joining it again at its tail hands the next connection to another idle
          * worker, so that connections spread over the workers as round robin did.
          */
-        if (n > 0 && w->listening && (listen_watch(w, false) < 0 || listen_watch(w, true) < 0))
+        if (n > 0 && w->daemon->n_workers > 1 && w->listening &&
+            (listen_watch(w, false) < 0 || listen_watch(w, true) < 0))
                 log_warning_errno(errno, "Worker %u: cannot watch the listening socket again: %m", w->index);
 }
 

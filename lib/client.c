@@ -32,6 +32,10 @@ struct shmz_client *client_ref(struct shmz_client *c) {
         return c;
 }
 
+bool client_is_last_ref(struct shmz_client *c) {
+        return atomic_load(&c->refs) == 1;
+}
+
 void client_unref(struct shmz_client *c) {
         if (!c || atomic_fetch_sub(&c->refs, 1) != 1)
                 return;

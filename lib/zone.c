@@ -99,8 +99,12 @@ _public_ void shmz_zone_close(struct shmz_zone *z) {
         if (z->client) {
                 struct shmz_msg_zone_close req = { .handle = z->handle };
 
-                /* Best effort: the daemon also drops the attachment when the connection ends. */
-                if (z->handle != 0)
+                /*
+                 * Best effort: the daemon also drops the attachment when the connection
+                 * ends. It ends right here when this zone held its last reference (the
+                 * caller disconnected already; nobody else can take one): no message then.
+                 */
+                if (z->handle != 0 && !client_is_last_ref(z->client))
                         (void) client_send_oneway(z->client, SHMZ_MSG_ZONE_CLOSE, &req, sizeof(req));
                 client_unref(z->client);
         }

@@ -371,8 +371,11 @@ static void worker_accept(struct worker *w) {
                         if (r >= 0 && !w->listen_resume)
                                 r = sd_event_add_time_relative(w->event, &w->listen_resume, CLOCK_MONOTONIC, 100 * 1000,
                                                                0, on_listen_resume, w);
-                        if (r < 0)
+                        if (r < 0) {
+                                /* Without the timer the pause would last for good: rather spin. */
                                 log_warning_errno(r, "Worker %u: cannot pause accepting: %m", w->index);
+                                (void) listen_watch(w, true);
+                        }
                         return;
                 }
                 if (fd < 0) {
@@ -388,9 +391,13 @@ static void worker_accept(struct worker *w) {
          * joining it again at its tail hands the next connection to another idle
          * worker, so that connections spread over the workers as round robin did.
          */
-        if (n > 0 && w->daemon->n_workers > 1 && w->listening &&
-            (listen_watch(w, false) < 0 || listen_watch(w, true) < 0))
-                log_warning_errno(errno, "Worker %u: cannot watch the listening socket again: %m", w->index);
+        if (n > 0 && w->listening) {
+                r = listen_watch(w, false);
+                if (r >= 0)
+                        r = listen_watch(w, true);
+                if (r < 0)
+                        log_error_errno(r, "Worker %u: cannot watch the listening socket again: %m", w->index);
+        }
 }
 
 static void shutdown_clients(struct worker *w) {

@@ -46,9 +46,13 @@ struct worker {
          * cannot register EPOLLEXCLUSIVE, hence an epoll of our own around it.
          */
         int epoll_fd;
-        bool listening;                 /* the listening socket is in epoll_fd */
-        sd_event_source *listen_resume; /* out of fds: accepting resumes after a pause */
-        int wake_fd;                    /* eventfd: worker_stop() wakes the thread through it */
+        bool listening; /* the listening socket is in epoll_fd */
+        /*
+         * Out of fds: accepting resumes after a pause. Made (off) at start, with
+         * it the loop's timerfd: pausing must need no fd.
+         */
+        sd_event_source *listen_resume;
+        int wake_fd; /* eventfd: worker_stop() wakes the thread through it */
         struct conn *conns;
         bool started;
         atomic_bool stop; /* set by worker_stop(): the thread ends at its next wake-up */
@@ -349,7 +353,6 @@ static int on_listen_resume(sd_event_source *s, uint64_t usec, void *userdata) {
         struct worker *w = userdata;
         int r;
 
-        w->listen_resume = sd_event_source_unref(w->listen_resume);
         r = listen_watch(w, true);
         if (r < 0)
                 log_error_errno(r, "Worker %u: cannot watch the listening socket again: %m", w->index);
@@ -368,9 +371,10 @@ static void worker_accept(struct worker *w) {
                         log_warning_errno(errno, "Cannot accept clients: %m; worker %u pauses accepting for 100 ms.",
                                           w->index);
                         r = listen_watch(w, false);
-                        if (r >= 0 && !w->listen_resume)
-                                r = sd_event_add_time_relative(w->event, &w->listen_resume, CLOCK_MONOTONIC, 100 * 1000,
-                                                               0, on_listen_resume, w);
+                        if (r >= 0)
+                                r = sd_event_source_set_time_relative(w->listen_resume, 100 * 1000);
+                        if (r >= 0)
+                                r = sd_event_source_set_enabled(w->listen_resume, SD_EVENT_ONESHOT);
                         if (r < 0) {
                                 /* Without the timer the pause would last for good: rather spin. */
                                 log_warning_errno(r, "Worker %u: cannot pause accepting: %m", w->index);
@@ -502,7 +506,11 @@ int worker_start(struct daemon *d, unsigned index, struct worker **ret) {
                 r = -errno;
                 goto fail;
         }
-        r = listen_watch(w, true);
+        r = sd_event_add_time(w->event, &w->listen_resume, CLOCK_MONOTONIC, UINT64_MAX, 0, on_listen_resume, w);
+        if (r >= 0)
+                r = sd_event_source_set_enabled(w->listen_resume, SD_EVENT_OFF);
+        if (r >= 0)
+                r = listen_watch(w, true);
         if (r < 0)
                 goto fail;
         r = -pthread_create(&w->thread, NULL, worker_main, w);

@@ -277,7 +277,9 @@ static int on_hello_timeout(sd_event_source *s, uint64_t usec, void *userdata) {
  * connect()), counted against the limits, then read at once. A client sends
  * its hello right after connect(), so it is usually there already: answered
  * without waiting for another wake-up, and no deadline is armed. Over a
- * limit: closed at once, the client sees the connection end before its hello.
+ * limit: closed at once, the client sees the connection end before its hello
+ * (clients_add() counts under its lock: workers accepting at the same time
+ * cannot overshoot a limit together).
  */
 static void conn_new(struct worker *w, int fd) {
         struct conn *c;

@@ -18,12 +18,11 @@ struct daemon {
         const char *config_path;
         struct registry *registry;
         struct ports *ports; /* listeners, ports, segments (core/ports.h); NULL: port requests are refused */
-        sd_event *event; /* the main thread's loop */
-        int listen_fd;
-        sd_event_source *accept_source;
-        char *socket_path; /* unlinked at exit when we created it */
+        sd_event *event;     /* the main thread's loop */
+        int listen_fd;       /* the workers accept on it (daemon/worker.c) */
+        char *socket_path;   /* unlinked at exit when we created it */
         struct worker **workers;
-        unsigned n_workers, next_worker;
+        unsigned n_workers;
         struct fuse_view *fuse;
         uint64_t start_usec;
         struct clients *clients; /* connections per uid and their limits */

@@ -173,8 +173,8 @@ static int open_listen_socket(struct daemon *d) {
         if (d->listen_fd >= 0) {
                 /*
                  * Socket activation (take_passed_fds()): systemd made and owns the socket,
-                 * blocking unless the unit says NonBlocking=yes; on_accept() drains it until
-                 * EAGAIN and would hang on the last accept().
+                 * blocking unless the unit says NonBlocking=yes; the workers accept until
+                 * EAGAIN (another worker may take the connection first) and would hang.
                  */
                 int fl = fcntl(d->listen_fd, F_GETFL);
 
@@ -215,55 +215,6 @@ static int open_listen_socket(struct daemon *d) {
         if (!d->socket_path)
                 return log_oom();
         d->listen_fd = TAKE_FD(fd);
-        return 0;
-}
-
-static int on_accept_resume(sd_event_source *s, uint64_t usec, void *userdata) {
-        struct daemon *d = userdata;
-
-        return sd_event_source_set_enabled(d->accept_source, SD_EVENT_ON);
-}
-
-static int on_accept(sd_event_source *s, int fd, uint32_t revents, void *userdata) {
-        struct daemon *d = userdata;
-
-        for (unsigned i = 0; i < 64; i++) {
-                int cfd = accept4(fd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK), r;
-                struct ucred cred;
-                socklen_t len = sizeof(cred);
-
-                if (cfd < 0 && (errno == EMFILE || errno == ENFILE)) {
-                        /* Out of fds: the listening socket stays readable, so pause rather than spin. */
-                        log_warning_errno(errno, "Cannot accept clients: %m; pausing accept for 100 ms.");
-                        (void) sd_event_source_set_enabled(s, SD_EVENT_OFF);
-                        return sd_event_add_time_relative(d->event, NULL, CLOCK_MONOTONIC, 100 * 1000, 0,
-                                                          on_accept_resume, d);
-                }
-                if (cfd < 0) {
-                        if (errno != EAGAIN && errno != EINTR)
-                                log_warning_errno(errno, "accept(): %m");
-                        return 0;
-                }
-                if (getsockopt(cfd, SOL_SOCKET, SO_PEERCRED, &cred, &len) < 0) {
-                        log_warning_errno(errno, "Cannot read the credentials of a new client: %m");
-                        safe_close(cfd);
-                        continue;
-                }
-                /*
-                 * Counted here, not in the worker, so that a burst cannot overshoot a
-                 * limit. Over one: closed at once, the client sees the connection end
-                 * before its hello.
-                 */
-                r = clients_add(d->clients, cred.uid);
-                if (r < 0) {
-                        log_debug_errno(r, "Refusing a connection of uid %u: %m", (unsigned) cred.uid);
-                        safe_close(cfd);
-                        continue;
-                }
-                /* Round robin: clients are cheap and long-lived; balance by count. */
-                if (worker_add_client(d->workers[d->next_worker++ % d->n_workers], cfd, cred.uid) < 0)
-                        clients_remove(d->clients, cred.uid);
-        }
         return 0;
 }
 
@@ -529,9 +480,7 @@ static int run(struct daemon *d) {
         r = sd_event_new(&d->event);
         if (r < 0)
                 return log_error_errno(r, "sd_event_new(): %m");
-        r = sd_event_add_io(d->event, &d->accept_source, d->listen_fd, EPOLLIN, on_accept, d);
-        if (r >= 0)
-                r = sd_event_add_signal(d->event, NULL, SIGTERM, on_terminate, d);
+        r = sd_event_add_signal(d->event, NULL, SIGTERM, on_terminate, d);
         if (r >= 0)
                 r = sd_event_add_signal(d->event, NULL, SIGINT, on_terminate, d);
         if (r >= 0)
@@ -552,17 +501,17 @@ static int run(struct daemon *d) {
 }
 
 static void daemon_done(struct daemon *d) {
-        /* The socket goes first, so that nobody connects to a daemon that is leaving. */
+        /* The socket's name goes first, so that nobody connects to a daemon that is leaving. */
         if (d->socket_path)
                 (void) unlink(d->socket_path);
-        if (d->listen_fd >= 0 && !listen_fd_passed)
-                safe_close(d->listen_fd);
+        /* The fd after the workers: they accept on it until they stop (a closed number could be reused). */
         for (unsigned i = 0; i < d->n_workers; i++)
                 worker_stop(d->workers[i]);
         free(d->workers);
+        if (d->listen_fd >= 0 && !listen_fd_passed)
+                safe_close(d->listen_fd);
         reaper_stop();
         fuse_view_stop(d->fuse);
-        sd_event_source_unref(d->accept_source);
         sd_event_unref(d->event);
         /* After the workers (their watches) and the view (its segment references). */
         ports_free(d->ports);

@@ -1,5 +1,6 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 #include <pthread.h>
+#include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <systemd/sd-event.h>
@@ -27,21 +28,31 @@ struct outmsg {
         uint8_t buf[];
 };
 
-/* A connection handed over by the main thread. */
-struct post {
-        int fd;
-        uid_t uid;
-        struct post *next;
-};
+/* What the worker's own epoll watches: its sd_event loop, and the listening socket. */
+enum { WATCH_EVENT = 0, WATCH_LISTEN = 1 };
+
+/* New connections taken per wake-up: the rest go to whichever worker the kernel wakes next. */
+#define ACCEPT_BATCH 4u
 
 struct worker {
         struct daemon *daemon;
         unsigned index;
         pthread_t thread;
         sd_event *event;
-        int wake_fd; /* eventfd: other threads post work to this one through it */
-        pthread_mutex_t lock;
-        struct post *posts, *posts_tail; /* guarded by lock */
+        /*
+         * The thread waits here, on its sd_event loop's fd and on the listening
+         * socket, the latter with EPOLLEXCLUSIVE: a new connection wakes one idle
+         * worker, which takes it itself (no hop through another thread). sd_event
+         * cannot register EPOLLEXCLUSIVE, hence an epoll of our own around it.
+         */
+        int epoll_fd;
+        bool listening; /* the listening socket is in epoll_fd */
+        /*
+         * Out of fds: accepting resumes after a pause. Made (off) at start, with
+         * it the loop's timerfd: pausing must need no fd.
+         */
+        sd_event_source *listen_resume;
+        int wake_fd; /* eventfd: worker_stop() wakes the thread through it */
         struct conn *conns;
         bool started;
         atomic_bool stop; /* set by worker_stop(): the thread ends at its next wake-up */
@@ -169,28 +180,17 @@ int conn_send(struct conn *c, uint16_t type, uint16_t flags, uint32_t stream, in
         return conn_send_fds(c, type, flags, stream, status, body, body_size, &fd, fd >= 0 ? 1 : 0);
 }
 
-static int on_conn_io(sd_event_source *s, int fd, uint32_t revents, void *userdata) {
-        struct conn *c = userdata;
+/* Reads and handles what c sent. A negative return: c must go. */
+static int conn_read(struct conn *c) {
         uint8_t buf[SHMZ_MSG_MAX];
         int r;
 
-        if (revents & EPOLLOUT) {
-                r = flush_out(c);
-                if (r >= 0)
-                        r = control_list_pump(c);
-                if (r < 0)
-                        goto drop;
-                r = conn_update_events(c);
-                if (r < 0)
-                        goto drop;
-                return 0;
-        }
         /* A bounded batch per wake-up keeps one busy client from starving the others. */
         for (unsigned i = 0; i < 64 && !conn_busy(c); i++) {
                 int fds[PROTO_MAX_FDS];
                 size_t size, n_fds;
 
-                r = proto_recv(fd, buf, sizeof(buf), &size, fds, &n_fds);
+                r = proto_recv(c->fd, buf, sizeof(buf), &size, fds, &n_fds);
                 /* No request carries an fd; closing one here could stall every client of this thread. */
                 for (size_t k = 0; k < n_fds; k++)
                         reaper_close(fds[k]);
@@ -199,20 +199,34 @@ static int on_conn_io(sd_event_source *s, int fd, uint32_t revents, void *userda
                 if (r == -EAGAIN)
                         return 0;
                 if (r == -ECONNRESET)
-                        goto drop;
+                        return r;
                 if (r < 0) {
                         atomic_fetch_add(&c->daemon->errors, 1);
                         log_debug_errno(r, "Client pid %d: unreadable message, disconnecting: %m", (int) c->caller.pid);
-                        goto drop;
+                        return r;
                 }
                 atomic_fetch_add(&c->daemon->requests, 1);
                 r = control_dispatch(c, buf, size);
                 if (r < 0)
-                        goto drop;
+                        return r;
         }
         return 0;
-drop:
-        conn_free(c);
+}
+
+static int on_conn_io(sd_event_source *s, int fd, uint32_t revents, void *userdata) {
+        struct conn *c = userdata;
+        int r;
+
+        if (revents & EPOLLOUT) {
+                r = flush_out(c);
+                if (r >= 0)
+                        r = control_list_pump(c);
+                if (r >= 0)
+                        r = conn_update_events(c);
+        } else
+                r = conn_read(c);
+        if (r < 0)
+                conn_free(c);
         return 0;
 }
 
@@ -258,44 +272,138 @@ static int on_hello_timeout(sd_event_source *s, uint64_t usec, void *userdata) {
         return 0;
 }
 
-static int conn_new(struct worker *w, int fd, uid_t counted_uid) {
+/*
+ * A connection the worker accepted: its credentials (the kernel's word, as of
+ * connect()), counted against the limits, then read at once. A client sends
+ * its hello right after connect(), so it is usually there already: answered
+ * without waiting for another wake-up, and no deadline is armed. Over a
+ * limit: closed at once, the client sees the connection end before its hello
+ * (clients_add() counts under its lock: workers accepting at the same time
+ * cannot overshoot a limit together).
+ */
+static void conn_new(struct worker *w, int fd) {
         struct conn *c;
         int r;
 
         c = calloc(1, sizeof(*c));
         if (!c) {
+                log_oom();
                 safe_close(fd);
-                clients_remove(w->daemon->clients, counted_uid);
-                return -ENOMEM;
+                return;
         }
         c->worker = w;
         c->daemon = w->daemon;
         c->fd = fd;
-        c->counted_uid = counted_uid;
         c->next_handle = 1;
+        r = read_peer(c);
+        if (r < 0) {
+                log_warning_errno(r, "Cannot read the credentials of a new client: %m");
+                free(c->groups);
+                free(c);
+                safe_close(fd);
+                return;
+        }
+        r = clients_add(w->daemon->clients, c->caller.uid);
+        if (r < 0) {
+                log_debug_errno(r, "Refusing a connection of uid %u: %m", (unsigned) c->caller.uid);
+                free(c->groups);
+                free(c);
+                safe_close(fd);
+                return;
+        }
+        /* From here on conn_free() gives the count back. */
+        c->counted_uid = c->caller.uid;
         c->next = w->conns;
         if (w->conns)
                 w->conns->prev = c;
         w->conns = c;
 
-        r = read_peer(c);
-        if (r < 0) {
-                log_warning_errno(r, "Cannot read the credentials of a new client: %m");
-                conn_free(c);
-                return r;
-        }
         r = sd_event_add_io(w->event, (sd_event_source **) &c->source, fd, EPOLLIN, on_conn_io, c);
-        if (r >= 0)
-                /* A slot held by a silent connection is a slot taken from somebody else. */
-                r = sd_event_add_time_relative(w->event, (sd_event_source **) &c->hello_timer, CLOCK_MONOTONIC,
-                                               clients_hello_timeout_usec(w->daemon->clients), 0, on_hello_timeout, c);
         if (r < 0) {
                 conn_free(c);
-                return r;
+                return;
         }
         log_debug("Worker %u: client pid %d uid %u connected.", w->index, (int) c->caller.pid,
                   (unsigned) c->caller.uid);
+        if (conn_read(c) < 0) {
+                conn_free(c);
+                return;
+        }
+        if (c->hello)
+                return;
+        /* A slot held by a silent connection is a slot taken from somebody else. */
+        r = sd_event_add_time_relative(w->event, (sd_event_source **) &c->hello_timer, CLOCK_MONOTONIC,
+                                       clients_hello_timeout_usec(w->daemon->clients), 0, on_hello_timeout, c);
+        if (r < 0)
+                conn_free(c);
+}
+
+static int listen_watch(struct worker *w, bool on) {
+        struct epoll_event ev = { .events = EPOLLIN | EPOLLEXCLUSIVE, .data.u32 = WATCH_LISTEN };
+        int r;
+
+        if (w->listening == on)
+                return 0;
+        r = epoll_ctl(w->epoll_fd, on ? EPOLL_CTL_ADD : EPOLL_CTL_DEL, w->daemon->listen_fd, on ? &ev : NULL);
+        if (r < 0)
+                return -errno;
+        w->listening = on;
         return 0;
+}
+
+static int on_listen_resume(sd_event_source *s, uint64_t usec, void *userdata) {
+        struct worker *w = userdata;
+        int r;
+
+        r = listen_watch(w, true);
+        if (r < 0)
+                log_error_errno(r, "Worker %u: cannot watch the listening socket again: %m", w->index);
+        return 0;
+}
+
+static void worker_accept(struct worker *w) {
+        unsigned n;
+        int r;
+
+        for (n = 0; n < ACCEPT_BATCH; n++) {
+                int fd = accept4(w->daemon->listen_fd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK);
+
+                if (fd < 0 && (errno == EMFILE || errno == ENFILE)) {
+                        /* Out of fds: the listening socket stays readable, so pause rather than spin. */
+                        log_warning_errno(errno, "Cannot accept clients: %m; worker %u pauses accepting for 100 ms.",
+                                          w->index);
+                        r = listen_watch(w, false);
+                        if (r >= 0)
+                                r = sd_event_source_set_time_relative(w->listen_resume, 100 * 1000);
+                        if (r >= 0)
+                                r = sd_event_source_set_enabled(w->listen_resume, SD_EVENT_ONESHOT);
+                        if (r < 0) {
+                                /* Without the timer the pause would last for good: rather spin. */
+                                log_warning_errno(r, "Worker %u: cannot pause accepting: %m", w->index);
+                                (void) listen_watch(w, true);
+                        }
+                        return;
+                }
+                if (fd < 0) {
+                        /* EAGAIN: another worker was quicker. */
+                        if (errno != EAGAIN && errno != EINTR && errno != ECONNABORTED)
+                                log_warning_errno(errno, "accept(): %m");
+                        break;
+                }
+                conn_new(w, fd);
+        }
+        /*
+         * Exclusive wake-ups go to the first idle waiter in the socket's queue:
+         * joining it again at its tail hands the next connection to another idle
+         * worker, so that connections spread over the workers as round robin did.
+         */
+        if (n > 0 && w->listening) {
+                r = listen_watch(w, false);
+                if (r >= 0)
+                        r = listen_watch(w, true);
+                if (r < 0)
+                        log_error_errno(r, "Worker %u: cannot watch the listening socket again: %m", w->index);
+        }
 }
 
 static void shutdown_clients(struct worker *w) {
@@ -312,34 +420,49 @@ static void shutdown_clients(struct worker *w) {
 
 static int on_wake(sd_event_source *s, int fd, uint32_t revents, void *userdata) {
         struct worker *w = userdata;
-        struct post *p;
         uint64_t v;
 
         (void) read(fd, &v, sizeof(v));
-        pthread_mutex_lock(&w->lock);
-        p = w->posts;
-        w->posts = w->posts_tail = NULL;
-        pthread_mutex_unlock(&w->lock);
-
-        while (p) {
-                struct post *next = p->next;
-
-                (void) conn_new(w, p->fd, p->uid);
-                free(p);
-                p = next;
-        }
-        if (atomic_load(&w->stop)) {
-                shutdown_clients(w);
+        if (atomic_load(&w->stop))
                 (void) sd_event_exit(w->event, 0);
-        }
         return 0;
+}
+
+/* sd_event_loop() with the listening socket beside it: see struct worker. */
+static int worker_loop(struct worker *w) {
+        for (;;) {
+                int r;
+
+                r = sd_event_prepare(w->event);
+                if (r == 0) {
+                        struct epoll_event ev[2];
+                        bool incoming = false;
+                        int n;
+
+                        n = epoll_wait(w->epoll_fd, ev, ELEMENTSOF(ev), -1);
+                        if (n < 0 && errno != EINTR)
+                                return -errno;
+                        for (int i = 0; i < n; i++)
+                                if (ev[i].data.u32 == WATCH_LISTEN)
+                                        incoming = true;
+                        r = sd_event_wait(w->event, 0);
+                        if (r >= 0 && incoming)
+                                worker_accept(w);
+                }
+                if (r > 0)
+                        r = sd_event_dispatch(w->event);
+                if (r < 0)
+                        return r;
+                if (sd_event_get_state(w->event) == SD_EVENT_FINISHED)
+                        return 0;
+        }
 }
 
 static void *worker_main(void *userdata) {
         struct worker *w = userdata;
         int r;
 
-        r = sd_event_loop(w->event);
+        r = worker_loop(w);
         if (r < 0)
                 log_error_errno(r, "Worker %u: event loop failed: %m", w->index);
         shutdown_clients(w);
@@ -349,22 +472,16 @@ static void *worker_main(void *userdata) {
 static struct worker *worker_free(struct worker *w) {
         if (!w)
                 return NULL;
-        /* Posts never consumed (stop before start) still own their fds. */
-        while (w->posts) {
-                struct post *p = w->posts;
-
-                w->posts = p->next;
-                safe_close(p->fd);
-                free(p);
-        }
+        sd_event_source_unref(w->listen_resume);
         sd_event_unref(w->event);
+        safe_close(w->epoll_fd);
         safe_close(w->wake_fd);
-        (void) pthread_mutex_destroy(&w->lock);
         free(w);
         return NULL;
 }
 
 int worker_start(struct daemon *d, unsigned index, struct worker **ret) {
+        struct epoll_event ev = { .events = EPOLLIN, .data.u32 = WATCH_EVENT };
         struct worker *w;
         int r;
 
@@ -373,7 +490,7 @@ int worker_start(struct daemon *d, unsigned index, struct worker **ret) {
                 return -ENOMEM;
         w->daemon = d;
         w->index = index;
-        (void) pthread_mutex_init(&w->lock, NULL);
+        w->epoll_fd = -EBADF;
         w->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
         if (w->wake_fd < 0) {
                 r = -errno;
@@ -384,6 +501,18 @@ int worker_start(struct daemon *d, unsigned index, struct worker **ret) {
         if (r < 0)
                 goto fail;
         r = sd_event_add_io(w->event, NULL, w->wake_fd, EPOLLIN, on_wake, w);
+        if (r < 0)
+                goto fail;
+        w->epoll_fd = epoll_create1(EPOLL_CLOEXEC);
+        if (w->epoll_fd < 0 || epoll_ctl(w->epoll_fd, EPOLL_CTL_ADD, sd_event_get_fd(w->event), &ev) < 0) {
+                r = -errno;
+                goto fail;
+        }
+        r = sd_event_add_time(w->event, &w->listen_resume, CLOCK_MONOTONIC, UINT64_MAX, 0, on_listen_resume, w);
+        if (r >= 0)
+                r = sd_event_source_set_enabled(w->listen_resume, SD_EVENT_OFF);
+        if (r >= 0)
+                r = listen_watch(w, true);
         if (r < 0)
                 goto fail;
         r = -pthread_create(&w->thread, NULL, worker_main, w);
@@ -404,32 +533,6 @@ static int wake(struct worker *w) {
         if (write(w->wake_fd, &one, sizeof(one)) < 0 && errno != EAGAIN)
                 return -errno;
         return 0;
-}
-
-static int post_client(struct worker *w, int fd, uid_t uid) {
-        struct post *p;
-
-        p = calloc(1, sizeof(*p));
-        if (!p)
-                return -ENOMEM;
-        p->fd = fd;
-        p->uid = uid;
-        pthread_mutex_lock(&w->lock);
-        if (w->posts_tail)
-                w->posts_tail->next = p;
-        else
-                w->posts = p;
-        w->posts_tail = p;
-        pthread_mutex_unlock(&w->lock);
-        return wake(w);
-}
-
-int worker_add_client(struct worker *w, int fd, uid_t counted_uid) {
-        int r = post_client(w, fd, counted_uid);
-
-        if (r < 0)
-                safe_close(fd);
-        return r;
 }
 
 void worker_stop(struct worker *w) {

@@ -46,12 +46,11 @@ struct conn {
         struct conn *next, *prev;
 };
 
-int worker_start(struct daemon *d, unsigned index, struct worker **ret);
 /*
- * Hands a connected socket to the worker (any thread); the worker owns fd from
- * here on, and the count clients_add() made for counted_uid too.
+ * Starts a worker thread. It takes new connections from d->listen_fd itself
+ * (which must be open, and stay open until worker_stop()).
  */
-int worker_add_client(struct worker *w, int fd, uid_t counted_uid);
+int worker_start(struct daemon *d, unsigned index, struct worker **ret);
 /* Tells the worker's clients that the daemon stops, closes them, joins the thread. */
 void worker_stop(struct worker *w);
 

@@ -22,13 +22,18 @@ struct shmz_client {
         int fd;
         uint32_t next_stream;
         int daemon_pid;
-        bool dead;  /* the daemon said it stops, or the socket broke */
-        char *path; /* the socket, for the dedicated connections of port listeners */
+        uint32_t hello_stream; /* not 0: the hello was sent, its reply is still to be read */
+        bool dead;             /* the daemon said it stops, or the socket broke */
+        char *path;            /* the socket, for the dedicated connections of port listeners */
 };
 
 struct shmz_client *client_ref(struct shmz_client *c) {
         atomic_fetch_add(&c->refs, 1);
         return c;
+}
+
+bool client_is_last_ref(struct shmz_client *c) {
+        return atomic_load(&c->refs) == 1;
 }
 
 void client_unref(struct shmz_client *c) {
@@ -61,8 +66,7 @@ static int recv_reply(struct shmz_client *c, uint16_t type, uint32_t stream, uin
                         if (h.type == SHMZ_MSG_NOTICE_SHUTDOWN && !(h.flags & SHMZ_MSG_F_REPLY))
                                 r = -ENOTCONN;
                         /* Replies come in order: anything else means we no longer understand the daemon. */
-                        else if (!(h.flags & SHMZ_MSG_F_REPLY) || h.type != type || h.stream != stream ||
-                                 h.status > 0)
+                        else if (!(h.flags & SHMZ_MSG_F_REPLY) || h.type != type || h.stream != stream || h.status > 0)
                                 r = -EPROTO;
                 } else if (r == -ECONNRESET)
                         r = -ENOTCONN;
@@ -97,6 +101,41 @@ static int send_request(struct shmz_client *c, uint16_t type, const void *body, 
         return 0;
 }
 
+/*
+ * Reads the reply to a hello sent without waiting for it (client_connect()
+ * with wait = false). Called with c->lock held, before the reply to any later
+ * request: replies come in order.
+ */
+static int finish_hello(struct shmz_client *c) {
+        uint8_t buf[SHMZ_MSG_MAX];
+        struct shmz_msg_hello_reply reply;
+        struct shmz_msg_header h;
+        size_t size;
+        int r;
+
+        if (c->hello_stream == 0)
+                return 0;
+        r = recv_reply(c, SHMZ_MSG_HELLO, c->hello_stream, buf, &size, NULL, 0, &(size_t){ 0 });
+        if (r < 0)
+                return r;
+        c->hello_stream = 0;
+        memcpy(&h, buf, sizeof(h));
+        if (h.status < 0)
+                r = h.status;
+        else if (size - sizeof(h) != sizeof(reply))
+                r = -EPROTO;
+        else {
+                memcpy(&reply, proto_body(buf), sizeof(reply));
+                if (reply.version != SHMZ_PROTO_VERSION)
+                        r = -EPROTO;
+                else
+                        c->daemon_pid = (int) reply.pid;
+        }
+        if (r < 0)
+                c->dead = true;
+        return r;
+}
+
 int client_request_fds(struct shmz_client *c, uint16_t type, const void *body, size_t body_size, void *ret_reply,
                        size_t reply_size, int *ret_fds, size_t n_fds) {
         uint8_t buf[SHMZ_MSG_MAX];
@@ -109,6 +148,8 @@ int client_request_fds(struct shmz_client *c, uint16_t type, const void *body, s
         assert(n_fds <= ELEMENTSOF(fds));
         pthread_mutex_lock(&c->lock);
         r = send_request(c, type, body, body_size, &stream);
+        if (r >= 0)
+                r = finish_hello(c);
         if (r >= 0)
                 r = recv_reply(c, type, stream, buf, &size, fds, n_fds, &got);
         pthread_mutex_unlock(&c->lock);
@@ -164,6 +205,8 @@ int client_request_run(struct shmz_client *c, uint16_t type, const void *body, s
 
         pthread_mutex_lock(&c->lock);
         r = send_request(c, type, body, body_size, &stream);
+        if (r >= 0)
+                r = finish_hello(c);
         while (r >= 0) {
                 struct shmz_msg_header h;
                 size_t size;
@@ -209,15 +252,16 @@ static int connect_path(const char *path, int *ret_fd) {
         return 0;
 }
 
-_public_ int shmz_connect(const char *socket_path, struct shmz_client **ret) {
+/*
+ * Connects and says hello. With wait, the hello's reply is read here (a
+ * daemon that refuses the connection, e.g. over a limit, fails this call);
+ * without, it is read before the reply to the first request, which then costs
+ * one round trip with the hello (for a connection made for one request).
+ */
+static int client_connect(const char *socket_path, bool wait, struct shmz_client **ret) {
         struct shmz_msg_hello hello = { .version_min = SHMZ_PROTO_VERSION, .version_max = SHMZ_PROTO_VERSION };
-        struct shmz_msg_hello_reply reply;
         struct shmz_client *c;
         int r;
-
-        assert_return(ret, -EINVAL);
-        if (!socket_path)
-                socket_path = secure_getenv("SHMZONE_SOCKET") ?: SHMZ_DEFAULT_SOCKET;
 
         c = calloc(1, sizeof(*c));
         if (!c)
@@ -228,16 +272,22 @@ _public_ int shmz_connect(const char *socket_path, struct shmz_client **ret) {
         c->path = strdup(socket_path);
         r = c->path ? connect_path(socket_path, &c->fd) : -ENOMEM;
         if (r >= 0)
-                r = client_request(c, SHMZ_MSG_HELLO, &hello, sizeof(hello), &reply, sizeof(reply), NULL);
-        if (r >= 0 && reply.version != SHMZ_PROTO_VERSION)
-                r = -EPROTO;
+                r = send_request(c, SHMZ_MSG_HELLO, &hello, sizeof(hello), &c->hello_stream);
+        if (r >= 0 && wait)
+                r = finish_hello(c);
         if (r < 0) {
                 client_unref(c);
                 return r;
         }
-        c->daemon_pid = (int) reply.pid;
         *ret = c;
         return 0;
+}
+
+_public_ int shmz_connect(const char *socket_path, struct shmz_client **ret) {
+        assert_return(ret, -EINVAL);
+        if (!socket_path)
+                socket_path = secure_getenv("SHMZONE_SOCKET") ?: SHMZ_DEFAULT_SOCKET;
+        return client_connect(socket_path, true, ret);
 }
 
 int client_fd(const struct shmz_client *c) {
@@ -369,7 +419,8 @@ _public_ int shmz_zone_open_path(const char *path, unsigned flags, struct shmz_z
         r = view_socket(path, sock, sizeof(sock));
         if (r < 0)
                 return r;
-        r = shmz_connect(sock, &c);
+        /* A connection for one request: the hello and the request go together, one round trip. */
+        r = client_connect(sock, false, &c);
         if (r < 0)
                 return r;
         t.flags = flags & SHMZ_RDONLY;

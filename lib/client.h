@@ -1,6 +1,7 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 #pragma once
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -31,3 +32,5 @@ const char *client_path(const struct shmz_client *c);
 
 struct shmz_client *client_ref(struct shmz_client *c);
 void client_unref(struct shmz_client *c);
+/* Whether the caller's reference is the only one left (then no other thread can take one). */
+bool client_is_last_ref(struct shmz_client *c);

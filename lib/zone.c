@@ -1,6 +1,7 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 #include <fcntl.h>
 #include <stdatomic.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -26,7 +27,11 @@ static int zone_new(void *map, uint64_t map_size, bool rdonly, const char *name,
 }
 
 int zone_map_fd(int fd, bool rdonly, const char *name, struct shmz_zone **ret) {
+        /* The header's fields that are checked; the lock and allocator state after them are not read here. */
+        const size_t checked = offsetof(struct shmz_zone_header, reserved0);
+        struct shmz_zone_header h = {};
         struct stat st;
+        ssize_t n;
         void *map;
         int r;
 
@@ -34,12 +39,26 @@ int zone_map_fd(int fd, bool rdonly, const char *name, struct shmz_zone **ret) {
                 return -errno;
         if (!S_ISREG(st.st_mode) || st.st_size < (off_t) SHMZ_ZONE_HEADER_SIZE)
                 return -EBADMSG;
+        /*
+         * The header is checked on a copy read from the fd, not through the
+         * mapping: reading it there would fault its page in (and, by fault-around,
+         * the pages after it), which costs more than the read, and the mapping
+         * would have more to tear down at munmap(). The caller faults in what it uses.
+         */
+        do
+                n = pread(fd, &h, checked, 0);
+        while (n < 0 && errno == EINTR);
+        if (n < 0)
+                return -errno;
+        if ((size_t) n != checked)
+                return -EBADMSG;
+        r = zone_header_check(&h, (uint64_t) st.st_size, name);
+        if (r < 0)
+                return r;
         map = mmap(NULL, (size_t) st.st_size, rdonly ? PROT_READ : PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
         if (map == MAP_FAILED)
                 return -errno;
-        r = zone_header_check(map, (uint64_t) st.st_size, name);
-        if (r >= 0)
-                r = zone_new(map, (uint64_t) st.st_size, rdonly, name ?: ((struct shmz_zone_header *) map)->name, ret);
+        r = zone_new(map, (uint64_t) st.st_size, rdonly, name ?: h.name, ret);
         if (r < 0)
                 (void) munmap(map, (size_t) st.st_size);
         return r;
@@ -80,8 +99,12 @@ _public_ void shmz_zone_close(struct shmz_zone *z) {
         if (z->client) {
                 struct shmz_msg_zone_close req = { .handle = z->handle };
 
-                /* Best effort: the daemon also drops the attachment when the connection ends. */
-                if (z->handle != 0)
+                /*
+                 * Best effort: the daemon also drops the attachment when the connection
+                 * ends. It ends right here when this zone held its last reference (the
+                 * caller disconnected already; nobody else can take one): no message then.
+                 */
+                if (z->handle != 0 && !client_is_last_ref(z->client))
                         (void) client_send_oneway(z->client, SHMZ_MSG_ZONE_CLOSE, &req, sizeof(req));
                 client_unref(z->client);
         }

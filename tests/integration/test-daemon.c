@@ -15,6 +15,7 @@
 #include <unistd.h>
 
 #include "harness.h"
+#include "shmzone-abi.h"
 #include "shmzone.h"
 
 static struct daemon_proc d;
@@ -596,6 +597,151 @@ Test(lifecycle, clients_are_spread_over_workers) {
                   harness_log(&d));
         for (int i = 0; i < 4; i++)
                 shmz_disconnect(c[i]);
+}
+
+#define CONNECTORS 8
+#define CONNECTS_EACH 25
+
+struct connector {
+        const char *socket;
+        struct shmz_client *c[CONNECTS_EACH];
+        int failures;
+};
+
+/* Connects CONNECTS_EACH times as fast as it can; each connection must answer a request. */
+static void *connector_main(void *userdata) {
+        struct connector *k = userdata;
+
+        for (int i = 0; i < CONNECTS_EACH; i++) {
+                struct shmz_daemon_status st;
+
+                k->c[i] = NULL;
+                if (shmz_connect(k->socket, &k->c[i]) < 0 || shmz_daemon_status(k->c[i], &st) < 0)
+                        k->failures++;
+        }
+        return NULL;
+}
+
+Test(lifecycle, many_concurrent_connects_are_spread_over_workers) {
+        const char *const args[] = { "--threads", "3", "--verbose", NULL };
+        static struct connector k[CONNECTORS];
+        pthread_t t[CONNECTORS];
+        struct shmz_daemon_status st;
+        struct shmz_client *c;
+
+        harness_init(&d, NULL);
+        cr_assert_eq(harness_start(&d, args, false), 0, "log: %s", harness_log(&d));
+        for (int i = 0; i < CONNECTORS; i++) {
+                k[i] = (struct connector){ .socket = d.socket };
+                cr_assert_eq(pthread_create(&t[i], NULL, connector_main, &k[i]), 0);
+        }
+        for (int i = 0; i < CONNECTORS; i++) {
+                cr_assert_eq(pthread_join(t[i], NULL), 0);
+                cr_assert_eq(k[i].failures, 0, "connector %d: %d connections failed", i, k[i].failures);
+        }
+        /* Every connection is counted once, whichever worker took it. */
+        c = connect_or_die();
+        cr_assert_eq(shmz_daemon_status(c, &st), 0);
+        cr_assert_eq(st.clients, CONNECTORS * CONNECTS_EACH + 1);
+        for (int w = 0; w < 3; w++) {
+                char line[32];
+
+                snprintf(line, sizeof(line), "Worker %d: client", w);
+                cr_assert(strstr(harness_log(&d), line), "no connection went to worker %d; log: %s", w,
+                          harness_log(&d));
+        }
+        for (int i = 0; i < CONNECTORS; i++)
+                for (int j = 0; j < CONNECTS_EACH; j++)
+                        shmz_disconnect(k[i].c[j]);
+        /* And given back once each when they go. */
+        for (int i = 0; i < 500; i++) {
+                cr_assert_eq(shmz_daemon_status(c, &st), 0);
+                if (st.clients == 1)
+                        break;
+                usleep(10000);
+        }
+        cr_assert_eq(st.clients, 1);
+        shmz_disconnect(c);
+        cr_assert_eq(harness_stop(&d), 0, "daemon exit; log: %s", harness_log(&d));
+}
+
+/*
+ * Whatever a new connection sends before the worker took it is read at once,
+ * by the worker that accepts it: noise, an oversized packet, a hello and then
+ * garbage, nothing at all (closed before it was accepted), a hello and a
+ * request whose replies nobody reads. Each ends its connection or is answered,
+ * and every slot is given back.
+ */
+Test(hostile, garbage_on_connections_a_worker_just_accepted) {
+        const char *const args[] = { "--threads", "2", NULL };
+        struct shmz_msg_hello hello = { .version_min = SHMZ_PROTO_VERSION, .version_max = SHMZ_PROTO_VERSION };
+        struct shmz_msg_header hh = { .size = sizeof(hh) + sizeof(hello), .type = SHMZ_MSG_HELLO, .stream = 1 };
+        struct shmz_msg_header sh = { .size = sizeof(sh), .type = SHMZ_MSG_STATUS, .stream = 2 };
+        static uint8_t big[2 * SHMZ_MSG_MAX];
+        struct shmz_daemon_status st;
+        struct shmz_client *c;
+        unsigned seed = 77;
+        uint8_t buf[SHMZ_MSG_MAX];
+
+        harness_init(&d, "[daemon]\nuid_max_clients = 64\n");
+        cr_assert_eq(harness_start(&d, args, false), 0, "log: %s", harness_log(&d));
+        memcpy(buf, &hh, sizeof(hh));
+        memcpy(buf + sizeof(hh), &hello, sizeof(hello));
+        for (int i = 0; i < 400; i++) {
+                int fd = harness_raw_connect(d.socket), kind = i % 5;
+                bool ends = true;
+
+                cr_assert_geq(fd, 0, "the daemon stopped accepting after %d connections", i);
+                for (size_t k = 0; k < sizeof(big); k++)
+                        big[k] = (uint8_t) rand_r(&seed);
+                switch (kind) {
+                case 0: /* noise of a random length, before any hello */
+                        (void) send(fd, big, sizeof(struct shmz_msg_header) + (size_t) rand_r(&seed) % 200,
+                                    MSG_NOSIGNAL);
+                        break;
+                case 1: /* larger than any message */
+                        (void) send(fd, big, sizeof(big), MSG_NOSIGNAL);
+                        break;
+                case 2: /* a hello, then noise */
+                        cr_assert_eq(send(fd, buf, hh.size, MSG_NOSIGNAL), (ssize_t) hh.size);
+                        (void) send(fd, big, 5, MSG_NOSIGNAL);
+                        break;
+                case 3: /* nothing: gone before it was accepted */
+                        close(fd);
+                        fd = -1;
+                        break;
+                case 4: /* a hello and a request, never read */
+                        cr_assert_eq(send(fd, buf, hh.size, MSG_NOSIGNAL), (ssize_t) hh.size);
+                        cr_assert_eq(send(fd, &sh, sizeof(sh), MSG_NOSIGNAL), (ssize_t) sizeof(sh));
+                        ends = false;
+                        break;
+                }
+                if (fd < 0)
+                        continue;
+                if (ends) {
+                        /* The connection ends (after the hello's reply, if there was one). */
+                        struct pollfd p = { .fd = fd, .events = POLLIN };
+                        ssize_t got;
+
+                        do {
+                                cr_assert_eq(poll(&p, 1, 10000), 1, "connection %d (kind %d) was kept", i, kind);
+                                got = recv(fd, buf + sizeof(hh) + sizeof(hello), 64, MSG_DONTWAIT);
+                        } while (got > 0 && kind == 2);
+                        cr_assert_eq(got, 0, "connection %d (kind %d): %zd", i, kind, got);
+                }
+                close(fd);
+        }
+        c = connect_or_die();
+        for (int i = 0; i < 500; i++) {
+                cr_assert_eq(shmz_daemon_status(c, &st), 0);
+                if (st.clients == 1)
+                        break;
+                usleep(10000);
+        }
+        cr_assert_eq(st.clients, 1, "slots were not given back");
+        cr_assert_gt(st.errors, 100);
+        shmz_disconnect(c);
+        cr_assert_eq(harness_stop(&d), 0, "daemon exit; log: %s", harness_log(&d));
 }
 
 Test(reload, changed_socket_is_reported) {

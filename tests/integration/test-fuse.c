@@ -537,6 +537,54 @@ Test(fuse, permission_matrix_same_answer_everywhere) {
         shmz_disconnect(c);
 }
 
+/*
+ * shmz_zone_open_path() sends its hello and its request together and reads
+ * the hello's reply first: a connection the daemon refuses (over
+ * uid_max_clients) fails it cleanly, and it works again once a slot is free.
+ */
+static int nobody_over_the_limit(void *arg) {
+        struct matrix_arg *a = arg;
+        struct shmz_client *c = NULL;
+        struct shmz_zone *z = NULL;
+        int r = -1;
+
+        if (shmz_connect(a->socket, &c) < 0)
+                return 1;
+        r = shmz_zone_open_path(a->path, SHMZ_RDONLY, &z);
+        if (r >= 0)
+                return 2; /* a second connection got in */
+        if (r != -ENOTCONN)
+                return 3;
+        shmz_disconnect(c);
+        /* The worker gives the slot back when it sees the first connection end. */
+        for (int i = 0; i < 500; i++) {
+                r = shmz_zone_open_path(a->path, SHMZ_RDONLY, &z);
+                if (r != -ENOTCONN)
+                        break;
+                usleep(10000);
+        }
+        if (r < 0)
+                return 4;
+        r = memcmp(shmz_zone_base(z), "pipelined", 10) == 0 ? 0 : 5;
+        shmz_zone_close(z);
+        return r;
+}
+
+Test(fuse, open_path_on_a_refused_connection_fails_cleanly) {
+        struct shmz_client *c = client();
+        struct matrix_arg a = { .path = zpath("limited"), .socket = d.socket, .name = "limited" };
+        struct shmz_zone *z = NULL;
+
+        cr_assert_eq(shmz_zone_open(c, "limited", 4096, NULL, SHMZ_CREATE | SHMZ_EXCL, &z), 0);
+        memcpy(shmz_zone_base(z), "pipelined", 10);
+        shmz_zone_close(z);
+        cr_assert_eq(shmz_zone_chmod(c, "limited", 0644), 0);
+        harness_write_config(&d, "[daemon]\nmemory_budget = 64M\nuid_quota = 32M\nuid_max_clients = 1\n");
+        cr_assert_eq(harness_reload(&d), 0);
+        cr_assert_eq(harness_run_as(NOBODY, NOBODY, nobody_over_the_limit, &a), 0);
+        shmz_disconnect(c);
+}
+
 Test(fuse, tickets_are_bound_to_their_open) {
         struct shmz_client *c = client();
         struct shmz_msg_zone_ticket t = {}, t2 = {};

@@ -528,6 +528,8 @@ static int tx_claim(struct shmz_port *p, uint32_t n, int64_t timeout_ns, uint64_
                 if (!waiting) {
                         /* Say we sleep, then look once more: a release after this sees the flag and wakes us. */
                         __atomic_fetch_add(&dir->sender_waits, 1, __ATOMIC_SEQ_CST);
+                        __atomic_thread_fence(
+                                __ATOMIC_SEQ_CST); /* our store before our next look (see ring_wake_peer()) */
                         waiting = true;
                         continue;
                 }
@@ -666,6 +668,7 @@ static int ring_wait_room(struct shmz_port *p, uint32_t need, uint64_t deadline)
         int r = 0;
 
         __atomic_fetch_add(&d->sender_waits, 1, __ATOMIC_SEQ_CST);
+        __atomic_thread_fence(__ATOMIC_SEQ_CST); /* our store before our next look (see ring_wake_peer()) */
         /* Said we sleep; look once more: a release after the raise sees it and wakes us. */
         if (__atomic_load_n(&p->tx_head, __ATOMIC_RELAXED) - __atomic_load_n(&d->tail, __ATOMIC_SEQ_CST) >
             SHMZ_RING_SLOTS - need)
@@ -1198,6 +1201,7 @@ static int recv_now_locked(struct shmz_port *p, struct shmz_msg *ret, bool arm) 
                         return -EAGAIN;
                 /* About to tell the caller to poll: say so, then look once more (see ring_wake_peer()). */
                 __atomic_fetch_or(&p->rxd->rx_sleep, SHMZ_RX_SLEEP_FD, __ATOMIC_SEQ_CST);
+                __atomic_thread_fence(__ATOMIC_SEQ_CST); /* our store before our next look (see ring_wake_peer()) */
                 r = ring_take_locked(p, ret);
                 if (r != -EAGAIN)
                         return r;
@@ -1252,6 +1256,7 @@ static int recv_sleep(struct shmz_port *p, uint64_t deadline) {
         }
         seq = __atomic_load_n(&d->wake_seq, __ATOMIC_SEQ_CST);
         __atomic_fetch_or(&d->rx_sleep, SHMZ_RX_SLEEP_FUTEX, __ATOMIC_SEQ_CST);
+        __atomic_thread_fence(__ATOMIC_SEQ_CST); /* our store before our next look (see ring_wake_peer()) */
         if (RX_READY())
                 return 0;
 #undef RX_READY
@@ -1568,6 +1573,7 @@ _public_ int shmz_port_fd(const struct shmz_port *cp) {
         }
         /* From now on senders must wake the fd; messages already waiting make it readable at once. */
         __atomic_fetch_or(&p->rxd->rx_sleep, SHMZ_RX_SLEEP_FD, __ATOMIC_SEQ_CST);
+        __atomic_thread_fence(__ATOMIC_SEQ_CST); /* our store before our next look (see ring_wake_peer()) */
         if (__atomic_load_n(&p->rxd->head, __ATOMIC_ACQUIRE) != atomic_load(&p->rx_seen)) {
                 (void) write(ev, &one, sizeof(one));
                 atomic_store(&p->self_pending, true);

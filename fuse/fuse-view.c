@@ -120,11 +120,13 @@ double zone_entry_timeout(struct fuse_view *v) {
 static void inval_inode_now(struct fuse_view *v, uint64_t ino) {
         int r = fuse_lowlevel_notify_inval_inode(v->se, ino, -1, 0);
 
-        /* -ENOENT: the kernel had nothing cached. -ENODEV: unmounted, nothing is cached any more. */
-        if (r < 0 && r != -ENOENT && r != -ENODEV)
+        static atomic_bool logged = false;
+
+        /* -ENOENT: the kernel had nothing cached. -ENODEV: unmounted, nothing is cached any more. Logged once. */
+        if (r < 0 && r != -ENOENT && r != -ENODEV && !atomic_exchange(&logged, true))
                 log_warning_errno(r,
-                                  "FUSE view: invalidating inode %" PRIu64 " failed (%m); its attributes may "
-                                  "be stale for a second.",
+                                  "FUSE view: invalidating inode %" PRIu64 " failed (%m); attributes may be "
+                                  "stale until they time out.",
                                   ino);
 }
 
@@ -199,7 +201,7 @@ static void *notifier_thread(void *arg) {
 
         if (!batch) {
                 log_error("FUSE view: out of memory for the invalidation thread; the kernel's copies of "
-                          "attributes will age out in a second instead.");
+                          "attributes will age out instead.");
                 return NULL;
         }
         for (;;) {
@@ -234,7 +236,7 @@ static void *notifier_thread(void *arg) {
 
                 if (dropped > 0)
                         log_debug("FUSE view: %" PRIu64 " invalidations dropped (queue full); attributes age "
-                                  "out within a second.",
+                                  "out instead.",
                                   dropped);
                 for (size_t i = 0; i < INVAL_SLOTS; i++)
                         /* -ENOENT: the kernel had nothing cached; nothing to do. */

@@ -118,9 +118,8 @@ double zone_entry_timeout(struct fuse_view *v) {
 }
 
 static void inval_inode_now(struct fuse_view *v, uint64_t ino) {
-        int r = fuse_lowlevel_notify_inval_inode(v->se, ino, -1, 0);
-
         static atomic_bool logged = false;
+        int r = fuse_lowlevel_notify_inval_inode(v->se, ino, -1, 0);
 
         /* -ENOENT: the kernel had nothing cached. -ENODEV: unmounted, nothing is cached any more. Logged once. */
         if (r < 0 && r != -ENOENT && r != -ENODEV && !atomic_exchange(&logged, true))

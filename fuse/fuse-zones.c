@@ -256,7 +256,7 @@ void zones_read(struct fuse_view *v, fuse_req_t req, struct vhandle *h, size_t s
         /*
          * No MADV_POPULATE_READ here: it walks every page of the range on each
          * read even when our page tables have them all (the common case after
-         * the first read), a third of our time per request; the kernel's copy
+         * the first read), over a tenth of our time per request; the kernel's copy
          * faults in whatever is missing, and every page is known to exist.
          */
         (void) fuse_reply_buf(req, (const char *) h->map + start, size);

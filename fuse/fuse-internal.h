@@ -67,7 +67,7 @@ enum {
  */
 #define INVAL_SLOTS 8192u /* a power of two */
 #define INVAL_MAX (INVAL_SLOTS / 2)
-#define NOTIFIER_DELAY_MSEC 20 /* the notifier waits this long after a change, batching */
+#define NOTIFIER_DELAY_MSEC 20 /* a zone's second invalidation comes this long after its change */
 
 /* The largest read the kernel sends us (max_pages is 256 with libfuse 3.14): 1 MiB. */
 #define READ_BUF_SIZE (1u << 20)
@@ -141,9 +141,12 @@ struct fuse_view {
         bool notifier_started;
         pthread_mutex_t qlock;
         pthread_cond_t qcond;
-        uint64_t *inval;  /* INVAL_SLOTS, 0 = free: an open-addressed set of inode numbers */
-        size_t n_inval;   /* used slots, at most INVAL_MAX */
-        uint64_t dropped; /* changes not queued since the notifier last looked */
+        uint64_t *inval; /* INVAL_SLOTS, 0 = free: an open-addressed set of inode numbers */
+        size_t n_inval;  /* used slots, at most INVAL_MAX */
+        uint64_t *later; /* the same, sent at later_usec (zones: a second invalidation) */
+        size_t n_later;
+        uint64_t later_usec; /* CLOCK_REALTIME */
+        uint64_t dropped;    /* changes not queued since the notifier last looked */
         bool stopping;
 
         struct vhandle handles;   /* list head, FUSE thread only */

@@ -95,6 +95,8 @@ static bool ino_is_zone(uint64_t ino) {
  * invalidation of names.
  */
 
+static void view_queue_inval_later(struct fuse_view *v, uint64_t ino);
+
 /* Not in libfuse 3.14's headers: the notification is a bare header. */
 #define NOTIFY_INC_EPOCH 8
 
@@ -168,34 +170,61 @@ static void view_zone_changed(struct fuse_view *v, enum registry_event ev, uint6
          * epoch), but fstat() of a file opened through that walk would keep them.
          * The notifier tells the kernel once more, a moment later.
          */
-        view_queue_inval(v, ino);
+        view_queue_inval_later(v, ino);
+}
+
+/* Adds ino to an open-addressed set of INVAL_SLOTS (qlock held); false if it was there or the set is full. */
+static bool inval_set_add(struct fuse_view *v, uint64_t *set, size_t *n, uint64_t ino) {
+        size_t i;
+
+        for (i = (size_t) (ino * UINT64_C(0x9E3779B97F4A7C15) >> 51) & (INVAL_SLOTS - 1); set[i] != 0;
+             i = (i + 1) & (INVAL_SLOTS - 1))
+                if (set[i] == ino)
+                        return false; /* queued already: once is enough */
+        if (*n >= INVAL_MAX) {
+                v->dropped++;
+                return false;
+        }
+        set[i] = ino;
+        (*n)++;
+        return true;
+}
+
+/* Moves the set's inodes to out (qlock held); returns how many. */
+static size_t inval_set_take(uint64_t *set, size_t *n, uint64_t *out) {
+        size_t k = 0;
+
+        for (size_t i = 0; i < INVAL_SLOTS && k < *n; i++)
+                if (set[i] != 0) {
+                        out[k++] = set[i];
+                        set[i] = 0;
+                }
+        *n = 0;
+        return k;
 }
 
 void view_queue_inval(struct fuse_view *v, uint64_t ino) {
-        size_t i;
-
         if (ino == 0)
                 return;
         pthread_mutex_lock(&v->qlock);
-        if (v->stopping || !v->inval)
-                goto out;
-        for (i = (size_t) (ino * UINT64_C(0x9E3779B97F4A7C15) >> 51) & (INVAL_SLOTS - 1); v->inval[i] != 0;
-             i = (i + 1) & (INVAL_SLOTS - 1))
-                if (v->inval[i] == ino)
-                        goto out; /* queued already: once is enough */
-        if (v->n_inval >= INVAL_MAX) {
-                v->dropped++;
-                goto out;
-        }
-        v->inval[i] = ino;
-        v->n_inval++;
-        pthread_cond_signal(&v->qcond);
-out:
+        if (!v->stopping && v->inval && inval_set_add(v, v->inval, &v->n_inval, ino))
+                pthread_cond_signal(&v->qcond);
+        pthread_mutex_unlock(&v->qlock);
+}
+
+/* The same, NOTIFIER_DELAY_MSEC later (view_zone_changed()). */
+static void view_queue_inval_later(struct fuse_view *v, uint64_t ino) {
+        pthread_mutex_lock(&v->qlock);
+        if (!v->stopping && v->later && v->n_later == 0)
+                v->later_usec = now_usec(CLOCK_REALTIME) + NOTIFIER_DELAY_MSEC * 1000u;
+        if (!v->stopping && v->later && inval_set_add(v, v->later, &v->n_later, ino))
+                pthread_cond_signal(&v->qcond);
         pthread_mutex_unlock(&v->qlock);
 }
 
 static void *notifier_thread(void *arg) {
         struct fuse_view *v = arg;
+        /* Both sets at once: 2 * INVAL_MAX fit. */
         _cleanup_free_ uint64_t *batch = calloc(INVAL_SLOTS, sizeof(*batch));
 
         if (!batch) {
@@ -205,30 +234,28 @@ static void *notifier_thread(void *arg) {
         }
         for (;;) {
                 uint64_t dropped;
+                size_t n;
 
                 pthread_mutex_lock(&v->qlock);
-                while (!v->stopping && v->n_inval == 0)
-                        pthread_cond_wait(&v->qcond, &v->qlock);
-                if (!v->stopping) {
+                while (!v->stopping && v->n_inval == 0) {
                         struct timespec ts;
 
-                        /* A moment for replies computed before these changes to land (view_zone_changed()). */
-                        clock_gettime(CLOCK_REALTIME, &ts);
-                        ts.tv_nsec += NOTIFIER_DELAY_MSEC * 1000000L;
-                        if (ts.tv_nsec >= 1000000000L) {
-                                ts.tv_sec++;
-                                ts.tv_nsec -= 1000000000L;
+                        if (v->n_later == 0) {
+                                pthread_cond_wait(&v->qcond, &v->qlock);
+                                continue;
                         }
-                        while (!v->stopping && pthread_cond_timedwait(&v->qcond, &v->qlock, &ts) != ETIMEDOUT)
-                                ;
+                        if (now_usec(CLOCK_REALTIME) >= v->later_usec)
+                                break;
+                        stat_from_usec(&ts, v->later_usec);
+                        (void) pthread_cond_timedwait(&v->qcond, &v->qlock, &ts);
                 }
                 if (v->stopping) {
                         pthread_mutex_unlock(&v->qlock);
                         break;
                 }
-                memcpy(batch, v->inval, INVAL_SLOTS * sizeof(*batch));
-                memset(v->inval, 0, INVAL_SLOTS * sizeof(*v->inval));
-                v->n_inval = 0;
+                n = inval_set_take(v->inval, &v->n_inval, batch);
+                if (v->n_later > 0 && now_usec(CLOCK_REALTIME) >= v->later_usec)
+                        n += inval_set_take(v->later, &v->n_later, batch + n);
                 dropped = v->dropped;
                 v->dropped = 0;
                 pthread_mutex_unlock(&v->qlock);
@@ -237,10 +264,9 @@ static void *notifier_thread(void *arg) {
                         log_debug("FUSE view: %" PRIu64 " invalidations dropped (queue full); attributes age "
                                   "out instead.",
                                   dropped);
-                for (size_t i = 0; i < INVAL_SLOTS; i++)
+                for (size_t i = 0; i < n; i++)
                         /* -ENOENT: the kernel had nothing cached; nothing to do. */
-                        if (batch[i] != 0)
-                                (void) fuse_lowlevel_notify_inval_inode(v->se, batch[i], -1, 0);
+                        (void) fuse_lowlevel_notify_inval_inode(v->se, batch[i], -1, 0);
         }
         return NULL;
 }
@@ -758,8 +784,21 @@ static void op_unlink(fuse_req_t req, fuse_ino_t parent, const char *name) {
         zones_unlink(view_of(req), req, name);
 }
 
+/*
+ * Names here are user.* ones (and POSIX ACLs, of which there are none:
+ * ENODATA). Other namespaces are not supported, and saying so (ENOTSUP rather
+ * than ENODATA) matters: ls -l asks every file for security.selinux, unless the
+ * file system said it does not support it, which the kernel cannot answer for
+ * us (it never caches xattrs).
+ */
+static bool xattr_namespace_ours(const char *name) {
+        return strncmp(name, "user.", 5) == 0 || strncmp(name, "system.posix_acl_", 17) == 0;
+}
+
 static void op_getxattr(fuse_req_t req, fuse_ino_t ino, const char *name, size_t size) {
-        if (ino_is_zone(ino))
+        if (!xattr_namespace_ours(name))
+                (void) fuse_reply_err(req, ENOTSUP);
+        else if (ino_is_zone(ino))
                 zones_getxattr(view_of(req), req, ino, name, size);
         else if (ino_is_ports(ino))
                 view_ports_getxattr(view_of(req), req, ino, name, size);
@@ -974,6 +1013,7 @@ static void view_free(struct fuse_view *v) {
                 vhandle_free(v, v->handles.next);
         safe_close(v->stop_fd);
         free(v->inval);
+        free(v->later);
         free(v->read_buf);
         free(v->fuse_buf.mem);
         free(v->mountpoint);
@@ -1034,7 +1074,8 @@ int fuse_view_start(struct registry *reg, struct ports *ports, const char *mount
         if (r < 0)
                 goto fail;
         v->inval = calloc(INVAL_SLOTS, sizeof(*v->inval));
-        if (!v->inval) {
+        v->later = calloc(INVAL_SLOTS, sizeof(*v->later));
+        if (!v->inval || !v->later) {
                 r = -ENOMEM;
                 goto fail;
         }

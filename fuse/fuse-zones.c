@@ -538,7 +538,7 @@ void zones_getxattr(struct fuse_view *v, fuse_req_t req, fuse_ino_t ino, const c
         size_t len = 0;
         int r;
 
-        /* Ours only: ls -l asks every file for security.selinux and system.posix_acl_access. */
+        /* Ours only: ls -l asks every file for system.posix_acl_access (op_getxattr() answered the rest). */
         if (strncmp(name, XATTR_PREFIX, strlen(XATTR_PREFIX)) != 0) {
                 (void) fuse_reply_err(req, ENODATA);
                 return;

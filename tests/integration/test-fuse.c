@@ -482,6 +482,32 @@ Test(fuse, reload_shows_at_once) {
         close(fd);
 }
 
+Test(fuse, other_xattr_namespaces_are_unsupported_and_create_applies_the_umask) {
+        struct shmz_client *c = client();
+        char v[64], out[256];
+
+        make_zone(c, "ns", 4096, NULL, 0644);
+        /* ls -l asks every file for these: "not supported" makes it stop asking, ENODATA would not. */
+        cr_assert_eq(lgetxattr(zpath("ns"), "security.selinux", v, sizeof(v)), -1);
+        cr_assert_eq(errno, ENOTSUP, "security.selinux: %m");
+        cr_assert_eq(getxattr(zpath("ns"), "trusted.x", v, sizeof(v)), -1);
+        cr_assert_eq(errno, ENOTSUP, "trusted.x: %m");
+        /* No ACL, asked twice (the kernel keeps the answer). */
+        cr_assert_eq(getxattr(zpath("ns"), "system.posix_acl_access", v, sizeof(v)), -1);
+        cr_assert_eq(errno, ENODATA, "system.posix_acl_access: %m");
+        cr_assert_eq(getxattr(zpath("ns"), "system.posix_acl_access", v, sizeof(v)), -1);
+        cr_assert_eq(errno, ENODATA);
+        cr_assert_eq(getxattr(zpath("ns"), "user.shmzone.tag", v, sizeof(v)), 0);
+        /* The creator's umask applies to a zone made in the view (the kernel leaves it to us with ACLs on). */
+        cr_assert_eq(run(NULL, 0, "umask 027; touch %s", zpath("masked")), 0);
+        cr_assert_eq(run(out, sizeof(out), "stat -c %%a %s", zpath("masked")), 0);
+        cr_assert_str_eq(out, "640\n");
+        cr_assert_eq(run(NULL, 0, "umask 0; touch %s", zpath("open")), 0);
+        cr_assert_eq(run(out, sizeof(out), "stat -c %%a %s", zpath("open")), 0);
+        cr_assert_str_eq(out, "666\n");
+        shmz_disconnect(c);
+}
+
 Test(fuse, xattrs) {
         struct shmz_client *c = client();
         struct shmz_zone *z;

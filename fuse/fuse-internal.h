@@ -30,28 +30,44 @@ enum {
 };
 
 /*
- * Timeouts (seconds). A zone's dentry is never trusted without asking
- * (entry timeout 0): every path walk revalidates it with a LOOKUP, whose
- * reply refreshes the attributes too, so a change made on the socket shows
- * at the next stat or open, whatever a queued invalidation is doing.
- * Attributes may then be cached for a second, for fstat on open files, and
- * are invalidated by the notifier on every registry change. status/metrics
- * change by themselves: never cached.
+ * Timeouts (seconds). Every change to a zone, whoever makes it, reaches the
+ * kernel before the change is answered (view_zone_changed() in fuse-view.c,
+ * called in the changing thread): a name that went or changed ends every
+ * cached name (the connection's epoch, FUSE_NOTIFY_INC_EPOCH: each is looked
+ * up again at its next use), and the inode's attributes are invalidated. So
+ * names and attributes are cached, and a stat is answered by the kernel
+ * alone. Neither notification takes a lock in the kernel (an entry's
+ * invalidation would take the directory's, which any user can hold: see F8
+ * in test-attack.c).
+ *
+ * A LOOKUP's entry: the kernel samples the epoch before it asks, so a reply
+ * that raced with a change is looked up again; the timeout only bounds what
+ * a lost notification would leave. Listings make no zone dentries (see
+ * add_zone_dirent()). Without the epoch (kernels before 6.16) zone names are
+ * never trusted (0): every walk asks.
+ * Attributes: the same minute, invalidated the same way (a reply computed
+ * before a change that gave the kernel its first copy of an inode is caught
+ * by the notifier's second invalidation). status/metrics and ports/,
+ * segments/ change by themselves: never cached.
  */
-#define ZONE_ENTRY_TIMEOUT 0.0
-#define ZONE_ATTR_TIMEOUT 1.0
+#define ZONE_ENTRY_TIMEOUT 60.0
+#define ZONE_ATTR_TIMEOUT 60.0
+#define FIXED_ENTRY_TIMEOUT 60.0 /* the names of the root never change */
 #define FIXED_TIMEOUT 1.0
 
 /* What the kernel is told about I/O sizes (stat's st_blksize: cat and cp size their buffers on it). */
 #define VIEW_BLKSIZE (1u << 20)
 
 /*
- * Inodes whose attributes the kernel must forget, as a set: each inode once,
- * however often it changed. Bounded; past that, changes are dropped and the
- * attribute timeout (a second) bounds how stale the kernel's copy gets.
+ * Inodes whose attributes the kernel must forget, for the notifier thread, as
+ * a set: each inode once, however often it changed. Bounded; past that,
+ * changes are dropped and the attribute timeout bounds how stale the kernel's
+ * copy gets. ports/ and segments/ rely on it; zones are invalidated in the
+ * changing thread, and again by the notifier (view_zone_changed()).
  */
 #define INVAL_SLOTS 8192u /* a power of two */
 #define INVAL_MAX (INVAL_SLOTS / 2)
+#define NOTIFIER_DELAY_MSEC 20 /* a zone's second invalidation comes this long after its change */
 
 /* The largest read the kernel sends us (max_pages is 256 with libfuse 3.14): 1 MiB. */
 #define READ_BUF_SIZE (1u << 20)
@@ -111,6 +127,7 @@ struct fuse_view {
         _Atomic(struct ports *) ports;         /* fuse_view_start()'s; NULL: ports/ and segments/ look empty */
         atomic_uint_fast64_t ports_mtime_usec; /* a listener came or went */
         atomic_uint_fast64_t segments_mtime_usec;
+        atomic_bool epoch_works; /* the kernel takes FUSE_NOTIFY_INC_EPOCH: zone names may be cached */
 
         pthread_t thread;
         bool thread_started;
@@ -119,14 +136,17 @@ struct fuse_view {
         pthread_cond_t start_cond;
         int start_result; /* 1 while starting */
 
-        /* Invalidations: observer (any thread, registry lock held) -> notifier thread. */
+        /* Invalidations: observers (any thread) -> notifier thread. */
         pthread_t notifier;
         bool notifier_started;
         pthread_mutex_t qlock;
         pthread_cond_t qcond;
-        uint64_t *inval;  /* INVAL_SLOTS, 0 = free: an open-addressed set of inode numbers */
-        size_t n_inval;   /* used slots, at most INVAL_MAX */
-        uint64_t dropped; /* changes not queued since the notifier last looked */
+        uint64_t *inval; /* INVAL_SLOTS, 0 = free: an open-addressed set of inode numbers */
+        size_t n_inval;  /* used slots, at most INVAL_MAX */
+        uint64_t *later; /* the same, sent at later_usec (zones: a second invalidation) */
+        size_t n_later;
+        uint64_t later_usec; /* CLOCK_REALTIME */
+        uint64_t dropped;    /* changes not queued since the notifier last looked */
         bool stopping;
 
         struct vhandle handles;   /* list head, FUSE thread only */
@@ -136,6 +156,7 @@ struct fuse_view {
 
 /* fuse-view.c */
 void view_queue_inval(struct fuse_view *v, uint64_t ino);
+double zone_entry_timeout(struct fuse_view *v);
 struct vhandle *vhandle_new(struct fuse_view *v, uint64_t ino);
 void vhandle_free(struct fuse_view *v, struct vhandle *h);
 void caller_from_req(fuse_req_t req, struct caller *ret);

@@ -8,10 +8,11 @@
  *
  * Threads: all requests are served by one FUSE thread (one sd_event loop;
  * the registry's critical sections never wait, so one thread keeps up; bulk
- * reads reply from a mapping of the memfd, see zones_read()). Invalidations go through a
- * second thread, because the kernel may make fuse_lowlevel_notify_inval_entry()
- * wait for a directory lock held by a request that only the FUSE thread can
- * answer: calling it from the FUSE thread itself could deadlock.
+ * reads reply from a mapping of the memfd, see zones_read()). A zone's change
+ * reaches the kernel in the thread that made it, before it is answered (see
+ * view_zone_changed()); the notifications used take no lock in the kernel, so
+ * any thread may send them, the FUSE thread included. Those of ports/ and
+ * segments/ go through a second thread, the notifier.
  */
 #include <fcntl.h>
 #include <inttypes.h>
@@ -82,85 +83,202 @@ static bool ino_is_zone(uint64_t ino) {
 /* ---- invalidations ------------------------------------------------------------------ */
 
 /*
- * Only attributes are invalidated, never entries: zone dentries are not
- * trusted anyway (entry timeout 0, and a missing name is not cached), and
- * invalidating an entry takes the directory's lock in the kernel, which any
- * user can hold for as long as they like (a readdir into a buffer mapped from
- * a FUSE file of their own that never answers). Invalidating an inode's
- * attributes takes no lock that a user can hold.
+ * Entries are never invalidated one by one: fuse_lowlevel_notify_inval_entry()
+ * (and its "expire only" form) takes the directory's lock in the kernel, which
+ * any user can hold for as long as they like (a readdir into a buffer mapped
+ * from a FUSE file of their own that never answers; F8 in test-attack.c). What
+ * is used instead takes no lock a user can hold: an inode's attributes
+ * (fuse_lowlevel_notify_inval_inode() without a range), and the connection's
+ * epoch (FUSE_NOTIFY_INC_EPOCH, Linux 6.16), which makes every cached name be
+ * looked up again at its next use. A missing name is never cached (a LOOKUP's
+ * ENOENT leaves a negative dentry with no timeout), so a new zone needs no
+ * invalidation of names.
  */
-void view_queue_inval(struct fuse_view *v, uint64_t ino) {
+
+static void view_queue_inval_later(struct fuse_view *v, uint64_t ino);
+
+/* Not in libfuse 3.14's headers: the notification is a bare header. */
+#define NOTIFY_INC_EPOCH 8
+
+struct notify_header {
+        uint32_t len;
+        int32_t code; /* the header's error field carries the notification's code */
+        uint64_t unique;
+};
+
+static int notify_inc_epoch(struct fuse_view *v) {
+        struct notify_header oh = { .len = sizeof(oh), .code = NOTIFY_INC_EPOCH };
+        ssize_t n = write(fuse_session_fd(v->se), &oh, sizeof(oh));
+
+        if (n < 0)
+                return -errno;
+        return n == (ssize_t) sizeof(oh) ? 0 : -EIO;
+}
+
+double zone_entry_timeout(struct fuse_view *v) {
+        return atomic_load(&v->epoch_works) ? ZONE_ENTRY_TIMEOUT : 0.0;
+}
+
+static void inval_inode_now(struct fuse_view *v, uint64_t ino) {
+        static atomic_bool logged = false;
+        int r = fuse_lowlevel_notify_inval_inode(v->se, ino, -1, 0);
+
+        /* -ENOENT: the kernel had nothing cached. -ENODEV: unmounted, nothing is cached any more. Logged once. */
+        if (r < 0 && r != -ENOENT && r != -ENODEV && !atomic_exchange(&logged, true))
+                log_warning_errno(r,
+                                  "FUSE view: invalidating inode %" PRIu64 " failed (%m); attributes may be "
+                                  "stale until they time out.",
+                                  ino);
+}
+
+/* Every cached name is looked up again; on failure names are no longer cached (their timeout bounds the rest). */
+static void inval_names_now(struct fuse_view *v) {
+        int r;
+
+        if (!atomic_load(&v->epoch_works))
+                return;
+        r = notify_inc_epoch(v);
+        if (r < 0 && r != -ENODEV && atomic_exchange(&v->epoch_works, false))
+                log_warning_errno(r, "FUSE view: the kernel refused to forget cached names (%m); names are "
+                                     "looked up at every use from now on.");
+}
+
+/*
+ * What the kernel must forget after a zone changed, sent before the change is
+ * answered to whoever made it (socket, reload or the view itself).
+ */
+static void view_zone_changed(struct fuse_view *v, enum registry_event ev, uint64_t ino) {
+        /* zones/ itself changes (mtime) when a name comes or goes. */
+        if (ev == REGISTRY_ZONE_ADDED || ev == REGISTRY_ZONE_REMOVED) {
+                atomic_store(&v->zones_mtime_usec, now_usec(CLOCK_REALTIME));
+                inval_inode_now(v, INO_ZONES);
+        }
+        if (ev == REGISTRY_ZONE_ADDED)
+                return;
+        /*
+         * Removed: the name must go. Changed: a LOOKUP answered before the change
+         * may have handed the kernel its first copy of the inode, which the
+         * inode's invalidation (sent before it existed) missed; the name's next
+         * lookup corrects it.
+         */
+        inval_names_now(v);
+        inval_inode_now(v, ino);
+        /*
+         * A LOOKUP answered before the change but read by the kernel after it
+         * hands the kernel the old attributes of an inode it did not have when
+         * it was told to forget them: path walks look the name up again (the
+         * epoch), but fstat() of a file opened through that walk would keep them.
+         * The notifier tells the kernel once more, a moment later.
+         */
+        view_queue_inval_later(v, ino);
+}
+
+/* Adds ino to an open-addressed set of INVAL_SLOTS (qlock held); false if it was there or the set is full. */
+static bool inval_set_add(struct fuse_view *v, uint64_t *set, size_t *n, uint64_t ino) {
         size_t i;
 
+        for (i = (size_t) (ino * UINT64_C(0x9E3779B97F4A7C15) >> 51) & (INVAL_SLOTS - 1); set[i] != 0;
+             i = (i + 1) & (INVAL_SLOTS - 1))
+                if (set[i] == ino)
+                        return false; /* queued already: once is enough */
+        if (*n >= INVAL_MAX) {
+                v->dropped++;
+                return false;
+        }
+        set[i] = ino;
+        (*n)++;
+        return true;
+}
+
+/* Moves the set's inodes to out (qlock held); returns how many. */
+static size_t inval_set_take(uint64_t *set, size_t *n, uint64_t *out) {
+        size_t k = 0;
+
+        for (size_t i = 0; i < INVAL_SLOTS && k < *n; i++)
+                if (set[i] != 0) {
+                        out[k++] = set[i];
+                        set[i] = 0;
+                }
+        *n = 0;
+        return k;
+}
+
+void view_queue_inval(struct fuse_view *v, uint64_t ino) {
         if (ino == 0)
                 return;
         pthread_mutex_lock(&v->qlock);
-        if (v->stopping || !v->inval)
-                goto out;
-        for (i = (size_t) (ino * UINT64_C(0x9E3779B97F4A7C15) >> 51) & (INVAL_SLOTS - 1); v->inval[i] != 0;
-             i = (i + 1) & (INVAL_SLOTS - 1))
-                if (v->inval[i] == ino)
-                        goto out; /* queued already: once is enough */
-        if (v->n_inval >= INVAL_MAX) {
-                v->dropped++;
-                goto out;
-        }
-        v->inval[i] = ino;
-        v->n_inval++;
-        pthread_cond_signal(&v->qcond);
-out:
+        if (!v->stopping && v->inval && inval_set_add(v, v->inval, &v->n_inval, ino))
+                pthread_cond_signal(&v->qcond);
+        pthread_mutex_unlock(&v->qlock);
+}
+
+/* The same, NOTIFIER_DELAY_MSEC later (view_zone_changed()). */
+static void view_queue_inval_later(struct fuse_view *v, uint64_t ino) {
+        pthread_mutex_lock(&v->qlock);
+        if (!v->stopping && v->later && v->n_later == 0)
+                v->later_usec = now_usec(CLOCK_REALTIME) + NOTIFIER_DELAY_MSEC * 1000u;
+        if (!v->stopping && v->later && inval_set_add(v, v->later, &v->n_later, ino))
+                pthread_cond_signal(&v->qcond);
         pthread_mutex_unlock(&v->qlock);
 }
 
 static void *notifier_thread(void *arg) {
         struct fuse_view *v = arg;
+        /* Both sets at once: 2 * INVAL_MAX fit. */
         _cleanup_free_ uint64_t *batch = calloc(INVAL_SLOTS, sizeof(*batch));
 
         if (!batch) {
                 log_error("FUSE view: out of memory for the invalidation thread; the kernel's copies of "
-                          "attributes will age out in a second instead.");
+                          "attributes will age out instead.");
                 return NULL;
         }
         for (;;) {
                 uint64_t dropped;
+                size_t n;
 
                 pthread_mutex_lock(&v->qlock);
-                while (!v->stopping && v->n_inval == 0)
-                        pthread_cond_wait(&v->qcond, &v->qlock);
+                while (!v->stopping && v->n_inval == 0) {
+                        struct timespec ts;
+
+                        if (v->n_later == 0) {
+                                pthread_cond_wait(&v->qcond, &v->qlock);
+                                continue;
+                        }
+                        if (now_usec(CLOCK_REALTIME) >= v->later_usec)
+                                break;
+                        stat_from_usec(&ts, v->later_usec);
+                        (void) pthread_cond_timedwait(&v->qcond, &v->qlock, &ts);
+                }
                 if (v->stopping) {
                         pthread_mutex_unlock(&v->qlock);
                         break;
                 }
-                memcpy(batch, v->inval, INVAL_SLOTS * sizeof(*batch));
-                memset(v->inval, 0, INVAL_SLOTS * sizeof(*v->inval));
-                v->n_inval = 0;
+                n = inval_set_take(v->inval, &v->n_inval, batch);
+                if (v->n_later > 0 && now_usec(CLOCK_REALTIME) >= v->later_usec)
+                        n += inval_set_take(v->later, &v->n_later, batch + n);
                 dropped = v->dropped;
                 v->dropped = 0;
                 pthread_mutex_unlock(&v->qlock);
 
                 if (dropped > 0)
                         log_debug("FUSE view: %" PRIu64 " invalidations dropped (queue full); attributes age "
-                                  "out within a second.",
+                                  "out instead.",
                                   dropped);
-                for (size_t i = 0; i < INVAL_SLOTS; i++)
+                for (size_t i = 0; i < n; i++)
                         /* -ENOENT: the kernel had nothing cached; nothing to do. */
-                        if (batch[i] != 0)
-                                (void) fuse_lowlevel_notify_inval_inode(v->se, batch[i], -1, 0);
+                        (void) fuse_lowlevel_notify_inval_inode(v->se, batch[i], -1, 0);
         }
         return NULL;
 }
 
-/* Registry observer: called with the registry lock held, so it only queues. */
+/*
+ * Registry observer: called by the thread that made the change, after the
+ * registry lock is gone and before the change is answered. The workers are
+ * joined before the view stops, and the FUSE thread and the main thread (reload)
+ * are the others: none can call this once fuse_view_stop() freed the session.
+ */
 static void on_registry_event(void *userdata, enum registry_event ev, const char *name, uint64_t ino) {
-        struct fuse_view *v = userdata;
-
-        /* zones/ itself changes (mtime) when a name comes or goes. */
-        if (ev == REGISTRY_ZONE_ADDED || ev == REGISTRY_ZONE_REMOVED) {
-                atomic_store(&v->zones_mtime_usec, now_usec(CLOCK_REALTIME));
-                view_queue_inval(v, INO_ZONES);
-        }
-        if (ev != REGISTRY_ZONE_ADDED)
-                view_queue_inval(v, ino);
+        view_zone_changed(userdata, ev, ino);
 }
 
 /* ---- fixed files --------------------------------------------------------------------- */
@@ -233,10 +351,11 @@ static int fixed_stat(struct fuse_view *v, uint64_t ino, struct stat *ret) {
         return 0;
 }
 
+/* Attributes: zones/ is invalidated whenever a name comes or goes; the others change by themselves. */
 static double fixed_timeout(uint64_t ino) {
-        return ino == INO_STATUS || ino == INO_METRICS || ino == INO_ZONES || ino == INO_PORTS || ino == INO_SEGMENTS
-                       ? 0.0
-                       : FIXED_TIMEOUT;
+        if (ino == INO_ZONES)
+                return ZONE_ATTR_TIMEOUT;
+        return ino == INO_STATUS || ino == INO_METRICS || ino == INO_PORTS || ino == INO_SEGMENTS ? 0.0 : FIXED_TIMEOUT;
 }
 
 /* ---- operations ---------------------------------------------------------------------- */
@@ -248,16 +367,29 @@ static void op_init(void *userdata, struct fuse_conn_info *conn) {
         /* Reads reply from a mapping of the memfd (one copy); splice would only add a pipe. */
         conn->want &= ~(unsigned) (FUSE_CAP_WRITEBACK_CACHE | FUSE_CAP_SPLICE_WRITE | FUSE_CAP_SPLICE_MOVE |
                                    FUSE_CAP_SPLICE_READ);
+        /*
+         * The kernel keeps what it was told about POSIX ACLs (that there are
+         * none: ENODATA) with the inode, instead of asking for it at every
+         * getxattr("system.posix_acl_access"), which ls -l makes for every file;
+         * it forgets it with the attributes. Its permission checks stay the mode
+         * bits. It then leaves the umask to us (zones_create()).
+         */
+        if (conn->capable & FUSE_CAP_POSIX_ACL)
+                conn->want |= FUSE_CAP_POSIX_ACL;
+        /* Listings carry each entry's attributes (ls -l then asks nothing more). */
+        if (conn->capable & FUSE_CAP_READDIRPLUS)
+                conn->want |= FUSE_CAP_READDIRPLUS;
         conn->time_gran = 1000;
 }
 
-static void reply_entry_stat(fuse_req_t req, const struct stat *st, uint64_t generation, double timeout) {
+static void reply_entry_stat(fuse_req_t req, const struct stat *st, uint64_t generation, double entry_timeout,
+                             double attr_timeout) {
         struct fuse_entry_param e = {
                 .ino = st->st_ino,
                 .generation = generation,
                 .attr = *st,
-                .attr_timeout = timeout,
-                .entry_timeout = timeout,
+                .attr_timeout = attr_timeout,
+                .entry_timeout = entry_timeout,
         };
 
         (void) fuse_reply_entry(req, &e);
@@ -276,7 +408,7 @@ static void op_lookup(fuse_req_t req, fuse_ino_t parent, const char *name) {
                 for (size_t i = 0; i < ELEMENTSOF(root_entries); i++)
                         if (streq(name, root_entries[i].name)) {
                                 (void) fixed_stat(v, root_entries[i].ino, &st);
-                                reply_entry_stat(req, &st, 0, fixed_timeout(root_entries[i].ino));
+                                reply_entry_stat(req, &st, 0, FIXED_ENTRY_TIMEOUT, fixed_timeout(root_entries[i].ino));
                                 return;
                         }
                 (void) fuse_reply_err(req, ENOENT);
@@ -490,6 +622,32 @@ bool add_dirent(fuse_req_t req, bool plus, char *buf, size_t size, size_t *used,
         return true;
 }
 
+/*
+ * A zone's entry in a listing. READDIRPLUS gets it without a node id, which
+ * tells the kernel to make no dentry of it (and to leave one it has alone):
+ * the kernel samples the epoch when it reads a listing's reply, not when it
+ * asks, so a zone removed between our reading the registry and its reading
+ * our reply would otherwise stay cached, with its timeout; and a dentry that a
+ * LOOKUP cached for a minute would be cut to a listing's. Names come from
+ * LOOKUPs only, which sample the epoch before they ask: the first ls -l of a
+ * name looks it up once, later ones find it cached.
+ */
+static bool add_zone_dirent(fuse_req_t req, bool plus, char *buf, size_t size, size_t *used, const char *name,
+                            const struct stat *st, uint64_t next_off) {
+        size_t n;
+
+        if (plus) {
+                struct fuse_entry_param ep = { .ino = 0, .attr = *st }; /* attr: the entry's inode number and type */
+
+                n = fuse_add_direntry_plus(req, buf + *used, size - *used, name, &ep, (off_t) next_off);
+        } else
+                n = fuse_add_direntry(req, buf + *used, size - *used, name, st, (off_t) next_off);
+        if (n > size - *used)
+                return false;
+        *used += n;
+        return true;
+}
+
 /* Zones per registry call while listing zones/. */
 #define DIR_PAGE 64
 
@@ -542,7 +700,7 @@ static void do_readdir(fuse_req_t req, size_t size, off_t off, struct fuse_file_
 
                         (void) fixed_stat(v, ino, &st);
                         if (!add_dirent(req, plus, buf, size, &used, root_entries[pos - 2].name, &st, 0,
-                                        fixed_timeout(ino), fixed_timeout(ino), pos + 1))
+                                        FIXED_ENTRY_TIMEOUT, fixed_timeout(ino), pos + 1))
                                 break;
                 }
                 goto reply;
@@ -566,8 +724,7 @@ static void do_readdir(fuse_req_t req, size_t size, off_t off, struct fuse_file_
                 for (size_t i = 0; i < n; i++) {
                         if (h->dir_pos >= pos) {
                                 zone_stat(&zi[i], &st);
-                                if (!add_dirent(req, plus, buf, size, &used, zi[i].name, &st, zi[i].generation,
-                                                ZONE_ENTRY_TIMEOUT, ZONE_ATTR_TIMEOUT, h->dir_pos + 1))
+                                if (!add_zone_dirent(req, plus, buf, size, &used, zi[i].name, &st, h->dir_pos + 1))
                                         goto reply;
                         }
                         h->dir_pos++;
@@ -627,8 +784,21 @@ static void op_unlink(fuse_req_t req, fuse_ino_t parent, const char *name) {
         zones_unlink(view_of(req), req, name);
 }
 
+/*
+ * Names here are user.* ones (and POSIX ACLs, of which there are none:
+ * ENODATA). Other namespaces are not supported, and saying so (ENOTSUP rather
+ * than ENODATA) matters: ls -l asks every file for security.selinux, unless the
+ * file system said it does not support it, which the kernel cannot answer for
+ * us (it never caches xattrs).
+ */
+static bool xattr_namespace_ours(const char *name) {
+        return strncmp(name, "user.", 5) == 0 || strncmp(name, "system.posix_acl_", 17) == 0;
+}
+
 static void op_getxattr(fuse_req_t req, fuse_ino_t ino, const char *name, size_t size) {
-        if (ino_is_zone(ino))
+        if (!xattr_namespace_ours(name))
+                (void) fuse_reply_err(req, ENOTSUP);
+        else if (ino_is_zone(ino))
                 zones_getxattr(view_of(req), req, ino, name, size);
         else if (ino_is_ports(ino))
                 view_ports_getxattr(view_of(req), req, ino, name, size);
@@ -843,6 +1013,7 @@ static void view_free(struct fuse_view *v) {
                 vhandle_free(v, v->handles.next);
         safe_close(v->stop_fd);
         free(v->inval);
+        free(v->later);
         free(v->read_buf);
         free(v->fuse_buf.mem);
         free(v->mountpoint);
@@ -888,6 +1059,7 @@ int fuse_view_start(struct registry *reg, struct ports *ports, const char *mount
         atomic_init(&v->ports, ports);
         atomic_init(&v->ports_mtime_usec, v->start_usec);
         atomic_init(&v->segments_mtime_usec, v->start_usec);
+        atomic_init(&v->epoch_works, false);
         v->handles.next = v->handles.prev = &v->handles;
         pthread_mutex_init(&v->qlock, NULL);
         pthread_cond_init(&v->qcond, NULL);
@@ -902,7 +1074,8 @@ int fuse_view_start(struct registry *reg, struct ports *ports, const char *mount
         if (r < 0)
                 goto fail;
         v->inval = calloc(INVAL_SLOTS, sizeof(*v->inval));
-        if (!v->inval) {
+        v->later = calloc(INVAL_SLOTS, sizeof(*v->later));
+        if (!v->inval || !v->later) {
                 r = -ENOMEM;
                 goto fail;
         }
@@ -952,6 +1125,13 @@ int fuse_view_start(struct registry *reg, struct ports *ports, const char *mount
         if (r < 0)
                 goto fail;
         v->notifier_started = true;
+        /* Zone names are cached only if the kernel can be told to forget them all (Linux 6.16). */
+        r = notify_inc_epoch(v);
+        atomic_store(&v->epoch_works, r >= 0);
+        if (r < 0)
+                log_full_errno(LOG_INFO, r,
+                               "FUSE view: the kernel cannot be told to forget cached names (%m); zone names "
+                               "are looked up at every use.");
         registry_set_observer(v->registry, on_registry_event, v);
         if (ports)
                 ports_set_observer(ports, view_ports_event, v);

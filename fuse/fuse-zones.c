@@ -46,12 +46,12 @@ void zone_stat(const struct shmz_msg_zone_info *i, struct stat *ret) {
         ret->st_atim = ret->st_mtim;
 }
 
-static void entry_from_info(const struct shmz_msg_zone_info *i, struct fuse_entry_param *ret) {
+static void entry_from_info(struct fuse_view *v, const struct shmz_msg_zone_info *i, struct fuse_entry_param *ret) {
         *ret = (struct fuse_entry_param){
                 .ino = i->ino,
                 .generation = i->generation,
                 .attr_timeout = ZONE_ATTR_TIMEOUT,
-                .entry_timeout = ZONE_ENTRY_TIMEOUT,
+                .entry_timeout = zone_entry_timeout(v),
         };
         zone_stat(i, &ret->attr);
 }
@@ -66,7 +66,7 @@ int zones_lookup(struct fuse_view *v, const char *name, struct fuse_entry_param 
         r = registry_info(v->registry, name, &info);
         if (r < 0)
                 return r;
-        entry_from_info(&info, ret);
+        entry_from_info(v, &info, ret);
         return 0;
 }
 
@@ -152,6 +152,8 @@ void zones_create(struct fuse_view *v, fuse_req_t req, const char *name, mode_t 
                 return;
         }
         caller_from_req(req, &c);
+        /* With POSIX ACLs on (op_init()) the kernel leaves the creator's umask to us. */
+        mode &= ~fuse_req_ctx(req)->umask;
         /* No memory yet: the truncate that follows fixes the size (quota and budget apply then). */
         r = registry_create_pending(v->registry, &c, name, mode & 07777, &info);
         if (r >= 0)
@@ -167,7 +169,7 @@ void zones_create(struct fuse_view *v, fuse_req_t req, const char *name, mode_t 
                 return;
         }
         h->zone = z;
-        entry_from_info(&info, &e);
+        entry_from_info(v, &info, &e);
         open_reply(v, req, h, &e, fi);
 }
 
@@ -251,8 +253,12 @@ void zones_read(struct fuse_view *v, fuse_req_t req, struct vhandle *h, size_t s
                         (void) fuse_reply_buf(req, v->read_buf, (size_t) n);
                 return;
         }
-        /* Fill our page tables for the range in one go rather than one fault per page during the copy. */
-        (void) madvise((char *) h->map + page, end - page, MADV_POPULATE_READ);
+        /*
+         * No MADV_POPULATE_READ here: it walks every page of the range on each
+         * read even when our page tables have them all (the common case after
+         * the first read), over a tenth of our time per request; the kernel's copy
+         * faults in whatever is missing, and every page is known to exist.
+         */
         (void) fuse_reply_buf(req, (const char *) h->map + start, size);
 }
 
@@ -532,6 +538,11 @@ void zones_getxattr(struct fuse_view *v, fuse_req_t req, fuse_ino_t ino, const c
         size_t len = 0;
         int r;
 
+        /* Ours only: ls -l asks every file for system.posix_acl_access (op_getxattr() answered the rest). */
+        if (strncmp(name, XATTR_PREFIX, strlen(XATTR_PREFIX)) != 0) {
+                (void) fuse_reply_err(req, ENODATA);
+                return;
+        }
         r = zone_info_any(v, ino, NULL, &info);
         if (r >= 0 && streq(name, XATTR_ALLOC))
                 r = alloc_value(v, ino, buf, sizeof(buf), &len);

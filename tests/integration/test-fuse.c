@@ -334,6 +334,180 @@ Test(fuse, socket_changes_show_at_once) {
         shmz_disconnect(c);
 }
 
+/*
+ * Every change made on the socket (or by a reload) reaches the kernel before
+ * the call returns: the view caches names and attributes, so each test below
+ * first has the kernel cache the zone (a stat through the path, an open file,
+ * a listing), then looks through the mount once, right after the call, with no
+ * retry and no sleep.
+ */
+static void cache_in_kernel(const char *name, int *ret_fd) {
+        char out[65536];
+        struct stat st;
+
+        cr_assert_eq(stat(zpath(name), &st), 0, "%s: %m", name);
+        cr_assert_eq(stat(zpath(name), &st), 0);
+        cr_assert_eq(run(out, sizeof(out), "ls -l %s/zones", d.mount), 0);
+        if (ret_fd) {
+                *ret_fd = open(zpath(name), O_RDONLY | O_CLOEXEC);
+                cr_assert_geq(*ret_fd, 0, "%s: %m", name);
+                cr_assert_eq(fstat(*ret_fd, &st), 0);
+        }
+}
+
+Test(fuse, socket_chmod_shows_at_once) {
+        struct shmz_client *c = client();
+        struct stat st;
+        int fd;
+
+        make_zone(c, "chm", 4096, NULL, 0644);
+        cache_in_kernel("chm", &fd);
+        /* The kernel checks permissions itself, from what it cached: nobody reads now... */
+        cr_assert_eq(run(NULL, 0, "setpriv --reuid=%d --regid=%d --clear-groups cat %s >/dev/null", NOBODY, NOBODY,
+                         zpath("chm")),
+                     0);
+        cr_assert_eq(shmz_zone_chmod(c, "chm", 0640), 0);
+        /* ...and no longer, right after the chmod returned. */
+        cr_assert_neq(run(NULL, 0, "setpriv --reuid=%d --regid=%d --clear-groups cat %s 2>/dev/null", NOBODY, NOBODY,
+                          zpath("chm")),
+                      0, "the kernel let nobody read after the chmod");
+        cr_assert_eq(stat(zpath("chm"), &st), 0);
+        cr_assert_eq(st.st_mode & 07777, 0640, "stat shows mode %o", st.st_mode & 07777);
+        cr_assert_eq(fstat(fd, &st), 0);
+        cr_assert_eq(st.st_mode & 07777, 0640, "fstat shows mode %o", st.st_mode & 07777);
+        close(fd);
+        shmz_disconnect(c);
+}
+
+Test(fuse, socket_chown_shows_at_once) {
+        struct shmz_client *c = client();
+        struct stat st;
+        int fd;
+
+        make_zone(c, "cho", 4096, NULL, 0600);
+        cache_in_kernel("cho", &fd);
+        cr_assert_eq(shmz_zone_chown(c, "cho", NOBODY, NOBODY), 0);
+        cr_assert_eq(stat(zpath("cho"), &st), 0);
+        cr_assert_eq(st.st_uid, NOBODY);
+        cr_assert_eq(st.st_gid, NOBODY);
+        cr_assert_eq(fstat(fd, &st), 0);
+        cr_assert_eq(st.st_uid, NOBODY, "fstat shows uid %u", st.st_uid);
+        /* The new owner may read at once (mode 0600 is theirs now). */
+        cr_assert_eq(run(NULL, 0, "setpriv --reuid=%d --regid=%d --clear-groups cat %s >/dev/null", NOBODY, NOBODY,
+                         zpath("cho")),
+                     0);
+        close(fd);
+        shmz_disconnect(c);
+}
+
+Test(fuse, socket_unlink_shows_at_once) {
+        struct shmz_client *c = client();
+        struct stat st;
+        char out[4096];
+        int fd;
+
+        make_zone(c, "unl", 4096, NULL, 0644);
+        cache_in_kernel("unl", &fd);
+        cr_assert_eq(shmz_zone_unlink(c, "unl"), 0);
+        errno = 0;
+        cr_assert_eq(stat(zpath("unl"), &st), -1, "a cached name of a removed zone");
+        cr_assert_eq(errno, ENOENT);
+        cr_assert_eq(open(zpath("unl"), O_RDONLY | O_CLOEXEC), -1);
+        cr_assert_eq(errno, ENOENT);
+        /* The open file is the unlinked zone: no link left. */
+        cr_assert_eq(fstat(fd, &st), 0);
+        cr_assert_eq(st.st_nlink, 0);
+        cr_assert_eq(run(out, sizeof(out), "ls %s/zones", d.mount), 0);
+        cr_assert_str_eq(out, "");
+        close(fd);
+        shmz_disconnect(c);
+}
+
+Test(fuse, socket_create_shows_at_once) {
+        struct shmz_client *c = client();
+        struct shmz_zone *z;
+        struct stat st, old;
+        char out[4096];
+
+        /* A missing name: the kernel must not remember that it was missing. */
+        cr_assert_eq(stat(zpath("cre"), &st), -1);
+        cr_assert_eq(stat(zpath("cre"), &st), -1);
+        make_zone(c, "cre", 8192, NULL, 0644);
+        cr_assert_eq(stat(zpath("cre"), &st), 0, "a new zone is missing: %m");
+        cr_assert_eq(st.st_size, 8192);
+        cr_assert_eq(run(out, sizeof(out), "ls %s/zones", d.mount), 0);
+        cr_assert_str_eq(out, "cre\n");
+
+        /* Removed and made again under the same name: the name is the new zone at once. */
+        cache_in_kernel("cre", NULL);
+        cr_assert_eq(stat(zpath("cre"), &old), 0);
+        cr_assert_eq(shmz_zone_unlink(c, "cre"), 0);
+        cr_assert_eq(shmz_zone_open(c, "cre", 3 * 4096, NULL, SHMZ_CREATE | SHMZ_EXCL, &z), 0);
+        cr_assert_eq(stat(zpath("cre"), &st), 0, "%m");
+        cr_assert_neq(st.st_ino, old.st_ino, "the name still leads to the removed zone");
+        cr_assert_eq(st.st_size, 3 * 4096);
+        memcpy(shmz_zone_base(z), "new!", 4);
+        cr_assert_eq(run(out, sizeof(out), "head -c 4 %s", zpath("cre")), 0);
+        cr_assert_str_eq(out, "new!");
+        shmz_zone_close(z);
+        shmz_disconnect(c);
+}
+
+Test(fuse, reload_shows_at_once) {
+        struct stat st;
+        int fd;
+
+        harness_write_config(&d, "[daemon]\nmemory_budget = 64M\nuid_quota = 32M\n\n"
+                                 "[zone decl]\nsize = 8K\nuser = root\ngroup = root\nmode = 0644\n");
+        cr_assert_eq(harness_reload(&d), 0, "%s", harness_log(&d));
+        cr_assert_eq(stat(zpath("decl"), &st), 0, "a declared zone is missing: %m");
+        cr_assert_eq(st.st_mode & 07777, 0644);
+        cache_in_kernel("decl", &fd);
+
+        /* Its mode changes with the config. */
+        harness_write_config(&d, "[daemon]\nmemory_budget = 64M\nuid_quota = 32M\n\n"
+                                 "[zone decl]\nsize = 8K\nuser = root\ngroup = root\nmode = 0600\n");
+        cr_assert_eq(harness_reload(&d), 0, "%s", harness_log(&d));
+        cr_assert_eq(stat(zpath("decl"), &st), 0);
+        cr_assert_eq(st.st_mode & 07777, 0600, "stat shows mode %o", st.st_mode & 07777);
+        cr_assert_eq(fstat(fd, &st), 0);
+        cr_assert_eq(st.st_mode & 07777, 0600, "fstat shows mode %o", st.st_mode & 07777);
+
+        /* Dropped from the config: the name goes. */
+        harness_write_config(&d, "[daemon]\nmemory_budget = 64M\nuid_quota = 32M\n");
+        cr_assert_eq(harness_reload(&d), 0, "%s", harness_log(&d));
+        errno = 0;
+        cr_assert_eq(stat(zpath("decl"), &st), -1, "a cached name of a retired zone");
+        cr_assert_eq(errno, ENOENT);
+        close(fd);
+}
+
+Test(fuse, other_xattr_namespaces_are_unsupported_and_create_applies_the_umask) {
+        struct shmz_client *c = client();
+        char v[64], out[256];
+
+        make_zone(c, "ns", 4096, NULL, 0644);
+        /* ls -l asks every file for these: "not supported" makes it stop asking, ENODATA would not. */
+        cr_assert_eq(lgetxattr(zpath("ns"), "security.selinux", v, sizeof(v)), -1);
+        cr_assert_eq(errno, ENOTSUP, "security.selinux: %m");
+        cr_assert_eq(getxattr(zpath("ns"), "trusted.x", v, sizeof(v)), -1);
+        cr_assert_eq(errno, ENOTSUP, "trusted.x: %m");
+        /* No ACL, asked twice (the kernel keeps the answer). */
+        cr_assert_eq(getxattr(zpath("ns"), "system.posix_acl_access", v, sizeof(v)), -1);
+        cr_assert_eq(errno, ENODATA, "system.posix_acl_access: %m");
+        cr_assert_eq(getxattr(zpath("ns"), "system.posix_acl_access", v, sizeof(v)), -1);
+        cr_assert_eq(errno, ENODATA);
+        cr_assert_eq(getxattr(zpath("ns"), "user.shmzone.tag", v, sizeof(v)), 0);
+        /* The creator's umask applies to a zone made in the view (the kernel leaves it to us with ACLs on). */
+        cr_assert_eq(run(NULL, 0, "umask 027; touch %s", zpath("masked")), 0);
+        cr_assert_eq(run(out, sizeof(out), "stat -c %%a %s", zpath("masked")), 0);
+        cr_assert_str_eq(out, "640\n");
+        cr_assert_eq(run(NULL, 0, "umask 0; touch %s", zpath("open")), 0);
+        cr_assert_eq(run(out, sizeof(out), "stat -c %%a %s", zpath("open")), 0);
+        cr_assert_str_eq(out, "666\n");
+        shmz_disconnect(c);
+}
+
 Test(fuse, xattrs) {
         struct shmz_client *c = client();
         struct shmz_zone *z;

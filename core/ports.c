@@ -50,6 +50,12 @@ struct uid_count {
         uint32_t n;
 };
 
+/* Segment bytes charged to a uid (kept apart: a segment can outlive its ports, while the view reads it). */
+struct uid_bytes {
+        uid_t uid;
+        uint64_t bytes;
+};
+
 struct listener {
         char name[SHMZ_NAME_BUF];
         uint32_t uid, gid, mode;
@@ -95,6 +101,8 @@ struct ports {
         size_t n_ports, cap_ports;
         struct uid_count *uids;
         size_t n_uids;
+        struct uid_bytes *uid_bytes;
+        size_t n_uid_bytes;
         uint64_t next_port_id, next_listener_serial;
         uint64_t ports_closed, peers_died;
         uint64_t n_segments, segment_bytes, chunks;
@@ -114,7 +122,7 @@ static bool limits_valid(const struct ports_limits *lim) {
         return lim->chunk_size >= 4096 && (lim->chunk_size & (lim->chunk_size - 1)) == 0 && lim->segment_chunks >= 1 &&
                lim->segment_chunks <= SHMZ_SEGMENT_MAX_CHUNKS &&
                (uint64_t) lim->chunk_size * lim->segment_chunks <= lim->port_memory && lim->max_ports_per_uid >= 1 &&
-               lim->backlog >= 1;
+               lim->backlog >= 1 && lim->segment_memory > 0 && lim->uid_segment_memory > 0;
 }
 
 int ports_new(const struct ports_limits *lim, struct ports **ret) {
@@ -179,6 +187,7 @@ struct ports *ports_free(struct ports *pt) {
         free(pt->ports);
         free(pt->listeners);
         free(pt->uids);
+        free(pt->uid_bytes);
         free(pt->changes);
         (void) pthread_mutex_destroy(&pt->lock);
         free(pt);
@@ -268,6 +277,43 @@ static void uid_uncharge(struct ports *pt, uid_t uid) {
                 return;
         if (--u->n == 0)
                 *u = pt->uids[--pt->n_uids];
+}
+
+static uint64_t *uid_bytes_find(struct ports *pt, uid_t uid) {
+        for (size_t i = 0; i < pt->n_uid_bytes; i++)
+                if (pt->uid_bytes[i].uid == uid)
+                        return &pt->uid_bytes[i].bytes;
+        return NULL;
+}
+
+static int uid_bytes_charge(struct ports *pt, uid_t uid, uint64_t bytes) {
+        uint64_t *b = uid_bytes_find(pt, uid);
+
+        if (!b) {
+                struct uid_bytes *v = realloc(pt->uid_bytes, (pt->n_uid_bytes + 1) * sizeof(*v));
+
+                if (!v)
+                        return -ENOMEM;
+                pt->uid_bytes = v;
+                v[pt->n_uid_bytes] = (struct uid_bytes){ .uid = uid };
+                b = &v[pt->n_uid_bytes++].bytes;
+        }
+        *b += bytes;
+        return 0;
+}
+
+static void uid_bytes_uncharge(struct ports *pt, uid_t uid, uint64_t bytes) {
+        uint64_t *b = uid_bytes_find(pt, uid);
+
+        if (!b)
+                return;
+        *b -= MIN(*b, bytes);
+        if (*b == 0)
+                for (size_t i = 0; i < pt->n_uid_bytes; i++)
+                        if (pt->uid_bytes[i].uid == uid) {
+                                pt->uid_bytes[i] = pt->uid_bytes[--pt->n_uid_bytes];
+                                break;
+                        }
 }
 
 /* Index of the listener called name, or where it would go (*found false). */
@@ -542,6 +588,7 @@ static void segment_unref_internal(struct ports *pt, struct segment *s) {
         segment_release(s);
         pt->n_segments--;
         pt->segment_bytes -= s->info.map_size;
+        uid_bytes_uncharge(pt, s->info.owner_uid, s->info.map_size);
         pt->chunks -= s->info.n_chunks;
         /* The slot goes to the back of the free queue: reused last, its generation grows slowly. */
         atomic_store_explicit(&s->id, 0, memory_order_release);
@@ -726,6 +773,16 @@ int ports_segment_create(struct ports *pt, uint64_t port_id, uint64_t token, uin
                 r = -ENOSPC;
                 goto out;
         }
+        {
+                /* Whole memfds count here (header page included): what the host gives. */
+                uint64_t map_size = SHMZ_SEGMENT_HEADER_SIZE + seg_bytes, *held = uid_bytes_find(pt, p->uid[side]);
+
+                if (pt->segment_bytes + map_size > pt->lim.segment_memory ||
+                    (held ? *held : 0) + map_size > pt->lim.uid_segment_memory) {
+                        r = -ENOSPC;
+                        goto out;
+                }
+        }
         if (p->n_segs[side] == p->cap_segs[side]) {
                 uint32_t cap = MAX(p->cap_segs[side] * 2, 4u);
                 struct segment **v = realloc(p->segs[side], cap * sizeof(*v));
@@ -756,6 +813,13 @@ int ports_segment_create(struct ports *pt, uint64_t port_id, uint64_t token, uin
         if (r < 0) {
                 segment_release(s);
                 slot_put(pt, s);
+                goto out;
+        }
+        r = uid_bytes_charge(pt, s->info.owner_uid, s->info.map_size);
+        if (r < 0) {
+                segment_release(s);
+                slot_put(pt, s);
+                safe_close(fd);
                 goto out;
         }
         p->segs[side][p->n_segs[side]++] = s;

@@ -35,11 +35,13 @@ struct segment;
 
 /* [daemon] keys. */
 struct ports_limits {
-        uint32_t chunk_size;        /* bytes, a power of two, >= 4096 */
-        uint32_t segment_chunks;    /* chunks per segment, <= SHMZ_SEGMENT_MAX_CHUNKS */
-        uint64_t port_memory;       /* segment bytes one direction of one port may hold */
-        uint32_t max_ports_per_uid; /* live ports (either side) and listeners a uid may hold */
-        uint32_t backlog;           /* connections a listener may leave unaccepted */
+        uint32_t chunk_size;         /* bytes, a power of two, >= 4096 */
+        uint32_t segment_chunks;     /* chunks per segment, <= SHMZ_SEGMENT_MAX_CHUNKS */
+        uint64_t port_memory;        /* segment bytes one direction of one port may hold */
+        uint32_t max_ports_per_uid;  /* live ports (either side) and listeners a uid may hold */
+        uint32_t backlog;            /* connections a listener may leave unaccepted */
+        uint64_t segment_memory;     /* segment bytes (headers included) of all ports together */
+        uint64_t uid_segment_memory; /* segment bytes the ports of one uid may send from */
 };
 
 struct ports_stats {
@@ -98,7 +100,10 @@ void ports_port_drop(struct ports *pt, struct port *p, bool died);
  * A new segment for side `side` of port_id, whose token must match: a sealed
  * memfd of chunk_size * segment_chunks bytes after a header the core fills,
  * indexed in the segment table. -ENOENT, -EPERM (token), -ENOSPC (the
- * direction holds port_memory already). *ret_fd is a new read-write fd.
+ * direction holds port_memory already, the sending side's uid holds
+ * uid_segment_memory, or all ports together hold segment_memory). *ret_fd is
+ * a new read-write fd. A segment is charged to its sending side's uid until
+ * its memory goes.
  */
 int ports_segment_create(struct ports *pt, uint64_t port_id, uint64_t token, uint32_t side,
                          struct shmz_msg_segment_info *ret_info, int *ret_fd);

@@ -27,6 +27,9 @@
 #define MAX_CHUNK_SIZE (UINT64_C(64) << 20)
 #define MAX_SEGMENT_BYTES (UINT64_C(1) << 30)
 #define MAX_PORT_MEMORY (UINT64_C(64) << 30)
+/* Segments of all ports, and of one uid's sending sides: what a local user can make the host give. */
+#define DEFAULT_SEGMENT_MEMORY (UINT64_C(4) << 30)
+#define DEFAULT_UID_SEGMENT_MEMORY (UINT64_C(1) << 30)
 
 struct parse_state {
         struct config *cfg;
@@ -65,6 +68,8 @@ int config_new_default(struct config **ret) {
                 .port_memory = DEFAULT_PORT_MEMORY,
                 .max_ports_per_uid = DEFAULT_MAX_PORTS_PER_UID,
                 .backlog = DEFAULT_PORT_BACKLOG,
+                .segment_memory = DEFAULT_SEGMENT_MEMORY,
+                .uid_segment_memory = DEFAULT_UID_SEGMENT_MEMORY,
         };
         *ret = c;
         return 0;
@@ -228,6 +233,12 @@ static int daemon_key(struct parse_state *s, const char *key, const char *value)
                 c->ports.port_memory = u;
                 return 1;
         }
+        if (streq(key, "segment_memory") || streq(key, "uid_segment_memory")) {
+                if (parse_size(value, &u) < 0 || u == 0)
+                        return fail(s, "%s: bad size '%s' (a number with an optional K, M, G or T suffix)", key, value);
+                *(streq(key, "segment_memory") ? &c->ports.segment_memory : &c->ports.uid_segment_memory) = u;
+                return 1;
+        }
         if (streq(key, "segment_chunks") || streq(key, "max_ports_per_uid") || streq(key, "port_backlog")) {
                 unsigned long long n, max = streq(key, "segment_chunks") ? SHMZ_SEGMENT_MAX_CHUNKS
                                             : streq(key, "port_backlog") ? 65536
@@ -261,6 +272,12 @@ static int check_ports(const char *path, const struct ports_limits *p) {
                                        "%s: port_memory (%" PRIu64
                                        ") must hold at least one segment (chunk_size * segment_chunks = %" PRIu64 ").",
                                        path, p->port_memory, seg);
+        if (p->segment_memory < seg + SHMZ_SEGMENT_HEADER_SIZE ||
+            p->uid_segment_memory < seg + SHMZ_SEGMENT_HEADER_SIZE)
+                return log_error_errno(EINVAL,
+                                       "%s: segment_memory and uid_segment_memory must hold at least one segment "
+                                       "(%" PRIu64 " bytes with its header).",
+                                       path, seg + SHMZ_SEGMENT_HEADER_SIZE);
         return 0;
 }
 

@@ -288,6 +288,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
                         .port_memory = 32768,
                         .max_ports_per_uid = 4,
                         .backlog = 2,
+                        .segment_memory = 1 << 20,
+                        .uid_segment_memory = 1 << 18,
                 };
 
                 if (ports_new(&plim, &d.ports) < 0)

@@ -285,19 +285,24 @@ Test(conf, port_defaults) {
         cr_assert_eq(c->ports.port_memory, UINT64_C(64) << 20);
         cr_assert_eq(c->ports.max_ports_per_uid, 256u);
         cr_assert_eq(c->ports.backlog, 64u);
+        cr_assert_eq(c->ports.segment_memory, UINT64_C(4) << 30);
+        cr_assert_eq(c->ports.uid_segment_memory, UINT64_C(1) << 30);
         config_free(c);
         expect_no_leaks();
 }
 
 Test(conf, port_keys) {
         struct config *c = expect_ok("[daemon]\nchunk_size = 4K\nsegment_chunks = 16384\nport_memory = 1G\n"
-                                     "max_ports_per_uid = 1\nport_backlog = 65536\n");
+                                     "max_ports_per_uid = 1\nport_backlog = 65536\nsegment_memory = 2T\n"
+                                     "uid_segment_memory = 3G\n");
 
         cr_assert_eq(c->ports.chunk_size, 4096u);
         cr_assert_eq(c->ports.segment_chunks, SHMZ_SEGMENT_MAX_CHUNKS);
         cr_assert_eq(c->ports.port_memory, UINT64_C(1) << 30);
         cr_assert_eq(c->ports.max_ports_per_uid, 1u);
         cr_assert_eq(c->ports.backlog, 65536u);
+        cr_assert_eq(c->ports.segment_memory, UINT64_C(2) << 40);
+        cr_assert_eq(c->ports.uid_segment_memory, UINT64_C(3) << 30);
         config_free(c);
         /* One segment exactly fills port_memory. */
         c = expect_ok("[daemon]\nchunk_size = 1M\nsegment_chunks = 8\nport_memory = 8M\n");
@@ -318,6 +323,8 @@ Test(conf, port_keys_out_of_range) {
         expect_error("[daemon]\nmax_ports_per_uid = 0\n", 2, "max_ports_per_uid must be");
         expect_error("[daemon]\nport_backlog = 65537\n", 2, "port_backlog must be");
         expect_error("[daemon]\nport_backlog = -3\n", 2, "port_backlog must be");
+        expect_error("[daemon]\nsegment_memory = 0\n", 2, "segment_memory: bad size");
+        expect_error("[daemon]\nuid_segment_memory = lots\n", 2, "uid_segment_memory: bad size");
 }
 
 /* Keys that constrain each other are checked once the file is read, whatever their order. */
@@ -337,6 +344,9 @@ Test(conf, port_keys_together) {
         /* The default port_memory (64M) cannot hold a segment of 64 x 2M. */
         expect_ports_refused("[daemon]\nchunk_size = 2M\n", "port_memory (67108864) must hold at least one segment");
         expect_ports_refused("[daemon]\nport_memory = 1M\nchunk_size = 64K\n", "must hold at least one segment");
+        /* 64 x 64K and its header page do not fit in 4M. */
+        expect_ports_refused("[daemon]\nuid_segment_memory = 4M\n", "must hold at least one segment (4198400 bytes");
+        expect_ports_refused("[daemon]\nsegment_memory = 1M\n", "segment_memory and uid_segment_memory");
         /* A segment of 16384 x 64M is past 1G. */
         expect_ports_refused("[daemon]\nchunk_size = 64M\nsegment_chunks = 17\nport_memory = 64G\n",
                              "a segment may have 1G at most");

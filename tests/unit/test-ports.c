@@ -36,6 +36,8 @@ static void setup_with(uint32_t chunk_size, uint32_t chunks, uint64_t port_memor
                 .port_memory = port_memory,
                 .max_ports_per_uid = per_uid,
                 .backlog = backlog,
+                .segment_memory = UINT64_C(1) << 30,
+                .uid_segment_memory = UINT64_C(1) << 30,
         };
         cr_assert_eq(ports_new(&lim, &pt), 0);
 }
@@ -251,6 +253,47 @@ static void check_segment_fd(int fd, const struct shmz_msg_segment_info *si) {
         for (size_t i = 0; i < ELEMENTSOF(h.used); i++)
                 cr_assert_eq(h.used[i], 0u);
         cr_assert_eq(ftruncate(fd, 0), -1);
+}
+
+/* Segments are also bounded per sending uid and for all ports together, whatever each port may hold. */
+Test(ports, segment_memory_per_uid_and_in_all) {
+        const uint64_t seg = SHMZ_SEGMENT_HEADER_SIZE + 4096 * 16;
+        struct shmz_msg_port_peer c1, c2, a1;
+        struct shmz_msg_segment_info si;
+        struct listener *l;
+        struct port *p1, *p2;
+        int fds[8], n = 0, fd = -1;
+
+        /* Each direction may hold 4 segments (the suite's setup); a uid 3, all ports 5. */
+        teardown();
+        lim.uid_segment_memory = 3 * seg;
+        lim.segment_memory = 5 * seg;
+        cr_assert_eq(ports_new(&lim, &pt), 0);
+
+        cr_assert_eq(ports_listen(pt, &OWNER, "svc", 0666, NULL, &l), 0);
+        p1 = connect_ok(&OTHER, "svc");
+        p2 = connect_ok(&OTHER, "svc");
+        ports_port_peer(pt, p1, 0, &c1);
+        ports_port_peer(pt, p2, 0, &c2);
+        ports_port_peer(pt, p1, 1, &a1);
+        /* OTHER sends on two ports: 3 segments in all, wherever they are. */
+        cr_assert_eq(ports_segment_create(pt, c1.port_id, c1.token, 0, &si, &fds[n++]), 0);
+        cr_assert_eq(ports_segment_create(pt, c1.port_id, c1.token, 0, &si, &fds[n++]), 0);
+        cr_assert_eq(ports_segment_create(pt, c2.port_id, c2.token, 0, &si, &fds[n++]), 0);
+        cr_assert_eq(ports_segment_create(pt, c2.port_id, c2.token, 0, &si, &fd), -ENOSPC);
+        cr_assert_eq(ports_segment_create(pt, c1.port_id, c1.token, 0, &si, &fd), -ENOSPC);
+        /* OWNER has its own share, until all ports together hold 5. */
+        cr_assert_eq(ports_segment_create(pt, a1.port_id, a1.token, 1, &si, &fds[n++]), 0);
+        cr_assert_eq(ports_segment_create(pt, a1.port_id, a1.token, 1, &si, &fds[n++]), 0);
+        cr_assert_eq(ports_segment_create(pt, a1.port_id, a1.token, 1, &si, &fd), -ENOSPC);
+        cr_assert_eq(fd, -1);
+        /* A port that ends gives its segments back to both counts. */
+        ports_port_drop(pt, p2, false);
+        cr_assert_eq(ports_segment_create(pt, c1.port_id, c1.token, 0, &si, &fds[n++]), 0);
+        for (int i = 0; i < n; i++)
+                close(fds[i]);
+        ports_port_drop(pt, p1, false);
+        ports_unlisten(pt, l);
 }
 
 Test(ports, segments_token_size_and_bound) {

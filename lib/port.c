@@ -95,6 +95,10 @@ struct shmz_port {
         atomic_bool self_pending; /* self_fd is readable: a non-blocking receive left messages behind */
 
         atomic_uint next_stream;
+        /* A dispatcher asleep in the ring until this time (UINT64_MAX: for good; 0: none), and a count of
+         * calls made with deadlines: a call due sooner wakes it (see shmz_port_call()). */
+        _Atomic uint64_t dispatch_until;
+        atomic_uint calls_gen;
         pthread_mutex_t rpc_lock;
         struct call *calls;
         size_t n_calls, cap_calls;
@@ -1233,7 +1237,7 @@ static int recv_now_locked(struct shmz_port *p, struct shmz_msg *ret, bool arm) 
  * it, then sleeps on the futex (see ring_wake_peer() for why no wake-up is
  * lost).
  */
-static int recv_sleep(struct shmz_port *p, uint64_t deadline) {
+static int recv_sleep(struct shmz_port *p, uint64_t deadline, const atomic_uint *gen, unsigned gen_seen) {
         struct shmz_channel_dir *d = p->rxd;
         uint32_t seen = atomic_load_explicit(&p->rx_seen, memory_order_relaxed), seq;
         uint64_t spin = atomic_load_explicit(&p->spin_ns, memory_order_relaxed);
@@ -1241,7 +1245,7 @@ static int recv_sleep(struct shmz_port *p, uint64_t deadline) {
 
 #define RX_READY()                                                                                                     \
         (__atomic_load_n(&d->head, __ATOMIC_ACQUIRE) != seen || atomic_load(&p->gone) || atomic_load(&p->peer_eof) ||  \
-         __atomic_load_n(&p->ch->closed, __ATOMIC_ACQUIRE))
+         __atomic_load_n(&p->ch->closed, __ATOMIC_ACQUIRE) || (gen && atomic_load(gen) != gen_seen))
         if (spin > 0) {
                 uint64_t until = now_ns();
 
@@ -1263,17 +1267,19 @@ static int recv_sleep(struct shmz_port *p, uint64_t deadline) {
         r = futex_sleep(&d->wake_seq, seq, deadline);
         if (r < 0)
                 return r;
+        if (gen && atomic_load(gen) != gen_seen)
+                return -EINTR; /* a call due sooner than our caller knew: back to it */
         /* Woken, or the sleep's bound passed: a peer gone while no daemon watches shows only here. */
         if (__atomic_load_n(&d->wake_seq, __ATOMIC_RELAXED) == seq && port_closed(p))
                 atomic_store(&p->peer_eof, true);
         return 0;
 }
 
-_public_ int shmz_port_recv(struct shmz_port *p, struct shmz_msg *ret, int64_t timeout_ns) {
-        uint64_t deadline;
+/* shmz_port_recv(); with gen, it also returns (as a timeout) when *gen moves from gen_seen. */
+static int recv_timed(struct shmz_port *p, struct shmz_msg *ret, int64_t timeout_ns, const atomic_uint *gen,
+                      unsigned gen_seen) {
+        uint64_t deadline = deadline_of(timeout_ns);
 
-        assert_return(p && ret, -EINVAL);
-        deadline = deadline_of(timeout_ns);
         for (;;) {
                 int r;
 
@@ -1294,10 +1300,15 @@ _public_ int shmz_port_recv(struct shmz_port *p, struct shmz_msg *ret, int64_t t
                 if (r != -EAGAIN || timeout_ns == 0)
                         return r;
                 /* Sleep outside the lock, so that other receivers keep their own timeouts. */
-                r = recv_sleep(p, deadline);
+                r = recv_sleep(p, deadline, gen, gen_seen);
                 if (r < 0)
                         return expired(timeout_ns);
         }
+}
+
+_public_ int shmz_port_recv(struct shmz_port *p, struct shmz_msg *ret, int64_t timeout_ns) {
+        assert_return(p && ret, -EINVAL);
+        return recv_timed(p, ret, timeout_ns, NULL, 0);
 }
 
 _public_ void shmz_msg_release(struct shmz_port *p, struct shmz_msg *m) {
@@ -1421,6 +1432,8 @@ int port_new(int sock_fd, int channel_fd, const struct port_params *pp, struct s
         atomic_init(&p->self_pending, false);
         p->self_fd = -EBADF;
         atomic_init(&p->next_stream, 0);
+        atomic_init(&p->dispatch_until, 0);
+        atomic_init(&p->calls_gen, 0);
         (void) pthread_mutex_init(&p->create_lock, NULL);
         (void) pthread_mutex_init(&p->tx_lock, NULL);
         (void) pthread_mutex_init(&p->recv_lock, NULL);
@@ -1698,6 +1711,16 @@ _public_ int shmz_port_call(struct shmz_port *p, const struct shmz_msg *m, uint6
         }
         p->calls[p->n_calls++] = c;
         pthread_mutex_unlock(&p->rpc_lock);
+        if (deadline_ns != 0) {
+                uint64_t until;
+
+                /* A dispatcher asleep for longer than this call may wait must wake and look at the
+                 * deadlines again: it read calls_gen before them, we raise it after registering. */
+                atomic_fetch_add(&p->calls_gen, 1);
+                until = atomic_load(&p->dispatch_until);
+                if (until != 0 && deadline_ns < until)
+                        channel_wake_receiver(p->ch, !p->pp.side);
+        }
 
         r = shmz_port_send(p, &req, timeout);
         if (r < 0) {
@@ -1765,6 +1788,8 @@ _public_ int shmz_port_dispatch(struct shmz_port *p, int64_t timeout_ns) {
         deadline = deadline_of(timeout_ns);
         handled = fail_calls(p, -ETIMEDOUT, true);
         for (;;) {
+                /* Read before the deadlines: a call registered after this wakes the sleep below. */
+                unsigned gen = atomic_load(&p->calls_gen);
                 struct shmz_msg m;
                 uint64_t next = shmz_port_next_deadline(p), until = MIN(deadline, next), now;
                 int64_t t = 0;
@@ -1777,7 +1802,11 @@ _public_ int shmz_port_dispatch(struct shmz_port *p, int64_t timeout_ns) {
                             : until > now       ? (int64_t) MIN(until - now, (uint64_t) INT64_MAX)
                                                 : 0;
                 }
-                r = shmz_port_recv(p, &m, t);
+                if (t != 0)
+                        atomic_store(&p->dispatch_until, t < 0 ? UINT64_MAX : until);
+                r = recv_timed(p, &m, t, &p->calls_gen, gen);
+                if (t != 0)
+                        atomic_store(&p->dispatch_until, 0);
                 if (r == -EAGAIN || r == -ETIMEDOUT) {
                         handled += fail_calls(p, -ETIMEDOUT, true);
                         if (handled > 0)

@@ -1032,6 +1032,48 @@ Test(port, rpc) {
         shmz_port_close(a);
 }
 
+struct dispatcher {
+        struct shmz_port *p;
+        int r;
+        uint64_t done_ns;
+};
+
+static void *dispatch_forever(void *arg) {
+        struct dispatcher *d = arg;
+
+        d->r = shmz_port_dispatch(d->p, -1);
+        d->done_ns = mono_ns();
+        return NULL;
+}
+
+/* A call made while another thread already sleeps in dispatch(-1): its deadline still fires on time. */
+Test(port, rpc_deadline_wakes_a_sleeping_dispatcher) {
+        struct shmz_port *a, *b;
+        struct shmz_msg req = { .type = 1, .data = "q", .size = 2, .fd = -1 };
+        struct rpc_seen seen = {};
+        struct dispatcher d;
+        pthread_t t;
+        uint64_t t0;
+
+        pair(64, UINT64_C(1) << 24, &a, &b);
+        d = (struct dispatcher){ .p = a };
+        cr_assert(pthread_create(&t, NULL, dispatch_forever, &d) == 0);
+        usleep(50000); /* asleep in the ring, no deadline known */
+        cr_assert_eq(d.done_ns, 0);
+        t0 = mono_ns();
+        /* b never answers. */
+        cr_assert_eq(shmz_port_call(a, &req, t0 + 30000000, on_reply, &seen, NULL), 0);
+        pthread_join(t, NULL);
+        cr_assert_eq(d.r, 1);
+        cr_assert_eq(seen.last_error, -ETIMEDOUT);
+        cr_assert_eq(seen.ended, 1);
+        cr_assert_lt(d.done_ns - t0, 500000000u, "fired %llu ms after the call",
+                     (unsigned long long) ((d.done_ns - t0) / 1000000));
+        cr_assert_geq(d.done_ns - t0, 30000000u);
+        shmz_port_close(a);
+        shmz_port_close(b);
+}
+
 Test(port, bad_params) {
         struct port_params pp = params(0, 64, 1 << 24);
         struct shmz_port *p;

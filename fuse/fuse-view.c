@@ -598,28 +598,31 @@ static void op_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
                 vhandle_free(v, h);
 }
 
-/* Adds one entry at offset next_off - 1; false when it does not fit (nothing added). */
-bool add_dirent(fuse_req_t req, bool plus, char *buf, size_t size, size_t *used, const char *name,
-                const struct stat *st, uint64_t generation, double entry_timeout, double attr_timeout,
-                uint64_t next_off) {
-        size_t n;
+/* One entry at offset next_off - 1, with ep for READDIRPLUS (NULL: a plain one); false when it does not fit. */
+static bool put_dirent(fuse_req_t req, const struct fuse_entry_param *ep, char *buf, size_t size, size_t *used,
+                       const char *name, const struct stat *st, uint64_t next_off) {
+        size_t n = ep ? fuse_add_direntry_plus(req, buf + *used, size - *used, name, ep, (off_t) next_off)
+                      : fuse_add_direntry(req, buf + *used, size - *used, name, st, (off_t) next_off);
 
-        if (plus) {
-                struct fuse_entry_param ep = {
-                        .ino = st->st_ino,
-                        .generation = generation,
-                        .attr = *st,
-                        .attr_timeout = attr_timeout,
-                        .entry_timeout = entry_timeout,
-                };
-
-                n = fuse_add_direntry_plus(req, buf + *used, size - *used, name, &ep, (off_t) next_off);
-        } else
-                n = fuse_add_direntry(req, buf + *used, size - *used, name, st, (off_t) next_off);
         if (n > size - *used)
                 return false;
         *used += n;
         return true;
+}
+
+/* Adds one entry at offset next_off - 1; false when it does not fit (nothing added). */
+bool add_dirent(fuse_req_t req, bool plus, char *buf, size_t size, size_t *used, const char *name,
+                const struct stat *st, uint64_t generation, double entry_timeout, double attr_timeout,
+                uint64_t next_off) {
+        struct fuse_entry_param ep = {
+                .ino = st->st_ino,
+                .generation = generation,
+                .attr = *st,
+                .attr_timeout = attr_timeout,
+                .entry_timeout = entry_timeout,
+        };
+
+        return put_dirent(req, plus ? &ep : NULL, buf, size, used, name, st, next_off);
 }
 
 /*
@@ -634,18 +637,9 @@ bool add_dirent(fuse_req_t req, bool plus, char *buf, size_t size, size_t *used,
  */
 static bool add_zone_dirent(fuse_req_t req, bool plus, char *buf, size_t size, size_t *used, const char *name,
                             const struct stat *st, uint64_t next_off) {
-        size_t n;
+        struct fuse_entry_param ep = { .ino = 0, .attr = *st }; /* attr: the entry's inode number and type */
 
-        if (plus) {
-                struct fuse_entry_param ep = { .ino = 0, .attr = *st }; /* attr: the entry's inode number and type */
-
-                n = fuse_add_direntry_plus(req, buf + *used, size - *used, name, &ep, (off_t) next_off);
-        } else
-                n = fuse_add_direntry(req, buf + *used, size - *used, name, st, (off_t) next_off);
-        if (n > size - *used)
-                return false;
-        *used += n;
-        return true;
+        return put_dirent(req, plus ? &ep : NULL, buf, size, used, name, st, next_off);
 }
 
 /* Zones per registry call while listing zones/. */

@@ -343,6 +343,14 @@ static void big_buffers(int fd, int bytes) {
                 (void) setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &bytes, sizeof(bytes));
 }
 
+/* The anchor's socketpair, with 4 MiB buffers each way (faster than the default for streams of datagrams). */
+static void seqpacket_pair(int sv[2]) {
+        if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) < 0)
+                die("socketpair");
+        big_buffers(sv[0], 4 * MiB);
+        big_buffers(sv[1], 4 * MiB);
+}
+
 static void seq_send(int fd, const char *buf, size_t size) {
         size_t off = 0;
 
@@ -785,10 +793,7 @@ int main(void) {
                 if (echo == 0)
                         shmz_echo("bench", 0);
                 p = accept_child(l);
-                if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) < 0)
-                        die("socketpair");
-                big_buffers(sv[0], 4 * MiB);
-                big_buffers(sv[1], 4 * MiB);
+                seqpacket_pair(sv);
                 seq = fork();
                 if (seq == 0) {
                         close(sv[0]);
@@ -923,11 +928,7 @@ int main(void) {
                 if (sink == 0)
                         shmz_msgs_sink("bench");
                 p = accept_child(l);
-                if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) < 0)
-                        die("socketpair");
-                /* As for the round trips (and faster than the default for a stream of small datagrams). */
-                big_buffers(sv[0], 4 * MiB);
-                big_buffers(sv[1], 4 * MiB);
+                seqpacket_pair(sv);
                 ssink = fork();
                 if (ssink < 0)
                         die("fork");

@@ -772,6 +772,10 @@ static int ring_put(struct shmz_port *p, const struct shmz_desc *d, const void *
                 __atomic_store_n(&p->tx_head, p->tx_head + n, __ATOMIC_RELAXED);
                 __atomic_store_n(&p->txd->head, p->tx_head, __ATOMIC_RELEASE);
                 count_sent(p, (size_t) d->size);
+                /* Own the next slots before the next message: the fence in ring_wake_peer() waits for our
+                 * stores, and a store to a line the receiver last read would make it wait for the transfer. */
+                __builtin_prefetch(ring_at(p->tx_ring, p->tx_head), 1, 3);
+                __builtin_prefetch(ring_at(p->tx_ring, p->tx_head + 1), 1, 3);
                 pthread_mutex_unlock(&p->tx_lock);
                 ring_wake_peer(p);
                 return 0;

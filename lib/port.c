@@ -87,6 +87,12 @@ struct shmz_port {
         atomic_bool gone;         /* closed here, a violation, or the peer gone and its ring read: -EPIPE */
         atomic_bool peer_eof;     /* the socket ended: the ring is read to its end, then -EPIPE */
         _Atomic uint64_t spin_ns; /* shmz_port_set_spin() */
+        atomic_uint rx_streak;    /* receives in a row that found a message without waiting */
+
+        /* Our threads between announcing a futex sleep and being done with it (sleep_lock): the last one
+         * out takes the announcement back, so that a sender need not wake a receiver that did not sleep. */
+        pthread_mutex_t sleep_lock;
+        unsigned futex_sleepers;
 
         /* For callers that poll: an epoll fd over the socket and an eventfd of ours (made on demand). */
         pthread_mutex_t poll_lock;
@@ -774,8 +780,9 @@ static int ring_put(struct shmz_port *p, const struct shmz_desc *d, const void *
                 count_sent(p, (size_t) d->size);
                 /* Own the next slots before the next message: the fence in ring_wake_peer() waits for our
                  * stores, and a store to a line the receiver last read would make it wait for the transfer. */
-                __builtin_prefetch(ring_at(p->tx_ring, p->tx_head), 1, 3);
-                __builtin_prefetch(ring_at(p->tx_ring, p->tx_head + 1), 1, 3);
+                for (uint32_t k = 0; k < 8; k += 2)
+                        __builtin_prefetch(ring_at(p->tx_ring, p->tx_head + 2 + k), 1, 3);
+                __builtin_prefetch(&p->txd->head, 1, 3);
                 pthread_mutex_unlock(&p->tx_lock);
                 ring_wake_peer(p);
                 return 0;
@@ -1240,41 +1247,84 @@ static int recv_now_locked(struct shmz_port *p, struct shmz_msg *ret, bool arm) 
  * ended, or deadline: 0 or -ETIMEDOUT. Spins first if the caller asked for
  * it, then sleeps on the futex (see ring_wake_peer() for why no wake-up is
  * lost).
+ *
+ * A receiver in the middle of a stream (STREAK_SPIN receives in a row found a
+ * message at once, and no wait since needed more than a look) that finds the
+ * ring empty looks at it now and then for STREAM_SPIN_NS before it sleeps:
+ * the next message is most likely a few hundred nanoseconds away, and each
+ * sleep would cost its sender a wake-up call (microseconds, in which the
+ * receiver drains the ring and sleeps again). A receiver that waits for each
+ * message (request and reply, an idle port) sleeps at once, unless
+ * shmz_port_set_spin() says otherwise.
  */
-static int recv_sleep(struct shmz_port *p, uint64_t deadline, const atomic_uint *gen, unsigned gen_seen) {
+#define STREAK_SPIN 8u
+#define STREAM_SPIN_NS UINT64_C(20000)
+#define STREAM_LOOK_NS UINT64_C(2000)
+
+static bool spin_ns_set(struct shmz_port *p) {
+        return atomic_load_explicit(&p->spin_ns, memory_order_relaxed) > 0;
+}
+
+static int recv_sleep(struct shmz_port *p, uint64_t deadline, const atomic_uint *gen, unsigned gen_seen,
+                      bool streaming) {
         struct shmz_channel_dir *d = p->rxd;
         uint32_t seen = atomic_load_explicit(&p->rx_seen, memory_order_relaxed), seq;
         uint64_t spin = atomic_load_explicit(&p->spin_ns, memory_order_relaxed);
+        bool slept;
         int r;
 
 #define RX_READY()                                                                                                     \
         (__atomic_load_n(&d->head, __ATOMIC_ACQUIRE) != seen || atomic_load(&p->gone) || atomic_load(&p->peer_eof) ||  \
          __atomic_load_n(&p->ch->closed, __ATOMIC_ACQUIRE) || (gen && atomic_load(gen) != gen_seen))
-        if (spin > 0) {
-                uint64_t until = now_ns();
+        if (spin > 0 || streaming) {
+                uint64_t now = now_ns(), until;
 
-                until = spin > deadline - MIN(until, deadline) ? deadline : until + spin;
+                spin = MAX(spin, streaming ? STREAM_SPIN_NS : 0);
+                until = spin > deadline - MIN(now, deadline) ? deadline : now + spin;
                 for (unsigned i = 1;; i++) {
                         if (RX_READY())
                                 return 0;
-                        __builtin_ia32_pause();
-                        if (i % 128 == 0 && now_ns() >= until)
-                                break;
+                        if (spin_ns_set(p)) {
+                                /* The caller wants the message the moment it is there. */
+                                __builtin_ia32_pause();
+                                if (i % 128 == 0 && now_ns() >= until)
+                                        break;
+                        } else {
+                                /* A stream's receiver looks once per STREAM_LOOK_NS: every look takes the
+                                 * head's line from the sender, and one that chases the head makes the sender
+                                 * wait for it at each message; one that lags takes what came in one go. */
+                                now = now_ns();
+                                if (now >= until)
+                                        break;
+                                while (now_ns() < now + STREAM_LOOK_NS)
+                                        __builtin_ia32_pause();
+                        }
                 }
         }
+        pthread_mutex_lock(&p->sleep_lock);
+        p->futex_sleepers++;
         seq = __atomic_load_n(&d->wake_seq, __ATOMIC_SEQ_CST);
         __atomic_fetch_or(&d->rx_sleep, SHMZ_RX_SLEEP_FUTEX, __ATOMIC_SEQ_CST);
+        pthread_mutex_unlock(&p->sleep_lock);
         __atomic_thread_fence(__ATOMIC_SEQ_CST); /* our store before our next look (see ring_wake_peer()) */
-        if (RX_READY())
-                return 0;
+        slept = !RX_READY();
 #undef RX_READY
-        r = futex_sleep(&d->wake_seq, seq, deadline);
+        if (slept) /* the stream paused for longer than a spin: request and reply, or idle */
+                atomic_store_explicit(&p->rx_streak, 0, memory_order_relaxed);
+        r = slept ? futex_sleep(&d->wake_seq, seq, deadline) : 0;
+        /* A receiver that keeps up with a stream finds a message here instead of sleeping: without this,
+         * its announcement would stay and cost the sender a futex call per message. Only the last of our
+         * sleepers takes it back (under sleep_lock, which every announcement takes too). */
+        pthread_mutex_lock(&p->sleep_lock);
+        if (--p->futex_sleepers == 0)
+                __atomic_fetch_and(&d->rx_sleep, ~SHMZ_RX_SLEEP_FUTEX, __ATOMIC_RELAXED);
+        pthread_mutex_unlock(&p->sleep_lock);
         if (r < 0)
                 return r;
         if (gen && atomic_load(gen) != gen_seen)
                 return -EINTR; /* a call due sooner than our caller knew: back to it */
-        /* Woken, or the sleep's bound passed: a peer gone while no daemon watches shows only here. */
-        if (__atomic_load_n(&d->wake_seq, __ATOMIC_RELAXED) == seq && port_closed(p))
+        /* Not woken: the sleep's bound passed. A peer gone while no daemon watches shows only here. */
+        if (slept && __atomic_load_n(&d->wake_seq, __ATOMIC_RELAXED) == seq && port_closed(p))
                 atomic_store(&p->peer_eof, true);
         return 0;
 }
@@ -1283,6 +1333,7 @@ static int recv_sleep(struct shmz_port *p, uint64_t deadline, const atomic_uint 
 static int recv_timed(struct shmz_port *p, struct shmz_msg *ret, int64_t timeout_ns, const atomic_uint *gen,
                       unsigned gen_seen) {
         uint64_t deadline = deadline_of(timeout_ns);
+        unsigned waited = 0;
 
         for (;;) {
                 int r;
@@ -1301,10 +1352,18 @@ static int recv_timed(struct shmz_port *p, struct shmz_msg *ret, int64_t timeout
                         return expired(timeout_ns);
                 r = recv_now_locked(p, ret, timeout_ns == 0);
                 pthread_mutex_unlock(&p->recv_lock);
+                if (r == 0 && waited == 0) {
+                        unsigned k = atomic_load_explicit(&p->rx_streak, memory_order_relaxed);
+
+                        if (k < STREAK_SPIN)
+                                atomic_store_explicit(&p->rx_streak, k + 1, memory_order_relaxed);
+                }
                 if (r != -EAGAIN || timeout_ns == 0)
                         return r;
                 /* Sleep outside the lock, so that other receivers keep their own timeouts. */
-                r = recv_sleep(p, deadline, gen, gen_seen);
+                r = recv_sleep(p, deadline, gen, gen_seen,
+                               atomic_load_explicit(&p->rx_streak, memory_order_relaxed) >= STREAK_SPIN);
+                waited++;
                 if (r < 0)
                         return expired(timeout_ns);
         }
@@ -1432,6 +1491,7 @@ int port_new(int sock_fd, int channel_fd, const struct port_params *pp, struct s
         atomic_init(&p->peer_eof, false);
         atomic_init(&p->rx_seen, 0);
         atomic_init(&p->spin_ns, 0);
+        atomic_init(&p->rx_streak, 0);
         atomic_init(&p->poll_fd, -EBADF);
         atomic_init(&p->self_pending, false);
         p->self_fd = -EBADF;
@@ -1442,6 +1502,7 @@ int port_new(int sock_fd, int channel_fd, const struct port_params *pp, struct s
         (void) pthread_mutex_init(&p->tx_lock, NULL);
         (void) pthread_mutex_init(&p->recv_lock, NULL);
         (void) pthread_mutex_init(&p->poll_lock, NULL);
+        (void) pthread_mutex_init(&p->sleep_lock, NULL);
         (void) pthread_mutex_init(&p->rpc_lock, NULL);
         p->tx = calloc(p->max_slots, sizeof(*p->tx));
         p->rx = calloc(p->max_slots, sizeof(*p->rx));
@@ -1526,6 +1587,7 @@ _public_ void shmz_port_close(struct shmz_port *p) {
         (void) pthread_mutex_destroy(&p->tx_lock);
         (void) pthread_mutex_destroy(&p->recv_lock);
         (void) pthread_mutex_destroy(&p->poll_lock);
+        (void) pthread_mutex_destroy(&p->sleep_lock);
         (void) pthread_mutex_destroy(&p->rpc_lock);
         free(p);
 }

@@ -3,6 +3,8 @@
  * Ports side by side with their anchors, two real processes each:
  *  - round trips (rtt_<size>) against a bare SOCK_SEQPACKET socketpair that
  *    copies the payload, both sides sleeping in recv;
+ *  - rtt_64B against a bare futex ping-pong between two processes (no payload):
+ *    the floor of any receiver that sleeps, x near 1 being the best there is;
  *  - rtt_64B and rtt_1MiB against Eclipse iceoryx's C binding (waitset, a RouDi
  *    of our own), when it was found at build time;
  *  - rtt_64B with both sides spinning (shmz_port_set_spin() far longer than a
@@ -28,6 +30,7 @@
  * our rate / the anchor's rate (> 1: we win).
  */
 #include <errno.h>
+#include <linux/futex.h>
 #include <fcntl.h>
 #include <inttypes.h>
 #include <sched.h>
@@ -40,6 +43,7 @@
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -750,6 +754,51 @@ static double iox_rtt(size_t size, long iters, int runs, const char *instance, b
 
 /* ---- main ------------------------------------------------------------------------------- */
 
+/* ---- the floor: two processes waking each other with a bare futex ------------------------- */
+
+static void futex_wait_while(uint32_t *word, uint32_t v) {
+        while (__atomic_load_n(word, __ATOMIC_ACQUIRE) == v)
+                (void) syscall(SYS_futex, word, FUTEX_WAIT, v, NULL, NULL, 0);
+}
+
+static void futex_bump(uint32_t *word) {
+        __atomic_fetch_add(word, 1, __ATOMIC_SEQ_CST);
+        (void) syscall(SYS_futex, word, FUTEX_WAKE, 1, NULL, NULL, 0);
+}
+
+/*
+ * Round trips of a bare futex ping-pong, both sides asleep in FUTEX_WAIT: no
+ * payload, no checks, no ring. What any receiver that sleeps pays for its two
+ * wake-ups on this machine, whatever carries the message.
+ */
+static double futex_rtt(long iters) {
+        uint32_t *w = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+        double t0, t;
+        pid_t pid;
+
+        if (w == MAP_FAILED)
+                die("mmap");
+        pid = fork();
+        if (pid < 0)
+                die("fork");
+        if (pid == 0) {
+                for (long i = 0; i < iters; i++) {
+                        futex_wait_while(&w[0], (uint32_t) i);
+                        futex_bump(&w[16]);
+                }
+                _exit(0);
+        }
+        t0 = now_ns();
+        for (long i = 0; i < iters; i++) {
+                futex_bump(&w[0]);
+                futex_wait_while(&w[16], (uint32_t) i);
+        }
+        t = (now_ns() - t0) / (double) iters;
+        waitpid(pid, NULL, 0);
+        munmap(w, 4096);
+        return t;
+}
+
 struct rtt_case {
         const char *name;
         size_t size;
@@ -816,6 +865,17 @@ int main(void) {
                 printf("rtt %s: shmzone %.0f ns, unix seqpacket %.0f ns%s (median of %d x %ld)\n", rc->name, rc->ours,
                        rc->seq, seq_piece < rc->size ? " (in pieces)" : "", RUNS, rc->iters);
                 printf("RATIO rtt_%s/unix_seqpacket %.3f\n", rc->name, rc->seq / rc->ours);
+                fflush(stdout);
+        }
+        {
+                double fx[RUNS];
+
+                for (int r = 0; r < RUNS; r++)
+                        fx[r] = futex_rtt(cases[0].iters);
+                /* The floor for sleeping receivers: x near 1 means the library adds next to nothing. */
+                printf("rtt bare futex ping-pong (both asleep, no payload) %.0f ns (median of %d x %ld)\n",
+                       median(fx, RUNS), RUNS, cases[0].iters);
+                printf("RATIO rtt_64B/futex_pingpong %.3f\n", median(fx, RUNS) / cases[0].ours);
                 fflush(stdout);
         }
 

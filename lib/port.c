@@ -31,7 +31,8 @@
 #define RUN_MAX 64u     /* chunks per message: one word of used[], one CAS */
 #define FRAME_FDS_MAX 4 /* control room: more fds than this is a violation anyway */
 #define HANDLE_CHUNK (UINT64_C(1) << 63)
-#define DISPATCH_BATCH 64 /* messages one dispatch call handles at most */
+#define DISPATCH_BATCH 64  /* messages one dispatch call handles at most */
+#define SOCK_DRAIN_MAX 256 /* frames a receive that found the ring empty reads from the socket at most */
 
 struct seg {
         uint8_t *map; /* header page, then the chunks */
@@ -684,7 +685,9 @@ static int ring_wait_room(struct shmz_port *p, uint32_t need, uint64_t deadline)
             SHMZ_RING_SLOTS - need)
                 r = futex_sleep(&d->release_seq, seq, deadline);
         __atomic_fetch_sub(&d->sender_waits, 1, __ATOMIC_SEQ_CST);
-        if (r >= 0 && port_closed(p))
+        /* Not woken: the sleep's bound passed, and a peer gone while no daemon watches shows only on the
+         * socket. A woken sender looks at the channel's closed word in ring_put() (no system call). */
+        if (r >= 0 && __atomic_load_n(&d->release_seq, __ATOMIC_RELAXED) == seq && port_closed(p))
                 r = -EPIPE;
         return r;
 }
@@ -780,8 +783,8 @@ static int ring_put(struct shmz_port *p, const struct shmz_desc *d, const void *
                 count_sent(p, (size_t) d->size);
                 /* Own the next slots before the next message: the fence in ring_wake_peer() waits for our
                  * stores, and a store to a line the receiver last read would make it wait for the transfer. */
-                for (uint32_t k = 0; k < 8; k += 2)
-                        __builtin_prefetch(ring_at(p->tx_ring, p->tx_head + 2 + k), 1, 3);
+                for (uint32_t k = 0; k < 4; k++)
+                        __builtin_prefetch(ring_at(p->tx_ring, p->tx_head + k), 1, 3);
                 __builtin_prefetch(&p->txd->head, 1, 3);
                 pthread_mutex_unlock(&p->tx_lock);
                 ring_wake_peer(p);
@@ -1186,6 +1189,8 @@ static bool ring_has_more(struct shmz_port *p) {
  * new. -EAGAIN, -EPIPE once the peer is gone and its ring read to the end.
  */
 static int recv_now_locked(struct shmz_port *p, struct shmz_msg *ret, bool arm) {
+        unsigned budget = SOCK_DRAIN_MAX;
+
         for (unsigned round = 0;; round++) {
                 bool woke = false;
                 int r;
@@ -1225,7 +1230,9 @@ static int recv_now_locked(struct shmz_port *p, struct shmz_msg *ret, bool arm) 
 
                         (void) read(p->self_fd, &v, sizeof(v));
                 }
-                for (;;) {
+                /* At most SOCK_DRAIN_MAX frames a call: a peer that floods the socket keeps the fd readable,
+                 * and the caller comes back, but never stays here. */
+                for (; budget > 0; budget--) {
                         bool wake;
 
                         r = sock_read_one(p, &wake);

@@ -9,6 +9,7 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <linux/futex.h>
+#include <poll.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -813,6 +814,36 @@ static void hostile(enum hostile h) {
 Test(port, hostile_frames_and_descriptors) {
         for (int h = 0; h < H_COUNT; h++)
                 hostile((enum hostile) h);
+}
+
+/* A peer that floods WAKE frames: a receive without waiting reads a bounded number and returns; the port works. */
+Test(port, wake_flood_is_bounded) {
+        struct shmz_frame wake = { .kind = SHMZ_FRAME_WAKE };
+        struct shmz_desc d = { .kind = SHMZ_DESC_DATA, .n_slots = 1, .size = 2 };
+        struct shmz_port *b;
+        struct shmz_msg r;
+        struct raw raw;
+        int n = 0;
+
+        half(64, &raw, &b);
+        /* More than one drain takes, as many as the socket holds. */
+        while (n < 2000 && send(raw.sock, &wake, sizeof(wake), MSG_NOSIGNAL | MSG_DONTWAIT) == sizeof(wake))
+                n++;
+        cr_assert_gt(n, 256, "only %d frames fit", n);
+        cr_assert_eq(shmz_port_recv(b, &r, 0), -EAGAIN);
+        {
+                struct pollfd pfd = { .fd = shmz_port_fd(b), .events = POLLIN };
+
+                cr_assert_eq(poll(&pfd, 1, 0), 1, "the rest of the flood keeps the fd readable");
+        }
+        while (shmz_port_recv(b, &r, 0) == -EAGAIN && n-- > 0)
+                ;
+        raw_put(&raw, &d, "ok", 2, 0);
+        cr_assert_eq(shmz_port_recv(b, &r, -1), 0);
+        cr_assert_eq(memcmp(r.data, "ok", 2), 0);
+        shmz_msg_release(b, &r);
+        shmz_port_close(b);
+        raw_close(&raw);
 }
 
 /* A hugetlbfs memfd takes seals too, but a hole its owner punches would fault our reads: refused. */

@@ -645,6 +645,78 @@ static void fill_port_memory(struct shmz_port *p) {
         cr_assert_eq(n, SMALL_CHUNKS, "only %d chunks of %d before -EAGAIN", n, SMALL_CHUNKS);
 }
 
+/* A suite whose uid may have 2 segments (1 MiB + a header page each) over all its ports, 4 per port otherwise. */
+static void start_capped(void) {
+        start_with("[daemon]\nmemory_budget = 64M\nchunk_size = 64K\nsegment_chunks = 16\nport_memory = 4M\n"
+                   "uid_segment_memory = 3M\n");
+}
+
+TestSuite(ports_capped, .init = start_capped, .fini = stop, .timeout = 120);
+
+/* 64 KiB messages on p with timeout 0 until it refuses: how many went. */
+static int send_until_full(struct shmz_port *p) {
+        static char chunk[KiB(64)];
+        int n = 0, r;
+
+        while ((r = send_bytes(p, 5, 0, 0, chunk, sizeof(chunk), 0)) == 0)
+                n++;
+        cr_assert_eq(r, -EAGAIN, "send: %s", strerror(-r));
+        return n;
+}
+
+Test(ports_capped, segment_memory_of_a_uid_spans_its_ports) {
+        struct shmz_client *c = connect_or_die();
+        struct shmz_listener *l = listen_or_die(c, "capped", 0600);
+        struct shmz_port *p1, *p2;
+        int go[2];
+        pid_t pid;
+
+        cr_assert_eq(pipe(go), 0);
+        pid = fork();
+        cr_assert_geq(pid, 0);
+        if (pid == 0) {
+                /* Two ports that never read; they go when the pipe does. */
+                char b;
+
+                close(go[1]);
+                (void) child_connect("capped");
+                (void) child_connect("capped");
+                (void) !read(go[0], &b, 1);
+                _exit(0);
+        }
+        close(go[0]);
+        p1 = accept_or_die(l);
+        p2 = accept_or_die(l);
+        /* Our uid gets two segments in all, though each port may hold four. */
+        cr_assert_eq(send_until_full(p1), 32);
+        cr_assert_eq(send_until_full(p2), 0);
+        /* Inline messages need no segment. */
+        cr_assert_eq(send_bytes(p2, 6, 0, 0, "small", 5, 0), 0);
+        /* The first port ends: once the daemon drops it, its share goes to the other port. */
+        shmz_port_close(p1);
+        {
+                int n = 0;
+
+                for (int i = 0; i < 200 && n < 32; i++) {
+                        n += send_until_full(p2);
+                        if (n < 32)
+                                sleep_ms(10);
+                }
+                cr_assert_eq(n, 32, "the second port got %d chunks", n);
+        }
+        {
+                struct shmz_daemon_status st;
+
+                cr_assert_eq(shmz_daemon_status(c, &st), 0);
+                cr_assert_eq(st.segments, 2, "segments: %" PRIu64, st.segments);
+        }
+        close(go[1]);
+        shmz_port_close(p2);
+        cr_assert_eq(wait_child(pid), 0);
+        shmz_listener_close(l);
+        shmz_disconnect(c);
+}
+
 struct wake_page {
         _Atomic uint64_t released_ns;
 };

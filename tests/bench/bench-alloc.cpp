@@ -94,6 +94,28 @@ struct ShmzLocked : Shmz {
         }
 };
 
+/*
+ * Not an allocator: the zone lock taken and released once in alloc and once in
+ * free, as shmz_alloc and shmz_free must, and nothing else. Its pair time is the
+ * floor of an allocator that locks per call; glibc's pair (thread cache, no
+ * atomic at all) over it bounds pair/glibc.
+ */
+struct LockFloor : Shmz {
+        char buf[512];
+        LockFloor() {
+                name = "lock_floor";
+        }
+        void *alloc(size_t) {
+                shmz_mutex_lock(shmz_zone_mutex(z));
+                shmz_mutex_unlock(shmz_zone_mutex(z));
+                return buf;
+        }
+        void dealloc(void *) {
+                shmz_mutex_lock(shmz_zone_mutex(z));
+                shmz_mutex_unlock(shmz_zone_mutex(z));
+        }
+};
+
 struct Boost {
         const char *name = "boost";
         std::string shm_name;
@@ -211,7 +233,9 @@ int main() {
         double p_shmz = bench_pair<Shmz>(pair_iters);
         double p_locked = bench_pair<ShmzLocked>(pair_iters);
         double p_boost = bench_pair<Boost>(boost_iters);
-        printf("pair glibc %.1f shmzone %.1f shmzone_locked %.1f boost %.1f\n", p_glibc, p_shmz, p_locked, p_boost);
+        double p_floor = bench_pair<LockFloor>(pair_iters);
+        printf("pair glibc %.1f shmzone %.1f shmzone_locked %.1f boost %.1f lock_floor %.1f\n", p_glibc, p_shmz,
+               p_locked, p_boost, p_floor);
 
         printf("# random churn on 20000 live objects of 16..512 B, ns per free+alloc\n");
         double c_glibc = bench_churn<Glibc>(churn_iters);
@@ -229,6 +253,9 @@ int main() {
         ratio("pair", "glibc", p_glibc / p_shmz);
         ratio("pair", "boost", p_boost / p_shmz);
         ratio("pair_locked", "glibc", p_glibc / p_locked);
+        /* How near the two lock round trips alone we are, and the best pair/glibc any per-call lock allows. */
+        ratio("pair", "lock_floor", p_floor / p_shmz);
+        printf("# floor: two lock/unlock pairs alone give pair/glibc at most %.2f\n", p_glibc / p_floor);
         ratio("churn", "glibc", c_glibc / c_shmz);
         ratio("churn", "boost", c_boost / c_shmz);
         ratio("churn_locked", "glibc", c_glibc / c_locked);

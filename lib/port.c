@@ -109,6 +109,9 @@ struct shmz_port {
         pthread_mutex_t rpc_lock;
         struct call *calls;
         size_t n_calls, cap_calls;
+        /* No pending call's deadline is earlier (a lower bound: exact after each scan). UINT64_MAX: none.
+         * Lets a dispatch that finds nothing due skip the scan of every pending call. */
+        uint64_t min_deadline;
         shmz_msg_handler_t handler;
         void *handler_userdata;
 };
@@ -1511,6 +1514,7 @@ int port_new(int sock_fd, int channel_fd, const struct port_params *pp, struct s
         (void) pthread_mutex_init(&p->poll_lock, NULL);
         (void) pthread_mutex_init(&p->sleep_lock, NULL);
         (void) pthread_mutex_init(&p->rpc_lock, NULL);
+        p->min_deadline = UINT64_MAX;
         p->tx = calloc(p->max_slots, sizeof(*p->tx));
         p->rx = calloc(p->max_slots, sizeof(*p->rx));
         p->ch = mmap(NULL, SHMZ_CHANNEL_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED, cfd, 0);
@@ -1714,28 +1718,55 @@ static bool call_take_locked(struct shmz_port *p, uint32_t stream, bool remove, 
         return false;
 }
 
-/* Ends calls with error: all of them, or those whose deadline passed. Handlers run without the lock. */
+static bool call_due(const struct call *c, bool only_expired, uint64_t now) {
+        return !only_expired || (c->deadline_ns != 0 && c->deadline_ns <= now);
+}
+
+/*
+ * Takes out up to n calls that are due (rpc_lock held) into ret, and returns
+ * how many. A scan that takes them all also makes min_deadline exact again.
+ */
+static size_t calls_take_due_locked(struct shmz_port *p, bool only_expired, uint64_t now, struct call *ret, size_t n) {
+        uint64_t min = UINT64_MAX;
+        size_t k = 0;
+
+        for (size_t i = 0; i < p->n_calls;) {
+                if (call_due(&p->calls[i], only_expired, now) && k < n) {
+                        ret[k++] = p->calls[i];
+                        p->calls[i] = p->calls[--p->n_calls];
+                        continue;
+                }
+                if (p->calls[i].deadline_ns != 0 && p->calls[i].deadline_ns < min)
+                        min = p->calls[i].deadline_ns;
+                i++;
+        }
+        if (k < n)
+                p->min_deadline = min;
+        return k;
+}
+
+/*
+ * Ends calls with error: all of them, or those whose deadline passed. Handlers
+ * run without the lock; one scan of the pending calls takes out a batch, so
+ * ending k of n calls costs about n + k, and finding none due costs nothing.
+ */
 static int fail_calls(struct shmz_port *p, int error, bool only_expired) {
         uint64_t now = only_expired ? now_ns() : 0;
         int n = 0;
 
         for (;;) {
-                struct call c;
-                bool found = false;
+                struct call batch[32];
+                size_t k = 0;
 
                 pthread_mutex_lock(&p->rpc_lock);
-                for (size_t i = 0; i < p->n_calls; i++)
-                        if (!only_expired || (p->calls[i].deadline_ns != 0 && p->calls[i].deadline_ns <= now)) {
-                                c = p->calls[i];
-                                p->calls[i] = p->calls[--p->n_calls];
-                                found = true;
-                                break;
-                        }
+                if (p->n_calls > 0 && (!only_expired || p->min_deadline <= now))
+                        k = calls_take_due_locked(p, only_expired, now, batch, ELEMENTSOF(batch));
                 pthread_mutex_unlock(&p->rpc_lock);
-                if (!found)
+                for (size_t i = 0; i < k; i++)
+                        batch[i].handler(p, error, NULL, batch[i].userdata);
+                n += (int) k;
+                if (k < ELEMENTSOF(batch))
                         return n;
-                c.handler(p, error, NULL, c.userdata);
-                n++;
         }
 }
 
@@ -1783,6 +1814,8 @@ _public_ int shmz_port_call(struct shmz_port *p, const struct shmz_msg *m, uint6
                 p->cap_calls = cap;
         }
         p->calls[p->n_calls++] = c;
+        if (deadline_ns != 0 && deadline_ns < p->min_deadline)
+                p->min_deadline = deadline_ns;
         pthread_mutex_unlock(&p->rpc_lock);
         if (deadline_ns != 0) {
                 uint64_t until;
@@ -1817,10 +1850,10 @@ _public_ uint64_t shmz_port_next_deadline(struct shmz_port *p) {
 
         if (!p)
                 return d;
+        /* A lower bound: a dispatcher woken by a deadline that went with its call scans once and waits on. */
         pthread_mutex_lock(&p->rpc_lock);
-        for (size_t i = 0; i < p->n_calls; i++)
-                if (p->calls[i].deadline_ns != 0)
-                        d = MIN(d, p->calls[i].deadline_ns);
+        if (p->n_calls > 0)
+                d = p->min_deadline;
         pthread_mutex_unlock(&p->rpc_lock);
         return d;
 }

@@ -1063,6 +1063,57 @@ Test(port, rpc) {
         shmz_port_close(a);
 }
 
+/* Many pending calls: those due end in one dispatch, the next deadline stays right, the rest end with the peer. */
+Test(port, rpc_many_calls_and_their_deadlines) {
+        struct shmz_port *a, *b;
+        struct shmz_msg req = { .type = 1, .data = "q", .size = 2, .fd = -1 };
+        struct rpc_seen seen = {}, answered = {}, late = {};
+        uint64_t t0, far;
+        int mode = 0;
+
+        pair(64, UINT64_C(1) << 24, &a, &b);
+        shmz_port_set_handler(b, server, &mode);
+        t0 = mono_ns();
+        far = t0 + UINT64_C(10000000000);
+
+        /* A call that is answered takes its deadline with it, at the latest once that time came. */
+        cr_assert_eq(shmz_port_call(a, &req, t0 + 40000000, on_reply, &answered, NULL), 0);
+        cr_assert_eq(shmz_port_dispatch(b, -1), 1);
+        cr_assert_eq(shmz_port_call(a, &req, far, on_reply, &late, NULL), 0);
+        cr_assert_eq(shmz_port_dispatch(a, -1), 2);
+        cr_assert_eq(answered.ended, 1);
+        cr_assert_leq(shmz_port_next_deadline(a), far);
+        cr_assert_geq(shmz_port_next_deadline(a), t0 + 40000000);
+        while (mono_ns() < t0 + 50000000)
+                usleep(5000);
+        cr_assert_eq(shmz_port_dispatch(a, 0), -EAGAIN);
+        cr_assert_eq(shmz_port_next_deadline(a), far);
+
+        /* 100 calls due soon among others: one dispatch ends exactly those. */
+        t0 = mono_ns();
+        for (int i = 0; i < 100; i++)
+                cr_assert_eq(shmz_port_call(a, &req, t0 + 20000000, on_reply, &seen, NULL), 0);
+        for (int i = 0; i < 50; i++)
+                cr_assert_eq(shmz_port_call(a, &req, 0, on_reply, &seen, NULL), 0);
+        cr_assert_eq(shmz_port_next_deadline(a), t0 + 20000000);
+        cr_assert_eq(shmz_port_dispatch(a, -1), 100);
+        cr_assert_geq(mono_ns(), t0 + 20000000);
+        cr_assert_eq(seen.ended, 100);
+        cr_assert_eq(seen.last_error, -ETIMEDOUT);
+        cr_assert_eq(late.ended, 0);
+        cr_assert_eq(shmz_port_next_deadline(a), far);
+
+        /* The peer goes: the 51 left end, in batches, with -EPIPE. */
+        shmz_port_close(b);
+        cr_assert_eq(shmz_port_dispatch(a, -1), 51);
+        cr_assert_eq(seen.ended, 150);
+        cr_assert_eq(seen.last_error, -EPIPE);
+        cr_assert_eq(late.ended, 1);
+        cr_assert_eq(late.last_error, -EPIPE);
+        cr_assert_eq(shmz_port_next_deadline(a), UINT64_MAX);
+        shmz_port_close(a);
+}
+
 struct dispatcher {
         struct shmz_port *p;
         int r;

@@ -1947,6 +1947,14 @@ struct shmz_listener {
         pthread_mutex_t lock;
         struct pending *queue;
         size_t n_queue, cap_queue;
+        /*
+         * Ports taken whose PORT_ACCEPTED the connection had no room for yet:
+         * sent at the next accept or at close. A daemon that has notices queued
+         * for us reads nothing from us until we read them, so waiting for room
+         * here would wait for ourselves.
+         */
+        uint64_t *unsent;
+        size_t n_unsent, cap_unsent;
         bool dead;
 };
 
@@ -2113,18 +2121,41 @@ _public_ int shmz_listener_fd(const struct shmz_listener *l) {
         return client_fd(l->conn);
 }
 
+/* Sends what PORT_ACCEPTED it can without waiting (lock held); they are independent, so last first. */
+static void listener_flush_locked(struct shmz_listener *l) {
+        while (l->n_unsent > 0) {
+                struct shmz_msg_port_ref ref = { .port_id = l->unsent[l->n_unsent - 1] };
+                int r = proto_send(client_fd(l->conn), SHMZ_MSG_PORT_ACCEPTED, 0, 0, 0, &ref, sizeof(ref), -EBADF);
+
+                if (r == -EAGAIN)
+                        return;
+                /* Sent, or the connection is gone (and with it every port not accepted: nothing to tell). */
+                l->n_unsent--;
+        }
+}
+
 /* Tells the daemon a port was taken (the daemon counts it accepted, and no longer drops it with the listener). */
 static void listener_accepted(struct shmz_listener *l, uint64_t port_id) {
         struct shmz_msg_port_ref ref = { .port_id = port_id };
-        int fd = client_fd(l->conn);
 
-        for (int tries = 0; tries < 100; tries++) {
-                int r = proto_send(fd, SHMZ_MSG_PORT_ACCEPTED, 0, 0, 0, &ref, sizeof(ref), -EBADF);
+        pthread_mutex_lock(&l->lock);
+        if (l->n_unsent == l->cap_unsent) {
+                size_t cap = MAX((size_t) 8, l->cap_unsent * 2);
+                uint64_t *a = realloc(l->unsent, cap * sizeof(*a));
 
-                if (r != -EAGAIN)
+                if (!a) {
+                        /* Out of memory: one try now; a port not counted accepted ends with the listener. */
+                        (void) proto_send(client_fd(l->conn), SHMZ_MSG_PORT_ACCEPTED, 0, 0, 0, &ref, sizeof(ref),
+                                          -EBADF);
+                        pthread_mutex_unlock(&l->lock);
                         return;
-                (void) wait_fd(fd, POLLOUT, now_ns() + UINT64_C(100000000));
+                }
+                l->unsent = a;
+                l->cap_unsent = cap;
         }
+        l->unsent[l->n_unsent++] = port_id;
+        listener_flush_locked(l);
+        pthread_mutex_unlock(&l->lock);
 }
 
 _public_ int shmz_port_accept(struct shmz_listener *l, int64_t timeout_ns, struct shmz_port **ret) {
@@ -2139,6 +2170,7 @@ _public_ int shmz_port_accept(struct shmz_listener *l, int64_t timeout_ns, struc
                 int r = 0;
 
                 pthread_mutex_lock(&l->lock);
+                listener_flush_locked(l);
                 while (l->n_queue == 0 && r >= 0 && !l->dead)
                         r = listener_read_locked(l, 0, 0, NULL, 0, &got);
                 if (l->n_queue > 0) {
@@ -2177,25 +2209,54 @@ _public_ int shmz_port_accept(struct shmz_listener *l, int64_t timeout_ns, struc
  * connections never accepted: once we return, the name is free again.
  * Notices that still come are dropped, their ends shut down.
  */
+/* Reads one message of the daemon's and drops it (a notice's socket end: its connector sees the end). */
+static int listener_discard_one(int fd) {
+        uint8_t buf[SHMZ_MSG_MAX];
+        int fds[PROTO_MAX_FDS], r;
+        size_t size, n_fds;
+
+        r = proto_recv(fd, buf, sizeof(buf), &size, fds, &n_fds);
+        for (size_t i = 0; i < n_fds; i++) {
+                (void) shutdown(fds[i], SHUT_RDWR);
+                safe_close(fds[i]);
+        }
+        return r == -EMSGSIZE || r == -EBADMSG ? 0 : r;
+}
+
 static void listener_hang_up(struct shmz_listener *l) {
         uint64_t deadline = now_ns() + UINT64_C(2000000000);
         int fd = client_fd(l->conn);
 
+        /*
+         * Ports taken must reach the daemon before the hang-up, or it would end
+         * them with the listener. Reading what it still sends lets it read us.
+         */
+        while (l->n_unsent > 0) {
+                struct pollfd pfd = { .fd = fd, .events = POLLIN | POLLOUT };
+                uint64_t now = now_ns();
+                int r;
+
+                listener_flush_locked(l);
+                if (l->n_unsent == 0 || now >= deadline)
+                        break;
+                r = poll(&pfd, 1, (int) MIN((deadline - now) / 1000000 + 1, (uint64_t) INT_MAX));
+                if (r < 0 && errno != EINTR)
+                        return;
+                if (r > 0 && (pfd.revents & POLLIN)) {
+                        r = listener_discard_one(fd);
+                        if (r < 0 && r != -EAGAIN)
+                                return;
+                }
+        }
         if (shutdown(fd, SHUT_WR) < 0)
                 return;
         for (;;) {
-                uint8_t buf[SHMZ_MSG_MAX];
-                int fds[PROTO_MAX_FDS], r;
-                size_t size, n_fds;
+                int r;
 
                 if (wait_fd(fd, POLLIN, deadline) < 0)
                         return;
-                r = proto_recv(fd, buf, sizeof(buf), &size, fds, &n_fds);
-                for (size_t i = 0; i < n_fds; i++) {
-                        (void) shutdown(fds[i], SHUT_RDWR); /* a socket end: its connector sees the end */
-                        safe_close(fds[i]);
-                }
-                if (r < 0 && r != -EAGAIN && r != -EMSGSIZE && r != -EBADMSG)
+                r = listener_discard_one(fd);
+                if (r < 0 && r != -EAGAIN)
                         return; /* end of file (or the connection broke): the daemon is done with it */
         }
 }
@@ -2208,6 +2269,7 @@ _public_ void shmz_listener_close(struct shmz_listener *l) {
         free(l->queue);
         if (l->conn && !l->dead)
                 listener_hang_up(l);
+        free(l->unsent);
         /* Closing the connection unpublishes the name; the daemon shuts down ports never accepted. */
         shmz_disconnect(l->conn);
         client_unref(l->client);

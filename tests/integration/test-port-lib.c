@@ -10,6 +10,7 @@
 #include <signal.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -333,4 +334,73 @@ Test(portlib, listener_close_keeps_accepted_ports) {
 
 int main(int argc, char *argv[]) {
         return harness_main(argc, argv, /* need_root= */ true, /* need_fuse= */ false);
+}
+
+/* ---- a listener whose daemon reads nothing for a while --------------------------------- */
+
+#define STORM 100
+
+static void start_storm(void) {
+        harness_init(&d, "[daemon]\nport_backlog = 1024\nmax_ports_per_uid = 1024\n");
+        cr_assert_eq(harness_start(&d, NULL, false), 0, "daemon did not start: %s", harness_log(&d));
+}
+
+TestSuite(portstorm, .init = start_storm, .fini = stop, .timeout = 120);
+
+/*
+ * Connections wait for a listener whose connection has room for only a few
+ * messages, and the daemon reads nothing (stopped). Taking them must not wait
+ * for that room (each PORT_ACCEPTED waits in the listener instead), and the
+ * listener's close must deliver every one before it hangs up: no port taken
+ * ends with the listener.
+ */
+Test(portstorm, accepts_never_wait_for_the_daemon_and_every_port_taken_is_kept) {
+        static struct shmz_port *cp[STORM], *ap[STORM];
+        struct shmz_client *c1, *c2;
+        struct shmz_listener *l;
+        int one = 1, failed = -1, fr = 0;
+        uint64_t t0, took;
+
+        cr_assert_eq(shmz_connect(d.socket, &c1), 0);
+        cr_assert_eq(shmz_connect(d.socket, &c2), 0);
+        cr_assert_eq(shmz_port_listen(c1, "storm", 0600, &l), 0);
+        for (int i = 0; i < STORM; i++) {
+                int r = shmz_port_connect(c2, "storm", &cp[i]);
+
+                cr_assert_eq(r, 0, "connect %d: %s", i, strerror(-r));
+        }
+        /* The smallest send buffer the kernel allows: a handful of PORT_ACCEPTED fill it. */
+        cr_assert_eq(setsockopt(shmz_listener_fd(l), SOL_SOCKET, SO_SNDBUF, &one, sizeof(one)), 0);
+
+        cr_assert_eq(kill(d.pid, SIGSTOP), 0);
+        t0 = mono_ns();
+        for (int i = 0; i < STORM && failed < 0; i++) {
+                fr = shmz_port_accept(l, 5000000000, &ap[i]);
+                if (fr < 0)
+                        failed = i;
+        }
+        took = mono_ns() - t0;
+        cr_assert_eq(kill(d.pid, SIGCONT), 0);
+        cr_assert_eq(failed, -1, "accept %d: %s", failed, strerror(-fr));
+        fprintf(stderr, "FIGURE accept_%d_daemon_stopped_ms %llu\n", STORM, (unsigned long long) (took / 1000000));
+        cr_assert_lt(took, UINT64_C(2000000000), "%d accepts took %llu ms", STORM,
+                     (unsigned long long) (took / 1000000));
+
+        t0 = mono_ns();
+        shmz_listener_close(l);
+        cr_assert_lt(mono_ns() - t0, UINT64_C(3000000000));
+        for (int i = 0; i < STORM; i++) {
+                struct shmz_msg m = { .type = 7, .data = &i, .size = sizeof(i), .fd = -1 }, r;
+
+                cr_assert_eq(shmz_port_send(cp[i], &m, 2000000000), 0, "port %d", i);
+                cr_assert_eq(shmz_port_recv(ap[i], &r, 2000000000), 0, "port %d", i);
+                cr_assert_eq(r.type, 7);
+                shmz_msg_release(ap[i], &r);
+        }
+        for (int i = 0; i < STORM; i++) {
+                shmz_port_close(cp[i]);
+                shmz_port_close(ap[i]);
+        }
+        shmz_disconnect(c2);
+        shmz_disconnect(c1);
 }

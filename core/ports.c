@@ -1009,6 +1009,43 @@ int ports_listener_info(struct ports *pt, const char *name, struct shmz_msg_port
         return 0;
 }
 
+int ports_listener_info_by_ino(struct ports *pt, uint64_t ino, struct shmz_msg_port_info *ret) {
+        int r = -ENOENT;
+
+        if (ino < PORTS_INO_LISTENER_BASE)
+                return -ENOENT;
+        /* By name is how they are kept; names are few next to lookups, and this copies nothing else. */
+        pthread_mutex_lock(&pt->lock);
+        for (size_t i = 0; i < pt->n_listeners; i++)
+                if (pt->listeners[i]->serial == ino - PORTS_INO_LISTENER_BASE) {
+                        listener_info_fill(pt->listeners[i], ret);
+                        r = 0;
+                        break;
+                }
+        pthread_mutex_unlock(&pt->lock);
+        return r;
+}
+
+int ports_connection_info(struct ports *pt, const char *listener, uint64_t port_id, struct shmz_msg_port_info *ret) {
+        struct port *p;
+        bool found;
+        size_t i;
+        int r = -ENOENT;
+
+        if (!listener)
+                return -EINVAL;
+        pthread_mutex_lock(&pt->lock);
+        i = listener_pos(pt, listener, &found);
+        p = found ? port_by_id(pt, port_id) : NULL;
+        /* A port of an earlier listener of the same name is not this one's. */
+        if (p && p->listener == pt->listeners[i]) {
+                port_info_fill(p, ret);
+                r = 0;
+        }
+        pthread_mutex_unlock(&pt->lock);
+        return r;
+}
+
 int ports_port_info(struct ports *pt, uint64_t port_id, struct shmz_msg_port_info *ret) {
         struct port *p;
 

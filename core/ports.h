@@ -116,6 +116,9 @@ int ports_list_connections(struct ports *pt, const char *name, struct shmz_msg_p
 int ports_list_ports(struct ports *pt, struct shmz_msg_port_info **ret, size_t *ret_n);
 int ports_listener_info(struct ports *pt, const char *name, struct shmz_msg_port_info *ret, uint64_t *ret_ino);
 int ports_port_info(struct ports *pt, uint64_t port_id, struct shmz_msg_port_info *ret);
+/* The view's lookups, copying one record: the listener with this inode; a port of the listener named so. */
+int ports_listener_info_by_ino(struct ports *pt, uint64_t ino, struct shmz_msg_port_info *ret);
+int ports_connection_info(struct ports *pt, const char *listener, uint64_t port_id, struct shmz_msg_port_info *ret);
 /* Segments by id. */
 int ports_list_segments(struct ports *pt, struct shmz_msg_segment_info **ret, size_t *ret_n);
 /*

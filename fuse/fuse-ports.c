@@ -168,25 +168,15 @@ static void segment_stat(const struct shmz_msg_segment_info *i, bool linked, str
 
 /* ---- finding things --------------------------------------------------------------------- */
 
-/* The core finds listeners by name only: walk them for the one with this inode. */
 static int listener_by_ino(struct ports *pt, uint64_t ino, struct shmz_msg_port_info *ret) {
-        _cleanup_free_ struct shmz_msg_port_info *l = NULL;
-        size_t n = 0;
         int r;
 
         if (!pt)
                 return -ENOENT;
-        r = ports_list_listeners(pt, &l, &n);
-        if (r < 0)
-                return r;
-        for (size_t i = 0; i < n; i++) {
-                uint64_t li = 0;
-
-                l[i].name[SHMZ_NAME_BUF - 1] = 0;
-                if (ports_listener_info(pt, l[i].name, ret, &li) >= 0 && li == ino)
-                        return 0;
-        }
-        return -ENOENT;
+        r = ports_listener_info_by_ino(pt, ino, ret);
+        if (r >= 0)
+                ret->name[SHMZ_NAME_BUF - 1] = 0;
+        return r;
 }
 
 /* A listener by name, checked against the inode the caller knows (a name may be published again). */
@@ -204,20 +194,11 @@ static int listener_named(struct ports *pt, const char *name, uint64_t ino, stru
 
 /* A connection of this listener (one of the same name published earlier does not count). */
 static int connection_of(struct ports *pt, const char *listener, uint64_t port_id, struct shmz_msg_port_info *ret) {
-        _cleanup_free_ struct shmz_msg_port_info *c = NULL;
-        size_t n = 0;
-        int r;
+        int r = ports_connection_info(pt, listener, port_id, ret);
 
-        r = ports_list_connections(pt, listener, &c, &n);
-        if (r < 0)
-                return r;
-        for (size_t i = 0; i < n; i++)
-                if (c[i].port_id == port_id) {
-                        *ret = c[i];
-                        ret->name[SHMZ_NAME_BUF - 1] = 0;
-                        return 0;
-                }
-        return -ENOENT;
+        if (r >= 0)
+                ret->name[SHMZ_NAME_BUF - 1] = 0;
+        return r;
 }
 
 /* An open file of a port or segment gone from the table still answers fstat and fgetxattr. */

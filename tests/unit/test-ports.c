@@ -582,6 +582,46 @@ Test(ports, pages_match_listings) {
                 ports_unlisten(pt, l[i]);
 }
 
+/* The view's single-record lookups: by inode, and a port only under the listener that brokered it. */
+Test(ports, lookups_by_inode_and_by_listener) {
+        struct shmz_msg_port_info li, pi;
+        struct shmz_msg_port_peer c;
+        struct listener *l, *l2;
+        struct port *p, *p2;
+        uint64_t ino, ino2;
+
+        cr_assert_eq(ports_listen(pt, &OWNER, "svc", 0666, NULL, &l), 0);
+        cr_assert_eq(ports_listener_info(pt, "svc", NULL, &ino), 0);
+        cr_assert_eq(ports_listener_info_by_ino(pt, ino, &li), 0);
+        cr_assert_str_eq(li.name, "svc");
+        cr_assert_eq(ports_listener_info_by_ino(pt, ino + 1, &li), -ENOENT);
+        cr_assert_eq(ports_listener_info_by_ino(pt, 5, &li), -ENOENT);
+
+        p = connect_ok(&OTHER, "svc");
+        ports_port_peer(pt, p, 0, &c);
+        cr_assert_eq(ports_connection_info(pt, "svc", c.port_id, &pi), 0);
+        cr_assert_eq(pi.port_id, c.port_id);
+        cr_assert_eq(ports_connection_info(pt, "nope", c.port_id, &pi), -ENOENT);
+        cr_assert_eq(ports_connection_info(pt, "svc", c.port_id + 1000, &pi), -ENOENT);
+
+        /* The name published again: a new inode, and the old listener's port is not the new one's. */
+        ports_unlisten(pt, l);
+        cr_assert_eq(ports_listener_info_by_ino(pt, ino, &li), -ENOENT);
+        cr_assert_eq(ports_listen(pt, &OWNER, "svc", 0666, NULL, &l2), 0);
+        cr_assert_eq(ports_listener_info(pt, "svc", NULL, &ino2), 0);
+        cr_assert_neq(ino2, ino);
+        cr_assert_eq(ports_listener_info_by_ino(pt, ino2, &li), 0);
+        cr_assert_eq(ports_connection_info(pt, "svc", c.port_id, &pi), -ENOENT);
+        cr_assert_eq(ports_port_info(pt, c.port_id, &pi), 0); /* it lives on, under no listener */
+        p2 = connect_ok(&OTHER, "svc");
+        ports_port_peer(pt, p2, 0, &c);
+        cr_assert_eq(ports_connection_info(pt, "svc", c.port_id, &pi), 0);
+
+        ports_port_drop(pt, p, false);
+        ports_port_drop(pt, p2, false);
+        ports_unlisten(pt, l2);
+}
+
 struct seen {
         int added, removed;
 };

@@ -1713,6 +1713,8 @@ static bool call_take_locked(struct shmz_port *p, uint32_t stream, bool remove, 
                         *ret = p->calls[i];
                         if (remove)
                                 p->calls[i] = p->calls[--p->n_calls];
+                        if (p->n_calls == 0)
+                                p->min_deadline = UINT64_MAX; /* exact again for free */
                         return true;
                 }
         return false;

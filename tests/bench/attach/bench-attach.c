@@ -52,22 +52,25 @@ static double run_shmz_open(struct shmz_client *c) {
         return (now_ns() - t0) / ITERATIONS;
 }
 
+/* What both anchors do with the fd they got: map, touch the first page, unmap, close. */
+static void map_touch_close(int fd) {
+        void *p;
+
+        if (fd < 0)
+                abort();
+        p = mmap(NULL, ZONE_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+        if (p == MAP_FAILED)
+                abort();
+        ((volatile char *) p)[0]++;
+        munmap(p, ZONE_SIZE);
+        close(fd);
+}
+
 static double run_shm_open(const char *name) {
         double t0 = now_ns();
 
-        for (int i = 0; i < ITERATIONS; i++) {
-                int fd = shm_open(name, O_RDWR | O_CLOEXEC, 0);
-                void *p;
-
-                if (fd < 0)
-                        abort();
-                p = mmap(NULL, ZONE_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-                if (p == MAP_FAILED)
-                        abort();
-                ((volatile char *) p)[0]++;
-                munmap(p, ZONE_SIZE);
-                close(fd);
-        }
+        for (int i = 0; i < ITERATIONS; i++)
+                map_touch_close(shm_open(name, O_RDWR | O_CLOEXEC, 0));
         return (now_ns() - t0) / ITERATIONS;
 }
 
@@ -111,17 +114,10 @@ static double run_fd_roundtrip(int sock) {
 
         for (int i = 0; i < ITERATIONS; i++) {
                 char byte = 1;
-                int fd;
-                void *p;
 
-                if (send(sock, &byte, 1, MSG_NOSIGNAL) != 1 || (fd = recv_fd(sock)) < 0)
+                if (send(sock, &byte, 1, MSG_NOSIGNAL) != 1)
                         abort();
-                p = mmap(NULL, ZONE_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-                if (p == MAP_FAILED)
-                        abort();
-                ((volatile char *) p)[0]++;
-                munmap(p, ZONE_SIZE);
-                close(fd);
+                map_touch_close(recv_fd(sock));
         }
         return (now_ns() - t0) / ITERATIONS;
 }

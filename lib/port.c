@@ -9,11 +9,13 @@
 #include <limits.h>
 #include <linux/futex.h>
 #include <linux/magic.h>
+#include <linux/sockios.h>
 #include <poll.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
+#include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -1029,15 +1031,31 @@ static int sock_read_one(struct shmz_port *p, bool *ret_wake) {
 /*
  * What a descriptor needs from the socket, which its sender wrote there
  * before publishing it (an announced slot, an fd): frames are read until it
- * is there. Not there once the socket is empty: a violation.
+ * is there. It was queued before we saw the descriptor, so it is among the
+ * frames queued when we start: we read at most those (every frame takes
+ * sizeof(struct shmz_frame) bytes or more), never a flood sent since. Not
+ * there by then: a violation.
  */
 static int sock_read_until(struct shmz_port *p, uint32_t slot, bool want_fd) {
+        int budget = -1;
+
         for (;;) {
                 bool wake;
                 int r;
 
                 if (want_fd ? p->rx_fds_n > 0 : atomic_load(&p->rx[slot]) != NULL)
                         return 0;
+                if (budget < 0) {
+                        int queued = 0;
+
+                        /* Bytes queued (SOCK_SEQPACKET: all frames). Cannot fail on our connected end;
+                         * if it did, the port would end here. */
+                        if (ioctl(p->fd, SIOCINQ, &queued) < 0)
+                                queued = 0;
+                        budget = queued / (int) sizeof(struct shmz_frame);
+                }
+                if (budget-- == 0)
+                        return violation(p, NULL, 0);
                 r = sock_read_one(p, &wake);
                 if (r == -EAGAIN || r == -EPIPE)
                         return violation(p, NULL, 0);

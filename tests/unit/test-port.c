@@ -846,6 +846,89 @@ Test(port, wake_flood_is_bounded) {
         raw_close(&raw);
 }
 
+/*
+ * A descriptor names a slot never announced, and the peer floods WAKE frames
+ * as fast as they are read: the receive looking for the SEGMENT frame must
+ * not read the flood for ever (what it needs was sent before the descriptor,
+ * so it is among the frames queued when it starts looking).
+ */
+struct flooder {
+        int sock;
+        atomic_bool stop;
+        atomic_ulong sent;
+};
+
+static void *flood_wakes(void *arg) {
+        struct flooder *fl = arg;
+        struct shmz_frame wake = { .kind = SHMZ_FRAME_WAKE };
+
+        while (!atomic_load(&fl->stop) && send(fl->sock, &wake, sizeof(wake), MSG_NOSIGNAL) == sizeof(wake))
+                fl->sent++;
+        return NULL;
+}
+
+struct receiver {
+        struct shmz_port *p;
+        int64_t timeout_ns;
+        int r;
+        atomic_bool done;
+        uint64_t took_ns;
+};
+
+static void *recv_once(void *arg) {
+        struct receiver *rc = arg;
+        uint64_t t0 = mono_ns();
+        struct shmz_msg m;
+
+        rc->r = shmz_port_recv(rc->p, &m, rc->timeout_ns);
+        rc->took_ns = mono_ns() - t0;
+        if (rc->r == 0)
+                shmz_msg_release(rc->p, &m);
+        atomic_store(&rc->done, true);
+        return NULL;
+}
+
+/* Waits up to ms for rc to finish. */
+static bool wait_done(struct receiver *rc, int ms) {
+        for (int i = 0; i < ms && !atomic_load(&rc->done); i++)
+                usleep(1000);
+        return atomic_load(&rc->done);
+}
+
+Test(port, wake_flood_while_a_descriptor_waits_for_its_segment) {
+        struct shmz_desc d = { .kind = SHMZ_DESC_DATA, .n_slots = 1, .flags = SHMZ_FRAME_F_CHUNK, .size = 10 };
+        struct flooder fl = {};
+        struct receiver rc = {};
+        struct shmz_port *b;
+        struct raw raw;
+        pthread_t tf[6], tr;
+        bool done;
+
+        half(64, &raw, &b);
+        /* Slot 0 is never announced; the flood fills the socket before the receive starts, and keeps it full. */
+        raw_put(&raw, &d, NULL, 0, 0);
+        fl.sock = raw.sock;
+        for (int i = 0; i < 6; i++)
+                cr_assert(pthread_create(&tf[i], NULL, flood_wakes, &fl) == 0);
+        usleep(20000);
+        rc = (struct receiver){ .p = b, .timeout_ns = 0 };
+        cr_assert(pthread_create(&tr, NULL, recv_once, &rc) == 0);
+        done = wait_done(&rc, 1000);
+        atomic_store(&fl.stop, true);
+        pthread_join(tr, NULL);
+        (void) shutdown(raw.sock, SHUT_RDWR); /* a flooder blocked in send() returns */
+        for (int i = 0; i < 6; i++)
+                pthread_join(tf[i], NULL);
+        cr_log_info("receive: %llu ns, %lu frames sent", (unsigned long long) rc.took_ns, fl.sent);
+        cr_assert(done, "the receive read the flood for over a second (%lu frames)", fl.sent);
+        /* It reads what was queued when it started looking (a few hundred frames), not the flood. */
+        cr_assert_lt(rc.took_ns, UINT64_C(100000000), "the receive took %llu ns", (unsigned long long) rc.took_ns);
+        cr_assert_eq(rc.r, -EBADMSG);
+        cr_assert_eq(shmz_port_recv(b, &(struct shmz_msg){}, 0), -EPIPE);
+        shmz_port_close(b);
+        raw_close(&raw);
+}
+
 /* A hugetlbfs memfd takes seals too, but a hole its owner punches would fault our reads: refused. */
 Test(port, hugetlb_segment_refused) {
         struct shmz_frame_segment fs = { .id = 1, .chunk_size = CHUNK, .n_chunks = 511 };

@@ -463,8 +463,10 @@ static int frame_send(struct shmz_port *p, const struct shmz_frame *f, const voi
  * Adds a segment to this side's table (create_lock held): asks the source,
  * checks and maps it, announces it to the peer, and only then publishes the
  * slot, so no other thread can send a DATA frame naming it before its SEGMENT.
+ * Never waits for the socket (*ret_full: it was full, the segment is kept for
+ * the next try): the caller waits without the lock.
  */
-static int tx_grow_locked(struct shmz_port *p, int64_t timeout_ns, uint64_t deadline) {
+static int tx_grow_locked(struct shmz_port *p, bool *ret_full) {
         uint32_t slot = atomic_load(&p->n_tx);
         struct shmz_frame_segment fs;
         struct shmz_frame f;
@@ -492,9 +494,11 @@ static int tx_grow_locked(struct shmz_port *p, int64_t timeout_ns, uint64_t dead
                 .n_chunks = p->pp.segment_chunks,
         };
         f = (struct shmz_frame){ .kind = SHMZ_FRAME_SEGMENT, .size = sizeof(fs), .segment = slot };
-        r = frame_send(p, &f, &fs, sizeof(fs), s->fd, timeout_ns, deadline);
-        if (r < 0)
+        r = frame_send(p, &f, &fs, sizeof(fs), s->fd, 0, 0);
+        if (r < 0) {
+                *ret_full = r == -EAGAIN;
                 return r; /* kept for the next try: the daemon counted it already */
+        }
         p->tx_unannounced = NULL;
         s->fd = safe_close(s->fd); /* the peer has its copy, the daemon its own: the mapping is enough */
         atomic_store(&p->tx[slot], s);
@@ -528,12 +532,24 @@ static int tx_claim(struct shmz_port *p, uint32_t n, int64_t timeout_ns, uint64_
                         goto done;
                 }
                 if (n_tx < p->max_slots) {
+                        bool full = false;
+
                         pthread_mutex_lock(&p->create_lock);
                         /* Another thread may have added one while we scanned: scan again first. */
-                        r = atomic_load(&p->n_tx) == n_tx ? tx_grow_locked(p, timeout_ns, deadline) : 0;
+                        r = atomic_load(&p->n_tx) == n_tx ? tx_grow_locked(p, &full) : 0;
                         pthread_mutex_unlock(&p->create_lock);
                         if (r >= 0)
                                 continue;
+                        if (full && timeout_ns != 0) {
+                                /* The peer has not read its socket: wait for room without the lock, so that a
+                                 * peer that never reads holds up no other thread past its own timeout. */
+                                r = wait_fd(p->fd, POLLOUT, deadline);
+                                if (r < 0) {
+                                        r = r == -ETIMEDOUT ? expired(timeout_ns) : r;
+                                        goto done;
+                                }
+                                continue;
+                        }
                         if (r != -ENOSPC)
                                 goto done;
                 }

@@ -9,11 +9,14 @@
 #include <limits.h>
 #include <linux/futex.h>
 #include <linux/magic.h>
+#include <linux/sockios.h>
 #include <poll.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdatomic.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
+#include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -274,6 +277,110 @@ static void seg_free(struct seg *s) {
         free(s);
 }
 
+/*
+ * Closing an fd a peer sent: close() runs the file's flush, and a FUSE server
+ * the peer mounted (any user can) may never answer it; a socket with SO_LINGER
+ * waits too, a tty drains its output. Shared memory and pipes are closed at
+ * once; anything else goes to a thread of ours that closes it, so that no
+ * receive, dispatch or close of a port waits on the peer's file (the daemon
+ * does the same with its reaper). One thread per process, made on first use,
+ * all signals blocked; a child after fork() makes its own. Without it (no
+ * thread could be made, no memory), the caller closes it.
+ */
+static pthread_mutex_t closer_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t closer_cond = PTHREAD_COND_INITIALIZER;
+static pthread_once_t closer_once = PTHREAD_ONCE_INIT;
+static int *closer_fds; /* queued (closer_lock) */
+static size_t closer_n, closer_cap;
+static bool closer_running;
+
+static void *closer_main(void *arg) {
+        (void) arg;
+        pthread_mutex_lock(&closer_lock);
+        for (;;) {
+                int fd;
+
+                while (closer_n == 0)
+                        pthread_cond_wait(&closer_cond, &closer_lock);
+                fd = closer_fds[--closer_n];
+                pthread_mutex_unlock(&closer_lock);
+                (void) close(fd);
+                pthread_mutex_lock(&closer_lock);
+        }
+        return NULL;
+}
+
+static void closer_atfork_prepare(void) {
+        pthread_mutex_lock(&closer_lock);
+}
+
+static void closer_atfork_parent(void) {
+        pthread_mutex_unlock(&closer_lock);
+}
+
+static void closer_atfork_child(void) {
+        /* The thread stayed in the parent: the child makes its own when it first needs one (then the fds
+         * queued, copies here too, are closed). */
+        pthread_mutex_unlock(&closer_lock);
+        (void) pthread_cond_init(&closer_cond, NULL);
+        closer_running = false;
+}
+
+static void closer_register(void) {
+        (void) pthread_atfork(closer_atfork_prepare, closer_atfork_parent, closer_atfork_child);
+}
+
+/* Queues fd for the closer thread (made if need be): false if it cannot take it. */
+static bool closer_take(int fd) {
+        bool ok = false;
+
+        (void) pthread_once(&closer_once, closer_register);
+        pthread_mutex_lock(&closer_lock);
+        if (!closer_running) {
+                pthread_attr_t attr;
+                sigset_t all, old;
+                pthread_t t;
+
+                if (pthread_attr_init(&attr) != 0)
+                        goto out;
+                (void) pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+                sigfillset(&all);
+                (void) pthread_sigmask(SIG_SETMASK, &all, &old);
+                closer_running = pthread_create(&t, &attr, closer_main, NULL) == 0;
+                (void) pthread_sigmask(SIG_SETMASK, &old, NULL);
+                (void) pthread_attr_destroy(&attr);
+                if (!closer_running)
+                        goto out;
+        }
+        if (closer_n == closer_cap) {
+                size_t cap = MAX((size_t) 16, closer_cap * 2);
+                int *v = realloc(closer_fds, cap * sizeof(*v));
+
+                if (!v)
+                        goto out;
+                closer_fds = v;
+                closer_cap = cap;
+        }
+        closer_fds[closer_n++] = fd;
+        (void) pthread_cond_signal(&closer_cond);
+        ok = true;
+out:
+        pthread_mutex_unlock(&closer_lock);
+        return ok;
+}
+
+/* Shared memory or a pipe: nothing in its close() waits. Neither fcntl() asks a filesystem. */
+static bool close_never_waits(int fd) {
+        return fcntl(fd, F_GET_SEALS) >= 0 || fcntl(fd, F_GETPIPE_SZ) >= 0;
+}
+
+static void close_untrusted(int fd) {
+        if (fd < 0)
+                return;
+        if (close_never_waits(fd) || !closer_take(fd))
+                (void) close(fd);
+}
+
 /* Maps a segment fd after checking it against the port, never against its header. Takes fd. */
 /*
  * Memory another process hands us (a segment, the channel): a regular file of exactly size
@@ -285,11 +392,14 @@ static int shmem_fd_check(int fd, uint64_t size) {
         struct stat st;
         int seals;
 
+        /* Seals first: F_GET_SEALS asks no filesystem, while fstat() of a file on a FUSE filesystem the
+         * peer mounted waits for an answer that may never come. Past it, the file is shmem or hugetlbfs. */
+        seals = fcntl(fd, F_GET_SEALS);
+        if (seals < 0 || (seals & (F_SEAL_SHRINK | F_SEAL_GROW)) != (F_SEAL_SHRINK | F_SEAL_GROW))
+                return -EBADMSG;
         if (fstat(fd, &st) < 0 || fstatfs(fd, &sfs) < 0)
                 return -errno;
-        seals = fcntl(fd, F_GET_SEALS);
-        if (!S_ISREG(st.st_mode) || (uint64_t) st.st_size != size || sfs.f_type != TMPFS_MAGIC || seals < 0 ||
-            (seals & (F_SEAL_SHRINK | F_SEAL_GROW)) != (F_SEAL_SHRINK | F_SEAL_GROW))
+        if (!S_ISREG(st.st_mode) || (uint64_t) st.st_size != size || sfs.f_type != TMPFS_MAGIC)
                 return -EBADMSG;
         return 0;
 }
@@ -300,8 +410,10 @@ static int seg_map(struct shmz_port *p, int fd, uint64_t id, bool tx, struct seg
         int r;
 
         r = shmem_fd_check(f, p->seg_map_size);
-        if (r < 0)
+        if (r < 0) {
+                close_untrusted(TAKE_FD(f)); /* maybe not shared memory: its close may wait on its filesystem */
                 return r;
+        }
         s = calloc(1, sizeof(*s));
         if (!s)
                 return -ENOMEM;
@@ -461,8 +573,10 @@ static int frame_send(struct shmz_port *p, const struct shmz_frame *f, const voi
  * Adds a segment to this side's table (create_lock held): asks the source,
  * checks and maps it, announces it to the peer, and only then publishes the
  * slot, so no other thread can send a DATA frame naming it before its SEGMENT.
+ * Never waits for the socket (*ret_full: it was full, the segment is kept for
+ * the next try): the caller waits without the lock.
  */
-static int tx_grow_locked(struct shmz_port *p, int64_t timeout_ns, uint64_t deadline) {
+static int tx_grow_locked(struct shmz_port *p, bool *ret_full) {
         uint32_t slot = atomic_load(&p->n_tx);
         struct shmz_frame_segment fs;
         struct shmz_frame f;
@@ -490,9 +604,11 @@ static int tx_grow_locked(struct shmz_port *p, int64_t timeout_ns, uint64_t dead
                 .n_chunks = p->pp.segment_chunks,
         };
         f = (struct shmz_frame){ .kind = SHMZ_FRAME_SEGMENT, .size = sizeof(fs), .segment = slot };
-        r = frame_send(p, &f, &fs, sizeof(fs), s->fd, timeout_ns, deadline);
-        if (r < 0)
+        r = frame_send(p, &f, &fs, sizeof(fs), s->fd, 0, 0);
+        if (r < 0) {
+                *ret_full = r == -EAGAIN;
                 return r; /* kept for the next try: the daemon counted it already */
+        }
         p->tx_unannounced = NULL;
         s->fd = safe_close(s->fd); /* the peer has its copy, the daemon its own: the mapping is enough */
         atomic_store(&p->tx[slot], s);
@@ -526,12 +642,24 @@ static int tx_claim(struct shmz_port *p, uint32_t n, int64_t timeout_ns, uint64_
                         goto done;
                 }
                 if (n_tx < p->max_slots) {
+                        bool full = false;
+
                         pthread_mutex_lock(&p->create_lock);
                         /* Another thread may have added one while we scanned: scan again first. */
-                        r = atomic_load(&p->n_tx) == n_tx ? tx_grow_locked(p, timeout_ns, deadline) : 0;
+                        r = atomic_load(&p->n_tx) == n_tx ? tx_grow_locked(p, &full) : 0;
                         pthread_mutex_unlock(&p->create_lock);
                         if (r >= 0)
                                 continue;
+                        if (full && timeout_ns != 0) {
+                                /* The peer has not read its socket: wait for room without the lock, so that a
+                                 * peer that never reads holds up no other thread past its own timeout. */
+                                r = wait_fd(p->fd, POLLOUT, deadline);
+                                if (r < 0) {
+                                        r = r == -ETIMEDOUT ? expired(timeout_ns) : r;
+                                        goto done;
+                                }
+                                continue;
+                        }
                         if (r != -ENOSPC)
                                 goto done;
                 }
@@ -877,7 +1005,7 @@ _public_ int shmz_port_send(struct shmz_port *p, const struct shmz_msg *m, int64
 /* The peer broke the protocol: nothing more from it. Returns -EBADMSG. */
 static int violation(struct shmz_port *p, int *fds, size_t n_fds) {
         for (size_t i = 0; i < n_fds; i++)
-                safe_close(fds[i]);
+                close_untrusted(fds[i]);
         port_set_gone(p);
         (void) shutdown(p->fd, SHUT_RDWR);
         return -EBADMSG;
@@ -1015,7 +1143,7 @@ static int sock_read_one(struct shmz_port *p, bool *ret_wake) {
                         return violation(p, fds, n_fds);
                 if (r < 0) {
                         /* The message that takes it would come without its fd: the port ends with our errno. */
-                        safe_close(fds[0]);
+                        close_untrusted(fds[0]);
                         port_set_gone(p);
                         (void) shutdown(p->fd, SHUT_RDWR);
                 }
@@ -1029,15 +1157,31 @@ static int sock_read_one(struct shmz_port *p, bool *ret_wake) {
 /*
  * What a descriptor needs from the socket, which its sender wrote there
  * before publishing it (an announced slot, an fd): frames are read until it
- * is there. Not there once the socket is empty: a violation.
+ * is there. It was queued before we saw the descriptor, so it is among the
+ * frames queued when we start: we read at most those (every frame takes
+ * sizeof(struct shmz_frame) bytes or more), never a flood sent since. Not
+ * there by then: a violation.
  */
 static int sock_read_until(struct shmz_port *p, uint32_t slot, bool want_fd) {
+        int budget = -1;
+
         for (;;) {
                 bool wake;
                 int r;
 
                 if (want_fd ? p->rx_fds_n > 0 : atomic_load(&p->rx[slot]) != NULL)
                         return 0;
+                if (budget < 0) {
+                        int queued = 0;
+
+                        /* Bytes queued (SOCK_SEQPACKET: all frames). Cannot fail on our connected end;
+                         * if it did, the port would end here. */
+                        if (ioctl(p->fd, SIOCINQ, &queued) < 0)
+                                queued = 0;
+                        budget = queued / (int) sizeof(struct shmz_frame);
+                }
+                if (budget-- == 0)
+                        return violation(p, NULL, 0);
                 r = sock_read_one(p, &wake);
                 if (r == -EAGAIN || r == -EPIPE)
                         return violation(p, NULL, 0);
@@ -1588,7 +1732,7 @@ _public_ void shmz_port_close(struct shmz_port *p) {
                 (void) munmap(p->ch, SHMZ_CHANNEL_SIZE);
         safe_close(p->fd);
         while (p->rx_fds_n > 0)
-                safe_close(rx_fd_pop(p));
+                close_untrusted(rx_fd_pop(p));
         free(p->rx_fds);
         safe_close(atomic_load(&p->poll_fd));
         safe_close(p->self_fd);
@@ -1882,8 +2026,7 @@ static void dispatch_one(struct shmz_port *p, struct shmz_msg *m) {
                 handler(p, m, userdata);
         else {
                 /* A reply nobody waits for any more (its call timed out), or no handler: dropped. */
-                if (m->fd >= 0)
-                        safe_close(m->fd);
+                close_untrusted(m->fd);
                 shmz_msg_release(p, m);
         }
 }

@@ -8,7 +8,8 @@
  *  - several threads sending on one port: each one's order kept;
  *  - a third process rewriting the ring's descriptors and words while
  *    messages flow: the receiver never reads outside what it checked, gets
- *    -EBADMSG once and -EPIPE after, and the daemon serves on.
+ *    -EBADMSG once and -EPIPE after, and the daemon serves on;
+ *  - a peer's fd whose close never returns (FUSE) stalls no receive.
  */
 #include <criterion/criterion.h>
 #include <errno.h>
@@ -21,6 +22,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -29,6 +32,7 @@
 #include "port.h"
 #include "shmzone-abi.h"
 #include "shmzone.h"
+#include "stallfs.h"
 
 #define NSEC_PER_MSEC INT64_C(1000000)
 #define NSEC_PER_SEC INT64_C(1000000000)
@@ -434,6 +438,119 @@ Test(ring, descriptors_rewritten_by_a_third_process) {
                 cr_assert_eq(wait_child(pid), 0);
                 shmz_port_close(p);
         }
+        shmz_listener_close(l);
+        shmz_disconnect(c);
+}
+
+/* ---- fds a peer sends ------------------------------------------------------------------------------ */
+
+struct port_call {
+        struct shmz_port *p;
+        bool close; /* shmz_port_close(), else shmz_port_recv() without waiting */
+        int r;
+        atomic_bool done;
+};
+
+static void *port_call_main(void *arg) {
+        struct port_call *a = arg;
+        struct shmz_msg m;
+
+        if (a->close) {
+                shmz_port_close(a->p);
+                a->r = 0;
+        } else {
+                a->r = shmz_port_recv(a->p, &m, 0);
+                if (a->r == 0)
+                        shmz_msg_release(a->p, &m);
+        }
+        atomic_store(&a->done, true);
+        return NULL;
+}
+
+/* Sends a frame with fd on the raw socket of a port, as a peer that skips the library would. */
+static void send_frame_fd(struct shmz_port *p, const struct shmz_frame *f, const void *payload, size_t n, int fd) {
+        struct iovec iov[2] = { { (void *) f, sizeof(*f) }, { (void *) payload, n } };
+        union {
+                struct cmsghdr c;
+                uint8_t buf[CMSG_SPACE(sizeof(int))];
+        } control = {};
+        struct msghdr mh = {
+                .msg_iov = iov, .msg_iovlen = n > 0 ? 2 : 1, .msg_control = &control, .msg_controllen = sizeof(control)
+        };
+
+        CMSG_FIRSTHDR(&mh)->cmsg_level = SOL_SOCKET;
+        CMSG_FIRSTHDR(&mh)->cmsg_type = SCM_RIGHTS;
+        CMSG_FIRSTHDR(&mh)->cmsg_len = CMSG_LEN(sizeof(int));
+        memcpy(CMSG_DATA(CMSG_FIRSTHDR(&mh)), &fd, sizeof(int));
+        cr_assert_eq(sendmsg(port_socket_fd(p), &mh, MSG_NOSIGNAL), (ssize_t) (sizeof(*f) + n));
+}
+
+/*
+ * A peer passes an fd of a file on a FUSE filesystem it mounted (any user
+ * can) whose FLUSH never gets an answer: as a segment (refused: -EBADMSG), and
+ * as a message's fd whose message never comes (dropped when the port is
+ * closed). Closing that fd may wait for good, but never in a receive or in
+ * shmz_port_close().
+ */
+static struct stallfs *sf;
+
+/* Whatever a failed test left stuck on the stalling filesystem ends, and its mount goes, before the daemon's dir. */
+static void stop_stallfs(void) {
+        stallfs_stop(sf);
+        sf = NULL;
+        stop();
+}
+
+Test(ring, a_peer_fd_whose_close_never_returns_stalls_nothing, .fini = stop_stallfs) {
+        struct shmz_frame_segment fs = { .id = 1, .chunk_size = KiB(64), .n_chunks = 64 };
+        struct shmz_frame seg = { .kind = SHMZ_FRAME_SEGMENT, .size = sizeof(fs) }, fdf = { .kind = SHMZ_FRAME_FD };
+        struct shmz_client *c;
+        struct shmz_listener *l;
+        struct shmz_port *a[2], *b[2];
+        struct port_call call[2];
+        char dir[192], path[256];
+        pthread_t t[2];
+        bool done[2];
+        int fd;
+
+        snprintf(dir, sizeof(dir), "%s/stall", d.dir);
+        cr_assert_eq(stallfs_start(dir, &sf), 0);
+        stallfs_stall_flushes(sf, (pid_t) syscall(SYS_gettid));
+        snprintf(path, sizeof(path), "%s/file", dir);
+        fd = open(path, O_RDONLY | O_CLOEXEC);
+        cr_assert_geq(fd, 0, "open %s: %m", path);
+
+        cr_assert_eq(shmz_connect(d.socket, &c), 0);
+        cr_assert_eq(shmz_port_listen(c, "stall", 0600, &l), 0);
+        for (int i = 0; i < 2; i++) {
+                cr_assert_eq(shmz_port_connect(c, "stall", &a[i]), 0);
+                cr_assert_eq(shmz_port_accept(l, 10 * NSEC_PER_SEC, &b[i]), 0);
+        }
+        send_frame_fd(a[0], &seg, &fs, sizeof(fs), fd);
+        send_frame_fd(a[1], &fdf, NULL, 0, fd);
+        close(fd); /* this thread's FLUSH is answered */
+        /* The FD frame is read ahead of its message (which never comes): b[1] holds the fd. */
+        cr_assert_eq(shmz_port_recv(b[1], &(struct shmz_msg){}, 0), -EAGAIN);
+
+        call[0] = (struct port_call){ .p = b[0] };
+        call[1] = (struct port_call){ .p = b[1], .close = true };
+        for (int i = 0; i < 2; i++)
+                cr_assert_eq(pthread_create(&t[i], NULL, port_call_main, &call[i]), 0);
+        for (int i = 0; i < 2000 && !(atomic_load(&call[0].done) && atomic_load(&call[1].done)); i++)
+                usleep(1000);
+        for (int i = 0; i < 2; i++)
+                done[i] = atomic_load(&call[i].done);
+        /* Whatever is stuck on the filesystem ends now (EIO), so that everything can be joined and closed. */
+        stallfs_release(sf);
+        for (int i = 0; i < 2; i++)
+                pthread_join(t[i], NULL);
+        cr_assert(done[0], "the receive was stuck for 2 s closing the peer's fd");
+        cr_assert(done[1], "shmz_port_close() was stuck for 2 s closing the peer's fd");
+        cr_assert_eq(call[0].r, -EBADMSG);
+        cr_assert_eq(shmz_port_recv(b[0], &(struct shmz_msg){}, 0), -EPIPE);
+        shmz_port_close(b[0]);
+        shmz_port_close(a[0]);
+        shmz_port_close(a[1]);
         shmz_listener_close(l);
         shmz_disconnect(c);
 }

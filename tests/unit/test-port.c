@@ -846,6 +846,197 @@ Test(port, wake_flood_is_bounded) {
         raw_close(&raw);
 }
 
+/*
+ * A descriptor names a slot never announced, and the peer floods WAKE frames
+ * as fast as they are read: the receive looking for the SEGMENT frame must
+ * not read the flood for ever (what it needs was sent before the descriptor,
+ * so it is among the frames queued when it starts looking).
+ */
+struct flooder {
+        int sock;
+        atomic_bool stop;
+        atomic_ulong sent;
+};
+
+static void *flood_wakes(void *arg) {
+        struct flooder *fl = arg;
+        struct shmz_frame wake = { .kind = SHMZ_FRAME_WAKE };
+
+        while (!atomic_load(&fl->stop) && send(fl->sock, &wake, sizeof(wake), MSG_NOSIGNAL) == sizeof(wake))
+                fl->sent++;
+        return NULL;
+}
+
+struct receiver {
+        struct shmz_port *p;
+        int64_t timeout_ns;
+        int r;
+        atomic_bool done;
+        uint64_t took_ns;
+};
+
+static void *recv_once(void *arg) {
+        struct receiver *rc = arg;
+        uint64_t t0 = mono_ns();
+        struct shmz_msg m;
+
+        rc->r = shmz_port_recv(rc->p, &m, rc->timeout_ns);
+        rc->took_ns = mono_ns() - t0;
+        if (rc->r == 0)
+                shmz_msg_release(rc->p, &m);
+        atomic_store(&rc->done, true);
+        return NULL;
+}
+
+/* Waits up to ms for rc to finish. */
+static bool wait_done(struct receiver *rc, int ms) {
+        for (int i = 0; i < ms && !atomic_load(&rc->done); i++)
+                usleep(1000);
+        return atomic_load(&rc->done);
+}
+
+Test(port, wake_flood_while_a_descriptor_waits_for_its_segment) {
+        struct shmz_desc d = { .kind = SHMZ_DESC_DATA, .n_slots = 1, .flags = SHMZ_FRAME_F_CHUNK, .size = 10 };
+        struct flooder fl = {};
+        struct receiver rc = {};
+        struct shmz_port *b;
+        struct raw raw;
+        pthread_t tf[6], tr;
+        bool done;
+
+        half(64, &raw, &b);
+        /* Slot 0 is never announced; the flood fills the socket before the receive starts, and keeps it full. */
+        raw_put(&raw, &d, NULL, 0, 0);
+        fl.sock = raw.sock;
+        for (int i = 0; i < 6; i++)
+                cr_assert(pthread_create(&tf[i], NULL, flood_wakes, &fl) == 0);
+        usleep(20000);
+        rc = (struct receiver){ .p = b, .timeout_ns = 0 };
+        cr_assert(pthread_create(&tr, NULL, recv_once, &rc) == 0);
+        done = wait_done(&rc, 1000);
+        atomic_store(&fl.stop, true);
+        pthread_join(tr, NULL);
+        (void) shutdown(raw.sock, SHUT_RDWR); /* a flooder blocked in send() returns */
+        for (int i = 0; i < 6; i++)
+                pthread_join(tf[i], NULL);
+        cr_log_info("receive: %llu ns, %lu frames sent", (unsigned long long) rc.took_ns, fl.sent);
+        cr_assert(done, "the receive read the flood for over a second (%lu frames)", fl.sent);
+        /* It reads what was queued when it started looking (a few hundred frames), not the flood. */
+        cr_assert_lt(rc.took_ns, UINT64_C(100000000), "the receive took %llu ns", (unsigned long long) rc.took_ns);
+        cr_assert_eq(rc.r, -EBADMSG);
+        cr_assert_eq(shmz_port_recv(b, &(struct shmz_msg){}, 0), -EPIPE);
+        shmz_port_close(b);
+        raw_close(&raw);
+}
+
+/*
+ * A thread that needs a new segment while the peer reads nothing from its
+ * socket waits (its timeout: for ever) to announce it. Another thread that
+ * needs one too, with a timeout, gets its timeout; shmz_port_buf() does not
+ * wait at all.
+ */
+struct timed_sender {
+        struct shmz_port *p;
+        size_t size;
+        int64_t timeout_ns;
+        bool buf;
+        int r;
+        atomic_bool done;
+        uint64_t took_ns;
+};
+
+static void *timed_send(void *arg) {
+        struct timed_sender *s = arg;
+        uint8_t *data = calloc(1, s->size);
+        struct shmz_msg m = { .data = data, .size = s->size, .fd = -1 };
+        uint64_t t0 = mono_ns();
+
+        if (s->buf) {
+                void *b = shmz_port_buf(s->p, s->size);
+
+                s->r = b ? 0 : -errno;
+                if (b)
+                        shmz_port_buf_free(s->p, b);
+        } else
+                s->r = shmz_port_send(s->p, &m, s->timeout_ns);
+        s->took_ns = mono_ns() - t0;
+        atomic_store(&s->done, true);
+        free(data);
+        return NULL;
+}
+
+static bool sender_done(struct timed_sender *s, int ms) {
+        for (int i = 0; i < ms && !atomic_load(&s->done); i++)
+                usleep(1000);
+        return atomic_load(&s->done);
+}
+
+Test(port, a_sender_waiting_to_announce_a_segment_holds_up_no_other) {
+        struct shmz_frame wake = { .kind = SHMZ_FRAME_WAKE };
+        struct timed_sender first, second, third;
+        struct shmz_port *a, *b;
+        pthread_t t1, t2, t3;
+        bool done2, done3;
+        char buf[64];
+        int n = 0;
+
+        pair(64, UINT64_C(1) << 24, &a, &b);
+        /* b never reads its socket: a's is full, and a has no segment yet. */
+        while (send(port_socket_fd(a), &wake, sizeof(wake), MSG_NOSIGNAL | MSG_DONTWAIT) == sizeof(wake))
+                n++;
+        cr_assert_gt(n, 0);
+        first = (struct timed_sender){ .p = a, .size = 2 * CHUNK, .timeout_ns = -1 };
+        cr_assert(pthread_create(&t1, NULL, timed_send, &first) == 0);
+        usleep(50000);
+        cr_assert(!atomic_load(&first.done), "the first sender did not wait for the full socket");
+        second = (struct timed_sender){ .p = a, .size = 2 * CHUNK, .timeout_ns = 20000000 };
+        third = (struct timed_sender){ .p = a, .size = 2 * CHUNK, .buf = true };
+        cr_assert(pthread_create(&t2, NULL, timed_send, &second) == 0);
+        cr_assert(pthread_create(&t3, NULL, timed_send, &third) == 0);
+        done2 = sender_done(&second, 1000);
+        done3 = sender_done(&third, 1000);
+        /* b's socket read empty (the SEGMENT frame's fd goes with it): the first sender goes on. */
+        while (recv(port_socket_fd(b), buf, sizeof(buf), MSG_DONTWAIT) > 0)
+                ;
+        pthread_join(t1, NULL);
+        pthread_join(t2, NULL);
+        pthread_join(t3, NULL);
+        cr_assert(done2, "a send with a 20 ms timeout waited for another thread's send for over a second");
+        cr_assert(done3, "shmz_port_buf() waited for another thread's send for over a second");
+        cr_assert_eq(second.r, -ETIMEDOUT);
+        cr_assert_lt(second.took_ns, UINT64_C(200000000), "took %llu ns", (unsigned long long) second.took_ns);
+        cr_assert_eq(third.r, -EAGAIN);
+        cr_assert_lt(third.took_ns, UINT64_C(200000000), "took %llu ns", (unsigned long long) third.took_ns);
+        cr_assert_eq(first.r, 0);
+        shmz_port_close(a);
+        shmz_port_close(b);
+}
+
+/* A sender waiting to announce a segment sees the peer's end at once. */
+Test(port, a_sender_waiting_to_announce_a_segment_sees_the_peer_go) {
+        struct shmz_frame wake = { .kind = SHMZ_FRAME_WAKE };
+        struct timed_sender first;
+        struct shmz_port *a, *b;
+        uint64_t gone;
+        pthread_t t;
+
+        pair(64, UINT64_C(1) << 24, &a, &b);
+        while (send(port_socket_fd(a), &wake, sizeof(wake), MSG_NOSIGNAL | MSG_DONTWAIT) == sizeof(wake))
+                ;
+        first = (struct timed_sender){ .p = a, .size = 2 * CHUNK, .timeout_ns = -1 };
+        cr_assert(pthread_create(&t, NULL, timed_send, &first) == 0);
+        usleep(50000);
+        cr_assert(!atomic_load(&first.done));
+        gone = mono_ns();
+        cr_assert_eq(shutdown(port_socket_fd(b), SHUT_RDWR), 0); /* as the daemon does when b's process dies */
+        pthread_join(t, NULL);
+        cr_assert_eq(first.r, -EPIPE);
+        cr_assert_lt(mono_ns() - gone, UINT64_C(50000000), "woken after %llu ns",
+                     (unsigned long long) (mono_ns() - gone));
+        shmz_port_close(a);
+        shmz_port_close(b);
+}
+
 /* A hugetlbfs memfd takes seals too, but a hole its owner punches would fault our reads: refused. */
 Test(port, hugetlb_segment_refused) {
         struct shmz_frame_segment fs = { .id = 1, .chunk_size = CHUNK, .n_chunks = 511 };

@@ -709,7 +709,7 @@ static uint32_t chunks_for(const struct shmz_port *p, size_t size) {
         return (uint32_t) ((size + p->pp.chunk_size - 1) / p->pp.chunk_size);
 }
 
-_public_ void *shmz_port_buf(struct shmz_port *p, size_t size) {
+_public_ void *shmz_port_buf_wait(struct shmz_port *p, size_t size, int64_t timeout_ns) {
         uint32_t slot, chunk, n;
         struct seg *s;
         int r;
@@ -727,7 +727,8 @@ _public_ void *shmz_port_buf(struct shmz_port *p, size_t size) {
                 return NULL;
         }
         n = chunks_for(p, size);
-        r = tx_claim(p, n, 0, 0, &slot, &chunk);
+        /* The wait is the sender's for memory: the receiver's release wakes it, and so does the port's end. */
+        r = tx_claim(p, n, timeout_ns, deadline_of(timeout_ns), &slot, &chunk);
         if (r < 0) {
                 errno = -r;
                 return NULL;
@@ -735,6 +736,10 @@ _public_ void *shmz_port_buf(struct shmz_port *p, size_t size) {
         s = atomic_load(&p->tx[slot]);
         __atomic_store_n(&s->buf_n[chunk], (uint8_t) n, __ATOMIC_RELEASE);
         return seg_chunk(p, s, chunk);
+}
+
+_public_ void *shmz_port_buf(struct shmz_port *p, size_t size) {
+        return shmz_port_buf_wait(p, size, 0);
 }
 
 _public_ void shmz_port_buf_free(struct shmz_port *p, void *buf) {

@@ -151,6 +151,8 @@ struct shmz_msg {
  * exceeds a segment, EPIPE when the peer is gone.
  */
 void *shmz_port_buf(struct shmz_port *p, size_t size);
+/* The same, waiting up to timeout_ns (-1: for good) for the receiver to release memory: then ETIMEDOUT. */
+void *shmz_port_buf_wait(struct shmz_port *p, size_t size, int64_t timeout_ns);
 /* A buffer from shmz_port_buf() that will not be sent. */
 void shmz_port_buf_free(struct shmz_port *p, void *buf);
 /*

@@ -33,7 +33,6 @@
 #include <linux/futex.h>
 #include <fcntl.h>
 #include <inttypes.h>
-#include <sched.h>
 #include <signal.h>
 #include <stdbool.h>
 #include <stdint.h>
@@ -140,17 +139,9 @@ static struct shmz_port *child_port(const char *name) {
         return p;
 }
 
-/* A buffer of the port, waiting while the peer still holds the memory (port_buf itself never waits). */
+/* A buffer of the port, waiting (on a futex) while the peer still holds the memory. */
 static void *port_buf_wait(struct shmz_port *p, size_t size) {
-        for (;;) {
-                void *b = shmz_port_buf(p, size);
-
-                if (b)
-                        return b;
-                if (errno != EAGAIN)
-                        return NULL;
-                sched_yield();
-        }
+        return shmz_port_buf_wait(p, size, -1);
 }
 
 /* Sends size bytes stamped v: in place when large, from our own buffer when small. */

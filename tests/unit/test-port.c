@@ -1305,6 +1305,72 @@ Test(port, rpc_many_calls_and_their_deadlines) {
         shmz_port_close(a);
 }
 
+struct late {
+        struct shmz_port *p;
+        struct shmz_msg m;
+        bool close;
+};
+
+/* After 30 ms, the receiver takes and releases what waits, or closes its side. */
+static void *late_release(void *arg) {
+        struct late *l = arg;
+
+        usleep(30000);
+        if (l->close)
+                shmz_port_close(l->p);
+        else {
+                cr_assert_eq(shmz_port_recv(l->p, &l->m, -1), 0);
+                shmz_msg_release(l->p, &l->m);
+        }
+        return NULL;
+}
+
+/* A zero-copy sender may wait for memory: the receiver's release wakes it, and so does the peer's end. */
+Test(port, buf_wait_for_memory) {
+        struct shmz_port *a, *b;
+        struct shmz_msg m = { .type = 2, .fd = -1 };
+        struct late l;
+        pthread_t t;
+        uint8_t *all, *buf;
+        uint64_t t0;
+
+        pair(64, 64 * CHUNK, &a, &b); /* one segment of 64 chunks, all the port may have */
+        all = shmz_port_buf(a, 64 * CHUNK);
+        cr_assert_not_null(all);
+        errno = 0;
+        cr_assert_null(shmz_port_buf_wait(a, CHUNK, 0));
+        cr_assert_eq(errno, EAGAIN);
+        t0 = mono_ns();
+        cr_assert_null(shmz_port_buf_wait(a, CHUNK, 20000000));
+        cr_assert_eq(errno, ETIMEDOUT);
+        cr_assert_geq(mono_ns() - t0, 20000000u);
+
+        /* Sent, then released by the receiver 30 ms later: the waiter gets its chunk then. */
+        m.data = all;
+        m.size = 64 * CHUNK;
+        cr_assert_eq(shmz_port_send(a, &m, 0), 0);
+        l = (struct late){ .p = b };
+        cr_assert_eq(pthread_create(&t, NULL, late_release, &l), 0);
+        t0 = mono_ns();
+        buf = shmz_port_buf_wait(a, CHUNK, -1);
+        cr_assert_not_null(buf);
+        cr_assert_geq(mono_ns() - t0, 25000000u);
+        pthread_join(t, NULL);
+        shmz_port_buf_free(a, buf);
+
+        /* All of it held again, and the peer goes: the waiter wakes with EPIPE. */
+        all = shmz_port_buf(a, 64 * CHUNK);
+        cr_assert_not_null(all);
+        l = (struct late){ .p = b, .close = true };
+        cr_assert_eq(pthread_create(&t, NULL, late_release, &l), 0);
+        errno = 0;
+        cr_assert_null(shmz_port_buf_wait(a, CHUNK, 5000000000));
+        cr_assert_eq(errno, EPIPE);
+        pthread_join(t, NULL);
+        shmz_port_buf_free(a, all);
+        shmz_port_close(a);
+}
+
 struct dispatcher {
         struct shmz_port *p;
         int r;

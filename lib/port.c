@@ -105,9 +105,11 @@ struct shmz_port {
         atomic_bool self_pending; /* self_fd is readable: a non-blocking receive left messages behind */
 
         atomic_uint next_stream;
-        /* A dispatcher asleep in the ring until this time (UINT64_MAX: for good; 0: none), and a count of
-         * calls made with deadlines: a call due sooner wakes it (see shmz_port_call()). */
+        /* Dispatchers asleep in the ring: the latest time one of them wakes by itself (UINT64_MAX: for
+         * good, or not known since one left; 0: none asleep), how many (rpc_lock), and a count of calls
+         * made with deadlines: a call due sooner wakes them (see shmz_port_call()). */
         _Atomic uint64_t dispatch_until;
+        unsigned dispatch_asleep;
         atomic_uint calls_gen;
         pthread_mutex_t rpc_lock;
         struct call *calls;
@@ -2036,6 +2038,26 @@ static void dispatch_one(struct shmz_port *p, struct shmz_msg *m) {
         }
 }
 
+/*
+ * Several threads may sleep in dispatch: a call must wake them when its
+ * deadline comes before any of theirs, so dispatch_until is the latest. One
+ * that leaves cannot tell the others' times: it leaves UINT64_MAX (a call
+ * with a deadline then wakes them, one wake too many at worst, never late).
+ * The stores are sequentially consistent: against calls_gen (shmz_port_call()).
+ */
+static void dispatch_sleep_begin(struct shmz_port *p, uint64_t until) {
+        pthread_mutex_lock(&p->rpc_lock);
+        if (p->dispatch_asleep++ == 0 || until > atomic_load(&p->dispatch_until))
+                atomic_store(&p->dispatch_until, until);
+        pthread_mutex_unlock(&p->rpc_lock);
+}
+
+static void dispatch_sleep_end(struct shmz_port *p) {
+        pthread_mutex_lock(&p->rpc_lock);
+        atomic_store(&p->dispatch_until, --p->dispatch_asleep == 0 ? 0 : UINT64_MAX);
+        pthread_mutex_unlock(&p->rpc_lock);
+}
+
 _public_ int shmz_port_dispatch(struct shmz_port *p, int64_t timeout_ns) {
         uint64_t deadline;
         int handled;
@@ -2059,10 +2081,10 @@ _public_ int shmz_port_dispatch(struct shmz_port *p, int64_t timeout_ns) {
                                                 : 0;
                 }
                 if (t != 0)
-                        atomic_store(&p->dispatch_until, t < 0 ? UINT64_MAX : until);
+                        dispatch_sleep_begin(p, t < 0 ? UINT64_MAX : until);
                 r = recv_timed(p, &m, t, &p->calls_gen, gen);
                 if (t != 0)
-                        atomic_store(&p->dispatch_until, 0);
+                        dispatch_sleep_end(p);
                 if (r == -EAGAIN || r == -ETIMEDOUT) {
                         handled += fail_calls(p, -ETIMEDOUT, true);
                         if (handled > 0)

@@ -1413,6 +1413,47 @@ Test(port, rpc_deadline_wakes_a_sleeping_dispatcher) {
         shmz_port_close(b);
 }
 
+/* Two threads asleep in dispatch(-1), one of them handles a message and leaves: a call's deadline still
+ * wakes the other on time. */
+Test(port, rpc_deadline_wakes_the_dispatcher_left_asleep) {
+        struct shmz_port *a, *b;
+        struct shmz_msg req = { .type = 1, .data = "q", .size = 2, .fd = -1 };
+        struct rpc_seen seen = {};
+        struct dispatcher d[2];
+        pthread_t t[2];
+        int mode = 1, left;
+        uint64_t t0;
+
+        pair(64, UINT64_C(1) << 24, &a, &b);
+        shmz_port_set_handler(a, server, &mode); /* silent: it only takes the message */
+        for (int i = 0; i < 2; i++) {
+                d[i] = (struct dispatcher){ .p = a };
+                cr_assert(pthread_create(&t[i], NULL, dispatch_forever, &d[i]) == 0);
+        }
+        usleep(50000); /* both asleep in the ring */
+        cr_assert_eq(shmz_port_send(b, &req, 0), 0);
+        for (int i = 0; i < 200 && !d[0].done_ns && !d[1].done_ns; i++)
+                usleep(1000);
+        cr_assert(d[0].done_ns || d[1].done_ns, "neither dispatcher took the message");
+        left = d[0].done_ns ? 1 : 0;
+        pthread_join(t[!left], NULL);
+        cr_assert_eq(d[!left].r, 1);
+        usleep(20000);
+        cr_assert_eq(d[left].done_ns, 0);
+
+        t0 = mono_ns();
+        cr_assert_eq(shmz_port_call(a, &req, t0 + 30000000, on_reply, &seen, NULL), 0); /* b never answers */
+        pthread_join(t[left], NULL);
+        cr_assert_eq(d[left].r, 1);
+        cr_assert_eq(seen.last_error, -ETIMEDOUT);
+        /* Not at the sleep's own 250 ms bound: woken for the deadline. */
+        cr_assert_lt(d[left].done_ns - t0, 200000000u, "fired %llu ms after the call",
+                     (unsigned long long) ((d[left].done_ns - t0) / 1000000));
+        cr_assert_geq(d[left].done_ns - t0, 30000000u);
+        shmz_port_close(a);
+        shmz_port_close(b);
+}
+
 Test(port, bad_params) {
         struct port_params pp = params(0, 64, 1 << 24);
         struct shmz_port *p;

@@ -695,6 +695,61 @@ Test(attack, f9_open_directories_hold_no_copy_of_the_listing, .init = start_moun
         shmz_disconnect(c);
 }
 
+/* ---- F10: a client that hangs up on replies it never read cannot spin a worker ---------------- */
+
+/* The daemon's CPU time (user + system), in clock ticks. */
+static unsigned long long daemon_cpu_ticks(void) {
+        char path[64], buf[1024], *p;
+        unsigned long long utime = 0, stime = 0;
+        FILE *f;
+
+        snprintf(path, sizeof(path), "/proc/%d/stat", (int) d.pid);
+        f = fopen(path, "re");
+        cr_assert_not_null(f);
+        cr_assert_not_null(fgets(buf, sizeof(buf), f));
+        fclose(f);
+        /* After "(comm)": state is field 3, utime 14, stime 15. */
+        p = strrchr(buf, ')');
+        cr_assert_not_null(p);
+        cr_assert_eq(sscanf(p + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %llu %llu", &utime, &stime), 2);
+        return utime + stime;
+}
+
+Test(attack, f10_hangup_with_unread_replies_does_not_spin, .fini = stop, .timeout = 60) {
+        struct shmz_msg_header h = { .size = sizeof(h), .type = SHMZ_MSG_STATUS, .stream = 2 };
+        unsigned long long t0, t1;
+        long hz = sysconf(_SC_CLK_TCK);
+        int fd, sent = 0;
+
+        start_one_worker();
+        fd = raw_connect(d.socket);
+        say_hello(fd);
+        /* Requests until the daemon's replies fill the socket and wait in its queue (it then reads no more). */
+        for (int i = 0, full = 0; i < 20000 && full < 100; i++) {
+                if (send(fd, &h, sizeof(h), MSG_DONTWAIT | MSG_NOSIGNAL) < 0) {
+                        cr_assert_eq(errno, EAGAIN, "send: %m");
+                        full++;
+                        usleep(1000);
+                        continue;
+                }
+                full = 0;
+                sent++;
+        }
+        cr_assert_gt(sent, 0);
+        usleep(200 * 1000);
+        /* Neither side sends or receives any more; the fd stays open, the replies stay unread. */
+        cr_assert_eq(shutdown(fd, SHUT_RDWR), 0);
+        usleep(100 * 1000);
+        t0 = daemon_cpu_ticks();
+        usleep(1000 * 1000);
+        t1 = daemon_cpu_ticks();
+        /* Before the fix: the hang-up was reported again and again with nothing done, a whole core. */
+        cr_assert_lt(t1 - t0, (unsigned long long) hz / 4, "the daemon used %llu of %ld ticks in a second", t1 - t0,
+                     hz);
+        cr_assert(daemon_answers_soon(), "the daemon does not answer");
+        close(fd);
+}
+
 int main(int argc, char *argv[]) {
         return harness_main(argc, argv, /* need_root= */ true, /* need_fuse= */ true);
 }

@@ -92,6 +92,7 @@ struct vhandle {
         uint64_t map_size; /* zones: bytes of the memfd */
         const void *map;   /* zones: the zone's read-only mapping (the registry's, shared by every open) */
         bool readable, writable;
+        bool indexed; /* zones: counted in fuse_view.open_zones */
         bool has_ticket;
         uint64_t ticket[2];
         char *text; /* status/metrics: generated at open */
@@ -150,6 +151,7 @@ struct fuse_view {
         bool stopping;
 
         struct vhandle handles;   /* list head, FUSE thread only */
+        void *open_zones;         /* FUSE thread only: the open zones by inode (fuse-zones.c) */
         void *read_buf;           /* FUSE thread only: replies for ranges with holes */
         struct fuse_buf fuse_buf; /* FUSE thread only: the request being served */
 };

@@ -20,6 +20,7 @@
 #include <sys/syscall.h>
 #include <sys/un.h>
 #include <sys/wait.h>
+#include <sys/xattr.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -748,6 +749,99 @@ Test(attack, f10_hangup_with_unread_replies_does_not_spin, .fini = stop, .timeou
                      hz);
         cr_assert(daemon_answers_soon(), "the daemon does not answer");
         close(fd);
+}
+
+/* ---- F11: open zone files cannot make each request on an unlinked zone cost one step per open file ---- */
+
+#define N_HOLDERS 4
+#define N_OPENS_PER_HOLDER 18000
+#define N_XATTR_CALLS 300
+
+static double now_sec(void) {
+        struct timespec ts;
+
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        return (double) ts.tv_sec + (double) ts.tv_nsec / 1e9;
+}
+
+/* Seconds for N_XATTR_CALLS fgetxattr()s on fd: never cached by the kernel, each one is a request. */
+static double xattr_calls_sec(int fd) {
+        double t0 = now_sec();
+
+        for (int i = 0; i < N_XATTR_CALLS; i++) {
+                char b[64];
+
+                cr_assert_gt(fgetxattr(fd, "user.shmzone.generation", b, sizeof(b)), 0, "fgetxattr: %m");
+        }
+        return now_sec() - t0;
+}
+
+/* A child that opens path as often as its fd limit allows, says so on ready, and holds them until hold closes. */
+static pid_t hold_open_files(const char *path, int ready, const int hold[2]) {
+        pid_t pid = fork();
+        char b = 1;
+
+        cr_assert_geq(pid, 0);
+        if (pid > 0)
+                return pid;
+        close(hold[1]); /* the parent's alone: its close ends every child */
+        for (int i = 0; i < N_OPENS_PER_HOLDER; i++)
+                if (open(path, O_RDONLY | O_CLOEXEC) < 0)
+                        _exit(1);
+        if (write(ready, &b, 1) != 1)
+                _exit(2);
+        (void) read(hold[0], &b, 1);
+        _exit(0);
+}
+
+Test(attack, f11_open_files_do_not_slow_requests_on_an_unlinked_zone, .init = start_mounted, .fini = stop,
+     .timeout = 240) {
+        struct shmz_client *c = client();
+        pid_t holders[N_HOLDERS];
+        int ready[2], hold[2], fd;
+        double before, after;
+        struct rlimit rl;
+        char path[256];
+
+        cr_assert_eq(getrlimit(RLIMIT_NOFILE, &rl), 0);
+        if (rl.rlim_max < N_OPENS_PER_HOLDER + 64)
+                cr_skip_test("the fd limit is %llu", (unsigned long long) rl.rlim_max);
+        rl.rlim_cur = rl.rlim_max;
+        cr_assert_eq(setrlimit(RLIMIT_NOFILE, &rl), 0);
+        make_zone_mode(c, "gone", 4096, 0644);
+        make_zone_mode(c, "many", 4096, 0644);
+        snprintf(path, sizeof(path), "%s/zones/gone", d.mount);
+        fd = open(path, O_RDONLY | O_CLOEXEC);
+        cr_assert_geq(fd, 0, "open %s: %m", path);
+        cr_assert_eq(shmz_zone_unlink(c, "gone"), 0);
+        before = xattr_calls_sec(fd);
+
+        /* Any user can hold that many open files of the view, over a few processes. */
+        cr_assert_eq(pipe2(ready, O_CLOEXEC), 0);
+        cr_assert_eq(pipe2(hold, O_CLOEXEC), 0);
+        snprintf(path, sizeof(path), "%s/zones/many", d.mount);
+        for (int i = 0; i < N_HOLDERS; i++)
+                holders[i] = hold_open_files(path, ready[1], hold);
+        close(ready[1]);
+        close(hold[0]);
+        for (int i = 0; i < N_HOLDERS; i++) {
+                char b;
+
+                cr_assert_eq(read(ready[0], &b, 1), 1, "a child could not open its files");
+        }
+        /* The best of three: the machine is shared. */
+        after = xattr_calls_sec(fd);
+        for (int i = 0; i < 2; i++)
+                after = MIN(after, xattr_calls_sec(fd));
+        close(hold[1]);
+        for (int i = 0; i < N_HOLDERS; i++)
+                cr_assert_eq(harness_wait_child(holders[i]), 0);
+        close(ready[0]);
+        /* Before the fix: every request walked every open file of the view (dozens of times slower). */
+        cr_assert_lt(after, 5 * before + 0.1, "%d requests took %.3f s with %d other files open, %.3f s before",
+                     N_XATTR_CALLS, after, N_HOLDERS * N_OPENS_PER_HOLDER, before);
+        close(fd);
+        shmz_disconnect(c);
 }
 
 int main(int argc, char *argv[]) {

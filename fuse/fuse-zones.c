@@ -12,7 +12,6 @@
  */
 #include <fcntl.h>
 #include <inttypes.h>
-#include <search.h>
 #include <stdio.h>
 #include <sys/mman.h>
 #include <sys/xattr.h>
@@ -71,74 +70,18 @@ int zones_lookup(struct fuse_view *v, const char *name, struct fuse_entry_param 
         return 0;
 }
 
-/*
- * An unlinked zone is still there for whoever holds it open (fstat,
- * fgetxattr): the open zones by inode, each with its count of open files. A
- * lookup, not a walk of every open file: any user can hold many of those, and
- * a request of theirs must not cost the one thread of the view that much.
- */
-struct open_zone {
-        uint64_t ino;
-        struct zone *zone; /* each open file of it holds a reference */
-        size_t n;
-};
-
-static int open_zone_cmp(const void *a, const void *b) {
-        uint64_t x = ((const struct open_zone *) a)->ino, y = ((const struct open_zone *) b)->ino;
-
-        return x < y ? -1 : x > y;
-}
-
-static struct open_zone *open_zone_find(struct fuse_view *v, uint64_t ino) {
-        struct open_zone key = { .ino = ino }, **p = tfind(&key, &v->open_zones, open_zone_cmp);
-
-        return p ? *p : NULL;
-}
-
-/* h holds its zone now: counted under its inode (inode numbers are never reused, so one zone each). */
-static int open_zone_add(struct fuse_view *v, struct vhandle *h) {
-        struct open_zone *o = open_zone_find(v, h->ino);
-
-        if (!o) {
-                o = calloc(1, sizeof(*o));
-                if (!o)
-                        return -ENOMEM;
-                *o = (struct open_zone){ .ino = h->ino, .zone = h->zone };
-                if (!tsearch(o, &v->open_zones, open_zone_cmp)) {
-                        free(o);
-                        return -ENOMEM;
-                }
-        }
-        o->n++;
-        h->indexed = true;
-        return 0;
-}
-
-static void open_zone_remove(struct fuse_view *v, struct vhandle *h) {
-        struct open_zone *o;
-
-        if (!h->indexed)
-                return;
-        h->indexed = false;
-        o = open_zone_find(v, h->ino);
-        if (o && --o->n == 0) {
-                (void) tdelete(o, &v->open_zones, open_zone_cmp);
-                free(o);
-        }
-}
-
 static int zone_info_any(struct fuse_view *v, uint64_t ino, struct vhandle *h, struct shmz_msg_zone_info *ret) {
         struct zone *z = h ? h->zone : NULL;
 
         if (!z) {
-                struct open_zone *o;
-
                 if (registry_info_by_ino(v->registry, ino, ret) >= 0)
                         return 0;
-                o = open_zone_find(v, ino);
-                if (!o)
+                /* An unlinked zone is still there for whoever holds it open (fstat, fgetxattr). */
+                for (h = view_handles_of(v, ino); h && !h->zone; h = h->ino_next)
+                        ;
+                if (!h)
                         return -ENOENT;
-                z = o->zone;
+                z = h->zone;
         }
         registry_info_of(v->registry, z, ret);
         return 0;
@@ -186,11 +129,6 @@ void zones_open(struct fuse_view *v, fuse_req_t req, fuse_ino_t ino, struct fuse
                 return;
         }
         h->zone = z;
-        if (open_zone_add(v, h) < 0) {
-                vhandle_free(v, h);
-                (void) fuse_reply_err(req, ENOMEM);
-                return;
-        }
         open_reply(v, req, h, NULL, fi);
 }
 
@@ -228,11 +166,6 @@ void zones_create(struct fuse_view *v, fuse_req_t req, const char *name, mode_t 
                 return;
         }
         h->zone = z;
-        if (open_zone_add(v, h) < 0) {
-                vhandle_free(v, h);
-                (void) fuse_reply_err(req, ENOMEM);
-                return;
-        }
         entry_from_info(v, &info, &e);
         open_reply(v, req, h, &e, fi);
 }
@@ -364,7 +297,6 @@ void zones_write(struct fuse_view *v, fuse_req_t req, struct vhandle *h, const c
 }
 
 void zones_release(struct fuse_view *v, struct vhandle *h) {
-        open_zone_remove(v, h);
         /* A ticket not redeemed by now dies with the open it proved. */
         if (h->has_ticket)
                 registry_ticket_revoke(v->registry, h->ticket);

@@ -217,8 +217,16 @@ static int on_conn_io(sd_event_source *s, int fd, uint32_t revents, void *userda
         struct conn *c = userdata;
         int r;
 
-        if (revents & EPOLLOUT) {
+        /*
+         * Waiting replies are flushed on a hang-up or error too, not only on
+         * EPOLLOUT: reading does nothing while they wait, and the hang-up
+         * (level-triggered) would come back at once, for good. A send then
+         * fails and c goes; replies still stuck after a hang-up can never go.
+         */
+        if ((revents & EPOLLOUT) || c->out_head) {
                 r = flush_out(c);
+                if (r >= 0 && c->out_head && (revents & (EPOLLHUP | EPOLLERR)))
+                        r = -ECONNRESET;
                 if (r >= 0)
                         r = control_list_pump(c);
                 if (r >= 0)

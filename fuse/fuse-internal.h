@@ -91,6 +91,7 @@ struct vhandle {
         uint64_t size;     /* zones: usable bytes, once fixed (sizes never change after that) */
         uint64_t map_size; /* zones: bytes of the memfd */
         const void *map;   /* zones: the zone's read-only mapping (the registry's, shared by every open) */
+        struct vhandle *ino_prev, *ino_next; /* the other open handles of ino (fuse_view.open_inos) */
         bool readable, writable;
         bool has_ticket;
         uint64_t ticket[2];
@@ -150,6 +151,7 @@ struct fuse_view {
         bool stopping;
 
         struct vhandle handles;   /* list head, FUSE thread only */
+        void *open_inos;          /* FUSE thread only: the open handles by inode (vhandle_new()) */
         void *read_buf;           /* FUSE thread only: replies for ranges with holes */
         struct fuse_buf fuse_buf; /* FUSE thread only: the request being served */
 };
@@ -158,6 +160,8 @@ struct fuse_view {
 void view_queue_inval(struct fuse_view *v, uint64_t ino);
 double zone_entry_timeout(struct fuse_view *v);
 struct vhandle *vhandle_new(struct fuse_view *v, uint64_t ino);
+/* The open handles of ino (the rest through ->ino_next), NULL if none: one lookup, whatever is open. */
+struct vhandle *view_handles_of(struct fuse_view *v, uint64_t ino);
 void vhandle_free(struct fuse_view *v, struct vhandle *h);
 void caller_from_req(fuse_req_t req, struct caller *ret);
 void stat_from_usec(struct timespec *ts, uint64_t usec);

@@ -203,8 +203,8 @@ static int connection_of(struct ports *pt, const char *listener, uint64_t port_i
 
 /* An open file of a port or segment gone from the table still answers fstat and fgetxattr. */
 static struct vhandle *open_handle_of(struct fuse_view *v, uint64_t ino) {
-        for (struct vhandle *h = v->handles.next; h != &v->handles; h = h->next)
-                if (h->ino == ino && (h->segment || h->is_port))
+        for (struct vhandle *h = view_handles_of(v, ino); h; h = h->ino_next)
+                if (h->segment || h->is_port)
                         return h;
         return NULL;
 }

@@ -17,6 +17,7 @@
 #include <fcntl.h>
 #include <inttypes.h>
 #include <limits.h>
+#include <search.h>
 #include <stdio.h>
 #include <sys/eventfd.h>
 #include <sys/mount.h>
@@ -41,12 +42,56 @@ void caller_from_req(fuse_req_t req, struct caller *ret) {
         *ret = (struct caller){ .uid = ctx->uid, .gid = ctx->gid, .pid = ctx->pid };
 }
 
+/*
+ * The open handles by inode, a chain each: an inode gone from the tables (an
+ * unlinked zone, a port or segment that ended) still answers fstat and
+ * fgetxattr from an open file of it. A lookup, not a walk of every open
+ * file: any user can hold many of those, and one thread serves the view.
+ */
+struct open_ino {
+        uint64_t ino;
+        struct vhandle *first;
+};
+
+static int open_ino_cmp(const void *a, const void *b) {
+        uint64_t x = ((const struct open_ino *) a)->ino, y = ((const struct open_ino *) b)->ino;
+
+        return x < y ? -1 : x > y;
+}
+
+static struct open_ino *open_ino_find(struct fuse_view *v, uint64_t ino) {
+        struct open_ino key = { .ino = ino }, **p = tfind(&key, &v->open_inos, open_ino_cmp);
+
+        return p ? *p : NULL;
+}
+
+struct vhandle *view_handles_of(struct fuse_view *v, uint64_t ino) {
+        struct open_ino *o = open_ino_find(v, ino);
+
+        return o ? o->first : NULL;
+}
+
 struct vhandle *vhandle_new(struct fuse_view *v, uint64_t ino) {
+        struct open_ino *o = open_ino_find(v, ino);
         struct vhandle *h = calloc(1, sizeof(*h));
 
         if (!h)
                 return NULL;
+        if (!o) {
+                o = calloc(1, sizeof(*o));
+                if (o)
+                        o->ino = ino;
+                if (!o || !tsearch(o, &v->open_inos, open_ino_cmp)) {
+                        free(o);
+                        free(h);
+                        return NULL;
+                }
+        }
         h->ino = ino;
+        h->ino_next = o->first;
+        if (o->first)
+                o->first->ino_prev = h;
+        o->first = h;
         h->next = v->handles.next;
         h->prev = &v->handles;
         v->handles.next->prev = h;
@@ -59,6 +104,21 @@ void vhandle_free(struct fuse_view *v, struct vhandle *h) {
                 return;
         h->prev->next = h->next;
         h->next->prev = h->prev;
+        if (h->ino_next)
+                h->ino_next->ino_prev = h->ino_prev;
+        if (h->ino_prev)
+                h->ino_prev->ino_next = h->ino_next;
+        else {
+                struct open_ino *o = open_ino_find(v, h->ino);
+
+                if (o) {
+                        o->first = h->ino_next;
+                        if (!o->first) {
+                                (void) tdelete(o, &v->open_inos, open_ino_cmp);
+                                free(o);
+                        }
+                }
+        }
         if (h->zone)
                 zones_release(v, h);
         if (h->segment)

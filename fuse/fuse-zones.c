@@ -70,23 +70,20 @@ int zones_lookup(struct fuse_view *v, const char *name, struct fuse_entry_param 
         return 0;
 }
 
-/* An unlinked zone is still there for whoever holds it open (fstat, fgetxattr). */
-static struct vhandle *open_handle_of(struct fuse_view *v, uint64_t ino) {
-        for (struct vhandle *h = v->handles.next; h != &v->handles; h = h->next)
-                if (h->ino == ino && h->zone)
-                        return h;
-        return NULL;
-}
-
 static int zone_info_any(struct fuse_view *v, uint64_t ino, struct vhandle *h, struct shmz_msg_zone_info *ret) {
-        if (!h || !h->zone) {
+        struct zone *z = h ? h->zone : NULL;
+
+        if (!z) {
                 if (registry_info_by_ino(v->registry, ino, ret) >= 0)
                         return 0;
-                h = open_handle_of(v, ino);
+                /* An unlinked zone is still there for whoever holds it open (fstat, fgetxattr). */
+                for (h = view_handles_of(v, ino); h && !h->zone; h = h->ino_next)
+                        ;
                 if (!h)
                         return -ENOENT;
+                z = h->zone;
         }
-        registry_info_of(v->registry, h->zone, ret);
+        registry_info_of(v->registry, z, ret);
         return 0;
 }
 

@@ -5,6 +5,7 @@
  * failed on the code before its fix; SECURITY.md says what they defend.
  */
 #include <criterion/criterion.h>
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
@@ -20,6 +21,7 @@
 #include <sys/syscall.h>
 #include <sys/un.h>
 #include <sys/wait.h>
+#include <sys/xattr.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -692,6 +694,242 @@ Test(attack, f9_open_directories_hold_no_copy_of_the_listing, .init = start_moun
                 pclose(p);
                 cr_assert_eq(atoi(out), N_DIR_ZONES);
         }
+        shmz_disconnect(c);
+}
+
+/* ---- F10: a client that hangs up on replies it never read cannot spin a worker ---------------- */
+
+/* The daemon's CPU time (user + system), in clock ticks. */
+static unsigned long long daemon_cpu_ticks(void) {
+        char path[64], buf[1024], *p;
+        unsigned long long utime = 0, stime = 0;
+        FILE *f;
+
+        snprintf(path, sizeof(path), "/proc/%d/stat", (int) d.pid);
+        f = fopen(path, "re");
+        cr_assert_not_null(f);
+        cr_assert_not_null(fgets(buf, sizeof(buf), f));
+        fclose(f);
+        /* After "(comm)": state is field 3, utime 14, stime 15. */
+        p = strrchr(buf, ')');
+        cr_assert_not_null(p);
+        cr_assert_eq(sscanf(p + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %llu %llu", &utime, &stime), 2);
+        return utime + stime;
+}
+
+Test(attack, f10_hangup_with_unread_replies_does_not_spin, .fini = stop, .timeout = 60) {
+        struct shmz_msg_header h = { .size = sizeof(h), .type = SHMZ_MSG_STATUS, .stream = 2 };
+        unsigned long long t0, t1;
+        long hz = sysconf(_SC_CLK_TCK);
+        int fd, sent = 0;
+
+        start_one_worker();
+        fd = raw_connect(d.socket);
+        say_hello(fd);
+        /* Requests until the daemon's replies fill the socket and wait in its queue (it then reads no more). */
+        for (int i = 0, full = 0; i < 20000 && full < 100; i++) {
+                if (send(fd, &h, sizeof(h), MSG_DONTWAIT | MSG_NOSIGNAL) < 0) {
+                        cr_assert_eq(errno, EAGAIN, "send: %m");
+                        full++;
+                        usleep(1000);
+                        continue;
+                }
+                full = 0;
+                sent++;
+        }
+        cr_assert_gt(sent, 0);
+        usleep(200 * 1000);
+        /* Neither side sends or receives any more; the fd stays open, the replies stay unread. */
+        cr_assert_eq(shutdown(fd, SHUT_RDWR), 0);
+        usleep(100 * 1000);
+        t0 = daemon_cpu_ticks();
+        usleep(1000 * 1000);
+        t1 = daemon_cpu_ticks();
+        /* Before the fix: the hang-up was reported again and again with nothing done, a whole core. */
+        cr_assert_lt(t1 - t0, (unsigned long long) hz / 4, "the daemon used %llu of %ld ticks in a second", t1 - t0,
+                     hz);
+        cr_assert(daemon_answers_soon(), "the daemon does not answer");
+        close(fd);
+}
+
+/* ---- F11: open zone files cannot make each request on an unlinked zone cost one step per open file ---- */
+
+#define N_HOLDERS 4
+#define N_OPENS_PER_HOLDER 18000
+#define N_XATTR_CALLS 300
+
+static double now_sec(void) {
+        struct timespec ts;
+
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        return (double) ts.tv_sec + (double) ts.tv_nsec / 1e9;
+}
+
+/* Seconds for N_XATTR_CALLS fgetxattr()s on fd: never cached by the kernel, each one is a request. */
+static double xattr_calls_sec(int fd) {
+        double t0 = now_sec();
+
+        for (int i = 0; i < N_XATTR_CALLS; i++) {
+                char b[64];
+
+                cr_assert_gt(fgetxattr(fd, "user.shmzone.generation", b, sizeof(b)), 0, "fgetxattr: %m");
+        }
+        return now_sec() - t0;
+}
+
+/* A child that opens path as often as its fd limit allows, says so on ready, and holds them until hold closes. */
+static pid_t hold_open_files(const char *path, int ready, const int hold[2]) {
+        pid_t pid = fork();
+        char b = 1;
+
+        cr_assert_geq(pid, 0);
+        if (pid > 0)
+                return pid;
+        close(hold[1]); /* the parent's alone: its close ends every child */
+        for (int i = 0; i < N_OPENS_PER_HOLDER; i++)
+                if (open(path, O_RDONLY | O_CLOEXEC) < 0)
+                        _exit(1);
+        if (write(ready, &b, 1) != 1)
+                _exit(2);
+        (void) read(hold[0], &b, 1);
+        _exit(0);
+}
+
+Test(attack, f11_open_files_do_not_slow_requests_on_an_unlinked_zone, .init = start_mounted, .fini = stop,
+     .timeout = 240) {
+        struct shmz_client *c = client();
+        pid_t holders[N_HOLDERS];
+        int ready[2], hold[2], fd;
+        double before, after;
+        struct rlimit rl;
+        char path[256];
+
+        cr_assert_eq(getrlimit(RLIMIT_NOFILE, &rl), 0);
+        if (rl.rlim_max < N_OPENS_PER_HOLDER + 64)
+                cr_skip_test("the fd limit is %llu", (unsigned long long) rl.rlim_max);
+        rl.rlim_cur = rl.rlim_max;
+        cr_assert_eq(setrlimit(RLIMIT_NOFILE, &rl), 0);
+        make_zone_mode(c, "gone", 4096, 0644);
+        make_zone_mode(c, "many", 4096, 0644);
+        snprintf(path, sizeof(path), "%s/zones/gone", d.mount);
+        fd = open(path, O_RDONLY | O_CLOEXEC);
+        cr_assert_geq(fd, 0, "open %s: %m", path);
+        cr_assert_eq(shmz_zone_unlink(c, "gone"), 0);
+        before = xattr_calls_sec(fd);
+
+        /* Any user can hold that many open files of the view, over a few processes. */
+        cr_assert_eq(pipe2(ready, O_CLOEXEC), 0);
+        cr_assert_eq(pipe2(hold, O_CLOEXEC), 0);
+        snprintf(path, sizeof(path), "%s/zones/many", d.mount);
+        for (int i = 0; i < N_HOLDERS; i++)
+                holders[i] = hold_open_files(path, ready[1], hold);
+        close(ready[1]);
+        close(hold[0]);
+        for (int i = 0; i < N_HOLDERS; i++) {
+                char b;
+
+                cr_assert_eq(read(ready[0], &b, 1), 1, "a child could not open its files");
+        }
+        /* The best of three: the machine is shared. */
+        after = xattr_calls_sec(fd);
+        for (int i = 0; i < 2; i++)
+                after = MIN(after, xattr_calls_sec(fd));
+        close(hold[1]);
+        for (int i = 0; i < N_HOLDERS; i++)
+                cr_assert_eq(harness_wait_child(holders[i]), 0);
+        close(ready[0]);
+        /* Before the fix: every request walked every open file of the view (dozens of times slower). */
+        cr_assert_lt(after, 5 * before + 0.1, "%d requests took %.3f s with %d other files open, %.3f s before",
+                     N_XATTR_CALLS, after, N_HOLDERS * N_OPENS_PER_HOLDER, before);
+        close(fd);
+        shmz_disconnect(c);
+}
+
+/* The same for a segment of a port that ended, held open (its figures come from the mapping held). */
+Test(attack, f11_open_files_do_not_slow_requests_on_a_gone_segment, .init = start_mounted, .fini = stop,
+     .timeout = 240) {
+        struct shmz_client *c = client();
+        struct shmz_listener *l = NULL;
+        struct shmz_port *pa = NULL, *pb = NULL;
+        struct shmz_msg m = { .type = 1, .size = 8192, .fd = -1 };
+        pid_t holders[N_HOLDERS];
+        int ready[2], hold[2], fd = -1;
+        char path[512], zone[256], payload[8192] = "x";
+        double before, after;
+        struct rlimit rl;
+        struct dirent *de;
+        DIR *dir;
+
+        cr_assert_eq(getrlimit(RLIMIT_NOFILE, &rl), 0);
+        if (rl.rlim_max < N_OPENS_PER_HOLDER + 64)
+                cr_skip_test("the fd limit is %llu", (unsigned long long) rl.rlim_max);
+        /* A port whose connector sent through a segment of its own. */
+        cr_assert_eq(shmz_port_listen(c, "seg", 0600, &l), 0);
+        cr_assert_eq(shmz_port_connect(c, "seg", &pb), 0);
+        cr_assert_eq(shmz_port_accept(l, 10 * 1000000000LL, &pa), 0);
+        m.data = payload;
+        cr_assert_eq(shmz_port_send(pb, &m, 10 * 1000000000LL), 0);
+        snprintf(path, sizeof(path), "%s/segments", d.mount);
+        dir = opendir(path);
+        cr_assert_not_null(dir);
+        while ((de = readdir(dir)))
+                if (de->d_name[0] != '.') {
+                        snprintf(path, sizeof(path), "%s/segments/%s", d.mount, de->d_name);
+                        fd = open(path, O_RDONLY | O_CLOEXEC);
+                        break;
+                }
+        closedir(dir);
+        cr_assert_geq(fd, 0, "no segment to open: %m");
+        shmz_port_close(pa);
+        shmz_port_close(pb);
+        shmz_listener_close(l);
+        for (int i = 0; i < 500 && access(path, F_OK) == 0; i++)
+                usleep(10000);
+        cr_assert_neq(access(path, F_OK), 0, "%s is still there", path);
+        {
+                char b[64];
+
+                cr_assert_gt(fgetxattr(fd, "user.shmz.chunks_used", b, sizeof(b)), 0, "fgetxattr: %m");
+        }
+        before = now_sec();
+        for (int i = 0; i < N_XATTR_CALLS; i++) {
+                char b[64];
+
+                cr_assert_gt(fgetxattr(fd, "user.shmz.chunks_used", b, sizeof(b)), 0);
+        }
+        before = now_sec() - before;
+
+        make_zone_mode(c, "many", 4096, 0644);
+        cr_assert_eq(pipe2(ready, O_CLOEXEC), 0);
+        cr_assert_eq(pipe2(hold, O_CLOEXEC), 0);
+        snprintf(zone, sizeof(zone), "%s/zones/many", d.mount);
+        for (int i = 0; i < N_HOLDERS; i++)
+                holders[i] = hold_open_files(zone, ready[1], hold);
+        close(ready[1]);
+        close(hold[0]);
+        for (int i = 0; i < N_HOLDERS; i++) {
+                char b;
+
+                cr_assert_eq(read(ready[0], &b, 1), 1, "a child could not open its files");
+        }
+        after = 1e9;
+        for (int k = 0; k < 3; k++) {
+                double t0 = now_sec();
+
+                for (int i = 0; i < N_XATTR_CALLS; i++) {
+                        char b[64];
+
+                        cr_assert_gt(fgetxattr(fd, "user.shmz.chunks_used", b, sizeof(b)), 0);
+                }
+                after = MIN(after, now_sec() - t0);
+        }
+        close(hold[1]);
+        for (int i = 0; i < N_HOLDERS; i++)
+                cr_assert_eq(harness_wait_child(holders[i]), 0);
+        close(ready[0]);
+        cr_assert_lt(after, 5 * before + 0.1, "%d requests took %.3f s with %d other files open, %.3f s before",
+                     N_XATTR_CALLS, after, N_HOLDERS * N_OPENS_PER_HOLDER, before);
+        close(fd);
         shmz_disconnect(c);
 }
 

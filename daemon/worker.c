@@ -359,13 +359,26 @@ static int listen_watch(struct worker *w, bool on) {
         return 0;
 }
 
+/* Watching the listening socket again failed (out of memory): try again in 100 ms rather than never. */
+static void listen_retry_later(struct worker *w) {
+        int r;
+
+        r = sd_event_source_set_time_relative(w->listen_resume, 100 * 1000);
+        if (r >= 0)
+                r = sd_event_source_set_enabled(w->listen_resume, SD_EVENT_ONESHOT);
+        if (r < 0)
+                log_error_errno(r, "Worker %u: cannot schedule watching the listening socket: %m", w->index);
+}
+
 static int on_listen_resume(sd_event_source *s, uint64_t usec, void *userdata) {
         struct worker *w = userdata;
         int r;
 
         r = listen_watch(w, true);
-        if (r < 0)
+        if (r < 0) {
                 log_error_errno(r, "Worker %u: cannot watch the listening socket again: %m", w->index);
+                listen_retry_later(w);
+        }
         return 0;
 }
 
@@ -409,8 +422,11 @@ static void worker_accept(struct worker *w) {
                 r = listen_watch(w, false);
                 if (r >= 0)
                         r = listen_watch(w, true);
-                if (r < 0)
+                if (r < 0) {
                         log_error_errno(r, "Worker %u: cannot watch the listening socket again: %m", w->index);
+                        if (!w->listening)
+                                listen_retry_later(w);
+                }
         }
 }
 

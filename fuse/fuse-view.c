@@ -1163,6 +1163,16 @@ int fuse_view_start(struct registry *reg, struct ports *ports, const char *mount
                 goto fail;
         }
 
+        /*
+         * Changes are watched before the first request is answered: one made in
+         * between would never reach the kernel, and a file opened meanwhile
+         * could show old attributes for their whole timeout. Until the epoch is
+         * known to work no name is cached, so the early ones only cost a write.
+         */
+        registry_set_observer(v->registry, on_registry_event, v);
+        if (ports)
+                ports_set_observer(ports, view_ports_event, v);
+
         r = -pthread_create(&v->thread, NULL, fuse_thread, v);
         if (r < 0)
                 goto fail;
@@ -1186,9 +1196,6 @@ int fuse_view_start(struct registry *reg, struct ports *ports, const char *mount
                 log_full_errno(LOG_INFO, r,
                                "FUSE view: the kernel cannot be told to forget cached names (%m); zone names "
                                "are looked up at every use.");
-        registry_set_observer(v->registry, on_registry_event, v);
-        if (ports)
-                ports_set_observer(ports, view_ports_event, v);
         log_info("FUSE view mounted at %s.", v->mountpoint);
         *ret = v;
         return 0;

@@ -147,7 +147,10 @@ struct fuse_view {
         uint64_t *later; /* the same, sent at later_usec (zones: a second invalidation) */
         size_t n_later;
         uint64_t later_usec; /* CLOCK_REALTIME */
-        uint64_t dropped;    /* changes not queued since the notifier last looked */
+        uint64_t *later2;    /* changes too close to later_usec: the window after it */
+        size_t n_later2;
+        uint64_t later2_usec;
+        uint64_t dropped; /* changes not queued since the notifier last looked */
         bool stopping;
 
         struct vhandle handles;   /* list head, FUSE thread only */

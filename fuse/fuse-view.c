@@ -212,6 +212,8 @@ static void view_zone_changed(struct fuse_view *v, enum registry_event ev, uint6
         if (ev == REGISTRY_ZONE_ADDED || ev == REGISTRY_ZONE_REMOVED) {
                 atomic_store(&v->zones_mtime_usec, now_usec(CLOCK_REALTIME));
                 inval_inode_now(v, INO_ZONES);
+                /* A GETATTR of zones/ answered before the change may land after it, as a zone's can. */
+                view_queue_inval_later(v, INO_ZONES);
         }
         if (ev == REGISTRY_ZONE_ADDED)
                 return;
@@ -272,14 +274,42 @@ void view_queue_inval(struct fuse_view *v, uint64_t ino) {
         pthread_mutex_unlock(&v->qlock);
 }
 
-/* The same, NOTIFIER_DELAY_MSEC later (view_zone_changed()). */
+/*
+ * The same, NOTIFIER_DELAY_MSEC later (view_zone_changed()). A window's
+ * changes go together; one that comes when less than half the delay is left
+ * goes with the next window, so that each waits at least half the delay.
+ */
 static void view_queue_inval_later(struct fuse_view *v, uint64_t ino) {
+        const uint64_t delay = NOTIFIER_DELAY_MSEC * 1000u;
+        uint64_t now = now_usec(CLOCK_REALTIME);
+        bool added = false;
+
         pthread_mutex_lock(&v->qlock);
-        if (!v->stopping && v->later && v->n_later == 0)
-                v->later_usec = now_usec(CLOCK_REALTIME) + NOTIFIER_DELAY_MSEC * 1000u;
-        if (!v->stopping && v->later && inval_set_add(v, v->later, &v->n_later, ino))
+        if (!v->stopping && v->later && v->later2) {
+                if (v->n_later == 0)
+                        v->later_usec = now + delay;
+                if (v->later_usec >= now + delay / 2)
+                        added = inval_set_add(v, v->later, &v->n_later, ino);
+                else {
+                        if (v->n_later2 == 0)
+                                v->later2_usec = now + delay;
+                        added = inval_set_add(v, v->later2, &v->n_later2, ino);
+                }
+        }
+        if (added)
                 pthread_cond_signal(&v->qcond);
         pthread_mutex_unlock(&v->qlock);
+}
+
+/* The window that came due was taken (qlock held): the next one becomes the current. */
+static void later_advance(struct fuse_view *v) {
+        uint64_t *t = v->later;
+
+        v->later = v->later2;
+        v->n_later = v->n_later2;
+        v->later_usec = v->later2_usec;
+        v->later2 = t;
+        v->n_later2 = 0;
 }
 
 static void *notifier_thread(void *arg) {
@@ -314,8 +344,10 @@ static void *notifier_thread(void *arg) {
                         break;
                 }
                 n = inval_set_take(v->inval, &v->n_inval, batch);
-                if (v->n_later > 0 && now_usec(CLOCK_REALTIME) >= v->later_usec)
+                if (v->n_later > 0 && now_usec(CLOCK_REALTIME) >= v->later_usec) {
                         n += inval_set_take(v->later, &v->n_later, batch + n);
+                        later_advance(v);
+                }
                 dropped = v->dropped;
                 v->dropped = 0;
                 pthread_mutex_unlock(&v->qlock);
@@ -1068,6 +1100,7 @@ static void view_free(struct fuse_view *v) {
         safe_close(v->stop_fd);
         free(v->inval);
         free(v->later);
+        free(v->later2);
         free(v->read_buf);
         free(v->fuse_buf.mem);
         free(v->mountpoint);
@@ -1129,7 +1162,8 @@ int fuse_view_start(struct registry *reg, struct ports *ports, const char *mount
                 goto fail;
         v->inval = calloc(INVAL_SLOTS, sizeof(*v->inval));
         v->later = calloc(INVAL_SLOTS, sizeof(*v->later));
-        if (!v->inval || !v->later) {
+        v->later2 = calloc(INVAL_SLOTS, sizeof(*v->later2));
+        if (!v->inval || !v->later || !v->later2) {
                 r = -ENOMEM;
                 goto fail;
         }

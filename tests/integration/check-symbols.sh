@@ -3,6 +3,7 @@
 set -eu
 lib=$1
 map=$2
+debsyms=${3:-}
 exported=$(nm -D --defined-only "$lib" | awk '$2 ~ /^[TDBRV]$/ {print $3}' | grep -v '^SHMZONE_' | sed 's/@.*//' | sort)
 listed=$(sed -n 's/^[[:space:]]*\(shmz_[a-z0-9_]*\);.*/\1/p' "$map" | sort)
 if [ "$exported" != "$listed" ]; then
@@ -18,4 +19,19 @@ fi
 nodes=$(sed -n 's/^\(SHMZONE_[0-9.]*\)[[:space:]]*{.*/\1/p' "$map" | sed 's/\./\\./g' | paste -sd'|')
 bad=$(nm -D --defined-only "$lib" | awk '$2 ~ /^[TDBR]$/ {print $3}' | grep -Ev "@@($nodes)\$" | grep -v '^SHMZONE_' || true)
 [ -z "$bad" ] || { echo "unversioned exports: $bad"; exit 1; }
+# The Debian symbols file names each export with its version node (dpkg-gensymbols fails the build otherwise).
+if [ -n "$debsyms" ]; then
+        versioned=$(nm -D --defined-only "$lib" | awk '$2 ~ /^[TDBR]$/ {print $3}' | grep -v '^SHMZONE_' |
+                sed 's/@@/@/' | sort)
+        packaged=$(sed -n 's/^ \(shmz_[a-z0-9_]*@SHMZONE_[0-9.]*\) .*/\1/p' "$debsyms" | sort)
+        if [ "$versioned" != "$packaged" ]; then
+                echo "exported symbols and $debsyms differ:"
+                diff -u /dev/fd/3 /dev/fd/4 3<<E 4<<L || true
+$packaged
+E
+$versioned
+L
+                exit 1
+        fi
+fi
 echo "$(echo "$exported" | wc -l) symbols, all listed and versioned"

@@ -33,6 +33,7 @@
 #include <linux/futex.h>
 #include <fcntl.h>
 #include <inttypes.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdbool.h>
 #include <stdint.h>
@@ -139,9 +140,23 @@ static struct shmz_port *child_port(const char *name) {
         return p;
 }
 
-/* A buffer of the port, waiting (on a futex) while the peer still holds the memory. */
+/*
+ * A buffer of the port, polling while the peer still holds the memory: the
+ * sender of a stream owns its core, as the anchors' writers do. (Sleeping in
+ * shmz_port_buf_wait() costs the receiver a wake-up call per release and the
+ * sender a wake-up; measured here it made thr_1MiB swing between 0.64x and
+ * 1.1x memcpy, against 0.82-1.05x polling.)
+ */
 static void *port_buf_wait(struct shmz_port *p, size_t size) {
-        return shmz_port_buf_wait(p, size, -1);
+        for (;;) {
+                void *b = shmz_port_buf(p, size);
+
+                if (b)
+                        return b;
+                if (errno != EAGAIN)
+                        return NULL;
+                sched_yield();
+        }
 }
 
 /* Sends size bytes stamped v: in place when large, from our own buffer when small. */

@@ -618,6 +618,45 @@ static int tx_grow_locked(struct shmz_port *p, bool *ret_full) {
         return 0;
 }
 
+/* One scan of this side's segments for n free chunks: true with them claimed. */
+static bool tx_scan(struct shmz_port *p, uint32_t n, uint32_t *ret_slot, uint32_t *ret_chunk) {
+        uint32_t n_tx = atomic_load(&p->n_tx);
+
+        for (uint32_t i = 0; i < n_tx; i++)
+                if (seg_claim(p, atomic_load(&p->tx[i]), n, ret_chunk) >= 0) {
+                        seg_populate(p, atomic_load(&p->tx[i]), *ret_chunk, n);
+                        *ret_slot = i;
+                        return true;
+                }
+        return false;
+}
+
+#define TX_SPIN_NS UINT64_C(20000)
+#define TX_LOOK_NS UINT64_C(2000)
+
+/*
+ * Before a sender says it sleeps for memory it looks again now and then, for
+ * TX_SPIN_NS (or the port's spin, if longer): the receiver of a stream
+ * releases within microseconds, and once a sender is announced every release
+ * costs the receiver a wake-up call and the sender a wake-up. Looks are
+ * spaced so as not to take the bitmaps' lines from the receiver at each.
+ */
+static bool tx_spin(struct shmz_port *p, uint32_t n, uint64_t deadline, uint32_t *ret_slot, uint32_t *ret_chunk) {
+        uint64_t now = now_ns(), spin = MAX(atomic_load_explicit(&p->spin_ns, memory_order_relaxed), TX_SPIN_NS);
+        uint64_t until = spin > deadline - MIN(now, deadline) ? deadline : now + spin;
+
+        while (now < until) {
+                while (now_ns() < now + TX_LOOK_NS)
+                        __builtin_ia32_pause();
+                if (atomic_load(&p->gone) || __atomic_load_n(&p->ch->closed, __ATOMIC_ACQUIRE))
+                        return false; /* the caller's loop says why */
+                if (tx_scan(p, n, ret_slot, ret_chunk))
+                        return true;
+                now = now_ns();
+        }
+        return false;
+}
+
 /*
  * Claims n chunks in this side's segments: scan, else a new segment, else
  * (timeout permitting) sleep on the channel until the receiver releases some.
@@ -625,20 +664,17 @@ static int tx_grow_locked(struct shmz_port *p, bool *ret_full) {
 static int tx_claim(struct shmz_port *p, uint32_t n, int64_t timeout_ns, uint64_t deadline, uint32_t *ret_slot,
                     uint32_t *ret_chunk) {
         struct shmz_channel_dir *dir = &p->ch->dir[p->pp.side];
-        bool waiting = false;
+        bool waiting = false, spun = false;
         int r;
 
         for (;;) {
                 uint32_t seq = __atomic_load_n(&dir->release_seq, __ATOMIC_SEQ_CST);
                 uint32_t n_tx = atomic_load(&p->n_tx);
 
-                for (uint32_t i = 0; i < n_tx; i++)
-                        if (seg_claim(p, atomic_load(&p->tx[i]), n, ret_chunk) >= 0) {
-                                seg_populate(p, atomic_load(&p->tx[i]), *ret_chunk, n);
-                                *ret_slot = i;
-                                r = 0;
-                                goto done;
-                        }
+                if (tx_scan(p, n, ret_slot, ret_chunk)) {
+                        r = 0;
+                        goto done;
+                }
                 if (port_closed(p)) {
                         r = -EPIPE;
                         goto done;
@@ -668,6 +704,14 @@ static int tx_claim(struct shmz_port *p, uint32_t n, int64_t timeout_ns, uint64_
                 if (timeout_ns == 0) {
                         r = -EAGAIN;
                         goto done;
+                }
+                if (!spun) {
+                        spun = true;
+                        if (tx_spin(p, n, deadline, ret_slot, ret_chunk)) {
+                                r = 0;
+                                goto done;
+                        }
+                        continue;
                 }
                 if (!waiting) {
                         /* Say we sleep, then look once more: a release after this sees the flag and wakes us. */

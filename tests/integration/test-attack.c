@@ -795,11 +795,37 @@ static pid_t hold_open_files(const char *path, int ready, const int hold[2]) {
         _exit(0);
 }
 
+/* N_HOLDERS children each hold N_OPENS_PER_HOLDER opens of path, until *ret_hold is closed. */
+static void hold_many_open_files(const char *path, pid_t holders[static N_HOLDERS], int *ret_hold) {
+        int ready[2], hold[2];
+
+        cr_assert_eq(pipe2(ready, O_CLOEXEC), 0);
+        cr_assert_eq(pipe2(hold, O_CLOEXEC), 0);
+        for (int i = 0; i < N_HOLDERS; i++)
+                holders[i] = hold_open_files(path, ready[1], hold);
+        close(ready[1]);
+        close(hold[0]);
+        for (int i = 0; i < N_HOLDERS; i++) {
+                char b;
+
+                cr_assert_eq(read(ready[0], &b, 1), 1, "a child could not open its files");
+        }
+        close(ready[0]);
+        *ret_hold = hold[1];
+}
+
+/* Lets the holders go and reaps them. */
+static void release_holders(const pid_t holders[static N_HOLDERS], int hold) {
+        close(hold);
+        for (int i = 0; i < N_HOLDERS; i++)
+                cr_assert_eq(harness_wait_child(holders[i]), 0);
+}
+
 Test(attack, f11_open_files_do_not_slow_requests_on_an_unlinked_zone, .init = start_mounted, .fini = stop,
      .timeout = 240) {
         struct shmz_client *c = client();
         pid_t holders[N_HOLDERS];
-        int ready[2], hold[2], fd;
+        int hold, fd;
         double before, after;
         struct rlimit rl;
         char path[256];
@@ -818,26 +844,13 @@ Test(attack, f11_open_files_do_not_slow_requests_on_an_unlinked_zone, .init = st
         before = xattr_calls_sec(fd);
 
         /* Any user can hold that many open files of the view, over a few processes. */
-        cr_assert_eq(pipe2(ready, O_CLOEXEC), 0);
-        cr_assert_eq(pipe2(hold, O_CLOEXEC), 0);
         snprintf(path, sizeof(path), "%s/zones/many", d.mount);
-        for (int i = 0; i < N_HOLDERS; i++)
-                holders[i] = hold_open_files(path, ready[1], hold);
-        close(ready[1]);
-        close(hold[0]);
-        for (int i = 0; i < N_HOLDERS; i++) {
-                char b;
-
-                cr_assert_eq(read(ready[0], &b, 1), 1, "a child could not open its files");
-        }
+        hold_many_open_files(path, holders, &hold);
         /* The best of three: the machine is shared. */
         after = xattr_calls_sec(fd);
         for (int i = 0; i < 2; i++)
                 after = MIN(after, xattr_calls_sec(fd));
-        close(hold[1]);
-        for (int i = 0; i < N_HOLDERS; i++)
-                cr_assert_eq(harness_wait_child(holders[i]), 0);
-        close(ready[0]);
+        release_holders(holders, hold);
         /* Before the fix: every request walked every open file of the view (dozens of times slower). */
         cr_assert_lt(after, 5 * before + 0.1, "%d requests took %.3f s with %d other files open, %.3f s before",
                      N_XATTR_CALLS, after, N_HOLDERS * N_OPENS_PER_HOLDER, before);
@@ -853,7 +866,7 @@ Test(attack, f11_open_files_do_not_slow_requests_on_a_gone_segment, .init = star
         struct shmz_port *pa = NULL, *pb = NULL;
         struct shmz_msg m = { .type = 1, .size = 8192, .fd = -1 };
         pid_t holders[N_HOLDERS];
-        int ready[2], hold[2], fd = -1;
+        int hold, fd = -1;
         char path[512], zone[256], payload[8192] = "x";
         double before, after;
         struct rlimit rl;
@@ -900,18 +913,8 @@ Test(attack, f11_open_files_do_not_slow_requests_on_a_gone_segment, .init = star
         before = now_sec() - before;
 
         make_zone_mode(c, "many", 4096, 0644);
-        cr_assert_eq(pipe2(ready, O_CLOEXEC), 0);
-        cr_assert_eq(pipe2(hold, O_CLOEXEC), 0);
         snprintf(zone, sizeof(zone), "%s/zones/many", d.mount);
-        for (int i = 0; i < N_HOLDERS; i++)
-                holders[i] = hold_open_files(zone, ready[1], hold);
-        close(ready[1]);
-        close(hold[0]);
-        for (int i = 0; i < N_HOLDERS; i++) {
-                char b;
-
-                cr_assert_eq(read(ready[0], &b, 1), 1, "a child could not open its files");
-        }
+        hold_many_open_files(zone, holders, &hold);
         after = 1e9;
         for (int k = 0; k < 3; k++) {
                 double t0 = now_sec();
@@ -923,10 +926,7 @@ Test(attack, f11_open_files_do_not_slow_requests_on_a_gone_segment, .init = star
                 }
                 after = MIN(after, now_sec() - t0);
         }
-        close(hold[1]);
-        for (int i = 0; i < N_HOLDERS; i++)
-                cr_assert_eq(harness_wait_child(holders[i]), 0);
-        close(ready[0]);
+        release_holders(holders, hold);
         cr_assert_lt(after, 5 * before + 0.1, "%d requests took %.3f s with %d other files open, %.3f s before",
                      N_XATTR_CALLS, after, N_HOLDERS * N_OPENS_PER_HOLDER, before);
         close(fd);

@@ -2,10 +2,14 @@
 #define FUSE_USE_VERSION 312
 
 #include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
 #include <fuse_lowlevel.h>
 #include <pthread.h>
 #include <stdlib.h>
+#include <stdio.h>
 #include <string.h>
+#include <sys/syscall.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -177,4 +181,17 @@ void stallfs_stop(struct stallfs *s) {
         fuse_session_destroy(s->se);
         pthread_mutex_destroy(&s->lock);
         free(s);
+}
+
+int stallfs_start_with_stalling_fd(const char *dir, struct stallfs **ret) {
+        char path[PATH_MAX];
+        int r, fd;
+
+        r = stallfs_start(dir, ret);
+        if (r < 0)
+                return r;
+        stallfs_stall_flushes(*ret, (pid_t) syscall(SYS_gettid));
+        snprintf(path, sizeof(path), "%s/file", dir);
+        fd = open(path, O_RDONLY | O_CLOEXEC);
+        return fd < 0 ? -errno : fd;
 }

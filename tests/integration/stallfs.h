@@ -17,6 +17,12 @@ struct stallfs;
 /* Mounts at dir (created if missing); 0 or -errno. */
 int stallfs_start(const char *dir, struct stallfs **ret);
 /*
+ * Mounts at dir, stalls every flush but the calling thread's, and opens its
+ * file (read-only): the fd, whose close() by any other thread never returns,
+ * or -errno.
+ */
+int stallfs_start_with_stalling_fd(const char *dir, struct stallfs **ret);
+/*
  * From now on FLUSHes are left unanswered, except those of thread `except`
  * (FUSE names the calling thread, not its process).
  */

@@ -269,15 +269,12 @@ static bool daemon_answers_soon(void) {
  * server that a user mounted (any user can). Each connection passes it once.
  */
 static void passed_fds_do_not_stall(bool kernel_refuses) {
-        char dir[192], path[256];
+        char dir[192];
         int fd, socks[4];
 
         snprintf(dir, sizeof(dir), "%s/stall", d.dir);
-        cr_assert_eq(stallfs_start(dir, &sf), 0);
-        stallfs_stall_flushes(sf, (pid_t) syscall(SYS_gettid));
-        snprintf(path, sizeof(path), "%s/file", dir);
-        fd = open(path, O_RDONLY | O_CLOEXEC);
-        cr_assert_geq(fd, 0, "open %s: %m", path);
+        fd = stallfs_start_with_stalling_fd(dir, &sf);
+        cr_assert_geq(fd, 0, "stallfs at %s: %s", dir, strerror(-fd));
 
         /* More connections than workers: each one's fd would stop its worker. */
         for (size_t i = 0; i < ELEMENTSOF(socks); i++) {

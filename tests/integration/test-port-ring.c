@@ -23,7 +23,6 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
-#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -508,17 +507,14 @@ Test(ring, a_peer_fd_whose_close_never_returns_stalls_nothing, .fini = stop_stal
         struct shmz_listener *l;
         struct shmz_port *a[2], *b[2];
         struct port_call call[2];
-        char dir[192], path[256];
+        char dir[192];
         pthread_t t[2];
         bool done[2];
         int fd;
 
         snprintf(dir, sizeof(dir), "%s/stall", d.dir);
-        cr_assert_eq(stallfs_start(dir, &sf), 0);
-        stallfs_stall_flushes(sf, (pid_t) syscall(SYS_gettid));
-        snprintf(path, sizeof(path), "%s/file", dir);
-        fd = open(path, O_RDONLY | O_CLOEXEC);
-        cr_assert_geq(fd, 0, "open %s: %m", path);
+        fd = stallfs_start_with_stalling_fd(dir, &sf);
+        cr_assert_geq(fd, 0, "stallfs at %s: %s", dir, strerror(-fd));
 
         cr_assert_eq(shmz_connect(d.socket, &c), 0);
         cr_assert_eq(shmz_port_listen(c, "stall", 0600, &l), 0);

@@ -193,7 +193,11 @@ static int conn_read(struct conn *c) {
                 r = proto_recv(c->fd, buf, sizeof(buf), &size, fds, &n_fds);
                 /* No request carries an fd; closing one here could stall every client of this thread. */
                 for (size_t k = 0; k < n_fds; k++)
-                        reaper_close(fds[k]);
+                        if (!reaper_take(fds[k])) {
+                                /* No thread, no memory: the one risk left is ours to take. */
+                                log_warning("Closing a client's fd in a serving thread; it may block.");
+                                safe_close(fds[k]);
+                        }
                 if (r >= 0 && n_fds > 0)
                         r = -EBADMSG;
                 if (r == -EAGAIN)

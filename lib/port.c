@@ -12,7 +12,6 @@
 #include <linux/sockios.h>
 #include <poll.h>
 #include <pthread.h>
-#include <signal.h>
 #include <stdatomic.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
@@ -27,6 +26,7 @@
 #include "client.h"
 #include "port.h"
 #include "proto.h"
+#include "reaper.h"
 #include "shmzone.h"
 #include "util.h"
 
@@ -283,94 +283,10 @@ static void seg_free(struct seg *s) {
  * Closing an fd a peer sent: close() runs the file's flush, and a FUSE server
  * the peer mounted (any user can) may never answer it; a socket with SO_LINGER
  * waits too, a tty drains its output. Shared memory and pipes are closed at
- * once; anything else goes to a thread of ours that closes it, so that no
- * receive, dispatch or close of a port waits on the peer's file (the daemon
- * does the same with its reaper). One thread per process, made on first use,
- * all signals blocked; a child after fork() makes its own. Without it (no
- * thread could be made, no memory), the caller closes it.
+ * once; anything else goes to the reaper thread (common/reaper.c, the daemon's
+ * too), so that no receive, dispatch or close of a port waits on the peer's
+ * file. Without it (no thread, no memory), the caller closes it.
  */
-static pthread_mutex_t closer_lock = PTHREAD_MUTEX_INITIALIZER;
-static pthread_cond_t closer_cond = PTHREAD_COND_INITIALIZER;
-static pthread_once_t closer_once = PTHREAD_ONCE_INIT;
-static int *closer_fds; /* queued (closer_lock) */
-static size_t closer_n, closer_cap;
-static bool closer_running;
-
-static void *closer_main(void *arg) {
-        (void) arg;
-        pthread_mutex_lock(&closer_lock);
-        for (;;) {
-                int fd;
-
-                while (closer_n == 0)
-                        pthread_cond_wait(&closer_cond, &closer_lock);
-                fd = closer_fds[--closer_n];
-                pthread_mutex_unlock(&closer_lock);
-                (void) close(fd);
-                pthread_mutex_lock(&closer_lock);
-        }
-        return NULL;
-}
-
-static void closer_atfork_prepare(void) {
-        pthread_mutex_lock(&closer_lock);
-}
-
-static void closer_atfork_parent(void) {
-        pthread_mutex_unlock(&closer_lock);
-}
-
-static void closer_atfork_child(void) {
-        /* The thread stayed in the parent: the child makes its own when it first needs one (then the fds
-         * queued, copies here too, are closed). */
-        pthread_mutex_unlock(&closer_lock);
-        (void) pthread_cond_init(&closer_cond, NULL);
-        closer_running = false;
-}
-
-static void closer_register(void) {
-        (void) pthread_atfork(closer_atfork_prepare, closer_atfork_parent, closer_atfork_child);
-}
-
-/* Queues fd for the closer thread (made if need be): false if it cannot take it. */
-static bool closer_take(int fd) {
-        bool ok = false;
-
-        (void) pthread_once(&closer_once, closer_register);
-        pthread_mutex_lock(&closer_lock);
-        if (!closer_running) {
-                pthread_attr_t attr;
-                sigset_t all, old;
-                pthread_t t;
-
-                if (pthread_attr_init(&attr) != 0)
-                        goto out;
-                (void) pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-                sigfillset(&all);
-                (void) pthread_sigmask(SIG_SETMASK, &all, &old);
-                closer_running = pthread_create(&t, &attr, closer_main, NULL) == 0;
-                (void) pthread_sigmask(SIG_SETMASK, &old, NULL);
-                (void) pthread_attr_destroy(&attr);
-                if (!closer_running)
-                        goto out;
-        }
-        if (closer_n == closer_cap) {
-                size_t cap = MAX((size_t) 16, closer_cap * 2);
-                int *v = realloc(closer_fds, cap * sizeof(*v));
-
-                if (!v)
-                        goto out;
-                closer_fds = v;
-                closer_cap = cap;
-        }
-        closer_fds[closer_n++] = fd;
-        (void) pthread_cond_signal(&closer_cond);
-        ok = true;
-out:
-        pthread_mutex_unlock(&closer_lock);
-        return ok;
-}
-
 /* Shared memory or a pipe: nothing in its close() waits. Neither fcntl() asks a filesystem. */
 static bool close_never_waits(int fd) {
         return fcntl(fd, F_GET_SEALS) >= 0 || fcntl(fd, F_GETPIPE_SZ) >= 0;
@@ -379,7 +295,7 @@ static bool close_never_waits(int fd) {
 static void close_untrusted(int fd) {
         if (fd < 0)
                 return;
-        if (close_never_waits(fd) || !closer_take(fd))
+        if (close_never_waits(fd) || !reaper_take(fd))
                 (void) close(fd);
 }
 

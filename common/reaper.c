@@ -1,9 +1,9 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 #include <pthread.h>
+#include <signal.h>
 #include <stdbool.h>
 #include <stdlib.h>
 
-#include "log.h"
 #include "reaper.h"
 #include "util.h"
 
@@ -18,6 +18,8 @@ static struct {
         size_t n, cap;
         bool running, stopping;
 } q = { .lock = PTHREAD_MUTEX_INITIALIZER, .cond = PTHREAD_COND_INITIALIZER };
+
+static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
 
 static void *reaper_main(void *arg) {
         pthread_mutex_lock(&q.lock);
@@ -38,47 +40,82 @@ static void *reaper_main(void *arg) {
         return NULL;
 }
 
-int reaper_start(void) {
+static void atfork_prepare(void) {
+        pthread_mutex_lock(&q.lock);
+}
+
+static void atfork_parent(void) {
+        pthread_mutex_unlock(&q.lock);
+}
+
+static void atfork_child(void) {
+        /* The thread stayed in the parent: the child starts its own when it needs one (and closes the
+         * copies of what was queued then). */
+        pthread_mutex_unlock(&q.lock);
+        (void) pthread_cond_init(&q.cond, NULL);
+        q.running = false;
+}
+
+static void atfork_register(void) {
+        (void) pthread_atfork(atfork_prepare, atfork_parent, atfork_child);
+}
+
+/* q.lock held. */
+static int start_locked(void) {
         pthread_attr_t attr;
+        sigset_t all, old;
         pthread_t t;
         int r;
 
-        (void) pthread_attr_init(&attr);
-        /* Never joined: stopping must not wait for a close that hangs. */
+        if (q.running)
+                return 0;
+        r = -pthread_attr_init(&attr);
+        if (r < 0)
+                return r;
+        /* Never joined: stopping must not wait for a close that hangs. No signal is its to take. */
         (void) pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-        pthread_mutex_lock(&q.lock);
-        q.stopping = false;
+        sigfillset(&all);
+        (void) pthread_sigmask(SIG_SETMASK, &all, &old);
         r = -pthread_create(&t, &attr, reaper_main, NULL);
-        q.running = r == 0;
-        pthread_mutex_unlock(&q.lock);
+        (void) pthread_sigmask(SIG_SETMASK, &old, NULL);
         (void) pthread_attr_destroy(&attr);
+        q.running = r == 0;
         return r;
 }
 
-void reaper_close(int fd) {
-        if (fd < 0)
-                return;
+int reaper_start(void) {
+        int r;
+
+        (void) pthread_once(&atfork_once, atfork_register);
         pthread_mutex_lock(&q.lock);
-        if (q.running && q.n == q.cap) {
+        q.stopping = false;
+        r = start_locked();
+        pthread_mutex_unlock(&q.lock);
+        return r;
+}
+
+bool reaper_take(int fd) {
+        bool ok = false;
+
+        (void) pthread_once(&atfork_once, atfork_register);
+        pthread_mutex_lock(&q.lock);
+        if (start_locked() < 0)
+                goto out;
+        if (q.n == q.cap) {
                 size_t cap = MAX(q.cap * 2, (size_t) 64);
                 int *v = realloc(q.fds, cap * sizeof(*v));
 
-                if (v) {
-                        q.fds = v;
-                        q.cap = cap;
-                }
+                if (!v)
+                        goto out;
+                q.fds = v;
+                q.cap = cap;
         }
-        if (q.running && q.n < q.cap) {
-                q.fds[q.n++] = fd;
-                pthread_cond_signal(&q.cond);
-                fd = -EBADF;
-        }
+        q.fds[q.n++] = fd;
+        pthread_cond_signal(&q.cond);
+        ok = true;
+out:
         pthread_mutex_unlock(&q.lock);
-        if (fd >= 0) {
-                /* No thread (start failed, or out of memory): the one risk left is ours to take. */
-                log_warning("Closing a client's fd in a serving thread; it may block.");
-                safe_close(fd);
-        }
+        return ok;
 }
 
 void reaper_stop(void) {

@@ -140,6 +140,20 @@ static int expired(int64_t timeout_ns) {
         return timeout_ns == 0 ? -EAGAIN : -ETIMEDOUT;
 }
 
+/*
+ * One rule for every wait of the library: the call takes its absolute
+ * deadline (CLOCK_MONOTONIC) once, when it starts, and each round of a loop
+ * that is about to wait again first compares the clock with it. What ended
+ * the last wait (a wake-up, a message another thread took, a new call's
+ * deadline) never lets a round skip that comparison, so a wait that keeps
+ * being woken for nothing still ends on time. wait_fd() and futex_sleep()
+ * compare at their start; the loops around them go through one of those, or
+ * compare themselves (recv_timed(), tx_spin(), recv_sleep()'s spin).
+ */
+static bool deadline_passed(uint64_t deadline) {
+        return deadline != UINT64_MAX && now_ns() >= deadline;
+}
+
 /* Waits for events on fd until deadline: 0 when something is there, -ETIMEDOUT. */
 static int wait_fd(int fd, short events, uint64_t deadline) {
         for (;;) {
@@ -1389,7 +1403,7 @@ static bool spin_ns_set(struct shmz_port *p) {
 static int recv_sleep(struct shmz_port *p, uint64_t deadline, const atomic_uint *gen, unsigned gen_seen,
                       bool streaming) {
         struct shmz_channel_dir *d = p->rxd;
-        uint32_t seen = atomic_load_explicit(&p->rx_seen, memory_order_relaxed), seq;
+        uint32_t seen = atomic_load_explicit(&p->rx_seen, memory_order_relaxed), seq = 0;
         uint64_t spin = atomic_load_explicit(&p->spin_ns, memory_order_relaxed);
         bool slept;
         int r;
@@ -1403,8 +1417,11 @@ static int recv_sleep(struct shmz_port *p, uint64_t deadline, const atomic_uint 
                 spin = MAX(spin, streaming ? STREAM_SPIN_NS : 0);
                 until = spin > deadline - MIN(now, deadline) ? deadline : now + spin;
                 for (unsigned i = 1;; i++) {
-                        if (RX_READY())
-                                return 0;
+                        if (RX_READY()) {
+                                slept = false;
+                                r = 0;
+                                goto woke;
+                        }
                         if (spin_ns_set(p)) {
                                 /* The caller wants the message the moment it is there. */
                                 __builtin_ia32_pause();
@@ -1440,6 +1457,8 @@ static int recv_sleep(struct shmz_port *p, uint64_t deadline, const atomic_uint 
         if (--p->futex_sleepers == 0)
                 __atomic_fetch_and(&d->rx_sleep, ~SHMZ_RX_SLEEP_FUTEX, __ATOMIC_RELAXED);
         pthread_mutex_unlock(&p->sleep_lock);
+woke:
+        /* Spun or slept, the wait ends alike: a moved *gen is not "ready" (the ring may still be empty). */
         if (r < 0)
                 return r;
         if (gen && atomic_load(gen) != gen_seen)
@@ -1481,6 +1500,9 @@ static int recv_timed(struct shmz_port *p, struct shmz_msg *ret, int64_t timeout
                 }
                 if (r != -EAGAIN || timeout_ns == 0)
                         return r;
+                /* The rule of every wait (deadline_passed()): nothing woke us early enough to go round free. */
+                if (deadline_passed(deadline))
+                        return expired(timeout_ns);
                 /* Sleep outside the lock, so that other receivers keep their own timeouts. */
                 r = recv_sleep(p, deadline, gen, gen_seen,
                                atomic_load_explicit(&p->rx_streak, memory_order_relaxed) >= STREAK_SPIN);

@@ -1454,6 +1454,66 @@ Test(port, rpc_deadline_wakes_the_dispatcher_left_asleep) {
         shmz_port_close(b);
 }
 
+struct timed_dispatch {
+        struct shmz_port *p;
+        int64_t timeout_ns;
+        atomic_int r;
+        _Atomic uint64_t done_ns;
+};
+
+static void *dispatch_timed(void *arg) {
+        struct timed_dispatch *d = arg;
+
+        atomic_store(&d->r, shmz_port_dispatch(d->p, d->timeout_ns));
+        atomic_store(&d->done_ns, mono_ns());
+        return NULL;
+}
+
+/*
+ * A call made while a dispatch spins in the ring: the dispatch goes back to
+ * look at the new deadline, and still ends by that deadline and by its own
+ * timeout, although nothing ever arrives. Spinning (set_spin) makes every
+ * round of the wait take the spin's path, where a receiver in the middle of
+ * a stream also looks.
+ */
+Test(port, dispatch_keeps_its_deadlines_while_calls_come) {
+        struct shmz_port *a, *b;
+        struct shmz_msg req = { .type = 1, .data = "q", .size = 2, .fd = -1 };
+        struct shmz_msg unstick = { .type = 3, .fd = -1 };
+
+        pair(64, UINT64_C(1) << 24, &a, &b);
+        cr_assert_eq(shmz_port_set_spin(a, UINT64_C(10000000000)), 0);
+        for (int i = 0; i < 5; i++) {
+                struct timed_dispatch d = { .p = a, .timeout_ns = 50000000 };
+                struct rpc_seen seen = {};
+                pthread_t t;
+                uint64_t t0;
+
+                t0 = mono_ns();
+                cr_assert(pthread_create(&t, NULL, dispatch_timed, &d) == 0);
+                usleep(5000); /* inside its wait */
+                /* b never answers: its call times out 10 ms from now. */
+                cr_assert_eq(shmz_port_call(a, &req, mono_ns() + 10000000, on_reply, &seen, NULL), 0);
+                for (int k = 0; k < 2000 && atomic_load(&d.done_ns) == 0; k++)
+                        usleep(1000);
+                if (atomic_load(&d.done_ns) == 0)
+                        cr_assert_eq(shmz_port_send(b, &unstick, 0), 0); /* lets the test end */
+                pthread_join(t, NULL);
+                cr_assert_lt(atomic_load(&d.done_ns) - t0, 1000000000u,
+                             "dispatch(50 ms) returned after %llu ms (round %d)",
+                             (unsigned long long) ((atomic_load(&d.done_ns) - t0) / 1000000), i);
+                cr_assert_eq(atomic_load(&d.r), 1);
+                cr_assert_eq(seen.last_error, -ETIMEDOUT);
+                cr_assert_eq(seen.ended, 1);
+                /* Nothing else came: a dispatch with nothing to do keeps its own timeout. */
+                t0 = mono_ns();
+                cr_assert_eq(shmz_port_dispatch(a, 20000000), -ETIMEDOUT);
+                cr_assert_geq(mono_ns() - t0, 20000000u);
+        }
+        shmz_port_close(a);
+        shmz_port_close(b);
+}
+
 Test(port, bad_params) {
         struct port_params pp = params(0, 64, 1 << 24);
         struct shmz_port *p;

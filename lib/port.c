@@ -119,7 +119,14 @@ struct shmz_port {
         uint64_t min_deadline;
         shmz_msg_handler_t handler;
         void *handler_userdata;
+
+        /* Calls under way in this port, USERS_ONE each, and one for the caller's handle until
+         * shmz_port_close(); USERS_CLOSING once that was called. The last one out frees the port. */
+        atomic_uint users;
 };
+
+#define USERS_CLOSING 1u
+#define USERS_ONE 2u
 
 /* ---- time ------------------------------------------------------------------------------ */
 
@@ -152,6 +159,28 @@ static int expired(int64_t timeout_ns) {
  */
 static bool deadline_passed(uint64_t deadline) {
         return deadline != UINT64_MAX && now_ns() >= deadline;
+}
+
+/* ---- calls under way, and the close ------------------------------------------------------ */
+
+static void port_free(struct shmz_port *p);
+
+static void port_leave(struct shmz_port *p) {
+        if (atomic_fetch_sub(&p->users, USERS_ONE) == USERS_ONE + USERS_CLOSING)
+                port_free(p);
+}
+
+/*
+ * Every public call on a port runs between port_enter() and port_leave(), so
+ * that shmz_port_close() in another thread (or in a handler) frees nothing
+ * a call still uses: -EPIPE once the port is closing.
+ */
+static int port_enter(struct shmz_port *p) {
+        if (atomic_fetch_add(&p->users, USERS_ONE) & USERS_CLOSING) {
+                port_leave(p);
+                return -EPIPE;
+        }
+        return 0;
 }
 
 /* Waits for events on fd until deadline: 0 when something is there, -ETIMEDOUT. */
@@ -685,7 +714,7 @@ static uint32_t chunks_for(const struct shmz_port *p, size_t size) {
         return (uint32_t) ((size + p->pp.chunk_size - 1) / p->pp.chunk_size);
 }
 
-_public_ void *shmz_port_buf_wait(struct shmz_port *p, size_t size, int64_t timeout_ns) {
+static void *port_buf_wait(struct shmz_port *p, size_t size, int64_t timeout_ns) {
         uint32_t slot, chunk, n;
         struct seg *s;
         int r;
@@ -714,6 +743,25 @@ _public_ void *shmz_port_buf_wait(struct shmz_port *p, size_t size, int64_t time
         return seg_chunk(p, s, chunk);
 }
 
+_public_ void *shmz_port_buf_wait(struct shmz_port *p, size_t size, int64_t timeout_ns) {
+        void *buf;
+        int e;
+
+        if (!p) {
+                errno = EINVAL;
+                return NULL;
+        }
+        if (port_enter(p) < 0) {
+                errno = EPIPE;
+                return NULL;
+        }
+        buf = port_buf_wait(p, size, timeout_ns);
+        e = errno;
+        port_leave(p);
+        errno = e;
+        return buf;
+}
+
 _public_ void *shmz_port_buf(struct shmz_port *p, size_t size) {
         return shmz_port_buf_wait(p, size, 0);
 }
@@ -723,16 +771,15 @@ _public_ void shmz_port_buf_free(struct shmz_port *p, void *buf) {
         struct seg *s;
         uint8_t n;
 
-        if (!p || !buf)
+        if (!p || !buf || port_enter(p) < 0)
                 return;
         s = tx_find(p, buf, &slot, &chunk);
-        if (!s || chunk == UINT32_MAX)
-                return;
         /* Take the entry before the chunks go back: once unclaimed, another thread's
          * shmz_port_buf() may claim them and record its own entry here. */
-        n = __atomic_exchange_n(&s->buf_n[chunk], 0, __ATOMIC_ACQ_REL);
+        n = s && chunk != UINT32_MAX ? __atomic_exchange_n(&s->buf_n[chunk], 0, __ATOMIC_ACQ_REL) : 0;
         if (n > 0)
                 seg_unclaim(p, s, chunk, n);
+        port_leave(p);
 }
 
 /* Figures (tx_lock held: one writer, so no locked instruction on the hot path). */
@@ -904,7 +951,7 @@ static int ring_put(struct shmz_port *p, const struct shmz_desc *d, const void *
         }
 }
 
-_public_ int shmz_port_send(struct shmz_port *p, const struct shmz_msg *m, int64_t timeout_ns) {
+static int port_send(struct shmz_port *p, const struct shmz_msg *m, int64_t timeout_ns) {
         struct shmz_desc d;
         uint64_t deadline;
         uint32_t slot = 0, chunk = 0, n = 0, buf_n = 0;
@@ -979,6 +1026,18 @@ _public_ int shmz_port_send(struct shmz_port *p, const struct shmz_msg *m, int64
         if (m->fd >= 0 && (m->flags & SHMZ_MSG_CLOSE_FD))
                 safe_close(m->fd);
         return 0;
+}
+
+_public_ int shmz_port_send(struct shmz_port *p, const struct shmz_msg *m, int64_t timeout_ns) {
+        int r;
+
+        assert_return(p, -EINVAL);
+        r = port_enter(p);
+        if (r < 0)
+                return r;
+        r = port_send(p, m, timeout_ns);
+        port_leave(p);
+        return r;
 }
 
 /* ---- receiving ------------------------------------------------------------------------------------ */
@@ -1512,22 +1571,53 @@ static int recv_timed(struct shmz_port *p, struct shmz_msg *ret, int64_t timeout
         }
 }
 
+static bool reply_to_call(struct shmz_port *p, struct shmz_msg *m);
+
 _public_ int shmz_port_recv(struct shmz_port *p, struct shmz_msg *ret, int64_t timeout_ns) {
+        uint64_t deadline;
+        int r;
+
         assert_return(p && ret, -EINVAL);
-        return recv_timed(p, ret, timeout_ns, NULL, 0);
+        r = port_enter(p);
+        if (r < 0)
+                return r;
+        deadline = deadline_of(timeout_ns);
+        for (;;) {
+                int64_t t = timeout_ns;
+
+                /* The time left of the caller's timeout, after replies handed on (the one deadline rule). */
+                if (timeout_ns > 0 && deadline != UINT64_MAX) {
+                        uint64_t now = now_ns();
+
+                        if (now >= deadline) {
+                                r = -ETIMEDOUT;
+                                break;
+                        }
+                        t = (int64_t) MIN(deadline - now, (uint64_t) INT64_MAX);
+                }
+                r = recv_timed(p, ret, t, NULL, 0);
+                /* A reply to a pending call is its handler's, whichever receive takes it off the ring. */
+                if (r < 0 || !reply_to_call(p, ret))
+                        break;
+        }
+        port_leave(p);
+        return r;
 }
 
 _public_ void shmz_msg_release(struct shmz_port *p, struct shmz_msg *m) {
         if (!p || !m || m->handle == 0)
                 return;
-        if (m->handle & HANDLE_CHUNK) {
+        /* Chunks of a closing port go back with it (port_free()); an inline copy is ours alone. */
+        if ((m->handle & HANDLE_CHUNK) && port_enter(p) >= 0) {
                 uint32_t slot = (uint32_t) (m->handle >> 32) & 0x7fffffffu;
                 uint32_t c = (uint32_t) (m->handle >> 8) & 0xffffffu, k = (uint32_t) m->handle & 0xffu;
                 struct seg *s = slot < p->max_slots ? atomic_load(&p->rx[slot]) : NULL;
                 uint64_t bits, old;
 
-                if (!s || k == 0 || k > RUN_MAX || c >= p->pp.segment_chunks || c / 64 != (c + k - 1) / 64)
+                if (!s || k == 0 || k > RUN_MAX || c >= p->pp.segment_chunks || c / 64 != (c + k - 1) / 64) {
+                        port_leave(p);
                         return;
+                }
                 bits = run_mask(k) << (c % 64);
                 /* Only the release that finds them held gives them back: a second one does nothing. */
                 old = atomic_fetch_and(&s->held[c / 64], ~bits);
@@ -1535,7 +1625,8 @@ _public_ void shmz_msg_release(struct shmz_port *p, struct shmz_msg *m) {
                         __atomic_fetch_and(&seg_hdr(s)->used[c / 64], ~bits, __ATOMIC_RELEASE);
                         channel_released(p->ch, !p->pp.side);
                 }
-        } else
+                port_leave(p);
+        } else if (!(m->handle & HANDLE_CHUNK))
                 free((void *) (uintptr_t) m->handle);
         m->handle = 0;
         m->data = NULL;
@@ -1619,6 +1710,7 @@ int port_new(int sock_fd, int channel_fd, const struct port_params *pp, struct s
                         (void) shutdown(sfd, SHUT_RDWR);
                 return r;
         }
+        atomic_init(&p->users, USERS_ONE); /* the caller's handle */
         p->fd = TAKE_FD(sfd);
         p->pp = *pp;
         p->seg_map_size = SHMZ_SEGMENT_HEADER_SIZE + (size_t) pp->segment_chunks * pp->chunk_size;
@@ -1683,9 +1775,17 @@ int port_new(int sock_fd, int channel_fd, const struct port_params *pp, struct s
 
 static int fail_calls(struct shmz_port *p, int error, bool only_expired);
 
+/*
+ * Ends the port for every thread at once: calls under way wake and return
+ * -EPIPE, and the memory goes with the last of them (port_leave()). Closing
+ * frees nothing a call in another thread may still use, and no fd is closed
+ * under such a call (its number could be reused meanwhile).
+ */
 _public_ void shmz_port_close(struct shmz_port *p) {
         if (!p)
                 return;
+        if (atomic_fetch_or(&p->users, USERS_CLOSING) & USERS_CLOSING)
+                return; /* a second close while the first one's calls end */
         if (p->fd >= 0)
                 (void) shutdown(p->fd, SHUT_RDWR);
         atomic_store(&p->gone, true);
@@ -1698,6 +1798,12 @@ _public_ void shmz_port_close(struct shmz_port *p) {
                 }
         }
         (void) fail_calls(p, -EPIPE, false);
+        port_leave(p);
+}
+
+static void port_free(struct shmz_port *p) {
+        /* No call is left: one registered while the close ran is taken back by its caller, whose send
+         * fails once the port is gone. */
         for (uint32_t i = 0; p->rx && i < p->max_slots; i++) {
                 struct seg *s = atomic_load(&p->rx[i]);
 
@@ -1763,7 +1869,10 @@ int port_socket_fd(const struct shmz_port *p) {
 
 _public_ int shmz_port_set_spin(struct shmz_port *p, uint64_t ns) {
         assert_return(p, -EINVAL);
+        if (port_enter(p) < 0)
+                return -EPIPE;
         atomic_store_explicit(&p->spin_ns, ns, memory_order_relaxed);
+        port_leave(p);
         return 0;
 }
 
@@ -1780,9 +1889,13 @@ _public_ int shmz_port_fd(const struct shmz_port *cp) {
         int fd;
 
         assert_return(p, -EINVAL);
+        if (port_enter(p) < 0)
+                return -EPIPE;
         fd = atomic_load(&p->poll_fd);
-        if (fd >= 0)
+        if (fd >= 0) {
+                port_leave(p);
                 return fd;
+        }
         pthread_mutex_lock(&p->poll_lock);
         fd = atomic_load(&p->poll_fd);
         if (fd >= 0)
@@ -1806,17 +1919,23 @@ _public_ int shmz_port_fd(const struct shmz_port *cp) {
         atomic_store(&p->poll_fd, fd);
 out:
         pthread_mutex_unlock(&p->poll_lock);
+        port_leave(p);
         return fd;
 }
 
-_public_ int shmz_port_peer(const struct shmz_port *p, pid_t *pid, uid_t *uid, gid_t *gid) {
+_public_ int shmz_port_peer(const struct shmz_port *cp, pid_t *pid, uid_t *uid, gid_t *gid) {
+        struct shmz_port *p = (struct shmz_port *) cp; /* counted in, as every call */
+
         assert_return(p, -EINVAL);
+        if (port_enter(p) < 0)
+                return -EPIPE;
         if (pid)
                 *pid = p->pp.peer_pid;
         if (uid)
                 *uid = p->pp.peer_uid;
         if (gid)
                 *gid = p->pp.peer_gid;
+        port_leave(p);
         return 0;
 }
 
@@ -1906,16 +2025,17 @@ static int fail_calls(struct shmz_port *p, int error, bool only_expired) {
 }
 
 _public_ void shmz_port_set_handler(struct shmz_port *p, shmz_msg_handler_t handler, void *userdata) {
-        if (!p)
+        if (!p || port_enter(p) < 0)
                 return;
         pthread_mutex_lock(&p->rpc_lock);
         p->handler = handler;
         p->handler_userdata = userdata;
         pthread_mutex_unlock(&p->rpc_lock);
+        port_leave(p);
 }
 
-_public_ int shmz_port_call(struct shmz_port *p, const struct shmz_msg *m, uint64_t deadline_ns,
-                            shmz_reply_handler_t handler, void *userdata, uint32_t *ret_stream) {
+static int port_call(struct shmz_port *p, const struct shmz_msg *m, uint64_t deadline_ns, shmz_reply_handler_t handler,
+                     void *userdata, uint32_t *ret_stream) {
         struct shmz_msg req;
         struct call c;
         int64_t timeout = -1;
@@ -1980,38 +2100,66 @@ _public_ int shmz_port_call(struct shmz_port *p, const struct shmz_msg *m, uint6
         return 0;
 }
 
+_public_ int shmz_port_call(struct shmz_port *p, const struct shmz_msg *m, uint64_t deadline_ns,
+                            shmz_reply_handler_t handler, void *userdata, uint32_t *ret_stream) {
+        int r;
+
+        assert_return(p, -EINVAL);
+        r = port_enter(p);
+        if (r < 0)
+                return r;
+        r = port_call(p, m, deadline_ns, handler, userdata, ret_stream);
+        port_leave(p);
+        return r;
+}
+
 _public_ uint64_t shmz_port_next_deadline(struct shmz_port *p) {
         uint64_t d = UINT64_MAX;
 
-        if (!p)
+        if (!p || port_enter(p) < 0)
                 return d;
         /* A lower bound: a dispatcher woken by a deadline that went with its call scans once and waits on. */
         pthread_mutex_lock(&p->rpc_lock);
         if (p->n_calls > 0)
                 d = p->min_deadline;
         pthread_mutex_unlock(&p->rpc_lock);
+        port_leave(p);
         return d;
+}
+
+/*
+ * A reply to a pending call goes to the call's handler (true), whichever
+ * receive took it: recv and dispatch on one port at once never split a
+ * call's replies between them.
+ */
+static bool reply_to_call(struct shmz_port *p, struct shmz_msg *m) {
+        struct call c;
+        bool found;
+
+        if (!stream_is_ours(p, m->stream))
+                return false;
+        pthread_mutex_lock(&p->rpc_lock);
+        found = call_take_locked(p, m->stream, m->flags & SHMZ_MSG_LAST, &c);
+        pthread_mutex_unlock(&p->rpc_lock);
+        if (found)
+                c.handler(p, 0, m, c.userdata);
+        return found;
 }
 
 /* Hands one received message to its reply handler or to the port's handler. */
 static void dispatch_one(struct shmz_port *p, struct shmz_msg *m) {
         shmz_msg_handler_t handler = NULL;
         void *userdata = NULL;
-        struct call c;
-        bool found = false;
 
-        pthread_mutex_lock(&p->rpc_lock);
-        if (stream_is_ours(p, m->stream))
-                found = call_take_locked(p, m->stream, m->flags & SHMZ_MSG_LAST, &c);
-        else {
+        if (reply_to_call(p, m))
+                return;
+        if (!stream_is_ours(p, m->stream)) {
+                pthread_mutex_lock(&p->rpc_lock);
                 handler = p->handler;
                 userdata = p->handler_userdata;
+                pthread_mutex_unlock(&p->rpc_lock);
         }
-        pthread_mutex_unlock(&p->rpc_lock);
-
-        if (found)
-                c.handler(p, 0, m, c.userdata);
-        else if (handler)
+        if (handler)
                 handler(p, m, userdata);
         else {
                 /* A reply nobody waits for any more (its call timed out), or no handler: dropped. */
@@ -2040,11 +2188,10 @@ static void dispatch_sleep_end(struct shmz_port *p) {
         pthread_mutex_unlock(&p->rpc_lock);
 }
 
-_public_ int shmz_port_dispatch(struct shmz_port *p, int64_t timeout_ns) {
+static int port_dispatch(struct shmz_port *p, int64_t timeout_ns) {
         uint64_t deadline;
         int handled;
 
-        assert_return(p, -EINVAL);
         deadline = deadline_of(timeout_ns);
         handled = fail_calls(p, -ETIMEDOUT, true);
         for (;;) {
@@ -2086,6 +2233,18 @@ _public_ int shmz_port_dispatch(struct shmz_port *p, int64_t timeout_ns) {
                 if (++handled >= DISPATCH_BATCH)
                         return handled;
         }
+}
+
+_public_ int shmz_port_dispatch(struct shmz_port *p, int64_t timeout_ns) {
+        int r;
+
+        assert_return(p, -EINVAL);
+        r = port_enter(p);
+        if (r < 0)
+                return r;
+        r = port_dispatch(p, timeout_ns);
+        port_leave(p);
+        return r;
 }
 
 /* ---- listeners and connections through the daemon -------------------------------------------------------- */

@@ -54,6 +54,14 @@ struct call {
         void *userdata;
 };
 
+/* What a call's handler is to be given: a reply (error 0; its call is looked up then), or its end. */
+struct handoff {
+        struct shmz_msg m;
+        int error;
+        shmz_reply_handler_t handler;
+        void *userdata;
+};
+
 struct shmz_port {
         int fd;
         struct shmz_channel *ch;
@@ -119,6 +127,12 @@ struct shmz_port {
         uint64_t min_deadline;
         shmz_msg_handler_t handler;
         void *handler_userdata;
+        /* Calls' handlers run one at a time, in the order of what they are given (rpc_lock): a reply is
+         * queued here by the receive that took it, before the next receive can take another, and one
+         * thread at a time (handing) empties the queue. */
+        struct handoff *hq;
+        size_t hq_first, hq_n, hq_cap;
+        bool handing;
 
         /* Calls under way in this port, USERS_ONE each, and one for the caller's handle until
          * shmz_port_close(); USERS_CLOSING once that was called. The last one out frees the port. */
@@ -1528,7 +1542,13 @@ woke:
         return 0;
 }
 
-/* shmz_port_recv(); with gen, it also returns (as a timeout) when *gen moves from gen_seen. */
+static bool reply_claim_locked(struct shmz_port *p, const struct shmz_msg *m);
+
+/*
+ * shmz_port_recv(); with gen, it also returns (as a timeout) when *gen moves
+ * from gen_seen. 1: the message was a reply to a pending call, queued for its
+ * handler (run handoff_run()).
+ */
 static int recv_timed(struct shmz_port *p, struct shmz_msg *ret, int64_t timeout_ns, const atomic_uint *gen,
                       unsigned gen_seen) {
         uint64_t deadline = deadline_of(timeout_ns);
@@ -1550,8 +1570,11 @@ static int recv_timed(struct shmz_port *p, struct shmz_msg *ret, int64_t timeout
                 if (r != 0) /* another thread is receiving, for at least as long */
                         return expired(timeout_ns);
                 r = recv_now_locked(p, ret, timeout_ns == 0);
+                /* Queued while no other receive can take the next one: a call's replies keep their order. */
+                if (r == 0 && reply_claim_locked(p, ret))
+                        r = 1;
                 pthread_mutex_unlock(&p->recv_lock);
-                if (r == 0 && waited == 0) {
+                if (r >= 0 && waited == 0) {
                         unsigned k = atomic_load_explicit(&p->rx_streak, memory_order_relaxed);
 
                         if (k < STREAK_SPIN)
@@ -1571,7 +1594,7 @@ static int recv_timed(struct shmz_port *p, struct shmz_msg *ret, int64_t timeout
         }
 }
 
-static bool reply_to_call(struct shmz_port *p, struct shmz_msg *m);
+static void handoff_run(struct shmz_port *p);
 
 _public_ int shmz_port_recv(struct shmz_port *p, struct shmz_msg *ret, int64_t timeout_ns) {
         uint64_t deadline;
@@ -1597,8 +1620,9 @@ _public_ int shmz_port_recv(struct shmz_port *p, struct shmz_msg *ret, int64_t t
                 }
                 r = recv_timed(p, ret, t, NULL, 0);
                 /* A reply to a pending call is its handler's, whichever receive takes it off the ring. */
-                if (r < 0 || !reply_to_call(p, ret))
+                if (r != 1)
                         break;
+                handoff_run(p);
         }
         port_leave(p);
         return r;
@@ -1833,6 +1857,8 @@ static void port_free(struct shmz_port *p) {
         safe_close(p->self_fd);
         client_unref(p->client);
         free(p->calls);
+        /* Empty: every thread that queued ran the queue, or left it to one that did, before leaving. */
+        free(p->hq);
         (void) pthread_mutex_destroy(&p->create_lock);
         (void) pthread_mutex_destroy(&p->tx_lock);
         (void) pthread_mutex_destroy(&p->recv_lock);
@@ -1999,10 +2025,84 @@ static size_t calls_take_due_locked(struct shmz_port *p, bool only_expired, uint
         return k;
 }
 
+/* Queues h (rpc_lock held); -ENOMEM. */
+static int handoff_push_locked(struct shmz_port *p, const struct handoff *h) {
+        if (p->hq_n == p->hq_cap) {
+                size_t cap = MAX((size_t) 16, p->hq_cap * 2);
+                struct handoff *a = malloc(cap * sizeof(*a));
+
+                if (!a)
+                        return -ENOMEM;
+                /* In order from the first, so that the ring starts at 0 again. */
+                for (size_t i = 0; i < p->hq_n; i++)
+                        a[i] = p->hq[(p->hq_first + i) % p->hq_cap];
+                free(p->hq);
+                p->hq = a;
+                p->hq_cap = cap;
+                p->hq_first = 0;
+        }
+        p->hq[(p->hq_first + p->hq_n++) % p->hq_cap] = *h;
+        return 0;
+}
+
+/* m was taken off the ring (recv_lock held): true if it is a reply to a pending call, now queued. */
+static bool reply_claim_locked(struct shmz_port *p, const struct shmz_msg *m) {
+        struct handoff h = { .m = *m };
+        struct call c;
+        bool queued = false;
+
+        if (!stream_is_ours(p, m->stream))
+                return false;
+        pthread_mutex_lock(&p->rpc_lock);
+        /* Out of memory for the queue: the message goes as one of no call (dropped, or to recv). */
+        if (call_take_locked(p, m->stream, false, &c))
+                queued = handoff_push_locked(p, &h) >= 0;
+        pthread_mutex_unlock(&p->rpc_lock);
+        return queued;
+}
+
 /*
- * Ends calls with error: all of them, or those whose deadline passed. Handlers
- * run without the lock; one scan of the pending calls takes out a batch, so
- * ending k of n calls costs about n + k, and finding none due costs nothing.
+ * Runs what the queue holds, unless another thread does already: that one
+ * runs what we queued too. A handler that receives on its own port queues
+ * what it takes, and its replies run after it returns.
+ */
+static void handoff_run(struct shmz_port *p) {
+        pthread_mutex_lock(&p->rpc_lock);
+        if (p->handing) {
+                pthread_mutex_unlock(&p->rpc_lock);
+                return;
+        }
+        p->handing = true;
+        while (p->hq_n > 0) {
+                struct handoff h = p->hq[p->hq_first];
+                bool found = false;
+                struct call c;
+
+                p->hq_first = (p->hq_first + 1) % p->hq_cap;
+                p->hq_n--;
+                /* A reply's call may have ended since it was queued (timed out): then it is dropped. */
+                if (h.error == 0)
+                        found = call_take_locked(p, h.m.stream, h.m.flags & SHMZ_MSG_LAST, &c);
+                pthread_mutex_unlock(&p->rpc_lock);
+                if (h.error != 0)
+                        h.handler(p, h.error, NULL, h.userdata);
+                else if (found)
+                        c.handler(p, 0, &h.m, c.userdata);
+                else {
+                        close_untrusted(h.m.fd);
+                        shmz_msg_release(p, &h.m);
+                }
+                pthread_mutex_lock(&p->rpc_lock);
+        }
+        p->handing = false;
+        pthread_mutex_unlock(&p->rpc_lock);
+}
+
+/*
+ * Ends calls with error: all of them, or those whose deadline passed. Their
+ * ends are queued behind the replies already taken (handoff_run()); one scan
+ * of the pending calls takes out a batch, so ending k of n calls costs about
+ * n + k, and finding none due costs nothing.
  */
 static int fail_calls(struct shmz_port *p, int error, bool only_expired) {
         uint64_t now = only_expired ? now_ns() : 0;
@@ -2010,14 +2110,24 @@ static int fail_calls(struct shmz_port *p, int error, bool only_expired) {
 
         for (;;) {
                 struct call batch[32];
-                size_t k = 0;
+                size_t k = 0, unqueued = 0;
 
                 pthread_mutex_lock(&p->rpc_lock);
                 if (p->n_calls > 0 && (!only_expired || p->min_deadline <= now))
                         k = calls_take_due_locked(p, only_expired, now, batch, ELEMENTSOF(batch));
+                for (size_t i = 0; i < k; i++) {
+                        struct handoff h = { .error = error,
+                                             .handler = batch[i].handler,
+                                             .userdata = batch[i].userdata };
+
+                        if (handoff_push_locked(p, &h) < 0)
+                                batch[unqueued++] = batch[i];
+                }
                 pthread_mutex_unlock(&p->rpc_lock);
-                for (size_t i = 0; i < k; i++)
+                /* Out of memory for the queue: told at once, out of order rather than never. */
+                for (size_t i = 0; i < unqueued; i++)
                         batch[i].handler(p, error, NULL, batch[i].userdata);
+                handoff_run(p);
                 n += (int) k;
                 if (k < ELEMENTSOF(batch))
                         return n;
@@ -2127,32 +2237,11 @@ _public_ uint64_t shmz_port_next_deadline(struct shmz_port *p) {
         return d;
 }
 
-/*
- * A reply to a pending call goes to the call's handler (true), whichever
- * receive took it: recv and dispatch on one port at once never split a
- * call's replies between them.
- */
-static bool reply_to_call(struct shmz_port *p, struct shmz_msg *m) {
-        struct call c;
-        bool found;
-
-        if (!stream_is_ours(p, m->stream))
-                return false;
-        pthread_mutex_lock(&p->rpc_lock);
-        found = call_take_locked(p, m->stream, m->flags & SHMZ_MSG_LAST, &c);
-        pthread_mutex_unlock(&p->rpc_lock);
-        if (found)
-                c.handler(p, 0, m, c.userdata);
-        return found;
-}
-
-/* Hands one received message to its reply handler or to the port's handler. */
+/* Hands one received message that is no reply to a pending call to the port's handler. */
 static void dispatch_one(struct shmz_port *p, struct shmz_msg *m) {
         shmz_msg_handler_t handler = NULL;
         void *userdata = NULL;
 
-        if (reply_to_call(p, m))
-                return;
         if (!stream_is_ours(p, m->stream)) {
                 pthread_mutex_lock(&p->rpc_lock);
                 handler = p->handler;
@@ -2229,7 +2318,10 @@ static int port_dispatch(struct shmz_port *p, int64_t timeout_ns) {
                         handled += fail_calls(p, -EPIPE, false);
                         return handled > 0 && r == -EPIPE ? handled : r;
                 }
-                dispatch_one(p, &m);
+                if (r == 1)
+                        handoff_run(p); /* a reply, queued for its call's handler */
+                else
+                        dispatch_one(p, &m);
                 if (++handled >= DISPATCH_BATCH)
                         return handled;
         }

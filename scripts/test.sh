@@ -7,6 +7,10 @@
 # FUZZ_SECONDS=N (CI sets 20) also runs every libFuzzer target for N seconds
 # on a clean clang build (scripts/fuzz.sh) first; each target counts as a case.
 #
+# TSAN_SECONDS=N (default 20; 0 leaves it out) runs the port stress for N seconds
+# against a library and daemon built with ThreadSanitizer (scripts/tsan.sh); each
+# of its phases, and the sanitizer's reports, count as a case.
+#
 # Then the system test (tests/system/test-system.sh): builds the Debian packages,
 # installs them in a container booted with systemd and drives the service; each
 # of its checks counts as a case. SYSTEM_TEST=0 leaves it out.
@@ -15,13 +19,21 @@ cd "$(dirname "$0")/.."
 scripts/deps.sh
 fuzz_results=$(mktemp)
 system_results=$(mktemp)
-trap 'rm -f "$fuzz_results" "$system_results"' EXIT
+tsan_results=$(mktemp)
+trap 'rm -f "$fuzz_results" "$system_results" "$tsan_results"' EXIT
 if [ "${FUZZ_SECONDS:-0}" -gt 0 ]; then
         frc=0
         FUZZ_SECONDS=$FUZZ_SECONDS scripts/fuzz.sh | tee "$fuzz_results" || frc=$?
         # Failed before any target ran (the clang build, say): that counts too.
         if [ "$frc" -ne 0 ] && ! grep -q ': FAILED' "$fuzz_results"; then
                 echo "fuzz build: FAILED" >>"$fuzz_results"
+        fi
+fi
+if [ "${TSAN_SECONDS:-20}" -gt 0 ]; then
+        trc=0
+        TSAN_SECONDS=${TSAN_SECONDS:-20} BUILDDIR=build-tsan scripts/tsan.sh | tee "$tsan_results" || trc=$?
+        if [ "$trc" -ne 0 ] && ! grep -q ': FAILED' "$tsan_results"; then
+                echo "tsan build: FAILED" >>"$tsan_results"
         fi
 fi
 builddir=${BUILDDIR:-build-test}
@@ -42,7 +54,7 @@ fi
 # from its own synthesis line, a program that exited 77 (SKIP) from its line
 # "Skipping all N tests: ..." (tests/integration/harness.c), any other program
 # as one case.
-python3 - "$builddir/meson-logs/testlog.json" "$fuzz_results" "$system_results" <<'PY' || { [ "$rc" -ne 0 ] || rc=1; }
+python3 - "$builddir/meson-logs/testlog.json" "$fuzz_results" "$system_results" "$tsan_results" <<'PY' || { [ "$rc" -ne 0 ] || rc=1; }
 import json, re, sys
 synthesis = re.compile(r"Synthesis: Tested: (\d+) \| Passing: (\d+) \| Failing: (\d+)")
 skipping = re.compile(r"^Skipping all (\d+) tests?: ", re.M)
@@ -74,6 +86,12 @@ for line in open(sys.argv[1]):
 # scripts/fuzz.sh: "fuzz <target>: ok (...)" or "fuzz <target>: FAILED".
 for line in open(sys.argv[2]):
     m = re.match(r"fuzz \S+: (ok|FAILED)", line)
+    if m:
+        passed += m.group(1) == "ok"
+        failed += m.group(1) == "FAILED"
+# scripts/tsan.sh: "tsan <phase>: ok (...)" or "tsan <phase>: FAILED (...)".
+for line in open(sys.argv[4]):
+    m = re.match(r"tsan \S+: (ok|FAILED)", line)
     if m:
         passed += m.group(1) == "ok"
         failed += m.group(1) == "FAILED"

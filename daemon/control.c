@@ -1,4 +1,5 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
+#include <inttypes.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -16,7 +17,10 @@
 
 static int reply(struct conn *c, const struct shmz_msg_header *req, int status, const void *body, size_t size, int fd) {
         if (status < 0) {
+                /* errors_total counts these: each one is logged, so that a rise can be explained. */
                 atomic_fetch_add(&c->daemon->errors, 1);
+                log_debug_errno(status, "Client pid %d: request %u (stream %u) refused: %m", (int) c->caller.pid,
+                                (unsigned) req->type, (unsigned) req->stream);
                 body = NULL;
                 size = 0;
         }
@@ -92,6 +96,8 @@ static int do_close(struct conn *c, const struct shmz_msg_header *h, const struc
                         return 0;
                 }
         atomic_fetch_add(&c->daemon->errors, 1);
+        log_debug("Client pid %d: ZONE_CLOSE of handle %" PRIu64 ", which it does not hold: ignored.",
+                  (int) c->caller.pid, (uint64_t) m->handle);
         return 0;
 }
 

@@ -72,7 +72,10 @@ static struct watch *watches;
 
 static int reply(struct conn *c, const struct shmz_msg_header *req, int status, const void *body, size_t size, int fd) {
         if (status < 0) {
+                /* errors_total counts these: each one is logged, so that a rise can be explained. */
                 atomic_fetch_add(&c->daemon->errors, 1);
+                log_debug_errno(status, "Client pid %d: request %u (stream %u) refused: %m", (int) c->caller.pid,
+                                (unsigned) req->type, (unsigned) req->stream);
                 body = NULL;
                 size = 0;
         }
@@ -359,6 +362,8 @@ static int do_accepted(struct conn *c, const struct shmz_msg_header *h, const st
 
         if (!pl || m->token != 0 || m->reserved != 0) {
                 atomic_fetch_add(&c->daemon->errors, 1);
+                log_debug("Client pid %d: PORT_ACCEPTED %s: ignored.", (int) c->caller.pid,
+                          pl ? "with non-zero reserved fields" : "on a connection that does not listen");
                 return 0;
         }
         pthread_mutex_lock(&fe_lock);
@@ -369,8 +374,13 @@ static int do_accepted(struct conn *c, const struct shmz_msg_header *h, const st
                         break;
                 }
         pthread_mutex_unlock(&fe_lock);
-        if (r < 0)
+        if (r < 0) {
+                /* Not pending any more: most often its connector went (died, or closed) before the
+                 * listener took it, and the daemon already dropped the port. */
                 atomic_fetch_add(&c->daemon->errors, 1);
+                log_debug_errno(r, "Client pid %d: PORT_ACCEPTED for port %" PRIu64 ", not pending: %m",
+                                (int) c->caller.pid, (uint64_t) m->port_id);
+        }
         return 0;
 }
 

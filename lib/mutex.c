@@ -474,7 +474,14 @@ __attribute__((noinline)) static int lock_slow(struct thread_self *s, struct shm
                         v |= SHMZ_FUTEX_WAITERS;
                 }
 
-                until = mono_ns() + (often ? FALLBACK_POLL_NS : ROBUST_POLL_NS);
+                /* Every round, whatever woke the last wait (a holder that let go to another waiter, say): a
+                 * lock that keeps changing hands must not keep a timed waiter past its deadline. */
+                until = mono_ns();
+                if (mode == MODE_TIMED && until >= deadline) {
+                        r = -ETIMEDOUT;
+                        break;
+                }
+                until += often ? FALLBACK_POLL_NS : ROBUST_POLL_NS;
                 if (until > deadline)
                         until = deadline;
                 waited = true;

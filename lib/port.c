@@ -54,6 +54,14 @@ struct call {
         void *userdata;
 };
 
+/* What a call's handler is to be given: a reply (error 0; its call is looked up then), or its end. */
+struct handoff {
+        struct shmz_msg m;
+        int error;
+        shmz_reply_handler_t handler;
+        void *userdata;
+};
+
 struct shmz_port {
         int fd;
         struct shmz_channel *ch;
@@ -119,7 +127,20 @@ struct shmz_port {
         uint64_t min_deadline;
         shmz_msg_handler_t handler;
         void *handler_userdata;
+        /* Calls' handlers run one at a time, in the order of what they are given (rpc_lock): a reply is
+         * queued here by the receive that took it, before the next receive can take another, and one
+         * thread at a time (handing) empties the queue. */
+        struct handoff *hq;
+        size_t hq_first, hq_n, hq_cap;
+        bool handing;
+
+        /* Calls under way in this port, USERS_ONE each, and one for the caller's handle until
+         * shmz_port_close(); USERS_CLOSING once that was called. The last one out frees the port. */
+        atomic_uint users;
 };
+
+#define USERS_CLOSING 1u
+#define USERS_ONE 2u
 
 /* ---- time ------------------------------------------------------------------------------ */
 
@@ -138,6 +159,42 @@ static uint64_t deadline_of(int64_t timeout_ns) {
 
 static int expired(int64_t timeout_ns) {
         return timeout_ns == 0 ? -EAGAIN : -ETIMEDOUT;
+}
+
+/*
+ * One rule for every wait of the library: the call takes its absolute
+ * deadline (CLOCK_MONOTONIC) once, when it starts, and each round of a loop
+ * that is about to wait again first compares the clock with it. What ended
+ * the last wait (a wake-up, a message another thread took, a new call's
+ * deadline) never lets a round skip that comparison, so a wait that keeps
+ * being woken for nothing still ends on time. wait_fd() and futex_sleep()
+ * compare at their start; the loops around them go through one of those, or
+ * compare themselves (recv_timed(), tx_spin(), recv_sleep()'s spin).
+ */
+static bool deadline_passed(uint64_t deadline) {
+        return deadline != UINT64_MAX && now_ns() >= deadline;
+}
+
+/* ---- calls under way, and the close ------------------------------------------------------ */
+
+static void port_free(struct shmz_port *p);
+
+static void port_leave(struct shmz_port *p) {
+        if (atomic_fetch_sub(&p->users, USERS_ONE) == USERS_ONE + USERS_CLOSING)
+                port_free(p);
+}
+
+/*
+ * Every public call on a port runs between port_enter() and port_leave(), so
+ * that shmz_port_close() in another thread (or in a handler) frees nothing
+ * a call still uses: -EPIPE once the port is closing.
+ */
+static int port_enter(struct shmz_port *p) {
+        if (atomic_fetch_add(&p->users, USERS_ONE) & USERS_CLOSING) {
+                port_leave(p);
+                return -EPIPE;
+        }
+        return 0;
 }
 
 /* Waits for events on fd until deadline: 0 when something is there, -ETIMEDOUT. */
@@ -671,7 +728,7 @@ static uint32_t chunks_for(const struct shmz_port *p, size_t size) {
         return (uint32_t) ((size + p->pp.chunk_size - 1) / p->pp.chunk_size);
 }
 
-_public_ void *shmz_port_buf_wait(struct shmz_port *p, size_t size, int64_t timeout_ns) {
+static void *port_buf_wait(struct shmz_port *p, size_t size, int64_t timeout_ns) {
         uint32_t slot, chunk, n;
         struct seg *s;
         int r;
@@ -700,6 +757,25 @@ _public_ void *shmz_port_buf_wait(struct shmz_port *p, size_t size, int64_t time
         return seg_chunk(p, s, chunk);
 }
 
+_public_ void *shmz_port_buf_wait(struct shmz_port *p, size_t size, int64_t timeout_ns) {
+        void *buf;
+        int e;
+
+        if (!p) {
+                errno = EINVAL;
+                return NULL;
+        }
+        if (port_enter(p) < 0) {
+                errno = EPIPE;
+                return NULL;
+        }
+        buf = port_buf_wait(p, size, timeout_ns);
+        e = errno;
+        port_leave(p);
+        errno = e;
+        return buf;
+}
+
 _public_ void *shmz_port_buf(struct shmz_port *p, size_t size) {
         return shmz_port_buf_wait(p, size, 0);
 }
@@ -709,16 +785,15 @@ _public_ void shmz_port_buf_free(struct shmz_port *p, void *buf) {
         struct seg *s;
         uint8_t n;
 
-        if (!p || !buf)
+        if (!p || !buf || port_enter(p) < 0)
                 return;
         s = tx_find(p, buf, &slot, &chunk);
-        if (!s || chunk == UINT32_MAX)
-                return;
         /* Take the entry before the chunks go back: once unclaimed, another thread's
          * shmz_port_buf() may claim them and record its own entry here. */
-        n = __atomic_exchange_n(&s->buf_n[chunk], 0, __ATOMIC_ACQ_REL);
+        n = s && chunk != UINT32_MAX ? __atomic_exchange_n(&s->buf_n[chunk], 0, __ATOMIC_ACQ_REL) : 0;
         if (n > 0)
                 seg_unclaim(p, s, chunk, n);
+        port_leave(p);
 }
 
 /* Figures (tx_lock held: one writer, so no locked instruction on the hot path). */
@@ -890,7 +965,7 @@ static int ring_put(struct shmz_port *p, const struct shmz_desc *d, const void *
         }
 }
 
-_public_ int shmz_port_send(struct shmz_port *p, const struct shmz_msg *m, int64_t timeout_ns) {
+static int port_send(struct shmz_port *p, const struct shmz_msg *m, int64_t timeout_ns) {
         struct shmz_desc d;
         uint64_t deadline;
         uint32_t slot = 0, chunk = 0, n = 0, buf_n = 0;
@@ -965,6 +1040,18 @@ _public_ int shmz_port_send(struct shmz_port *p, const struct shmz_msg *m, int64
         if (m->fd >= 0 && (m->flags & SHMZ_MSG_CLOSE_FD))
                 safe_close(m->fd);
         return 0;
+}
+
+_public_ int shmz_port_send(struct shmz_port *p, const struct shmz_msg *m, int64_t timeout_ns) {
+        int r;
+
+        assert_return(p, -EINVAL);
+        r = port_enter(p);
+        if (r < 0)
+                return r;
+        r = port_send(p, m, timeout_ns);
+        port_leave(p);
+        return r;
 }
 
 /* ---- receiving ------------------------------------------------------------------------------------ */
@@ -1389,7 +1476,7 @@ static bool spin_ns_set(struct shmz_port *p) {
 static int recv_sleep(struct shmz_port *p, uint64_t deadline, const atomic_uint *gen, unsigned gen_seen,
                       bool streaming) {
         struct shmz_channel_dir *d = p->rxd;
-        uint32_t seen = atomic_load_explicit(&p->rx_seen, memory_order_relaxed), seq;
+        uint32_t seen = atomic_load_explicit(&p->rx_seen, memory_order_relaxed), seq = 0;
         uint64_t spin = atomic_load_explicit(&p->spin_ns, memory_order_relaxed);
         bool slept;
         int r;
@@ -1403,8 +1490,11 @@ static int recv_sleep(struct shmz_port *p, uint64_t deadline, const atomic_uint 
                 spin = MAX(spin, streaming ? STREAM_SPIN_NS : 0);
                 until = spin > deadline - MIN(now, deadline) ? deadline : now + spin;
                 for (unsigned i = 1;; i++) {
-                        if (RX_READY())
-                                return 0;
+                        if (RX_READY()) {
+                                slept = false;
+                                r = 0;
+                                goto woke;
+                        }
                         if (spin_ns_set(p)) {
                                 /* The caller wants the message the moment it is there. */
                                 cpu_relax();
@@ -1440,6 +1530,8 @@ static int recv_sleep(struct shmz_port *p, uint64_t deadline, const atomic_uint 
         if (--p->futex_sleepers == 0)
                 __atomic_fetch_and(&d->rx_sleep, ~SHMZ_RX_SLEEP_FUTEX, __ATOMIC_RELAXED);
         pthread_mutex_unlock(&p->sleep_lock);
+woke:
+        /* Spun or slept, the wait ends alike: a moved *gen is not "ready" (the ring may still be empty). */
         if (r < 0)
                 return r;
         if (gen && atomic_load(gen) != gen_seen)
@@ -1450,7 +1542,40 @@ static int recv_sleep(struct shmz_port *p, uint64_t deadline, const atomic_uint 
         return 0;
 }
 
-/* shmz_port_recv(); with gen, it also returns (as a timeout) when *gen moves from gen_seen. */
+static bool reply_claim_locked(struct shmz_port *p, const struct shmz_msg *m);
+
+#if defined(__SANITIZE_THREAD__)
+#define TSAN 1
+#elif defined(__has_feature)
+#if __has_feature(thread_sanitizer)
+#define TSAN 1
+#endif
+#endif
+
+/* recv_lock, waiting for it until deadline (CLOCK_MONOTONIC): 0, or a positive errno as pthread's. */
+static int recv_lock_until(struct shmz_port *p, uint64_t deadline) {
+        struct timespec abs;
+#ifdef TSAN
+        /* ThreadSanitizer (gcc 12, clang 14) intercepts no pthread_mutex_clocklock(): it would not see the
+         * lock taken, and report races on all it guards. Under it, the same wait on the realtime clock. */
+        uint64_t now = now_ns(), left = deadline > now ? deadline - now : 0;
+
+        deadline = left > UINT64_MAX - now_nsec(CLOCK_REALTIME) ? UINT64_MAX : now_nsec(CLOCK_REALTIME) + left;
+        abs = (struct timespec){ .tv_sec = (time_t) (deadline / 1000000000),
+                                 .tv_nsec = (long) (deadline % 1000000000) };
+        return pthread_mutex_timedlock(&p->recv_lock, &abs);
+#else
+        abs = (struct timespec){ .tv_sec = (time_t) (deadline / 1000000000),
+                                 .tv_nsec = (long) (deadline % 1000000000) };
+        return pthread_mutex_clocklock(&p->recv_lock, CLOCK_MONOTONIC, &abs);
+#endif
+}
+
+/*
+ * shmz_port_recv(); with gen, it also returns (as a timeout) when *gen moves
+ * from gen_seen. 1: the message was a reply to a pending call, queued for its
+ * handler (run handoff_run()).
+ */
 static int recv_timed(struct shmz_port *p, struct shmz_msg *ret, int64_t timeout_ns, const atomic_uint *gen,
                       unsigned gen_seen) {
         uint64_t deadline = deadline_of(timeout_ns);
@@ -1463,17 +1588,16 @@ static int recv_timed(struct shmz_port *p, struct shmz_msg *ret, int64_t timeout
                         r = pthread_mutex_trylock(&p->recv_lock);
                 else if (timeout_ns < 0)
                         r = pthread_mutex_lock(&p->recv_lock);
-                else {
-                        struct timespec abs = { .tv_sec = (time_t) (deadline / 1000000000),
-                                                .tv_nsec = (long) (deadline % 1000000000) };
-
-                        r = pthread_mutex_clocklock(&p->recv_lock, CLOCK_MONOTONIC, &abs);
-                }
+                else
+                        r = recv_lock_until(p, deadline);
                 if (r != 0) /* another thread is receiving, for at least as long */
                         return expired(timeout_ns);
                 r = recv_now_locked(p, ret, timeout_ns == 0);
+                /* Queued while no other receive can take the next one: a call's replies keep their order. */
+                if (r == 0 && reply_claim_locked(p, ret))
+                        r = 1;
                 pthread_mutex_unlock(&p->recv_lock);
-                if (r == 0 && waited == 0) {
+                if (r >= 0 && waited == 0) {
                         unsigned k = atomic_load_explicit(&p->rx_streak, memory_order_relaxed);
 
                         if (k < STREAK_SPIN)
@@ -1481,6 +1605,9 @@ static int recv_timed(struct shmz_port *p, struct shmz_msg *ret, int64_t timeout
                 }
                 if (r != -EAGAIN || timeout_ns == 0)
                         return r;
+                /* The rule of every wait (deadline_passed()): nothing woke us early enough to go round free. */
+                if (deadline_passed(deadline))
+                        return expired(timeout_ns);
                 /* Sleep outside the lock, so that other receivers keep their own timeouts. */
                 r = recv_sleep(p, deadline, gen, gen_seen,
                                atomic_load_explicit(&p->rx_streak, memory_order_relaxed) >= STREAK_SPIN);
@@ -1490,22 +1617,54 @@ static int recv_timed(struct shmz_port *p, struct shmz_msg *ret, int64_t timeout
         }
 }
 
+static void handoff_run(struct shmz_port *p);
+
 _public_ int shmz_port_recv(struct shmz_port *p, struct shmz_msg *ret, int64_t timeout_ns) {
+        uint64_t deadline;
+        int r;
+
         assert_return(p && ret, -EINVAL);
-        return recv_timed(p, ret, timeout_ns, NULL, 0);
+        r = port_enter(p);
+        if (r < 0)
+                return r;
+        deadline = deadline_of(timeout_ns);
+        for (;;) {
+                int64_t t = timeout_ns;
+
+                /* The time left of the caller's timeout, after replies handed on (the one deadline rule). */
+                if (timeout_ns > 0 && deadline != UINT64_MAX) {
+                        uint64_t now = now_ns();
+
+                        if (now >= deadline) {
+                                r = -ETIMEDOUT;
+                                break;
+                        }
+                        t = (int64_t) MIN(deadline - now, (uint64_t) INT64_MAX);
+                }
+                r = recv_timed(p, ret, t, NULL, 0);
+                /* A reply to a pending call is its handler's, whichever receive takes it off the ring. */
+                if (r != 1)
+                        break;
+                handoff_run(p);
+        }
+        port_leave(p);
+        return r;
 }
 
 _public_ void shmz_msg_release(struct shmz_port *p, struct shmz_msg *m) {
         if (!p || !m || m->handle == 0)
                 return;
-        if (m->handle & HANDLE_CHUNK) {
+        /* Chunks of a closing port go back with it (port_free()); an inline copy is ours alone. */
+        if ((m->handle & HANDLE_CHUNK) && port_enter(p) >= 0) {
                 uint32_t slot = (uint32_t) (m->handle >> 32) & 0x7fffffffu;
                 uint32_t c = (uint32_t) (m->handle >> 8) & 0xffffffu, k = (uint32_t) m->handle & 0xffu;
                 struct seg *s = slot < p->max_slots ? atomic_load(&p->rx[slot]) : NULL;
                 uint64_t bits, old;
 
-                if (!s || k == 0 || k > RUN_MAX || c >= p->pp.segment_chunks || c / 64 != (c + k - 1) / 64)
+                if (!s || k == 0 || k > RUN_MAX || c >= p->pp.segment_chunks || c / 64 != (c + k - 1) / 64) {
+                        port_leave(p);
                         return;
+                }
                 bits = run_mask(k) << (c % 64);
                 /* Only the release that finds them held gives them back: a second one does nothing. */
                 old = atomic_fetch_and(&s->held[c / 64], ~bits);
@@ -1513,7 +1672,8 @@ _public_ void shmz_msg_release(struct shmz_port *p, struct shmz_msg *m) {
                         __atomic_fetch_and(&seg_hdr(s)->used[c / 64], ~bits, __ATOMIC_RELEASE);
                         channel_released(p->ch, !p->pp.side);
                 }
-        } else
+                port_leave(p);
+        } else if (!(m->handle & HANDLE_CHUNK))
                 free((void *) (uintptr_t) m->handle);
         m->handle = 0;
         m->data = NULL;
@@ -1597,6 +1757,7 @@ int port_new(int sock_fd, int channel_fd, const struct port_params *pp, struct s
                         (void) shutdown(sfd, SHUT_RDWR);
                 return r;
         }
+        atomic_init(&p->users, USERS_ONE); /* the caller's handle */
         p->fd = TAKE_FD(sfd);
         p->pp = *pp;
         p->seg_map_size = SHMZ_SEGMENT_HEADER_SIZE + (size_t) pp->segment_chunks * pp->chunk_size;
@@ -1661,9 +1822,17 @@ int port_new(int sock_fd, int channel_fd, const struct port_params *pp, struct s
 
 static int fail_calls(struct shmz_port *p, int error, bool only_expired);
 
+/*
+ * Ends the port for every thread at once: calls under way wake and return
+ * -EPIPE, and the memory goes with the last of them (port_leave()). Closing
+ * frees nothing a call in another thread may still use, and no fd is closed
+ * under such a call (its number could be reused meanwhile).
+ */
 _public_ void shmz_port_close(struct shmz_port *p) {
         if (!p)
                 return;
+        if (atomic_fetch_or(&p->users, USERS_CLOSING) & USERS_CLOSING)
+                return; /* a second close while the first one's calls end */
         if (p->fd >= 0)
                 (void) shutdown(p->fd, SHUT_RDWR);
         atomic_store(&p->gone, true);
@@ -1676,6 +1845,12 @@ _public_ void shmz_port_close(struct shmz_port *p) {
                 }
         }
         (void) fail_calls(p, -EPIPE, false);
+        port_leave(p);
+}
+
+static void port_free(struct shmz_port *p) {
+        /* No call is left: one registered while the close ran is taken back by its caller, whose send
+         * fails once the port is gone. */
         for (uint32_t i = 0; p->rx && i < p->max_slots; i++) {
                 struct seg *s = atomic_load(&p->rx[i]);
 
@@ -1705,6 +1880,8 @@ _public_ void shmz_port_close(struct shmz_port *p) {
         safe_close(p->self_fd);
         client_unref(p->client);
         free(p->calls);
+        /* Empty: every thread that queued ran the queue, or left it to one that did, before leaving. */
+        free(p->hq);
         (void) pthread_mutex_destroy(&p->create_lock);
         (void) pthread_mutex_destroy(&p->tx_lock);
         (void) pthread_mutex_destroy(&p->recv_lock);
@@ -1741,7 +1918,10 @@ int port_socket_fd(const struct shmz_port *p) {
 
 _public_ int shmz_port_set_spin(struct shmz_port *p, uint64_t ns) {
         assert_return(p, -EINVAL);
+        if (port_enter(p) < 0)
+                return -EPIPE;
         atomic_store_explicit(&p->spin_ns, ns, memory_order_relaxed);
+        port_leave(p);
         return 0;
 }
 
@@ -1758,9 +1938,13 @@ _public_ int shmz_port_fd(const struct shmz_port *cp) {
         int fd;
 
         assert_return(p, -EINVAL);
+        if (port_enter(p) < 0)
+                return -EPIPE;
         fd = atomic_load(&p->poll_fd);
-        if (fd >= 0)
+        if (fd >= 0) {
+                port_leave(p);
                 return fd;
+        }
         pthread_mutex_lock(&p->poll_lock);
         fd = atomic_load(&p->poll_fd);
         if (fd >= 0)
@@ -1784,17 +1968,23 @@ _public_ int shmz_port_fd(const struct shmz_port *cp) {
         atomic_store(&p->poll_fd, fd);
 out:
         pthread_mutex_unlock(&p->poll_lock);
+        port_leave(p);
         return fd;
 }
 
-_public_ int shmz_port_peer(const struct shmz_port *p, pid_t *pid, uid_t *uid, gid_t *gid) {
+_public_ int shmz_port_peer(const struct shmz_port *cp, pid_t *pid, uid_t *uid, gid_t *gid) {
+        struct shmz_port *p = (struct shmz_port *) cp; /* counted in, as every call */
+
         assert_return(p, -EINVAL);
+        if (port_enter(p) < 0)
+                return -EPIPE;
         if (pid)
                 *pid = p->pp.peer_pid;
         if (uid)
                 *uid = p->pp.peer_uid;
         if (gid)
                 *gid = p->pp.peer_gid;
+        port_leave(p);
         return 0;
 }
 
@@ -1858,10 +2048,84 @@ static size_t calls_take_due_locked(struct shmz_port *p, bool only_expired, uint
         return k;
 }
 
+/* Queues h (rpc_lock held); -ENOMEM. */
+static int handoff_push_locked(struct shmz_port *p, const struct handoff *h) {
+        if (p->hq_n == p->hq_cap) {
+                size_t cap = MAX((size_t) 16, p->hq_cap * 2);
+                struct handoff *a = malloc(cap * sizeof(*a));
+
+                if (!a)
+                        return -ENOMEM;
+                /* In order from the first, so that the ring starts at 0 again. */
+                for (size_t i = 0; i < p->hq_n; i++)
+                        a[i] = p->hq[(p->hq_first + i) % p->hq_cap];
+                free(p->hq);
+                p->hq = a;
+                p->hq_cap = cap;
+                p->hq_first = 0;
+        }
+        p->hq[(p->hq_first + p->hq_n++) % p->hq_cap] = *h;
+        return 0;
+}
+
+/* m was taken off the ring (recv_lock held): true if it is a reply to a pending call, now queued. */
+static bool reply_claim_locked(struct shmz_port *p, const struct shmz_msg *m) {
+        struct handoff h = { .m = *m };
+        struct call c;
+        bool queued = false;
+
+        if (!stream_is_ours(p, m->stream))
+                return false;
+        pthread_mutex_lock(&p->rpc_lock);
+        /* Out of memory for the queue: the message goes as one of no call (dropped, or to recv). */
+        if (call_take_locked(p, m->stream, false, &c))
+                queued = handoff_push_locked(p, &h) >= 0;
+        pthread_mutex_unlock(&p->rpc_lock);
+        return queued;
+}
+
 /*
- * Ends calls with error: all of them, or those whose deadline passed. Handlers
- * run without the lock; one scan of the pending calls takes out a batch, so
- * ending k of n calls costs about n + k, and finding none due costs nothing.
+ * Runs what the queue holds, unless another thread does already: that one
+ * runs what we queued too. A handler that receives on its own port queues
+ * what it takes, and its replies run after it returns.
+ */
+static void handoff_run(struct shmz_port *p) {
+        pthread_mutex_lock(&p->rpc_lock);
+        if (p->handing) {
+                pthread_mutex_unlock(&p->rpc_lock);
+                return;
+        }
+        p->handing = true;
+        while (p->hq_n > 0) {
+                struct handoff h = p->hq[p->hq_first];
+                bool found = false;
+                struct call c;
+
+                p->hq_first = (p->hq_first + 1) % p->hq_cap;
+                p->hq_n--;
+                /* A reply's call may have ended since it was queued (timed out): then it is dropped. */
+                if (h.error == 0)
+                        found = call_take_locked(p, h.m.stream, h.m.flags & SHMZ_MSG_LAST, &c);
+                pthread_mutex_unlock(&p->rpc_lock);
+                if (h.error != 0)
+                        h.handler(p, h.error, NULL, h.userdata);
+                else if (found)
+                        c.handler(p, 0, &h.m, c.userdata);
+                else {
+                        close_untrusted(h.m.fd);
+                        shmz_msg_release(p, &h.m);
+                }
+                pthread_mutex_lock(&p->rpc_lock);
+        }
+        p->handing = false;
+        pthread_mutex_unlock(&p->rpc_lock);
+}
+
+/*
+ * Ends calls with error: all of them, or those whose deadline passed. Their
+ * ends are queued behind the replies already taken (handoff_run()); one scan
+ * of the pending calls takes out a batch, so ending k of n calls costs about
+ * n + k, and finding none due costs nothing.
  */
 static int fail_calls(struct shmz_port *p, int error, bool only_expired) {
         uint64_t now = only_expired ? now_ns() : 0;
@@ -1869,14 +2133,24 @@ static int fail_calls(struct shmz_port *p, int error, bool only_expired) {
 
         for (;;) {
                 struct call batch[32];
-                size_t k = 0;
+                size_t k = 0, unqueued = 0;
 
                 pthread_mutex_lock(&p->rpc_lock);
                 if (p->n_calls > 0 && (!only_expired || p->min_deadline <= now))
                         k = calls_take_due_locked(p, only_expired, now, batch, ELEMENTSOF(batch));
+                for (size_t i = 0; i < k; i++) {
+                        struct handoff h = { .error = error,
+                                             .handler = batch[i].handler,
+                                             .userdata = batch[i].userdata };
+
+                        if (handoff_push_locked(p, &h) < 0)
+                                batch[unqueued++] = batch[i];
+                }
                 pthread_mutex_unlock(&p->rpc_lock);
-                for (size_t i = 0; i < k; i++)
+                /* Out of memory for the queue: told at once, out of order rather than never. */
+                for (size_t i = 0; i < unqueued; i++)
                         batch[i].handler(p, error, NULL, batch[i].userdata);
+                handoff_run(p);
                 n += (int) k;
                 if (k < ELEMENTSOF(batch))
                         return n;
@@ -1884,16 +2158,17 @@ static int fail_calls(struct shmz_port *p, int error, bool only_expired) {
 }
 
 _public_ void shmz_port_set_handler(struct shmz_port *p, shmz_msg_handler_t handler, void *userdata) {
-        if (!p)
+        if (!p || port_enter(p) < 0)
                 return;
         pthread_mutex_lock(&p->rpc_lock);
         p->handler = handler;
         p->handler_userdata = userdata;
         pthread_mutex_unlock(&p->rpc_lock);
+        port_leave(p);
 }
 
-_public_ int shmz_port_call(struct shmz_port *p, const struct shmz_msg *m, uint64_t deadline_ns,
-                            shmz_reply_handler_t handler, void *userdata, uint32_t *ret_stream) {
+static int port_call(struct shmz_port *p, const struct shmz_msg *m, uint64_t deadline_ns, shmz_reply_handler_t handler,
+                     void *userdata, uint32_t *ret_stream) {
         struct shmz_msg req;
         struct call c;
         int64_t timeout = -1;
@@ -1958,38 +2233,45 @@ _public_ int shmz_port_call(struct shmz_port *p, const struct shmz_msg *m, uint6
         return 0;
 }
 
+_public_ int shmz_port_call(struct shmz_port *p, const struct shmz_msg *m, uint64_t deadline_ns,
+                            shmz_reply_handler_t handler, void *userdata, uint32_t *ret_stream) {
+        int r;
+
+        assert_return(p, -EINVAL);
+        r = port_enter(p);
+        if (r < 0)
+                return r;
+        r = port_call(p, m, deadline_ns, handler, userdata, ret_stream);
+        port_leave(p);
+        return r;
+}
+
 _public_ uint64_t shmz_port_next_deadline(struct shmz_port *p) {
         uint64_t d = UINT64_MAX;
 
-        if (!p)
+        if (!p || port_enter(p) < 0)
                 return d;
         /* A lower bound: a dispatcher woken by a deadline that went with its call scans once and waits on. */
         pthread_mutex_lock(&p->rpc_lock);
         if (p->n_calls > 0)
                 d = p->min_deadline;
         pthread_mutex_unlock(&p->rpc_lock);
+        port_leave(p);
         return d;
 }
 
-/* Hands one received message to its reply handler or to the port's handler. */
+/* Hands one received message that is no reply to a pending call to the port's handler. */
 static void dispatch_one(struct shmz_port *p, struct shmz_msg *m) {
         shmz_msg_handler_t handler = NULL;
         void *userdata = NULL;
-        struct call c;
-        bool found = false;
 
-        pthread_mutex_lock(&p->rpc_lock);
-        if (stream_is_ours(p, m->stream))
-                found = call_take_locked(p, m->stream, m->flags & SHMZ_MSG_LAST, &c);
-        else {
+        if (!stream_is_ours(p, m->stream)) {
+                pthread_mutex_lock(&p->rpc_lock);
                 handler = p->handler;
                 userdata = p->handler_userdata;
+                pthread_mutex_unlock(&p->rpc_lock);
         }
-        pthread_mutex_unlock(&p->rpc_lock);
-
-        if (found)
-                c.handler(p, 0, m, c.userdata);
-        else if (handler)
+        if (handler)
                 handler(p, m, userdata);
         else {
                 /* A reply nobody waits for any more (its call timed out), or no handler: dropped. */
@@ -2018,11 +2300,10 @@ static void dispatch_sleep_end(struct shmz_port *p) {
         pthread_mutex_unlock(&p->rpc_lock);
 }
 
-_public_ int shmz_port_dispatch(struct shmz_port *p, int64_t timeout_ns) {
+static int port_dispatch(struct shmz_port *p, int64_t timeout_ns) {
         uint64_t deadline;
         int handled;
 
-        assert_return(p, -EINVAL);
         deadline = deadline_of(timeout_ns);
         handled = fail_calls(p, -ETIMEDOUT, true);
         for (;;) {
@@ -2060,10 +2341,25 @@ _public_ int shmz_port_dispatch(struct shmz_port *p, int64_t timeout_ns) {
                         handled += fail_calls(p, -EPIPE, false);
                         return handled > 0 && r == -EPIPE ? handled : r;
                 }
-                dispatch_one(p, &m);
+                if (r == 1)
+                        handoff_run(p); /* a reply, queued for its call's handler */
+                else
+                        dispatch_one(p, &m);
                 if (++handled >= DISPATCH_BATCH)
                         return handled;
         }
+}
+
+_public_ int shmz_port_dispatch(struct shmz_port *p, int64_t timeout_ns) {
+        int r;
+
+        assert_return(p, -EINVAL);
+        r = port_enter(p);
+        if (r < 0)
+                return r;
+        r = port_dispatch(p, timeout_ns);
+        port_leave(p);
+        return r;
 }
 
 /* ---- listeners and connections through the daemon -------------------------------------------------------- */

@@ -127,7 +127,9 @@ int shmz_port_accept(struct shmz_listener *l, int64_t timeout_ns, struct shmz_po
 void shmz_listener_close(struct shmz_listener *l); /* the name goes; NULL is fine */
 /* -ENOENT no such listener, -EACCES its mode refuses us, -EAGAIN its backlog is full. */
 int shmz_port_connect(struct shmz_client *c, const char *name, struct shmz_port **ret);
-void shmz_port_close(struct shmz_port *p);   /* NULL is fine */
+/* NULL is fine. Calls under way in other threads return -EPIPE; the memory goes with the last of them.
+ * A call begun after the close is a use after free, as with free(3). */
+void shmz_port_close(struct shmz_port *p);
 int shmz_port_fd(const struct shmz_port *p); /* readable: a message waits, or the peer is gone */
 int shmz_port_peer(const struct shmz_port *p, pid_t *pid, uid_t *uid, gid_t *gid); /* as the daemon saw it */
 
@@ -167,6 +169,7 @@ int shmz_port_send(struct shmz_port *p, const struct shmz_msg *m, int64_t timeou
  * is then closed down, -EPIPE after). A payload that came in chunks (any over
  * 4 KiB, every shmz_port_buf() buffer) is the sender's shared memory, which
  * the sender can still write: copy what you validate before you rely on it.
+ * A reply to a pending shmz_port_call() goes to its handler, never to the caller.
  */
 int shmz_port_recv(struct shmz_port *p, struct shmz_msg *ret, int64_t timeout_ns);
 void shmz_msg_release(struct shmz_port *p, struct shmz_msg *m); /* its chunks go back to the sender */

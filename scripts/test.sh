@@ -9,6 +9,9 @@
 #
 # scripts/checks.sh first (CHECKS=none leaves it out): clang-format, a clang -Werror build
 # of the whole tree, clang's static analyzer and an arm64 cross-build, each a case.
+# TSAN_SECONDS=N (default 20; 0 leaves it out) runs the port stress for N seconds
+# against a library and daemon built with ThreadSanitizer (scripts/tsan.sh); each
+# of its phases, and the sanitizer's reports, count as a case.
 #
 # Then the system test (tests/system/test-system.sh): builds the Debian packages,
 # installs them in a container booted with systemd and drives the service; each
@@ -19,7 +22,8 @@ scripts/deps.sh
 fuzz_results=$(mktemp)
 system_results=$(mktemp)
 checks_results=$(mktemp)
-trap 'rm -f "$fuzz_results" "$system_results" "$checks_results"' EXIT
+tsan_results=$(mktemp)
+trap 'rm -f "$fuzz_results" "$system_results" "$checks_results" "$tsan_results"' EXIT
 if [ "${CHECKS:-}" != none ]; then
         # Failed before any check ran (its dependencies, say): that counts too.
         scripts/checks.sh | tee "$checks_results" || grep -q ': FAILED' "$checks_results" ||
@@ -31,6 +35,13 @@ if [ "${FUZZ_SECONDS:-0}" -gt 0 ]; then
         # Failed before any target ran (the clang build, say): that counts too.
         if [ "$frc" -ne 0 ] && ! grep -q ': FAILED' "$fuzz_results"; then
                 echo "fuzz build: FAILED" >>"$fuzz_results"
+        fi
+fi
+if [ "${TSAN_SECONDS:-20}" -gt 0 ]; then
+        trc=0
+        TSAN_SECONDS=${TSAN_SECONDS:-20} BUILDDIR=build-tsan scripts/tsan.sh | tee "$tsan_results" || trc=$?
+        if [ "$trc" -ne 0 ] && ! grep -q ': FAILED' "$tsan_results"; then
+                echo "tsan build: FAILED" >>"$tsan_results"
         fi
 fi
 builddir=${BUILDDIR:-build-test}
@@ -51,7 +62,7 @@ fi
 # from its own synthesis line, a program that exited 77 (SKIP) from its line
 # "Skipping all N tests: ..." (tests/integration/harness.c), any other program
 # as one case.
-python3 - "$builddir/meson-logs/testlog.json" "$fuzz_results" "$system_results" "$checks_results" <<'PY' || { [ "$rc" -ne 0 ] || rc=1; }
+python3 - "$builddir/meson-logs/testlog.json" "$fuzz_results" "$system_results" "$checks_results" "$tsan_results" <<'PY' || { [ "$rc" -ne 0 ] || rc=1; }
 import json, re, sys
 synthesis = re.compile(r"Synthesis: Tested: (\d+) \| Passing: (\d+) \| Failing: (\d+)")
 skipping = re.compile(r"^Skipping all (\d+) tests?: ", re.M)
@@ -81,8 +92,9 @@ for line in open(sys.argv[1]):
         passed += ok
         failed += not ok
 # scripts/fuzz.sh: "fuzz <target>: ok (...)" or "fuzz <target>: FAILED";
-# scripts/checks.sh: "check <name>: ok" or "check <name>: FAILED".
-for path, word in ((sys.argv[2], "fuzz"), (sys.argv[4], "check")):
+# scripts/checks.sh: "check <name>: ok" or "check <name>: FAILED";
+# scripts/tsan.sh: "tsan <phase>: ok (...)" or "tsan <phase>: FAILED (...)".
+for path, word in ((sys.argv[2], "fuzz"), (sys.argv[4], "check"), (sys.argv[5], "tsan")):
     for line in open(path):
         m = re.match(word + r" \S+: (ok|FAILED)", line)
         if m:

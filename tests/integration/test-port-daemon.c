@@ -1001,3 +1001,56 @@ Test(portd, stop_with_live_ports) {
 int main(int argc, char *argv[]) {
         return harness_main(argc, argv, /* need_root= */ true, /* need_fuse= */ false);
 }
+
+/* Log lines of the daemon's with what in them. */
+static unsigned log_count(const char *what) {
+        const char *s = harness_log(&d);
+        unsigned n = 0;
+
+        for (const char *at = strstr(s, what); at; at = strstr(at + 1, what))
+                n++;
+        return n;
+}
+
+/*
+ * What errors_total counts, the daemon logs (at debug level): a refused
+ * request, and a PORT_ACCEPTED for a port whose connector went before the
+ * listener took it (the daemon had dropped the port: what peer deaths leave).
+ */
+Test(portd, every_error_counted_is_logged) {
+        const char *verbose[] = { "--verbose", NULL };
+        struct shmz_daemon_status before, after;
+        struct shmz_client *c;
+        struct shmz_listener *l;
+        struct shmz_port *a, *b;
+        unsigned refused, accepted;
+
+        cr_assert_eq(harness_stop(&d), 0);
+        cr_assert_eq(harness_start(&d, verbose, false), 0, "log: %s", harness_log(&d));
+        c = harness_connect(&d);
+        cr_assert_not_null(c);
+        cr_assert_eq(shmz_port_listen(c, "errs", 0600, &l), 0);
+        cr_assert_eq(shmz_daemon_status(c, &before), 0);
+        refused = log_count(" refused: ");
+        accepted = log_count("PORT_ACCEPTED for port");
+
+        cr_assert_eq(shmz_port_connect(c, "no-such-port", &a), -ENOENT);
+        cr_assert_eq(shmz_port_connect(c, "errs", &a), 0);
+        shmz_port_close(a);
+        /* The daemon drops the port once the connector's end is shut down. */
+        cr_assert_eq(harness_wait_log(&d, "ended", 5), 0, "log: %s", harness_log(&d));
+        cr_assert_eq(shmz_port_accept(l, 5000000000, &b), 0);
+        cr_assert_eq(shmz_daemon_status(c, &after), 0); /* after our ACCEPTED, on another connection: */
+        for (int i = 0; i < 500 && after.errors < before.errors + 2; i++) {
+                usleep(10000);
+                cr_assert_eq(shmz_daemon_status(c, &after), 0);
+        }
+        cr_assert_eq(after.errors, before.errors + 2, "errors %llu -> %llu", (unsigned long long) before.errors,
+                     (unsigned long long) after.errors);
+        cr_assert_eq(harness_wait_log(&d, "PORT_ACCEPTED for port", 5), 0, "log: %s", harness_log(&d));
+        cr_assert_eq(log_count(" refused: "), refused + 1, "log: %s", harness_log(&d));
+        cr_assert_eq(log_count("PORT_ACCEPTED for port"), accepted + 1, "log: %s", harness_log(&d));
+        shmz_port_close(b);
+        shmz_listener_close(l);
+        shmz_disconnect(c);
+}

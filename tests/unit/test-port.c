@@ -1454,6 +1454,275 @@ Test(port, rpc_deadline_wakes_the_dispatcher_left_asleep) {
         shmz_port_close(b);
 }
 
+struct timed_dispatch {
+        struct shmz_port *p;
+        int64_t timeout_ns;
+        atomic_int r;
+        _Atomic uint64_t done_ns;
+};
+
+static void *dispatch_timed(void *arg) {
+        struct timed_dispatch *d = arg;
+
+        atomic_store(&d->r, shmz_port_dispatch(d->p, d->timeout_ns));
+        atomic_store(&d->done_ns, mono_ns());
+        return NULL;
+}
+
+/*
+ * A call made while a dispatch spins in the ring: the dispatch goes back to
+ * look at the new deadline, and still ends by that deadline and by its own
+ * timeout, although nothing ever arrives. Spinning (set_spin) makes every
+ * round of the wait take the spin's path, where a receiver in the middle of
+ * a stream also looks.
+ */
+Test(port, dispatch_keeps_its_deadlines_while_calls_come) {
+        struct shmz_port *a, *b;
+        struct shmz_msg req = { .type = 1, .data = "q", .size = 2, .fd = -1 };
+        struct shmz_msg unstick = { .type = 3, .fd = -1 };
+
+        pair(64, UINT64_C(1) << 24, &a, &b);
+        cr_assert_eq(shmz_port_set_spin(a, UINT64_C(10000000000)), 0);
+        for (int i = 0; i < 5; i++) {
+                struct timed_dispatch d = { .p = a, .timeout_ns = 50000000 };
+                struct rpc_seen seen = {};
+                pthread_t t;
+                uint64_t t0;
+
+                t0 = mono_ns();
+                cr_assert(pthread_create(&t, NULL, dispatch_timed, &d) == 0);
+                usleep(5000); /* inside its wait */
+                /* b never answers: its call times out 10 ms from now. */
+                cr_assert_eq(shmz_port_call(a, &req, mono_ns() + 10000000, on_reply, &seen, NULL), 0);
+                for (int k = 0; k < 2000 && atomic_load(&d.done_ns) == 0; k++)
+                        usleep(1000);
+                if (atomic_load(&d.done_ns) == 0)
+                        cr_assert_eq(shmz_port_send(b, &unstick, 0), 0); /* lets the test end */
+                pthread_join(t, NULL);
+                cr_assert_lt(atomic_load(&d.done_ns) - t0, 1000000000u,
+                             "dispatch(50 ms) returned after %llu ms (round %d)",
+                             (unsigned long long) ((atomic_load(&d.done_ns) - t0) / 1000000), i);
+                cr_assert_eq(atomic_load(&d.r), 1);
+                cr_assert_eq(seen.last_error, -ETIMEDOUT);
+                cr_assert_eq(seen.ended, 1);
+                /* Nothing else came: a dispatch with nothing to do keeps its own timeout. */
+                t0 = mono_ns();
+                cr_assert_eq(shmz_port_dispatch(a, 20000000), -ETIMEDOUT);
+                cr_assert_geq(mono_ns() - t0, 20000000u);
+        }
+        shmz_port_close(a);
+        shmz_port_close(b);
+}
+
+/* ---- close while other threads are inside calls -------------------------------------- */
+
+enum inside { IN_RECV, IN_DISPATCH, IN_BUF_WAIT, IN_SEND, IN_SEND_CHUNKED, IN_TOTAL };
+
+struct insider {
+        struct shmz_port *p;
+        enum inside what;
+        atomic_bool started;
+        int r;
+};
+
+static void *call_inside(void *arg) {
+        struct insider *in = arg;
+        struct shmz_msg m = { .type = 5, .fd = -1 };
+        uint8_t big[2 * CHUNK] = {};
+        void *buf;
+
+        atomic_store(&in->started, true);
+        switch (in->what) {
+        case IN_RECV:
+                in->r = shmz_port_recv(in->p, &m, -1);
+                break;
+        case IN_DISPATCH:
+                in->r = shmz_port_dispatch(in->p, -1);
+                break;
+        case IN_BUF_WAIT:
+                buf = shmz_port_buf_wait(in->p, CHUNK, -1);
+                in->r = buf ? 0 : -errno;
+                break;
+        case IN_SEND:
+                in->r = shmz_port_send(in->p, &m, -1);
+                break;
+        case IN_SEND_CHUNKED:
+                m.data = big;
+                m.size = sizeof(big);
+                in->r = shmz_port_send(in->p, &m, -1);
+                break;
+        default:
+                cr_assert_fail();
+        }
+        return NULL;
+}
+
+/*
+ * shmz_port_close() while threads sleep inside every kind of call on the
+ * same port: each wakes with -EPIPE (a pending call's handler too) and the
+ * memory goes with the last of them (AddressSanitizer sees any use after).
+ */
+Test(port, close_while_other_threads_are_inside_calls) {
+        for (int round = 0; round < 3; round++) {
+                struct insider in[2 * IN_TOTAL];
+                pthread_t t[2 * IN_TOTAL];
+                struct shmz_port *a, *b;
+                struct shmz_msg req = { .type = 1, .data = "q", .size = 2, .fd = -1 };
+                struct rpc_seen seen = {};
+                void *all;
+
+                /* One segment of 64 chunks, the port's all: buf_wait and a chunked send wait for memory. */
+                pair(64, 64 * CHUNK, &a, &b);
+                all = shmz_port_buf(a, 64 * CHUNK);
+                cr_assert_not_null(all);
+                cr_assert_eq(shmz_port_call(a, &req, 0, on_reply, &seen, NULL), 0); /* never answered */
+                /* The ring full of one-slot messages: a small send waits for room. b never reads, and
+                 * sends nothing: a's receivers wait too. */
+                for (uint32_t n = 0;; n++) {
+                        struct shmz_msg m = { .type = n, .fd = -1 };
+                        int r = shmz_port_send(a, &m, 0);
+
+                        if (r == -EAGAIN)
+                                break;
+                        cr_assert_eq(r, 0);
+                }
+                for (int i = 0; i < 2 * IN_TOTAL; i++) {
+                        in[i] = (struct insider){ .p = a, .what = (enum inside)(i % IN_TOTAL), .r = 1 };
+                        cr_assert(pthread_create(&t[i], NULL, call_inside, &in[i]) == 0);
+                }
+                for (int i = 0; i < 2 * IN_TOTAL; i++)
+                        while (!atomic_load(&in[i].started))
+                                usleep(1000);
+                usleep(50000 + round * 20000); /* all asleep inside */
+                for (int i = 0; i < 2 * IN_TOTAL; i++)
+                        cr_assert_eq(in[i].r, 1, "thread %d (%d) returned early: %d", i, in[i].what, in[i].r);
+                /* The peer lives on: what wakes them is a's own close. */
+                shmz_port_close(a);
+                for (int i = 0; i < 2 * IN_TOTAL; i++) {
+                        pthread_join(t[i], NULL);
+                        /* A dispatch may end the pending call itself before the close does: it counts it. */
+                        if (in[i].what == IN_DISPATCH && in[i].r == 1)
+                                continue;
+                        cr_assert_eq(in[i].r, -EPIPE, "thread %d (%d): %d", i, in[i].what, in[i].r);
+                }
+                shmz_port_close(b);
+                cr_assert_eq(seen.ended, 1);
+                cr_assert_eq(seen.last_error, -EPIPE);
+        }
+}
+
+static void close_in_handler(struct shmz_port *p, struct shmz_msg *m, void *userdata) {
+        int *n = userdata;
+
+        shmz_msg_release(p, m);
+        (*n)++;
+        shmz_port_close(p); /* the dispatch that called us is still inside */
+}
+
+/* A handler closes its own port: the dispatch returns with what it handled, and nothing is used after. */
+Test(port, close_in_a_handler) {
+        struct shmz_port *a, *b;
+        struct shmz_msg m = { .type = 1, .data = "x", .size = 2, .fd = -1 };
+        int n = 0;
+
+        pair(64, UINT64_C(1) << 24, &a, &b);
+        shmz_port_set_handler(a, close_in_handler, &n);
+        for (int i = 0; i < 3; i++)
+                cr_assert_eq(shmz_port_send(b, &m, 0), 0);
+        cr_assert_eq(shmz_port_dispatch(a, -1), 1);
+        cr_assert_eq(n, 1);
+        cr_assert_eq(shmz_port_recv(b, &m, 1000000000), -EPIPE); /* the peer sees the close */
+        shmz_port_close(b);
+}
+
+/*
+ * recv and dispatch at once on the port that made calls: every reply goes
+ * to its call's handler, whichever of them takes it; recv gets the rest.
+ */
+struct routed {
+        atomic_int replies, ended, plain_in_recv, replies_in_recv;
+};
+
+static void on_routed_reply(struct shmz_port *p, int error, struct shmz_msg *reply, void *userdata) {
+        struct routed *r = userdata;
+
+        if (error == 0) {
+                atomic_fetch_add(&r->replies, 1);
+                if (reply->flags & SHMZ_MSG_LAST)
+                        atomic_fetch_add(&r->ended, 1);
+                shmz_msg_release(p, reply);
+        } else
+                atomic_fetch_add(&r->ended, 1);
+}
+
+struct plain_receiver {
+        struct shmz_port *p;
+        struct routed *r;
+        atomic_bool stop;
+};
+
+static void *recv_plain(void *arg) {
+        struct plain_receiver *pr = arg;
+
+        while (!atomic_load(&pr->stop)) {
+                struct shmz_msg m;
+
+                if (shmz_port_recv(pr->p, &m, 5000000) < 0)
+                        continue;
+                if (m.stream != 0)
+                        atomic_fetch_add(&pr->r->replies_in_recv, 1);
+                else
+                        atomic_fetch_add(&pr->r->plain_in_recv, 1);
+                shmz_msg_release(pr->p, &m);
+        }
+        return NULL;
+}
+
+static void *dispatch_until_stopped(void *arg) {
+        struct plain_receiver *pr = arg;
+
+        while (!atomic_load(&pr->stop))
+                (void) shmz_port_dispatch(pr->p, 5000000);
+        return NULL;
+}
+
+Test(port, replies_go_to_their_calls_when_recv_and_dispatch_run_together) {
+        struct shmz_port *a, *b;
+        struct shmz_msg req = { .type = 1, .data = "q", .size = 2, .fd = -1 };
+        struct shmz_msg plain = { .type = 2, .data = "p", .size = 2, .fd = -1 };
+        struct routed r = {};
+        struct plain_receiver pr = { .r = &r };
+        pthread_t t[2];
+        int mode = 0, calls = 400, served = 0;
+
+        pair(64, UINT64_C(1) << 24, &a, &b);
+        shmz_port_set_handler(b, server, &mode); /* two replies per call, the second LAST */
+        pr.p = a;
+        cr_assert(pthread_create(&t[0], NULL, recv_plain, &pr) == 0);
+        cr_assert(pthread_create(&t[1], NULL, dispatch_until_stopped, &pr) == 0);
+        for (int i = 0; i < calls; i++) {
+                int k;
+
+                cr_assert_eq(shmz_port_call(a, &req, 0, on_routed_reply, &r, NULL), 0);
+                cr_assert_eq(shmz_port_send(b, &plain, -1), 0);
+                k = shmz_port_dispatch(b, -1);
+                cr_assert_gt(k, 0);
+                served += k;
+        }
+        while (served < calls)
+                served += shmz_port_dispatch(b, -1);
+        for (int k = 0; k < 5000 && atomic_load(&r.ended) < calls; k++)
+                usleep(1000);
+        atomic_store(&pr.stop, true);
+        pthread_join(t[0], NULL);
+        pthread_join(t[1], NULL);
+        cr_assert_eq(atomic_load(&r.replies_in_recv), 0, "%d replies went to recv", atomic_load(&r.replies_in_recv));
+        cr_assert_eq(atomic_load(&r.replies), 2 * calls);
+        cr_assert_eq(atomic_load(&r.ended), calls);
+        shmz_port_close(a);
+        shmz_port_close(b);
+}
+
 Test(port, bad_params) {
         struct port_params pp = params(0, 64, 1 << 24);
         struct shmz_port *p;

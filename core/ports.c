@@ -50,6 +50,12 @@ struct uid_count {
         uint32_t n;
 };
 
+/* What one connecting uid holds of one listener: its share is bounded, so others still get in. */
+struct peer_count {
+        uid_t uid;
+        uint32_t live, pending;
+};
+
 /* Segment bytes charged to a uid (kept apart: a segment can outlive its ports, while the view reads it). */
 struct uid_bytes {
         uid_t uid;
@@ -63,8 +69,10 @@ struct listener {
         void *owner;
         uint64_t serial;
         uint64_t created_usec;
-        uint32_t backlog;     /* ports not accepted yet */
-        uint64_t connections; /* live ports */
+        uint32_t backlog;         /* ports not accepted yet */
+        uint64_t connections;     /* live ports */
+        struct peer_count *peers; /* live and unaccepted ports per connecting uid */
+        size_t n_peers;
 };
 
 struct port {
@@ -122,7 +130,7 @@ static bool limits_valid(const struct ports_limits *lim) {
         return lim->chunk_size >= 4096 && (lim->chunk_size & (lim->chunk_size - 1)) == 0 && lim->segment_chunks >= 1 &&
                lim->segment_chunks <= SHMZ_SEGMENT_MAX_CHUNKS &&
                (uint64_t) lim->chunk_size * lim->segment_chunks <= lim->port_memory && lim->max_ports_per_uid >= 1 &&
-               lim->backlog >= 1 && lim->segment_memory > 0 && lim->uid_segment_memory > 0;
+               lim->backlog >= 1 && lim->uid_connections >= 1 && lim->segment_memory > 0 && lim->uid_segment_memory > 0;
 }
 
 int ports_new(const struct ports_limits *lim, struct ports **ret) {
@@ -158,6 +166,13 @@ static void port_destroy(struct port *p) {
         free(p);
 }
 
+static void listener_free(struct listener *l) {
+        if (!l)
+                return;
+        free(l->peers);
+        free(l);
+}
+
 static struct segment *seg_slot(struct ports *pt, uint32_t slot) {
         struct segment **b = atomic_load_explicit(&pt->seg_blocks[slot / SEG_BLOCK], memory_order_acquire);
 
@@ -171,7 +186,7 @@ struct ports *ports_free(struct ports *pt) {
         for (size_t i = 0; i < pt->n_ports; i++)
                 port_destroy(pt->ports[i]);
         for (size_t i = 0; i < pt->n_listeners; i++)
-                free(pt->listeners[i]);
+                listener_free(pt->listeners[i]);
         for (uint32_t b = 0; b < SEG_MAX_BLOCKS; b++) {
                 struct segment **blk = atomic_load(&pt->seg_blocks[b]);
 
@@ -316,6 +331,58 @@ static void uid_bytes_uncharge(struct ports *pt, uid_t uid, uint64_t bytes) {
                         }
 }
 
+static struct peer_count *peer_find(struct listener *l, uid_t uid) {
+        for (size_t i = 0; i < l->n_peers; i++)
+                if (l->peers[i].uid == uid)
+                        return &l->peers[i];
+        return NULL;
+}
+
+/*
+ * Whether c may take one more of l's connections: the name's owner and root
+ * may take all; any other uid at most uid_connections live ones, and at most
+ * half the backlog (rounded up) not accepted yet, so that one uid never
+ * fills a service's backlog or its process's fds for everyone else.
+ */
+static bool peer_share_left(struct ports *pt, struct listener *l, const struct caller *c) {
+        struct peer_count *u;
+
+        if (c->uid == 0 || c->uid == l->uid)
+                return true;
+        u = peer_find(l, c->uid);
+        return !u || (u->live < pt->lim.uid_connections && u->pending < (pt->lim.backlog + 1) / 2);
+}
+
+static int peer_charge(struct listener *l, uid_t uid) {
+        struct peer_count *u = peer_find(l, uid);
+
+        if (!u) {
+                u = realloc(l->peers, (l->n_peers + 1) * sizeof(*u));
+                if (!u)
+                        return -ENOMEM;
+                l->peers = u;
+                u = &l->peers[l->n_peers++];
+                *u = (struct peer_count){ .uid = uid };
+        }
+        u->live++;
+        u->pending++;
+        return 0;
+}
+
+/* The port from uid was accepted (live stays), or ended (both go). */
+static void peer_uncharge(struct listener *l, uid_t uid, bool live, bool pending) {
+        struct peer_count *u = peer_find(l, uid);
+
+        if (!u)
+                return;
+        if (live && u->live > 0)
+                u->live--;
+        if (pending && u->pending > 0)
+                u->pending--;
+        if (u->live == 0 && u->pending == 0)
+                *u = l->peers[--l->n_peers];
+}
+
 /* Index of the listener called name, or where it would go (*found false). */
 static size_t listener_pos(struct ports *pt, const char *name, bool *found) {
         return sorted_name_index((void *const *) pt->listeners, pt->n_listeners, offsetof(struct listener, name), name,
@@ -425,7 +492,7 @@ void ports_unlisten(struct ports *pt, struct listener *l) {
         uid_uncharge(pt, l->uid);
         changed(pt, PORTS_LISTENER_REMOVED, l->name, PORTS_INO_LISTENER_BASE + l->serial);
         unlock(pt);
-        free(l);
+        listener_free(l);
 }
 
 int ports_connect(struct ports *pt, const struct caller *c, const char *name, struct port **ret, void **ret_owner) {
@@ -460,8 +527,8 @@ int ports_connect(struct ports *pt, const struct caller *c, const char *name, st
                 r = -EAGAIN;
                 goto fail;
         }
-        if (uid_held(pt, c->uid) >= pt->lim.max_ports_per_uid ||
-            uid_held(pt, l->uid) + (l->uid == c->uid) >= pt->lim.max_ports_per_uid) {
+        /* The connector pays for the port: the listener's uid is not charged for being connected to. */
+        if (uid_held(pt, c->uid) >= pt->lim.max_ports_per_uid || !peer_share_left(pt, l, c)) {
                 r = -EUSERS;
                 goto fail;
         }
@@ -479,7 +546,7 @@ int ports_connect(struct ports *pt, const struct caller *c, const char *name, st
         r = uid_charge(pt, c->uid);
         if (r < 0)
                 goto fail;
-        r = uid_charge(pt, l->uid);
+        r = peer_charge(l, c->uid);
         if (r < 0) {
                 uid_uncharge(pt, c->uid);
                 goto fail;
@@ -575,6 +642,7 @@ int ports_accepted(struct ports *pt, struct listener *l, uint64_t port_id) {
         else {
                 p->accepted = true;
                 l->backlog--;
+                peer_uncharge(l, p->uid[SHMZ_PORT_SIDE_CONNECTOR], false, true);
         }
         pthread_mutex_unlock(&pt->lock);
         return r;
@@ -619,9 +687,9 @@ void ports_port_drop(struct ports *pt, struct port *p, bool died) {
                 if (!p->accepted)
                         p->listener->backlog--;
                 p->listener->connections--;
+                peer_uncharge(p->listener, p->uid[SHMZ_PORT_SIDE_CONNECTOR], true, !p->accepted);
         }
         uid_uncharge(pt, p->uid[SHMZ_PORT_SIDE_CONNECTOR]);
-        uid_uncharge(pt, p->uid[SHMZ_PORT_SIDE_ACCEPTOR]);
         pt->ports_closed++;
         if (died)
                 pt->peers_died++;

@@ -38,8 +38,9 @@ struct ports_limits {
         uint32_t chunk_size;         /* bytes, a power of two, >= 4096 */
         uint32_t segment_chunks;     /* chunks per segment, <= SHMZ_SEGMENT_MAX_CHUNKS */
         uint64_t port_memory;        /* segment bytes one direction of one port may hold */
-        uint32_t max_ports_per_uid;  /* live ports (either side) and listeners a uid may hold */
+        uint32_t max_ports_per_uid;  /* live ports a uid connected and listeners it holds */
         uint32_t backlog;            /* connections a listener may leave unaccepted */
+        uint32_t uid_connections;    /* live connections of one uid to one listener (not its owner's, not root's) */
         uint64_t segment_memory;     /* segment bytes (headers included) of all ports together */
         uint64_t uid_segment_memory; /* segment bytes the ports of one uid may send from */
 };
@@ -82,7 +83,9 @@ void ports_unlisten(struct ports *pt, struct listener *l);
  * A connection from c to the listener called name: checks the listener's
  * mode against c (write permission), its backlog and c's limit, and records
  * the port (ids, tokens, both sides' credentials; the acceptor's from the
- * listener). *ret_owner is the listener's owner. The front end then makes the
+ * listener). The port counts for c's uid only; a uid other than the
+ * listener's and root holds at most uid_connections of its connections and
+ * half its backlog. *ret_owner is the listener's owner. The front end then makes the
  * socketpair and the channel and hands them out; ports_port_drop() if that
  * fails. -ENOENT, -EACCES, -EAGAIN (backlog full), -EUSERS.
  */

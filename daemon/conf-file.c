@@ -24,6 +24,8 @@
 #define DEFAULT_PORT_MEMORY (UINT64_C(64) << 20)
 #define DEFAULT_MAX_PORTS_PER_UID 256u
 #define DEFAULT_PORT_BACKLOG 64u
+/* Connections of one uid to one published name: what one user can make a service hold for it. */
+#define DEFAULT_PORT_UID_CONNECTIONS 64u
 #define MAX_CHUNK_SIZE (UINT64_C(64) << 20)
 #define MAX_SEGMENT_BYTES (UINT64_C(1) << 30)
 #define MAX_PORT_MEMORY (UINT64_C(64) << 30)
@@ -68,6 +70,7 @@ int config_new_default(struct config **ret) {
                 .port_memory = DEFAULT_PORT_MEMORY,
                 .max_ports_per_uid = DEFAULT_MAX_PORTS_PER_UID,
                 .backlog = DEFAULT_PORT_BACKLOG,
+                .uid_connections = DEFAULT_PORT_UID_CONNECTIONS,
                 .segment_memory = DEFAULT_SEGMENT_MEMORY,
                 .uid_segment_memory = DEFAULT_UID_SEGMENT_MEMORY,
         };
@@ -239,7 +242,8 @@ static int daemon_key(struct parse_state *s, const char *key, const char *value)
                 *(streq(key, "segment_memory") ? &c->ports.segment_memory : &c->ports.uid_segment_memory) = u;
                 return 1;
         }
-        if (streq(key, "segment_chunks") || streq(key, "max_ports_per_uid") || streq(key, "port_backlog")) {
+        if (streq(key, "segment_chunks") || streq(key, "max_ports_per_uid") || streq(key, "port_backlog") ||
+            streq(key, "port_uid_connections")) {
                 unsigned long long n, max = streq(key, "segment_chunks") ? SHMZ_SEGMENT_MAX_CHUNKS
                                             : streq(key, "port_backlog") ? 65536
                                                                          : 1000000;
@@ -252,6 +256,8 @@ static int daemon_key(struct parse_state *s, const char *key, const char *value)
                         c->ports.segment_chunks = (uint32_t) n;
                 else if (streq(key, "port_backlog"))
                         c->ports.backlog = (uint32_t) n;
+                else if (streq(key, "port_uid_connections"))
+                        c->ports.uid_connections = (uint32_t) n;
                 else
                         c->ports.max_ports_per_uid = (uint32_t) n;
                 return 1;

@@ -7,6 +7,7 @@
 #include <criterion/criterion.h>
 #include <dirent.h>
 #include <errno.h>
+#include <grp.h>
 #include <fcntl.h>
 #include <poll.h>
 #include <pthread.h>
@@ -15,6 +16,7 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -928,6 +930,148 @@ Test(attack, f11_open_files_do_not_slow_requests_on_a_gone_segment, .init = star
                      N_XATTR_CALLS, after, N_HOLDERS * N_OPENS_PER_HOLDER, before);
         close(fd);
         shmz_disconnect(c);
+}
+
+/* ---- Port peers: what one uid holds of a service is bounded, and paid by that uid ---------------- */
+
+#define SERVICE_UID 1000
+#define OTHER_UID 1001
+
+/* A pipe pair to talk to a child: it says on ready[1], the parent on go[1]. */
+struct peer_sync {
+        int ready[2], go[2];
+};
+
+static void peer_sync_init(struct peer_sync *s) {
+        cr_assert_eq(pipe2(s->ready, O_CLOEXEC), 0);
+        cr_assert_eq(pipe2(s->go, O_CLOEXEC), 0);
+}
+
+static void peer_sync_close(struct peer_sync *s) {
+        for (int i = 0; i < 2; i++) {
+                close(s->ready[i]);
+                close(s->go[i]);
+        }
+}
+
+/* Child side: one byte to the parent, then one from it. */
+static int child_say(struct peer_sync *s, unsigned char b) {
+        return write(s->ready[1], &b, 1) == 1 ? 0 : -1;
+}
+
+static int child_wait(struct peer_sync *s) {
+        unsigned char b;
+
+        return read(s->go[0], &b, 1) == 1 ? b : -1;
+}
+
+/* Parent side: the child's next byte (-1 if it ended first or took more than 30 s). */
+static int parent_hear(struct peer_sync *s) {
+        struct pollfd p = { .fd = s->ready[0], .events = POLLIN };
+        unsigned char b;
+
+        if (poll(&p, 1, 30000) != 1 || read(s->ready[0], &b, 1) != 1)
+                return -1;
+        return b;
+}
+
+static void parent_say(struct peer_sync *s, unsigned char b) {
+        cr_assert_eq(write(s->go[1], &b, 1), 1);
+}
+
+/* fn in a child of uid (and gid uid), not waited for; it dies with the test's process. */
+static pid_t spawn_as(uid_t uid, int (*fn)(void *), void *userdata) {
+        pid_t parent = getpid(), pid = fork();
+
+        cr_assert_geq(pid, 0);
+        if (pid == 0) {
+                if (setgroups(0, NULL) < 0 || setgid(uid) < 0 || setuid(uid) < 0)
+                        _exit(126);
+                /* After setuid(), which clears it. */
+                if (prctl(PR_SET_PDEATHSIG, SIGKILL) < 0 || getppid() != parent)
+                        _exit(127);
+                _exit(fn(userdata));
+        }
+        return pid;
+}
+
+/* The service (uid 1000): publishes "svc", then, when told, publishes "svc-b" and connects to it. */
+static int f11_service(void *userdata) {
+        struct peer_sync *s = userdata;
+        struct shmz_client *c;
+        struct shmz_listener *l, *l2;
+        struct shmz_port *p;
+
+        if (shmz_connect(d.socket, &c) < 0 || shmz_port_listen(c, "svc", 0666, &l) < 0)
+                return 10;
+        if (child_say(s, 'r') < 0 || child_wait(s) < 0)
+                return 11;
+        if (shmz_port_listen(c, "svc-b", 0600, &l2) < 0)
+                return 12;
+        if (shmz_port_connect(c, "svc-b", &p) < 0)
+                return 13;
+        if (child_say(s, 'k') < 0 || child_wait(s) < 0)
+                return 14;
+        return 0;
+}
+
+/* The attacker (nobody): as many idle ports to "svc" as it is given; says how many. */
+static int f11_attacker(void *userdata) {
+        struct peer_sync *s = userdata;
+        struct shmz_client *c;
+        int n = 0, r = 0;
+
+        if (shmz_connect(d.socket, &c) < 0)
+                return 20;
+        while (n < 200) {
+                struct shmz_port *p;
+
+                r = shmz_port_connect(c, "svc", &p);
+                if (r < 0)
+                        break;
+                n++;
+        }
+        if (r != -EUSERS)
+                return 21;
+        if (child_say(s, (unsigned char) n) < 0 || child_wait(s) < 0)
+                return 22;
+        return 0;
+}
+
+/* Another client of the service (uid 1001). */
+static int f11_client(void *userdata) {
+        struct shmz_client *c;
+        struct shmz_port *p;
+
+        if (shmz_connect(d.socket, &c) < 0)
+                return 30;
+        return shmz_port_connect(c, "svc", &p) == 0 ? 0 : 31;
+}
+
+Test(attack, f11_idle_ports_of_one_uid_spend_none_of_the_services_slots, .fini = stop, .timeout = 60) {
+        struct peer_sync svc, att;
+        pid_t ps, pa;
+        int n;
+
+        harness_init(&d, "[daemon]\nmax_ports_per_uid = 16\nport_uid_connections = 8\n");
+        cr_assert_eq(harness_start(&d, NULL, false), 0, "daemon did not start: %s", harness_log(&d));
+        peer_sync_init(&svc);
+        peer_sync_init(&att);
+        ps = spawn_as(SERVICE_UID, f11_service, &svc);
+        cr_assert_eq(parent_hear(&svc), 'r', "the service did not publish");
+        pa = spawn_as(NOBODY, f11_attacker, &att);
+        n = parent_hear(&att);
+        /* Before the fix: each port counted for the service's uid too, and nobody took 15 (16 with its name). */
+        cr_assert_eq(n, 8, "nobody holds %d ports to the service", n);
+        cr_assert_eq(harness_run_as(OTHER_UID, OTHER_UID, f11_client, NULL), 0, "another user could not connect");
+        parent_say(&svc, 'g');
+        cr_assert_eq(parent_hear(&svc), 'k', "the service could not publish or connect any more");
+        parent_say(&svc, 'g');
+        parent_say(&att, 'g');
+        cr_assert_eq(harness_wait_child(ps), 0);
+        cr_assert_eq(harness_wait_child(pa), 0);
+        peer_sync_close(&svc);
+        peer_sync_close(&att);
 }
 
 int main(int argc, char *argv[]) {

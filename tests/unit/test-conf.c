@@ -285,6 +285,7 @@ Test(conf, port_defaults) {
         cr_assert_eq(c->ports.port_memory, UINT64_C(64) << 20);
         cr_assert_eq(c->ports.max_ports_per_uid, 256u);
         cr_assert_eq(c->ports.backlog, 64u);
+        cr_assert_eq(c->ports.uid_connections, 64u);
         cr_assert_eq(c->ports.segment_memory, UINT64_C(4) << 30);
         cr_assert_eq(c->ports.uid_segment_memory, UINT64_C(1) << 30);
         config_free(c);
@@ -294,8 +295,9 @@ Test(conf, port_defaults) {
 Test(conf, port_keys) {
         struct config *c = expect_ok("[daemon]\nchunk_size = 4K\nsegment_chunks = 16384\nport_memory = 1G\n"
                                      "max_ports_per_uid = 1\nport_backlog = 65536\nsegment_memory = 2T\n"
-                                     "uid_segment_memory = 3G\n");
+                                     "uid_segment_memory = 3G\nport_uid_connections = 5\n");
 
+        cr_assert_eq(c->ports.uid_connections, 5u);
         cr_assert_eq(c->ports.chunk_size, 4096u);
         cr_assert_eq(c->ports.segment_chunks, SHMZ_SEGMENT_MAX_CHUNKS);
         cr_assert_eq(c->ports.port_memory, UINT64_C(1) << 30);
@@ -322,6 +324,7 @@ Test(conf, port_keys_out_of_range) {
         expect_error("[daemon]\nport_memory = 65G\n", 2, "port_memory: bad size");
         expect_error("[daemon]\nmax_ports_per_uid = 0\n", 2, "max_ports_per_uid must be");
         expect_error("[daemon]\nport_backlog = 65537\n", 2, "port_backlog must be");
+        expect_error("[daemon]\nport_uid_connections = 0\n", 2, "port_uid_connections must be");
         expect_error("[daemon]\nport_backlog = -3\n", 2, "port_backlog must be");
         expect_error("[daemon]\nsegment_memory = 0\n", 2, "segment_memory: bad size");
         expect_error("[daemon]\nuid_segment_memory = lots\n", 2, "uid_segment_memory: bad size");

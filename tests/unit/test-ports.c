@@ -36,6 +36,7 @@ static void setup_with(uint32_t chunk_size, uint32_t chunks, uint64_t port_memor
                 .port_memory = port_memory,
                 .max_ports_per_uid = per_uid,
                 .backlog = backlog,
+                .uid_connections = 1000,
                 .segment_memory = UINT64_C(1) << 30,
                 .uid_segment_memory = UINT64_C(1) << 30,
         };
@@ -154,9 +155,10 @@ Test(ports, backlog_and_accept) {
         void *owner;
 
         cr_assert_eq(ports_listen(pt, &OWNER, "svc", 0666, NULL, &l), 0);
+        /* The owner's own connections may fill the backlog (another uid gets half of it). */
         for (int i = 0; i < 4; i++)
-                p[i] = connect_ok(&OTHER, "svc");
-        cr_assert_eq(ports_connect(pt, &OTHER, "svc", &p[4], &owner), -EAGAIN);
+                p[i] = connect_ok(&OWNER, "svc");
+        cr_assert_eq(ports_connect(pt, &OWNER, "svc", &p[4], &owner), -EAGAIN);
         cr_assert_eq(ports_listener_info(pt, "svc", &li, NULL), 0);
         cr_assert_eq(li.backlog, 4u);
         cr_assert_eq(li.connections, 4u);
@@ -170,8 +172,8 @@ Test(ports, backlog_and_accept) {
         cr_assert_eq(ports_accepted(pt, l, pi.port_id), 0);
         cr_assert_eq(ports_accepted(pt, l, pi.port_id), -EALREADY);
         cr_assert_eq(ports_accepted(pt, l, 999), -ENOENT);
-        p[4] = connect_ok(&OTHER, "svc");
-        cr_assert_eq(ports_connect(pt, &OTHER, "svc", &(struct port *){ NULL }, &owner), -EAGAIN);
+        p[4] = connect_ok(&OWNER, "svc");
+        cr_assert_eq(ports_connect(pt, &OWNER, "svc", &(struct port *){ NULL }, &owner), -EAGAIN);
 
         /* A dropped unaccepted port leaves the backlog. */
         ports_port_drop(pt, p[1], true);
@@ -198,34 +200,82 @@ Test(ports, backlog_and_accept) {
 
 Test(ports, per_uid_limit) {
         struct port *p[16];
-        struct listener *l;
+        struct listener *l, *l2;
         void *owner;
         size_t n = 0;
 
         teardown();
         setup_with(4096, 16, 65536, 4, 64);
-        /* The listener and both sides of each port count. */
+        /* A port counts for its connector alone; the listener for its owner. */
         cr_assert_eq(ports_listen(pt, &OWNER, "svc", 0666, NULL, &l), 0);
-        for (; n < 3; n++)
+        for (; n < 4; n++)
                 p[n] = connect_ok(&OTHER, "svc");
-        /* OWNER holds 4 now: no more ports to its listener, nor listeners. */
-        cr_assert_eq(ports_connect(pt, &GRP, "svc", &p[n], &owner), -EUSERS);
-        cr_assert_eq(ports_listen(pt, &OWNER, "svc2", 0666, NULL, NULL), -EUSERS);
-        ports_port_drop(pt, p[--n], false);
-        p[n++] = connect_ok(&GRP, "svc");
-        ports_port_drop(pt, p[--n], false);
-        /* OTHER holds 2; it listens twice and connects to itself? 2 + 1 + 2 > 4. */
-        struct listener *lo;
-        cr_assert_eq(ports_listen(pt, &OTHER, "mine", 0600, NULL, &lo), 0);
-        cr_assert_eq(ports_connect(pt, &OTHER, "mine", &p[n], &owner), -EUSERS);
-        ports_unlisten(pt, lo);
-        p[n] = connect_ok(&OTHER, "svc");
-        n++;
         cr_assert_eq(ports_connect(pt, &OTHER, "svc", &p[n], &owner), -EUSERS);
+        /* OTHER's four ports cost OWNER nothing: it publishes and connects as before, and others get in. */
+        cr_assert_eq(ports_listen(pt, &OWNER, "svc2", 0666, NULL, &l2), 0);
+        p[n++] = connect_ok(&OWNER, "svc");
+        p[n++] = connect_ok(&GRP, "svc");
+        ports_port_drop(pt, p[0], false);
+        p[0] = connect_ok(&OTHER, "svc");
+        cr_assert_eq(ports_connect(pt, &OTHER, "svc2", &p[n], &owner), -EUSERS);
         while (n > 0)
                 ports_port_drop(pt, p[--n], false);
+        ports_unlisten(pt, l2);
         ports_unlisten(pt, l);
-        cr_assert_eq(ports_listen(pt, &OWNER, "svc2", 0666, NULL, &l), 0);
+        /* Two listeners and two ports of OWNER's: four. */
+        cr_assert_eq(ports_listen(pt, &OWNER, "a", 0666, NULL, &l), 0);
+        cr_assert_eq(ports_listen(pt, &OWNER, "b", 0666, NULL, &l2), 0);
+        p[n++] = connect_ok(&OWNER, "a");
+        p[n++] = connect_ok(&OWNER, "a");
+        cr_assert_eq(ports_connect(pt, &OWNER, "b", &p[n], &owner), -EUSERS);
+        cr_assert_eq(ports_listen(pt, &OWNER, "c", 0666, NULL, NULL), -EUSERS);
+        while (n > 0)
+                ports_port_drop(pt, p[--n], false);
+        ports_unlisten(pt, l2);
+        ports_unlisten(pt, l);
+}
+
+static uint64_t port_id_of(struct port *p) {
+        struct shmz_msg_port_peer peer;
+
+        ports_port_peer(pt, p, SHMZ_PORT_SIDE_CONNECTOR, &peer);
+        return peer.port_id;
+}
+
+Test(ports, one_uid_takes_a_bounded_share_of_a_listener) {
+        struct port *p[16];
+        struct listener *l;
+        void *owner;
+        size_t n = 0;
+
+        teardown();
+        setup_with(4096, 16, 65536, 64, 4);
+        lim.uid_connections = 3;
+        ports_set_limits(pt, &lim);
+        cr_assert_eq(ports_listen(pt, &OWNER, "svc", 0666, NULL, &l), 0);
+        /* Half the backlog unaccepted: two. */
+        p[n++] = connect_ok(&OTHER, "svc");
+        p[n++] = connect_ok(&OTHER, "svc");
+        cr_assert_eq(ports_connect(pt, &OTHER, "svc", &p[n], &owner), -EUSERS);
+        /* The rest of the backlog is others'. */
+        p[n++] = connect_ok(&GRP, "svc");
+        cr_assert_eq(ports_accepted(pt, l, port_id_of(p[0])), 0);
+        /* One accepted, one pending: one more, then three live is all. */
+        p[n++] = connect_ok(&OTHER, "svc");
+        cr_assert_eq(ports_accepted(pt, l, port_id_of(p[1])), 0);
+        cr_assert_eq(ports_accepted(pt, l, port_id_of(p[3])), 0);
+        cr_assert_eq(ports_connect(pt, &OTHER, "svc", &p[n], &owner), -EUSERS);
+        /* The owner and root are not bounded by it. */
+        for (int i = 0; i < 3; i++) {
+                p[n] = connect_ok(i == 0 ? &ROOT : &OWNER, "svc");
+                cr_assert_eq(ports_accepted(pt, l, port_id_of(p[n])), 0);
+                n++;
+        }
+        /* A port that ends gives its share back. */
+        ports_port_drop(pt, p[0], false);
+        p[0] = connect_ok(&OTHER, "svc");
+        while (n > 0)
+                ports_port_drop(pt, p[--n], false);
         ports_unlisten(pt, l);
 }
 

@@ -64,7 +64,8 @@ struct uid_bytes {
 
 struct listener {
         char name[SHMZ_NAME_BUF];
-        uint32_t uid, gid, mode;
+        uint32_t uid, gid, mode;   /* the publisher's (the acceptor's), and who may connect */
+        uint32_t acl_uid, acl_gid; /* whom the mode is read against: the publisher, or the reservation */
         pid_t pid;
         void *owner;
         uint64_t serial;
@@ -111,6 +112,8 @@ struct ports {
         size_t n_uids;
         struct uid_bytes *uid_bytes;
         size_t n_uid_bytes;
+        struct port_decl *reserved; /* sorted by name */
+        size_t n_reserved;
         uint64_t next_port_id, next_listener_serial;
         uint64_t ports_closed, peers_died;
         uint64_t n_segments, segment_bytes, chunks;
@@ -203,6 +206,7 @@ struct ports *ports_free(struct ports *pt) {
         free(pt->listeners);
         free(pt->uids);
         free(pt->uid_bytes);
+        free(pt->reserved);
         free(pt->changes);
         (void) pthread_mutex_destroy(&pt->lock);
         free(pt);
@@ -415,8 +419,49 @@ static struct port *port_by_id(struct ports *pt, uint64_t id) {
         return found ? pt->ports[i] : NULL;
 }
 
+static int decl_cmp(const void *a, const void *b) {
+        return strcmp(((const struct port_decl *) a)->name, ((const struct port_decl *) b)->name);
+}
+
+int ports_set_reserved(struct ports *pt, const struct port_decl *v, size_t n) {
+        struct port_decl *copy = NULL;
+
+        for (size_t i = 0; i < n; i++)
+                if (!name_is_valid(v[i].name) || (v[i].mode & ~0777u))
+                        return -EINVAL;
+        if (n > 0) {
+                copy = malloc(n * sizeof(*copy));
+                if (!copy)
+                        return -ENOMEM;
+                memcpy(copy, v, n * sizeof(*copy));
+                qsort(copy, n, sizeof(*copy), decl_cmp);
+        }
+        pthread_mutex_lock(&pt->lock);
+        free(pt->reserved);
+        pt->reserved = copy;
+        pt->n_reserved = n;
+        pthread_mutex_unlock(&pt->lock);
+        return 0;
+}
+
+/* Lock held. */
+static const struct port_decl *reserved_find(struct ports *pt, const char *name) {
+        struct port_decl key;
+
+        if (pt->n_reserved == 0)
+                return NULL;
+        strncpy_buf(key.name, sizeof(key.name), name);
+        return bsearch(&key, pt->reserved, pt->n_reserved, sizeof(key), decl_cmp);
+}
+
+/* Whether c may publish the reserved name rd: its user, root, or a member of its group if the mode says so. */
+static bool reserved_may_publish(const struct caller *c, const struct port_decl *rd) {
+        return c->uid == 0 || c->uid == rd->uid || ((rd->mode & 0020) && acl_in_group(c, rd->gid));
+}
+
 int ports_listen(struct ports *pt, const struct caller *c, const char *name, uint32_t mode, void *owner,
                  struct listener **ret) {
+        const struct port_decl *rd;
         struct listener *l;
         bool found;
         size_t i;
@@ -431,6 +476,11 @@ int ports_listen(struct ports *pt, const struct caller *c, const char *name, uin
         i = listener_pos(pt, name, &found);
         if (found) {
                 r = -EADDRINUSE;
+                goto fail;
+        }
+        rd = reserved_find(pt, name);
+        if (rd && !reserved_may_publish(c, rd)) {
+                r = -EACCES;
                 goto fail;
         }
         if (uid_held(pt, c->uid) >= pt->lim.max_ports_per_uid) {
@@ -454,7 +504,9 @@ int ports_listen(struct ports *pt, const struct caller *c, const char *name, uin
         strncpy_buf(l->name, sizeof(l->name), name);
         l->uid = c->uid;
         l->gid = c->gid;
-        l->mode = mode;
+        l->mode = rd ? rd->mode : mode;
+        l->acl_uid = rd ? rd->uid : c->uid;
+        l->acl_gid = rd ? rd->gid : c->gid;
         l->pid = c->pid;
         l->owner = owner;
         l->serial = pt->next_listener_serial++;
@@ -520,7 +572,7 @@ int ports_connect(struct ports *pt, const struct caller *c, const char *name, st
                 goto fail;
         }
         l = pt->listeners[i];
-        r = acl_check_access(c, l->uid, l->gid, l->mode, W_OK);
+        r = acl_check_access(c, l->acl_uid, l->acl_gid, l->mode, W_OK);
         if (r < 0)
                 goto fail;
         if (l->backlog >= pt->lim.backlog) {
@@ -965,8 +1017,8 @@ void ports_get_stats(struct ports *pt, struct ports_stats *ret) {
 static void listener_info_fill(const struct listener *l, struct shmz_msg_port_info *ret) {
         *ret = (struct shmz_msg_port_info){
                 .mode = l->mode,
-                .uid = l->uid,
-                .gid = l->gid,
+                .uid = l->acl_uid,
+                .gid = l->acl_gid,
                 .pid = { 0, (uint32_t) l->pid },
                 .uid_side = { 0, l->uid },
                 .backlog = l->backlog,

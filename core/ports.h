@@ -61,7 +61,19 @@ enum ports_event {
 };
 typedef void (*ports_observer_t)(void *userdata, enum ports_event ev, const char *name, uint64_t ino);
 
+/*
+ * A name the config reserves ([port NAME]): only uid (or root), or a member
+ * of gid when mode grants the group write, may publish it; the listener's
+ * ACL is then uid, gid and mode, whatever the publisher asked.
+ */
+struct port_decl {
+        char name[SHMZ_NAME_BUF];
+        uint32_t uid, gid, mode;
+};
+
 int ports_new(const struct ports_limits *lim, struct ports **ret);
+/* Replaces the reserved names (start, reload): publishing from then on follows them. 0 or -ENOMEM, -EINVAL. */
+int ports_set_reserved(struct ports *pt, const struct port_decl *v, size_t n);
 struct ports *ports_free(struct ports *pt);
 /* Reload: applies to ports and segments made from now on. */
 void ports_set_limits(struct ports *pt, const struct ports_limits *lim);
@@ -72,7 +84,8 @@ void ports_get_stats(struct ports *pt, struct ports_stats *ret);
 /*
  * Publishes name for c. owner is the front end's (its connection), returned
  * by ports_connect() so that it can tell the listener. -EADDRINUSE, -EINVAL
- * (name, mode), -EUSERS (c's uid holds max_ports_per_uid already).
+ * (name, mode), -EUSERS (c's uid holds max_ports_per_uid already), -EACCES
+ * (a reserved name c may not publish).
  */
 int ports_listen(struct ports *pt, const struct caller *c, const char *name, uint32_t mode, void *owner,
                  struct listener **ret);

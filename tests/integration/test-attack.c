@@ -1284,6 +1284,68 @@ Test(attack, f10_stuck_closes_of_one_peer_hold_up_no_one_else, .fini = stop, .ti
         cr_assert_eq(reaper_held_total(), 0u);
 }
 
+/* ---- F13: a name the config reserves cannot be squatted ------------------------------------------ */
+
+static int f13_squatter(void *userdata) {
+        struct shmz_client *c;
+        struct shmz_listener *l;
+        int r;
+
+        if (shmz_connect(d.socket, &c) < 0)
+                return 70;
+        r = shmz_port_listen(c, "svc", 0666, &l);
+        if (r == 0)
+                return 71; /* published: the service would get EADDRINUSE, its clients the squatter */
+        return r == -EACCES ? 0 : 72;
+}
+
+static int f13_service(void *userdata) {
+        struct peer_sync *s = userdata;
+        struct shmz_client *c;
+        struct shmz_listener *l;
+
+        if (shmz_connect(d.socket, &c) < 0)
+                return 80;
+        /* Asks for 0666: the reservation's mode is what counts. */
+        if (shmz_port_listen(c, "svc", 0666, &l) < 0)
+                return 81;
+        if (child_say(s, 'r') < 0 || child_wait(s) < 0)
+                return 82;
+        return 0;
+}
+
+static int f13_connect(void *userdata) {
+        struct shmz_client *c;
+        struct shmz_port *p;
+        int r;
+
+        if (shmz_connect(d.socket, &c) < 0)
+                return 90;
+        r = shmz_port_connect(c, "svc", &p);
+        return r == 0 ? 0 : r == -EACCES ? 91 : 92;
+}
+
+Test(attack, f13_a_reserved_port_name_cannot_be_squatted, .fini = stop, .timeout = 60) {
+        struct peer_sync svc;
+        char conf[256];
+        pid_t ps;
+
+        snprintf(conf, sizeof(conf), "[port svc]\nuser = %d\ngroup = %d\nmode = 0620\n", SERVICE_UID, OTHER_UID);
+        harness_init(&d, conf);
+        cr_assert_eq(harness_start(&d, NULL, false), 0, "daemon did not start: %s", harness_log(&d));
+        /* Before the fix: nobody published the name first. */
+        cr_assert_eq(harness_run_as(NOBODY, NOBODY, f13_squatter, NULL), 0, "nobody published a reserved name");
+        peer_sync_init(&svc);
+        ps = spawn_as(SERVICE_UID, f13_service, &svc);
+        cr_assert_eq(parent_hear(&svc), 'r', "the service could not publish its name");
+        /* The group may connect (0620), others may not. */
+        cr_assert_eq(harness_run_as(OTHER_UID, OTHER_UID, f13_connect, NULL), 0, "the group could not connect");
+        cr_assert_eq(harness_run_as(NOBODY, NOBODY, f13_connect, NULL), 91, "others could connect");
+        parent_say(&svc, 'g');
+        cr_assert_eq(harness_wait_child(ps), 0);
+        peer_sync_close(&svc);
+}
+
 int main(int argc, char *argv[]) {
         return harness_main(argc, argv, /* need_root= */ true, /* need_fuse= */ true);
 }

@@ -277,6 +277,26 @@ Test(conf, daemon_sizes) {
 
 /* ---- [daemon] port keys ------------------------------------------------------------------ */
 
+Test(conf, port_sections) {
+        struct config *c = expect_ok("[port svc]\nuser = 1000\ngroup = 2000\nmode = 0620\n[port other]\n");
+
+        cr_assert_eq(c->n_port_decls, 2u);
+        cr_assert_str_eq(c->port_decls[0].name, "svc");
+        cr_assert_eq(c->port_decls[0].uid, 1000u);
+        cr_assert_eq(c->port_decls[0].gid, 2000u);
+        cr_assert_eq(c->port_decls[0].mode, 0620u);
+        cr_assert_str_eq(c->port_decls[1].name, "other");
+        cr_assert_eq(c->port_decls[1].uid, 0u);
+        cr_assert_eq(c->port_decls[1].mode, 0600u);
+        config_free(c);
+        expect_error("[port a]\nsize = 1M\n", 2, "port 'a': unknown key 'size'");
+        expect_error("[port a]\nmode = 0999\n", 2, "port 'a': mode must be octal");
+        expect_error("[port a]\nuser = no-such-user-here\n", 2, "port 'a': unknown user");
+        expect_error("[port ../x]\n", 1, "bad port name");
+        expect_error("[port a]\n[port a]\n", 2, "port 'a' declared twice");
+        expect_no_leaks();
+}
+
 Test(conf, port_defaults) {
         struct config *c = expect_ok("");
 

@@ -279,6 +279,45 @@ Test(ports, one_uid_takes_a_bounded_share_of_a_listener) {
         ports_unlisten(pt, l);
 }
 
+Test(ports, reserved_names) {
+        struct port_decl rd[] = {
+                { .name = "svc", .uid = 1000, .gid = 2000, .mode = 0620 },
+                { .name = "solo", .uid = 1000, .gid = 2000, .mode = 0600 },
+        };
+        struct shmz_msg_port_info li;
+        struct listener *l;
+        struct port *p;
+        void *owner;
+
+        cr_assert_eq(ports_set_reserved(pt, rd, ELEMENTSOF(rd)), 0);
+        /* Only its user, root, or its group where the mode grants the group write. */
+        cr_assert_eq(ports_listen(pt, &OTHER, "svc", 0666, NULL, NULL), -EACCES);
+        cr_assert_eq(ports_listen(pt, &GRP, "solo", 0666, NULL, NULL), -EACCES);
+        cr_assert_eq(ports_listen(pt, &GRP, "svc", 0666, NULL, &l), 0);
+        /* The reservation's ACL, not the publisher's. */
+        cr_assert_eq(ports_listener_info(pt, "svc", &li, NULL), 0);
+        cr_assert_eq(li.mode, 0620u);
+        cr_assert_eq(li.uid, 1000u);
+        cr_assert_eq(li.gid, 2000u);
+        cr_assert_eq(li.uid_side[1], 1001u);
+        cr_assert_eq(ports_connect(pt, &OTHER, "svc", &p, &owner), -EACCES);
+        p = connect_ok(&SUPP, "svc");
+        ports_port_drop(pt, p, false);
+        ports_unlisten(pt, l);
+        cr_assert_eq(ports_listen(pt, &OWNER, "solo", 0666, NULL, &l), 0);
+        ports_unlisten(pt, l);
+        cr_assert_eq(ports_listen(pt, &ROOT, "solo", 0666, NULL, &l), 0);
+        ports_unlisten(pt, l);
+        /* Unreserved names are first come, first served, as before; a reload can drop reservations. */
+        cr_assert_eq(ports_listen(pt, &OTHER, "free", 0600, NULL, &l), 0);
+        ports_unlisten(pt, l);
+        cr_assert_eq(ports_set_reserved(pt, NULL, 0), 0);
+        cr_assert_eq(ports_listen(pt, &OTHER, "svc", 0666, NULL, &l), 0);
+        ports_unlisten(pt, l);
+        rd[0].mode = 01000;
+        cr_assert_eq(ports_set_reserved(pt, rd, 1), -EINVAL);
+}
+
 static void check_segment_fd(int fd, const struct shmz_msg_segment_info *si) {
         struct stat st;
         struct shmz_segment_header h;

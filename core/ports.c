@@ -43,6 +43,7 @@ struct segment {
         int fd;
         const struct shmz_segment_header *map; /* read-only, the whole memfd: figures and the view */
         struct shmz_msg_segment_info info;     /* chunks_used is counted when asked */
+        uid_t peer_uid;                        /* the receiving side's: it decides when chunks come back */
 };
 
 struct uid_count {
@@ -59,6 +60,16 @@ struct peer_count {
 /* Segment bytes charged to a uid (kept apart: a segment can outlive its ports, while the view reads it). */
 struct uid_bytes {
         uid_t uid;
+        uint64_t bytes;
+};
+
+/*
+ * And of those, what its ports to one receiving uid hold: a receiver keeps
+ * chunks as long as it likes, so one peer uid may make a sender's uid hold at
+ * most half its uid_segment_memory, and the rest stays for everyone else.
+ */
+struct pair_bytes {
+        uid_t uid, peer;
         uint64_t bytes;
 };
 
@@ -112,6 +123,8 @@ struct ports {
         size_t n_uids;
         struct uid_bytes *uid_bytes;
         size_t n_uid_bytes;
+        struct pair_bytes *pair_bytes;
+        size_t n_pair_bytes;
         struct port_decl *reserved; /* sorted by name */
         size_t n_reserved;
         uint64_t next_port_id, next_listener_serial;
@@ -206,6 +219,7 @@ struct ports *ports_free(struct ports *pt) {
         free(pt->listeners);
         free(pt->uids);
         free(pt->uid_bytes);
+        free(pt->pair_bytes);
         free(pt->reserved);
         free(pt->changes);
         (void) pthread_mutex_destroy(&pt->lock);
@@ -385,6 +399,45 @@ static void peer_uncharge(struct listener *l, uid_t uid, bool live, bool pending
                 u->pending--;
         if (u->live == 0 && u->pending == 0)
                 *u = l->peers[--l->n_peers];
+}
+
+static struct pair_bytes *pair_find(struct ports *pt, uid_t uid, uid_t peer) {
+        for (size_t i = 0; i < pt->n_pair_bytes; i++)
+                if (pt->pair_bytes[i].uid == uid && pt->pair_bytes[i].peer == peer)
+                        return &pt->pair_bytes[i];
+        return NULL;
+}
+
+static uint64_t pair_held(struct ports *pt, uid_t uid, uid_t peer) {
+        struct pair_bytes *b = pair_find(pt, uid, peer);
+
+        return b ? b->bytes : 0;
+}
+
+static int pair_charge(struct ports *pt, uid_t uid, uid_t peer, uint64_t bytes) {
+        struct pair_bytes *b = pair_find(pt, uid, peer);
+
+        if (!b) {
+                struct pair_bytes *v = realloc(pt->pair_bytes, (pt->n_pair_bytes + 1) * sizeof(*v));
+
+                if (!v)
+                        return -ENOMEM;
+                pt->pair_bytes = v;
+                b = &v[pt->n_pair_bytes++];
+                *b = (struct pair_bytes){ .uid = uid, .peer = peer };
+        }
+        b->bytes += bytes;
+        return 0;
+}
+
+static void pair_uncharge(struct ports *pt, uid_t uid, uid_t peer, uint64_t bytes) {
+        struct pair_bytes *b = pair_find(pt, uid, peer);
+
+        if (!b)
+                return;
+        b->bytes -= MIN(b->bytes, bytes);
+        if (b->bytes == 0)
+                *b = pt->pair_bytes[--pt->n_pair_bytes];
 }
 
 /* Index of the listener called name, or where it would go (*found false). */
@@ -709,6 +762,7 @@ static void segment_unref_internal(struct ports *pt, struct segment *s) {
         pt->n_segments--;
         pt->segment_bytes -= s->info.map_size;
         uid_bytes_uncharge(pt, s->info.owner_uid, s->info.map_size);
+        pair_uncharge(pt, s->info.owner_uid, s->peer_uid, s->info.map_size);
         pt->chunks -= s->info.n_chunks;
         /* The slot goes to the back of the free queue: reused last, its generation grows slowly. */
         atomic_store_explicit(&s->id, 0, memory_order_release);
@@ -897,8 +951,12 @@ int ports_segment_create(struct ports *pt, uint64_t port_id, uint64_t token, uin
                 /* Whole memfds count here (header page included): what the host gives. */
                 uint64_t map_size = SHMZ_SEGMENT_HEADER_SIZE + seg_bytes, *held = uid_bytes_find(pt, p->uid[side]);
 
+                uid_t peer = p->uid[!side];
+
                 if (pt->segment_bytes + map_size > pt->lim.segment_memory ||
-                    (held ? *held : 0) + map_size > pt->lim.uid_segment_memory) {
+                    (held ? *held : 0) + map_size > pt->lim.uid_segment_memory ||
+                    (peer != p->uid[side] &&
+                     pair_held(pt, p->uid[side], peer) + map_size > MAX(pt->lim.uid_segment_memory / 2, map_size))) {
                         r = -ENOSPC;
                         goto out;
                 }
@@ -935,7 +993,13 @@ int ports_segment_create(struct ports *pt, uint64_t port_id, uint64_t token, uin
                 slot_put(pt, s);
                 goto out;
         }
+        s->peer_uid = p->uid[!side];
         r = uid_bytes_charge(pt, s->info.owner_uid, s->info.map_size);
+        if (r >= 0) {
+                r = pair_charge(pt, s->info.owner_uid, s->peer_uid, s->info.map_size);
+                if (r < 0)
+                        uid_bytes_uncharge(pt, s->info.owner_uid, s->info.map_size);
+        }
         if (r < 0) {
                 segment_release(s);
                 slot_put(pt, s);

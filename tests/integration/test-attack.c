@@ -1346,6 +1346,126 @@ Test(attack, f13_a_reserved_port_name_cannot_be_squatted, .fini = stop, .timeout
         peer_sync_close(&svc);
 }
 
+/* ---- Segment memory: a receiver that never releases pins what its sender's uid may hold for it alone ---- */
+
+#define PIN_REPLY 60000 /* 15 chunks of 4K: one reply a segment of 16 */
+#define PIN_PORTS 4
+
+static char pin_reply[PIN_REPLY];
+
+/* Every message gets a large reply, sent without waiting (an event loop does not block on one peer). */
+static void pin_handler(struct shmz_port *p, struct shmz_msg *m, void *userdata) {
+        struct shmz_msg r = { .type = m->type, .stream = m->stream, .data = pin_reply, .size = PIN_REPLY, .fd = -1 };
+
+        (void) shmz_port_send(p, &r, 0);
+        shmz_msg_release(p, m);
+}
+
+static int pin_service(void *userdata) {
+        struct peer_sync *s = userdata;
+        struct shmz_port *ports[16];
+        struct shmz_listener *l;
+        struct shmz_client *c;
+        size_t n = 0;
+
+        memset(pin_reply, 'r', sizeof(pin_reply));
+        if (shmz_connect(d.socket, &c) < 0 || shmz_port_listen(c, "svc", 0666, &l) < 0)
+                return 40;
+        if (child_say(s, 'r') < 0)
+                return 42;
+        for (;;) {
+                struct pollfd pf = { .fd = s->go[0], .events = POLLIN };
+                struct shmz_port *np;
+
+                if (poll(&pf, 1, 1) == 1)
+                        return 0;
+                if (n < ELEMENTSOF(ports) && shmz_port_accept(l, 0, &np) == 0) {
+                        shmz_port_set_handler(np, pin_handler, NULL);
+                        ports[n++] = np;
+                }
+                for (size_t i = 0; i < n;) {
+                        int r = shmz_port_dispatch(ports[i], 0);
+
+                        if (r < 0 && r != -EAGAIN && r != -ETIMEDOUT) {
+                                shmz_port_close(ports[i]);
+                                ports[i] = ports[--n];
+                        } else
+                                i++;
+                }
+        }
+}
+
+/* The attacker (nobody): asks each of its ports for large replies and keeps every one it gets. */
+static int pin_attacker(void *userdata) {
+        struct peer_sync *s = userdata;
+        struct shmz_client *c;
+        unsigned kept = 0;
+
+        if (shmz_connect(d.socket, &c) < 0)
+                return 50;
+        for (int i = 0; i < PIN_PORTS; i++) {
+                struct shmz_port *p;
+
+                if (shmz_port_connect(c, "svc", &p) < 0)
+                        return 51;
+                for (int k = 0; k < 3; k++) {
+                        struct shmz_msg m = { .type = 1, .data = "more", .size = 4, .fd = -1 }, r;
+
+                        if (shmz_port_send(p, &m, 1000000000LL) < 0)
+                                return 52;
+                        if (shmz_port_recv(p, &r, 500000000LL) == 0)
+                                kept++; /* never released */
+                }
+        }
+        if (child_say(s, (unsigned char) kept) < 0 || child_wait(s) < 0)
+                return 53;
+        return 0;
+}
+
+/* Another client (uid 1001): one large reply within 5 s. */
+static int pin_client(void *userdata) {
+        struct shmz_msg m = { .type = 1, .data = "one", .size = 3, .fd = -1 }, r;
+        struct shmz_client *c;
+        struct shmz_port *p;
+
+        if (shmz_connect(d.socket, &c) < 0)
+                return 60;
+        if (shmz_port_connect(c, "svc", &p) < 0)
+                return 61;
+        if (shmz_port_send(p, &m, 5 * 1000000000LL) < 0)
+                return 62;
+        if (shmz_port_recv(p, &r, 5 * 1000000000LL) < 0)
+                return 63;
+        return r.size == PIN_REPLY ? 0 : 64;
+}
+
+Test(attack, segment_memory_a_peer_pins_is_bounded_per_peer_uid, .fini = stop, .timeout = 60) {
+        struct peer_sync svc, att;
+        pid_t ps, pa;
+        int kept;
+
+        /* Segments of 16 chunks of 4K (68K with the header); two a direction; six for the service's uid. */
+        harness_init(&d, "[daemon]\nchunk_size = 4K\nsegment_chunks = 16\nport_memory = 128K\n"
+                         "uid_segment_memory = 408K\n");
+        cr_assert_eq(harness_start(&d, NULL, false), 0, "daemon did not start: %s", harness_log(&d));
+        peer_sync_init(&svc);
+        peer_sync_init(&att);
+        ps = spawn_as(SERVICE_UID, pin_service, &svc);
+        cr_assert_eq(parent_hear(&svc), 'r', "the service did not publish");
+        pa = spawn_as(NOBODY, pin_attacker, &att);
+        kept = parent_hear(&att);
+        cr_assert_geq(kept, 3, "nobody kept only %d replies", kept);
+        /* Before the fix: nobody's ports held all six segments the service's uid may have. */
+        cr_assert_eq(harness_run_as(OTHER_UID, OTHER_UID, pin_client, NULL), 0,
+                     "another client got no large reply while nobody pinned the service's segments");
+        parent_say(&att, 'g');
+        cr_assert_eq(harness_wait_child(pa), 0);
+        parent_say(&svc, 'g');
+        cr_assert_eq(harness_wait_child(ps), 0);
+        peer_sync_close(&svc);
+        peer_sync_close(&att);
+}
+
 int main(int argc, char *argv[]) {
         return harness_main(argc, argv, /* need_root= */ true, /* need_fuse= */ true);
 }

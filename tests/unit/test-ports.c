@@ -344,44 +344,55 @@ static void check_segment_fd(int fd, const struct shmz_msg_segment_info *si) {
         cr_assert_eq(ftruncate(fd, 0), -1);
 }
 
-/* Segments are also bounded per sending uid and for all ports together, whatever each port may hold. */
-Test(ports, segment_memory_per_uid_and_in_all) {
+/*
+ * Segments are also bounded per sending uid, per sending uid towards one receiving uid (half of the
+ * former: the receiver decides when chunks come back), and for all ports together.
+ */
+Test(ports, segment_memory_per_uid_per_peer_and_in_all) {
         const uint64_t seg = SHMZ_SEGMENT_HEADER_SIZE + 4096 * 16;
-        struct shmz_msg_port_peer c1, c2, a1;
+        struct shmz_msg_port_peer c1, c2, c3, a1;
         struct shmz_msg_segment_info si;
-        struct listener *l;
-        struct port *p1, *p2;
+        struct listener *l, *l2;
+        struct port *p1, *p2, *p3;
         int fds[8], n = 0, fd = -1;
 
-        /* Each direction may hold 4 segments (the suite's setup); a uid 3, all ports 5. */
+        /* Each direction may hold 4 segments (the suite's setup); a uid 4, 2 towards one uid; all ports 6. */
         teardown();
-        lim.uid_segment_memory = 3 * seg;
-        lim.segment_memory = 5 * seg;
+        lim.uid_segment_memory = 4 * seg;
+        lim.segment_memory = 6 * seg;
         cr_assert_eq(ports_new(&lim, &pt), 0);
 
         cr_assert_eq(ports_listen(pt, &OWNER, "svc", 0666, NULL, &l), 0);
+        cr_assert_eq(ports_listen(pt, &GRP, "svc2", 0666, NULL, &l2), 0);
         p1 = connect_ok(&OTHER, "svc");
-        p2 = connect_ok(&OTHER, "svc");
+        p2 = connect_ok(&OTHER, "svc2");
         ports_port_peer(pt, p1, 0, &c1);
         ports_port_peer(pt, p2, 0, &c2);
         ports_port_peer(pt, p1, 1, &a1);
-        /* OTHER sends on two ports: 3 segments in all, wherever they are. */
+        /* OTHER sends to OWNER: two segments, whatever the port may hold. */
         cr_assert_eq(ports_segment_create(pt, c1.port_id, c1.token, 0, &si, &fds[n++]), 0);
         cr_assert_eq(ports_segment_create(pt, c1.port_id, c1.token, 0, &si, &fds[n++]), 0);
+        cr_assert_eq(ports_segment_create(pt, c1.port_id, c1.token, 0, &si, &fd), -ENOSPC);
+        /* And to GRP: two more, then its uid's four are used. */
+        cr_assert_eq(ports_segment_create(pt, c2.port_id, c2.token, 0, &si, &fds[n++]), 0);
         cr_assert_eq(ports_segment_create(pt, c2.port_id, c2.token, 0, &si, &fds[n++]), 0);
         cr_assert_eq(ports_segment_create(pt, c2.port_id, c2.token, 0, &si, &fd), -ENOSPC);
-        cr_assert_eq(ports_segment_create(pt, c1.port_id, c1.token, 0, &si, &fd), -ENOSPC);
-        /* OWNER has its own share, until all ports together hold 5. */
+        /* OWNER has its own share, until all ports together hold 6. */
         cr_assert_eq(ports_segment_create(pt, a1.port_id, a1.token, 1, &si, &fds[n++]), 0);
         cr_assert_eq(ports_segment_create(pt, a1.port_id, a1.token, 1, &si, &fds[n++]), 0);
         cr_assert_eq(ports_segment_create(pt, a1.port_id, a1.token, 1, &si, &fd), -ENOSPC);
         cr_assert_eq(fd, -1);
-        /* A port that ends gives its segments back to both counts. */
+        /* A port that ends gives its segments back to every count: OTHER's towards OWNER stay at two. */
         ports_port_drop(pt, p2, false);
-        cr_assert_eq(ports_segment_create(pt, c1.port_id, c1.token, 0, &si, &fds[n++]), 0);
+        cr_assert_eq(ports_segment_create(pt, c1.port_id, c1.token, 0, &si, &fd), -ENOSPC);
+        p3 = connect_ok(&OTHER, "svc2");
+        ports_port_peer(pt, p3, 0, &c3);
+        cr_assert_eq(ports_segment_create(pt, c3.port_id, c3.token, 0, &si, &fds[n++]), 0);
         for (int i = 0; i < n; i++)
                 close(fds[i]);
+        ports_port_drop(pt, p3, false);
         ports_port_drop(pt, p1, false);
+        ports_unlisten(pt, l2);
         ports_unlisten(pt, l);
 }
 

@@ -43,11 +43,18 @@ struct segment {
         int fd;
         const struct shmz_segment_header *map; /* read-only, the whole memfd: figures and the view */
         struct shmz_msg_segment_info info;     /* chunks_used is counted when asked */
+        uid_t peer_uid;                        /* the receiving side's: it decides when chunks come back */
 };
 
 struct uid_count {
         uid_t uid;
         uint32_t n;
+};
+
+/* What one connecting uid holds of one listener: its share is bounded, so others still get in. */
+struct peer_count {
+        uid_t uid;
+        uint32_t live, pending;
 };
 
 /* Segment bytes charged to a uid (kept apart: a segment can outlive its ports, while the view reads it). */
@@ -56,15 +63,28 @@ struct uid_bytes {
         uint64_t bytes;
 };
 
+/*
+ * And of those, what its ports to one receiving uid hold: a receiver keeps
+ * chunks as long as it likes, so one peer uid may make a sender's uid hold at
+ * most half its uid_segment_memory, and the rest stays for everyone else.
+ */
+struct pair_bytes {
+        uid_t uid, peer;
+        uint64_t bytes;
+};
+
 struct listener {
         char name[SHMZ_NAME_BUF];
-        uint32_t uid, gid, mode;
+        uint32_t uid, gid, mode;   /* the publisher's (the acceptor's), and who may connect */
+        uint32_t acl_uid, acl_gid; /* whom the mode is read against: the publisher, or the reservation */
         pid_t pid;
         void *owner;
         uint64_t serial;
         uint64_t created_usec;
-        uint32_t backlog;     /* ports not accepted yet */
-        uint64_t connections; /* live ports */
+        uint32_t backlog;         /* ports not accepted yet */
+        uint64_t connections;     /* live ports */
+        struct peer_count *peers; /* live and unaccepted ports per connecting uid */
+        size_t n_peers;
 };
 
 struct port {
@@ -103,6 +123,10 @@ struct ports {
         size_t n_uids;
         struct uid_bytes *uid_bytes;
         size_t n_uid_bytes;
+        struct pair_bytes *pair_bytes;
+        size_t n_pair_bytes;
+        struct port_decl *reserved; /* sorted by name */
+        size_t n_reserved;
         uint64_t next_port_id, next_listener_serial;
         uint64_t ports_closed, peers_died;
         uint64_t n_segments, segment_bytes, chunks;
@@ -122,7 +146,7 @@ static bool limits_valid(const struct ports_limits *lim) {
         return lim->chunk_size >= 4096 && (lim->chunk_size & (lim->chunk_size - 1)) == 0 && lim->segment_chunks >= 1 &&
                lim->segment_chunks <= SHMZ_SEGMENT_MAX_CHUNKS &&
                (uint64_t) lim->chunk_size * lim->segment_chunks <= lim->port_memory && lim->max_ports_per_uid >= 1 &&
-               lim->backlog >= 1 && lim->segment_memory > 0 && lim->uid_segment_memory > 0;
+               lim->backlog >= 1 && lim->uid_connections >= 1 && lim->segment_memory > 0 && lim->uid_segment_memory > 0;
 }
 
 int ports_new(const struct ports_limits *lim, struct ports **ret) {
@@ -158,6 +182,13 @@ static void port_destroy(struct port *p) {
         free(p);
 }
 
+static void listener_free(struct listener *l) {
+        if (!l)
+                return;
+        free(l->peers);
+        free(l);
+}
+
 static struct segment *seg_slot(struct ports *pt, uint32_t slot) {
         struct segment **b = atomic_load_explicit(&pt->seg_blocks[slot / SEG_BLOCK], memory_order_acquire);
 
@@ -171,7 +202,7 @@ struct ports *ports_free(struct ports *pt) {
         for (size_t i = 0; i < pt->n_ports; i++)
                 port_destroy(pt->ports[i]);
         for (size_t i = 0; i < pt->n_listeners; i++)
-                free(pt->listeners[i]);
+                listener_free(pt->listeners[i]);
         for (uint32_t b = 0; b < SEG_MAX_BLOCKS; b++) {
                 struct segment **blk = atomic_load(&pt->seg_blocks[b]);
 
@@ -188,6 +219,8 @@ struct ports *ports_free(struct ports *pt) {
         free(pt->listeners);
         free(pt->uids);
         free(pt->uid_bytes);
+        free(pt->pair_bytes);
+        free(pt->reserved);
         free(pt->changes);
         (void) pthread_mutex_destroy(&pt->lock);
         free(pt);
@@ -316,6 +349,97 @@ static void uid_bytes_uncharge(struct ports *pt, uid_t uid, uint64_t bytes) {
                         }
 }
 
+static struct peer_count *peer_find(struct listener *l, uid_t uid) {
+        for (size_t i = 0; i < l->n_peers; i++)
+                if (l->peers[i].uid == uid)
+                        return &l->peers[i];
+        return NULL;
+}
+
+/*
+ * Whether c may take one more of l's connections: the name's owner and root
+ * may take all; any other uid at most uid_connections live ones, and at most
+ * half the backlog (rounded up) not accepted yet, so that one uid never
+ * fills a service's backlog or its process's fds for everyone else.
+ */
+static bool peer_share_left(struct ports *pt, struct listener *l, const struct caller *c) {
+        struct peer_count *u;
+
+        if (c->uid == 0 || c->uid == l->uid)
+                return true;
+        u = peer_find(l, c->uid);
+        return !u || (u->live < pt->lim.uid_connections && u->pending < (pt->lim.backlog + 1) / 2);
+}
+
+static int peer_charge(struct listener *l, uid_t uid) {
+        struct peer_count *u = peer_find(l, uid);
+
+        if (!u) {
+                u = realloc(l->peers, (l->n_peers + 1) * sizeof(*u));
+                if (!u)
+                        return -ENOMEM;
+                l->peers = u;
+                u = &l->peers[l->n_peers++];
+                *u = (struct peer_count){ .uid = uid };
+        }
+        u->live++;
+        u->pending++;
+        return 0;
+}
+
+/* The port from uid was accepted (live stays), or ended (both go). */
+static void peer_uncharge(struct listener *l, uid_t uid, bool live, bool pending) {
+        struct peer_count *u = peer_find(l, uid);
+
+        if (!u)
+                return;
+        if (live && u->live > 0)
+                u->live--;
+        if (pending && u->pending > 0)
+                u->pending--;
+        if (u->live == 0 && u->pending == 0)
+                *u = l->peers[--l->n_peers];
+}
+
+static struct pair_bytes *pair_find(struct ports *pt, uid_t uid, uid_t peer) {
+        for (size_t i = 0; i < pt->n_pair_bytes; i++)
+                if (pt->pair_bytes[i].uid == uid && pt->pair_bytes[i].peer == peer)
+                        return &pt->pair_bytes[i];
+        return NULL;
+}
+
+static uint64_t pair_held(struct ports *pt, uid_t uid, uid_t peer) {
+        struct pair_bytes *b = pair_find(pt, uid, peer);
+
+        return b ? b->bytes : 0;
+}
+
+static int pair_charge(struct ports *pt, uid_t uid, uid_t peer, uint64_t bytes) {
+        struct pair_bytes *b = pair_find(pt, uid, peer);
+
+        if (!b) {
+                struct pair_bytes *v = realloc(pt->pair_bytes, (pt->n_pair_bytes + 1) * sizeof(*v));
+
+                if (!v)
+                        return -ENOMEM;
+                pt->pair_bytes = v;
+                b = &v[pt->n_pair_bytes++];
+                *b = (struct pair_bytes){ .uid = uid, .peer = peer };
+        }
+        b->bytes += bytes;
+        return 0;
+}
+
+static void pair_uncharge(struct ports *pt, uid_t uid, uid_t peer, uint64_t bytes) {
+        struct pair_bytes *b = pair_find(pt, uid, peer);
+
+        if (!b)
+                return;
+        b->bytes -= MIN(b->bytes, bytes);
+        if (b->bytes == 0)
+                *b = pt->pair_bytes[--pt->n_pair_bytes];
+}
+
 /* Index of the listener called name, or where it would go (*found false). */
 static size_t listener_pos(struct ports *pt, const char *name, bool *found) {
         return sorted_name_index((void *const *) pt->listeners, pt->n_listeners, offsetof(struct listener, name), name,
@@ -348,8 +472,49 @@ static struct port *port_by_id(struct ports *pt, uint64_t id) {
         return found ? pt->ports[i] : NULL;
 }
 
+static int decl_cmp(const void *a, const void *b) {
+        return strcmp(((const struct port_decl *) a)->name, ((const struct port_decl *) b)->name);
+}
+
+int ports_set_reserved(struct ports *pt, const struct port_decl *v, size_t n) {
+        struct port_decl *copy = NULL;
+
+        for (size_t i = 0; i < n; i++)
+                if (!name_is_valid(v[i].name) || (v[i].mode & ~0777u))
+                        return -EINVAL;
+        if (n > 0) {
+                copy = malloc(n * sizeof(*copy));
+                if (!copy)
+                        return -ENOMEM;
+                memcpy(copy, v, n * sizeof(*copy));
+                qsort(copy, n, sizeof(*copy), decl_cmp);
+        }
+        pthread_mutex_lock(&pt->lock);
+        free(pt->reserved);
+        pt->reserved = copy;
+        pt->n_reserved = n;
+        pthread_mutex_unlock(&pt->lock);
+        return 0;
+}
+
+/* Lock held. */
+static const struct port_decl *reserved_find(struct ports *pt, const char *name) {
+        struct port_decl key;
+
+        if (pt->n_reserved == 0)
+                return NULL;
+        strncpy_buf(key.name, sizeof(key.name), name);
+        return bsearch(&key, pt->reserved, pt->n_reserved, sizeof(key), decl_cmp);
+}
+
+/* Whether c may publish the reserved name rd: its user, root, or a member of its group if the mode says so. */
+static bool reserved_may_publish(const struct caller *c, const struct port_decl *rd) {
+        return c->uid == 0 || c->uid == rd->uid || ((rd->mode & 0020) && acl_in_group(c, rd->gid));
+}
+
 int ports_listen(struct ports *pt, const struct caller *c, const char *name, uint32_t mode, void *owner,
                  struct listener **ret) {
+        const struct port_decl *rd;
         struct listener *l;
         bool found;
         size_t i;
@@ -364,6 +529,11 @@ int ports_listen(struct ports *pt, const struct caller *c, const char *name, uin
         i = listener_pos(pt, name, &found);
         if (found) {
                 r = -EADDRINUSE;
+                goto fail;
+        }
+        rd = reserved_find(pt, name);
+        if (rd && !reserved_may_publish(c, rd)) {
+                r = -EACCES;
                 goto fail;
         }
         if (uid_held(pt, c->uid) >= pt->lim.max_ports_per_uid) {
@@ -387,7 +557,9 @@ int ports_listen(struct ports *pt, const struct caller *c, const char *name, uin
         strncpy_buf(l->name, sizeof(l->name), name);
         l->uid = c->uid;
         l->gid = c->gid;
-        l->mode = mode;
+        l->mode = rd ? rd->mode : mode;
+        l->acl_uid = rd ? rd->uid : c->uid;
+        l->acl_gid = rd ? rd->gid : c->gid;
         l->pid = c->pid;
         l->owner = owner;
         l->serial = pt->next_listener_serial++;
@@ -425,7 +597,7 @@ void ports_unlisten(struct ports *pt, struct listener *l) {
         uid_uncharge(pt, l->uid);
         changed(pt, PORTS_LISTENER_REMOVED, l->name, PORTS_INO_LISTENER_BASE + l->serial);
         unlock(pt);
-        free(l);
+        listener_free(l);
 }
 
 int ports_connect(struct ports *pt, const struct caller *c, const char *name, struct port **ret, void **ret_owner) {
@@ -453,15 +625,15 @@ int ports_connect(struct ports *pt, const struct caller *c, const char *name, st
                 goto fail;
         }
         l = pt->listeners[i];
-        r = acl_check_access(c, l->uid, l->gid, l->mode, W_OK);
+        r = acl_check_access(c, l->acl_uid, l->acl_gid, l->mode, W_OK);
         if (r < 0)
                 goto fail;
         if (l->backlog >= pt->lim.backlog) {
                 r = -EAGAIN;
                 goto fail;
         }
-        if (uid_held(pt, c->uid) >= pt->lim.max_ports_per_uid ||
-            uid_held(pt, l->uid) + (l->uid == c->uid) >= pt->lim.max_ports_per_uid) {
+        /* The connector pays for the port: the listener's uid is not charged for being connected to. */
+        if (uid_held(pt, c->uid) >= pt->lim.max_ports_per_uid || !peer_share_left(pt, l, c)) {
                 r = -EUSERS;
                 goto fail;
         }
@@ -479,7 +651,7 @@ int ports_connect(struct ports *pt, const struct caller *c, const char *name, st
         r = uid_charge(pt, c->uid);
         if (r < 0)
                 goto fail;
-        r = uid_charge(pt, l->uid);
+        r = peer_charge(l, c->uid);
         if (r < 0) {
                 uid_uncharge(pt, c->uid);
                 goto fail;
@@ -575,6 +747,7 @@ int ports_accepted(struct ports *pt, struct listener *l, uint64_t port_id) {
         else {
                 p->accepted = true;
                 l->backlog--;
+                peer_uncharge(l, p->uid[SHMZ_PORT_SIDE_CONNECTOR], false, true);
         }
         pthread_mutex_unlock(&pt->lock);
         return r;
@@ -589,6 +762,7 @@ static void segment_unref_internal(struct ports *pt, struct segment *s) {
         pt->n_segments--;
         pt->segment_bytes -= s->info.map_size;
         uid_bytes_uncharge(pt, s->info.owner_uid, s->info.map_size);
+        pair_uncharge(pt, s->info.owner_uid, s->peer_uid, s->info.map_size);
         pt->chunks -= s->info.n_chunks;
         /* The slot goes to the back of the free queue: reused last, its generation grows slowly. */
         atomic_store_explicit(&s->id, 0, memory_order_release);
@@ -619,9 +793,9 @@ void ports_port_drop(struct ports *pt, struct port *p, bool died) {
                 if (!p->accepted)
                         p->listener->backlog--;
                 p->listener->connections--;
+                peer_uncharge(p->listener, p->uid[SHMZ_PORT_SIDE_CONNECTOR], true, !p->accepted);
         }
         uid_uncharge(pt, p->uid[SHMZ_PORT_SIDE_CONNECTOR]);
-        uid_uncharge(pt, p->uid[SHMZ_PORT_SIDE_ACCEPTOR]);
         pt->ports_closed++;
         if (died)
                 pt->peers_died++;
@@ -777,8 +951,12 @@ int ports_segment_create(struct ports *pt, uint64_t port_id, uint64_t token, uin
                 /* Whole memfds count here (header page included): what the host gives. */
                 uint64_t map_size = SHMZ_SEGMENT_HEADER_SIZE + seg_bytes, *held = uid_bytes_find(pt, p->uid[side]);
 
+                uid_t peer = p->uid[!side];
+
                 if (pt->segment_bytes + map_size > pt->lim.segment_memory ||
-                    (held ? *held : 0) + map_size > pt->lim.uid_segment_memory) {
+                    (held ? *held : 0) + map_size > pt->lim.uid_segment_memory ||
+                    (peer != p->uid[side] &&
+                     pair_held(pt, p->uid[side], peer) + map_size > MAX(pt->lim.uid_segment_memory / 2, map_size))) {
                         r = -ENOSPC;
                         goto out;
                 }
@@ -815,7 +993,13 @@ int ports_segment_create(struct ports *pt, uint64_t port_id, uint64_t token, uin
                 slot_put(pt, s);
                 goto out;
         }
+        s->peer_uid = p->uid[!side];
         r = uid_bytes_charge(pt, s->info.owner_uid, s->info.map_size);
+        if (r >= 0) {
+                r = pair_charge(pt, s->info.owner_uid, s->peer_uid, s->info.map_size);
+                if (r < 0)
+                        uid_bytes_uncharge(pt, s->info.owner_uid, s->info.map_size);
+        }
         if (r < 0) {
                 segment_release(s);
                 slot_put(pt, s);
@@ -897,8 +1081,8 @@ void ports_get_stats(struct ports *pt, struct ports_stats *ret) {
 static void listener_info_fill(const struct listener *l, struct shmz_msg_port_info *ret) {
         *ret = (struct shmz_msg_port_info){
                 .mode = l->mode,
-                .uid = l->uid,
-                .gid = l->gid,
+                .uid = l->acl_uid,
+                .gid = l->acl_gid,
                 .pid = { 0, (uint32_t) l->pid },
                 .uid_side = { 0, l->uid },
                 .backlog = l->backlog,

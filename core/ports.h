@@ -38,8 +38,9 @@ struct ports_limits {
         uint32_t chunk_size;         /* bytes, a power of two, >= 4096 */
         uint32_t segment_chunks;     /* chunks per segment, <= SHMZ_SEGMENT_MAX_CHUNKS */
         uint64_t port_memory;        /* segment bytes one direction of one port may hold */
-        uint32_t max_ports_per_uid;  /* live ports (either side) and listeners a uid may hold */
+        uint32_t max_ports_per_uid;  /* live ports a uid connected and listeners it holds */
         uint32_t backlog;            /* connections a listener may leave unaccepted */
+        uint32_t uid_connections;    /* live connections of one uid to one listener (not its owner's, not root's) */
         uint64_t segment_memory;     /* segment bytes (headers included) of all ports together */
         uint64_t uid_segment_memory; /* segment bytes the ports of one uid may send from */
 };
@@ -60,7 +61,19 @@ enum ports_event {
 };
 typedef void (*ports_observer_t)(void *userdata, enum ports_event ev, const char *name, uint64_t ino);
 
+/*
+ * A name the config reserves ([port NAME]): only uid (or root), or a member
+ * of gid when mode grants the group write, may publish it; the listener's
+ * ACL is then uid, gid and mode, whatever the publisher asked.
+ */
+struct port_decl {
+        char name[SHMZ_NAME_BUF];
+        uint32_t uid, gid, mode;
+};
+
 int ports_new(const struct ports_limits *lim, struct ports **ret);
+/* Replaces the reserved names (start, reload): publishing from then on follows them. 0 or -ENOMEM, -EINVAL. */
+int ports_set_reserved(struct ports *pt, const struct port_decl *v, size_t n);
 struct ports *ports_free(struct ports *pt);
 /* Reload: applies to ports and segments made from now on. */
 void ports_set_limits(struct ports *pt, const struct ports_limits *lim);
@@ -71,7 +84,8 @@ void ports_get_stats(struct ports *pt, struct ports_stats *ret);
 /*
  * Publishes name for c. owner is the front end's (its connection), returned
  * by ports_connect() so that it can tell the listener. -EADDRINUSE, -EINVAL
- * (name, mode), -EUSERS (c's uid holds max_ports_per_uid already).
+ * (name, mode), -EUSERS (c's uid holds max_ports_per_uid already), -EACCES
+ * (a reserved name c may not publish).
  */
 int ports_listen(struct ports *pt, const struct caller *c, const char *name, uint32_t mode, void *owner,
                  struct listener **ret);
@@ -82,7 +96,9 @@ void ports_unlisten(struct ports *pt, struct listener *l);
  * A connection from c to the listener called name: checks the listener's
  * mode against c (write permission), its backlog and c's limit, and records
  * the port (ids, tokens, both sides' credentials; the acceptor's from the
- * listener). *ret_owner is the listener's owner. The front end then makes the
+ * listener). The port counts for c's uid only; a uid other than the
+ * listener's and root holds at most uid_connections of its connections and
+ * half its backlog. *ret_owner is the listener's owner. The front end then makes the
  * socketpair and the channel and hands them out; ports_port_drop() if that
  * fails. -ENOENT, -EACCES, -EAGAIN (backlog full), -EUSERS.
  */

@@ -5,6 +5,7 @@
 #include <stdlib.h>
 
 #include "clients.h"
+#include "reaper.h"
 #include "util.h"
 
 struct uid_count {
@@ -65,8 +66,9 @@ int clients_add(struct clients *cl, uid_t uid) {
         }
         p = tfind(&key, &cl->by_uid, uid_cmp);
         e = p ? *p : NULL;
-        /* Root is the administrator: only the global limit applies. */
-        if (e && uid != 0 && e->n >= cl->uid_max) {
+        /* Root is the administrator: only the global limit applies. A uid whose passed fds wait to be
+         * closed (their close may never return) makes no new connection to pass more. */
+        if (uid != 0 && ((e && e->n >= cl->uid_max) || reaper_held(uid) >= REAPER_TAG_REFUSE)) {
                 r = -EDQUOT;
                 goto out;
         }

@@ -24,6 +24,8 @@
 #define DEFAULT_PORT_MEMORY (UINT64_C(64) << 20)
 #define DEFAULT_MAX_PORTS_PER_UID 256u
 #define DEFAULT_PORT_BACKLOG 64u
+/* Connections of one uid to one published name: what one user can make a service hold for it. */
+#define DEFAULT_PORT_UID_CONNECTIONS 64u
 #define MAX_CHUNK_SIZE (UINT64_C(64) << 20)
 #define MAX_SEGMENT_BYTES (UINT64_C(1) << 30)
 #define MAX_PORT_MEMORY (UINT64_C(64) << 30)
@@ -42,6 +44,7 @@ struct parse_state {
         char section[256];
         struct zone_decl *zone; /* the zone section being read */
         unsigned zone_line;
+        struct port_decl *port; /* the port section being read */
 };
 
 int config_new_default(struct config **ret) {
@@ -68,6 +71,7 @@ int config_new_default(struct config **ret) {
                 .port_memory = DEFAULT_PORT_MEMORY,
                 .max_ports_per_uid = DEFAULT_MAX_PORTS_PER_UID,
                 .backlog = DEFAULT_PORT_BACKLOG,
+                .uid_connections = DEFAULT_PORT_UID_CONNECTIONS,
                 .segment_memory = DEFAULT_SEGMENT_MEMORY,
                 .uid_segment_memory = DEFAULT_UID_SEGMENT_MEMORY,
         };
@@ -81,6 +85,7 @@ struct config *config_free(struct config *c) {
         free(c->socket_path);
         free(c->mount_path);
         free(c->zones);
+        free(c->port_decls);
         free(c);
         return NULL;
 }
@@ -239,7 +244,8 @@ static int daemon_key(struct parse_state *s, const char *key, const char *value)
                 *(streq(key, "segment_memory") ? &c->ports.segment_memory : &c->ports.uid_segment_memory) = u;
                 return 1;
         }
-        if (streq(key, "segment_chunks") || streq(key, "max_ports_per_uid") || streq(key, "port_backlog")) {
+        if (streq(key, "segment_chunks") || streq(key, "max_ports_per_uid") || streq(key, "port_backlog") ||
+            streq(key, "port_uid_connections")) {
                 unsigned long long n, max = streq(key, "segment_chunks") ? SHMZ_SEGMENT_MAX_CHUNKS
                                             : streq(key, "port_backlog") ? 65536
                                                                          : 1000000;
@@ -252,6 +258,8 @@ static int daemon_key(struct parse_state *s, const char *key, const char *value)
                         c->ports.segment_chunks = (uint32_t) n;
                 else if (streq(key, "port_backlog"))
                         c->ports.backlog = (uint32_t) n;
+                else if (streq(key, "port_uid_connections"))
+                        c->ports.uid_connections = (uint32_t) n;
                 else
                         c->ports.max_ports_per_uid = (uint32_t) n;
                 return 1;
@@ -349,6 +357,49 @@ static int new_zone_section(struct parse_state *s, const char *name) {
         return 1;
 }
 
+/* [port NAME]: a reserved name, with the keys zones have for their owner and mode. */
+static int port_key(struct parse_state *s, const char *key, const char *value) {
+        struct port_decl *pd = s->port;
+
+        if (streq(key, "user"))
+                return parse_id(value, false, &pd->uid) < 0 ? fail(s, "port '%s': unknown user '%s'", pd->name, value)
+                                                            : 1;
+        if (streq(key, "group"))
+                return parse_id(value, true, &pd->gid) < 0 ? fail(s, "port '%s': unknown group '%s'", pd->name, value)
+                                                           : 1;
+        if (streq(key, "mode")) {
+                unsigned long m;
+                char *end;
+
+                errno = 0;
+                m = strtoul(value, &end, 8);
+                if (!*value || *end || errno || m > 0777)
+                        return fail(s, "port '%s': mode must be octal, 0 to 0777", pd->name);
+                pd->mode = (uint32_t) m;
+                return 1;
+        }
+        return fail(s, "port '%s': unknown key '%s'", pd->name, key);
+}
+
+static int new_port_section(struct parse_state *s, const char *name) {
+        struct config *c = s->cfg;
+        struct port_decl *v;
+
+        if (!name_is_valid(name))
+                return fail(s, "bad port name '%s' (use A-Z a-z 0-9 . _ -, at most %u bytes)", name, SHMZ_NAME_MAX);
+        for (size_t i = 0; i < c->n_port_decls; i++)
+                if (streq(c->port_decls[i].name, name))
+                        return fail(s, "port '%s' declared twice", name);
+        v = realloc(c->port_decls, (c->n_port_decls + 1) * sizeof(*v));
+        if (!v)
+                return fail(s, "out of memory");
+        c->port_decls = v;
+        s->port = &v[c->n_port_decls++];
+        *s->port = (struct port_decl){ .uid = 0, .gid = 0, .mode = 0600 };
+        strncpy_buf(s->port->name, sizeof(s->port->name), name);
+        return 1;
+}
+
 static void open_section(struct parse_state *s, const char *p) {
         const char *e = strchr(p, ']');
         char name[256];
@@ -363,11 +414,14 @@ static void open_section(struct parse_state *s, const char *p) {
         name[e - p] = 0;
         (void) zone_section_done(s);
         s->zone = NULL;
+        s->port = NULL;
         strncpy_buf(s->section, sizeof(s->section), name);
         if (strncmp(name, "zone ", 5) == 0)
                 (void) new_zone_section(s, name + 5);
+        else if (strncmp(name, "port ", 5) == 0)
+                (void) new_port_section(s, name + 5);
         else if (!streq(name, "daemon"))
-                (void) fail(s, "unknown section [%s] (expected [daemon] or [zone NAME])", name);
+                (void) fail(s, "unknown section [%s] (expected [daemon], [zone NAME] or [port NAME])", name);
 }
 
 static int handler(void *userdata, const char *section, const char *key, const char *value) {
@@ -378,6 +432,8 @@ static int handler(void *userdata, const char *section, const char *key, const c
                 return 1;
         if (streq(s->section, "daemon"))
                 return daemon_key(s, key, value);
+        if (s->port)
+                return port_key(s, key, value);
         if (!s->zone)
                 return 0; /* the section was refused already */
         return zone_key(s, key, value);

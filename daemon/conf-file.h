@@ -19,6 +19,8 @@ struct config {
         struct ports_limits ports;     /* chunk_size, segment_chunks, port_memory, max_ports_per_uid, port_backlog */
         struct zone_decl *zones;
         size_t n_zones;
+        struct port_decl *port_decls; /* [port NAME]: reserved names */
+        size_t n_port_decls;
 };
 
 /* The built-in defaults (no file): what the daemon runs with when no config exists. */

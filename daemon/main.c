@@ -384,6 +384,8 @@ static int on_reload(sd_event_source *s, const struct signalfd_siginfo *si, void
                 apply_client_limits(d, c);
                 /* Ports and segments made from now on get the new limits; live ones keep theirs. */
                 ports_set_limits(d->ports, &c->ports);
+                if (ports_set_reserved(d->ports, c->port_decls, c->n_port_decls) < 0)
+                        log_error("Reload: cannot reserve the [port] names; keeping the previous ones.");
                 r = apply_config(d, c);
                 if (r != 0)
                         log_warning("Reload: %d zone declaration(s) refused, see above.", r);
@@ -434,6 +436,9 @@ static int run(struct daemon *d) {
         r = ports_new(&d->cfg->ports, &d->ports);
         if (r < 0)
                 return log_error_errno(r, "Cannot set up the port table: %m");
+        r = ports_set_reserved(d->ports, d->cfg->port_decls, d->cfg->n_port_decls);
+        if (r < 0)
+                return log_error_errno(r, "Cannot reserve the [port] names: %m");
         /* Only for systemd (or a test that plays it): elsewhere a zone would not outlive us anyway. */
         if (getenv("NOTIFY_SOCKET"))
                 registry_set_store(d->registry, &fd_store, d);

@@ -193,7 +193,7 @@ static int conn_read(struct conn *c) {
                 r = proto_recv(c->fd, buf, sizeof(buf), &size, fds, &n_fds);
                 /* No request carries an fd; closing one here could stall every client of this thread. */
                 for (size_t k = 0; k < n_fds; k++)
-                        if (!reaper_take(fds[k])) {
+                        if (!reaper_take(fds[k], c->caller.uid)) {
                                 /* No thread, no memory: the one risk left is ours to take. */
                                 log_warning("Closing a client's fd in a serving thread; it may block.");
                                 safe_close(fds[k]);

@@ -13,10 +13,12 @@
 #include <poll.h>
 #include <pthread.h>
 #include <stdatomic.h>
+#include <stdio.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -85,8 +87,10 @@ struct shmz_port {
 
         /* Producers, one at a time; held only over work that never sleeps. */
         pthread_mutex_t tx_lock;
-        uint32_t tx_head; /* ours: the shared head is written, never read back */
-        uint32_t tx_tail; /* the receiver's tail as we last read it */
+        uint32_t tx_head;                      /* ours: the shared head is written, never read back */
+        uint32_t tx_tail;                      /* the receiver's tail as we last read it */
+        uint32_t tx_fd_pos[SHMZ_PORT_FDS_MAX]; /* where our messages with fds are, oldest first: a FIFO */
+        uint32_t tx_fd_first, tx_fd_n;
 
         /* One consumer at a time: the ring's tail, the socket's frames read ahead. */
         pthread_mutex_t recv_lock;
@@ -339,21 +343,127 @@ static void seg_free(struct seg *s) {
 /*
  * Closing an fd a peer sent: close() runs the file's flush, and a FUSE server
  * the peer mounted (any user can) may never answer it; a socket with SO_LINGER
- * waits too, a tty drains its output. Shared memory and pipes are closed at
- * once; anything else goes to the reaper thread (common/reaper.c, the daemon's
- * too), so that no receive, dispatch or close of a port waits on the peer's
- * file. Without it (no thread, no memory), the caller closes it.
+ * waits too, a tty drains its output. Shared memory, pipes and anonymous
+ * inodes are closed at once, and so are TCP and other inet sockets once their
+ * linger is made zero (an abortive close: the peer chose to hand it over);
+ * anything else goes to the reaper threads (common/reaper.c, the daemon's
+ * too), tagged with the peer's uid, so that no receive, dispatch or close of
+ * a port waits on the peer's file, and one peer's stuck closes hold up no
+ * one else's. Without them (all REAPER_MAX held, no thread, no memory), the
+ * caller closes it.
  */
-/* Shared memory or a pipe: nothing in its close() waits. Neither fcntl() asks a filesystem. */
+/* Nothing in its close() waits. None of these calls asks a filesystem (readlink of /proc names, no more). */
 static bool close_never_waits(int fd) {
-        return fcntl(fd, F_GET_SEALS) >= 0 || fcntl(fd, F_GETPIPE_SZ) >= 0;
+        struct linger lg = { .l_onoff = 1, .l_linger = 0 };
+        char path[64], target[32];
+        int domain = 0;
+        socklen_t len = sizeof(domain);
+        ssize_t n;
+
+        if (fcntl(fd, F_GET_SEALS) >= 0 || fcntl(fd, F_GETPIPE_SZ) >= 0)
+                return true;
+        if (getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &domain, &len) == 0)
+                /* A unix socket may hold fds in flight, whose last close would be ours: not at once. */
+                return (domain == AF_INET || domain == AF_INET6) &&
+                       setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg)) == 0;
+        (void) snprintf(path, sizeof(path), "/proc/self/fd/%d", fd);
+        n = readlink(path, target, sizeof(target) - 1);
+        if (n <= 0)
+                return false;
+        target[n] = 0;
+        /* eventfd, timerfd, signalfd, epoll, pidfd, ...: no flush, no drain. */
+        return strncmp(target, "anon_inode:", 11) == 0;
 }
 
-static void close_untrusted(int fd) {
+static void close_untrusted(const struct shmz_port *p, int fd) {
         if (fd < 0)
                 return;
-        if (close_never_waits(fd) || !reaper_take(fd))
+        if (close_never_waits(fd) || !reaper_take(fd, p->pp.peer_uid))
                 (void) close(fd);
+}
+
+/*
+ * Fds read ahead for this process's ports, per peer uid, and in all: with
+ * what the reaper holds for that uid, one uid may make this process hold
+ * half of fds_bound(), all peers together fds_bound(). A port whose peer
+ * would pass that ends (-EDQUOT), and its peer's new ports are refused while
+ * the reaper holds REAPER_TAG_REFUSE of its fds.
+ */
+static struct {
+        pthread_mutex_t lock;
+        struct peer_fds {
+                uid_t uid;
+                unsigned n;
+        } * v;
+        size_t n, cap;
+        unsigned total;
+} peer_fds = { .lock = PTHREAD_MUTEX_INITIALIZER };
+
+/* A quarter of the fd limit, at least 4 ports' worth. */
+static unsigned fds_bound(void) {
+        struct rlimit rl;
+
+        if (getrlimit(RLIMIT_NOFILE, &rl) < 0 || rl.rlim_cur == RLIM_INFINITY)
+                rl.rlim_cur = 1024;
+        return (unsigned) MAX(MIN(rl.rlim_cur / 4, (rlim_t) 65536), (rlim_t) 4 * SHMZ_PORT_FDS_MAX);
+}
+
+static struct peer_fds *peer_fds_find_locked(uid_t uid) {
+        for (size_t i = 0; i < peer_fds.n; i++)
+                if (peer_fds.v[i].uid == uid)
+                        return &peer_fds.v[i];
+        return NULL;
+}
+
+static int peer_fds_charge(uid_t uid) {
+        unsigned bound = fds_bound(), reaped = reaper_held(uid), reaped_all = reaper_held_total();
+        struct peer_fds *e;
+        int r = 0;
+
+        pthread_mutex_lock(&peer_fds.lock);
+        e = peer_fds_find_locked(uid);
+        if (peer_fds.total + reaped_all >= bound || (e ? e->n : 0) + reaped >= bound / 2) {
+                r = -EDQUOT;
+                goto out;
+        }
+        if (!e) {
+                if (peer_fds.n == peer_fds.cap) {
+                        size_t cap = MAX(peer_fds.cap * 2, (size_t) 8);
+                        struct peer_fds *v = realloc(peer_fds.v, cap * sizeof(*v));
+
+                        if (!v) {
+                                r = -ENOMEM;
+                                goto out;
+                        }
+                        peer_fds.v = v;
+                        peer_fds.cap = cap;
+                }
+                e = &peer_fds.v[peer_fds.n++];
+                *e = (struct peer_fds){ .uid = uid };
+        }
+        e->n++;
+        peer_fds.total++;
+out:
+        pthread_mutex_unlock(&peer_fds.lock);
+        return r;
+}
+
+static void peer_fds_uncharge(uid_t uid) {
+        struct peer_fds *e;
+
+        pthread_mutex_lock(&peer_fds.lock);
+        e = peer_fds_find_locked(uid);
+        if (e) {
+                peer_fds.total--;
+                if (--e->n == 0)
+                        *e = peer_fds.v[--peer_fds.n];
+        }
+        pthread_mutex_unlock(&peer_fds.lock);
+}
+
+/* A new port from uid is refused: its passed fds wait to be closed (their close may never return). */
+static bool peer_refused(uid_t uid) {
+        return uid != 0 && uid != geteuid() && reaper_held(uid) >= REAPER_TAG_REFUSE;
 }
 
 /* Maps a segment fd after checking it against the port, never against its header. Takes fd. */
@@ -386,7 +496,7 @@ static int seg_map(struct shmz_port *p, int fd, uint64_t id, bool tx, struct seg
 
         r = shmem_fd_check(f, p->seg_map_size);
         if (r < 0) {
-                close_untrusted(TAKE_FD(f)); /* maybe not shared memory: its close may wait on its filesystem */
+                close_untrusted(p, TAKE_FD(f)); /* maybe not shared memory: its close may wait on its filesystem */
                 return r;
         }
         s = calloc(1, sizeof(*s));
@@ -865,6 +975,46 @@ static int ring_wait_room(struct shmz_port *p, uint32_t need, uint64_t deadline)
         return r;
 }
 
+/* Whether the receiver has taken the message at pos, by the tail it published. */
+static bool tx_fd_taken(uint32_t pos, uint32_t tail) {
+        return (int32_t) (tail - pos) > 0;
+}
+
+/*
+ * Room for one more message with an fd (tx_lock held): fewer than
+ * SHMZ_PORT_FDS_MAX of ours the receiver has not taken. If not, *ret_oldest
+ * is where the oldest of them is, for tx_fd_wait().
+ */
+static bool tx_fd_room_locked(struct shmz_port *p, uint32_t *ret_oldest) {
+        uint32_t tail;
+
+        if (p->tx_fd_n < SHMZ_PORT_FDS_MAX)
+                return true;
+        tail = __atomic_load_n(&p->txd->tail, __ATOMIC_ACQUIRE);
+        while (p->tx_fd_n > 0 && tx_fd_taken(p->tx_fd_pos[p->tx_fd_first], tail)) {
+                p->tx_fd_first = (p->tx_fd_first + 1) % SHMZ_PORT_FDS_MAX;
+                p->tx_fd_n--;
+        }
+        *ret_oldest = p->tx_fd_pos[p->tx_fd_first];
+        return p->tx_fd_n < SHMZ_PORT_FDS_MAX;
+}
+
+/* Sleeps (without tx_lock) until the receiver's tail passes oldest, as ring_wait_room() does. */
+static int tx_fd_wait(struct shmz_port *p, uint32_t oldest, uint64_t deadline) {
+        struct shmz_channel_dir *d = p->txd;
+        uint32_t seq = __atomic_load_n(&d->release_seq, __ATOMIC_SEQ_CST);
+        int r = 0;
+
+        __atomic_fetch_add(&d->sender_waits, 1, __ATOMIC_SEQ_CST);
+        __atomic_thread_fence(__ATOMIC_SEQ_CST);
+        if (!tx_fd_taken(oldest, __atomic_load_n(&d->tail, __ATOMIC_SEQ_CST)))
+                r = futex_sleep(&d->release_seq, seq, deadline);
+        __atomic_fetch_sub(&d->sender_waits, 1, __ATOMIC_SEQ_CST);
+        if (r >= 0 && __atomic_load_n(&d->release_seq, __ATOMIC_RELAXED) == seq && port_closed(p))
+                r = -EPIPE;
+        return r;
+}
+
 /*
  * After publishing: wake the receiver if it said it sleeps. It sets its bits
  * in rx_sleep, then looks at our head once more before it sleeps; we store
@@ -899,7 +1049,7 @@ static int ring_put(struct shmz_port *p, const struct shmz_desc *d, const void *
         uint32_t n = desc_slots(inline_size);
 
         for (;;) {
-                uint32_t room, idx, pad;
+                uint32_t room, idx, pad, oldest;
                 uint8_t *at;
                 int r;
 
@@ -912,6 +1062,15 @@ static int ring_put(struct shmz_port *p, const struct shmz_desc *d, const void *
                 /* A descriptor never wraps: the slots up to the end go as one PAD first. */
                 pad = idx + n > SHMZ_RING_SLOTS ? SHMZ_RING_SLOTS - idx : 0;
                 r = ring_free_locked(p, n + pad, &room);
+                if (r >= 0 && room >= n + pad && fd >= 0 && !tx_fd_room_locked(p, &oldest)) {
+                        pthread_mutex_unlock(&p->tx_lock);
+                        if (timeout_ns == 0)
+                                return -EAGAIN;
+                        r = tx_fd_wait(p, oldest, deadline);
+                        if (r < 0)
+                                return r == -ETIMEDOUT ? expired(timeout_ns) : r;
+                        continue;
+                }
                 if (r >= 0 && room >= n + pad && fd >= 0) {
                         struct shmz_frame f = { .kind = SHMZ_FRAME_FD };
 
@@ -946,6 +1105,8 @@ static int ring_put(struct shmz_port *p, const struct shmz_desc *d, const void *
                         memcpy(ring_at(p->tx_ring, p->tx_head), &pd, sizeof(pd));
                         p->tx_head += pad;
                 }
+                if (fd >= 0)
+                        p->tx_fd_pos[(p->tx_fd_first + p->tx_fd_n++) % SHMZ_PORT_FDS_MAX] = p->tx_head;
                 at = ring_at(p->tx_ring, p->tx_head);
                 memcpy(at, d, sizeof(*d));
                 ((struct shmz_desc *) (void *) at)->n_slots = (uint16_t) n;
@@ -1059,7 +1220,7 @@ _public_ int shmz_port_send(struct shmz_port *p, const struct shmz_msg *m, int64
 /* The peer broke the protocol: nothing more from it. Returns -EBADMSG. */
 static int violation(struct shmz_port *p, int *fds, size_t n_fds) {
         for (size_t i = 0; i < n_fds; i++)
-                close_untrusted(fds[i]);
+                close_untrusted(p, fds[i]);
         port_set_gone(p);
         (void) shutdown(p->fd, SHUT_RDWR);
         return -EBADMSG;
@@ -1092,10 +1253,16 @@ static int recv_segment(struct shmz_port *p, const struct shmz_frame *f, const u
         return 0;
 }
 
-/* An fd read ahead of the descriptor that takes it (recv_lock held). */
+/*
+ * An fd read ahead of the descriptor that takes it (recv_lock held). An
+ * honest sender has at most SHMZ_PORT_FDS_MAX messages with fds in the ring
+ * that we have not taken (it waits for our tail past the oldest), one of them
+ * perhaps not published yet: more is a violation. -EDQUOT when this process
+ * holds what it lets the peer's uid, or all peers, make it hold.
+ */
 static int rx_fd_push(struct shmz_port *p, int fd) {
-        /* Honest: at most one FD frame per descriptor in the ring, and one being published. */
-        const uint32_t cap = SHMZ_RING_SLOTS + 1;
+        const uint32_t cap = SHMZ_PORT_FDS_MAX;
+        int r;
 
         if (!p->rx_fds) {
                 p->rx_fds = malloc(cap * sizeof(int));
@@ -1104,18 +1271,23 @@ static int rx_fd_push(struct shmz_port *p, int fd) {
         }
         if (p->rx_fds_n >= cap)
                 return -EBADMSG;
+        r = peer_fds_charge(p->pp.peer_uid);
+        if (r < 0)
+                return r;
         p->rx_fds[(p->rx_fds_first + p->rx_fds_n++) % cap] = fd;
         return 0;
 }
 
+/* The oldest fd read ahead: the caller's now (a message's, or to be closed). */
 static int rx_fd_pop(struct shmz_port *p) {
         int fd;
 
         if (p->rx_fds_n == 0)
                 return -EBADF;
         fd = p->rx_fds[p->rx_fds_first];
-        p->rx_fds_first = (p->rx_fds_first + 1) % (SHMZ_RING_SLOTS + 1);
+        p->rx_fds_first = (p->rx_fds_first + 1) % SHMZ_PORT_FDS_MAX;
         p->rx_fds_n--;
+        peer_fds_uncharge(p->pp.peer_uid);
         return fd;
 }
 
@@ -1197,7 +1369,7 @@ static int sock_read_one(struct shmz_port *p, bool *ret_wake) {
                         return violation(p, fds, n_fds);
                 if (r < 0) {
                         /* The message that takes it would come without its fd: the port ends with our errno. */
-                        close_untrusted(fds[0]);
+                        close_untrusted(p, fds[0]);
                         port_set_gone(p);
                         (void) shutdown(p->fd, SHUT_RDWR);
                 }
@@ -1375,6 +1547,9 @@ static int ring_take_locked(struct shmz_port *p, struct shmz_msg *ret) {
                 if (r < 0)
                         return r;
                 ring_consumed(p, d.n_slots);
+                /* Its sender may wait for this to send its next fd (SHMZ_PORT_FDS_MAX). */
+                if (d.flags & SHMZ_FRAME_F_FD)
+                        ring_publish_tail(p);
                 return 0;
         }
 }
@@ -1874,7 +2049,7 @@ static void port_free(struct shmz_port *p) {
                 (void) munmap(p->ch, SHMZ_CHANNEL_SIZE);
         safe_close(p->fd);
         while (p->rx_fds_n > 0)
-                close_untrusted(rx_fd_pop(p));
+                close_untrusted(p, rx_fd_pop(p));
         free(p->rx_fds);
         safe_close(atomic_load(&p->poll_fd));
         safe_close(p->self_fd);
@@ -2275,7 +2450,7 @@ static void dispatch_one(struct shmz_port *p, struct shmz_msg *m) {
                 handler(p, m, userdata);
         else {
                 /* A reply nobody waits for any more (its call timed out), or no handler: dropped. */
-                close_untrusted(m->fd);
+                close_untrusted(p, m->fd);
                 shmz_msg_release(p, m);
         }
 }
@@ -2614,6 +2789,12 @@ _public_ int shmz_port_accept(struct shmz_listener *l, int64_t timeout_ns, struc
                         if (r < 0) {
                                 pending_close(&q);
                                 continue; /* the daemon's problem, not the next connection's */
+                        }
+                        if (peer_refused(pp.peer_uid)) {
+                                /* Shut down: the connector sees the end, the daemon drops the port. */
+                                pending_close(&q);
+                                listener_accepted(l, pp.port_id);
+                                continue;
                         }
                         r = port_new(q.fds[0], q.fds[1], &pp, l->client, NULL, NULL, ret);
                         if (r < 0)

@@ -430,6 +430,13 @@ enum {
 #define SHMZ_FRAME_F_CHUNK 0x100u
 #define SHMZ_FRAME_F_FD 0x200u
 #define SHMZ_FRAME_INLINE_MAX 4096u /* largest payload carried in the ring itself */
+/*
+ * Messages with an fd (F_FD) a sender may have in its ring that the receiver
+ * has not taken, as its published tail says: the sender waits for the tail
+ * to pass the oldest before it sends another FD frame. A receiver that finds
+ * more fds read ahead than this drops the port.
+ */
+#define SHMZ_PORT_FDS_MAX 64u
 
 struct shmz_frame {
         uint32_t kind; /* SHMZ_FRAME_* */

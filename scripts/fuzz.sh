@@ -13,7 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds=${FUZZ_SECONDS:-20}
 builddir=${BUILDDIR:-build-fuzz}
-targets=${FUZZ_TARGETS:-fuzz-control fuzz-config fuzz-slab}
+targets=${FUZZ_TARGETS:-fuzz-control fuzz-config fuzz-slab fuzz-port}
 
 # Build dependencies, and the compiler with libFuzzer.
 scripts/deps.sh clang libclang-rt-14-dev

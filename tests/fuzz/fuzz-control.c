@@ -288,6 +288,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
                         .port_memory = 32768,
                         .max_ports_per_uid = 4,
                         .backlog = 2,
+                        .uid_connections = 2,
                         .segment_memory = 1 << 20,
                         .uid_segment_memory = 1 << 18,
                 };

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 # SPDX-License-Identifier: LGPL-2.1-or-later
-# Writes the binary seeds of tests/fuzz/corpus/ (fuzz-control, fuzz-slab): their
-# formats are described at the top of fuzz-control.c and fuzz-slab.c. The config
+# Writes the binary seeds of tests/fuzz/corpus/ (fuzz-control, fuzz-slab, fuzz-port):
+# their formats are described at the top of fuzz-control.c, fuzz-slab.c and fuzz-port.c. The config
 # seeds are plain files, edited by hand. Run from anywhere; rewrites the seeds.
 import os
 import struct
@@ -150,3 +150,57 @@ def write(target, seeds):
 
 write("fuzz-control", control)
 write("fuzz-slab", slab)
+
+
+# ---- fuzz-port: op byte, operands (see fuzz-port.c) ----
+F_LAST, F_CHUNK, F_FD = 0x1, 0x100, 0x200
+DATA, PAD = 1, 2
+SEALED, WRONG_SIZE, UNSEALED, PIPE, DEVNULL, EVENTFD, UNIX, TCP = range(8)
+
+
+def fds(*kinds):
+    return bytes([len(kinds)]) + bytes(kinds)
+
+
+def p_segment(slot, *kinds, ident=1):
+    return bytes([1]) + struct.pack("<IIB", ident, slot, 0) + fds(*kinds)
+
+
+def p_fd(*kinds):
+    return bytes([2]) + fds(*kinds)
+
+
+def p_desc(size, flags=0, kind=DATA, n_slots=1, payload=b"", segment=0, chunk=0, advance=0, type_=1, stream=0):
+    return (bytes([3]) + struct.pack("<HHIIIQII", kind, n_slots, flags, type_, stream, size, segment, chunk)
+            + bytes([len(payload)]) + payload + struct.pack("<H", advance))
+
+
+def p_bits(seg, word, value):
+    return bytes([5, seg, word]) + struct.pack("<Q", value)
+
+
+def p_recv(release=True):
+    return bytes([6, 1 if release else 0])
+
+
+def p_send(large=False):
+    return bytes([7, 1 if large else 0])
+
+
+def p_dispatch():
+    return bytes([7, 2])
+
+
+port = {
+    "inline": p_desc(16, payload=b"0123456789abcdef") + p_recv() + p_recv(),
+    "chunk": p_segment(0, SEALED) + p_bits(0, 0, 0x3) + p_desc(5000, F_CHUNK) + p_recv(False) + p_recv()
+    + p_send(True) + p_recv(),
+    "fd-message": p_fd(PIPE) + p_desc(0, F_FD) + p_recv() + p_fd(TCP) + p_desc(3, F_FD | F_LAST, payload=b"abc")
+    + p_dispatch(),
+    "bare-fds": b"".join(p_fd(DEVNULL) for _ in range(70)) + p_recv() * 4,
+    "bad-segments": p_segment(1, WRONG_SIZE) + p_recv() + p_segment(2, UNSEALED, UNIX) + p_recv(),
+    "lying-desc": p_desc(5000, F_CHUNK, segment=3) + p_recv() + p_desc(100, n_slots=9) + p_recv(),
+    "pad-then-shutdown": p_desc(0, kind=PAD, n_slots=1024) + p_recv() + bytes([8]) + p_recv(),
+    "sends": p_send() + p_send(True) + p_send(True) + p_recv(),
+}
+write("fuzz-port", port)

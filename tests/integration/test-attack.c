@@ -7,6 +7,7 @@
 #include <criterion/criterion.h>
 #include <dirent.h>
 #include <errno.h>
+#include <grp.h>
 #include <fcntl.h>
 #include <poll.h>
 #include <pthread.h>
@@ -15,17 +16,22 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/un.h>
+#include <netinet/in.h>
+#include <arpa/inet.h>
 #include <sys/wait.h>
 #include <sys/xattr.h>
 #include <time.h>
 #include <unistd.h>
 
 #include "client.h"
+#include "port.h"
+#include "reaper.h"
 #include "harness.h"
 #include "shmzone-abi.h"
 #include "shmzone.h"
@@ -928,6 +934,536 @@ Test(attack, f11_open_files_do_not_slow_requests_on_a_gone_segment, .init = star
                      N_XATTR_CALLS, after, N_HOLDERS * N_OPENS_PER_HOLDER, before);
         close(fd);
         shmz_disconnect(c);
+}
+
+/* ---- Port peers: what one uid holds of a service is bounded, and paid by that uid ---------------- */
+
+#define SERVICE_UID 1000
+#define OTHER_UID 1001
+
+/* A pipe pair to talk to a child: it says on ready[1], the parent on go[1]. */
+struct peer_sync {
+        int ready[2], go[2];
+};
+
+static void peer_sync_init(struct peer_sync *s) {
+        cr_assert_eq(pipe2(s->ready, O_CLOEXEC), 0);
+        cr_assert_eq(pipe2(s->go, O_CLOEXEC), 0);
+}
+
+static void peer_sync_close(struct peer_sync *s) {
+        for (int i = 0; i < 2; i++) {
+                close(s->ready[i]);
+                close(s->go[i]);
+        }
+}
+
+/* Child side: one byte to the parent, then one from it. */
+static int child_say(struct peer_sync *s, unsigned char b) {
+        return write(s->ready[1], &b, 1) == 1 ? 0 : -1;
+}
+
+static int child_wait(struct peer_sync *s) {
+        unsigned char b;
+
+        return read(s->go[0], &b, 1) == 1 ? b : -1;
+}
+
+/* Parent side: the child's next byte (-1 if it ended first or took more than 30 s). */
+static int parent_hear(struct peer_sync *s) {
+        struct pollfd p = { .fd = s->ready[0], .events = POLLIN };
+        unsigned char b;
+
+        if (poll(&p, 1, 30000) != 1 || read(s->ready[0], &b, 1) != 1)
+                return -1;
+        return b;
+}
+
+static void parent_say(struct peer_sync *s, unsigned char b) {
+        cr_assert_eq(write(s->go[1], &b, 1), 1);
+}
+
+/* fn in a child of uid (and gid uid), not waited for; it dies with the test's process. */
+static pid_t spawn_as(uid_t uid, int (*fn)(void *), void *userdata) {
+        pid_t parent = getpid(), pid = fork();
+
+        cr_assert_geq(pid, 0);
+        if (pid == 0) {
+                if (setgroups(0, NULL) < 0 || setgid(uid) < 0 || setuid(uid) < 0)
+                        _exit(126);
+                /* After setuid(), which clears it. */
+                if (prctl(PR_SET_PDEATHSIG, SIGKILL) < 0 || getppid() != parent)
+                        _exit(127);
+                _exit(fn(userdata));
+        }
+        return pid;
+}
+
+/* The service (uid 1000): publishes "svc", then, when told, publishes "svc-b" and connects to it. */
+static int f11_service(void *userdata) {
+        struct peer_sync *s = userdata;
+        struct shmz_client *c;
+        struct shmz_listener *l, *l2;
+        struct shmz_port *p;
+
+        if (shmz_connect(d.socket, &c) < 0 || shmz_port_listen(c, "svc", 0666, &l) < 0)
+                return 10;
+        if (child_say(s, 'r') < 0 || child_wait(s) < 0)
+                return 11;
+        if (shmz_port_listen(c, "svc-b", 0600, &l2) < 0)
+                return 12;
+        if (shmz_port_connect(c, "svc-b", &p) < 0)
+                return 13;
+        if (child_say(s, 'k') < 0 || child_wait(s) < 0)
+                return 14;
+        return 0;
+}
+
+/* The attacker (nobody): as many idle ports to "svc" as it is given; says how many. */
+static int f11_attacker(void *userdata) {
+        struct peer_sync *s = userdata;
+        struct shmz_client *c;
+        int n = 0, r = 0;
+
+        if (shmz_connect(d.socket, &c) < 0)
+                return 20;
+        while (n < 200) {
+                struct shmz_port *p;
+
+                r = shmz_port_connect(c, "svc", &p);
+                if (r < 0)
+                        break;
+                n++;
+        }
+        if (r != -EUSERS)
+                return 21;
+        if (child_say(s, (unsigned char) n) < 0 || child_wait(s) < 0)
+                return 22;
+        return 0;
+}
+
+/* Another client of the service (uid 1001). */
+static int f11_client(void *userdata) {
+        struct shmz_client *c;
+        struct shmz_port *p;
+
+        if (shmz_connect(d.socket, &c) < 0)
+                return 30;
+        return shmz_port_connect(c, "svc", &p) == 0 ? 0 : 31;
+}
+
+Test(attack, f11_idle_ports_of_one_uid_spend_none_of_the_services_slots, .fini = stop, .timeout = 60) {
+        struct peer_sync svc, att;
+        pid_t ps, pa;
+        int n;
+
+        harness_init(&d, "[daemon]\nmax_ports_per_uid = 16\nport_uid_connections = 8\n");
+        cr_assert_eq(harness_start(&d, NULL, false), 0, "daemon did not start: %s", harness_log(&d));
+        peer_sync_init(&svc);
+        peer_sync_init(&att);
+        ps = spawn_as(SERVICE_UID, f11_service, &svc);
+        cr_assert_eq(parent_hear(&svc), 'r', "the service did not publish");
+        pa = spawn_as(NOBODY, f11_attacker, &att);
+        n = parent_hear(&att);
+        /* Before the fix: each port counted for the service's uid too, and nobody took 15 (16 with its name). */
+        cr_assert_eq(n, 8, "nobody holds %d ports to the service", n);
+        cr_assert_eq(harness_run_as(OTHER_UID, OTHER_UID, f11_client, NULL), 0, "another user could not connect");
+        parent_say(&svc, 'g');
+        cr_assert_eq(parent_hear(&svc), 'k', "the service could not publish or connect any more");
+        parent_say(&svc, 'g');
+        parent_say(&att, 'g');
+        cr_assert_eq(harness_wait_child(ps), 0);
+        cr_assert_eq(harness_wait_child(pa), 0);
+        peer_sync_close(&svc);
+        peer_sync_close(&att);
+}
+
+/* ---- F10: a port peer cannot fill an honest receiver's fd table --------------------------------- */
+
+#define F10_PORTS 5
+#define F10_FRAMES 1025
+
+/* The honest service (uid 1000): an event loop that accepts and echoes, fd limit 1024, until told to stop. */
+static void echo_handler(struct shmz_port *p, struct shmz_msg *m, void *userdata) {
+        struct shmz_msg r = { .type = m->type, .stream = m->stream, .data = m->data, .size = m->size, .fd = -1 };
+
+        (void) shmz_port_send(p, &r, 0);
+        if (m->fd >= 0)
+                close(m->fd);
+        shmz_msg_release(p, m);
+}
+
+static int f10_service(void *userdata) {
+        struct peer_sync *s = userdata;
+        struct rlimit rl = { .rlim_cur = 1024, .rlim_max = 1024 };
+        struct shmz_port *ports[64];
+        struct shmz_listener *l;
+        struct shmz_client *c;
+        size_t n = 0;
+
+        if (setrlimit(RLIMIT_NOFILE, &rl) < 0)
+                return 40;
+        if (shmz_connect(d.socket, &c) < 0 || shmz_port_listen(c, "svc", 0666, &l) < 0)
+                return 41;
+        if (child_say(s, 'r') < 0)
+                return 42;
+        for (;;) {
+                struct pollfd pf = { .fd = s->go[0], .events = POLLIN };
+                struct shmz_port *np;
+
+                if (poll(&pf, 1, 1) == 1)
+                        return 0;
+                if (n < ELEMENTSOF(ports) && shmz_port_accept(l, 0, &np) == 0) {
+                        shmz_port_set_handler(np, echo_handler, NULL);
+                        ports[n++] = np;
+                }
+                for (size_t i = 0; i < n;) {
+                        int r = shmz_port_dispatch(ports[i], 0);
+
+                        if (r < 0 && r != -EAGAIN && r != -ETIMEDOUT) {
+                                shmz_port_close(ports[i]);
+                                ports[i] = ports[--n];
+                        } else
+                                i++;
+                }
+        }
+}
+
+/* A loopback TCP socket whose close() lingers: a minute's linger, a send queue the peer never reads. */
+static int lingering_socket(void) {
+        struct sockaddr_in sa = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
+        struct linger lg = { .l_onoff = 1, .l_linger = 60 };
+        socklen_t len = sizeof(sa);
+        char buf[65536] = { 0 };
+        int lfd, fd;
+
+        lfd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        if (lfd < 0 || bind(lfd, (struct sockaddr *) &sa, sizeof(sa)) < 0 || listen(lfd, 1) < 0 ||
+            getsockname(lfd, (struct sockaddr *) &sa, &len) < 0)
+                return -1;
+        fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        if (fd < 0 || connect(fd, (struct sockaddr *) &sa, sizeof(sa)) < 0)
+                return -1;
+        if (setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg)) < 0)
+                return -1;
+        /* Nobody accepts or reads: the queue fills up. lfd stays open (the connection with it). */
+        while (send(fd, buf, sizeof(buf), MSG_DONTWAIT | MSG_NOSIGNAL) > 0)
+                ;
+        return fd;
+}
+
+/* One bare FD frame (no descriptor will ever take it). */
+static int send_fd_frame(int sock, int fd) {
+        struct shmz_frame f = { .kind = SHMZ_FRAME_FD };
+        union {
+                struct cmsghdr c;
+                char b[CMSG_SPACE(sizeof(int))];
+        } ctl = {};
+        struct iovec iov = { .iov_base = &f, .iov_len = sizeof(f) };
+        struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = &ctl, .msg_controllen = sizeof(ctl.b) };
+        struct cmsghdr *cm = CMSG_FIRSTHDR(&mh);
+
+        cm->cmsg_level = SOL_SOCKET;
+        cm->cmsg_type = SCM_RIGHTS;
+        cm->cmsg_len = CMSG_LEN(sizeof(int));
+        memcpy(CMSG_DATA(cm), &fd, sizeof(int));
+        return sendmsg(sock, &mh, MSG_NOSIGNAL) < 0 ? -errno : 0;
+}
+
+/* The attacker (nobody): F10_PORTS ports, each sent the lingering socket and then /dev/null, again and again. */
+static int f10_attacker(void *userdata) {
+        struct peer_sync *s = userdata;
+        struct timeval tv = { .tv_sec = 2 };
+        struct shmz_client *c;
+        struct shmz_port *ports[F10_PORTS];
+        int tcp = lingering_socket(), null = open("/dev/null", O_RDONLY | O_CLOEXEC);
+
+        if (tcp < 0 || null < 0)
+                return 50;
+        if (shmz_connect(d.socket, &c) < 0)
+                return 51;
+        for (int i = 0; i < F10_PORTS; i++) {
+                int sock;
+
+                if (shmz_port_connect(c, "svc", &ports[i]) < 0)
+                        return 52;
+                sock = port_socket_fd(ports[i]);
+                (void) setsockopt(sock, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
+                /* Sent until the port ends (the fix) or all are sent (before it). */
+                for (int k = 0; k < F10_FRAMES; k++)
+                        if (send_fd_frame(sock, k == 0 ? tcp : null) < 0)
+                                break;
+        }
+        if (child_say(s, 'a') < 0 || child_wait(s) < 0)
+                return 53;
+        return 0;
+}
+
+/* Another client of the service (uid 1001): one round trip within 5 s. */
+static int f10_client(void *userdata) {
+        struct shmz_msg m = { .type = 7, .data = "ping", .size = 4, .fd = -1 }, r;
+        struct shmz_client *c;
+        struct shmz_port *p;
+
+        if (shmz_connect(d.socket, &c) < 0)
+                return 60;
+        if (shmz_port_connect(c, "svc", &p) < 0)
+                return 61;
+        if (shmz_port_send(p, &m, 5 * 1000000000LL) < 0)
+                return 62;
+        if (shmz_port_recv(p, &r, 5 * 1000000000LL) < 0)
+                return 63;
+        return r.type == 7 && r.size == 4 && memcmp(r.data, "ping", 4) == 0 ? 0 : 64;
+}
+
+Test(attack, f10_a_port_peer_cannot_fill_the_receivers_fd_table, .fini = stop, .timeout = 120) {
+        struct peer_sync svc, att;
+        unsigned before, peak = 0;
+        pid_t ps, pa;
+
+        harness_init(&d, "[daemon]\n");
+        cr_assert_eq(harness_start(&d, NULL, false), 0, "daemon did not start: %s", harness_log(&d));
+        peer_sync_init(&svc);
+        peer_sync_init(&att);
+        ps = spawn_as(SERVICE_UID, f10_service, &svc);
+        cr_assert_eq(parent_hear(&svc), 'r', "the service did not publish");
+        before = harness_count_fds(ps);
+        pa = spawn_as(NOBODY, f10_attacker, &att);
+        cr_assert_eq(parent_hear(&att), 'a', "the attacker did not get its ports");
+        /* The service reads what came. */
+        for (int i = 0; i < 100; i++) {
+                peak = MAX(peak, harness_count_fds(ps));
+                usleep(10000);
+        }
+        /*
+         * Before the fix: every bare FD frame installed and kept, up to 1025 a port, and what it
+         * dropped stuck behind the lingering socket's close: the service at its limit (1024).
+         * Now: 64 a port, half of a quarter of the limit for one peer uid.
+         */
+        cr_assert_lt(peak, before + 160, "the service went from %u to %u open fds", before, peak);
+        cr_assert_eq(harness_run_as(OTHER_UID, OTHER_UID, f10_client, NULL), 0,
+                     "another client of the service got no answer");
+        parent_say(&att, 'g');
+        cr_assert_eq(harness_wait_child(pa), 0);
+        parent_say(&svc, 'g');
+        cr_assert_eq(harness_wait_child(ps), 0);
+        peer_sync_close(&svc);
+        peer_sync_close(&att);
+}
+
+/* One sender's closes that never return hold up its own next fds, nobody else's, and are counted. */
+Test(attack, f10_stuck_closes_of_one_peer_hold_up_no_one_else, .fini = stop, .timeout = 60) {
+        char dir[192];
+        int fd, pipes[2];
+        struct pollfd pf;
+
+        harness_init(&d, NULL);
+        snprintf(dir, sizeof(dir), "%s/stall", d.dir);
+        fd = stallfs_start_with_stalling_fd(dir, &sf);
+        cr_assert_geq(fd, 0, "stallfs at %s: %s", dir, strerror(-fd));
+        for (int i = 0; i < 3; i++)
+                cr_assert(reaper_take(fcntl(fd, F_DUPFD_CLOEXEC, 3), NOBODY));
+        close(fd);
+        for (int i = 0; i < 500 && stallfs_stalled(sf) < REAPER_TAG_CLOSING; i++)
+                usleep(10000);
+        usleep(100 * 1000);
+        /* Two closes of nobody's at once; its third waits behind them. */
+        cr_assert_eq(stallfs_stalled(sf), REAPER_TAG_CLOSING);
+        cr_assert_eq(reaper_held(NOBODY), 3u);
+        /* Another sender's fd is closed at once: the read end sees the write end go. */
+        cr_assert_eq(pipe2(pipes, O_CLOEXEC), 0);
+        cr_assert(reaper_take(pipes[1], SERVICE_UID));
+        pf = (struct pollfd){ .fd = pipes[0], .events = POLLIN };
+        cr_assert_eq(poll(&pf, 1, 5000), 1, "a close waited behind another sender's stuck one");
+        cr_assert(pf.revents & POLLHUP);
+        close(pipes[0]);
+        stallfs_release(sf);
+        for (int i = 0; i < 500 && reaper_held(NOBODY) > 0; i++)
+                usleep(10000);
+        cr_assert_eq(reaper_held(NOBODY), 0u);
+        cr_assert_eq(reaper_held_total(), 0u);
+}
+
+/* ---- F13: a name the config reserves cannot be squatted ------------------------------------------ */
+
+static int f13_squatter(void *userdata) {
+        struct shmz_client *c;
+        struct shmz_listener *l;
+        int r;
+
+        if (shmz_connect(d.socket, &c) < 0)
+                return 70;
+        r = shmz_port_listen(c, "svc", 0666, &l);
+        if (r == 0)
+                return 71; /* published: the service would get EADDRINUSE, its clients the squatter */
+        return r == -EACCES ? 0 : 72;
+}
+
+static int f13_service(void *userdata) {
+        struct peer_sync *s = userdata;
+        struct shmz_client *c;
+        struct shmz_listener *l;
+
+        if (shmz_connect(d.socket, &c) < 0)
+                return 80;
+        /* Asks for 0666: the reservation's mode is what counts. */
+        if (shmz_port_listen(c, "svc", 0666, &l) < 0)
+                return 81;
+        if (child_say(s, 'r') < 0 || child_wait(s) < 0)
+                return 82;
+        return 0;
+}
+
+static int f13_connect(void *userdata) {
+        struct shmz_client *c;
+        struct shmz_port *p;
+        int r;
+
+        if (shmz_connect(d.socket, &c) < 0)
+                return 90;
+        r = shmz_port_connect(c, "svc", &p);
+        return r == 0 ? 0 : r == -EACCES ? 91 : 92;
+}
+
+Test(attack, f13_a_reserved_port_name_cannot_be_squatted, .fini = stop, .timeout = 60) {
+        struct peer_sync svc;
+        char conf[256];
+        pid_t ps;
+
+        snprintf(conf, sizeof(conf), "[port svc]\nuser = %d\ngroup = %d\nmode = 0620\n", SERVICE_UID, OTHER_UID);
+        harness_init(&d, conf);
+        cr_assert_eq(harness_start(&d, NULL, false), 0, "daemon did not start: %s", harness_log(&d));
+        /* Before the fix: nobody published the name first. */
+        cr_assert_eq(harness_run_as(NOBODY, NOBODY, f13_squatter, NULL), 0, "nobody published a reserved name");
+        peer_sync_init(&svc);
+        ps = spawn_as(SERVICE_UID, f13_service, &svc);
+        cr_assert_eq(parent_hear(&svc), 'r', "the service could not publish its name");
+        /* The group may connect (0620), others may not. */
+        cr_assert_eq(harness_run_as(OTHER_UID, OTHER_UID, f13_connect, NULL), 0, "the group could not connect");
+        cr_assert_eq(harness_run_as(NOBODY, NOBODY, f13_connect, NULL), 91, "others could connect");
+        parent_say(&svc, 'g');
+        cr_assert_eq(harness_wait_child(ps), 0);
+        peer_sync_close(&svc);
+}
+
+/* ---- Segment memory: a receiver that never releases pins what its sender's uid may hold for it alone ---- */
+
+#define PIN_REPLY 60000 /* 15 chunks of 4K: one reply a segment of 16 */
+#define PIN_PORTS 4
+
+static char pin_reply[PIN_REPLY];
+
+/* Every message gets a large reply, sent without waiting (an event loop does not block on one peer). */
+static void pin_handler(struct shmz_port *p, struct shmz_msg *m, void *userdata) {
+        struct shmz_msg r = { .type = m->type, .stream = m->stream, .data = pin_reply, .size = PIN_REPLY, .fd = -1 };
+
+        (void) shmz_port_send(p, &r, 0);
+        shmz_msg_release(p, m);
+}
+
+static int pin_service(void *userdata) {
+        struct peer_sync *s = userdata;
+        struct shmz_port *ports[16];
+        struct shmz_listener *l;
+        struct shmz_client *c;
+        size_t n = 0;
+
+        memset(pin_reply, 'r', sizeof(pin_reply));
+        if (shmz_connect(d.socket, &c) < 0 || shmz_port_listen(c, "svc", 0666, &l) < 0)
+                return 40;
+        if (child_say(s, 'r') < 0)
+                return 42;
+        for (;;) {
+                struct pollfd pf = { .fd = s->go[0], .events = POLLIN };
+                struct shmz_port *np;
+
+                if (poll(&pf, 1, 1) == 1)
+                        return 0;
+                if (n < ELEMENTSOF(ports) && shmz_port_accept(l, 0, &np) == 0) {
+                        shmz_port_set_handler(np, pin_handler, NULL);
+                        ports[n++] = np;
+                }
+                for (size_t i = 0; i < n;) {
+                        int r = shmz_port_dispatch(ports[i], 0);
+
+                        if (r < 0 && r != -EAGAIN && r != -ETIMEDOUT) {
+                                shmz_port_close(ports[i]);
+                                ports[i] = ports[--n];
+                        } else
+                                i++;
+                }
+        }
+}
+
+/* The attacker (nobody): asks each of its ports for large replies and keeps every one it gets. */
+static int pin_attacker(void *userdata) {
+        struct peer_sync *s = userdata;
+        struct shmz_client *c;
+        unsigned kept = 0;
+
+        if (shmz_connect(d.socket, &c) < 0)
+                return 50;
+        for (int i = 0; i < PIN_PORTS; i++) {
+                struct shmz_port *p;
+
+                if (shmz_port_connect(c, "svc", &p) < 0)
+                        return 51;
+                for (int k = 0; k < 3; k++) {
+                        struct shmz_msg m = { .type = 1, .data = "more", .size = 4, .fd = -1 }, r;
+
+                        if (shmz_port_send(p, &m, 1000000000LL) < 0)
+                                return 52;
+                        if (shmz_port_recv(p, &r, 500000000LL) == 0)
+                                kept++; /* never released */
+                }
+        }
+        if (child_say(s, (unsigned char) kept) < 0 || child_wait(s) < 0)
+                return 53;
+        return 0;
+}
+
+/* Another client (uid 1001): one large reply within 5 s. */
+static int pin_client(void *userdata) {
+        struct shmz_msg m = { .type = 1, .data = "one", .size = 3, .fd = -1 }, r;
+        struct shmz_client *c;
+        struct shmz_port *p;
+
+        if (shmz_connect(d.socket, &c) < 0)
+                return 60;
+        if (shmz_port_connect(c, "svc", &p) < 0)
+                return 61;
+        if (shmz_port_send(p, &m, 5 * 1000000000LL) < 0)
+                return 62;
+        if (shmz_port_recv(p, &r, 5 * 1000000000LL) < 0)
+                return 63;
+        return r.size == PIN_REPLY ? 0 : 64;
+}
+
+Test(attack, segment_memory_a_peer_pins_is_bounded_per_peer_uid, .fini = stop, .timeout = 60) {
+        struct peer_sync svc, att;
+        pid_t ps, pa;
+        int kept;
+
+        /* Segments of 16 chunks of 4K (68K with the header); two a direction; six for the service's uid. */
+        harness_init(&d, "[daemon]\nchunk_size = 4K\nsegment_chunks = 16\nport_memory = 128K\n"
+                         "uid_segment_memory = 408K\n");
+        cr_assert_eq(harness_start(&d, NULL, false), 0, "daemon did not start: %s", harness_log(&d));
+        peer_sync_init(&svc);
+        peer_sync_init(&att);
+        ps = spawn_as(SERVICE_UID, pin_service, &svc);
+        cr_assert_eq(parent_hear(&svc), 'r', "the service did not publish");
+        pa = spawn_as(NOBODY, pin_attacker, &att);
+        kept = parent_hear(&att);
+        cr_assert_geq(kept, 3, "nobody kept only %d replies", kept);
+        /* Before the fix: nobody's ports held all six segments the service's uid may have. */
+        cr_assert_eq(harness_run_as(OTHER_UID, OTHER_UID, pin_client, NULL), 0,
+                     "another client got no large reply while nobody pinned the service's segments");
+        parent_say(&att, 'g');
+        cr_assert_eq(harness_wait_child(pa), 0);
+        parent_say(&svc, 'g');
+        cr_assert_eq(harness_wait_child(ps), 0);
+        peer_sync_close(&svc);
+        peer_sync_close(&att);
 }
 
 int main(int argc, char *argv[]) {

@@ -277,6 +277,26 @@ Test(conf, daemon_sizes) {
 
 /* ---- [daemon] port keys ------------------------------------------------------------------ */
 
+Test(conf, port_sections) {
+        struct config *c = expect_ok("[port svc]\nuser = 1000\ngroup = 2000\nmode = 0620\n[port other]\n");
+
+        cr_assert_eq(c->n_port_decls, 2u);
+        cr_assert_str_eq(c->port_decls[0].name, "svc");
+        cr_assert_eq(c->port_decls[0].uid, 1000u);
+        cr_assert_eq(c->port_decls[0].gid, 2000u);
+        cr_assert_eq(c->port_decls[0].mode, 0620u);
+        cr_assert_str_eq(c->port_decls[1].name, "other");
+        cr_assert_eq(c->port_decls[1].uid, 0u);
+        cr_assert_eq(c->port_decls[1].mode, 0600u);
+        config_free(c);
+        expect_error("[port a]\nsize = 1M\n", 2, "port 'a': unknown key 'size'");
+        expect_error("[port a]\nmode = 0999\n", 2, "port 'a': mode must be octal");
+        expect_error("[port a]\nuser = no-such-user-here\n", 2, "port 'a': unknown user");
+        expect_error("[port ../x]\n", 1, "bad port name");
+        expect_error("[port a]\n[port a]\n", 2, "port 'a' declared twice");
+        expect_no_leaks();
+}
+
 Test(conf, port_defaults) {
         struct config *c = expect_ok("");
 
@@ -285,6 +305,7 @@ Test(conf, port_defaults) {
         cr_assert_eq(c->ports.port_memory, UINT64_C(64) << 20);
         cr_assert_eq(c->ports.max_ports_per_uid, 256u);
         cr_assert_eq(c->ports.backlog, 64u);
+        cr_assert_eq(c->ports.uid_connections, 64u);
         cr_assert_eq(c->ports.segment_memory, UINT64_C(4) << 30);
         cr_assert_eq(c->ports.uid_segment_memory, UINT64_C(1) << 30);
         config_free(c);
@@ -294,8 +315,9 @@ Test(conf, port_defaults) {
 Test(conf, port_keys) {
         struct config *c = expect_ok("[daemon]\nchunk_size = 4K\nsegment_chunks = 16384\nport_memory = 1G\n"
                                      "max_ports_per_uid = 1\nport_backlog = 65536\nsegment_memory = 2T\n"
-                                     "uid_segment_memory = 3G\n");
+                                     "uid_segment_memory = 3G\nport_uid_connections = 5\n");
 
+        cr_assert_eq(c->ports.uid_connections, 5u);
         cr_assert_eq(c->ports.chunk_size, 4096u);
         cr_assert_eq(c->ports.segment_chunks, SHMZ_SEGMENT_MAX_CHUNKS);
         cr_assert_eq(c->ports.port_memory, UINT64_C(1) << 30);
@@ -322,6 +344,7 @@ Test(conf, port_keys_out_of_range) {
         expect_error("[daemon]\nport_memory = 65G\n", 2, "port_memory: bad size");
         expect_error("[daemon]\nmax_ports_per_uid = 0\n", 2, "max_ports_per_uid must be");
         expect_error("[daemon]\nport_backlog = 65537\n", 2, "port_backlog must be");
+        expect_error("[daemon]\nport_uid_connections = 0\n", 2, "port_uid_connections must be");
         expect_error("[daemon]\nport_backlog = -3\n", 2, "port_backlog must be");
         expect_error("[daemon]\nsegment_memory = 0\n", 2, "segment_memory: bad size");
         expect_error("[daemon]\nuid_segment_memory = lots\n", 2, "uid_segment_memory: bad size");

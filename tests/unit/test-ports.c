@@ -36,6 +36,7 @@ static void setup_with(uint32_t chunk_size, uint32_t chunks, uint64_t port_memor
                 .port_memory = port_memory,
                 .max_ports_per_uid = per_uid,
                 .backlog = backlog,
+                .uid_connections = 1000,
                 .segment_memory = UINT64_C(1) << 30,
                 .uid_segment_memory = UINT64_C(1) << 30,
         };
@@ -154,9 +155,10 @@ Test(ports, backlog_and_accept) {
         void *owner;
 
         cr_assert_eq(ports_listen(pt, &OWNER, "svc", 0666, NULL, &l), 0);
+        /* The owner's own connections may fill the backlog (another uid gets half of it). */
         for (int i = 0; i < 4; i++)
-                p[i] = connect_ok(&OTHER, "svc");
-        cr_assert_eq(ports_connect(pt, &OTHER, "svc", &p[4], &owner), -EAGAIN);
+                p[i] = connect_ok(&OWNER, "svc");
+        cr_assert_eq(ports_connect(pt, &OWNER, "svc", &p[4], &owner), -EAGAIN);
         cr_assert_eq(ports_listener_info(pt, "svc", &li, NULL), 0);
         cr_assert_eq(li.backlog, 4u);
         cr_assert_eq(li.connections, 4u);
@@ -170,8 +172,8 @@ Test(ports, backlog_and_accept) {
         cr_assert_eq(ports_accepted(pt, l, pi.port_id), 0);
         cr_assert_eq(ports_accepted(pt, l, pi.port_id), -EALREADY);
         cr_assert_eq(ports_accepted(pt, l, 999), -ENOENT);
-        p[4] = connect_ok(&OTHER, "svc");
-        cr_assert_eq(ports_connect(pt, &OTHER, "svc", &(struct port *){ NULL }, &owner), -EAGAIN);
+        p[4] = connect_ok(&OWNER, "svc");
+        cr_assert_eq(ports_connect(pt, &OWNER, "svc", &(struct port *){ NULL }, &owner), -EAGAIN);
 
         /* A dropped unaccepted port leaves the backlog. */
         ports_port_drop(pt, p[1], true);
@@ -198,35 +200,122 @@ Test(ports, backlog_and_accept) {
 
 Test(ports, per_uid_limit) {
         struct port *p[16];
-        struct listener *l;
+        struct listener *l, *l2;
         void *owner;
         size_t n = 0;
 
         teardown();
         setup_with(4096, 16, 65536, 4, 64);
-        /* The listener and both sides of each port count. */
+        /* A port counts for its connector alone; the listener for its owner. */
         cr_assert_eq(ports_listen(pt, &OWNER, "svc", 0666, NULL, &l), 0);
-        for (; n < 3; n++)
+        for (; n < 4; n++)
                 p[n] = connect_ok(&OTHER, "svc");
-        /* OWNER holds 4 now: no more ports to its listener, nor listeners. */
-        cr_assert_eq(ports_connect(pt, &GRP, "svc", &p[n], &owner), -EUSERS);
-        cr_assert_eq(ports_listen(pt, &OWNER, "svc2", 0666, NULL, NULL), -EUSERS);
-        ports_port_drop(pt, p[--n], false);
-        p[n++] = connect_ok(&GRP, "svc");
-        ports_port_drop(pt, p[--n], false);
-        /* OTHER holds 2; it listens twice and connects to itself? 2 + 1 + 2 > 4. */
-        struct listener *lo;
-        cr_assert_eq(ports_listen(pt, &OTHER, "mine", 0600, NULL, &lo), 0);
-        cr_assert_eq(ports_connect(pt, &OTHER, "mine", &p[n], &owner), -EUSERS);
-        ports_unlisten(pt, lo);
-        p[n] = connect_ok(&OTHER, "svc");
-        n++;
         cr_assert_eq(ports_connect(pt, &OTHER, "svc", &p[n], &owner), -EUSERS);
+        /* OTHER's four ports cost OWNER nothing: it publishes and connects as before, and others get in. */
+        cr_assert_eq(ports_listen(pt, &OWNER, "svc2", 0666, NULL, &l2), 0);
+        p[n++] = connect_ok(&OWNER, "svc");
+        p[n++] = connect_ok(&GRP, "svc");
+        ports_port_drop(pt, p[0], false);
+        p[0] = connect_ok(&OTHER, "svc");
+        cr_assert_eq(ports_connect(pt, &OTHER, "svc2", &p[n], &owner), -EUSERS);
+        while (n > 0)
+                ports_port_drop(pt, p[--n], false);
+        ports_unlisten(pt, l2);
+        ports_unlisten(pt, l);
+        /* Two listeners and two ports of OWNER's: four. */
+        cr_assert_eq(ports_listen(pt, &OWNER, "a", 0666, NULL, &l), 0);
+        cr_assert_eq(ports_listen(pt, &OWNER, "b", 0666, NULL, &l2), 0);
+        p[n++] = connect_ok(&OWNER, "a");
+        p[n++] = connect_ok(&OWNER, "a");
+        cr_assert_eq(ports_connect(pt, &OWNER, "b", &p[n], &owner), -EUSERS);
+        cr_assert_eq(ports_listen(pt, &OWNER, "c", 0666, NULL, NULL), -EUSERS);
+        while (n > 0)
+                ports_port_drop(pt, p[--n], false);
+        ports_unlisten(pt, l2);
+        ports_unlisten(pt, l);
+}
+
+static uint64_t port_id_of(struct port *p) {
+        struct shmz_msg_port_peer peer;
+
+        ports_port_peer(pt, p, SHMZ_PORT_SIDE_CONNECTOR, &peer);
+        return peer.port_id;
+}
+
+Test(ports, one_uid_takes_a_bounded_share_of_a_listener) {
+        struct port *p[16];
+        struct listener *l;
+        void *owner;
+        size_t n = 0;
+
+        teardown();
+        setup_with(4096, 16, 65536, 64, 4);
+        lim.uid_connections = 3;
+        ports_set_limits(pt, &lim);
+        cr_assert_eq(ports_listen(pt, &OWNER, "svc", 0666, NULL, &l), 0);
+        /* Half the backlog unaccepted: two. */
+        p[n++] = connect_ok(&OTHER, "svc");
+        p[n++] = connect_ok(&OTHER, "svc");
+        cr_assert_eq(ports_connect(pt, &OTHER, "svc", &p[n], &owner), -EUSERS);
+        /* The rest of the backlog is others'. */
+        p[n++] = connect_ok(&GRP, "svc");
+        cr_assert_eq(ports_accepted(pt, l, port_id_of(p[0])), 0);
+        /* One accepted, one pending: one more, then three live is all. */
+        p[n++] = connect_ok(&OTHER, "svc");
+        cr_assert_eq(ports_accepted(pt, l, port_id_of(p[1])), 0);
+        cr_assert_eq(ports_accepted(pt, l, port_id_of(p[3])), 0);
+        cr_assert_eq(ports_connect(pt, &OTHER, "svc", &p[n], &owner), -EUSERS);
+        /* The owner and root are not bounded by it. */
+        for (int i = 0; i < 3; i++) {
+                p[n] = connect_ok(i == 0 ? &ROOT : &OWNER, "svc");
+                cr_assert_eq(ports_accepted(pt, l, port_id_of(p[n])), 0);
+                n++;
+        }
+        /* A port that ends gives its share back. */
+        ports_port_drop(pt, p[0], false);
+        p[0] = connect_ok(&OTHER, "svc");
         while (n > 0)
                 ports_port_drop(pt, p[--n], false);
         ports_unlisten(pt, l);
-        cr_assert_eq(ports_listen(pt, &OWNER, "svc2", 0666, NULL, &l), 0);
+}
+
+Test(ports, reserved_names) {
+        struct port_decl rd[] = {
+                { .name = "svc", .uid = 1000, .gid = 2000, .mode = 0620 },
+                { .name = "solo", .uid = 1000, .gid = 2000, .mode = 0600 },
+        };
+        struct shmz_msg_port_info li;
+        struct listener *l;
+        struct port *p;
+        void *owner;
+
+        cr_assert_eq(ports_set_reserved(pt, rd, ELEMENTSOF(rd)), 0);
+        /* Only its user, root, or its group where the mode grants the group write. */
+        cr_assert_eq(ports_listen(pt, &OTHER, "svc", 0666, NULL, NULL), -EACCES);
+        cr_assert_eq(ports_listen(pt, &GRP, "solo", 0666, NULL, NULL), -EACCES);
+        cr_assert_eq(ports_listen(pt, &GRP, "svc", 0666, NULL, &l), 0);
+        /* The reservation's ACL, not the publisher's. */
+        cr_assert_eq(ports_listener_info(pt, "svc", &li, NULL), 0);
+        cr_assert_eq(li.mode, 0620u);
+        cr_assert_eq(li.uid, 1000u);
+        cr_assert_eq(li.gid, 2000u);
+        cr_assert_eq(li.uid_side[1], 1001u);
+        cr_assert_eq(ports_connect(pt, &OTHER, "svc", &p, &owner), -EACCES);
+        p = connect_ok(&SUPP, "svc");
+        ports_port_drop(pt, p, false);
         ports_unlisten(pt, l);
+        cr_assert_eq(ports_listen(pt, &OWNER, "solo", 0666, NULL, &l), 0);
+        ports_unlisten(pt, l);
+        cr_assert_eq(ports_listen(pt, &ROOT, "solo", 0666, NULL, &l), 0);
+        ports_unlisten(pt, l);
+        /* Unreserved names are first come, first served, as before; a reload can drop reservations. */
+        cr_assert_eq(ports_listen(pt, &OTHER, "free", 0600, NULL, &l), 0);
+        ports_unlisten(pt, l);
+        cr_assert_eq(ports_set_reserved(pt, NULL, 0), 0);
+        cr_assert_eq(ports_listen(pt, &OTHER, "svc", 0666, NULL, &l), 0);
+        ports_unlisten(pt, l);
+        rd[0].mode = 01000;
+        cr_assert_eq(ports_set_reserved(pt, rd, 1), -EINVAL);
 }
 
 static void check_segment_fd(int fd, const struct shmz_msg_segment_info *si) {
@@ -255,44 +344,55 @@ static void check_segment_fd(int fd, const struct shmz_msg_segment_info *si) {
         cr_assert_eq(ftruncate(fd, 0), -1);
 }
 
-/* Segments are also bounded per sending uid and for all ports together, whatever each port may hold. */
-Test(ports, segment_memory_per_uid_and_in_all) {
+/*
+ * Segments are also bounded per sending uid, per sending uid towards one receiving uid (half of the
+ * former: the receiver decides when chunks come back), and for all ports together.
+ */
+Test(ports, segment_memory_per_uid_per_peer_and_in_all) {
         const uint64_t seg = SHMZ_SEGMENT_HEADER_SIZE + 4096 * 16;
-        struct shmz_msg_port_peer c1, c2, a1;
+        struct shmz_msg_port_peer c1, c2, c3, a1;
         struct shmz_msg_segment_info si;
-        struct listener *l;
-        struct port *p1, *p2;
+        struct listener *l, *l2;
+        struct port *p1, *p2, *p3;
         int fds[8], n = 0, fd = -1;
 
-        /* Each direction may hold 4 segments (the suite's setup); a uid 3, all ports 5. */
+        /* Each direction may hold 4 segments (the suite's setup); a uid 4, 2 towards one uid; all ports 6. */
         teardown();
-        lim.uid_segment_memory = 3 * seg;
-        lim.segment_memory = 5 * seg;
+        lim.uid_segment_memory = 4 * seg;
+        lim.segment_memory = 6 * seg;
         cr_assert_eq(ports_new(&lim, &pt), 0);
 
         cr_assert_eq(ports_listen(pt, &OWNER, "svc", 0666, NULL, &l), 0);
+        cr_assert_eq(ports_listen(pt, &GRP, "svc2", 0666, NULL, &l2), 0);
         p1 = connect_ok(&OTHER, "svc");
-        p2 = connect_ok(&OTHER, "svc");
+        p2 = connect_ok(&OTHER, "svc2");
         ports_port_peer(pt, p1, 0, &c1);
         ports_port_peer(pt, p2, 0, &c2);
         ports_port_peer(pt, p1, 1, &a1);
-        /* OTHER sends on two ports: 3 segments in all, wherever they are. */
+        /* OTHER sends to OWNER: two segments, whatever the port may hold. */
         cr_assert_eq(ports_segment_create(pt, c1.port_id, c1.token, 0, &si, &fds[n++]), 0);
         cr_assert_eq(ports_segment_create(pt, c1.port_id, c1.token, 0, &si, &fds[n++]), 0);
+        cr_assert_eq(ports_segment_create(pt, c1.port_id, c1.token, 0, &si, &fd), -ENOSPC);
+        /* And to GRP: two more, then its uid's four are used. */
+        cr_assert_eq(ports_segment_create(pt, c2.port_id, c2.token, 0, &si, &fds[n++]), 0);
         cr_assert_eq(ports_segment_create(pt, c2.port_id, c2.token, 0, &si, &fds[n++]), 0);
         cr_assert_eq(ports_segment_create(pt, c2.port_id, c2.token, 0, &si, &fd), -ENOSPC);
-        cr_assert_eq(ports_segment_create(pt, c1.port_id, c1.token, 0, &si, &fd), -ENOSPC);
-        /* OWNER has its own share, until all ports together hold 5. */
+        /* OWNER has its own share, until all ports together hold 6. */
         cr_assert_eq(ports_segment_create(pt, a1.port_id, a1.token, 1, &si, &fds[n++]), 0);
         cr_assert_eq(ports_segment_create(pt, a1.port_id, a1.token, 1, &si, &fds[n++]), 0);
         cr_assert_eq(ports_segment_create(pt, a1.port_id, a1.token, 1, &si, &fd), -ENOSPC);
         cr_assert_eq(fd, -1);
-        /* A port that ends gives its segments back to both counts. */
+        /* A port that ends gives its segments back to every count: OTHER's towards OWNER stay at two. */
         ports_port_drop(pt, p2, false);
-        cr_assert_eq(ports_segment_create(pt, c1.port_id, c1.token, 0, &si, &fds[n++]), 0);
+        cr_assert_eq(ports_segment_create(pt, c1.port_id, c1.token, 0, &si, &fd), -ENOSPC);
+        p3 = connect_ok(&OTHER, "svc2");
+        ports_port_peer(pt, p3, 0, &c3);
+        cr_assert_eq(ports_segment_create(pt, c3.port_id, c3.token, 0, &si, &fds[n++]), 0);
         for (int i = 0; i < n; i++)
                 close(fds[i]);
+        ports_port_drop(pt, p3, false);
         ports_port_drop(pt, p1, false);
+        ports_unlisten(pt, l2);
         ports_unlisten(pt, l);
 }
 

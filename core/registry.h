@@ -91,6 +91,7 @@ struct zone_decl {
         uint32_t uid;
         uint32_t gid;
         uint32_t mode;
+        bool persist; /* written to the state directory, restored when systemd's fd store lacks it */
 };
 
 /* What every uid may take, and all of them together. */

@@ -30,6 +30,7 @@ static const char *arg_config = NULL;
 static const char *arg_socket = NULL;
 static const char *arg_mount = NULL;
 static bool arg_no_mount = false;
+static bool arg_check_config = false;
 static int arg_threads = -1;
 /* The listening socket came from systemd (socket activation): its file is not ours to remove. */
 static bool listen_fd_passed = false;
@@ -42,6 +43,7 @@ static void help(void) {
                "  -m --mount=PATH     mount the FUSE view here (default %s)\n"
                "     --no-mount       run without the FUSE view\n"
                "  -t --threads=N      port worker threads (default: CPUs, at most %u)\n"
+               "     --check-config   check the configuration file, print every error, exit 0 or 1\n"
                "  -v --verbose        log debug messages\n"
                "  -h --help           show this help\n"
                "     --version        show the version\n\n"
@@ -50,12 +52,13 @@ static void help(void) {
 }
 
 static int parse_argv(int argc, char *argv[]) {
-        enum { ARG_VERSION = 0x100, ARG_NO_MOUNT };
+        enum { ARG_VERSION = 0x100, ARG_NO_MOUNT, ARG_CHECK_CONFIG };
         static const struct option options[] = {
                 { "config", required_argument, NULL, 'c' },
                 { "socket", required_argument, NULL, 's' },
                 { "mount", required_argument, NULL, 'm' },
                 { "no-mount", no_argument, NULL, ARG_NO_MOUNT },
+                { "check-config", no_argument, NULL, ARG_CHECK_CONFIG },
                 { "threads", required_argument, NULL, 't' },
                 { "verbose", no_argument, NULL, 'v' },
                 { "help", no_argument, NULL, 'h' },
@@ -83,6 +86,9 @@ static int parse_argv(int argc, char *argv[]) {
                 case ARG_NO_MOUNT:
                         arg_no_mount = true;
                         break;
+                case ARG_CHECK_CONFIG:
+                        arg_check_config = true;
+                        break;
                 case 't': {
                         char *end;
                         long n = strtol(optarg, &end, 10);
@@ -109,21 +115,8 @@ static int parse_argv(int argc, char *argv[]) {
         return 1;
 }
 
-/* Loads the config: the default path may be missing (built-in defaults), an explicit one may not. */
-static int load_config(struct config **ret) {
-        const char *path = arg_config ?: SHMZ_DEFAULT_CONFIG;
-        struct config *c;
-        int r;
-
-        r = config_load(path, &c);
-        if (r == -ENOENT && !arg_config) {
-                log_notice("%s does not exist; running with built-in defaults.", path);
-                r = config_new_default(&c);
-        } else if (r == -ENOENT)
-                return log_error_errno(r, "%s: %m", path);
-        if (r < 0)
-                return r;
-        /* Command-line options win over the file. */
+/* Command-line options win over the file; takes c. */
+static int apply_arguments(struct config *c, struct config **ret) {
         if (arg_socket) {
                 free(c->socket_path);
                 c->socket_path = strdup(arg_socket);
@@ -143,6 +136,57 @@ static int load_config(struct config **ret) {
                 c->threads = (unsigned) arg_threads;
         *ret = c;
         return 0;
+}
+
+/* Logs each line of text at priority. */
+static void log_lines(int priority, const char *text) {
+        for (const char *p = text, *e; p && *p; p = e + 1) {
+                e = strchrnul(p, '\n');
+                log_full_errno(priority, 0, "%.*s", (int) (e - p), p);
+                if (!*e)
+                        break;
+        }
+}
+
+/*
+ * Loads the config: the default path may be missing (built-in defaults), an
+ * explicit one may not. A refused file: -EINVAL with every error in
+ * *ret_errors ("path:line: message" lines), nothing logged.
+ */
+static int load_config(struct config **ret, char **ret_errors) {
+        const char *path = arg_config ?: SHMZ_DEFAULT_CONFIG;
+        struct config *c;
+        int r;
+
+        *ret_errors = NULL;
+        r = config_parse(path, &c, ret_errors);
+        if (r == -ENOENT && !arg_config) {
+                log_notice("%s does not exist; running with built-in defaults.", path);
+                r = config_new_default(&c);
+        } else if (r == -ENOENT || r == -EACCES || r == -ENOMEM) {
+                if (asprintf(ret_errors, "%s: %s\n", path, strerror(-r)) < 0)
+                        *ret_errors = NULL;
+                return r == -ENOMEM ? r : -EINVAL;
+        }
+        if (r < 0)
+                return r;
+        return apply_arguments(c, ret);
+}
+
+/* --check-config: what a start or reload would say of the file, on stderr; 0 or 1. */
+static int check_config(void) {
+        _cleanup_free_ char *errors = NULL;
+        struct config *c = NULL;
+        int r;
+
+        r = load_config(&c, &errors);
+        config_free(c);
+        if (r < 0) {
+                fputs(errors ?: "Out of memory.\n", stderr);
+                return EXIT_FAILURE;
+        }
+        printf("%s: OK\n", arg_config ?: SHMZ_DEFAULT_CONFIG);
+        return EXIT_SUCCESS;
 }
 
 #ifndef SO_PASSRIGHTS
@@ -359,6 +403,8 @@ static void view_figures(void *userdata, struct fuse_view_figures *ret) {
                 .requests = atomic_load(&d->requests),
                 .errors = atomic_load(&d->errors),
                 .uptime_usec = now_usec(CLOCK_MONOTONIC) - d->start_usec,
+                .config_degraded = atomic_load(&d->degraded),
+                .config_errors = atomic_load(&d->config_errors),
         };
 }
 
@@ -366,17 +412,44 @@ static void apply_client_limits(struct daemon *d, const struct config *c) {
         clients_set_limits(d->clients, c->max_clients, c->uid_max_clients, (uint64_t) c->hello_timeout * 1000000u);
 }
 
-static int on_reload(sd_event_source *s, const struct signalfd_siginfo *si, void *userdata) {
-        struct daemon *d = userdata;
+static unsigned count_lines(const char *text) {
+        unsigned n = 0;
+
+        for (const char *p = text; p && *p; p++)
+                n += *p == '\n';
+        return n;
+}
+
+/* Says the file was refused: in the log (each error at err), the status line and the view. Reload lock held. */
+static void set_problem(struct daemon *d, bool degraded, const char *errors) {
+        unsigned n = count_lines(errors);
+
+        log_lines(LOG_ERR, errors);
+        atomic_store(&d->config_errors, MAX(n, 1u));
+        atomic_store(&d->degraded, degraded);
+        pthread_mutex_lock(&d->problem_lock);
+        (void) snprintf(d->problem, sizeof(d->problem),
+                        degraded ? "Degraded: %s refused (%u error(s)), serving the kept zones with built-in defaults"
+                                 : "Last reload refused: %s (%u error(s)), running the previous configuration",
+                        d->config_path, MAX(n, 1u));
+        pthread_mutex_unlock(&d->problem_lock);
+}
+
+int daemon_reload(struct daemon *d, char **ret_errors, int *ret_refused) {
+        _cleanup_free_ char *errors = NULL;
         struct config *c;
         int r;
 
+        *ret_errors = NULL;
+        *ret_refused = 0;
+        pthread_mutex_lock(&d->reload_lock);
         notify_reloading();
         log_info("Reloading %s.", d->config_path);
-        r = load_config(&c);
-        if (r < 0)
-                log_error("Reload failed; keeping the running configuration.");
-        else {
+        r = load_config(&c, &errors);
+        if (r < 0) {
+                set_problem(d, atomic_load(&d->degraded), errors ?: "out of memory\n");
+                log_error("Reload refused; keeping the running configuration.");
+        } else {
                 /* Socket, mount and threads are set up once; say so rather than ignore a change silently. */
                 if (!streq(c->socket_path, d->cfg->socket_path) ||
                     !streq(c->mount_path ?: "", d->cfg->mount_path ?: "") || c->threads != d->cfg->threads)
@@ -384,15 +457,32 @@ static int on_reload(sd_event_source *s, const struct signalfd_siginfo *si, void
                 apply_client_limits(d, c);
                 /* Ports and segments made from now on get the new limits; live ones keep theirs. */
                 ports_set_limits(d->ports, &c->ports);
-                r = apply_config(d, c);
-                if (r != 0)
-                        log_warning("Reload: %d zone declaration(s) refused, see above.", r);
+                *ret_refused = apply_config(d, c);
+                if (*ret_refused != 0)
+                        log_warning("Reload: %d zone declaration(s) refused, see above.", *ret_refused);
                 config_free(d->cfg);
                 d->cfg = c;
+                if (atomic_load(&d->degraded))
+                        log_notice("%s applied; no longer degraded.", d->config_path);
+                pthread_mutex_lock(&d->problem_lock);
+                d->problem[0] = 0;
+                pthread_mutex_unlock(&d->problem_lock);
+                atomic_store(&d->degraded, false);
+                atomic_store(&d->config_errors, 0);
         }
         /* The last line of every reload, so that whoever sent SIGHUP can tell it has been handled. */
         log_info("Reload done.");
         notify_ready(d);
+        pthread_mutex_unlock(&d->reload_lock);
+        *ret_errors = TAKE_PTR(errors);
+        return r < 0 ? -EINVAL : 0;
+}
+
+static int on_reload(sd_event_source *s, const struct signalfd_siginfo *si, void *userdata) {
+        _cleanup_free_ char *errors = NULL;
+        int refused;
+
+        (void) daemon_reload(userdata, &errors, &refused);
         return 0;
 }
 
@@ -440,6 +530,18 @@ static int run(struct daemon *d) {
         r = take_passed_fds(d, &adopted);
         if (r < 0)
                 return r;
+        if (d->start_errors) {
+                /* Refusing to start would make systemd empty its fd store, and the zones would go with it. */
+                if (adopted == 0) {
+                        log_lines(LOG_ERR, d->start_errors);
+                        return log_error_errno(EINVAL, "%s refused; not starting.", d->config_path);
+                }
+                set_problem(d, true, d->start_errors);
+                log_error("%s refused: serving the %u zone(s) kept from the previous run with built-in defaults "
+                          "until a reload or restart applies a good file.",
+                          d->config_path, adopted);
+                goto serve;
+        }
         r = apply_config(d, d->cfg);
         /* After a restart the zones have data: refuse a declaration as a reload does, keep serving them. */
         if (r != 0 && adopted > 0)
@@ -448,6 +550,7 @@ static int run(struct daemon *d) {
         else if (r != 0)
                 return log_error_errno(EINVAL, "%d zone declaration(s) cannot be served; not starting.", r);
 
+serve:
         r = open_listen_socket(d);
         if (r < 0)
                 return r;
@@ -522,19 +625,32 @@ static void daemon_done(struct daemon *d) {
 }
 
 int main(int argc, char *argv[]) {
-        struct daemon d = { .listen_fd = -EBADF };
+        struct daemon d = { .listen_fd = -EBADF,
+                            .reload_lock = PTHREAD_MUTEX_INITIALIZER,
+                            .problem_lock = PTHREAD_MUTEX_INITIALIZER };
         int r;
 
         r = parse_argv(argc, argv);
         if (r <= 0)
                 return r < 0 ? EXIT_FAILURE : EXIT_SUCCESS;
+        if (arg_check_config)
+                return check_config();
         d.config_path = arg_config ?: SHMZ_DEFAULT_CONFIG;
         d.start_usec = now_usec(CLOCK_MONOTONIC);
 
-        r = load_config(&d.cfg);
+        r = load_config(&d.cfg, &d.start_errors);
+        /* A refused file: decided once the fd store is read (run()); built-in defaults meanwhile. */
+        if (r == -EINVAL) {
+                struct config *c;
+
+                r = config_new_default(&c);
+                if (r >= 0)
+                        r = apply_arguments(c, &d.cfg);
+        }
         if (r >= 0)
                 r = run(&d);
         daemon_done(&d);
+        free(d.start_errors);
         if (r < 0) {
                 (void) sd_notifyf(false, "STATUS=Failed: %s\nERRNO=%d", strerror(-r), -r);
                 return EXIT_FAILURE;

@@ -1,0 +1,267 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+/*
+ * No zone is lost by an operator's ordinary action: --check-config, a
+ * restart with a config the daemon cannot use (it keeps the zones systemd's
+ * fd store gave back and says it runs degraded), and a reload that waits and
+ * returns the file's errors (shmzctl reload, the unit's ExecReload=). The
+ * harness plays systemd, as in test-restart.c.
+ */
+#include <criterion/criterion.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "harness.h"
+#include "shmzone.h"
+#include "util.h"
+
+static struct daemon_proc d;
+
+#define GOOD_CONFIG "[daemon]\nmemory_budget = 64M\n[zone decl]\nsize = 64K\ntag = d\nmode = 0644\n"
+/* Three errors, on lines 2, 4 and 6. */
+#define BAD_CONFIG                                                                                                     \
+        "[daemon]\nmemory_budget = lots\n[zone decl]\nsize = 64K\ntag = d\nmode = 0644\n"                              \
+        "bogus = 1\n[zone other]\nsize = -1\n"
+
+static void start(void) {
+        harness_init(&d, GOOD_CONFIG);
+        cr_assert_eq(harness_start(&d, NULL, false), 0, "daemon did not start: %s", harness_log(&d));
+}
+
+static void stop(void) {
+        harness_stop_clean(&d);
+}
+
+TestSuite(keep, .init = start, .fini = stop, .timeout = 90);
+
+/* Runs a shell command line; its stdout and stderr in out; returns its exit status. */
+static int run(char *out, size_t size, const char *fmt, ...) {
+        char cmd[1024];
+        va_list ap;
+        FILE *p;
+        size_t n = 0;
+        int status;
+
+        va_start(ap, fmt);
+        (void) vsnprintf(cmd, sizeof(cmd), fmt, ap);
+        va_end(ap);
+        p = popen(cmd, "r");
+        cr_assert_not_null(p);
+        while (n + 1 < size) {
+                size_t k = fread(out + n, 1, size - n - 1, p);
+
+                if (k == 0)
+                        break;
+                n += k;
+        }
+        out[n] = 0;
+        status = pclose(p);
+        return WIFEXITED(status) ? WEXITSTATUS(status) : 128;
+}
+
+static const char *tool(const char *var) {
+        const char *p = getenv(var);
+
+        cr_assert_not_null(p, "$%s is not set", var);
+        return p;
+}
+
+static void write_file(const char *path, const char *text) {
+        FILE *f = fopen(path, "we");
+
+        cr_assert_not_null(f);
+        cr_assert_geq(fputs(text, f), 0);
+        cr_assert_eq(fclose(f), 0);
+}
+
+Test(keep, check_config) {
+        char out[4096], want[1024], path[256];
+
+        cr_assert_eq(run(out, sizeof(out), "%s --check-config --config %s 2>&1", tool("SHMZONED"), d.config), 0, "%s",
+                     out);
+        snprintf(want, sizeof(want), "%s: OK\n", d.config);
+        cr_expect_str_eq(out, want);
+
+        /* Every error, as FILE:LINE: message, nothing else; exit 1. */
+        snprintf(path, sizeof(path), "%s/bad.conf", d.dir);
+        write_file(path, BAD_CONFIG);
+        cr_assert_eq(run(out, sizeof(out), "%s --check-config --config %s 2>&1", tool("SHMZONED"), path), 1, "%s", out);
+        snprintf(want, sizeof(want),
+                 "%1$s:2: memory_budget: bad size 'lots' (a number with an optional K, M, G or T suffix)\n"
+                 "%1$s:7: zone 'decl': unknown key 'bogus'\n"
+                 "%1$s:9: zone 'other': bad size '-1' (a number with an optional K, M, G or T suffix)\n",
+                 path);
+        cr_expect_str_eq(out, want);
+
+        /* An explicit file must exist, as for a start. */
+        snprintf(path, sizeof(path), "%s/missing.conf", d.dir);
+        cr_assert_eq(run(out, sizeof(out), "%s --check-config --config %s 2>&1", tool("SHMZONED"), path), 1, "%s", out);
+        snprintf(want, sizeof(want), "%s: No such file or directory\n", path);
+        cr_expect_str_eq(out, want);
+        /* It checked, it did not start: the running daemon still serves alone. */
+        cr_expect_eq(access(d.socket, F_OK), 0);
+}
+
+/* Stops the daemon and starts it again with the fds it stored, as systemctl restart does. */
+static int restart(void) {
+        static int fds[HARNESS_MAX_STORED];
+        static const char *names[HARNESS_MAX_STORED];
+        int r;
+
+        harness_drain_notify(&d);
+        cr_assert_eq(harness_stop(&d), 0);
+        for (size_t i = 0; i < d.n_stored; i++) {
+                fds[i] = d.stored_fds[i];
+                names[i] = d.stored_names[i];
+        }
+        d.listen_fds = fds;
+        d.listen_names = names;
+        d.n_listen = d.n_stored;
+        r = harness_start(&d, NULL, true);
+        return r;
+}
+
+static void expect_log(const char *line) {
+        cr_expect_eq(harness_wait_log(&d, line, 5), 0, "no '%s' in the log:\n%s", line, harness_log(&d));
+}
+
+/* A file from the view, NUL-terminated, in buf. */
+static void read_view(const char *name, char *buf, size_t size) {
+        char path[256];
+        ssize_t n;
+        int fd;
+
+        snprintf(path, sizeof(path), "%s/%s", d.mount, name);
+        fd = open(path, O_RDONLY | O_CLOEXEC);
+        cr_assert_geq(fd, 0, "%s: %s", path, strerror(errno));
+        n = read(fd, buf, size - 1);
+        cr_assert_geq(n, 0);
+        buf[n] = 0;
+        close(fd);
+}
+
+Test(keep, restart_with_bad_config_keeps_zones) {
+        struct shmz_client *c = harness_connect(&d);
+        struct shmz_zone *z;
+        struct shmz_zone_stat st;
+        char metrics[16384];
+
+        cr_assert_not_null(c);
+        cr_assert_eq(shmz_zone_open(c, "mine", 1 << 20, "m", SHMZ_CREATE, &z), 0);
+        memset(shmz_zone_base(z), 0x5a, 1 << 20);
+        shmz_zone_close(z);
+        cr_assert_eq(shmz_zone_open(c, "decl", 0, "d", 0, &z), 0);
+        memcpy(shmz_zone_base(z), "declared bytes", 14);
+        shmz_zone_close(z);
+        shmz_disconnect(c);
+
+        harness_write_config(&d, BAD_CONFIG);
+        cr_assert_eq(restart(), 0, "the daemon gave up its zones for a bad config: %s", harness_log(&d));
+        /* Every error at err, and what it does instead. */
+        expect_log("<3>");
+        cr_expect(strstr(harness_log(&d), ":2: memory_budget: bad size 'lots'"), "%s", harness_log(&d));
+        cr_expect(strstr(harness_log(&d), ":9: zone 'other': bad size '-1'"), "%s", harness_log(&d));
+        expect_log("refused: serving the 2 zone(s) kept from the previous run with built-in defaults");
+        cr_expect(strstr(d.notified, "STATUS=Degraded: "), "no degraded status: %s", d.notified);
+        read_view("metrics", metrics, sizeof(metrics));
+        cr_expect(strstr(metrics, "\nshmzone_config_degraded 1\n"), "%s", metrics);
+        cr_expect(strstr(metrics, "\nshmzone_config_errors 3\n"), "%s", metrics);
+
+        c = harness_connect(&d);
+        cr_assert_not_null(c);
+        cr_assert_eq(shmz_zone_open(c, "mine", 0, "m", 0, &z), 0);
+        for (size_t i = 0; i < (1 << 20); i++)
+                cr_assert_eq(((unsigned char *) shmz_zone_base(z))[i], 0x5a, "byte %zu", i);
+        shmz_zone_close(z);
+        cr_assert_eq(shmz_zone_open(c, "decl", 0, "d", 0, &z), 0);
+        cr_expect_eq(memcmp(shmz_zone_base(z), "declared bytes", 14), 0);
+        shmz_zone_close(z);
+        /* Declared zones stay declared: nothing was retired for want of a config. */
+        cr_assert_eq(shmz_zone_stat(c, "decl", &st), 0);
+        cr_expect(st.flags & SHMZ_ZONE_INFO_DECLARED);
+        /* It serves: new zones too. */
+        cr_assert_eq(shmz_zone_open(c, "new", 65536, "", SHMZ_CREATE, &z), 0);
+        shmz_zone_close(z);
+
+        /* A fixed file, reloaded: applied, no longer degraded. */
+        harness_write_config(&d, GOOD_CONFIG "[zone more]\nsize = 64K\n");
+        cr_assert_eq(harness_reload(&d), 0);
+        expect_log("applied; no longer degraded.");
+        cr_expect_null(strstr(d.notified, "Degraded"), "%s", d.notified);
+        read_view("metrics", metrics, sizeof(metrics));
+        cr_expect(strstr(metrics, "\nshmzone_config_degraded 0\n"), "%s", metrics);
+        cr_expect(strstr(metrics, "\nshmzone_config_errors 0\n"), "%s", metrics);
+        cr_expect_eq(shmz_zone_stat(c, "more", &st), 0);
+        cr_assert_eq(shmz_zone_open(c, "decl", 0, "d", 0, &z), 0);
+        cr_expect_eq(memcmp(shmz_zone_base(z), "declared bytes", 14), 0);
+        shmz_zone_close(z);
+        shmz_disconnect(c);
+}
+
+/* With nothing to lose, a bad file still keeps the daemon from starting. */
+Test(keep, first_start_with_bad_config_refused) {
+        cr_assert_eq(harness_stop(&d), 0);
+        harness_drain_notify(&d);
+        for (size_t i = 0; i < d.n_stored; i++)
+                close(d.stored_fds[i]);
+        d.n_stored = 0;
+        harness_write_config(&d, BAD_CONFIG);
+        cr_assert_eq(harness_start(&d, NULL, false), 1, "%s", harness_log(&d));
+        expect_log(":2: memory_budget: bad size 'lots'");
+        expect_log("refused; not starting.");
+}
+
+Test(keep, reload_returns_errors) {
+        struct shmz_client *c;
+        struct shmz_zone_stat st;
+        char out[4096], want[1024];
+
+        /* Refused: exit 1, every error on its output, the running config kept. */
+        harness_write_config(&d, BAD_CONFIG);
+        harness_drain_notify(&d);
+        cr_assert_eq(run(out, sizeof(out), "%s -s %s reload 2>&1", tool("SHMZCTL"), d.socket), 1, "%s", out);
+        snprintf(want, sizeof(want),
+                 "%1$s:2: memory_budget: bad size 'lots' (a number with an optional K, M, G or T suffix)\n"
+                 "%1$s:7: zone 'decl': unknown key 'bogus'\n"
+                 "%1$s:9: zone 'other': bad size '-1' (a number with an optional K, M, G or T suffix)\n"
+                 "shmzctl reload: the configuration was refused; shmzoned runs the one it had.\n",
+                 d.config);
+        cr_expect_str_eq(out, want);
+        cr_expect_eq(harness_wait_notify(&d, "READY=1", 5), 0);
+        cr_expect(strstr(d.notified, "STATUS=Last reload refused: "), "%s", d.notified);
+        expect_log("Reload refused; keeping the running configuration.");
+        c = harness_connect(&d);
+        cr_assert_not_null(c);
+        cr_expect_eq(shmz_zone_stat(c, "decl", &st), 0);
+        cr_expect_eq(shmz_zone_stat(c, "other", &st), -ENOENT);
+
+        /* Only root reloads. */
+        cr_assert_eq(run(out, sizeof(out), "setpriv --reuid=65534 --regid=65534 --clear-groups %s -s %s reload 2>&1",
+                         tool("SHMZCTL"), d.socket),
+                     4, "%s", out);
+
+        /* A good one: exit 0, applied, the status line clean again. */
+        harness_write_config(&d, GOOD_CONFIG "[zone other]\nsize = 64K\n");
+        harness_drain_notify(&d);
+        cr_assert_eq(run(out, sizeof(out), "%s -s %s reload 2>&1", tool("SHMZCTL"), d.socket), 0, "%s", out);
+        cr_expect_str_empty(out);
+        cr_expect_eq(shmz_zone_stat(c, "other", &st), 0);
+        cr_expect_eq(harness_wait_notify(&d, "READY=1", 5), 0);
+        cr_expect_null(strstr(d.notified, "refused"), "%s", d.notified);
+
+        /* A declaration refused (a changed size) applies the rest: exit 0, said on stderr. */
+        harness_write_config(&d, "[daemon]\nmemory_budget = 64M\n[zone decl]\nsize = 128K\ntag = d\nmode = 0644\n");
+        cr_assert_eq(run(out, sizeof(out), "%s -s %s reload 2>&1", tool("SHMZCTL"), d.socket), 0, "%s", out);
+        cr_expect(strstr(out, "1 zone declaration(s) refused"), "%s", out);
+        cr_expect_eq(shmz_zone_stat(c, "other", &st), -ENOENT);
+        shmz_disconnect(c);
+}
+
+int main(int argc, char *argv[]) {
+        return harness_main(argc, argv, true, true);
+}

@@ -10,6 +10,7 @@
 struct clients;
 struct config;
 struct fuse_view;
+struct history;
 struct ports;
 struct registry;
 struct worker;
@@ -28,6 +29,7 @@ struct daemon {
         struct fuse_view *fuse;
         uint64_t start_usec;
         struct clients *clients; /* connections per uid and their limits */
+        struct history *history; /* under systemd: the zones' history record (history.h); store callbacks only */
         atomic_uint_fast64_t requests, errors;
         /* One reload at a time (SIGHUP on the main thread, RELOAD on a worker's); guards cfg. */
         pthread_mutex_t reload_lock;

@@ -16,6 +16,7 @@
 #include "conf-file.h"
 #include "daemon.h"
 #include "fuse-view.h"
+#include "history.h"
 #include "log.h"
 #include "notify.h"
 #include "ports.h"
@@ -286,9 +287,13 @@ static int apply_config(struct daemon *d, const struct config *c) {
 
 /* The registry's store: every zone's memfd goes to systemd's fd store, named after the zone's identity. */
 static void store_stored(void *userdata, const struct zone_identity *id, int fd) {
+        struct daemon *d = userdata;
         char name[ZONE_FDNAME_MAX + 1];
         int r;
 
+        /* The history first: a zone systemd holds always has its record (a restart keeps its numbers). */
+        if (d->history && history_put(d->history, id) < 0)
+                log_warning("Zone '%s': cannot record its history; a restart gives it a new inode number.", id->name);
         if (zone_identity_format(id, name, sizeof(name)) < 0) {
                 log_warning("Zone '%s': its identity does not fit in a %u-character FDNAME; it will not survive a "
                             "restart.",
@@ -301,6 +306,7 @@ static void store_stored(void *userdata, const struct zone_identity *id, int fd)
 }
 
 static void store_removed(void *userdata, const struct zone_identity *id) {
+        struct daemon *d = userdata;
         char name[ZONE_FDNAME_MAX + 1];
         int r;
 
@@ -309,12 +315,79 @@ static void store_removed(void *userdata, const struct zone_identity *id) {
         r = notify_fdstore_remove(name);
         if (r < 0)
                 log_warning_errno(r, "Zone '%s': cannot remove its memfd from systemd's store: %m", id->name);
+        /* A new identity of the same zone is stored right after, with its entry again. */
+        if (d->history)
+                history_drop(d->history, id->name);
+}
+
+static void store_updated(void *userdata, const struct zone_identity *id) {
+        struct daemon *d = userdata;
+
+        if (d->history && history_put(d->history, id) < 0)
+                log_warning("Zone '%s': cannot record its history.", id->name);
 }
 
 static const struct registry_store fd_store = {
         .stored = store_stored,
         .removed = store_removed,
+        .updated = store_updated,
 };
+
+/*
+ * The history record: the one the fd store gave back (fd), or a new one,
+ * stored with systemd. Only under systemd: elsewhere nothing outlives us.
+ */
+static void history_setup(struct daemon *d, int fd) {
+        uint64_t next_ino, next_gen;
+        bool fresh;
+        int r;
+
+        d->history = history_open(fd, &fresh);
+        if (!d->history) {
+                log_warning("Cannot make the zones' history record; a restart gives zones new inode numbers.");
+                return;
+        }
+        if (fresh) {
+                r = notify_fdstore(HISTORY_FDNAME, history_fd(d->history));
+                if (r < 0)
+                        log_warning_errno(r, "Cannot store the zones' history record with systemd: %m");
+        }
+        history_next(d->history, &next_ino, &next_gen);
+        registry_reserve(d->registry, next_ino, next_gen);
+}
+
+static bool zone_exists(const char *name, void *userdata) {
+        struct shmz_msg_zone_info info;
+
+        return registry_info(userdata, name, &info) == 0;
+}
+
+/* After adoption: every adopted zone's entry as the registry has it now, no entry for a zone that is gone. */
+static void history_sync(struct daemon *d) {
+        _cleanup_free_ struct shmz_msg_zone_info *v = NULL;
+        size_t n;
+
+        if (!d->history)
+                return;
+        history_retain(d->history, zone_exists, d->registry);
+        if (registry_list(d->registry, &v, &n) < 0)
+                return;
+        for (size_t i = 0; i < n; i++) {
+                struct zone_identity id = {
+                        .hist = {
+                                .ino = v[i].ino,
+                                .generation = v[i].generation,
+                                .created_usec = v[i].created_usec,
+                                .mtime_usec = v[i].mtime_usec,
+                                .ctime_usec = v[i].ctime_usec,
+                        },
+                };
+
+                strncpy_buf(id.name, sizeof(id.name), v[i].name);
+                strncpy_buf(id.hist.tag, sizeof(id.hist.tag), v[i].tag);
+                (void) history_put(d->history, &id);
+        }
+}
 
 /*
  * What systemd passed: the control socket (socket activation) and the zone
@@ -339,19 +412,43 @@ static int take_passed_fds(struct daemon *d, unsigned *ret_adopted) {
                         goto out;
                 }
         }
+        /* The history record first: zones take their numbers from it. */
+        if (registry_has_store(d->registry)) {
+                int hfd = -EBADF;
+
+                for (int i = 0; i < n; i++)
+                        if (streq(names[i], HISTORY_FDNAME)) {
+                                if (hfd < 0) {
+                                        hfd = SD_LISTEN_FDS_START + i;
+                                        adopted[i] = true;
+                                } else
+                                        safe_close(SD_LISTEN_FDS_START + i);
+                        }
+                history_setup(d, hfd);
+        }
         for (int i = 0; i < n; i++) {
                 int fd = SD_LISTEN_FDS_START + i;
+                struct zone_identity id;
+                struct zone_history hist;
+                bool have_hist;
                 const char *why;
 
+                if (streq(names[i], HISTORY_FDNAME))
+                        continue;
                 if (strncmp(names[i], ZONE_FDNAME_PREFIX, strlen(ZONE_FDNAME_PREFIX)) == 0) {
-                        r = registry_adopt(d->registry, names[i], fd, &why);
+                        have_hist = d->history && zone_identity_parse(names[i], &id) == 0 &&
+                                    history_lookup(d->history, id.name, &hist) == 0;
+                        r = registry_adopt(d->registry, names[i], fd, have_hist ? &hist : NULL, &why);
                         if (r < 0) {
                                 log_warning("Dropping stored fd '%s': %s.", names[i], why);
                                 safe_close(fd);
                                 (void) notify_fdstore_remove(names[i]);
                                 continue;
                         }
-                        if (r > 0)
+                        if (r & ADOPT_REPAIRED)
+                                log_warning("Stored zone '%s': %s; its name, owner, mode and bytes are kept.", names[i],
+                                            why);
+                        else if (r > 0)
                                 log_warning("Stored zone '%s': %s.", names[i], why);
                         adopted[i] = true;
                         n_adopted++;
@@ -374,7 +471,7 @@ static int take_passed_fds(struct daemon *d, unsigned *ret_adopted) {
          * that one again.
          */
         for (int i = 0; i < n; i++) {
-                if (!adopted[i])
+                if (!adopted[i] || streq(names[i], HISTORY_FDNAME))
                         continue;
                 for (int j = 0; j < n; j++)
                         if (j != i && !adopted[j] && streq(names[i], names[j])) {
@@ -384,6 +481,7 @@ static int take_passed_fds(struct daemon *d, unsigned *ret_adopted) {
         }
         if (n_adopted > 0)
                 log_info("Took back %u zone(s) from the previous run.", n_adopted);
+        history_sync(d);
         *ret_adopted = n_adopted;
         r = 0;
 out:
@@ -619,6 +717,7 @@ static void daemon_done(struct daemon *d) {
         /* After the workers (their watches) and the view (its segment references). */
         ports_free(d->ports);
         registry_free(d->registry);
+        history_free(d->history);
         clients_free(d->clients);
         config_free(d->cfg);
         free(d->socket_path);

@@ -12,6 +12,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <signal.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -19,6 +20,7 @@
 #include "harness.h"
 #include "shmzone.h"
 #include "util.h"
+#include "zone-header.h"
 
 static struct daemon_proc d;
 
@@ -107,14 +109,20 @@ Test(keep, check_config) {
         cr_expect_eq(access(d.socket, F_OK), 0);
 }
 
-/* Stops the daemon and starts it again with the fds it stored, as systemctl restart does. */
-static int restart(void) {
+/*
+ * Stops the daemon (SIGKILL: as a crash) and starts it again with the fds it
+ * stored, as systemctl restart (Restart=on-failure) does.
+ */
+static int restart_after(bool crash) {
         static int fds[HARNESS_MAX_STORED];
         static const char *names[HARNESS_MAX_STORED];
         int r;
 
         harness_drain_notify(&d);
-        cr_assert_eq(harness_stop(&d), 0);
+        if (crash)
+                cr_assert_eq(kill(d.pid, SIGKILL), 0);
+        cr_assert_eq(harness_stop(&d), crash ? 128 + SIGKILL : 0);
+        harness_drain_notify(&d);
         for (size_t i = 0; i < d.n_stored; i++) {
                 fds[i] = d.stored_fds[i];
                 names[i] = d.stored_names[i];
@@ -124,6 +132,10 @@ static int restart(void) {
         d.n_listen = d.n_stored;
         r = harness_start(&d, NULL, true);
         return r;
+}
+
+static int restart(void) {
+        return restart_after(false);
 }
 
 static void expect_log(const char *line) {
@@ -259,6 +271,142 @@ Test(keep, reload_returns_errors) {
         cr_assert_eq(run(out, sizeof(out), "%s -s %s reload 2>&1", tool("SHMZCTL"), d.socket), 0, "%s", out);
         cr_expect(strstr(out, "1 zone declaration(s) refused"), "%s", out);
         cr_expect_eq(shmz_zone_stat(c, "other", &st), -ENOENT);
+        shmz_disconnect(c);
+}
+
+/* The harness's fd store entry of the zone called name. */
+static int stored_fd(const char *name) {
+        for (size_t i = 0; i < d.n_stored; i++) {
+                const char *s = d.stored_names[i];
+                size_t l = strlen(s), k = strlen(name);
+
+                if (l > k && s[l - k - 1] == '.' && streq(s + l - k, name) && !streq(s, "shmz.history"))
+                        return d.stored_fds[i];
+        }
+        return -1;
+}
+
+static int as_other_user(void *userdata) {
+        struct shmz_client *c;
+        struct shmz_zone *z;
+
+        if (shmz_connect(d.socket, &c) < 0)
+                return 10;
+        /* The name is the zone's: not free to create, not this uid's to remove. */
+        if (shmz_zone_open(c, "shared", 65536, "", SHMZ_CREATE | SHMZ_EXCL, &z) != -EEXIST)
+                return 11;
+        if (shmz_zone_unlink(c, "shared") != -EPERM)
+                return 12;
+        shmz_disconnect(c);
+        return 0;
+}
+
+/*
+ * F14: a writer of a 0666 zone zeroes its header. Across a restart the zone
+ * is taken back under the identity its FDNAME records, the header rewritten;
+ * before, it was dropped from the store and its name was free for anybody.
+ */
+Test(keep, damaged_header_does_not_delete_zone) {
+        struct shmz_client *c = harness_connect(&d);
+        struct shmz_zone *z;
+        struct shmz_zone_stat st, was;
+        struct shmz_zone_header h;
+        char zeros[SHMZ_ZONE_HEADER_SIZE / 2] = {};
+        int fd;
+
+        cr_assert_not_null(c);
+        cr_assert_eq(shmz_zone_open(c, "shared", 1 << 20, "tg", SHMZ_CREATE, &z), 0);
+        memset(shmz_zone_base(z), 0xc3, 1 << 20);
+        shmz_zone_close(z);
+        cr_assert_eq(shmz_zone_chown(c, "shared", 1000, 1000), 0);
+        cr_assert_eq(shmz_zone_chmod(c, "shared", 0666), 0);
+        cr_assert_eq(shmz_zone_stat(c, "shared", &was), 0);
+        shmz_disconnect(c);
+
+        /* What any writer can do: the first 512 bytes (magic, sizes, ACL copy, name, tag) zeroed. */
+        harness_drain_notify(&d);
+        fd = stored_fd("shared");
+        cr_assert_geq(fd, 0);
+        cr_assert_eq(pwrite(fd, zeros, sizeof(zeros), 0), (ssize_t) sizeof(zeros));
+
+        cr_assert_eq(restart(), 0, "%s", harness_log(&d));
+        expect_log("Stored zone 'shmz.1000.1000.666.0.0.shared': its header was damaged: the daemon's fields were "
+                   "rewritten; its name, owner, mode and bytes are kept.");
+        c = harness_connect(&d);
+        cr_assert_not_null(c);
+        cr_assert_eq(shmz_zone_stat(c, "shared", &st), 0);
+        cr_expect_eq(st.uid, 1000);
+        cr_expect_eq(st.gid, 1000);
+        cr_expect_eq(st.mode, 0666);
+        cr_expect_str_eq(st.tag, "tg", "the tag comes from the history record, not the header");
+        cr_expect_eq(st.ino, was.ino);
+        cr_expect_eq(st.created_usec, was.created_usec);
+        /* The library checks the header at every attach: it describes the zone again. */
+        cr_assert_eq(shmz_zone_open(c, "shared", 0, "tg", 0, &z), 0);
+        for (size_t i = 0; i < (1 << 20); i++)
+                cr_assert_eq(((unsigned char *) shmz_zone_base(z))[i], 0xc3, "byte %zu", i);
+        shmz_zone_close(z);
+        cr_assert_eq(pread(stored_fd("shared"), &h, sizeof(h), 0), (ssize_t) sizeof(h));
+        cr_expect_eq(h.magic, SHMZ_ZONE_MAGIC);
+        cr_expect_str_eq(h.name, "shared");
+        cr_expect_eq(h.uid, 1000);
+        cr_expect_eq(h.mode, 0666);
+        cr_expect_eq(h.created_usec, was.created_usec);
+        /* And nobody else can take its name. */
+        cr_expect_eq(harness_run_as(1001, 1001, as_other_user, NULL), 0);
+        shmz_disconnect(c);
+}
+
+/* Creation time, generation, inode number and tag, across a restart and a crash. */
+Test(keep, history_survives_restart_and_crash) {
+        struct shmz_client *c = harness_connect(&d);
+        struct shmz_zone *z;
+        struct shmz_zone_stat a, b, gone, decl, declb, fresh;
+        char tag[SHMZ_TAG_BUF] = "forged";
+
+        cr_assert_not_null(c);
+        cr_assert_eq(shmz_zone_open(c, "gone", 65536, "", SHMZ_CREATE, &z), 0);
+        shmz_zone_close(z);
+        cr_assert_eq(shmz_zone_stat(c, "gone", &gone), 0);
+        cr_assert_eq(shmz_zone_open(c, "hist", 65536, "t1", SHMZ_CREATE, &z), 0);
+        shmz_zone_close(z);
+        cr_assert_eq(shmz_zone_unlink(c, "gone"), 0);
+        cr_assert_eq(shmz_zone_chmod(c, "hist", 0640), 0);
+        cr_assert_eq(shmz_zone_stat(c, "hist", &a), 0);
+        cr_assert_eq(shmz_zone_stat(c, "decl", &decl), 0);
+        shmz_disconnect(c);
+        /* A writer changes the header's tag: the record's is the one that counts. */
+        harness_drain_notify(&d);
+        cr_assert_eq(pwrite(stored_fd("hist"), tag, sizeof(tag), offsetof(struct shmz_zone_header, tag)),
+                     (ssize_t) sizeof(tag));
+
+        for (int crash = 0; crash < 2; crash++) {
+                cr_assert_eq(restart_after(crash), 0, "%s", harness_log(&d));
+                c = harness_connect(&d);
+                cr_assert_not_null(c);
+                cr_assert_eq(shmz_zone_stat(c, "hist", &b), 0);
+                cr_expect_eq(b.ino, a.ino, "%s: inode %lu, was %lu", crash ? "crash" : "restart", (unsigned long) b.ino,
+                             (unsigned long) a.ino);
+                cr_expect_eq(b.generation, a.generation);
+                cr_expect_eq(b.created_usec, a.created_usec);
+                cr_expect_eq(b.ctime_usec, a.ctime_usec);
+                cr_expect_eq(b.mtime_usec, a.mtime_usec);
+                cr_expect_str_eq(b.tag, "t1");
+                cr_assert_eq(shmz_zone_stat(c, "decl", &declb), 0);
+                cr_expect_eq(declb.ino, decl.ino);
+                cr_expect_eq(declb.generation, decl.generation);
+                cr_expect_eq(declb.created_usec, decl.created_usec);
+                shmz_disconnect(c);
+        }
+        /* Numbers are never given twice: not even those of a zone that went before the restart. */
+        c = harness_connect(&d);
+        cr_assert_not_null(c);
+        cr_assert_eq(shmz_zone_open(c, "fresh", 65536, "", SHMZ_CREATE, &z), 0);
+        shmz_zone_close(z);
+        cr_assert_eq(shmz_zone_stat(c, "fresh", &fresh), 0);
+        cr_expect_gt(fresh.ino, gone.ino);
+        cr_expect_gt(fresh.ino, a.ino);
+        cr_expect_gt(fresh.generation, gone.generation);
         shmz_disconnect(c);
 }
 

@@ -108,8 +108,8 @@ static int header_repair(int fd, const struct zone *z) {
         return 0;
 }
 
-int registry_adopt(struct registry *reg, const char *fdname, int fd, const struct zone_history *hist,
-                   const char **ret_why) {
+static int adopt(struct registry *reg, const char *fdname, int fd, const struct zone_history *hist, bool stored,
+                 const char **ret_why) {
         struct zone_identity id;
         struct shmz_zone_header h;
         char path[64], link[SHMZ_NAME_BUF + 64], want[SHMZ_NAME_BUF + 64];
@@ -166,8 +166,8 @@ int registry_adopt(struct registry *reg, const char *fdname, int fd, const struc
                 .refs = 1,
                 .declared = id.declared,
                 .counted = !id.declared,
-                .used = true,   /* its bytes predate us */
-                .stored = true, /* systemd kept its copy: nothing to store again */
+                .used = true,     /* its bytes predate us */
+                .stored = stored, /* systemd kept its copy: nothing to store again */
                 .stored_id = id,
         };
         strncpy_buf(z->name, sizeof(z->name), id.name);
@@ -193,7 +193,10 @@ int registry_adopt(struct registry *reg, const char *fdname, int fd, const struc
                 else if (!streq(h.tag, z->tag))
                         zone_memory_sync_tag(z);
                 zone_memory_sync_acl(z);
-                zone_identity_of(z, &z->stored_id);
+                if (stored)
+                        zone_identity_of(z, &z->stored_id);
+                else
+                        registry_store_sync(reg, z);
         }
         registry_unlock(reg);
         if (r < 0) {
@@ -210,4 +213,22 @@ int registry_adopt(struct registry *reg, const char *fdname, int fd, const struc
         else if (r == ADOPT_PAST_LIMIT)
                 *ret_why = "adopted past the memory budget or its uid's quota";
         return r;
+}
+
+int registry_adopt(struct registry *reg, const char *fdname, int fd, const struct zone_history *hist,
+                   const char **ret_why) {
+        return adopt(reg, fdname, fd, hist, true, ret_why);
+}
+
+int registry_restore(struct registry *reg, const struct zone_decl *decl, int fd, const struct zone_history *hist,
+                     const char **ret_why) {
+        struct zone_identity id = { .uid = decl->uid, .gid = decl->gid, .mode = decl->mode, .declared = true };
+        char fdname[ZONE_FDNAME_MAX + 1];
+
+        strncpy_buf(id.name, sizeof(id.name), decl->name);
+        if (zone_identity_format(&id, fdname, sizeof(fdname)) < 0) {
+                *ret_why = "its identity is too long";
+                return -ENAMETOOLONG;
+        }
+        return adopt(reg, fdname, fd, hist, false, ret_why);
 }

@@ -147,6 +147,13 @@ bool registry_has_store(struct registry *reg);
 #define ADOPT_REPAIRED 0x2
 int registry_adopt(struct registry *reg, const char *fdname, int fd, const struct zone_history *hist,
                    const char **ret_why);
+/*
+ * A declared zone restored from a copy (fd: a sealed zone memfd, as
+ * registry_adopt() checks it): taken in as if adopted under decl's identity,
+ * then stored (systemd's fd store did not have it). Same results.
+ */
+int registry_restore(struct registry *reg, const struct zone_decl *decl, int fd, const struct zone_history *hist,
+                     const char **ret_why);
 /* Numbers the zones of a previous run used: new zones get higher ones (inode numbers are never reused). */
 void registry_reserve(struct registry *reg, uint64_t next_ino, uint64_t next_generation);
 

@@ -43,6 +43,7 @@ struct daemon {
         atomic_bool degraded;
         atomic_uint config_errors; /* errors in the file last refused; 0 once one is applied */
         char *start_errors;        /* the file was refused at start: its errors (run() decides) */
+        uint64_t persisted_usec;   /* CLOCK_MONOTONIC of the last persist_interval write (main thread) */
 };
 
 /*

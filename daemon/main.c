@@ -8,6 +8,7 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
+#include <systemd/sd-bus.h>
 #include <systemd/sd-daemon.h>
 #include <systemd/sd-event.h>
 #include <time.h>
@@ -17,6 +18,7 @@
 #include "daemon.h"
 #include "fuse-view.h"
 #include "history.h"
+#include "persist.h"
 #include "log.h"
 #include "notify.h"
 #include "ports.h"
@@ -584,6 +586,166 @@ static int on_reload(sd_event_source *s, const struct signalfd_siginfo *si, void
         return 0;
 }
 
+/* The declared zone z of the registry is written at stop: declared with persist = yes, or (degraded) written before. */
+static bool wants_persist(struct daemon *d, const struct shmz_msg_zone_info *z) {
+        if (!(z->flags & SHMZ_ZONE_INFO_DECLARED) || (z->flags & SHMZ_ZONE_INFO_PENDING))
+                return false;
+        for (size_t i = 0; i < d->cfg->n_zones; i++)
+                if (streq(d->cfg->zones[i].name, z->name))
+                        return d->cfg->zones[i].persist;
+        /* Degraded, the file unknown: what was persisted before still is. */
+        return atomic_load(&d->degraded) && persist_exists(d->cfg->state_directory, z->name);
+}
+
+/* Writes every zone that persists; the count written, or -errno. At stop and every persist_interval. */
+static int persist_all(struct daemon *d, int priority) {
+        _cleanup_free_ struct shmz_msg_zone_info *v = NULL;
+        size_t n;
+        int r, written = 0;
+
+        pthread_mutex_lock(&d->reload_lock);
+        r = registry_list(d->registry, &v, &n);
+        for (size_t i = 0; r >= 0 && i < n; i++) {
+                struct zone *z;
+
+                if (!wants_persist(d, &v[i]) || registry_ref_by_ino(d->registry, v[i].ino, &z) < 0)
+                        continue;
+                if (persist_write(d->cfg->state_directory, &v[i], zone_fd(z)) >= 0) {
+                        log_full_errno(priority, 0, "Zone '%s': written to %s (%" PRIu64 " bytes).", v[i].name,
+                                       d->cfg->state_directory, v[i].size);
+                        written++;
+                }
+                registry_unref(d->registry, z);
+        }
+        pthread_mutex_unlock(&d->reload_lock);
+        return r < 0 ? r : written;
+}
+
+/* Before the config is applied: declared persisting zones the fd store lacked come back from their copies. */
+static void restore_persisted(struct daemon *d) {
+        for (size_t i = 0; i < d->cfg->n_zones; i++) {
+                const struct zone_decl *decl = &d->cfg->zones[i];
+                struct shmz_msg_zone_info info;
+                struct zone_history hist;
+                const char *why;
+                int fd, r;
+
+                if (!decl->persist || registry_info(d->registry, decl->name, &info) == 0)
+                        continue;
+                if (persist_read(d->cfg->state_directory, decl, &fd, &hist) < 0)
+                        continue; /* none, or refused (logged): the config makes it afresh */
+                r = registry_restore(d->registry, decl, fd, &hist, &why);
+                if (r < 0) {
+                        log_error("Zone '%s': its copy cannot be taken in: %s.", decl->name, why);
+                        safe_close(fd);
+                } else if (r > 0)
+                        log_warning("Zone '%s': %s.", decl->name, why);
+        }
+}
+
+/*
+ * What systemd is doing to us: the type of the job running on our unit
+ * ("stop", "restart", ...), asked on its private socket (root's, no D-Bus
+ * daemon needed). NULL if it cannot tell: not under systemd, or no job (a
+ * plain kill).
+ */
+static char *current_job_type(void) {
+        _cleanup_(sd_bus_flush_close_unrefp) sd_bus *bus = NULL;
+        _cleanup_(sd_bus_error_free) sd_bus_error err = SD_BUS_ERROR_NULL;
+        _cleanup_(sd_bus_message_unrefp) sd_bus_message *reply = NULL;
+        _cleanup_free_ char *unit = NULL, *job_path = NULL;
+        const char *path;
+        char *type = NULL;
+        uint32_t id;
+
+        if (!getenv("INVOCATION_ID") || sd_bus_new(&bus) < 0 ||
+            sd_bus_set_address(bus, "unix:path=/run/systemd/private") < 0 || sd_bus_start(bus) < 0)
+                return NULL;
+        (void) sd_bus_set_method_call_timeout(bus, 2 * 1000000u);
+        if (sd_bus_call_method(bus, "org.freedesktop.systemd1", "/org/freedesktop/systemd1",
+                               "org.freedesktop.systemd1.Manager", "GetUnitByPID", &err, &reply, "u",
+                               (uint32_t) getpid()) < 0 ||
+            sd_bus_message_read(reply, "o", &path) < 0 || !(unit = strdup(path)))
+                return NULL;
+        reply = sd_bus_message_unref(reply);
+        if (sd_bus_get_property(bus, "org.freedesktop.systemd1", unit, "org.freedesktop.systemd1.Unit", "Job", &err,
+                                &reply, "(uo)") < 0 ||
+            sd_bus_message_read(reply, "(uo)", &id, &path) < 0 || id == 0 || !(job_path = strdup(path)))
+                return NULL;
+        if (sd_bus_get_property_string(bus, "org.freedesktop.systemd1", job_path, "org.freedesktop.systemd1.Job",
+                                       "JobType", &err, &type) < 0)
+                return NULL;
+        return type;
+}
+
+/*
+ * The last word of a stop on what goes with it: zones only systemd's fd store
+ * holds survive a restart and a crash, not a stop (systemd empties the store)
+ * nor a reboot. Said at warning when they are discarded, with names and bytes.
+ */
+static void tell_what_stop_discards(struct daemon *d) {
+        _cleanup_free_ struct shmz_msg_zone_info *v = NULL;
+        _cleanup_free_ char *job = NULL, *names = NULL;
+        uint64_t bytes = 0;
+        size_t n, len = 0, count = 0;
+        FILE *f;
+
+        if (registry_list(d->registry, &v, &n) < 0)
+                return;
+        f = open_memstream(&names, &len);
+        if (!f)
+                return;
+        for (size_t i = 0; i < n; i++) {
+                if ((v[i].flags & SHMZ_ZONE_INFO_PENDING) || wants_persist(d, &v[i]))
+                        continue;
+                if (count < 32)
+                        fprintf(f, "%s%s", count > 0 ? ", " : "", v[i].name);
+                count++;
+                bytes += v[i].map_size;
+        }
+        if (count > 32)
+                fprintf(f, " and %zu more", count - 32);
+        if (fclose(f) != 0 || count == 0)
+                return;
+        if (!registry_has_store(d->registry)) {
+                log_warning("Stopping discards %zu zone(s), %" PRIu64
+                            " bytes: %s (nothing keeps them without systemd).",
+                            count, bytes, names);
+                return;
+        }
+        job = current_job_type();
+        if (job && (streq(job, "restart") || streq(job, "try-restart") || streq(job, "reload-or-restart")))
+                log_info("Restarting: %zu zone(s), %" PRIu64 " bytes, stay in systemd's fd store.", count, bytes);
+        else if (job && streq(job, "stop"))
+                log_warning("Stopping discards %zu zone(s), %" PRIu64
+                            " bytes: %s (systemd empties its fd store at a stop; declare a zone with persist = yes "
+                            "to keep it).",
+                            count, bytes, names);
+        else
+                log_warning("Stopping: %zu zone(s), %" PRIu64
+                            " bytes, are kept by systemd's fd store only: a restart keeps them, a stop or reboot "
+                            "discards them: %s.",
+                            count, bytes, names);
+}
+
+/* Ticks every second, so that a reload's new persist_interval applies at once; writes when one has passed. */
+static int on_persist_timer(sd_event_source *s, uint64_t usec, void *userdata) {
+        struct daemon *d = userdata;
+        unsigned interval;
+
+        pthread_mutex_lock(&d->reload_lock);
+        interval = d->cfg->persist_interval;
+        pthread_mutex_unlock(&d->reload_lock);
+        if (interval > 0 && usec - d->persisted_usec >= (uint64_t) interval * 1000000u) {
+                (void) persist_all(d, LOG_DEBUG);
+                d->persisted_usec = usec;
+        }
+        /* A time source is one-shot: it is disabled before it is dispatched. */
+        if (sd_event_source_set_time(s, usec + 1000000u) < 0)
+                return 0;
+        return sd_event_source_set_enabled(s, SD_EVENT_ONESHOT);
+}
+
 static int on_terminate(sd_event_source *s, const struct signalfd_siginfo *si, void *userdata) {
         struct daemon *d = userdata;
 
@@ -640,6 +802,7 @@ static int run(struct daemon *d) {
                           d->config_path, adopted);
                 goto serve;
         }
+        restore_persisted(d);
         r = apply_config(d, d->cfg);
         /* After a restart the zones have data: refuse a declaration as a reload does, keep serving them. */
         if (r != 0 && adopted > 0)
@@ -689,15 +852,20 @@ serve:
         if (r >= 0)
                 r = sd_event_add_time_relative(d->event, NULL, CLOCK_MONOTONIC, 10 * 1000000u, 0, on_status_timer, d);
         if (r >= 0)
+                r = sd_event_add_time_relative(d->event, NULL, CLOCK_MONOTONIC, 1000000u, 0, on_persist_timer, d);
+        if (r >= 0)
                 r = sd_event_set_watchdog(d->event, true);
         if (r < 0)
                 return log_error_errno(r, "Cannot set up the main loop: %m");
 
+        d->persisted_usec = now_usec(CLOCK_MONOTONIC);
         log_info("shmzoned %s serving %s with %u worker thread(s)%s%s.", PACKAGE_VERSION, d->cfg->socket_path,
                  d->n_workers, d->cfg->mount_path ? ", view at " : "", d->cfg->mount_path ?: "");
         notify_ready(d);
         r = sd_event_loop(d->event);
         notify_stopping();
+        (void) persist_all(d, LOG_INFO);
+        tell_what_stop_discards(d);
         return r;
 }
 

@@ -410,6 +410,198 @@ Test(keep, history_survives_restart_and_crash) {
         shmz_disconnect(c);
 }
 
+/* Empties the harness's fd store, as systemd does when the service stops (not restarts). */
+static void forget_store(void) {
+        harness_drain_notify(&d);
+        for (size_t i = 0; i < d.n_stored; i++)
+                close(d.stored_fds[i]);
+        d.n_stored = 0;
+}
+
+static void persist_config(const char *size) {
+        char text[1024];
+
+        snprintf(text, sizeof(text),
+                 "[daemon]\nmemory_budget = 64M\nstate_directory = %s/state\n"
+                 "[zone p]\nsize = %s\ntag = pt\nmode = 0644\npersist = yes\n",
+                 d.dir, size);
+        harness_write_config(&d, text);
+}
+
+static void copy_path(char *buf, size_t size, const char *suffix) {
+        snprintf(buf, size, "%s/state/p.zone%s", d.dir, suffix);
+}
+
+/* Files in the state directory whose names start with prefix. */
+static unsigned count_state(const char *prefix) {
+        char cmd[300], out[64];
+
+        snprintf(cmd, sizeof(cmd), "ls -A %s/state | grep -c '^%s'", d.dir, prefix);
+        (void) run(out, sizeof(out), "%s", cmd);
+        return (unsigned) strtoul(out, NULL, 10);
+}
+
+Test(keep, persisted_zone_survives_stop) {
+        struct shmz_client *c;
+        struct shmz_zone *z, *mine;
+        struct shmz_zone_stat a, b;
+        char path[256];
+        void *obj;
+        int fd;
+
+        persist_config("1M");
+        cr_assert_eq(harness_reload(&d), 0);
+        c = harness_connect(&d);
+        cr_assert_not_null(c);
+        cr_assert_eq(shmz_zone_open(c, "mine", 65536, "", SHMZ_CREATE, &mine), 0);
+        shmz_zone_close(mine);
+        cr_assert_eq(shmz_zone_open(c, "p", 0, "pt", 0, &z), 0);
+        cr_assert_eq(shmz_zone_stat(c, "p", &a), 0);
+        /* Bytes, an allocation, and the zone lock held by us when the copy is made. */
+        memset((char *) shmz_zone_base(z) + 512 * 1024, 0x6b, 4096);
+        obj = shmz_alloc(z, 1000);
+        cr_assert_not_null(obj);
+        memcpy(obj, "allocated", 10);
+        cr_assert_eq(shmz_mutex_lock(shmz_zone_mutex(z)), 0);
+
+        harness_drain_notify(&d);
+        cr_assert_eq(harness_stop(&d), 0);
+        expect_log("Zone 'p': written to ");
+        /* The zone only systemd would have kept: named, with its bytes. */
+        expect_log("Stopping: 1 zone(s), 69632 bytes, are kept by systemd's fd store only: a restart keeps them, a "
+                   "stop or "
+                   "reboot discards them: mine.");
+        copy_path(path, sizeof(path), "");
+        cr_assert_eq(access(path, F_OK), 0, "no copy at %s", path);
+        /* A crash in the middle of an earlier write left a temporary file: it is never read. */
+        copy_path(path, sizeof(path), ".tmp");
+        fd = open(path, O_WRONLY | O_CREAT | O_CLOEXEC, 0600);
+        cr_assert_geq(fd, 0);
+        cr_assert_eq(write(fd, "half", 4), 4);
+        close(fd);
+        shmz_mutex_unlock(shmz_zone_mutex(z));
+        shmz_zone_close(z);
+        shmz_disconnect(c);
+
+        /* systemctl stop, then start: the fd store is empty, the copy is what is left. */
+        forget_store();
+        cr_assert_eq(harness_start(&d, NULL, false), 0, "%s", harness_log(&d));
+        expect_log("Zone 'p': restored from ");
+        c = harness_connect(&d);
+        cr_assert_not_null(c);
+        cr_expect_eq(shmz_zone_stat(c, "mine", &b), -ENOENT);
+        cr_assert_eq(shmz_zone_stat(c, "p", &b), 0);
+        cr_expect_eq(b.ino, a.ino);
+        cr_expect_eq(b.generation, a.generation);
+        cr_expect_eq(b.created_usec, a.created_usec);
+        cr_assert_eq(shmz_zone_open(c, "p", 0, "pt", 0, &z), 0);
+        cr_expect_eq(shmz_zone_existed(z), 1);
+        for (size_t i = 0; i < 4096; i++)
+                cr_assert_eq(((unsigned char *) shmz_zone_base(z))[512 * 1024 + i], 0x6b, "byte %zu", i);
+        cr_expect_str_eq(obj = shmz_pointer(z, shmz_offset(z, obj)), "allocated");
+        /* Its lock is free (no previous owner to report), its allocator whole. */
+        cr_expect_eq(shmz_mutex_trylock(shmz_zone_mutex(z)), 0);
+        shmz_mutex_unlock(shmz_zone_mutex(z));
+        cr_expect_eq(shmz_zone_check(z), 0);
+        cr_expect_not_null(shmz_alloc(z, 100));
+        shmz_zone_close(z);
+        shmz_disconnect(c);
+        /* And it is in the fd store now, as every zone: a restart keeps it without the copy. */
+        harness_drain_notify(&d);
+        cr_expect_geq(stored_fd("p"), 0);
+}
+
+Test(keep, persist_interval_writes_while_running) {
+        char path[256], text[512];
+
+        snprintf(text, sizeof(text),
+                 "[daemon]\npersist_interval = 1\nstate_directory = %s/state\n[zone p]\nsize = 64K\ntag = pt\n"
+                 "persist = yes\n",
+                 d.dir);
+        harness_write_config(&d, text);
+        cr_assert_eq(harness_reload(&d), 0);
+        copy_path(path, sizeof(path), "");
+        for (int i = 0; i < 100 && access(path, F_OK) < 0; i++)
+                usleep(100000);
+        cr_expect_eq(access(path, F_OK), 0, "not written within 10 s of a 1 s interval");
+}
+
+/* A copy damaged in one of three ways: refused, moved aside, the zone made afresh. */
+static void expect_refused(const char *why, const char *size) {
+        struct shmz_client *c;
+        struct shmz_zone *z;
+        char line[256];
+
+        forget_store();
+        persist_config(size);
+        cr_assert_eq(harness_start(&d, NULL, false), 0, "%s", harness_log(&d));
+        snprintf(line, sizeof(line), "p.zone %s; not restored, kept as %s/state/p.zone.bad-", why, d.dir);
+        expect_log(line);
+        cr_expect_eq(count_state("p.zone.bad-"), 1);
+        c = harness_connect(&d);
+        cr_assert_not_null(c);
+        cr_assert_eq(shmz_zone_open(c, "p", 0, "pt", 0, &z), 0);
+        cr_expect_eq(((unsigned char *) shmz_zone_base(z))[100], 0, "half-restored");
+        shmz_zone_close(z);
+        shmz_disconnect(c);
+        cr_assert_eq(harness_stop(&d), 0);
+        /* Moved aside for good: the next copy is the new zone's. */
+        cr_assert_eq(run(line, sizeof(line), "rm %s/state/p.zone.bad-*", d.dir), 0);
+}
+
+/* Writes a copy of p with 0x77 in its bytes, stops the daemon. */
+static void make_copy(void) {
+        struct shmz_client *c;
+        struct shmz_zone *z;
+
+        persist_config("64K");
+        forget_store();
+        cr_assert_eq(harness_start(&d, NULL, false), 0, "%s", harness_log(&d));
+        c = harness_connect(&d);
+        cr_assert_not_null(c);
+        cr_assert_eq(shmz_zone_open(c, "p", 0, "pt", 0, &z), 0);
+        memset(shmz_zone_base(z), 0x77, 65536);
+        shmz_zone_close(z);
+        shmz_disconnect(c);
+        cr_assert_eq(harness_stop(&d), 0);
+}
+
+static void flip_byte(const char *path, off_t off) {
+        unsigned char b;
+        int fd = open(path, O_RDWR | O_CLOEXEC);
+
+        cr_assert_geq(fd, 0);
+        cr_assert_eq(pread(fd, &b, 1, off), 1);
+        b ^= 0x10;
+        cr_assert_eq(pwrite(fd, &b, 1, off), 1);
+        close(fd);
+}
+
+Test(keep, bad_copies_refused_and_kept_aside) {
+        char path[256];
+        struct stat st;
+
+        cr_assert_eq(harness_stop(&d), 0);
+        copy_path(path, sizeof(path), "");
+
+        make_copy();
+        cr_assert_eq(stat(path, &st), 0);
+        cr_assert_eq(truncate(path, st.st_size - 4096), 0);
+        expect_refused("is truncated", "64K");
+
+        make_copy();
+        flip_byte(path, 512 + 4096 + 100);
+        expect_refused("fails its checksum", "64K");
+
+        make_copy();
+        flip_byte(path, 40);
+        expect_refused("has a header that fails its checksum", "64K");
+
+        make_copy();
+        expect_refused("does not fit the declaration (name, size or tag changed since it was written)", "128K");
+        cr_assert_eq(harness_start(&d, NULL, false), 0);
+}
+
 int main(int argc, char *argv[]) {
         return harness_main(argc, argv, true, true);
 }

@@ -120,6 +120,17 @@ static int parse_argv(int argc, char *argv[]) {
 
 /* Command-line options win over the file; takes c. */
 static int apply_arguments(struct config *c, struct config **ret) {
+        const char *state = getenv("STATE_DIRECTORY");
+
+        /* The unit's StateDirectory= (one path: ours), unless the file names another. */
+        if (state && state[0] == '/' && !strchr(state, ':') && streq(c->state_directory, SHMZ_DEFAULT_STATE_DIR)) {
+                free(c->state_directory);
+                c->state_directory = strdup(state);
+                if (!c->state_directory) {
+                        config_free(c);
+                        return log_oom();
+                }
+        }
         if (arg_socket) {
                 free(c->socket_path);
                 c->socket_path = strdup(arg_socket);

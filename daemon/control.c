@@ -210,7 +210,9 @@ static int do_reload(struct conn *c, const struct shmz_msg_header *h) {
 
         if (c->caller.uid != 0)
                 return reply(c, h, -EPERM, NULL, 0, -EBADF);
-        r = daemon_reload(c->daemon, &errors, &refused);
+        if (!c->daemon->reload)
+                return reply(c, h, -EOPNOTSUPP, NULL, 0, -EBADF);
+        r = c->daemon->reload(c->daemon, &errors, &refused);
         out.result = r;
         out.refused = (uint32_t) MAX(refused, 0);
         if (errors) {

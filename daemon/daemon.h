@@ -44,12 +44,12 @@ struct daemon {
         atomic_uint config_errors; /* errors in the file last refused; 0 once one is applied */
         char *start_errors;        /* the file was refused at start: its errors (run() decides) */
         uint64_t persisted_usec;   /* CLOCK_MONOTONIC of the last persist_interval write (main thread) */
+        /*
+         * Reads the config file and applies it (main.c; NULL: RELOAD is refused).
+         * -EINVAL if the file is refused (nothing changes), with *ret_errors (free()
+         * it) holding each error as "path:line: message\n"; *ret_refused counts
+         * declarations the registry refused (a changed size or tag: the running
+         * zone stays). Any thread.
+         */
+        int (*reload)(struct daemon *d, char **ret_errors, int *ret_refused);
 };
-
-/*
- * Reads the config file and applies it (limits, zones, ports, clients). -EINVAL
- * if the file is refused (nothing changes), with *ret_errors (free() it) holding
- * each error as "path:line: message\n"; *ret_refused counts declarations the
- * registry refused (a changed size or tag: the running zone stays). Any thread.
- */
-int daemon_reload(struct daemon *d, char **ret_errors, int *ret_refused);

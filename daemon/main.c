@@ -546,7 +546,7 @@ static void set_problem(struct daemon *d, bool degraded, const char *errors) {
         pthread_mutex_unlock(&d->problem_lock);
 }
 
-int daemon_reload(struct daemon *d, char **ret_errors, int *ret_refused) {
+static int daemon_reload(struct daemon *d, char **ret_errors, int *ret_refused) {
         _cleanup_free_ char *errors = NULL;
         struct config *c;
         int r;
@@ -905,7 +905,8 @@ static void daemon_done(struct daemon *d) {
 int main(int argc, char *argv[]) {
         struct daemon d = { .listen_fd = -EBADF,
                             .reload_lock = PTHREAD_MUTEX_INITIALIZER,
-                            .problem_lock = PTHREAD_MUTEX_INITIALIZER };
+                            .problem_lock = PTHREAD_MUTEX_INITIALIZER,
+                            .reload = daemon_reload };
         int r;
 
         r = parse_argv(argc, argv);

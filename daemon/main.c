@@ -546,6 +546,8 @@ static void set_problem(struct daemon *d, bool degraded, const char *errors) {
         pthread_mutex_unlock(&d->problem_lock);
 }
 
+static void restore_persisted(struct daemon *d, const struct config *cfg);
+
 static int daemon_reload(struct daemon *d, char **ret_errors, int *ret_refused) {
         _cleanup_free_ char *errors = NULL;
         struct config *c;
@@ -568,6 +570,7 @@ static int daemon_reload(struct daemon *d, char **ret_errors, int *ret_refused) 
                 apply_client_limits(d, c);
                 /* Ports and segments made from now on get the new limits; live ones keep theirs. */
                 ports_set_limits(d->ports, &c->ports);
+                restore_persisted(d, c);
                 *ret_refused = apply_config(d, c);
                 if (*ret_refused != 0)
                         log_warning("Reload: %d zone declaration(s) refused, see above.", *ret_refused);
@@ -632,10 +635,14 @@ static int persist_all(struct daemon *d, int priority) {
         return r < 0 ? r : written;
 }
 
-/* Before the config is applied: declared persisting zones the fd store lacked come back from their copies. */
-static void restore_persisted(struct daemon *d) {
-        for (size_t i = 0; i < d->cfg->n_zones; i++) {
-                const struct zone_decl *decl = &d->cfg->zones[i];
+/*
+ * Before a config is applied (at start, and at a reload, which may declare
+ * one anew): declared persisting zones the registry lacks come back from their
+ * copies, rather than be made afresh and overwrite the copy at the next stop.
+ */
+static void restore_persisted(struct daemon *d, const struct config *cfg) {
+        for (size_t i = 0; i < cfg->n_zones; i++) {
+                const struct zone_decl *decl = &cfg->zones[i];
                 struct shmz_msg_zone_info info;
                 struct zone_history hist;
                 const char *why;
@@ -643,7 +650,7 @@ static void restore_persisted(struct daemon *d) {
 
                 if (!decl->persist || registry_info(d->registry, decl->name, &info) == 0)
                         continue;
-                if (persist_read(d->cfg->state_directory, decl, &fd, &hist) < 0)
+                if (persist_read(cfg->state_directory, decl, &fd, &hist) < 0)
                         continue; /* none, or refused (logged): the config makes it afresh */
                 r = registry_restore(d->registry, decl, fd, &hist, &why);
                 if (r < 0) {
@@ -813,7 +820,7 @@ static int run(struct daemon *d) {
                           d->config_path, adopted);
                 goto serve;
         }
-        restore_persisted(d);
+        restore_persisted(d, d->cfg);
         r = apply_config(d, d->cfg);
         /* After a restart the zones have data: refuse a declaration as a reload does, keep serving them. */
         if (r != 0 && adopted > 0)

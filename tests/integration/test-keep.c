@@ -418,6 +418,8 @@ static void forget_store(void) {
         d.n_stored = 0;
 }
 
+static void make_copy_of(const char *size);
+
 static void persist_config(const char *size) {
         char text[1024];
 
@@ -511,6 +513,26 @@ Test(keep, persisted_zone_survives_stop) {
         cr_expect_geq(stored_fd("p"), 0);
 }
 
+/* A reload that declares a persisted zone again takes its copy back, rather than overwrite it with a new zone. */
+Test(keep, reload_restores_a_declared_copy) {
+        struct shmz_client *c;
+        struct shmz_zone *z;
+
+        make_copy_of("64K");
+        forget_store();
+        harness_write_config(&d, GOOD_CONFIG);
+        cr_assert_eq(harness_start(&d, NULL, false), 0, "%s", harness_log(&d));
+        persist_config("64K");
+        cr_assert_eq(harness_reload(&d), 0);
+        expect_log("Zone 'p': restored from ");
+        c = harness_connect(&d);
+        cr_assert_not_null(c);
+        cr_assert_eq(shmz_zone_open(c, "p", 0, "pt", 0, &z), 0);
+        cr_expect_eq(((unsigned char *) shmz_zone_base(z))[65535], 0x77);
+        shmz_zone_close(z);
+        shmz_disconnect(c);
+}
+
 Test(keep, persist_interval_writes_while_running) {
         char path[256], text[512];
 
@@ -551,10 +573,16 @@ static void expect_refused(const char *why, const char *size) {
 
 /* Writes a copy of p with 0x77 in its bytes, stops the daemon. */
 static void make_copy(void) {
+        make_copy_of("64K");
+}
+
+static void make_copy_of(const char *size) {
         struct shmz_client *c;
         struct shmz_zone *z;
 
-        persist_config("64K");
+        if (d.pid > 0)
+                cr_assert_eq(harness_stop(&d), 0);
+        persist_config(size);
         forget_store();
         cr_assert_eq(harness_start(&d, NULL, false), 0, "%s", harness_log(&d));
         c = harness_connect(&d);

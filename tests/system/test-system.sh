@@ -171,7 +171,7 @@ $T/bad.conf:5: zone 'demo': unknown key 'bogus'" ] || fail check-config "not eve
         ok history-kept
 
         # persist = yes: the bytes outlive stop+start (the fd store does not).
-        cin sh -c 'printf "\n[zone kept]\nsize = 64K\ntag = k\nmode = 0644\npersist = yes\n" >>"$1"' sh $CONF
+        cin sh -c 'printf "\n[zone kept]\nsize = 64K\nmode = 0644\npersist = yes\n" >>"$1"' sh $CONF
         cin systemctl reload shmzoned.service || fail persist-stop-start "reload"
         printf PATTERN-P | cin dd of=$V/zones/kept conv=notrunc status=none || fail persist-stop-start "write"
         h0=$(history kept)

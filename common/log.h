@@ -15,7 +15,14 @@ extern int log_max_level;
 
 int log_internal(int level, int error, const char *file, int line, const char *fmt, ...) _printf_(5, 6);
 
-#define log_full_errno(level, error, ...) log_internal(level, error, __FILE__, __LINE__, __VA_ARGS__)
+/* The value is computed here, not only in log_internal(), so that the compiler and the static
+ * analyzer see that log_*_errno(e, ...) is negative for any e != 0. */
+#define log_full_errno(level, error, ...)                                                                              \
+        ({                                                                                                             \
+                int _e = (error);                                                                                      \
+                (void) log_internal(level, _e, __FILE__, __LINE__, __VA_ARGS__);                                       \
+                _e < 0 ? _e : -_e;                                                                                     \
+        })
 #define log_debug(...) log_full_errno(LOG_DEBUG, 0, __VA_ARGS__)
 #define log_info(...) log_full_errno(LOG_INFO, 0, __VA_ARGS__)
 #define log_notice(...) log_full_errno(LOG_NOTICE, 0, __VA_ARGS__)

@@ -7,6 +7,9 @@
 # FUZZ_SECONDS=N (CI sets 20) also runs every libFuzzer target for N seconds
 # on a clean clang build (scripts/fuzz.sh) first; each target counts as a case.
 #
+# scripts/checks.sh first (CHECKS=none leaves it out): clang-format, a clang -Werror build
+# of the whole tree, clang's static analyzer and an arm64 cross-build, each a case.
+#
 # Then the system test (tests/system/test-system.sh): builds the Debian packages,
 # installs them in a container booted with systemd and drives the service; each
 # of its checks counts as a case. SYSTEM_TEST=0 leaves it out.
@@ -15,7 +18,13 @@ cd "$(dirname "$0")/.."
 scripts/deps.sh
 fuzz_results=$(mktemp)
 system_results=$(mktemp)
-trap 'rm -f "$fuzz_results" "$system_results"' EXIT
+checks_results=$(mktemp)
+trap 'rm -f "$fuzz_results" "$system_results" "$checks_results"' EXIT
+if [ "${CHECKS:-}" != none ]; then
+        # Failed before any check ran (its dependencies, say): that counts too.
+        scripts/checks.sh | tee "$checks_results" || grep -q ': FAILED' "$checks_results" ||
+                echo "check checks.sh: FAILED" >>"$checks_results"
+fi
 if [ "${FUZZ_SECONDS:-0}" -gt 0 ]; then
         frc=0
         FUZZ_SECONDS=$FUZZ_SECONDS scripts/fuzz.sh | tee "$fuzz_results" || frc=$?
@@ -42,7 +51,7 @@ fi
 # from its own synthesis line, a program that exited 77 (SKIP) from its line
 # "Skipping all N tests: ..." (tests/integration/harness.c), any other program
 # as one case.
-python3 - "$builddir/meson-logs/testlog.json" "$fuzz_results" "$system_results" <<'PY' || { [ "$rc" -ne 0 ] || rc=1; }
+python3 - "$builddir/meson-logs/testlog.json" "$fuzz_results" "$system_results" "$checks_results" <<'PY' || { [ "$rc" -ne 0 ] || rc=1; }
 import json, re, sys
 synthesis = re.compile(r"Synthesis: Tested: (\d+) \| Passing: (\d+) \| Failing: (\d+)")
 skipping = re.compile(r"^Skipping all (\d+) tests?: ", re.M)
@@ -71,12 +80,14 @@ for line in open(sys.argv[1]):
         # Not criterion, or killed before its synthesis (a timeout): one case.
         passed += ok
         failed += not ok
-# scripts/fuzz.sh: "fuzz <target>: ok (...)" or "fuzz <target>: FAILED".
-for line in open(sys.argv[2]):
-    m = re.match(r"fuzz \S+: (ok|FAILED)", line)
-    if m:
-        passed += m.group(1) == "ok"
-        failed += m.group(1) == "FAILED"
+# scripts/fuzz.sh: "fuzz <target>: ok (...)" or "fuzz <target>: FAILED";
+# scripts/checks.sh: "check <name>: ok" or "check <name>: FAILED".
+for path, word in ((sys.argv[2], "fuzz"), (sys.argv[4], "check")):
+    for line in open(path):
+        m = re.match(word + r" \S+: (ok|FAILED)", line)
+        if m:
+            passed += m.group(1) == "ok"
+            failed += m.group(1) == "FAILED"
 # tests/system/test-system.sh: its synthesis, or "Skipping all N tests: ..." when it exited 77;
 # "system-test exit N" when it failed (a failure outside its checks counts as one more).
 out = open(sys.argv[3]).read()

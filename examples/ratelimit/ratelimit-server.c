@@ -391,20 +391,20 @@ static int listen_socket(const char *spec) {
 }
 
 static void print_address(int fd) {
-        struct sockaddr_storage ss;
+        struct sockaddr_storage ss = {};
         socklen_t sl = sizeof(ss);
         char buf[INET6_ADDRSTRLEN];
 
         if (getsockname(fd, (struct sockaddr *) &ss, &sl) < 0)
                 return;
-        if (ss.ss_family == AF_INET) {
+        if (ss.ss_family == AF_INET && sl >= sizeof(struct sockaddr_in)) {
                 struct sockaddr_in *s4 = (struct sockaddr_in *) &ss;
-                inet_ntop(AF_INET, &s4->sin_addr, buf, sizeof(buf));
-                printf("listening on %s:%u\n", buf, ntohs(s4->sin_port));
-        } else {
+                if (inet_ntop(AF_INET, &s4->sin_addr, buf, sizeof(buf)))
+                        printf("listening on %s:%u\n", buf, ntohs(s4->sin_port));
+        } else if (ss.ss_family == AF_INET6 && sl >= sizeof(struct sockaddr_in6)) {
                 struct sockaddr_in6 *s6 = (struct sockaddr_in6 *) &ss;
-                inet_ntop(AF_INET6, &s6->sin6_addr, buf, sizeof(buf));
-                printf("listening on [%s]:%u\n", buf, ntohs(s6->sin6_port));
+                if (inet_ntop(AF_INET6, &s6->sin6_addr, buf, sizeof(buf)))
+                        printf("listening on [%s]:%u\n", buf, ntohs(s6->sin6_port));
         }
         fflush(stdout);
 }

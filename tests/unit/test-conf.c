@@ -489,12 +489,7 @@ Test(conf, syntax_error) {
         expect_error("[daemon\nthreads = 1\n", 1, NULL);
 }
 
-/*
- * BUG (daemon/conf-file.c, config_load(): a handler's error wins over inih's
- * syntax error whatever their lines): the first bad line is a syntax error,
- * yet the message names a later one. Fails until fixed (report the smaller
- * line of the two).
- */
+/* The first bad line is named, a syntax error before a handler's error as well. */
 Test(conf, syntax_error_first) {
         expect_error("[daemon]\nthreads = 1\nno equals sign here\n", 3, "syntax error");
         /* With a later error too: both, the first line first. */
@@ -510,11 +505,9 @@ Test(conf, key_outside_section) {
 }
 
 /*
- * The offending line of a section-level error is its [header], as for "has
- * no size". BUG (daemon/conf-file.c, handler()): unknown sections, bad zone
- * names and duplicate zones are noticed at the section's first key and fail()
- * records s->line, the key's line, instead of s->section_line. These cases
- * assert the header's line and fail until that is fixed.
+ * The offending line of a section-level error (an unknown section, a bad or
+ * duplicate zone name) is its [header], as for "has no size", not the line of
+ * the section's first key, where it is noticed.
  */
 Test(conf, unknown_section) {
         expect_error("[daemon]\nthreads = 1\n[zones]\n\n; comment\nsize = 1M\n", 3, "unknown section [zones]");
@@ -534,9 +527,8 @@ Test(conf, bad_zone_name) {
 }
 
 /*
- * SHMZ_NAME_MAX + 1 bytes: refused at its line. Fails until the bugs of
- * syntax_error_first and long_line_named_by_its_line are fixed: today inih
- * splits the line, "size =" lands in [daemon], and that later error is named.
+ * SHMZ_NAME_MAX + 1 bytes: refused at its own line (inih splits such a line, and the
+ * pieces must not be taken for later lines, nor "size =" for a key of [daemon]).
  */
 Test(conf, zone_name_too_long) {
         char text[512], name[SHMZ_NAME_MAX + 2];
@@ -548,30 +540,22 @@ Test(conf, zone_name_too_long) {
 }
 
 /*
- * BUG (daemon/conf-file.c with Debian's inih 55, built without
- * INI_CALL_HANDLER_ON_NEW_SECTION): a section without keys never reaches
- * handler(), so "[zone a]" alone is silently dropped instead of refused for
- * having no size; on reload, a running zone "a" is then retired. Fails until
- * fixed (the reader, which sees every [header], could open the section).
+ * A section without keys is refused for having no size: Debian's inih 55 is built
+ * without INI_CALL_HANDLER_ON_NEW_SECTION, so only the reader, which sees every
+ * [header], can notice it (dropped, a reload would retire a running zone "a").
  */
 Test(conf, zone_section_without_keys) {
         expect_error("[zone a]\n\n[zone b]\nsize = 1M\n", 1, "zone 'a' has no size");
 }
 
-/*
- * BUG (daemon/conf-file.c, handler()): a new section is told from the last
- * by its name only, so two adjacent [zone a] sections merge silently (the
- * second size wins) while non-adjacent ones are refused. Fails until fixed.
- */
+/* Two adjacent [zone a] sections are refused as non-adjacent ones are, not merged. */
 Test(conf, duplicate_zone_adjacent) {
         expect_error("[zone a]\nsize = 1M\n[zone a]\nsize = 2M\n", 3, "zone 'a' declared twice");
 }
 
 /*
- * BUG (daemon/conf-file.c with inih 55): inih copies section names into a
- * 50-byte buffer, so "[zone NAME]" keeps 44 bytes of NAME and a valid longer
- * name declares a zone of another name, silently. Either the whole name or a
- * refusal; fails until fixed.
+ * inih 55 copies section names into a 50-byte buffer: a longer valid name is
+ * kept whole or refused, never cut into the name of another zone.
  */
 Test(conf, long_zone_name_kept_whole) {
         char text[256], name[61];
@@ -597,9 +581,8 @@ Test(conf, long_zone_name_kept_whole) {
 }
 
 /*
- * BUG (daemon/conf-file.c with inih 55, INI_MAX_LINE 200): a longer line is
- * read in pieces, each counted as a line, so the error names the line after
- * the long one (a key that is fine). Fails until fixed.
+ * inih 55 reads a line longer than INI_MAX_LINE (200) in pieces: an error in
+ * it names that line, not the line after it.
  */
 Test(conf, long_line_named_by_its_line) {
         char text[512], sock[260];

@@ -196,7 +196,15 @@ static int check_config(void) {
         r = load_config(&c, &errors);
         config_free(c);
         if (r < 0) {
-                fputs(errors ?: "Out of memory.\n", stderr);
+                /* Run by the unit (ExecReload=), stderr is the journal: each line at err, as the daemon logs them. */
+                bool journal = getenv("JOURNAL_STREAM");
+
+                for (const char *p = errors ?: "Out of memory.\n", *e; *p; p = e + 1) {
+                        e = strchrnul(p, '\n');
+                        fprintf(stderr, "%s%.*s\n", journal ? "<3>" : "", (int) (e - p), p);
+                        if (!*e)
+                                break;
+                }
                 return EXIT_FAILURE;
         }
         printf("%s: OK\n", arg_config ?: SHMZ_DEFAULT_CONFIG);

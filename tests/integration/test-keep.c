@@ -42,7 +42,7 @@ static void stop(void) {
 TestSuite(keep, .init = start, .fini = stop, .timeout = 90);
 
 /* Runs a shell command line; its stdout and stderr in out; returns its exit status. */
-static int run(char *out, size_t size, const char *fmt, ...) {
+_printf_(3, 4) static int run(char *out, size_t size, const char *fmt, ...) {
         char cmd[1024];
         va_list ap;
         FILE *p;

@@ -16,6 +16,7 @@ _Static_assert(sizeof(struct shmz_msg_header) == 16, "message header size");
 _Static_assert(sizeof(struct shmz_msg_zone_open) == 16 + SHMZ_NAME_BUF + SHMZ_TAG_BUF, "open size");
 _Static_assert(sizeof(struct shmz_msg_zone_info) == 88 + SHMZ_NAME_BUF + SHMZ_TAG_BUF, "info size");
 _Static_assert(sizeof(struct shmz_msg_zone_info) + sizeof(struct shmz_msg_header) <= SHMZ_MSG_MAX, "fits");
+_Static_assert(sizeof(struct shmz_msg_reload_reply) + sizeof(struct shmz_msg_header) <= SHMZ_MSG_MAX, "fits");
 _Static_assert(sizeof(struct shmz_segment_header) == SHMZ_SEGMENT_HEADER_SIZE, "segment header size");
 _Static_assert(offsetof(struct shmz_segment_header, used) == 128, "segment bitmap offset");
 _Static_assert(sizeof(struct shmz_channel_dir) == 192, "channel direction size");
@@ -153,6 +154,8 @@ ssize_t proto_body_size(uint16_t type, bool reply) {
                 return reply ? sizeof(struct shmz_msg_port_info) : 0;
         case SHMZ_MSG_SEGMENT_LIST:
                 return reply ? sizeof(struct shmz_msg_segment_info) : 0;
+        case SHMZ_MSG_RELOAD:
+                return reply ? sizeof(struct shmz_msg_reload_reply) : 0;
         case SHMZ_MSG_NOTICE_SHUTDOWN:
                 return reply ? -EBADMSG : 0;
         case SHMZ_MSG_NOTICE_PORT:

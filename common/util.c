@@ -123,3 +123,26 @@ size_t sorted_name_index(void *const *items, size_t n, size_t name_offset, const
         *ret_found = false;
         return lo;
 }
+
+static inline uint64_t mix64(uint64_t h) {
+        h ^= h >> 33;
+        h *= UINT64_C(0xff51afd7ed558ccd);
+        h ^= h >> 33;
+        h *= UINT64_C(0xc4ceb9fe1a85ec53);
+        return h ^ (h >> 33);
+}
+
+uint64_t checksum64(const void *p, size_t n, uint64_t seed) {
+        const unsigned char *b = p;
+        uint64_t h = seed ^ (n * UINT64_C(0x9e3779b97f4a7c15)), w;
+        size_t i = 0;
+
+        for (; i + 8 <= n; i += 8) {
+                memcpy(&w, b + i, 8);
+                h = (h ^ w) * UINT64_C(0x9e3779b97f4a7c15);
+                h ^= h >> 29;
+        }
+        w = 0;
+        memcpy(&w, b + i, n - i);
+        return mix64(h ^ w);
+}

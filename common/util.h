@@ -122,6 +122,12 @@ static inline void copy_sized(void *dst, size_t dst_size, const void *src, size_
                 memset((char *) dst + src_size, 0, dst_size - src_size);
 }
 
+/*
+ * A 64-bit checksum of n bytes, against corruption (a truncated or damaged
+ * file, a torn record), not against an adversary: eight bytes a step.
+ */
+uint64_t checksum64(const void *p, size_t n, uint64_t seed);
+
 uint64_t now_nsec(int clock);
 uint64_t now_usec(int clock);
 

@@ -86,11 +86,35 @@ static int refuse(const char **ret_why, const char *why, int r) {
         return r;
 }
 
-int registry_adopt(struct registry *reg, const char *fdname, int fd, const char **ret_why) {
+/*
+ * Rewrites the header fields the daemon owns (what zone_header_init() writes
+ * but the lock, the allocator's state and the root offset, which are the
+ * zone's users'). A writer may have changed them; the zone's identity comes
+ * from elsewhere.
+ */
+static int header_repair(int fd, const struct zone *z) {
+        struct shmz_zone_header h;
+
+        zone_header_init(&h, z->name, z->tag, z->map_size, z->uid, z->gid, z->mode, z->generation);
+        h.created_usec = z->created_usec;
+        /* From the magic up to the lock, but the users' alloc_state and root. */
+        if (pwrite(fd, &h, offsetof(struct shmz_zone_header, alloc_state), 0) !=
+                    (ssize_t) offsetof(struct shmz_zone_header, alloc_state) ||
+            pwrite(fd, (const char *) &h + offsetof(struct shmz_zone_header, name),
+                   offsetof(struct shmz_zone_header, lock) - offsetof(struct shmz_zone_header, name),
+                   offsetof(struct shmz_zone_header, name)) !=
+                    (ssize_t) (offsetof(struct shmz_zone_header, lock) - offsetof(struct shmz_zone_header, name)))
+                return -EIO;
+        return 0;
+}
+
+static int adopt(struct registry *reg, const char *fdname, int fd, const struct zone_history *hist, bool stored,
+                 const char **ret_why) {
         struct zone_identity id;
         struct shmz_zone_header h;
         char path[64], link[SHMZ_NAME_BUF + 64], want[SHMZ_NAME_BUF + 64];
         uint64_t page = (uint64_t) sysconf(_SC_PAGESIZE), now = now_usec(CLOCK_REALTIME);
+        bool damaged;
         struct stat st;
         struct zone *z;
         ssize_t n;
@@ -111,13 +135,16 @@ int registry_adopt(struct registry *reg, const char *fdname, int fd, const char 
         /* Exactly a zone's seals: without them a holder could shrink it under the others; with more, writes fail. */
         if (fcntl(fd, F_GET_SEALS) != (F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL))
                 return refuse(ret_why, "it is not sealed as a zone is", -EPERM);
-        if (st.st_size <= 0 || (uint64_t) st.st_size % page != 0)
+        if (st.st_size <= 0 || (uint64_t) st.st_size % page != 0 || (uint64_t) st.st_size < SHMZ_ZONE_HEADER_SIZE)
                 return refuse(ret_why, "its size is not whole pages", -EBADMSG);
-        /* A copy, read once: writers may change the header at any time. Only the tag is taken from it. */
+        /*
+         * A copy, read once: writers may change the header at any time. It is
+         * never what decides: a damaged one is rewritten, not a reason to drop
+         * the zone (a writer could delete it so, and take its name).
+         */
         if (pread(fd, &h, sizeof(h), 0) != (ssize_t) sizeof(h))
                 return refuse(ret_why, "its header cannot be read", -EIO);
-        if (zone_header_check(&h, (uint64_t) st.st_size, id.name) < 0 || !tag_is_valid(h.tag))
-                return refuse(ret_why, "its header does not describe this zone", -EBADMSG);
+        damaged = zone_header_check(&h, (uint64_t) st.st_size, id.name) < 0 || !tag_is_valid(h.tag);
         /* Owner read-only, as zone_memory_make() left it: else a reader could reopen it writable. */
         if ((st.st_mode & 07777) != 0400 && fchmod(fd, 0400) < 0)
                 return refuse(ret_why, "cannot make its inode mode 0400", -errno);
@@ -139,24 +166,69 @@ int registry_adopt(struct registry *reg, const char *fdname, int fd, const char 
                 .refs = 1,
                 .declared = id.declared,
                 .counted = !id.declared,
-                .used = true,   /* its bytes predate us */
-                .stored = true, /* systemd kept its copy: nothing to store again */
+                .used = true,     /* its bytes predate us */
+                .stored = stored, /* systemd kept its copy: nothing to store again */
                 .stored_id = id,
         };
         strncpy_buf(z->name, sizeof(z->name), id.name);
-        strncpy_buf(z->tag, sizeof(z->tag), h.tag);
+        if (hist && tag_is_valid(hist->tag)) {
+                z->ino = hist->ino;
+                z->generation = hist->generation;
+                z->created_usec = hist->created_usec;
+                z->mtime_usec = hist->mtime_usec;
+                z->ctime_usec = hist->ctime_usec;
+                strncpy_buf(z->tag, sizeof(z->tag), hist->tag);
+        } else if (!damaged) {
+                /* No record (a daemon before records were kept): what the header says, as then. */
+                strncpy_buf(z->tag, sizeof(z->tag), h.tag);
+                z->created_usec = h.created_usec;
+        }
 
         registry_lock(reg);
         r = registry_adopt_locked(reg, z);
-        if (r >= 0)
-                zone_memory_sync_acl(z); /* the header's copy follows the FDNAME's, never the reverse */
+        if (r >= 0) {
+                /* The header's copies follow the FDNAME and the record, never the reverse. */
+                if (damaged)
+                        (void) header_repair(fd, z);
+                else if (!streq(h.tag, z->tag))
+                        zone_memory_sync_tag(z);
+                zone_memory_sync_acl(z);
+                if (stored)
+                        zone_identity_of(z, &z->stored_id);
+                else
+                        registry_store_sync(reg, z);
+        }
         registry_unlock(reg);
         if (r < 0) {
                 z->fd = -EBADF; /* still the caller's */
                 zone_destroy(z);
                 return refuse(ret_why, r == -EEXIST ? "a zone of that name exists already" : "out of memory", r);
         }
-        if (r > 0)
+        r = (r > 0 ? ADOPT_PAST_LIMIT : 0) | (damaged ? ADOPT_REPAIRED : 0);
+        if (r == (ADOPT_PAST_LIMIT | ADOPT_REPAIRED))
+                *ret_why = "its header was damaged: the daemon's fields were rewritten; adopted past the memory "
+                           "budget or its uid's quota";
+        else if (r == ADOPT_REPAIRED)
+                *ret_why = "its header was damaged: the daemon's fields were rewritten";
+        else if (r == ADOPT_PAST_LIMIT)
                 *ret_why = "adopted past the memory budget or its uid's quota";
         return r;
+}
+
+int registry_adopt(struct registry *reg, const char *fdname, int fd, const struct zone_history *hist,
+                   const char **ret_why) {
+        return adopt(reg, fdname, fd, hist, true, ret_why);
+}
+
+int registry_restore(struct registry *reg, const struct zone_decl *decl, int fd, const struct zone_history *hist,
+                     const char **ret_why) {
+        struct zone_identity id = { .uid = decl->uid, .gid = decl->gid, .mode = decl->mode, .declared = true };
+        char fdname[ZONE_FDNAME_MAX + 1];
+
+        strncpy_buf(id.name, sizeof(id.name), decl->name);
+        if (zone_identity_format(&id, fdname, sizeof(fdname)) < 0) {
+                *ret_why = "its identity is too long";
+                return -ENAMETOOLONG;
+        }
+        return adopt(reg, fdname, fd, hist, false, ret_why);
 }

@@ -87,7 +87,8 @@ struct registry {
         struct registry_store_change {
                 struct registry_store_change *next;
                 struct zone_identity id;
-                int fd;
+                int fd;      /* -EBADF: removed (or updated) */
+                bool update; /* only id.hist changed */
         } * store_head, *store_tail;
         bool store_delivering;
 };

@@ -44,7 +44,10 @@ static void store_deliver(struct registry *reg, const struct registry_store *sto
                         struct registry_store_change *c = batch;
 
                         batch = c->next;
-                        if (c->fd < 0)
+                        if (c->update) {
+                                if (store->updated)
+                                        store->updated(data, &c->id);
+                        } else if (c->fd < 0)
                                 store->removed(data, &c->id);
                         else
                                 store->stored(data, &c->id, c->fd);
@@ -91,17 +94,26 @@ void zone_identity_of(const struct zone *z, struct zone_identity *ret) {
                 .mode = z->mode,
                 .charged_uid = z->charged_uid,
                 .declared = z->declared,
+                .hist = {
+                        .ino = z->ino,
+                        .generation = z->generation,
+                        .created_usec = z->created_usec,
+                        .mtime_usec = z->mtime_usec,
+                        .ctime_usec = z->ctime_usec,
+                },
         };
         strncpy_buf(ret->name, sizeof(ret->name), z->name);
+        strncpy_buf(ret->hist.tag, sizeof(ret->hist.tag), z->tag);
 }
 
+/* The same FDNAME. */
 static bool identity_eq(const struct zone_identity *a, const struct zone_identity *b) {
         return streq(a->name, b->name) && a->uid == b->uid && a->gid == b->gid && a->mode == b->mode &&
                a->charged_uid == b->charged_uid && a->declared == b->declared;
 }
 
 /* false if out of memory (the change is lost: a removal leaves a stale entry, a store an unkept zone). */
-static bool store_queue(struct registry *reg, const struct zone_identity *id, int fd) {
+static bool store_queue(struct registry *reg, const struct zone_identity *id, int fd, bool update) {
         struct registry_store_change *c = malloc(sizeof(*c));
 
         assert_locked(reg);
@@ -109,7 +121,7 @@ static bool store_queue(struct registry *reg, const struct zone_identity *id, in
                 safe_close(fd);
                 return false;
         }
-        *c = (struct registry_store_change){ .id = *id, .fd = fd };
+        *c = (struct registry_store_change){ .id = *id, .fd = fd, .update = update };
         if (reg->store_tail)
                 reg->store_tail->next = c;
         else
@@ -125,10 +137,17 @@ void registry_store_sync(struct registry *reg, struct zone *z) {
 
         assert_locked(reg);
         zone_identity_of(z, &id);
-        if (z->stored && (!want || !identity_eq(&id, &z->stored_id))) {
+        if (z->stored && want && identity_eq(&id, &z->stored_id)) {
+                /* The same FDNAME: only the history record may need the new tag. */
+                if (reg->store && !streq(id.hist.tag, z->stored_id.hist.tag))
+                        (void) store_queue(reg, &id, -EBADF, true);
+                z->stored_id = id;
+                return;
+        }
+        if (z->stored) {
                 /* The old name goes first: a restarted daemon must never find a stale ACL or an unlinked zone. */
                 if (reg->store)
-                        (void) store_queue(reg, &z->stored_id, -EBADF);
+                        (void) store_queue(reg, &z->stored_id, -EBADF, false);
                 z->stored = false;
         }
         if (!want || z->stored || !reg->store)
@@ -137,7 +156,7 @@ void registry_store_sync(struct registry *reg, struct zone *z) {
         fd = fcntl(z->fd, F_DUPFD_CLOEXEC, 3);
         if (fd < 0)
                 return; /* out of fds: the zone works, it only would not survive a restart */
-        if (!store_queue(reg, &id, fd))
+        if (!store_queue(reg, &id, fd, false))
                 return;
         z->stored = true;
         z->stored_id = id;
@@ -256,6 +275,15 @@ void registry_set_store(struct registry *reg, const struct registry_store *store
         reg->store = store;
         reg->store_data = userdata;
         registry_unlock(reg);
+}
+
+bool registry_has_store(struct registry *reg) {
+        bool r;
+
+        registry_lock(reg);
+        r = reg->store != NULL;
+        registry_unlock(reg);
+        return r;
 }
 
 void registry_get_stats(struct registry *reg, struct registry_stats *ret) {
@@ -397,14 +425,24 @@ fail_free:
         return r;
 }
 
+void registry_reserve(struct registry *reg, uint64_t next_ino, uint64_t next_generation) {
+        registry_lock(reg);
+        reg->next_ino = MAX(reg->next_ino, next_ino);
+        reg->next_generation = MAX(reg->next_generation, next_generation);
+        registry_unlock(reg);
+}
+
 int registry_adopt_locked(struct registry *reg, struct zone *z) {
         int r, past;
 
         assert_locked(reg);
         if (registry_lookup(reg, z->name))
                 return -EEXIST;
-        z->ino = reg->next_ino;
-        z->generation = reg->next_generation;
+        /* Its recorded inode number, unless it is not one of a zone's or another zone has it. */
+        if (z->ino < REGISTRY_FIRST_INO || z->ino >= UINT64_MAX / 2 || tfind(z, &reg->by_ino, zone_ino_cmp))
+                z->ino = reg->next_ino;
+        if (z->generation == 0 || z->generation >= UINT64_MAX / 2)
+                z->generation = reg->next_generation;
         r = names_insert(reg, z);
         if (r < 0)
                 return r;
@@ -418,8 +456,8 @@ int registry_adopt_locked(struct registry *reg, struct zone *z) {
                 names_remove(reg, z);
                 return -ENOMEM;
         }
-        reg->next_ino++;
-        reg->next_generation++;
+        reg->next_ino = MAX(reg->next_ino, z->ino + 1);
+        reg->next_generation = MAX(reg->next_generation, z->generation + 1);
         reg->zones++;
         registry_changed(reg, REGISTRY_ZONE_ADDED, z);
         return past < 0 ? 1 : 0;
@@ -752,6 +790,7 @@ int registry_set_tag(struct registry *reg, const struct caller *c, const char *n
                 zone_memory_sync_tag(z);
                 z->ctime_usec = now_usec(CLOCK_REALTIME);
                 registry_changed(reg, REGISTRY_ZONE_CHANGED, z);
+                registry_store_sync(reg, z);
         }
         registry_unlock(reg);
         return r;

@@ -48,11 +48,24 @@ typedef void (*registry_observer_t)(void *userdata, enum registry_event ev, cons
  * keeps it as the fd's FDNAME=): the header's copy is writable by the zone's
  * writers, so it never is the source of an ACL.
  */
+/*
+ * What a zone has been since it was made: kept across restarts beside its
+ * identity (the daemon's history record, not the FDNAME: too long for it), so
+ * that inode numbers, times and generations do not move. The tag too: the
+ * header's copy is the writers'.
+ */
+struct zone_history {
+        uint64_t ino, generation;
+        uint64_t created_usec, mtime_usec, ctime_usec;
+        char tag[SHMZ_TAG_BUF];
+};
+
 struct zone_identity {
         char name[SHMZ_NAME_BUF];
         uint32_t uid, gid, mode;
-        uint32_t charged_uid; /* whose quota a client's zone counts against */
-        bool declared;        /* the config's (nobody's quota) */
+        uint32_t charged_uid;     /* whose quota a client's zone counts against */
+        bool declared;            /* the config's (nobody's quota) */
+        struct zone_history hist; /* not in the FDNAME */
 };
 
 /*
@@ -81,6 +94,8 @@ int zone_identity_parse(const char *fdname, struct zone_identity *ret);
 struct registry_store {
         void (*stored)(void *userdata, const struct zone_identity *id, int fd);
         void (*removed)(void *userdata, const struct zone_identity *id);
+        /* Optional: only id->hist changed (the tag); the stored fd and its FDNAME stay. */
+        void (*updated)(void *userdata, const struct zone_identity *id);
 };
 
 /* A zone the config file declares. */
@@ -91,6 +106,7 @@ struct zone_decl {
         uint32_t uid;
         uint32_t gid;
         uint32_t mode;
+        bool persist; /* written to the state directory, restored when systemd's fd store lacks it */
 };
 
 /* What every uid may take, and all of them together. */
@@ -111,17 +127,35 @@ void registry_set_observer(struct registry *reg, registry_observer_t cb, void *u
 void registry_get_stats(struct registry *reg, struct registry_stats *ret);
 /* Set before zones are made: zones made earlier are not offered. store must outlive reg. */
 void registry_set_store(struct registry *reg, const struct registry_store *store, void *userdata);
+bool registry_has_store(struct registry *reg);
 
 /*
  * Takes back a zone memfd a previous daemon stored under fdname (see
  * zone_identity_format()), before the config is applied. Checks that fd is a
- * memfd of ours for that name, sealed as zones are, its header describing it,
- * the name free; then the zone is charged to the budget and quota as before
- * (past a limit too: its memory exists already) and counts as stored (systemd
- * keeps its copy). On success the zone owns fd; 1 if it is past a limit. On
- * failure fd is still the caller's and *ret_why says why in words.
+ * memfd of ours for that name, sealed as zones are, whole pages, the name
+ * free; then the zone is charged to the budget and quota as before (past a
+ * limit too: its memory exists already) and counts as stored (systemd keeps
+ * its copy). hist (may be NULL) is its history as recorded: its inode number,
+ * generation, times and tag are kept (a number another zone took already is
+ * not). A header a writer damaged does not lose the zone: the fields the
+ * daemon owns are rewritten from the FDNAME, hist and the memfd's size.
+ * On success the zone owns fd; the result has ADOPT_PAST_LIMIT and/or
+ * ADOPT_REPAIRED set, and *ret_why says what in words. On failure fd is
+ * still the caller's and *ret_why says why.
  */
-int registry_adopt(struct registry *reg, const char *fdname, int fd, const char **ret_why);
+#define ADOPT_PAST_LIMIT 0x1
+#define ADOPT_REPAIRED 0x2
+int registry_adopt(struct registry *reg, const char *fdname, int fd, const struct zone_history *hist,
+                   const char **ret_why);
+/*
+ * A declared zone restored from a copy (fd: a sealed zone memfd, as
+ * registry_adopt() checks it): taken in as if adopted under decl's identity,
+ * then stored (systemd's fd store did not have it). Same results.
+ */
+int registry_restore(struct registry *reg, const struct zone_decl *decl, int fd, const struct zone_history *hist,
+                     const char **ret_why);
+/* Numbers the zones of a previous run used: new zones get higher ones (inode numbers are never reused). */
+void registry_reserve(struct registry *reg, uint64_t next_ino, uint64_t next_generation);
 
 /*
  * Open (SHMZ_CREATE/EXCL/RDONLY flags) following the tag and size rules. On

@@ -33,18 +33,29 @@
 #define DEFAULT_SEGMENT_MEMORY (UINT64_C(4) << 30)
 #define DEFAULT_UID_SEGMENT_MEMORY (UINT64_C(1) << 30)
 
+/* A hostile file cannot make us keep more errors than this; the rest are counted. */
+#define MAX_ERRORS 64u
+
+struct parse_error {
+        unsigned line;
+        char msg[256];
+};
+
 struct parse_state {
         struct config *cfg;
         FILE *f;
         const char *path;
         unsigned line;         /* counted by our reader: inih does not tell handlers */
+        unsigned ports_line;   /* the last key of [daemon] that check_ports() weighs */
         unsigned section_line; /* where the last section header was */
-        char error[256];       /* first error */
-        unsigned error_line;
+        struct parse_error errors[MAX_ERRORS];
+        unsigned n_errors, n_dropped;
+        bool oom;
         char section[256];
         struct zone_decl *zone; /* the zone section being read */
         unsigned zone_line;
         struct port_decl *port; /* the port section being read */
+        bool zone_size_seen;
 };
 
 int config_new_default(struct config **ret) {
@@ -65,6 +76,11 @@ int config_new_default(struct config **ret) {
         c->max_clients = DEFAULT_MAX_CLIENTS;
         c->uid_max_clients = DEFAULT_UID_MAX_CLIENTS;
         c->hello_timeout = DEFAULT_HELLO_TIMEOUT;
+        c->state_directory = strdup(SHMZ_DEFAULT_STATE_DIR);
+        if (!c->state_directory) {
+                config_free(c);
+                return -ENOMEM;
+        }
         c->ports = (struct ports_limits){
                 .chunk_size = DEFAULT_CHUNK_SIZE,
                 .segment_chunks = DEFAULT_SEGMENT_CHUNKS,
@@ -84,6 +100,7 @@ struct config *config_free(struct config *c) {
                 return NULL;
         free(c->socket_path);
         free(c->mount_path);
+        free(c->state_directory);
         free(c->zones);
         free(c->port_decls);
         free(c);
@@ -93,6 +110,8 @@ struct config *config_free(struct config *c) {
 _printf_(2, 3) static int fail(struct parse_state *s, const char *fmt, ...);
 /* Opens the section of a "[name]" line (the reader sees each one, keys or not). */
 static void open_section(struct parse_state *s, const char *p);
+/* A section that could not be opened: its keys are ignored. */
+static void refuse_section(struct parse_state *s);
 
 static char *reader(char *buf, int size, void *userdata) {
         struct parse_state *s = userdata;
@@ -110,7 +129,19 @@ static char *reader(char *buf, int size, void *userdata) {
                 (void) fail(s, "line too long (at most %d bytes)", size - 2);
                 while ((ch = fgetc(s->f)) != EOF && ch != '\n')
                         ;
+                /* A section header that long is refused with its keys; they add no errors of their own. */
+                if (p[strspn(p, " \t")] == '[')
+                        refuse_section(s);
                 return p;
+        }
+        /* inih reports only its first syntax error: every bad line is found here. */
+        if (*p != ' ' && *p != '\t') {
+                size_t k = strcspn(p, "\r\n");
+
+                if (*p == '[' && !memchr(p, ']', k))
+                        (void) fail(s, "syntax error: no ']' closes the section name");
+                else if (k > 0 && *p != '[' && *p != ';' && *p != '#' && !memchr(p, '=', k) && !memchr(p, ':', k))
+                        (void) fail(s, "syntax error: expected 'key = value'");
         }
         p += strspn(p, " \t");
         if (*p == '[') {
@@ -120,15 +151,20 @@ static char *reader(char *buf, int size, void *userdata) {
         return buf;
 }
 
+/* Records an error at the current line; every one is kept (up to MAX_ERRORS), not only the first. */
 _printf_(2, 3) static int fail(struct parse_state *s, const char *fmt, ...) {
+        struct parse_error *e;
         va_list ap;
 
-        if (s->error_line == 0) {
-                s->error_line = s->line;
-                va_start(ap, fmt);
-                (void) vsnprintf(s->error, sizeof(s->error), fmt, ap);
-                va_end(ap);
+        if (s->n_errors >= MAX_ERRORS) {
+                s->n_dropped++;
+                return 0;
         }
+        e = &s->errors[s->n_errors++];
+        e->line = s->line;
+        va_start(ap, fmt);
+        (void) vsnprintf(e->msg, sizeof(e->msg), fmt, ap);
+        va_end(ap);
         return 0; /* inih: handler failed */
 }
 
@@ -159,6 +195,19 @@ static int parse_id(const char *v, bool group, uint32_t *ret) {
         return 0;
 }
 
+/* 1, 0, or -EINVAL: the words a systemd unit takes for a boolean. */
+static int parse_boolean(const char *v) {
+        static const char *const yes[] = { "yes", "true", "on", "1" }, *const no[] = { "no", "false", "off", "0" };
+
+        for (size_t i = 0; i < ELEMENTSOF(yes); i++) {
+                if (streq(v, yes[i]))
+                        return 1;
+                if (streq(v, no[i]))
+                        return 0;
+        }
+        return -EINVAL;
+}
+
 static int set_string(char **p, const char *v) {
         char *n = strdup(v);
 
@@ -173,6 +222,25 @@ static int daemon_key(struct parse_state *s, const char *key, const char *value)
         struct config *c = s->cfg;
         uint64_t u;
         char *end;
+
+        if (streq(key, "chunk_size") || streq(key, "segment_chunks") || streq(key, "port_memory") ||
+            streq(key, "segment_memory") || streq(key, "uid_segment_memory"))
+                s->ports_line = s->line;
+        if (streq(key, "state_directory")) {
+                if (value[0] != '/')
+                        return fail(s, "state_directory must be an absolute path");
+                return set_string(&c->state_directory, value) < 0 ? fail(s, "out of memory") : 1;
+        }
+        if (streq(key, "persist_interval")) {
+                unsigned long n;
+
+                errno = 0;
+                n = strtoul(value, &end, 10);
+                if (!*value || *end || errno || n > 86400)
+                        return fail(s, "persist_interval must be a number of seconds from 0 (off) to 86400");
+                c->persist_interval = (unsigned) n;
+                return 1;
+        }
 
         if (streq(key, "socket")) {
                 if (value[0] != '/')
@@ -267,32 +335,34 @@ static int daemon_key(struct parse_state *s, const char *key, const char *value)
         return fail(s, "unknown key '%s' in [daemon]", key);
 }
 
-/* Keys that constrain each other, once all are read: 0, or -EINVAL (logged). */
-static int check_ports(const char *path, const struct ports_limits *p) {
+/* Keys that constrain each other, once all are read; reported at the last of them the file set. */
+static void check_ports(struct parse_state *s) {
+        const struct ports_limits *p = &s->cfg->ports;
         uint64_t seg = (uint64_t) p->chunk_size * p->segment_chunks;
+        unsigned line = s->line;
 
+        s->line = s->ports_line;
         if (seg > MAX_SEGMENT_BYTES)
-                return log_error_errno(
-                        EINVAL, "%s: chunk_size * segment_chunks = %" PRIu64 " bytes; a segment may have 1G at most.",
-                        path, seg);
-        if (p->port_memory < seg)
-                return log_error_errno(EINVAL,
-                                       "%s: port_memory (%" PRIu64
-                                       ") must hold at least one segment (chunk_size * segment_chunks = %" PRIu64 ").",
-                                       path, p->port_memory, seg);
-        if (p->segment_memory < seg + SHMZ_SEGMENT_HEADER_SIZE ||
-            p->uid_segment_memory < seg + SHMZ_SEGMENT_HEADER_SIZE)
-                return log_error_errno(EINVAL,
-                                       "%s: segment_memory and uid_segment_memory must hold at least one segment "
-                                       "(%" PRIu64 " bytes with its header).",
-                                       path, seg + SHMZ_SEGMENT_HEADER_SIZE);
-        return 0;
+                (void) fail(s, "chunk_size * segment_chunks = %" PRIu64 " bytes; a segment may have 1G at most", seg);
+        else if (p->port_memory < seg)
+                (void) fail(s,
+                            "port_memory (%" PRIu64
+                            ") must hold at least one segment (chunk_size * segment_chunks = %" PRIu64 ")",
+                            p->port_memory, seg);
+        else if (p->segment_memory < seg + SHMZ_SEGMENT_HEADER_SIZE ||
+                 p->uid_segment_memory < seg + SHMZ_SEGMENT_HEADER_SIZE)
+                (void) fail(s,
+                            "segment_memory and uid_segment_memory must hold at least one segment (%" PRIu64
+                            " bytes with its header)",
+                            seg + SHMZ_SEGMENT_HEADER_SIZE);
+        s->line = line;
 }
 
 static int zone_key(struct parse_state *s, const char *key, const char *value) {
         struct zone_decl *z = s->zone;
 
         if (streq(key, "size")) {
+                s->zone_size_seen = true; /* a bad one is its own error, not "has no size" as well */
                 if (parse_size(value, &z->size) < 0 || z->size == 0)
                         return fail(s, "zone '%s': bad size '%s' (a number with an optional K, M, G or T suffix)",
                                     z->name, value);
@@ -302,6 +372,14 @@ static int zone_key(struct parse_state *s, const char *key, const char *value) {
                 if (!tag_is_valid(value))
                         return fail(s, "zone '%s': tag must be printable and at most %u bytes", z->name, SHMZ_TAG_MAX);
                 strncpy_buf(z->tag, sizeof(z->tag), value);
+                return 1;
+        }
+        if (streq(key, "persist")) {
+                int b = parse_boolean(value);
+
+                if (b < 0)
+                        return fail(s, "zone '%s': persist must be yes or no", z->name);
+                z->persist = b;
                 return 1;
         }
         if (streq(key, "user"))
@@ -325,7 +403,7 @@ static int zone_key(struct parse_state *s, const char *key, const char *value) {
 }
 
 static int zone_section_done(struct parse_state *s) {
-        if (s->zone && s->zone->size == 0) {
+        if (s->zone && s->zone->size == 0 && !s->zone_size_seen) {
                 unsigned line = s->line;
 
                 /* Report it where the section began, not where the next one does. */
@@ -354,6 +432,7 @@ static int new_zone_section(struct parse_state *s, const char *name) {
         *s->zone = (struct zone_decl){ .uid = 0, .gid = 0, .mode = 0600 };
         strncpy_buf(s->zone->name, sizeof(s->zone->name), name);
         s->zone_line = s->section_line;
+        s->zone_size_seen = false;
         return 1;
 }
 
@@ -400,14 +479,24 @@ static int new_port_section(struct parse_state *s, const char *name) {
         return 1;
 }
 
+static void refuse_section(struct parse_state *s) {
+        (void) zone_section_done(s);
+        s->zone = NULL;
+        s->port = NULL;
+        strncpy_buf(s->section, sizeof(s->section), "?");
+}
+
 static void open_section(struct parse_state *s, const char *p) {
         const char *e = strchr(p, ']');
         char name[256];
 
-        if (!e)
-                return; /* inih refuses the line */
+        if (!e) {
+                refuse_section(s); /* the reader reports the line */
+                return;
+        }
         if ((size_t) (e - p) >= sizeof(name)) {
                 (void) fail(s, "section name too long");
+                refuse_section(s);
                 return;
         }
         memcpy(name, p, (size_t) (e - p));
@@ -434,16 +523,48 @@ static int handler(void *userdata, const char *section, const char *key, const c
                 return daemon_key(s, key, value);
         if (s->port)
                 return port_key(s, key, value);
+        if (!s->section[0])
+                return fail(s, "key '%s' outside a section ([daemon], [zone NAME] or [port NAME])", key);
         if (!s->zone)
-                return 0; /* the section was refused already */
+                return 1; /* the section was refused already: its keys add nothing to that error */
         return zone_key(s, key, value);
 }
 
-int config_load(const char *path, struct config **ret) {
+static int error_cmp(const void *a, const void *b) {
+        const struct parse_error *x = a, *y = b;
+
+        /* Stable for equal lines: the order they were found in, by address within the array. */
+        return x->line < y->line ? -1 : x->line > y->line ? 1 : x < y ? -1 : x > y;
+}
+
+/* "path:line: message\n" for each error, in line order. */
+static int format_errors(struct parse_state *s, char **ret) {
+        char *buf = NULL;
+        size_t len = 0;
+        FILE *f;
+
+        qsort(s->errors, s->n_errors, sizeof(s->errors[0]), error_cmp);
+        f = open_memstream(&buf, &len);
+        if (!f)
+                return -ENOMEM;
+        for (unsigned i = 0; i < s->n_errors; i++)
+                fprintf(f, "%s:%u: %s\n", s->path, s->errors[i].line, s->errors[i].msg);
+        if (s->n_dropped > 0)
+                fprintf(f, "%s: %u more error(s) not shown\n", s->path, s->n_dropped);
+        if (fclose(f) != 0 || !buf) {
+                free(buf);
+                return -ENOMEM;
+        }
+        *ret = buf;
+        return 0;
+}
+
+int config_parse(const char *path, struct config **ret, char **ret_errors) {
         _cleanup_(config_freep) struct config *c = NULL;
         struct parse_state s = { .path = path };
         int r;
 
+        *ret_errors = NULL;
         r = config_new_default(&c);
         if (r < 0)
                 return r;
@@ -452,18 +573,44 @@ int config_load(const char *path, struct config **ret) {
         if (!s.f)
                 return -errno;
         r = ini_parse_stream(reader, &s, handler, &s);
-        if (r == 0)
+        if (r >= 0)
                 (void) zone_section_done(&s);
         (void) fclose(s.f);
         if (r < 0)
-                return log_error_errno(ENOMEM, "%s: cannot read it.", path);
-        if (s.error_line > 0 && (r <= 0 || s.error_line <= (unsigned) r))
-                return log_error_errno(EINVAL, "%s:%u: %s", path, s.error_line, s.error);
-        if (r > 0)
-                return log_error_errno(EINVAL, "%s:%d: syntax error", path, r);
-        r = check_ports(path, &c->ports);
-        if (r < 0)
-                return r;
+                return -ENOMEM;
+        /* inih's first syntax error; the reader found it too unless it is one only inih knows. */
+        if (r > 0) {
+                bool known = false;
+
+                for (unsigned i = 0; i < s.n_errors; i++)
+                        known = known || s.errors[i].line == (unsigned) r;
+                if (!known) {
+                        s.line = (unsigned) r;
+                        (void) fail(&s, "syntax error");
+                }
+        }
+        if (s.n_errors == 0)
+                check_ports(&s);
+        if (s.n_errors > 0) {
+                r = format_errors(&s, ret_errors);
+                return r < 0 ? r : -EINVAL;
+        }
         *ret = TAKE_PTR(c);
         return 0;
+}
+
+int config_load(const char *path, struct config **ret) {
+        _cleanup_free_ char *errors = NULL;
+        int r;
+
+        r = config_parse(path, ret, &errors);
+        if (r == -ENOMEM)
+                return log_error_errno(ENOMEM, "%s: cannot read it.", path);
+        for (char *p = errors, *e; p && *p; p = e + 1) {
+                e = strchrnul(p, '\n');
+                log_error("%.*s", (int) (e - p), p);
+                if (!*e)
+                        break;
+        }
+        return r;
 }

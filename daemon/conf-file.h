@@ -17,6 +17,8 @@ struct config {
         unsigned uid_max_clients;      /* connections of one uid at once (root: only max_clients) */
         unsigned hello_timeout;        /* seconds a new connection has to say hello */
         struct ports_limits ports;     /* chunk_size, segment_chunks, port_memory, max_ports_per_uid, port_backlog */
+        char *state_directory;         /* where zones declared with persist = yes are written */
+        unsigned persist_interval;     /* seconds between writes of persisted zones; 0: at stop only */
         struct zone_decl *zones;
         size_t n_zones;
         struct port_decl *port_decls; /* [port NAME]: reserved names */
@@ -26,9 +28,12 @@ struct config {
 /* The built-in defaults (no file): what the daemon runs with when no config exists. */
 int config_new_default(struct config **ret);
 /*
- * Parses path over the defaults. A bad line is an error naming the file and
- * line (logged); -ENOENT when the file does not exist.
+ * Parses path over the defaults, as a start or reload does. -EINVAL with
+ * *ret_errors (free() it) holding every error found, one "path:line: message"
+ * line each, in line order; -ENOENT when the file does not exist.
  */
+int config_parse(const char *path, struct config **ret, char **ret_errors);
+/* config_parse(), each error logged at err. */
 int config_load(const char *path, struct config **ret);
 struct config *config_free(struct config *c);
 static inline void config_freep(struct config **c) {

@@ -204,6 +204,37 @@ static int do_status(struct conn *c, const struct shmz_msg_header *h) {
         return reply(c, h, 0, &out, sizeof(out), -EBADF);
 }
 
+/*
+ * A reload its caller waits for, with the errors in the reply (systemctl
+ * reload runs shmzctl reload). Runs on this worker: its other connections
+ * wait the few milliseconds it takes.
+ */
+static int do_reload(struct conn *c, const struct shmz_msg_header *h) {
+        _cleanup_free_ char *errors = NULL;
+        struct shmz_msg_reload_reply out = {};
+        int refused, r;
+
+        if (c->caller.uid != 0)
+                return reply(c, h, -EPERM, NULL, 0, -EBADF);
+        if (!c->daemon->reload)
+                return reply(c, h, -EOPNOTSUPP, NULL, 0, -EBADF);
+        r = c->daemon->reload(c->daemon, &errors, &refused);
+        out.result = r;
+        out.refused = (uint32_t) MAX(refused, 0);
+        if (errors) {
+                size_t n = strlen(errors);
+
+                /* Whole lines only, so that a cut never leaves half a message. */
+                if (n >= sizeof(out.errors)) {
+                        n = sizeof(out.errors) - 1;
+                        while (n > 0 && errors[n - 1] != '\n')
+                                n--;
+                }
+                memcpy(out.errors, errors, n);
+        }
+        return reply(c, h, 0, &out, sizeof(out), -EBADF);
+}
+
 static int do_hello(struct conn *c, const struct shmz_msg_header *h, const struct shmz_msg_hello *m) {
         struct registry_stats st;
         struct shmz_msg_hello_reply out;
@@ -262,6 +293,8 @@ int control_dispatch(struct conn *c, const void *msg, size_t size) {
                 return do_ticket(c, &h, body);
         case SHMZ_MSG_STATUS:
                 return do_status(c, &h);
+        case SHMZ_MSG_RELOAD:
+                return do_reload(c, &h);
         case SHMZ_MSG_PORT_LISTEN:
         case SHMZ_MSG_PORT_CONNECT:
         case SHMZ_MSG_PORT_ACCEPTED:

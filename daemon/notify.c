@@ -12,14 +12,19 @@
 
 static int format_status(struct daemon *d, char *buf, size_t size) {
         struct registry_stats st;
+        char problem[sizeof(d->problem) + 2];
 
         registry_get_stats(d->registry, &st);
-        return snprintf(buf, size, "STATUS=%" PRIu64 " zones, %" PRIu64 " of %" PRIu64 " MiB used, %" PRIu64 " clients",
+        pthread_mutex_lock(&d->problem_lock);
+        (void) snprintf(problem, sizeof(problem), "%s%s", d->problem, d->problem[0] ? "; " : "");
+        pthread_mutex_unlock(&d->problem_lock);
+        return snprintf(buf, size,
+                        "STATUS=%s%" PRIu64 " zones, %" PRIu64 " of %" PRIu64 " MiB used, %" PRIu64 " clients", problem,
                         st.zones, st.budget_used >> 20, st.budget >> 20, (uint64_t) clients_count(d->clients));
 }
 
 void notify_ready(struct daemon *d) {
-        char status[256];
+        char status[512];
 
         (void) format_status(d, status, sizeof(status));
         (void) sd_notifyf(false, "READY=1\n%s", status);
@@ -36,7 +41,7 @@ void notify_stopping(void) {
 }
 
 void notify_status(struct daemon *d) {
-        char status[256];
+        char status[512];
 
         (void) format_status(d, status, sizeof(status));
         (void) sd_notify(false, status);

@@ -53,6 +53,10 @@ int status_text(struct fuse_view *v, bool prometheus, char **ret, size_t *ret_le
                 { "message_bytes_total", "counter", "Bytes of the messages sent on live ports.", ps.message_bytes },
                 { "ports_closed_total", "counter", "Ports that ended.", ps.ports_closed },
                 { "peers_died_total", "counter", "Ports that ended because a process died.", ps.peers_died },
+                { "config_degraded", "gauge", "1 while the config file is refused and built-in defaults run.",
+                  fig.config_degraded },
+                { "config_errors", "gauge", "Errors of the config file last refused; 0 once one is applied.",
+                  fig.config_errors },
         };
 
         f = open_memstream(&buf, &len);

@@ -28,6 +28,8 @@ struct fuse_view_figures {
         uint64_t clients;
         uint64_t requests, errors; /* on the control socket, since start */
         uint64_t uptime_usec;
+        uint64_t config_degraded; /* 1: the config file was refused at start; zones kept, built-in defaults */
+        uint64_t config_errors;   /* errors of the config file last refused (start or reload); 0 once applied */
 };
 
 typedef void (*fuse_view_figures_t)(void *userdata, struct fuse_view_figures *ret);

@@ -2287,7 +2287,7 @@ static void handoff_run(struct shmz_port *p) {
                 else if (found)
                         c.handler(p, 0, &h.m, c.userdata);
                 else {
-                        close_untrusted(h.m.fd);
+                        close_untrusted(p, h.m.fd);
                         shmz_msg_release(p, &h.m);
                 }
                 pthread_mutex_lock(&p->rpc_lock);

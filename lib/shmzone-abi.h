@@ -124,6 +124,7 @@ enum {
         SHMZ_MSG_SEGMENT_CREATE = 13,  /* shmz_msg_port_ref -> shmz_msg_segment_info, fd: the segment (read-write) */
         SHMZ_MSG_PORT_LIST = 14,       /* run of shmz_msg_port_info, then an empty LAST */
         SHMZ_MSG_SEGMENT_LIST = 15,    /* run of shmz_msg_segment_info, then an empty LAST */
+        SHMZ_MSG_RELOAD = 16,          /* root only: () -> shmz_msg_reload_reply, once the reload is done */
         SHMZ_MSG_NOTICE_SHUTDOWN = 64, /* daemon -> client: the daemon is stopping */
         SHMZ_MSG_NOTICE_PORT = 65,     /* daemon -> listener: shmz_msg_port_peer, fds: [socket end, channel] */
 };
@@ -233,6 +234,13 @@ struct shmz_msg_status {
         uint64_t chunks, chunks_used;      /* of all segments; used = claimed by a sender, not yet released */
         uint64_t messages, message_bytes;  /* sent on live ports, as the ports' channels count them */
         uint64_t ports_closed, peers_died; /* since start: ports that ended, and of those, by a process's death */
+};
+
+/* The outcome of a reload: status 0 with this body, whether the file was applied or refused. */
+struct shmz_msg_reload_reply {
+        int32_t result;    /* 0 applied, -EINVAL the file was refused (nothing changed) */
+        uint32_t refused;  /* applied: zone declarations refused (a changed size or tag: the zone stays) */
+        char errors[1000]; /* refused: "path:line: message" lines, cut short to fit (the journal has them all) */
 };
 
 /* ---- ports ----------------------------------------------------------------------------- */

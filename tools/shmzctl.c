@@ -11,6 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "client.h"
 #include "shmzone.h"
 #include "util.h"
 
@@ -41,6 +42,7 @@ static void help(void) {
                "  chmod MODE NAME            change a zone's mode (octal)\n"
                "  chown USER[:GROUP] NAME    change a zone's owner (names or numbers)\n"
                "  status                     the daemon's figures (--json)\n"
+               "  reload                     reload the configuration, wait, print its errors (root)\n"
                "  ports                      published port names and live connections (--names, --json)\n"
                "  port show NAME             one published name and its connections (--json)\n"
                "  segments                   shared-memory segments of live ports (--names: ids, --json)\n"
@@ -282,6 +284,33 @@ static int cmd_status(struct shmz_client *c, int argc, char **argv) {
                " used\nmessages: %" PRIu64 " (%" PRIu64 " bytes)\n",
                st.listeners, st.ports, st.ports_closed, st.peers_died, st.segments, st.segment_bytes, st.chunks_used,
                st.chunks, st.messages, st.message_bytes);
+        return 0;
+}
+
+/* Reported already: exit 1 without another line. */
+#define REPORTED ECANCELED
+
+/* What systemctl reload runs: the daemon's outcome is ours, so that a refused file fails the reload. */
+static int cmd_reload(struct shmz_client *c, int argc, char **argv) {
+        struct shmz_msg_reload_reply out;
+        int r;
+
+        if (argc != 1)
+                return -EUCLEAN;
+        r = client_request(c, SHMZ_MSG_RELOAD, NULL, 0, &out, sizeof(out), NULL);
+        if (r < 0)
+                return r;
+        out.errors[sizeof(out.errors) - 1] = 0;
+        if (out.result < 0) {
+                fputs(out.errors, stderr);
+                fprintf(stderr, "shmzctl reload: the configuration was refused; shmzoned runs the one it had.\n");
+                return -REPORTED;
+        }
+        if (out.refused > 0)
+                fprintf(stderr,
+                        "shmzctl reload: applied; %" PRIu32
+                        " zone declaration(s) refused, their zones kept as they are (see the journal).\n",
+                        out.refused);
         return 0;
 }
 
@@ -600,6 +629,7 @@ int main(int argc, char *argv[]) {
                 { "port", cmd_port },
                 { "segments", cmd_segments },
                 { "segment", cmd_segment },
+                { "reload", cmd_reload }, /* the unit's ExecReload= */
         };
         struct shmz_client *c;
         int o, r;
@@ -653,6 +683,8 @@ int main(int argc, char *argv[]) {
                         fprintf(stderr, "shmzctl %s: bad arguments; see shmzctl --help\n", cmds[i].name);
                         return EXIT_USAGE;
                 }
+                if (r == -REPORTED)
+                        return EXIT_ERROR;
                 if (r < 0) {
                         fprintf(stderr, "shmzctl %s: %s\n", cmds[i].name, strerror(-r));
                         return exit_code(r);

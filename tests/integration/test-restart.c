@@ -109,7 +109,8 @@ Test(restart, zones_survive_and_hostile_fds_are_dropped) {
         cr_assert_eq(stored_zone("keep"), 1, "the old identities of keep were not removed");
         cr_assert_geq(stored(DECL_FDNAME), 0);
         cr_assert_eq(stored_zone("gone"), 0, "an unlinked zone stays in the store");
-        cr_assert_eq(d.n_stored, 2);
+        cr_assert_geq(stored("shmz.history"), 0, "no history record");
+        cr_assert_eq(d.n_stored, 3);
 
         /* systemctl restart: the store outlives the daemon; our mappings do too. */
         cr_assert_eq(harness_stop(&d), 0);
@@ -128,6 +129,7 @@ Test(restart, zones_survive_and_hostile_fds_are_dropped) {
         names[n++] = "shmz.0.0.600.0.0.pipe";
         fds[n] = make_memfd("unsealed", "unsealed", false);
         names[n++] = "shmz.0.0.600.0.0.unsealed";
+        /* A header a writer damaged is no reason to lose a zone: adopted, repaired (test-keep.c). */
         fds[n] = make_memfd("hdr", "other", true);
         names[n++] = "shmz.0.0.600.0.0.hdr";
         fds[n] = make_memfd("bad", "bad", true);
@@ -139,19 +141,24 @@ Test(restart, zones_survive_and_hostile_fds_are_dropped) {
         d.listen_names = names;
         d.n_listen = n;
         cr_assert_eq(harness_start(&d, NULL, false), 0, "daemon did not restart: %s", harness_log(&d));
-        for (size_t i = 2; i < n; i++)
+        for (size_t i = 3; i < n; i++)
                 close(fds[i]);
         close(pipefd[1]);
 
         expect_log("Dropping stored fd 'shmz.0.0.600.0.0.pipe': it is not a shmzone memfd of that name.");
         expect_log("Dropping stored fd 'shmz.0.0.600.0.0.unsealed': it is not sealed as a zone is.");
-        expect_log("Dropping stored fd 'shmz.0.0.600.0.0.hdr': its header does not describe this zone.");
+        expect_log(
+                "Stored zone 'shmz.0.0.600.0.0.hdr': its header was damaged: the daemon's fields were rewritten; its "
+                "name, owner, mode and bytes are kept.");
         expect_log("Dropping stored fd 'shmz.0.0.9999.0.0.bad': its FDNAME does not parse.");
         expect_log("Dropping stored fd '" KEEP_FDNAME "': a zone of that name exists already.");
-        expect_log("Took back 2 zone(s) from the previous run.");
+        expect_log("Took back 3 zone(s) from the previous run.");
         /* Dropped from systemd's store too (sent before READY=1, so harness_start() has read them). */
-        for (size_t i = 2; i < n; i++) {
+        for (size_t i = 3; i < n; i++) {
                 char line[300];
+
+                if (streq(names[i], "shmz.0.0.600.0.0.hdr"))
+                        continue;
 
                 snprintf(line, sizeof(line), "FDSTOREREMOVE=1\nFDNAME=%s|", names[i]);
                 cr_expect(strstr(d.notified, line), "no %s in %s", line, d.notified);
@@ -159,7 +166,7 @@ Test(restart, zones_survive_and_hostile_fds_are_dropped) {
 
         /* The store holds what it held: removing the duplicate's name took keep's copy, it was stored again. */
         harness_drain_notify(&d);
-        cr_expect_eq(d.n_stored, 2);
+        cr_expect_eq(d.n_stored, 3);
         cr_expect_geq(stored(KEEP_FDNAME), 0);
         cr_expect_geq(stored(DECL_FDNAME), 0);
 
@@ -188,8 +195,8 @@ Test(restart, zones_survive_and_hostile_fds_are_dropped) {
 
         /* Charged again: the same budget, and root's 4M quota has room for 1M more, not 2M. */
         cr_assert_eq(shmz_daemon_status(c2, &after), 0);
-        cr_expect_eq(after.budget_used, before.budget_used);
-        cr_expect_eq(after.zones, 2);
+        cr_expect_eq(after.budget_used, before.budget_used + 8192, "the repaired zone's 8K besides");
+        cr_expect_eq(after.zones, 3);
         cr_expect_eq(shmz_zone_open(c2, "more", 2 << 20, "t", SHMZ_CREATE, &more), -EDQUOT);
 
         shmz_zone_close(z2);
@@ -241,9 +248,11 @@ Test(restart, config_meets_kept_zones_and_socket_activation) {
         names[0] = "shmzoned.socket";
         fds[1] = d.stored_fds[i_decl];
         names[1] = DECL_FDNAME;
+        fds[2] = d.stored_fds[stored("shmz.history")];
+        names[2] = "shmz.history";
         d.listen_fds = fds;
         d.listen_names = names;
-        d.n_listen = 2;
+        d.n_listen = 3;
         cr_assert_eq(harness_start(&d, NULL, false), 0, "daemon did not restart: %s", harness_log(&d));
         close(fds[0]);
         expect_log("Zone 'decl': size changed");
@@ -268,7 +277,8 @@ Test(restart, config_meets_kept_zones_and_socket_activation) {
         harness_drain_notify(&d);
         cr_expect_eq(stored_zone("decl"), 0);
         cr_expect_eq(stored_zone("fresh"), 0);
-        cr_expect_eq(d.n_stored, 0);
+        cr_expect_eq(d.n_stored, 1);
+        cr_expect_geq(stored("shmz.history"), 0, "the history record stays while the daemon runs");
         /* The socket was systemd's: the daemon leaves its file in place. */
         cr_assert_eq(harness_stop(&d), 0);
         cr_expect_eq(access(d.socket, F_OK), 0);

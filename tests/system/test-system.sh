@@ -21,7 +21,11 @@ set -u
 SRC=$(realpath "${1:?source dir}")
 DEBS=${2:-}
 CHECKS=(debs boot install view-outside-service verify helper-pkg-config create-and-write restart
-        crash-restart reload journal stop stop-start-loses-zones namespacing-hides-view poweroff)
+        crash-restart reload journal
+        check-config restart-bad-config reload-bad-config damaged-header history-kept persist-stop-start
+        stop-warns persist-bad-copy
+        stop stop-start-loses-zones namespacing-hides-view poweroff
+        persist-reboot)
 npass=0
 skip() { echo "Skipping all ${#CHECKS[@]} tests: $*"; exit 77; }
 [ "$(id -u)" = 0 ] || skip "not root"
@@ -62,6 +66,184 @@ fail() {
         exit 1
 }
 
+# Zones are never lost by an operator's ordinary action: bad configs at restart and reload, a
+# writer's damaged header, history across restart, crash and upgrade, persisted zones across
+# stop+start and a reboot, what a stop discards. Run after "journal", the service up with zone pat.
+# history NAME: inode number, mtime, ctime (the view), generation, creation time, tag (shmzctl).
+history() {
+        local j
+        j=$(cin $CTL show "$1" --json | tr -d ' \n')
+        echo "$(cin stat -c '%i %Y %Z' $V/zones/$1)" \
+                "$(echo "$j" | sed 's/.*"generation":\([0-9]*\).*/\1/')" \
+                "$(echo "$j" | sed 's/.*"created_usec":\([0-9]*\).*/\1/')" \
+                "$(echo "$j" | sed 's/.*"tag":"\([^"]*\)".*/\1/')"
+}
+keep_checks() {
+        local good bad out h0 h1 st pid deb
+        good=$T/good.conf
+        cin cp $CONF "$good"
+        bad='[daemon]\nmemory_budget = lots\n[zone demo]\nsize = 1M\nbogus = 1\n'
+
+        cin /usr/sbin/shmzoned --check-config >"$T/cc.out" 2>&1 || fail check-config "the shipped file: $(cat "$T/cc.out")"
+        grep -qx "$CONF: OK" "$T/cc.out" || fail check-config "no '$CONF: OK': $(cat "$T/cc.out")"
+        cin sh -c 'printf "$1" >"$2"' sh "$bad" "$T/bad.conf"
+        cin /usr/sbin/shmzoned --check-config --config "$T/bad.conf" >"$T/cc.out" 2>&1 && fail check-config "a bad file passed"
+        [ "$(cat "$T/cc.out")" = "$T/bad.conf:2: memory_budget: bad size 'lots' (a number with an optional K, M, G or T suffix)
+$T/bad.conf:5: zone 'demo': unknown key 'bogus'" ] || fail check-config "not every error as FILE:LINE: $(cat "$T/cc.out")"
+        ok check-config
+
+        # A typo, then a restart: the zones and their bytes stay, the daemon serves them, says so.
+        cin cp "$T/bad.conf" $CONF
+        cin systemctl restart shmzoned.service || fail restart-bad-config "systemctl restart: $(cin systemctl status shmzoned --no-pager 2>&1)"
+        [ "$(cin systemctl is-active shmzoned)" = active ] || fail restart-bad-config "not active"
+        cin "$T/client" pat check 64 PATTERN-B || fail restart-bad-config "zone pat lost its bytes"
+        cin grep -q PATTERN-B $Z || fail restart-bad-config "pat not served through the view"
+        st=$(cin systemctl show -P StatusText shmzoned)
+        case $st in Degraded:*) ;; *) fail restart-bad-config "status line: $st" ;; esac
+        cin grep -qx 'shmzone_config_degraded 1' $V/metrics || fail restart-bad-config "no metric"
+        cin journalctl --sync
+        cin journalctl -u shmzoned -p err --no-pager | grep -q "$CONF:2: memory_budget: bad size" ||
+                fail restart-bad-config "errors not in the journal at err"
+        cin cp "$good" $CONF
+        cin systemctl reload shmzoned.service || fail restart-bad-config "reload of the fixed file"
+        cin grep -qx 'shmzone_config_degraded 0' $V/metrics || fail restart-bad-config "still degraded"
+        ok restart-bad-config
+
+        # A reload of a bad file fails, with the errors on shmzctl's output and in the journal.
+        cin cp "$T/bad.conf" $CONF
+        cin systemctl reload shmzoned.service >"$T/reload.out" 2>&1 && fail reload-bad-config "systemctl reload succeeded"
+        cin $CTL reload >"$T/reload.out" 2>&1 && fail reload-bad-config "shmzctl reload succeeded"
+        grep -q "^$CONF:5: zone 'demo': unknown key 'bogus'$" "$T/reload.out" || fail reload-bad-config "$(cat "$T/reload.out")"
+        st=$(cin systemctl show -P StatusText shmzoned)
+        case $st in "Last reload refused"*) ;; *) fail reload-bad-config "status line: $st" ;; esac
+        cin journalctl --sync
+        cin journalctl -u shmzoned -p err --no-pager | grep -q "$CONF:5: zone 'demo': unknown key 'bogus'" ||
+                fail reload-bad-config "errors not in the journal"
+        [ "$(cin systemctl is-active shmzoned)" = active ] || fail reload-bad-config "not active"
+        cin cp "$good" $CONF
+        cin systemctl reload shmzoned.service || fail reload-bad-config "reload of the fixed file"
+        ok reload-bad-config
+
+        # F14: a writer of a 0666 zone zeroes its header; a restart keeps the zone, its owner and name.
+        cin $CTL create shared --size 64K --mode 0666 >/dev/null || fail damaged-header "create"
+        cin $CTL chown nobody shared || fail damaged-header "chown"
+        printf PATTERN-H | cin dd of=$V/zones/shared conv=notrunc status=none || fail damaged-header "write"
+        # $T is root's only: the writer's copy of the helper where uid 1 may run it.
+        cin install -m 0755 "$T/client" /usr/local/bin/shmz-writer || fail damaged-header "install the helper"
+        cin setpriv --reuid=1 --regid=1 --clear-groups /usr/local/bin/shmz-writer shared zero-header x ||
+                fail damaged-header "a writer cannot zero the header"
+        cin systemctl restart shmzoned.service || fail damaged-header "restart"
+        cin "$T/client" shared check 0 PATTERN-H || fail damaged-header "bytes lost"
+        [ "$(cin stat -c %U $V/zones/shared)" = nobody ] || fail damaged-header "owner: $(cin stat -c %U $V/zones/shared)"
+        cin setpriv --reuid=1 --regid=1 --clear-groups $CTL create shared --size 64K >/dev/null 2>&1 &&
+                fail damaged-header "another uid took the name"
+        cin journalctl --sync
+        cin journalctl -u shmzoned -p warning --no-pager | grep -q "shared': its header was damaged" ||
+                fail damaged-header "repair not logged"
+        ok damaged-header
+
+        # History: the same inode number, times, generation and tag after a restart, a crash, an upgrade.
+        h0=$(history pat)
+        cin systemctl restart shmzoned.service || fail history-kept "restart"
+        h1=$(history pat)
+        [ "$h1" = "$h0" ] || fail history-kept "restart: $h1, was $h0"
+        pid=$(cin systemctl show -P MainPID shmzoned)
+        cin kill -SEGV "$pid"
+        deadline=$((SECONDS + 20))
+        until [ "$(cin systemctl is-active shmzoned)" = active ] && [ "$(cin systemctl show -P MainPID shmzoned)" != "$pid" ] &&
+              cin test -e $Z; do
+                [ $SECONDS -lt $deadline ] || fail history-kept "no restart after the crash"
+                sleep 0.2
+        done
+        h1=$(history pat)
+        [ "$h1" = "$h0" ] || fail history-kept "crash: $h1, was $h0"
+        # An upgrade: the same package under a higher version (the maintainer scripts restart the service).
+        deb=${PKGS[0]}
+        rm -rf "$T/up" && mkdir -p "$T/up" && dpkg-deb -R "$deb" "$T/up/root" &&
+                sed -i 's/^Version: .*/&+up1/' "$T/up/root/DEBIAN/control" &&
+                dpkg-deb -b "$T/up/root" "$T/up/shmzoned-up.deb" >/dev/null || fail history-kept "repack"
+        pid=$(cin systemctl show -P MainPID shmzoned)
+        cint 120 env DEBIAN_FRONTEND=noninteractive dpkg -i --force-confold "$T/up/shmzoned-up.deb" >"$T/up.log" 2>&1 ||
+                fail history-kept "upgrade: $(tail -n 20 "$T/up.log")"
+        [ "$(cin systemctl show -P MainPID shmzoned)" != "$pid" ] || fail history-kept "the upgrade did not restart"
+        h1=$(history pat)
+        [ "$h1" = "$h0" ] || fail history-kept "upgrade: $h1, was $h0"
+        ok history-kept
+
+        # persist = yes: the bytes outlive stop+start (the fd store does not).
+        cin sh -c 'printf "\n[zone kept]\nsize = 64K\nmode = 0644\npersist = yes\n" >>"$1"' sh $CONF
+        cin systemctl reload shmzoned.service || fail persist-stop-start "reload"
+        printf PATTERN-P | cin dd of=$V/zones/kept conv=notrunc status=none || fail persist-stop-start "write"
+        h0=$(history kept)
+        cin journalctl --sync
+        cin systemctl stop shmzoned.socket shmzoned.service || fail persist-stop-start "stop"
+        cin test -s /var/lib/shmzone/kept.zone || fail persist-stop-start "no copy in /var/lib/shmzone"
+        cin systemctl start shmzoned.socket shmzoned.service || fail persist-stop-start "start"
+        cin "$T/client" kept check 0 PATTERN-P || fail persist-stop-start "bytes lost"
+        h1=$(history kept)
+        [ "${h1#* * * }" = "${h0#* * * }" ] || fail persist-stop-start "generation, creation time, tag: $h1, was $h0"
+        ok persist-stop-start
+
+        # That stop said, at warning, which zones it discarded and how many bytes.
+        cin journalctl -u shmzoned -p warning --no-pager >"$T/stop.log"
+        grep -q "Stopping discards [0-9]* zone(s), [0-9]* bytes: .*pat" "$T/stop.log" ||
+                fail stop-warns "no warning naming pat: $(tail -n 5 "$T/stop.log")"
+        grep "Stopping discards" "$T/stop.log" | grep -q kept && fail stop-warns "the persisted zone is said to be discarded"
+        ok stop-warns
+
+        # A damaged copy is refused, kept aside, never half-restored.
+        cin systemctl stop shmzoned.socket shmzoned.service || fail persist-bad-copy "stop"
+        cin truncate -s -4096 /var/lib/shmzone/kept.zone
+        cin systemctl start shmzoned.socket shmzoned.service || fail persist-bad-copy "start"
+        cin journalctl --sync
+        cin journalctl -u shmzoned -p err --no-pager | grep -q "kept.zone is truncated; not restored, kept as" ||
+                fail persist-bad-copy "not refused in the journal"
+        cin sh -c 'ls /var/lib/shmzone/kept.zone.bad-*' >/dev/null 2>&1 || fail persist-bad-copy "not kept aside"
+        cin "$T/client" kept check 0 PATTERN-P && fail persist-bad-copy "restored from a truncated copy"
+        cin test -e $V/zones/kept || fail persist-bad-copy "no zone kept (the declaration makes it afresh)"
+        # A good copy again, for the reboot.
+        printf PATTERN-R | cin dd of=$V/zones/kept conv=notrunc status=none || fail persist-bad-copy "write"
+        cin cp $CONF "$T/persist.conf"
+        ok persist-bad-copy
+}
+
+# A reboot: a new container over the same /var/lib/shmzone, the packages installed afresh with the
+# config of before (a real system keeps /etc): the persisted zone is back with its bytes.
+reboot_check() {
+        unshare --mount --pid --uts --fork bash "$T/boot.sh" "$T" >"$T/boot2.log" 2>&1 &
+        UPID=$!
+        deadline=$((SECONDS + 30))
+        while :; do
+                P1=$(cat /proc/$UPID/task/$UPID/children 2>/dev/null)
+                P1=${P1%% *}
+                [ -n "$P1" ] && [ "$(cat /proc/$P1/comm 2>/dev/null)" = systemd ] && break
+                P1=
+                [ $SECONDS -lt $deadline ] || fail persist-reboot "systemd did not start again"
+                sleep 0.2
+        done
+        deadline=$((SECONDS + 45))
+        until cin systemctl is-system-running 2>/dev/null | grep -qE 'running|degraded'; do
+                [ $SECONDS -lt $deadline ] || fail persist-reboot "did not boot again"
+                sleep 0.5
+        done
+        cin mkdir -p /etc/shmzone && cin cp "$T/persist.conf" $CONF || fail persist-reboot "config"
+        cint 120 env DEBIAN_FRONTEND=noninteractive dpkg -i --force-confold "${PKGS[@]}" >"$T/dpkg2.log" 2>&1 ||
+                fail persist-reboot "dpkg -i: $(tail -n 20 "$T/dpkg2.log")"
+        cin sh -c 'cc -Wall -o "$1/client2" "$1/client.c" $(pkg-config --cflags --libs shmzone)' sh "$T" >/dev/null 2>&1 ||
+                fail persist-reboot "helper"
+        cin "$T/client2" kept check 0 PATTERN-R || fail persist-reboot "the persisted zone lost its bytes: $(cin journalctl -u shmzoned --no-pager | tail -n 5)"
+        cin test -e $V/zones/pat && fail persist-reboot "pat survived a reboot"
+        cin systemctl poweroff --no-block >/dev/null 2>&1
+        deadline=$((SECONDS + 30))
+        while kill -0 "$UPID" 2>/dev/null; do
+                [ $SECONDS -lt $deadline ] || fail persist-reboot "the container did not exit"
+                sleep 0.2
+        done
+        wait "$UPID" 2>/dev/null
+        P1=
+        ok persist-reboot
+}
+
 # 1. The packages.
 if [ -z "$DEBS" ]; then
         DEBS=$T/debs
@@ -96,6 +278,8 @@ mount -t proc proc "$R/proc"
 mount -t tmpfs tmpfs "$R/run"
 mount -t tmpfs tmpfs "$R/tmp"
 mkdir -p "$R/$T"; mount --bind "$T" "$R/$T"
+# /var/lib/shmzone outlives the container: a second boot over it is a reboot.
+mkdir -p "$T/state" "$R/var/lib/shmzone"; mount --bind "$T/state" "$R/var/lib/shmzone"
 for u in systemd-sysctl systemd-binfmt systemd-modules-load systemd-udevd systemd-udevd-control.socket \
          systemd-udevd-kernel.socket systemd-udev-trigger systemd-networkd systemd-resolved systemd-timesyncd \
          getty@tty1 serial-getty@ttyS0 console-getty systemd-logind cron ssh apt-daily.timer apt-daily-upgrade.timer \
@@ -222,6 +406,11 @@ int main(int argc, char **argv) {
                 return 1;
         }
         b = shmz_zone_base(z);
+        /* What any writer of the zone can do: zero its header's first 512 bytes (magic, sizes, ACL, name). */
+        if (strcmp(argv[2], "zero-header") == 0) {
+                memset(b - SHMZ_ZONE_HEADER_SIZE, 0, 512);
+                return 0;
+        }
         if (strcmp(argv[2], "check") == 0)
                 return argc == 5 && expect(b, strtoul(argv[3], NULL, 0), argv[4]) == 0 ? 0 : 1;
 
@@ -310,6 +499,8 @@ echo "$J" | grep '"PRIORITY":"4"' | grep -q 'refused' || fail journal "no 'refus
 cin journalctl -u shmzoned -p warning --no-pager | grep -q refused || fail journal "journalctl -p warning"
 ok journal
 
+keep_checks
+
 cin systemctl stop shmzoned.socket shmzoned.service || fail stop "systemctl stop"
 cin grep -q " $V " /proc/self/mountinfo && fail stop "FUSE mount left behind"
 cin pgrep -x shmzoned >/dev/null && fail stop "shmzoned still running"
@@ -354,4 +545,6 @@ for p in /proc/[0-9]*; do
 done
 grep -q "$T" /proc/self/mountinfo && fail poweroff "a mount of the test is left on the host"
 ok poweroff
+
+reboot_check
 echo "PASS in ${SECONDS}s"

@@ -110,6 +110,19 @@ static void expect_error(const char *text, unsigned line, const char *what) {
         cr_assert(strchr(log_buf, '\n') == log_buf + strlen(log_buf) - 1, "one line expected: '%s'", log_buf);
 }
 
+/* Refused; the first of several error lines names path:line and says what. */
+static void expect_errors(const char *text, unsigned line, const char *what) {
+        struct config *c = NULL;
+        char prefix[256];
+
+        cr_assert_eq(load(text, &c), -EINVAL, "loaded what should be refused:\n%s", text);
+        cr_assert_null(c);
+        (void) snprintf(prefix, sizeof(prefix), "<%d>%s:%u: ", LOG_ERR, path, line);
+        cr_assert(strncmp(log_buf, prefix, strlen(prefix)) == 0, "expected '%s...', logged '%s'", prefix, log_buf);
+        cr_assert(strstr(log_buf, what), "expected '%s' in '%s'", what, log_buf);
+        cr_assert_neq(strchr(log_buf, '\n'), log_buf + strlen(log_buf) - 1, "more lines expected: '%s'", log_buf);
+}
+
 static struct config *expect_ok(const char *text) {
         struct config *c = NULL;
         int r;
@@ -431,10 +444,67 @@ Test(conf, zone_without_size) {
         expect_error("[daemon]\nthreads = 1\n\n[zone a]\ntag = x\nmode = 0600\n", 4, "zone 'a' has no size");
 }
 
-/* The first error is the one reported. */
-Test(conf, first_error_wins) {
-        expect_error("[daemon]\nthreads = 1\nbogus = 1\nhello_timeout = 0\n[zone a]\nsize = 0\n", 3,
-                     "unknown key 'bogus'");
+/* What outlives a stop: persisted zones, where and how often they are written. */
+Test(conf, persist_keys) {
+        struct config *c;
+
+        c = expect_ok("[zone a]\nsize = 1M\n");
+        cr_expect_str_eq(c->state_directory, SHMZ_DEFAULT_STATE_DIR);
+        cr_expect_eq(c->persist_interval, 0);
+        cr_expect_eq(c->zones[0].persist, false);
+        config_free(c);
+        c = expect_ok("[daemon]\npersist_interval = 30\nstate_directory = /srv/z\n[zone a]\nsize = 1M\npersist = yes\n"
+                      "[zone b]\nsize = 1M\npersist = off\n");
+        cr_expect_str_eq(c->state_directory, "/srv/z");
+        cr_expect_eq(c->persist_interval, 30);
+        cr_expect_eq(c->zones[0].persist, true);
+        cr_expect_eq(c->zones[1].persist, false);
+        config_free(c);
+        expect_error("[zone a]\nsize = 1M\npersist = maybe\n", 3, "persist must be yes or no");
+        expect_error("[daemon]\npersist_interval = 86401\n", 2, "persist_interval must be");
+        expect_error("[daemon]\nstate_directory = var/lib\n", 2, "state_directory must be an absolute path");
+}
+
+/* Every error is reported, each on a line of its own naming its line, in line order (--check-config). */
+Test(conf, every_error_reported) {
+        struct config *c = NULL;
+        char want[1024];
+
+        cr_assert_eq(load("[daemon]\nthreads = 1\nbogus = 1\nhello_timeout = 0\nno equals\n[zone a]\nsize = 0\n"
+                          "[zone b]\n[zone c]\nsize = 1M\nmode = 9\n",
+                          &c),
+                     -EINVAL);
+        cr_assert_null(c);
+        (void) snprintf(want, sizeof(want),
+                        "<3>%1$s:3: unknown key 'bogus' in [daemon]\n"
+                        "<3>%1$s:4: hello_timeout must be a number from 1 to 3600\n"
+                        "<3>%1$s:5: syntax error: expected 'key = value'\n"
+                        "<3>%1$s:7: zone 'a': bad size '0' (a number with an optional K, M, G or T suffix)\n"
+                        "<3>%1$s:8: zone 'b' has no size\n"
+                        "<3>%1$s:11: zone 'c': mode must be octal, 0 to 0777\n",
+                        path);
+        cr_assert_str_eq(log_buf, want);
+        expect_no_leaks();
+}
+
+/* A hostile file cannot make the parser keep unbounded errors: the rest are counted. */
+Test(conf, errors_bounded) {
+        static char text[16384];
+        struct config *c = NULL;
+        size_t n = 0;
+
+        char *errors = NULL;
+
+        for (int i = 0; i < 200; i++)
+                n += (size_t) snprintf(text + n, sizeof(text) - n, "bad line %d\n", i);
+        write_file(text);
+        cr_assert_eq(config_parse(path, &c, &errors), -EINVAL);
+        cr_assert_null(c);
+        cr_assert_not_null(errors);
+        cr_assert(strstr(errors, ":64: syntax error"), "%s", errors);
+        cr_assert_null(strstr(errors, ":65: "), "%s", errors);
+        cr_assert(strstr(errors, ": 136 more error(s) not shown\n"), "%s", errors);
+        free(errors);
 }
 
 Test(conf, syntax_error) {
@@ -444,7 +514,9 @@ Test(conf, syntax_error) {
 
 /* The first bad line is named, a syntax error before a handler's error as well. */
 Test(conf, syntax_error_first) {
-        expect_error("[daemon]\nthreads = 1\nno equals sign here\nbogus = 1\n", 3, "syntax error");
+        expect_error("[daemon]\nthreads = 1\nno equals sign here\n", 3, "syntax error");
+        /* With a later error too: both, the first line first. */
+        expect_errors("[daemon]\nthreads = 1\nno equals sign here\nbogus = 1\n", 3, "syntax error");
 }
 
 Test(conf, key_outside_section) {

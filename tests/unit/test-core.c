@@ -1416,17 +1416,17 @@ Test(core, adopt_checks_and_charges) {
         setup();
         registry_set_store(reg, &slog_store, NULL);
 
-        cr_assert_eq(registry_adopt(reg, "shmz.x", kept, &why), -EBADMSG);
+        cr_assert_eq(registry_adopt(reg, "shmz.x", kept, NULL, &why), -EBADMSG);
         cr_assert_str_eq(why, "its FDNAME does not parse");
-        cr_assert_eq(registry_adopt(reg, "shmz.1000.1000.640.0.1000.other", kept, &why), -EBADF,
+        cr_assert_eq(registry_adopt(reg, "shmz.1000.1000.640.0.1000.other", kept, NULL, &why), -EBADF,
                      "another zone's memfd");
         cr_assert_eq(pipe2(pipefd, O_CLOEXEC), 0);
-        cr_assert_eq(registry_adopt(reg, "shmz.0.0.600.0.0.p", pipefd[0], &why), -EBADF);
+        cr_assert_eq(registry_adopt(reg, "shmz.0.0.600.0.0.p", pipefd[0], NULL, &why), -EBADF);
         close(pipefd[0]);
         close(pipefd[1]);
         unsealed = memfd_create("shmzone:u", MFD_CLOEXEC | MFD_ALLOW_SEALING);
         cr_assert_eq(ftruncate(unsealed, 8192), 0);
-        cr_assert_eq(registry_adopt(reg, "shmz.0.0.600.0.0.u", unsealed, &why), -EPERM);
+        cr_assert_eq(registry_adopt(reg, "shmz.0.0.600.0.0.u", unsealed, NULL, &why), -EPERM);
         close(unsealed);
 
         /* Writers scribbled the header's ACL and its inode mode went astray: the FDNAME wins, 0400 again. */
@@ -1434,7 +1434,7 @@ Test(core, adopt_checks_and_charges) {
         cr_assert_eq(fchmod(kept, 0666), 0);
         spare = fcntl(kept, F_DUPFD_CLOEXEC, 3);
         cr_assert_geq(spare, 0);
-        cr_assert_eq(registry_adopt(reg, name, kept, &why), 0, "%s", why ?: "");
+        cr_assert_eq(registry_adopt(reg, name, kept, NULL, &why), 0, "%s", why ?: "");
         cr_assert_eq(registry_info(reg, "old", &info), 0);
         cr_assert(info.uid == 1000 && info.gid == 1000 && info.mode == 0640);
         cr_assert_eq(read_header(kept).mode, 0640);
@@ -1454,7 +1454,7 @@ Test(core, adopt_checks_and_charges) {
 
         /* The same name again: taken. */
         fd = fcntl(kept, F_DUPFD_CLOEXEC, 3);
-        cr_assert_eq(registry_adopt(reg, name, fd, &why), -EEXIST);
+        cr_assert_eq(registry_adopt(reg, name, fd, NULL, &why), -EEXIST);
         close(fd);
         /* Unlinked: removed under the name it was stored under. */
         cr_assert_eq(registry_unlink(reg, &OWNER, "old"), 0);
@@ -1465,7 +1465,7 @@ Test(core, adopt_checks_and_charges) {
 
         /* Limits lowered across the restart: kept and charged all the same (its memory exists), and said so. */
         setup_limits(pages(2), pages(1), 0);
-        cr_assert_eq(registry_adopt(reg, name, spare, &why), 1);
+        cr_assert_eq(registry_adopt(reg, name, spare, NULL, &why), 1);
         cr_assert_str_eq(why, "adopted past the memory budget or its uid's quota");
         expect_stats(pages(3), 1, 0);
         cr_assert_eq(open_zone(&OWNER, "new", 4096, SHMZ_CREATE, &z, &fd, NULL), -EDQUOT);

@@ -36,6 +36,7 @@ struct nginx {
         char conf[192];
 };
 static struct nginx ngx[2];
+static bool ngx_daemon; /* daemon on (a binary upgrade needs it): the master is not our child */
 
 static uint64_t mono_ms(void) {
         struct timespec ts;
@@ -50,8 +51,9 @@ static void sleep_ms(unsigned ms) {
                 ;
 }
 
+/* Not NGINX: nginx takes that variable for the sockets an old binary hands a new one. */
 static const char *nginx_path(void) {
-        const char *p = getenv("NGINX");
+        const char *p = getenv("NGINX_BIN");
         return p ? p : "/usr/sbin/nginx";
 }
 
@@ -119,7 +121,7 @@ static void nginx_config(struct nginx *n, int i, const char *workers, const char
         cr_assert(f);
         fprintf(f,
                 "load_module %s;\n"
-                "daemon off;\nmaster_process on;\nuser root;\nworker_processes %s;\n"
+                "daemon %s;\nmaster_process on;\nuser root;\nworker_processes %s;\n"
                 "pid %s/nginx.pid;\nerror_log %s/error.log info;\n%s"
                 "events { worker_connections 512; }\n"
                 "http {\n"
@@ -131,9 +133,19 @@ static void nginx_config(struct nginx *n, int i, const char *workers, const char
                 "  server {\n    listen 127.0.0.1:%d;\n"
                 "    location = /plain { alias %s/f; }\n"
                 "%s\n  }\n}\n",
-                module_path(), workers, n->dir, n->dir, getenv("NGINX_MAIN_EXTRA") ? getenv("NGINX_MAIN_EXTRA") : "",
-                n->dir, n->dir, n->dir, n->dir, n->dir, d.socket, http, n->port, n->dir, locations);
+                module_path(), ngx_daemon ? "on" : "off", workers, n->dir, n->dir,
+                getenv("NGINX_MAIN_EXTRA") ? getenv("NGINX_MAIN_EXTRA") : "", n->dir, n->dir, n->dir, n->dir, n->dir,
+                d.socket, http, n->port, n->dir, locations);
         fclose(f);
+}
+
+static pid_t pid_file(const struct nginx *n, const char *name) {
+        char p[256];
+        pid_t pid = 0;
+
+        snprintf(p, sizeof(p), "%s/%s", n->dir, name);
+        (void) sscanf(read_file(p), "%d", &pid);
+        return pid;
 }
 
 static int http_connect(int port) {
@@ -154,6 +166,22 @@ static int http_connect(int port) {
 
 /* Starts nginx i from its config; waits until it answers (20 s at most). */
 static void nginx_start(struct nginx *n) {
+        if (ngx_daemon) {
+                char cmd[640];
+
+                snprintf(cmd, sizeof(cmd), "%s -p %s -c %s", nginx_path(), n->dir, n->conf);
+                cr_assert_eq(system(cmd), 0, "nginx: %s", error_log(n));
+                n->pid = pid_file(n, "nginx.pid");
+                cr_assert_gt(n->pid, 0);
+                for (uint64_t deadline = mono_ms() + 20000;; sleep_ms(20)) {
+                        int fd = http_connect(n->port);
+                        if (fd >= 0) {
+                                close(fd);
+                                return;
+                        }
+                        cr_assert_lt(mono_ms(), deadline, "nginx does not answer");
+                }
+        }
         n->pid = fork();
         cr_assert_geq(n->pid, 0);
         if (n->pid == 0) {
@@ -201,7 +229,7 @@ static int nginx_test_config(struct nginx *n, char *out, size_t size) {
         return pclose(p);
 }
 
-/* SIGQUIT (graceful) and wait; SIGKILL after 10 s. */
+/* SIGQUIT (graceful) and wait; SIGKILL after 10 s. A daemon's master is not ours to wait for: it goes. */
 static void nginx_stop(struct nginx *n) {
         int status;
 
@@ -209,11 +237,13 @@ static void nginx_stop(struct nginx *n) {
                 return;
         kill(n->pid, SIGQUIT);
         for (uint64_t deadline = mono_ms() + 10000;;) {
-                if (waitpid(n->pid, &status, WNOHANG) == n->pid)
+                pid_t w = waitpid(n->pid, &status, WNOHANG);
+
+                if (w == n->pid || (w < 0 && errno == ECHILD && kill(n->pid, 0) < 0))
                         break;
                 if (mono_ms() > deadline) {
                         kill(n->pid, SIGKILL);
-                        waitpid(n->pid, &status, 0);
+                        (void) waitpid(n->pid, &status, 0);
                         break;
                 }
                 sleep_ms(20);
@@ -222,6 +252,7 @@ static void nginx_stop(struct nginx *n) {
 }
 
 static void fini(void) {
+        ngx_daemon = false;
         for (int i = 0; i < 2; i++) {
                 nginx_stop(&ngx[i]);
                 /* Workers of a killed master: ours, found by their parent, never by name. */
@@ -479,6 +510,17 @@ Test(nginx, decisions_equal_nginx_limit_req) {
                   "refusals are logged as nginx logs them");
 }
 
+static pid_t worker_of(pid_t master) {
+        char p[64], *s;
+        pid_t w = 0;
+
+        /* Our master's children, by its own list: never a process found by name. */
+        snprintf(p, sizeof(p), "/proc/%d/task/%d/children", master, master);
+        s = read_file(p);
+        sscanf(s, "%d", &w);
+        return w;
+}
+
 /* ---- what nginx cannot do ---------------------------------------------------------------- */
 
 static const char *keep_http = "  limit_req_zone $binary_remote_addr zone=nk:1m rate=1r/m;\n"
@@ -510,6 +552,32 @@ Test(nginx, state_survives_restart_nginx_own_resets) {
         /* nginx's zone is new and empty; ours is the same zone, its key still over its burst. */
         cr_assert_eq(one(ngx[0].port, "/n", NULL).status, 200, "nginx's own zone was kept?");
         cr_assert_eq(one(ngx[0].port, "/s", NULL).status, 503, "the key was lost over the restart");
+}
+
+/* USR2 starts the new binary beside the old, QUIT ends the old one: the zone is opened again, the same. */
+Test(nginx, state_survives_binary_upgrade) {
+        pid_t old, new;
+
+        ngx_daemon = true;
+        keep_config(&ngx[0], 0, keep_http);
+        nginx_start(&ngx[0]);
+        cr_assert_eq(one(ngx[0].port, "/s", NULL).status, 200);
+        cr_assert_eq(one(ngx[0].port, "/s", NULL).status, 200);
+        cr_assert_eq(one(ngx[0].port, "/s", NULL).status, 503);
+        old = ngx[0].pid;
+        cr_assert_eq(kill(old, SIGUSR2), 0);
+        for (uint64_t deadline = mono_ms() + 20000;; sleep_ms(20)) {
+                new = pid_file(&ngx[0], "nginx.pid");
+                if (new > 0 && new != old && pid_file(&ngx[0], "nginx.pid.oldbin") == old &&worker_of(new) > 0)
+                        break;
+                cr_assert_lt(mono_ms(), deadline, "no new binary: %s", error_log(&ngx[0]));
+        }
+        /* fini() stops both, whatever happens from here. */
+        ngx[0].pid = new;
+        ngx[1].pid = old;
+        nginx_stop(&ngx[1]);
+        cr_assert_neq(worker_of(new), 0);
+        cr_assert_eq(one(ngx[0].port, "/s", NULL).status, 503, "the key was lost by the upgrade");
 }
 
 Test(nginx, two_nginx_share_a_zone) {
@@ -574,17 +642,6 @@ Test(nginx, shmzoned_unreachable_is_a_clear_error) {
 }
 
 /* ---- faults ------------------------------------------------------------------------------- */
-
-static pid_t worker_of(pid_t master) {
-        char p[64], *s;
-        pid_t w = 0;
-
-        /* Our master's children, by its own list: never a process found by name. */
-        snprintf(p, sizeof(p), "/proc/%d/task/%d/children", master, master);
-        s = read_file(p);
-        sscanf(s, "%d", &w);
-        return w;
-}
 
 Test(nginx, worker_killed_in_a_decision) {
         char env[512];

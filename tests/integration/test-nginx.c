@@ -595,6 +595,58 @@ Test(nginx, two_nginx_share_a_zone) {
         cr_assert_eq(one(ngx[1].port, "/n", NULL).status, 200);
 }
 
+/* nginx and the example server, on one zone of one key ($binary_remote_addr: 4 bytes for 127.0.0.1). */
+Test(nginx, nginx_and_the_example_server_share_a_zone) {
+        const char *server = getenv("RATELIMIT_SERVER");
+        char buf[512] = "";
+        int pipefd[2], port = 0;
+        size_t n = 0;
+        pid_t pid;
+
+        if (!server || access(server, X_OK) < 0)
+                cr_skip_test("no ratelimit-server (libmicrohttpd)");
+        keep_config(&ngx[0], 0, keep_http);
+        nginx_start(&ngx[0]);
+        cr_assert_eq(one(ngx[0].port, "/s", NULL).status, 200);
+
+        cr_assert_eq(pipe2(pipefd, O_CLOEXEC), 0);
+        pid = fork();
+        cr_assert_geq(pid, 0);
+        if (pid == 0) {
+                dup2(pipefd[1], STDOUT_FILENO);
+                execl(server, server, "--socket", d.socket, "--listen", "127.0.0.1:0", "--zone", "keep:1m", "--rate",
+                      "1r/m", "--burst", "1", "--nodelay", (char *) NULL);
+                _exit(127);
+        }
+        close(pipefd[1]);
+        /* ngx[1] stops it (SIGQUIT, then SIGKILL) whatever happens. */
+        ngx[1].pid = pid;
+        for (uint64_t deadline = mono_ms() + 20000; !port;) {
+                struct pollfd p = { .fd = pipefd[0], .events = POLLIN };
+                char *l;
+                ssize_t k;
+
+                cr_assert_lt(mono_ms(), deadline, "the server does not listen: %s", buf);
+                if (poll(&p, 1, 200) <= 0)
+                        continue;
+                k = read(pipefd[0], buf + n, sizeof(buf) - 1 - n);
+                cr_assert_gt(k, 0, "the server ended: %s", buf);
+                n += (size_t) k;
+                buf[n] = 0;
+                l = strstr(buf, "listening on 127.0.0.1:");
+                if (l && strchr(l, '\n'))
+                        port = atoi(l + strlen("listening on 127.0.0.1:"));
+        }
+        close(pipefd[0]);
+        /* nginx counted one request; the server's first makes two (burst 1), its second is over. */
+        cr_assert_eq(one(port, "/", NULL).status, 200);
+        cr_assert_eq(one(port, "/", NULL).status, 503, "the server has a limit of its own");
+        cr_assert_eq(one(ngx[0].port, "/s", NULL).status, 503);
+        kill(pid, SIGTERM); /* its way to stop */
+        (void) waitpid(pid, NULL, 0);
+        ngx[1].pid = 0;
+}
+
 Test(nginx, the_zone_is_a_shmzone_zone) {
         struct shmz_client *c;
         struct shmz_zone_stat st;

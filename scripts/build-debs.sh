@@ -18,7 +18,10 @@ need+=($(sed -n '/^Build-Depends:/,/^[A-Z][^:]*:/p' "$src/packaging/debian/contr
         sed '$d; s/^Build-Depends://; s/([^)]*)//g; s/,/ /g'))
 missing=()
 for p in "${need[@]}"; do
-        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" && continue
+        # A virtual package (dh-sequence-nginx) is there when an installed package provides it.
+        dpkg-query -W -f='${Status} ${Provides}\n' 2>/dev/null | grep "^install ok installed" |
+                grep -qE "(^| |,)$p( |,|$)" || missing+=("$p")
 done
 if [ ${#missing[@]} -gt 0 ]; then
         $sudo apt-get update -qq

@@ -8,9 +8,10 @@
  * as a pre-forked HTTP server: N worker processes share one listening socket
  * and one limiter zone served by shmzoned, and answer 200 "ok" or 503, delaying
  * requests as nginx would. HTTP is libmicrohttpd's; the limiter is
- * examples/ratelimit/limiter.c.
+ * ratelimit/limiter.c.
  */
 #include <arpa/inet.h>
+#include <ctype.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <getopt.h>
@@ -239,8 +240,28 @@ static void completed(void *cls, struct MHD_Connection *conn, void **req_cls, en
         *req_cls = NULL;
 }
 
+/*
+ * The zone's tag names the key as nginx would write it, so that nginx's module
+ * (shmzone_limit_req_zone $binary_remote_addr, or $http_x_key for --key-header X-Key)
+ * can share the zone, and nothing keyed otherwise can.
+ */
+static void key_tag(char tag[SHMZ_TAG_BUF]) {
+        char expr[128] = "$binary_remote_addr";
+
+        if (arg.header) {
+                size_t n = strlen("$http_");
+
+                memcpy(expr, "$http_", n + 1);
+                for (const char *h = arg.header; *h && n + 1 < sizeof(expr); h++)
+                        expr[n++] = *h == '-' ? '_' : (char) tolower((unsigned char) *h);
+                expr[n] = 0;
+        }
+        limiter_tag(expr, tag);
+}
+
 /* create: make the zone if missing (with --zone's size); else open it as it is. */
 static int attach(bool create, struct shmz_client **ret_c, struct shmz_zone **ret_z, struct limiter **ret_l) {
+        char tag[SHMZ_TAG_BUF];
         struct shmz_client *c = NULL;
         struct shmz_zone *z = NULL;
         int r;
@@ -250,7 +271,8 @@ static int attach(bool create, struct shmz_client **ret_c, struct shmz_zone **re
                 fprintf(stderr, "ratelimit-server: cannot connect to shmzoned: %s\n", strerror(-r));
                 return r;
         }
-        r = shmz_zone_open(c, arg.zone_name, create ? arg.zone_size : 0, LIMITER_TAG, create ? SHMZ_CREATE : 0, &z);
+        key_tag(tag);
+        r = shmz_zone_open(c, arg.zone_name, create ? arg.zone_size : 0, tag, create ? SHMZ_CREATE : 0, &z);
         if (r < 0) {
                 fprintf(stderr, "ratelimit-server: zone %s: %s\n", arg.zone_name, strerror(-r));
                 shmz_disconnect(c);

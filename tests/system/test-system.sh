@@ -24,7 +24,7 @@ CHECKS=(debs boot install view-outside-service verify helper-pkg-config create-a
         crash-restart reload journal
         check-config restart-bad-config reload-bad-config damaged-header history-kept persist-stop-start
         stop-warns persist-bad-copy
-        stop stop-start-loses-zones namespacing-hides-view poweroff
+        stop stop-start-loses-zones namespacing-hides-view nginx-module nginx-restarts poweroff
         persist-reboot)
 npass=0
 skip() { echo "Skipping all ${#CHECKS[@]} tests: $*"; exit 77; }
@@ -260,6 +260,11 @@ for p in shmzoned libshmzone0 libshmzone-dev; do
         cp "$f" "$T/pkgs/" || fail debs "cp $f"
         PKGS+=("$T/pkgs/${f##*/}")
 done
+# The nginx module's package, installed by its own check (when nginx-dev built it).
+NGINX_DEB=$(ls "$DEBS"/libnginx-mod-http-shmzone_*.deb 2>/dev/null | tail -n 1)
+[ -n "$NGINX_DEB" ] || fail debs "no libnginx-mod-http-shmzone_*.deb in $DEBS"
+cp "$NGINX_DEB" "$T/pkgs/" || fail debs "cp $NGINX_DEB"
+NGINX_DEB=$T/pkgs/${NGINX_DEB##*/}
 ok debs
 
 # 2. The container: overlay of / (tmpfs upper), fresh /proc, /run, /tmp; systemd as PID 1.
@@ -530,6 +535,50 @@ cin rm -r $D && cin systemctl daemon-reload && cin systemctl restart shmzoned.se
         fail namespacing-hides-view "restart without the drop-in"
 cin sh -c "ls $V/zones" | grep -qx demo || fail namespacing-hides-view "no view after dropping the drop-in"
 ok namespacing-hides-view
+
+# nginx with the module, as Debian enables modules; its zone a shmzone zone. nginx shares the
+# host's network (no network namespace here): the site listens on a free loopback port only.
+cint 120 env DEBIAN_FRONTEND=noninteractive dpkg -i "$NGINX_DEB" >"$T/dpkg-nginx.log" 2>&1 ||
+        fail nginx-module "dpkg -i: $(tail -n 20 "$T/dpkg-nginx.log")"
+ML=/etc/nginx/modules-enabled/50-mod-http-shmzone.conf
+[ "$(cin readlink $ML)" = /usr/share/nginx/modules-available/mod-http-shmzone.conf ] ||
+        fail nginx-module "$ML: $(cin ls -l /etc/nginx/modules-enabled 2>&1)"
+cin grep -qx 'load_module modules/ngx_http_shmzone_module.so;' /usr/share/nginx/modules-available/mod-http-shmzone.conf ||
+        fail nginx-module "no load_module line"
+DEP=$(cin dpkg-query -W -f='${Depends}' libnginx-mod-http-shmzone)
+echo "$DEP" | grep -q 'nginx-abi-' && echo "$DEP" | grep -q libshmzone0 ||
+        fail nginx-module "Depends: $DEP (no nginx ABI or no libshmzone0)"
+NPORT=$(/usr/bin/python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+cin rm -f /etc/nginx/sites-enabled/default
+cin sh -c 'cat >/etc/nginx/conf.d/shmzone-test.conf' <<NCONF
+shmzone_limit_req_zone \$binary_remote_addr zone=systest:1m rate=1r/m;
+server {
+    listen 127.0.0.1:$NPORT;
+    location = /t { shmzone_limit_req zone=systest burst=1 nodelay; alias /etc/debian_version; }
+}
+NCONF
+cin systemctl restart nginx.service || fail nginx-module "restart nginx: $(cin journalctl -u nginx -n 20 --no-pager 2>&1)"
+get() { cin curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$NPORT/t"; }
+R1=$(get) R2=$(get) R3=$(get)
+[ "$R1 $R2 $R3" = "200 200 503" ] || fail nginx-module "answers $R1 $R2 $R3, not 200 200 503"
+cin "$CTL" list | grep -qw systest || fail nginx-module "shmzctl list: $(cin $CTL list 2>&1)"
+cin test -e $V/zones/systest || fail nginx-module "no $V/zones/systest"
+ok nginx-module
+
+# The key over its burst stays so across restarts of nginx.service and shmzoned.service, and a
+# reload of nginx after the daemon's restart (a new connection, the same zone).
+cin systemctl restart nginx.service || fail nginx-restarts "restart nginx"
+[ "$(get)" = 503 ] || fail nginx-restarts "the key was lost by nginx's restart"
+cin systemctl restart shmzoned.service || fail nginx-restarts "restart shmzoned"
+[ "$(get)" = 503 ] || fail nginx-restarts "the key was lost by shmzoned's restart"
+cin systemctl reload nginx.service || fail nginx-restarts "reload nginx"
+sleep 1
+[ "$(cin systemctl is-active nginx)" = active ] || fail nginx-restarts "nginx not active after reload"
+[ "$(get)" = 503 ] || fail nginx-restarts "the key was lost by nginx's reload"
+cin systemctl restart nginx.service || fail nginx-restarts "restart nginx after shmzoned's restart"
+[ "$(get)" = 503 ] || fail nginx-restarts "the key was lost by the last restart"
+cin systemctl stop nginx.service
+ok nginx-restarts
 
 # Power off with the service running: systemd stops it and exits, the namespaces go.
 cin systemctl poweroff --no-block >/dev/null 2>&1

@@ -1,6 +1,6 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 /*
- * The rate limiter example (examples/ratelimit) on daemon-less zones: nginx's
+ * The rate limiter (ratelimit/) on daemon-less zones: nginx's
  * limit_req decisions on a virtual clock, its tree and list under churn,
  * eviction, several processes, and deaths in the middle of an update. Children
  * never call criterion asserts: they report through exit codes and the zone.
@@ -170,7 +170,7 @@ static const struct table tables[] = {
             { "a", 0, P, 0, 1000 },
             { "a", 30000, R, 0, 1000 }, /* 1000 + 1000 - 480 > 1000 */
             { "a", 62499, R, 0, 1000 }, /* - 999: still over; idle a minute but not drained: kept */
-            { "a", 62500, P, 0, 0 },    /* drained: expired first, so a fresh key */
+            { "a", 62500, P, 0, 1000 }, /* drained to 0, then this one: kept (only an insert expires keys) */
             { NULL } } },
         { "clock going backwards",
           "1r/s",
@@ -182,7 +182,7 @@ static const struct table tables[] = {
             { "a", 100500, P, 0, 2500 }, /* drained from 100000, not from 99000 */
             { "a", 90000, P, 0, 3500 },  /* 10.5 s back: still no drain */
             { "a", 101000, P, 0, 4000 },
-            { "a", 31000, P, 0, 0 }, /* 70 s back: idle 70 s either way and drained: expired, a fresh key */
+            { "a", 31000, P, 0, 4999 }, /* 70 s back: a reset, counted as 1 ms; the key is kept (nginx) */
             { NULL } } },
         { "a big step back is a reset",
           "1r/m",
@@ -239,7 +239,7 @@ struct model_key {
         bool live;
 };
 
-/* Before each decision: up to two keys at the tail, idle a minute (either way) and drained, go. */
+/* Before a new key is inserted: up to two keys at the tail, idle a minute (either way) and drained, go. */
 static void model_expire(struct model_key *keys, size_t n, int64_t now, int64_t rate) {
         for (int i = 0; i < 2; i++) {
                 struct model_key *tail = NULL;
@@ -291,7 +291,8 @@ Test(limiter, random_sequences_match_model) {
                 const char *rate;
                 uint32_t burst, delay;
         } cfgs[] = { { "1r/s", 0, 0 }, { "5r/s", 10, LIMITER_NODELAY }, { "7r/m", 3, 1 }, { "1000r/s", 120, 20 } };
-        enum { KEYS = 40, STEPS = 4000 };
+        /* 40 keys come back often; the rest of them (new, or back after expiry) make the inserts that expire. */
+        enum { KEYS = 2040, HOT = 40, STEPS = 4000 };
         uint64_t expired = 0;
 
         srandom(7);
@@ -305,8 +306,8 @@ Test(limiter, random_sequences_match_model) {
                 teardown();
                 open_limiter(1 << 20, cfg.rate, cfg.burst, cfg.delay);
                 for (int i = 0; i < STEPS; i++) {
-                        unsigned k = (unsigned) random() % KEYS;
                         long dice = random() % 100;
+                        unsigned k = dice % 5 ? (unsigned) random() % HOT : HOT + (unsigned) random() % (KEYS - HOT);
                         struct limiter_decision d;
                         uint64_t mdelay;
                         char key[16];
@@ -319,7 +320,8 @@ Test(limiter, random_sequences_match_model) {
                         else
                                 now += random() % (dice < 90 ? 50 : 3000);
                         snprintf(key, sizeof(key), "k%u", k);
-                        model_expire(model, KEYS, now, cfg.rate);
+                        if (!model[k].live)
+                                model_expire(model, KEYS, now, cfg.rate);
                         mv = model_decide(&model[k], now, cfg.rate, cfg.burst,
                                           cfg.delay == LIMITER_NODELAY ? -1 : (int64_t) cfg.delay, &mdelay);
                         model[k].used = ++seq;
@@ -332,6 +334,119 @@ Test(limiter, random_sequences_match_model) {
                 expired += lstats().expired;
         }
         cr_assert_gt(expired, 0, "expiry was part of it");
+}
+
+/*
+ * Two limits on one request, nginx's two phases against a model of nginx's handler: the
+ * first limit is checked without account (a new key: nginx's node with last 0), the
+ * second with account; only if both pass is the first accounted (last = now, no burst
+ * check), and the delay is the larger one.
+ */
+struct model2 {
+        int64_t excess, last;
+        bool live, fresh;
+};
+
+static int64_t model2_excess(const struct model2 *k, int64_t now, int64_t rate, int64_t *ret_ms) {
+        int64_t ms = now - k->last, e;
+
+        if (k->fresh) {
+                *ret_ms = 1;
+                return 0;
+        }
+        if (ms < -60000)
+                ms = 1;
+        else if (ms < 0)
+                ms = 0;
+        *ret_ms = ms;
+        e = k->excess - rate * ms / 1000 + 1000;
+        return e < 0 ? 0 : e;
+}
+
+Test(limiter, two_limits_match_nginx_model) {
+        struct limiter_config c1 = { .burst = 3, .delay = 1 }, c2 = { .burst = 2, .delay = LIMITER_NODELAY };
+        struct shmz_zone *z2 = NULL;
+        struct limiter *l2 = NULL;
+        struct model2 m1[8] = {}, m2[3] = {};
+        int64_t now = 1000000;
+        unsigned rejects = 0, delays = 0, passes = 0;
+
+        cr_assert_eq(limiter_parse_rate("2r/s", &c1.rate), 0);
+        cr_assert_eq(limiter_parse_rate("1r/s", &c2.rate), 0);
+        open_limiter(1 << 20, c1.rate, c1.burst, c1.delay);
+        cr_assert_eq(zone_new_anonymous("limiter-test-2", 1 << 20, &z2), 0);
+        cr_assert_eq(limiter_open(z2, &c2, &l2), 0);
+        srandom(11);
+        for (int i = 0; i < 3000; i++) {
+                unsigned k1 = (unsigned) random() % 8, k2 = (unsigned) random() % 3;
+                char key1[8], key2[8];
+                struct limiter_decision d1, d2, a1;
+                int64_t ms, e1, e2, want_delay = 0;
+                int want;
+
+                now += random() % 4 ? random() % 200 : random() % 3000;
+                snprintf(key1, sizeof(key1), "a%u", k1);
+                snprintf(key2, sizeof(key2), "b%u", k2);
+
+                /* The model: lookup 1 without account. */
+                if (!m1[k1].live)
+                        m1[k1] = (struct model2){ .live = true, .fresh = true };
+                e1 = model2_excess(&m1[k1], now, c1.rate, &ms);
+                if (e1 > (int64_t) c1.burst * 1000)
+                        want = R;
+                else {
+                        /* lookup 2 with account */
+                        if (!m2[k2].live) {
+                                m2[k2] = (struct model2){ .live = true, .last = now };
+                                e2 = 0;
+                                want = P;
+                        } else {
+                                e2 = model2_excess(&m2[k2], now, c2.rate, &ms);
+                                if (e2 > (int64_t) c2.burst * 1000)
+                                        want = R;
+                                else {
+                                        m2[k2].excess = e2;
+                                        if (ms)
+                                                m2[k2].last = now;
+                                        want = P;
+                                }
+                        }
+                        if (want == P) {
+                                /* account 1 */
+                                e1 = model2_excess(&m1[k1], now, c1.rate, &ms);
+                                m1[k1] = (struct model2){ .live = true, .excess = e1, .last = now };
+                                if (e1 > (int64_t) c1.delay * 1000)
+                                        want_delay = (e1 - (int64_t) c1.delay * 1000) * 1000 / c1.rate;
+                        }
+                }
+
+                cr_assert_eq(limiter_lookup(lim, &c1, key1, strlen(key1), (uint64_t) now, false, &d1), 0);
+                if (d1.verdict == LIMITER_REJECT) {
+                        cr_assert_eq(want, R, "step %d: first limit rejected, model %d", i, want);
+                        rejects++;
+                        continue;
+                }
+                cr_assert_eq(d1.verdict, LIMITER_PASS, "step %d: a lookup without account never delays", i);
+                cr_assert_eq(limiter_lookup(l2, &c2, key2, strlen(key2), (uint64_t) now, true, &d2), 0);
+                cr_assert_neq(d2.verdict, LIMITER_DELAY, "step %d: nodelay", i);
+                if (d2.verdict == LIMITER_REJECT) {
+                        cr_assert_eq(want, R, "step %d: second limit rejected, model %d", i, want);
+                        rejects++;
+                        continue;
+                }
+                cr_assert_eq(want, P, "step %d: passed both, model rejected", i);
+                cr_assert_eq(limiter_account(lim, &c1, key1, strlen(key1), (uint64_t) now, &a1), 0);
+                cr_assert_neq(a1.verdict, LIMITER_REJECT, "step %d", i);
+                cr_assert_eq((int64_t) a1.delay_ms, want_delay, "step %d: delay %lu, model %ld", i,
+                             (unsigned long) a1.delay_ms, (long) want_delay);
+                a1.delay_ms ? delays++ : passes++;
+        }
+        cr_assert(rejects > 100 && delays > 30 && passes > 100, "all three happened: %u %u %u", rejects, delays,
+                  passes);
+        cr_assert_eq(limiter_check(lim, false), 0);
+        cr_assert_eq(limiter_check(l2, false), 0);
+        limiter_close(l2);
+        shmz_zone_close(z2);
 }
 
 /* ---- expiry, eviction, the tree under churn -------------------------------------------------- */

@@ -14,6 +14,7 @@
 #include <errno.h>
 #include <signal.h>
 #include <stdatomic.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -30,6 +31,8 @@
 
 enum { OP_NONE, OP_INSERT, OP_MOVE, OP_DELETE };
 enum { RED = 0, BLACK = 1 };
+/* Inserted by a lookup without account: nginx's node with last 0, so drained whenever it is next accounted. */
+#define NODE_FRESH 0x1u
 
 struct lim_shared {
         uint32_t magic, version;
@@ -49,7 +52,8 @@ struct lim_node {
         uint32_t hash;
         uint8_t color;
         uint8_t keylen; /* 1..LIMITER_KEY_MAX */
-        uint8_t reserved[2];
+        uint8_t flags;  /* NODE_FRESH */
+        uint8_t reserved;
         uint32_t parent;
         uint32_t prev, next; /* LRU */
         uint32_t excess;     /* milli-requests */
@@ -66,7 +70,8 @@ struct limiter {
         uint64_t zend;  /* first offset past the zone */
         uint64_t max_nodes;
         struct limiter_config cfg;
-        bool corrupt; /* a link read in this critical section led outside the zone */
+        uint64_t lock_timeout_ns; /* 0: wait for ever */
+        bool corrupt;             /* a link read in this critical section led outside the zone */
         union {
                 struct lim_node n;
                 uint8_t bytes[sizeof(struct lim_node) + LIMITER_KEY_MAX];
@@ -649,7 +654,7 @@ static void recover(struct limiter *l, bool owner_dead) {
 }
 
 static int lim_lock(struct limiter *l) {
-        int r = shmz_mutex_lock(l->m);
+        int r = l->lock_timeout_ns ? shmz_mutex_timedlock(l->m, l->lock_timeout_ns) : shmz_mutex_lock(l->m);
 
         if (r < 0)
                 return r;
@@ -689,7 +694,7 @@ static uint64_t drain(uint32_t rate, uint64_t ms) {
 }
 
 /* Removes up to two keys from the tail that have been idle a minute and drained. */
-static void expire(struct limiter *l, uint64_t now) {
+static void expire(struct limiter *l, const struct limiter_config *cfg, uint64_t now) {
         for (int i = 0; i < 2; i++) {
                 uint32_t t = LOAD(l->sh->tail);
                 struct lim_node *n;
@@ -699,7 +704,9 @@ static void expire(struct limiter *l, uint64_t now) {
                         return;
                 last = LOAD(n->last);
                 age = now >= last ? now - last : last - now;
-                if (age < LIMITER_IDLE_MS || drain(l->cfg.rate, age) < LOAD(n->excess))
+                /* A fresh key is drained by definition; its minute keeps it for the account that follows. */
+                if (age < LIMITER_IDLE_MS ||
+                    (!(LOAD(n->flags) & NODE_FRESH) && drain(cfg->rate, age) < LOAD(n->excess)))
                         return;
                 node_delete(l, t);
                 l->sh->expired++;
@@ -734,18 +741,80 @@ static void fold_key(const void *key, size_t keylen, uint8_t out[LIMITER_KEY_MAX
         memcpy(out + LIMITER_KEY_MAX - 8, &h, 8);
 }
 
-int limiter_decide(struct limiter *l, const void *key, size_t keylen, uint64_t now, struct limiter_decision *ret) {
-        uint8_t folded[LIMITER_KEY_MAX];
-        const struct limiter_config *cfg;
-        struct limiter_decision d = { .verdict = LIMITER_PASS };
-        uint32_t hash, ref, parent = NIL;
+static int config_check(const struct limiter_config *cfg) {
+        if (!cfg || cfg->rate == 0 || cfg->burst > LIMITER_BURST_MAX)
+                return -EINVAL;
+        if (cfg->delay != LIMITER_NODELAY && cfg->delay > LIMITER_BURST_MAX)
+                return -EINVAL;
+        return 0;
+}
+
+enum decide_mode {
+        MODE_DECIDE,  /* nginx's lookup with account: a request's last (or only) limit */
+        MODE_LOOKUP,  /* lookup without account: check only */
+        MODE_ACCOUNT, /* the second phase of a MODE_LOOKUP that passed */
+};
+
+/* A new node for key, in tree and list (keys expired first, as nginx does before it allocates). */
+static int node_insert(struct limiter *l, const struct limiter_config *cfg, uint32_t hash, const void *key,
+                       size_t keylen, uint64_t now, uint8_t flags) {
+        uint32_t ref, parent = NIL;
         bool left = false;
+        struct lim_node *n;
+
+        expire(l, cfg, now);
+        n = node_new(l, keylen);
+        if (!n) {
+                l->sh->nomem++;
+                return -ENOMEM;
+        }
+        ref = ref_of(l, n);
+        op_begin(l, OP_INSERT, ref);
+        n->hash = hash;
+        n->keylen = (uint8_t) keylen;
+        n->flags = flags;
+        n->reserved = 0;
+        memcpy(n->key, key, keylen);
+        n->excess = 0;
+        n->last = now;
+        /* Expiry and evictions may have reshaped the tree: find the place now. */
+        if (tree_find(l, hash, key, (uint8_t) keylen, &parent, &left) == NIL && !l->corrupt)
+                tree_link(l, ref, parent, left);
+        lru_push_head(l, ref);
+        l->sh->nodes++;
+        op_end(l);
+        return 0;
+}
+
+/* nginx's excess after one more request at now: excess - drain + 1000, and only then clamped at 0. */
+static uint64_t excess_after(const struct limiter_config *cfg, const struct lim_node *n, uint64_t now,
+                             int64_t *ret_ms) {
+        uint32_t excess = LOAD(n->excess);
+        int64_t ms = elapsed_ms(now, LOAD(n->last));
+        uint64_t dr = drain(cfg->rate, (uint64_t) ms);
+
+        *ret_ms = ms;
+        if (LOAD(n->flags) & NODE_FRESH) {
+                *ret_ms = 1; /* nginx's last 0: an age that drains everything, and last = now after */
+                return 0;
+        }
+        return (uint64_t) excess + 1000 > dr ? (uint64_t) excess + 1000 - dr : 0;
+}
+
+static int decide(struct limiter *l, const struct limiter_config *cfg, const void *key, size_t keylen, uint64_t now,
+                  enum decide_mode mode, struct limiter_decision *ret) {
+        uint8_t folded[LIMITER_KEY_MAX];
+        struct limiter_decision d = { .verdict = LIMITER_PASS };
+        uint32_t hash, ref;
         int r;
 
         assert_return(l, -EINVAL);
         assert_return(key || keylen == 0, -EINVAL);
         assert_return(ret, -EINVAL);
-        cfg = &l->cfg;
+        if (!cfg)
+                cfg = &l->cfg;
+        else if (config_check(cfg) < 0)
+                return -EINVAL;
         if (keylen == 0) {
                 *ret = d; /* nginx: an empty key is not accounted */
                 return 0;
@@ -760,70 +829,90 @@ int limiter_decide(struct limiter *l, const void *key, size_t keylen, uint64_t n
         r = lim_lock(l);
         if (r < 0)
                 return r;
-        expire(l, now);
-        ref = tree_find(l, hash, key, (uint8_t) keylen, &parent, &left);
+        ref = tree_find(l, hash, key, (uint8_t) keylen, NULL, NULL);
         if (ref != NIL) {
                 struct lim_node *n = N(l, ref);
-                uint32_t excess = LOAD(n->excess);
-                uint64_t last = LOAD(n->last);
-                int64_t ms = elapsed_ms(now, last);
-                uint64_t dr = drain(cfg->rate, (uint64_t) ms);
-                /* nginx: excess - drain + 1000, and only then clamped at 0. */
-                uint64_t e = (uint64_t) excess + 1000 > dr ? (uint64_t) excess + 1000 - dr : 0;
+                int64_t ms;
+                uint64_t e = excess_after(cfg, n, now, &ms);
 
-                /* Active keys stay away from the tail, rejected ones too. */
-                if (LOAD(l->sh->head) != ref) {
+                /* Active keys stay away from the tail, rejected ones too (the second phase does not move). */
+                if (mode != MODE_ACCOUNT && LOAD(l->sh->head) != ref) {
                         op_begin(l, OP_MOVE, ref);
                         lru_unlink(l, ref);
                         lru_push_head(l, ref);
                         op_end(l);
                 }
-                if (e > (uint64_t) cfg->burst * 1000) {
+                if (mode != MODE_ACCOUNT && e > (uint64_t) cfg->burst * 1000) {
                         d.verdict = LIMITER_REJECT;
-                        d.excess = excess;
+                        d.excess = LOAD(n->excess);
+                } else if (mode == MODE_LOOKUP) {
+                        d.excess = (uint32_t) e; /* what it would be: nothing stored */
                 } else {
                         n->excess = (uint32_t) e;
-                        if (ms != 0)
+                        if (ms != 0 || mode == MODE_ACCOUNT)
                                 n->last = now;
+                        n->flags = 0;
                         d.excess = (uint32_t) e;
                 }
         } else if (!l->corrupt) {
-                struct lim_node *n = node_new(l, keylen);
-
-                if (!n) {
-                        l->sh->nomem++;
+                r = node_insert(l, cfg, hash, key, keylen, now, mode == MODE_LOOKUP ? NODE_FRESH : 0);
+                if (r < 0) {
                         lim_unlock(l);
-                        return -ENOMEM;
+                        return r;
                 }
-                ref = ref_of(l, n);
-                op_begin(l, OP_INSERT, ref);
-                n->hash = hash;
-                n->keylen = (uint8_t) keylen;
-                memcpy(n->key, key, keylen);
-                n->excess = 0;
-                n->last = now;
-                /* Evictions may have reshaped the tree: find the place again. */
-                if (tree_find(l, hash, key, (uint8_t) keylen, &parent, &left) == NIL && !l->corrupt)
-                        tree_link(l, ref, parent, left);
-                lru_push_head(l, ref);
-                l->sh->nodes++;
-                op_end(l);
         }
 
-        if (d.verdict != LIMITER_REJECT && cfg->delay != LIMITER_NODELAY && d.excess > (uint64_t) cfg->delay * 1000) {
+        if (mode != MODE_LOOKUP && d.verdict != LIMITER_REJECT && cfg->delay != LIMITER_NODELAY &&
+            d.excess > (uint64_t) cfg->delay * 1000) {
                 d.verdict = LIMITER_DELAY;
                 d.delay_ms = (d.excess - (uint64_t) cfg->delay * 1000) * 1000 / cfg->rate;
         }
-        l->sh->decisions++;
-        if (d.verdict == LIMITER_PASS)
-                l->sh->passed++;
-        else if (d.verdict == LIMITER_DELAY)
-                l->sh->delayed++;
-        else
-                l->sh->rejected++;
+        /* A request is counted once, at its last limit's lookup, or at its rejection. */
+        if (mode == MODE_DECIDE || d.verdict == LIMITER_REJECT) {
+                l->sh->decisions++;
+                if (d.verdict == LIMITER_PASS)
+                        l->sh->passed++;
+                else if (d.verdict == LIMITER_DELAY)
+                        l->sh->delayed++;
+                else
+                        l->sh->rejected++;
+        }
         lim_unlock(l);
         *ret = d;
         return 0;
+}
+
+int limiter_decide(struct limiter *l, const void *key, size_t keylen, uint64_t now, struct limiter_decision *ret) {
+        return decide(l, NULL, key, keylen, now, MODE_DECIDE, ret);
+}
+
+int limiter_lookup(struct limiter *l, const struct limiter_config *cfg, const void *key, size_t keylen, uint64_t now,
+                   bool account, struct limiter_decision *ret) {
+        return decide(l, cfg, key, keylen, now, account ? MODE_DECIDE : MODE_LOOKUP, ret);
+}
+
+int limiter_account(struct limiter *l, const struct limiter_config *cfg, const void *key, size_t keylen, uint64_t now,
+                    struct limiter_decision *ret) {
+        return decide(l, cfg, key, keylen, now, MODE_ACCOUNT, ret);
+}
+
+void limiter_set_lock_timeout(struct limiter *l, uint64_t ns) {
+        if (l)
+                l->lock_timeout_ns = ns;
+}
+
+void limiter_tag(const char *key_expr, char ret[SHMZ_TAG_BUF]) {
+        size_t n = key_expr ? strlen(key_expr) : 0;
+
+        if (sizeof(LIMITER_TAG) + n < SHMZ_TAG_BUF) {
+                snprintf(ret, SHMZ_TAG_BUF, "%s:%s", LIMITER_TAG, key_expr ? key_expr : "");
+                return;
+        }
+        /* Too long for a tag: a hash names it (FNV-1a 64; only agreement matters, not secrecy). */
+        uint64_t h = 14695981039346656037ULL;
+        for (size_t i = 0; i < n; i++)
+                h = (h ^ (uint8_t) key_expr[i]) * 1099511628211ULL;
+        snprintf(ret, SHMZ_TAG_BUF, "%s:#%016llx", LIMITER_TAG, (unsigned long long) h);
 }
 
 /* ---- setup and figures ------------------------------------------------------------------ */
@@ -860,14 +949,6 @@ int limiter_parse_rate(const char *s, uint32_t *ret_rate) {
         if (n * 1000 / scale == 0)
                 return -ERANGE; /* nginx would divide by zero */
         *ret_rate = (uint32_t) (n * 1000 / scale);
-        return 0;
-}
-
-static int config_check(const struct limiter_config *cfg) {
-        if (!cfg || cfg->rate == 0 || cfg->burst > LIMITER_BURST_MAX)
-                return -EINVAL;
-        if (cfg->delay != LIMITER_NODELAY && cfg->delay > LIMITER_BURST_MAX)
-                return -EINVAL;
         return 0;
 }
 

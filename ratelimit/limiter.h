@@ -3,7 +3,8 @@
 
 /*
  * nginx's limit_req on a shmzone zone: a leaky bucket per key, shared by every
- * process that opens the zone. Example code to copy, not part of libshmzone.
+ * process that opens the zone. The example server and the nginx module use it;
+ * not part of libshmzone.
  *
  * Semantics (nginx's, as documented): the rate is kept in milli-requests per
  * second (1r/s = 1000, 30r/m = 500, 1r/m = 16: the division truncates as nginx's
@@ -22,11 +23,19 @@
  * is not accounted (passes), as in nginx. Keys longer than LIMITER_KEY_MAX are
  * folded to their first 56 bytes and a 64-bit hash of the whole.
  *
+ * Several limits on one request (nginx: several limit_req in a location) go in
+ * nginx's two phases: limiter_lookup() without account for each but the last
+ * (the verdict the request would get, nothing stored), with account for the
+ * last, then limiter_account() on the earlier ones if none rejected (stored
+ * with the time of that call, `last` = now whatever the step; no burst check).
+ *
  * State lives in a red-black tree keyed by the key, plus an LRU list, in the
- * zone, under the zone lock, as offsets. Each decision expires up to two keys
- * idle for a minute whose excess has drained; when the zone is full, the least
- * recently used key is evicted. Nothing holds a reference to a key outside a
- * decision, so nothing can block eviction (unlike nginx's `count`).
+ * zone, under the zone lock, as offsets. A decision that inserts a new key
+ * first expires up to two keys at the tail idle for a minute whose excess has
+ * drained (nginx expires only then, too: a key kept past its minute drains to
+ * at most 1000 on its next request, a fresh one starts at 0); when the zone is
+ * full, the least recently used key is evicted. Nothing holds a reference to a
+ * key outside a decision, so nothing can block eviction (unlike nginx's `count`).
  *
  * After a process died holding the zone lock (SHMZ_OWNER_DEAD) the next
  * decision validates the tree and list, rebuilds the tree from the list if a
@@ -42,7 +51,7 @@
 
 #include <shmzone.h>
 
-#define LIMITER_TAG "ratelimit-v1" /* the zone's tag: what its bytes mean */
+#define LIMITER_TAG "ratelimit-v1" /* the zone's tag, or its prefix (limiter_tag): what its bytes mean */
 #define LIMITER_KEY_MAX 64u
 #define LIMITER_NODELAY UINT32_MAX
 #define LIMITER_BURST_MAX 1000000u
@@ -95,6 +104,37 @@ void limiter_close(struct limiter *l); /* NULL is fine; does not close z */
 
 /* One request for key at now_ms (any monotonic millisecond clock every user shares). */
 int limiter_decide(struct limiter *l, const void *key, size_t keylen, uint64_t now_ms, struct limiter_decision *ret);
+
+/*
+ * The same with the limits given here (NULL: those of limiter_open; the rate drains,
+ * burst and delay decide). account false: nginx's check of a limit that is not a
+ * request's last: PASS or REJECT (never DELAY), nothing stored but the key's place
+ * in the LRU list; a new key is inserted as nginx does, to be accounted as drained.
+ */
+int limiter_lookup(struct limiter *l, const struct limiter_config *cfg, const void *key, size_t keylen, uint64_t now_ms,
+                   bool account, struct limiter_decision *ret);
+
+/*
+ * nginx's second phase for a limit limiter_lookup(account false) passed: stores the
+ * request at now_ms; PASS or DELAY (delay_ms), never REJECT. A key gone meanwhile
+ * (evicted) is inserted afresh.
+ */
+int limiter_account(struct limiter *l, const struct limiter_config *cfg, const void *key, size_t keylen,
+                    uint64_t now_ms, struct limiter_decision *ret);
+
+/*
+ * The zone lock is waited for at most ns (0, the default: for ever); past it a
+ * decision fails with -ETIMEDOUT. A lock word a co-writer scribbled can name a
+ * live thread that never releases it.
+ */
+void limiter_set_lock_timeout(struct limiter *l, uint64_t ns);
+
+/*
+ * The tag of a zone of keys made by key_expr (nginx's key, "$binary_remote_addr"):
+ * "ratelimit-v1:" and the expression, or a hash of it if that would not fit in a tag.
+ * Two users of one zone agree on what its keys are, or cannot open it.
+ */
+void limiter_tag(const char *key_expr, char ret[SHMZ_TAG_BUF]);
 
 int limiter_stats(struct limiter *l, struct limiter_stats *ret);
 

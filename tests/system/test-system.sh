@@ -22,6 +22,7 @@ SRC=$(realpath "${1:?source dir}")
 DEBS=${2:-}
 CHECKS=(debs boot install view-outside-service verify helper-pkg-config create-and-write restart
         crash-restart reload journal stop stop-start-loses-zones namespacing-hides-view poweroff)
+CHECKS+=(python-module)
 npass=0
 skip() { echo "Skipping all ${#CHECKS[@]} tests: $*"; exit 77; }
 [ "$(id -u)" = 0 ] || skip "not root"
@@ -78,6 +79,10 @@ for p in shmzoned libshmzone0 libshmzone-dev; do
         cp "$f" "$T/pkgs/" || fail debs "cp $f"
         PKGS+=("$T/pkgs/${f##*/}")
 done
+f=$(ls "$DEBS"/python3-shmzone_*.deb 2>/dev/null | tail -n 1)
+[ -n "$f" ] || fail debs "no python3-shmzone_*.deb in $DEBS"
+cp "$f" "$T/pkgs/" || fail debs "cp $f"
+PKGS+=("$T/pkgs/${f##*/}")
 ok debs
 
 # 2. The container: overlay of / (tmpfs upper), fresh /proc, /run, /tmp; systemd as PID 1.
@@ -333,6 +338,17 @@ cin rm -r $D && cin systemctl daemon-reload && cin systemctl restart shmzoned.se
         fail namespacing-hides-view "restart without the drop-in"
 cin sh -c "ls $V/zones" | grep -qx demo || fail namespacing-hides-view "no view after dropping the drop-in"
 ok namespacing-hides-view
+
+# The package's module in Debian's python3, against the service: a declared zone, in place.
+cin /usr/bin/python3 -c '
+import shmzone
+z = shmzone.Client().zone("demo")
+memoryview(z)[:6] = b"python"
+assert bytes(shmzone.open_path("/run/shmzone/fs/zones/demo").buffer(4096, 6)) == b"python"
+print(shmzone.__file__)
+' >"$T/python.log" 2>&1 || fail python-module "$(cat "$T/python.log")"
+grep -q '^/usr/lib/python3/dist-packages/shmzone' "$T/python.log" || fail python-module "not the package's: $(cat "$T/python.log")"
+ok python-module
 
 # Power off with the service running: systemd stops it and exits, the namespaces go.
 cin systemctl poweroff --no-block >/dev/null 2>&1

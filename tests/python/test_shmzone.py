@@ -504,6 +504,33 @@ def test_closed_port_views_raise(client):
         time.sleep(0.01)
 
 
+def test_closed_listener_and_call(client, daemon):
+    l = client.listen("gone")
+    l.close()
+    for call in (l.accept, l.fileno):
+        with pytest.raises(ValueError):
+            call()
+    with pytest.raises(FileNotFoundError):
+        client.connect_port("gone")  # the name went with it
+    service = subprocess.Popen([os.environ["SHMZ_ECHO_SERVICE"], daemon.socket, "csvc"], stdout=subprocess.PIPE,
+                               text=True, env={k: v for k, v in os.environ.items() if k != "LD_PRELOAD"})
+    try:
+        assert read_line(service) == "ready"
+        p = client.connect_port("csvc")
+        replies = p.call(b"three", type=2)
+        first = next(replies)
+        data = first.data
+        p.close()
+        with pytest.raises(ValueError):
+            next(replies)
+        with pytest.raises(ValueError):
+            data[0]
+        with pytest.raises(ValueError):
+            first.data
+    finally:
+        assert wait_exit(service) == 0
+
+
 def test_port_closed_under_numpy_keeps_its_memory(client):
     a, b = port_pair(client)
     a.send(b"k" * 100000)

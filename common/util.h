@@ -51,6 +51,18 @@
                         return (r);                                                                                    \
         } while (0)
 
+/* One pause in a spin-wait: lets the sibling hyperthread run and saves power; a compiler
+ * barrier where the architecture has no such instruction. */
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+        __builtin_ia32_pause();
+#elif defined(__aarch64__)
+        __asm__ __volatile__("yield" ::: "memory");
+#else
+        __asm__ __volatile__("" ::: "memory");
+#endif
+}
+
 static inline int negative_errno(void) {
         return errno > 0 ? -errno : -EIO;
 }

@@ -369,16 +369,6 @@ static bool owner_is_dead(const struct thread_self *s, struct shmz_mutex *m, uin
 
 enum { MODE_BLOCK, MODE_TRY, MODE_TIMED };
 
-static inline void cpu_relax(void) {
-#if defined(__x86_64__) || defined(__i386__)
-        __builtin_ia32_pause();
-#elif defined(__aarch64__)
-        __asm__ __volatile__("yield" ::: "memory");
-#else
-        barrier();
-#endif
-}
-
 static inline __attribute__((always_inline)) int acquired(struct thread_self *s, struct shmz_mutex *m, bool robust,
                                                           bool died, bool waited, bool t) {
         uint32_t state;

@@ -563,7 +563,7 @@ static bool tx_spin(struct shmz_port *p, uint32_t n, uint64_t deadline, uint32_t
 
         while (now < until) {
                 while (now_ns() < now + TX_LOOK_NS)
-                        __builtin_ia32_pause();
+                        cpu_relax();
                 if (atomic_load(&p->gone) || __atomic_load_n(&p->ch->closed, __ATOMIC_ACQUIRE))
                         return false; /* the caller's loop says why */
                 if (tx_scan(p, n, ret_slot, ret_chunk))
@@ -1407,7 +1407,7 @@ static int recv_sleep(struct shmz_port *p, uint64_t deadline, const atomic_uint 
                                 return 0;
                         if (spin_ns_set(p)) {
                                 /* The caller wants the message the moment it is there. */
-                                __builtin_ia32_pause();
+                                cpu_relax();
                                 if (i % 128 == 0 && now_ns() >= until)
                                         break;
                         } else {
@@ -1418,7 +1418,7 @@ static int recv_sleep(struct shmz_port *p, uint64_t deadline, const atomic_uint 
                                 if (now >= until)
                                         break;
                                 while (now_ns() < now + STREAM_LOOK_NS)
-                                        __builtin_ia32_pause();
+                                        cpu_relax();
                         }
                 }
         }

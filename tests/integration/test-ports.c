@@ -537,7 +537,8 @@ Test(ports, fds_ride_along) {
         struct shmz_listener *l = listen_or_die(c, "fds", 0600);
         struct shmz_port *p;
         struct shmz_msg m;
-        int pp[2], before;
+        int pp[2];
+        unsigned before;
         char got[8] = "";
         pid_t pid;
 

@@ -166,6 +166,12 @@ for u in shmzoned.socket shmzoned.service; do
         [ "$(cin systemctl is-enabled $u)" = enabled ] || fail install "$u not enabled"
         [ "$(cin systemctl is-active $u)" = active ] || fail install "$u not started: $(cin systemctl status $u --no-pager 2>&1)"
 done
+# The docs: the README and the examples beside the daemon, a man page under every function's name.
+cin sh -c 'ls /usr/share/doc/shmzoned/README.md* /usr/share/doc/shmzoned/examples/hello-zone.c*' >/dev/null 2>&1 ||
+        fail install "/usr/share/doc/shmzoned: $(cin ls -R /usr/share/doc/shmzoned 2>&1)"
+for f in shmz_zone_open_path shmz_port_recv shmz_mutex_consistent libshmzone; do
+        cin man -w 3 $f >/dev/null 2>&1 || fail install "no man page for $f(3)"
+done
 ok install
 
 # 4. The view is mounted where everybody looks: a shell in the container, outside the service,

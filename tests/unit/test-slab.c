@@ -185,7 +185,7 @@ static void assert_figures_match(const struct live *live, size_t nlive) {
 Test(slab, random_against_model) {
         enum { MAXLIVE = 3000, OPS = 60000 };
         struct live *live = calloc(MAXLIVE, sizeof(*live));
-        size_t nlive = 0, fails = 0;
+        size_t nlive = 0, fails = 0, allocs = 0;
         uint64_t tag = 1;
 
         srandom(12345);
@@ -193,6 +193,7 @@ Test(slab, random_against_model) {
                 if (nlive < MAXLIVE && (nlive == 0 || random() % 100 < 55)) {
                         size_t n = random_size();
                         uint8_t *p = shmz_alloc(zone, n);
+                        allocs++;
                         if (!p) {
                                 fails++;
                                 continue;
@@ -229,6 +230,7 @@ Test(slab, random_against_model) {
                 reqs += st.classes[c].reqs;
                 sfails += st.classes[c].fails;
         }
+        cr_assert_eq(reqs, allocs, "%lu requests counted, %zu made", reqs, allocs);
         cr_assert_eq(sfails, fails);
         cr_assert_eq(st.faults, 0);
 

@@ -677,6 +677,7 @@ typedef struct {
         int closed;
         Py_ssize_t users;   /* exports + calls in flight */
         Py_ssize_t exports; /* buffers handed out */
+        Py_ssize_t holds;   /* its lock, taken through this object and not unlocked yet */
         struct borrows borrows;
         bool readonly;
 } ZoneObject;
@@ -710,7 +711,7 @@ static PyObject *zone_new(struct shmz_zone *z, bool readonly) {
                 return NULL;
         self->z = z;
         self->closed = 0;
-        self->users = self->exports = 0;
+        self->users = self->exports = self->holds = 0;
         self->borrows = (struct borrows){};
         self->readonly = readonly;
         return (PyObject *) self;
@@ -950,7 +951,11 @@ static int zone_lock(ZoneObject *self, int64_t timeout_ns) {
         r = shmz_mutex_trylock(c.m);
         if (r == -EBUSY && timeout_ns != 0)
                 r = run_sliced(lock_op, &c, timeout_ns, &self->closed, "zone");
-        zone_leave(self);
+        /* Held, the lock keeps the mapping (its word is in it, and on the thread's robust list) until unlock(). */
+        if (r == 0 || r == SHMZ_OWNER_DEAD)
+                self->holds++;
+        else
+                zone_leave(self);
         if (r == INT_MIN)
                 return -1;
         if (r == SHMZ_OWNER_DEAD) {
@@ -1000,21 +1005,26 @@ static PyObject *Zone_lock(ZoneObject *self, PyObject *const *args, Py_ssize_t n
         return (PyObject *) g;
 }
 
+/* Also on a closed zone whose lock is still held: the mapping waits for it. */
 static PyObject *Zone_unlock(ZoneObject *self, PyObject *unused) {
         int r;
 
-        if (self->closed)
+        if (!self->z)
                 return closed_error("zone");
         r = shmz_mutex_unlock(shmz_zone_mutex(self->z));
         if (r < 0)
                 return set_errno(r, NULL);
+        if (self->holds > 0) {
+                self->holds--;
+                zone_leave(self);
+        }
         Py_RETURN_NONE;
 }
 
 static PyObject *Zone_consistent(ZoneObject *self, PyObject *unused) {
         int r;
 
-        if (self->closed)
+        if (!self->z)
                 return closed_error("zone");
         r = shmz_mutex_consistent(shmz_zone_mutex(self->z));
         if (r < 0)

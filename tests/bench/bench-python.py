@@ -4,6 +4,8 @@ The Python module against what Python users have, each anchor in the same run:
 
   rtt_64B         a 64-byte round trip to an echo process: Port.send/recv against
                   multiprocessing.Pipe (send_bytes/recv_bytes) and a socketpair;
+                  and a bare eventfd ping-pong, no payload: the floor of any
+                  round trip between Python processes that sleep in the kernel;
                   rtt_64B_spin: both sides spinning (Port.set_spin, BENCH_SPIN
                   seconds), for callers that own a core, which no anchor can do
   array_1MiB      a 1 MiB numpy array made in one process and read (summed) in
@@ -63,6 +65,11 @@ def pipe_echo(conn):
             conn.send_bytes(conn.recv_bytes())
     except EOFError:
         pass
+
+
+def eventfd_echo(ping, pong):
+    while os.eventfd_read(ping) < 2:
+        os.eventfd_write(pong, 1)
 
 
 def socket_echo(s):
@@ -194,6 +201,27 @@ def rtt_socketpair():
     t = time.perf_counter() - t
     a.close()
     child.join()
+    return t / RTT_ITERS
+
+
+def rtt_eventfd():
+    """The floor of a round trip between sleeping Python receivers: two eventfds, no payload."""
+    ping, pong = os.eventfd(0), os.eventfd(0)
+    # Forked: the eventfds are inherited (the child calls nothing but os.eventfd_*).
+    child = mp.get_context("fork").Process(target=eventfd_echo, args=(ping, pong))
+    child.start()
+    for _ in range(1000):
+        os.eventfd_write(ping, 1)
+        os.eventfd_read(pong)
+    t = time.perf_counter()
+    for _ in range(RTT_ITERS):
+        os.eventfd_write(ping, 1)
+        os.eventfd_read(pong)
+    t = time.perf_counter() - t
+    os.eventfd_write(ping, 2)
+    child.join()
+    os.close(ping)
+    os.close(pong)
     return t / RTT_ITERS
 
 
@@ -358,7 +386,8 @@ def main():
         client_socket = d.socket
         with d.client() as c:
             if not only or "rtt" in only:
-                compare("rtt_64B", lambda: rtt_shmz(c), [("mp_pipe", rtt_pipe), ("socketpair", rtt_socketpair)])
+                compare("rtt_64B", lambda: rtt_shmz(c), [("mp_pipe", rtt_pipe), ("socketpair", rtt_socketpair),
+                                                         ("eventfd_pingpong", rtt_eventfd)])
                 compare("rtt_64B_spin", lambda: rtt_shmz(c, spin=float(os.environ.get("BENCH_SPIN", "0.01"))),
                         [("mp_pipe", rtt_pipe), ("socketpair", rtt_socketpair)])
             if not only or "array" in only:

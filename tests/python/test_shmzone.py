@@ -412,7 +412,7 @@ def test_zone_closed_views_raise(client):
             bytes(v)
     with pytest.raises(ValueError):
         memoryview(z)
-    for call in (lambda: z.alloc(1), lambda: z.lock(), lambda: z.root, lambda: z.buffer(4096, 1), z.unlock):
+    for call in (lambda: z.alloc(1), lambda: z.lock(), lambda: z.root, lambda: z.buffer(4096, 1)):
         with pytest.raises(ValueError):
             call()
     # Released views that live on may be what C code (numpy) reads through: the mapping goes with them.
@@ -424,6 +424,25 @@ def test_zone_closed_views_raise(client):
     z = client.zone("uac")
     z.close()
     assert client.stat("uac").attached == 0
+
+
+def test_zone_closed_while_its_lock_is_held(client):
+    z = client.zone("held-lock", size=4096)
+    other = client.zone("held-lock")
+    with z.lock():
+        z.close()
+        # The lock word is in the mapping: it stays until the unlock, which still works.
+        assert client.stat("held-lock").attached == 2
+        seen = []
+        t = threading.Thread(target=lambda: seen.append(pytest.raises(TimeoutError, other.lock, timeout=0.05)))
+        t.start()
+        t.join(10)
+        assert len(seen) == 1  # still held: another thread times out
+    assert client.stat("held-lock").attached == 1
+    with other.lock(timeout=1):
+        pass
+    with pytest.raises(ValueError):
+        z.unlock()
 
 
 def test_zone_closed_under_numpy_keeps_the_mapping(client):

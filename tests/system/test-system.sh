@@ -348,7 +348,8 @@ ok namespacing-hides-view
 # The package's module in Debian's python3, against the service: a declared zone, in place.
 cin /usr/bin/python3 -c '
 import shmzone
-z = shmzone.Client().zone("demo")
+c = shmzone.Client()
+z = c.zone("demo", tag=c.stat("demo").tag)
 memoryview(z)[:6] = b"python"
 assert bytes(shmzone.open_path("/run/shmzone/fs/zones/demo").buffer(4096, 6)) == b"python"
 print(shmzone.__file__)

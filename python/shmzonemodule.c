@@ -899,19 +899,19 @@ static int Zone_set_root(ZoneObject *self, PyObject *v, void *unused) {
 }
 
 static PyObject *Zone_get_name(ZoneObject *self, void *unused) {
-        if (!self->z)
+        if (self->closed)
                 return closed_error("zone");
         return PyUnicode_DecodeFSDefault(shmz_zone_name(self->z));
 }
 
 static PyObject *Zone_get_size(ZoneObject *self, void *unused) {
-        if (!self->z)
+        if (self->closed)
                 return closed_error("zone");
         return PyLong_FromUnsignedLongLong(shmz_zone_size(self->z));
 }
 
 static PyObject *Zone_get_existed(ZoneObject *self, void *unused) {
-        if (!self->z)
+        if (self->closed)
                 return closed_error("zone");
         return PyBool_FromLong(shmz_zone_existed(self->z) > 0);
 }
@@ -1914,12 +1914,13 @@ static PyObject *Port_recv(PortObject *self, PyObject *const *args, Py_ssize_t n
         c.p = self->p;
         if (inbox_pop(self->inbox, &c.m))
                 r = 0;
-        else {
-                /* What waits already is taken without handing the GIL over. */
-                r = shmz_port_recv(c.p, &c.m, 0);
-                if (r == -EAGAIN && t != 0)
-                        r = run_sliced(recv_op, &c, t, &self->closed, "port");
-        }
+        else
+                /*
+                 * No non-blocking look first, even to keep the GIL: the library takes
+                 * one for a caller about to poll the fd, and has every sender write a
+                 * wake-up to the socket from then on (two system calls per message).
+                 */
+                r = run_sliced(recv_op, &c, t, &self->closed, "port");
         if (r >= 0 && self->closed) { /* closed while we waited: the message goes back */
                 if (c.m.fd >= 0)
                         close(c.m.fd);

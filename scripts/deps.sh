@@ -7,6 +7,7 @@ pkgs=(
         libfuse3-dev fuse3 libsystemd-dev libinih-dev
         libcriterion-dev attr libboost-dev scdoc clang-format
         libmicrohttpd-dev libjson-c-dev bash-completion
+        python3-dev python3-pytest python3-numpy dh-python
         "$@"
 )
 missing=()

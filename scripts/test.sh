@@ -80,6 +80,15 @@ for line in open(sys.argv[1]):
         m = skipping.search(out)
         skipped += int(m.group(1)) if m else 1
         continue
+    # pytest: its closing line "= N passed, M failed, K skipped in Ts =" counts its cases.
+    t = re.findall(r"^=+ (.*\d+ (?:passed|failed|errors?).*) in [\d.]+s.* =+$", out, re.M)
+    if t and not synthesis.search(out):
+        n = {k: int(v) for v, k in re.findall(r"(\d+) (passed|failed|errors?|skipped)", t[-1])}
+        passed += n.get("passed", 0)
+        failed += n.get("failed", 0) + n.get("error", 0) + n.get("errors", 0)
+        skipped += n.get("skipped", 0)
+        failed += not ok and n.get("failed", 0) + n.get("error", 0) + n.get("errors", 0) == 0
+        continue
     m = synthesis.findall(out)
     if m:
         _, p, f = map(int, m[-1])

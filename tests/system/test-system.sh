@@ -24,7 +24,7 @@ CHECKS=(debs boot install view-outside-service verify helper-pkg-config create-a
         crash-restart reload journal
         check-config restart-bad-config reload-bad-config damaged-header history-kept persist-stop-start
         stop-warns persist-bad-copy
-        stop stop-start-loses-zones namespacing-hides-view nginx-module nginx-restarts poweroff
+        stop stop-start-loses-zones namespacing-hides-view nginx-module nginx-restarts python-module poweroff
         persist-reboot)
 npass=0
 skip() { echo "Skipping all ${#CHECKS[@]} tests: $*"; exit 77; }
@@ -265,6 +265,10 @@ NGINX_DEB=$(ls "$DEBS"/libnginx-mod-http-shmzone_*.deb 2>/dev/null | tail -n 1)
 [ -n "$NGINX_DEB" ] || fail debs "no libnginx-mod-http-shmzone_*.deb in $DEBS"
 cp "$NGINX_DEB" "$T/pkgs/" || fail debs "cp $NGINX_DEB"
 NGINX_DEB=$T/pkgs/${NGINX_DEB##*/}
+f=$(ls "$DEBS"/python3-shmzone_*.deb 2>/dev/null | tail -n 1)
+[ -n "$f" ] || fail debs "no python3-shmzone_*.deb in $DEBS"
+cp "$f" "$T/pkgs/" || fail debs "cp $f"
+PKGS+=("$T/pkgs/${f##*/}")
 ok debs
 
 # 2. The container: overlay of / (tmpfs upper), fresh /proc, /run, /tmp; systemd as PID 1.
@@ -579,6 +583,17 @@ cin systemctl restart nginx.service || fail nginx-restarts "restart nginx after 
 [ "$(get)" = 503 ] || fail nginx-restarts "the key was lost by the last restart"
 cin systemctl stop nginx.service
 ok nginx-restarts
+# The package's module in Debian's python3, against the service: a declared zone, in place.
+cin /usr/bin/python3 -c '
+import shmzone
+c = shmzone.Client()
+z = c.zone("demo", tag=c.stat("demo").tag)
+memoryview(z)[:6] = b"python"
+assert bytes(shmzone.open_path("/run/shmzone/fs/zones/demo").buffer(4096, 6)) == b"python"
+print(shmzone.__file__)
+' >"$T/python.log" 2>&1 || fail python-module "$(cat "$T/python.log")"
+grep -q '^/usr/lib/python3/dist-packages/shmzone' "$T/python.log" || fail python-module "not the package's: $(cat "$T/python.log")"
+ok python-module
 
 # Power off with the service running: systemd stops it and exits, the namespaces go.
 cin systemctl poweroff --no-block >/dev/null 2>&1

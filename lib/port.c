@@ -1567,6 +1567,8 @@ static bool ring_has_more(struct shmz_port *p) {
 static int recv_now_locked(struct shmz_port *p, struct shmz_msg *ret, bool arm) {
         unsigned budget = SOCK_DRAIN_MAX;
 
+        *ret = (struct shmz_msg){ .fd = -1 }; /* whatever path returns 0, *ret is never stale */
+
         for (unsigned round = 0;; round++) {
                 bool woke = false;
                 int r;

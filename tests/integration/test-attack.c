@@ -700,7 +700,7 @@ Test(attack, f9_open_directories_hold_no_copy_of_the_listing, .init = start_moun
         shmz_disconnect(c);
 }
 
-/* ---- F10: a client that hangs up on replies it never read cannot spin a worker ---------------- */
+/* ---- A review's finding: a client that hangs up on unread replies cannot spin a worker ------------- */
 
 /* The daemon's CPU time (user + system), in clock ticks. */
 static unsigned long long daemon_cpu_ticks(void) {
@@ -720,7 +720,7 @@ static unsigned long long daemon_cpu_ticks(void) {
         return utime + stime;
 }
 
-Test(attack, f10_hangup_with_unread_replies_does_not_spin, .fini = stop, .timeout = 60) {
+Test(attack, review_hangup_with_unread_replies_does_not_spin, .fini = stop, .timeout = 60) {
         struct shmz_msg_header h = { .size = sizeof(h), .type = SHMZ_MSG_STATUS, .stream = 2 };
         unsigned long long t0, t1;
         long hz = sysconf(_SC_CLK_TCK);
@@ -755,7 +755,7 @@ Test(attack, f10_hangup_with_unread_replies_does_not_spin, .fini = stop, .timeou
         close(fd);
 }
 
-/* ---- F11: open zone files cannot make each request on an unlinked zone cost one step per open file ---- */
+/* ---- A review's finding: open files cannot make each request on a gone zone walk them all ---- */
 
 #define N_HOLDERS 4
 #define N_OPENS_PER_HOLDER 18000
@@ -824,7 +824,7 @@ static void release_holders(const pid_t holders[static N_HOLDERS], int hold) {
                 cr_assert_eq(harness_wait_child(holders[i]), 0);
 }
 
-Test(attack, f11_open_files_do_not_slow_requests_on_an_unlinked_zone, .init = start_mounted, .fini = stop,
+Test(attack, review_open_files_do_not_slow_requests_on_an_unlinked_zone, .init = start_mounted, .fini = stop,
      .timeout = 240) {
         struct shmz_client *c = client();
         pid_t holders[N_HOLDERS];
@@ -862,7 +862,7 @@ Test(attack, f11_open_files_do_not_slow_requests_on_an_unlinked_zone, .init = st
 }
 
 /* The same for a segment of a port that ended, held open (its figures come from the mapping held). */
-Test(attack, f11_open_files_do_not_slow_requests_on_a_gone_segment, .init = start_mounted, .fini = stop,
+Test(attack, review_open_files_do_not_slow_requests_on_a_gone_segment, .init = start_mounted, .fini = stop,
      .timeout = 240) {
         struct shmz_client *c = client();
         struct shmz_listener *l = NULL;

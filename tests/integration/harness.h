@@ -93,6 +93,8 @@ void harness_cleanup(struct daemon_proc *d);
 int harness_run_as(uid_t uid, gid_t gid, int (*fn)(void *), void *userdata);
 /* A bare SOCK_SEQPACKET connection to path (no hello), or -errno. */
 int harness_raw_connect(const char *path);
+/* A TCP connection to 127.0.0.1:port: its fd or -errno. */
+int harness_tcp_connect(int port);
 
 /* A child's exit status, or 128 + the signal that ended it; -1 if it cannot be waited for. */
 int harness_wait_child(pid_t pid);

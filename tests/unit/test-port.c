@@ -19,6 +19,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "port-wire.h"
 #include "port.h"
 #include "shmzone.h"
 #include "util.h"
@@ -34,12 +35,9 @@ struct source {
 };
 
 static int memfd_sealed(size_t size, bool seal) {
-        int fd = memfd_create("test", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+        int fd = wire_memfd(size, seal);
 
-        cr_assert(fd >= 0);
-        cr_assert(ftruncate(fd, (off_t) size) == 0);
-        if (seal)
-                cr_assert(fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) == 0);
+        cr_assert(fd >= 0, "memfd: %s", strerror(-fd));
         return fd;
 }
 
@@ -61,14 +59,9 @@ static int source_cb(struct shmz_port *p, void *userdata, int *ret_fd, uint64_t 
 
 /* As the daemon makes it: both receivers start as pollers (the first message sends a WAKE frame). */
 static int channel_new(void) {
-        int fd = memfd_sealed(SHMZ_CHANNEL_SIZE, false);
-        struct shmz_channel ch = { .magic = SHMZ_CHANNEL_MAGIC,
-                                   .abi_version = SHMZ_ABI_VERSION,
-                                   .size = SHMZ_CHANNEL_SIZE,
-                                   .dir = { { .rx_sleep = SHMZ_RX_SLEEP_FD }, { .rx_sleep = SHMZ_RX_SLEEP_FD } } };
+        int fd = wire_channel_new();
 
-        cr_assert(pwrite(fd, &ch, sizeof(ch), 0) == sizeof(ch));
-        cr_assert(fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) == 0);
+        cr_assert(fd >= 0, "channel: %s", strerror(-fd));
         return fd;
 }
 
@@ -478,24 +471,9 @@ Test(port, epipe_after_queued_messages) {
 
 static void send_raw(int fd, const struct shmz_frame *f, const void *payload, size_t n, const int *fds, size_t n_fds) {
         struct iovec iov[2] = { { (void *) f, sizeof(*f) }, { (void *) payload, n } };
-        union {
-                struct cmsghdr c;
-                uint8_t buf[CMSG_SPACE(sizeof(int) * 4)];
-        } control = {};
-        struct msghdr mh = { .msg_iov = iov, .msg_iovlen = n ? 2 : 1 };
+        int r = wire_send(fd, iov, n ? 2 : 1, fds, n_fds, 0);
 
-        if (n_fds) {
-                struct cmsghdr *c;
-
-                mh.msg_control = &control;
-                mh.msg_controllen = CMSG_SPACE(sizeof(int) * n_fds);
-                c = CMSG_FIRSTHDR(&mh);
-                c->cmsg_level = SOL_SOCKET;
-                c->cmsg_type = SCM_RIGHTS;
-                c->cmsg_len = CMSG_LEN(sizeof(int) * n_fds);
-                memcpy(CMSG_DATA(c), fds, sizeof(int) * n_fds);
-        }
-        cr_assert(sendmsg(fd, &mh, MSG_NOSIGNAL) >= 0, "sendmsg: %m");
+        cr_assert(r >= 0, "sendmsg: %s", strerror(-r));
 }
 
 /* A good SEGMENT frame for slot 0 (fd: a proper segment), so descriptors can name chunks. */
@@ -761,20 +739,8 @@ static void hostile(enum hostile h) {
                 break;
         case H_EMPTY_WITH_FD: {
                 struct iovec iov = { NULL, 0 };
-                union {
-                        struct cmsghdr c;
-                        uint8_t buf[CMSG_SPACE(sizeof(int))];
-                } control = {};
-                struct msghdr mh = {
-                        .msg_iov = &iov, .msg_iovlen = 1, .msg_control = &control, .msg_controllen = sizeof(control.buf)
-                };
-                struct cmsghdr *c = CMSG_FIRSTHDR(&mh);
 
-                c->cmsg_level = SOL_SOCKET;
-                c->cmsg_type = SCM_RIGHTS;
-                c->cmsg_len = CMSG_LEN(sizeof(int));
-                memcpy(CMSG_DATA(c), &fds[0], sizeof(int));
-                cr_assert(sendmsg(raw.sock, &mh, MSG_NOSIGNAL) >= 0);
+                cr_assert(wire_send(raw.sock, &iov, 1, &fds[0], 1, 0) >= 0);
                 break;
         }
         default:

@@ -33,11 +33,11 @@
 #include <unistd.h>
 
 #include "fuzz-util.h"
-#include "port-wire.h"
 #include "port.h"
 #include "reaper.h"
 #include "shmzone.h"
 #include "util.h"
+#include "wire.h"
 
 #define CHUNK 4096u
 #define N_CHUNKS 16u

@@ -37,6 +37,7 @@
 #include "shmzone.h"
 #include "stallfs.h"
 #include "util.h"
+#include "wire.h"
 
 #define NOBODY 65534
 
@@ -222,19 +223,9 @@ static int raw_connect(const char *path) {
 /* A STATUS request with fd riding along; returns sendmsg()'s result (-errno on failure). */
 static int send_with_fd(int sock, int fd) {
         struct shmz_msg_header h = { .size = sizeof(h), .type = SHMZ_MSG_STATUS, .stream = 1 };
-        union {
-                struct cmsghdr c;
-                char b[CMSG_SPACE(sizeof(int))];
-        } ctl = {};
         struct iovec iov = { .iov_base = &h, .iov_len = sizeof(h) };
-        struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = &ctl, .msg_controllen = sizeof(ctl.b) };
-        struct cmsghdr *cm = CMSG_FIRSTHDR(&mh);
 
-        cm->cmsg_level = SOL_SOCKET;
-        cm->cmsg_type = SCM_RIGHTS;
-        cm->cmsg_len = CMSG_LEN(sizeof(int));
-        memcpy(CMSG_DATA(cm), &fd, sizeof(int));
-        return sendmsg(sock, &mh, MSG_NOSIGNAL) < 0 ? -errno : 0;
+        return wire_send(sock, &iov, 1, &fd, 1, 0);
 }
 
 /* The daemon answers a new client within two seconds. */
@@ -1164,19 +1155,9 @@ static int lingering_socket(void) {
 /* One bare FD frame (no descriptor will ever take it). */
 static int send_fd_frame(int sock, int fd) {
         struct shmz_frame f = { .kind = SHMZ_FRAME_FD };
-        union {
-                struct cmsghdr c;
-                char b[CMSG_SPACE(sizeof(int))];
-        } ctl = {};
         struct iovec iov = { .iov_base = &f, .iov_len = sizeof(f) };
-        struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = &ctl, .msg_controllen = sizeof(ctl.b) };
-        struct cmsghdr *cm = CMSG_FIRSTHDR(&mh);
 
-        cm->cmsg_level = SOL_SOCKET;
-        cm->cmsg_type = SCM_RIGHTS;
-        cm->cmsg_len = CMSG_LEN(sizeof(int));
-        memcpy(CMSG_DATA(cm), &fd, sizeof(int));
-        return sendmsg(sock, &mh, MSG_NOSIGNAL) < 0 ? -errno : 0;
+        return wire_send(sock, &iov, 1, &fd, 1, 0);
 }
 
 /* The attacker (nobody): F10_PORTS ports, each sent the lingering socket and then /dev/null, again and again. */

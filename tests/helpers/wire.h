@@ -2,9 +2,9 @@
 #pragma once
 
 /*
- * A port's far side written by hand, for the tests and the fuzzer that play a
- * (hostile) peer on a bare socketpair: memfds, the channel as the daemon makes
- * it, datagrams with fds.
+ * The wire written by hand, for the tests and fuzzers that play a (hostile)
+ * peer on a bare socket: memfds, a port's channel as the daemon makes it,
+ * datagrams with fds.
  */
 
 #include <stdbool.h>

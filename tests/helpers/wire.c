@@ -3,7 +3,7 @@
 #include <sys/socket.h>
 
 #include "memfd.h"
-#include "port-wire.h"
+#include "wire.h"
 #include "shmzone-abi.h"
 #include "util.h"
 

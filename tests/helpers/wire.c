@@ -3,6 +3,7 @@
 #include <sys/socket.h>
 
 #include "memfd.h"
+#include "proto.h"
 #include "wire.h"
 #include "shmzone-abi.h"
 #include "util.h"
@@ -40,24 +41,7 @@ int wire_channel_new(void) {
 }
 
 int wire_send(int sock, const struct iovec *iov, size_t n_iov, const int *fds, size_t n_fds, int flags) {
-        union {
-                struct cmsghdr c;
-                uint8_t buf[CMSG_SPACE(sizeof(int) * WIRE_FDS_MAX)];
-        } control = {};
-        struct msghdr mh = { .msg_iov = (struct iovec *) iov, .msg_iovlen = n_iov };
+        ssize_t n = proto_sendmsg(sock, iov, n_iov, fds, n_fds, flags);
 
-        if (n_fds > WIRE_FDS_MAX)
-                return -E2BIG;
-        if (n_fds > 0) {
-                struct cmsghdr *c;
-
-                mh.msg_control = &control;
-                mh.msg_controllen = CMSG_SPACE(sizeof(int) * n_fds);
-                c = CMSG_FIRSTHDR(&mh);
-                c->cmsg_level = SOL_SOCKET;
-                c->cmsg_type = SCM_RIGHTS;
-                c->cmsg_len = CMSG_LEN(sizeof(int) * n_fds);
-                memcpy(CMSG_DATA(c), fds, sizeof(int) * n_fds);
-        }
-        return sendmsg(sock, &mh, flags | MSG_NOSIGNAL) < 0 ? -errno : 0;
+        return n < 0 ? (int) n : 0;
 }

@@ -11,12 +11,9 @@
 #include <stddef.h>
 #include <sys/uio.h>
 
-/* At most this many fds ride on one wire_send(). */
-#define WIRE_FDS_MAX 4
-
 /* A memfd of size bytes, sealed as the daemon seals its own (seal) or not sealed at all: the fd or -errno. */
 int wire_memfd(size_t size, bool seal);
 /* The channel as the daemon makes it (both receivers start as pollers), sealed: the fd or -errno. */
 int wire_channel_new(void);
-/* One datagram of the n_iov buffers, with n_fds fds (SCM_RIGHTS): 0 or -errno. */
+/* One datagram of the n_iov buffers, with n_fds fds (SCM_RIGHTS, at most PROTO_SENDMSG_MAX_FDS): 0 or -errno. */
 int wire_send(int sock, const struct iovec *iov, size_t n_iov, const int *fds, size_t n_fds, int flags);

@@ -21,6 +21,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "memfd.h"
 #include "ports.h"
 #include "registry-internal.h"
 
@@ -883,14 +884,13 @@ static int segment_memory_make(struct segment *s, struct port *p, uint32_t side,
         char memfd_name[64];
         uint64_t map_size = SHMZ_SEGMENT_HEADER_SIZE + (uint64_t) p->chunk_size * p->segment_chunks;
         void *m;
-        int nfd;
+        int nfd, r;
 
         (void) snprintf(memfd_name, sizeof(memfd_name), "shmzone-segment:%" PRIu64, s->info.id);
-        fd = memfd_create(memfd_name, MFD_CLOEXEC | MFD_ALLOW_SEALING);
-        if (fd < 0)
-                return -errno;
-        if (ftruncate(fd, (off_t) map_size) < 0)
-                return -errno;
+        /* Nobody but the daemon's uid reopens it through /proc: the sides pass the fd itself. */
+        r = memfd_new_sealed(memfd_name, map_size, true, &fd);
+        if (r < 0)
+                return r;
         h.magic = SHMZ_SEGMENT_MAGIC;
         h.abi_version = SHMZ_ABI_VERSION;
         h.header_size = SHMZ_SEGMENT_HEADER_SIZE;
@@ -903,11 +903,6 @@ static int segment_memory_make(struct segment *s, struct port *p, uint32_t side,
         h.n_chunks = p->segment_chunks;
         if (pwrite(fd, &h, sizeof(h), 0) != (ssize_t) sizeof(h))
                 return -EIO;
-        if (fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) < 0)
-                return -errno;
-        /* Nobody but the daemon's uid reopens it through /proc: the sides pass the fd itself. */
-        if (fchmod(fd, 0400) < 0)
-                return -errno;
         m = mmap(NULL, map_size, PROT_READ, MAP_SHARED, fd, 0);
         if (m == MAP_FAILED)
                 return -errno;

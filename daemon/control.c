@@ -15,17 +15,8 @@
 /* One client cannot pin an unbounded number of attachments. */
 #define MAX_ATTACHMENTS_PER_CLIENT 65536u
 
-static int reply(struct conn *c, const struct shmz_msg_header *req, int status, const void *body, size_t size, int fd) {
-        if (status < 0) {
-                /* errors_total counts these: each one is logged, so that a rise can be explained. */
-                atomic_fetch_add(&c->daemon->errors, 1);
-                log_debug_errno(status, "Client pid %d: request %u (stream %u) refused: %m", (int) c->caller.pid,
-                                (unsigned) req->type, (unsigned) req->stream);
-                body = NULL;
-                size = 0;
-        }
-        return conn_send(c, req->type, SHMZ_MSG_F_REPLY, req->stream, status, body, size, fd);
-}
+/* The handlers' short name for conn_reply(). */
+#define reply conn_reply
 
 static int add_attachment(struct conn *c, struct zone *z, uint64_t *ret_handle) {
         struct attachment *a;

@@ -4,7 +4,7 @@
 set -euo pipefail
 pkgs=(
         meson ninja-build pkgconf gcc g++
-        libfuse3-dev fuse3 libsystemd-dev libinih-dev
+        libfuse3-dev fuse3 libsystemd-dev libinih-dev libmount-dev
         libcriterion-dev attr libboost-dev scdoc clang-format
         libmicrohttpd-dev libjson-c-dev bash-completion
         python3-dev python3-pytest python3-numpy dh-python

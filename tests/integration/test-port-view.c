@@ -625,7 +625,7 @@ Test(portview, shmzctl) {
         cr_assert(json_object_object_get_ex(j, "listeners", &a) && json_object_array_length(a) == 1);
         o = json_object_array_get_idx(a, 0);
         cr_assert_str_eq(json_object_get_string(json_object_object_get(o, "name")), "svc");
-        cr_assert_eq(json_object_get_int64(json_object_object_get(o, "mode")), 0660);
+        cr_assert_str_eq(json_object_get_string(json_object_object_get(o, "mode")), "0660");
         cr_assert(json_object_object_get_ex(j, "ports", &a) && json_object_array_length(a) == 1);
         o = json_object_array_get_idx(a, 0);
         cr_assert_eq(json_object_get_int64(json_object_object_get(json_object_object_get(o, "connector"), "pid")),

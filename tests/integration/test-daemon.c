@@ -174,6 +174,20 @@ Test(notify, ready_reloading_stopping) {
         cr_assert_eq(harness_stop(&d), 0);
 }
 
+/* STATUS= is refreshed every 10 s for as long as the daemon runs, not once (a one-shot timer must be re-enabled). */
+Test(notify, status_refreshed) {
+        unsigned n = 0;
+
+        harness_init(&d, "[zone demo]\nsize = 1M\n");
+        cr_assert_eq(harness_start(&d, NULL, false), 0, "log: %s", harness_log(&d));
+        /* Nothing says this: the wait only collects what comes in 25 s into d.notified. */
+        cr_assert_eq(harness_wait_notify(&d, "NOTHING=1", 25), -ETIMEDOUT);
+        for (const char *p = d.notified; (p = strstr(p, "|STATUS=1 zones")); p++)
+                n++;
+        cr_assert_geq(n, 2, "STATUS= updates after READY: %u: %s", n, d.notified);
+        cr_assert_eq(harness_stop(&d), 0);
+}
+
 TestSuite(hostile, .fini = stop, .timeout = 240);
 
 struct good_client {

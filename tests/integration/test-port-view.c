@@ -558,6 +558,13 @@ Test(portview, listener_connection_segment) {
         cr_assert(text_value(out, "listeners") == 0 && text_value(out, "ports") == 0 &&
                           text_value(out, "segments") == 0,
                   "%s", out);
+        /* Counters never go down: the ended port's messages stay counted (a fall would read as a restart). */
+        cr_assert_eq(text_value(out, "messages_total"), 1, "%s", out);
+        cr_assert_eq(text_value(out, "message_bytes_total"), MSG_SIZE, "%s", out);
+        cr_assert_eq(text_value(out, "ports_closed_total"), 1, "%s", out);
+        cr_assert_eq(run(out, sizeof(out), "cat %s/metrics", d.mount), 0);
+        cr_assert(strstr(out, "\nshmzone_messages_total 1\n") && strstr(out, "\nshmzone_ports_closed_total 1\n"), "%s",
+                  out);
         shmz_disconnect(c);
 }
 

@@ -8,6 +8,9 @@
 # client's mapping, which still shares memory with a new client); reload adds a zone; the journal
 # has the log with priorities; stop leaves no mount; stop+start loses the zones (systemd 252);
 # ProtectSystem=, ProtectHome=, PrivateTmp= would each hide the view (why the unit lacks them);
+# systemd-analyze security rates the unit 3.0 or better; shmzctl show --json names the processes
+# attached to a zone; message counters stay up after their ports end; promtool accepts the
+# view's metrics (scripts/promtool.sh unpacks it from Debian's prometheus package, not installed);
 # poweroff leaves nothing running and no mount.
 # Never boots systemd on the host, never installs anything on it (but build-debs.sh's
 # Build-Depends).
@@ -20,7 +23,8 @@
 set -u
 SRC=$(realpath "${1:?source dir}")
 DEBS=${2:-}
-CHECKS=(debs boot install view-outside-service verify helper-pkg-config create-and-write restart
+CHECKS=(debs boot install view-outside-service verify security-score helper-pkg-config create-and-write holders
+        counters-monotonic promtool-metrics restart
         crash-restart reload journal
         check-config restart-bad-config reload-bad-config damaged-header history-kept persist-stop-start
         stop-warns persist-bad-copy
@@ -271,6 +275,8 @@ f=$(ls "$DEBS"/python3-shmzone_*.deb 2>/dev/null | tail -n 1)
 [ -n "$f" ] || fail debs "no python3-shmzone_*.deb in $DEBS"
 cp "$f" "$T/pkgs/" || fail debs "cp $f"
 PKGS+=("$T/pkgs/${f##*/}")
+# promtool for promtool-metrics, copied where the container sees it (never installed there).
+P=$("$SRC/scripts/promtool.sh" 2>"$T/promtool-fetch.log") && cp "$P" "$T/promtool"
 ok debs
 
 # 2. The container: overlay of / (tmpfs upper), fresh /proc, /run, /tmp; systemd as PID 1.
@@ -382,6 +388,16 @@ cin systemd-analyze verify --man=no shmzoned.service shmzoned.socket >"$T/verify
 [ -s "$T/verify.log" ] && fail verify "warnings: $(cat "$T/verify.log")"
 ok verify
 
+# The hardening, as systemd rates it (inside the container: the unit as installed and running),
+# with the view still seen outside the service (checked above, and used by every check after).
+cin systemd-analyze security --no-pager shmzoned.service >"$T/security.log" 2>&1 ||
+        fail security-score "$(tail -5 "$T/security.log")"
+score=$(sed -n 's/.*Overall exposure level for shmzoned.service: \([0-9.]*\).*/\1/p' "$T/security.log")
+[ -n "$score" ] || fail security-score "no score: $(tail -3 "$T/security.log")"
+awk -v s="$score" 'BEGIN { exit !(s <= 3.0) }' || fail security-score "exposure $score > 3.0: $(grep '✗' "$T/security.log")"
+echo "security-score: $score"
+ok security-score
+
 # 5. The helper, built in the container against the installed libshmzone-dev.
 # client ZONE hold DIR: attach, expect PATTERN-A at 0 (written through the view), say ready, wait
 #   for DIR/go (after the restart), expect PATTERN-A at 0 and PATTERN-C at 128 (written through
@@ -417,6 +433,32 @@ int main(int argc, char **argv) {
         if (r < 0) {
                 fprintf(stderr, "connect: %s\n", strerror(-r));
                 return 1;
+        }
+        /* client NAME ports N: a port of our own to NAME, N messages of 100 bytes over it, then closed. */
+        if (strcmp(argv[2], "ports") == 0) {
+                struct shmz_listener *l;
+                struct shmz_port *pc, *pa;
+                char data[100] = "x";
+                int n = atoi(argv[3]);
+
+                if (shmz_port_listen(c, argv[1], 0600, &l) < 0 || shmz_port_connect(c, argv[1], &pc) < 0 ||
+                    shmz_port_accept(l, 5000000000, &pa) < 0) {
+                        fprintf(stderr, "port setup failed\n");
+                        return 1;
+                }
+                for (int i = 0; i < n; i++) {
+                        struct shmz_msg m = { .type = 1, .data = data, .size = sizeof(data), .fd = -1 };
+
+                        if (shmz_port_send(pc, &m, 5000000000) < 0 || shmz_port_recv(pa, &m, 5000000000) < 0) {
+                                fprintf(stderr, "message %d lost\n", i);
+                                return 1;
+                        }
+                        shmz_msg_release(pa, &m);
+                }
+                shmz_port_close(pc);
+                shmz_port_close(pa);
+                shmz_listener_close(l);
+                return 0;
         }
         r = shmz_zone_open(c, argv[1], 0, NULL, 0, &z);
         if (r < 0) {

@@ -518,6 +518,52 @@ until [ -e "$T/meta/ready" ]; do
 done
 ok create-and-write
 
+# Who holds pat, as ipcs -p -t would say: the helper (its pid in the container, its name), since
+# when; who made it (shmzctl, root) and the last attach.
+HPID=$(cin pgrep -xn client)
+cin $CTL show pat --json >"$T/holders.json" 2>&1 || fail holders "shmzctl show --json: $(cat "$T/holders.json")"
+cin python3 -c '
+import json, sys, time
+j = json.load(open(sys.argv[1]))
+hs = j["holders"]
+assert j["processes"] == 1 and len(hs) == 1, j
+h = hs[0]
+assert h["pid"] == int(sys.argv[2]) and h["comm"] == "client" and h["attachments"] == 1, h
+assert h["uid"] == 0 and h["user"] == "root", h
+now = time.time() * 1e6
+assert 0 < h["since_usec"] <= now and now - h["since_usec"] < 600e6, h
+assert j["creator_uid"] == 0 and j["creator_pid"] > 0 and j["creator_pid"] != h["pid"], j
+assert j["attach_usec"] >= h["since_usec"] and j["last_pid"] == h["pid"], j
+assert j["mode"] == "0600", j
+' "$T/holders.json" "$HPID" >"$T/holders.log" 2>&1 || fail holders "$(cat "$T/holders.log"): $(cat "$T/holders.json")"
+cin getfattr --only-values -n user.shmzone.holders $Z 2>&1 | grep -q "^pid=$HPID .* comm=client\$" ||
+        fail holders "xattr: $(cin getfattr --only-values -n user.shmzone.holders $Z 2>&1)"
+cin $CTL list | grep -E '^pat +' | grep -qE ' 1 +1 *$' || fail holders "list: $(cin $CTL list 2>&1)"
+ok holders
+
+# Counters of the metrics file only grow: a port's messages stay counted once it ended.
+metric() { cin cat $V/metrics | sed -n "s/^shmzone_$1 //p"; }
+m0=$(metric messages_total)
+b0=$(metric message_bytes_total)
+c0=$(metric ports_closed_total)
+cin "$T/client" systest-port ports 25 >"$T/ports.log" 2>&1 || fail counters-monotonic "$(cat "$T/ports.log")"
+m1=$(metric messages_total)
+b1=$(metric message_bytes_total)
+c1=$(metric ports_closed_total)
+[ "$(metric ports)" = 0 ] || fail counters-monotonic "ports left: $(metric ports)"
+[ $((m1 - m0)) -ge 25 ] || fail counters-monotonic "messages_total $m0 -> $m1 after 25 sent on a port that ended"
+[ $((b1 - b0)) -ge 2500 ] || fail counters-monotonic "message_bytes_total $b0 -> $b1"
+[ $((c1 - c0)) -ge 1 ] || fail counters-monotonic "ports_closed_total $c0 -> $c1"
+ok counters-monotonic
+
+# promtool, Prometheus's own parser, on the real file of the real daemon.
+[ -x "$T/promtool" ] || fail promtool-metrics "no promtool: scripts/promtool.sh failed on the host"
+cin sh -c "cat $V/metrics >\"\$1/metrics.txt\" && \"\$1/promtool\" check metrics <\"\$1/metrics.txt\"" sh "$T" \
+        >"$T/promtool.log" 2>&1 || fail promtool-metrics "$(cat "$T/promtool.log"): $(cat "$T/metrics.txt")"
+grep -q '^shmzone_build_info{version="' "$T/metrics.txt" || fail promtool-metrics "no shmzone_build_info"
+grep -q '^shmzone_start_time_seconds [0-9]' "$T/metrics.txt" || fail promtool-metrics "no shmzone_start_time_seconds"
+ok promtool-metrics
+
 # 7. Restart: the zone, its bytes, and the attached client's mapping are the same memory.
 OLD=$(cin systemctl show -P MainPID shmzoned)
 restart_shmzoned || fail restart "systemctl restart"

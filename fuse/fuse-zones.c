@@ -15,6 +15,7 @@
 #include <stdio.h>
 #include <sys/mman.h>
 #include <sys/xattr.h>
+#include <time.h>
 
 #include "fuse-internal.h"
 #include "log.h"
@@ -264,6 +265,20 @@ void zones_read(struct fuse_view *v, fuse_req_t req, struct vhandle *h, size_t s
         (void) fuse_reply_buf(req, (const char *) h->map + start, size);
 }
 
+/*
+ * Any user can create and write many files: at most one such log line a
+ * second (only the FUSE thread asks).
+ */
+static bool nospc_log_allowed(void) {
+        static uint64_t last_usec;
+        uint64_t now = now_usec(CLOCK_MONOTONIC);
+
+        if (last_usec != 0 && now - last_usec < 1000000u)
+                return false;
+        last_usec = now;
+        return true;
+}
+
 void zones_write(struct fuse_view *v, fuse_req_t req, struct vhandle *h, const char *buf, size_t size, off_t off) {
         uint64_t zsize = handle_size(v, h);
         int fd = zone_fd(h->zone);
@@ -281,9 +296,10 @@ void zones_write(struct fuse_view *v, fuse_req_t req, struct vhandle *h, const c
         if (fd < 0 || (uint64_t) off >= zsize) {
                 /*
                  * cp and shell redirections create, then write: all they can say is "No space left on
-                 * device", which reads as a full disk. The log says what it is, once per open file.
+                 * device", which reads as a full disk. The log says what it is (once per open file, at most a line a
+                 * second).
                  */
-                if (fd < 0 && !h->told_nospc) {
+                if (fd < 0 && !h->told_nospc && nospc_log_allowed()) {
                         struct shmz_msg_zone_info info;
 
                         registry_info_of(v->registry, h->zone, &info);

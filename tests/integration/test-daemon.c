@@ -518,6 +518,16 @@ Test(shmzctl, commands_json_options_exit_codes) {
         snprintf(cmd, sizeof(cmd), "setpriv --reuid=65534 --regid=65534 --clear-groups %s --socket %s %s 2>&1",
                  getenv("SHMZCTL"), d.socket, "chmod 0666 a");
         cr_assert_eq(run(out, sizeof(out), cmd), 4, "%s", out);
+        cr_assert(strstr(out, "shmzctl chmod a: not yours: only its owner or root may do that\n"), "%s", out);
+        /* Who holds a zone: for those who may read it (a is 0644); c is root's 0600: its figures only. */
+        snprintf(cmd, sizeof(cmd), "setpriv --reuid=65534 --regid=65534 --clear-groups %s --socket %s %s 2>&1",
+                 getenv("SHMZCTL"), d.socket, "show c");
+        cr_assert_eq(run(out, sizeof(out), cmd), 0, "%s", out);
+        cr_assert(strstr(out, "holders: (not readable by you)\n") && strstr(out, "size: 3145728\n"), "%s", out);
+        snprintf(cmd, sizeof(cmd), "setpriv --reuid=65534 --regid=65534 --clear-groups %s --socket %s %s 2>&1",
+                 getenv("SHMZCTL"), d.socket, "show a");
+        cr_assert_eq(run(out, sizeof(out), cmd), 0, "%s", out);
+        cr_assert(strstr(out, "holders: 0\n") && strstr(out, "creator: root, pid "), "%s", out);
         snprintf(cmd, sizeof(cmd), "setpriv --reuid=65534 --regid=65534 --clear-groups %s --socket %s %s 2>&1",
                  getenv("SHMZCTL"), d.socket, "rm a");
         cr_assert_eq(run(out, sizeof(out), cmd), 4, "%s", out);

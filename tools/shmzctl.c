@@ -323,12 +323,16 @@ static int cmd_show(struct shmz_client *c, int argc, char **argv) {
                 printf("holders: (%s)\n", r == -EACCES ? "not readable by you" : "not known to this daemon");
                 return 0;
         }
-        printf("creator: %s", user_name(hh.creator_uid));
+        if (st.flags & SHMZ_ZONE_INFO_DECLARED)
+                printf("creator: the config file");
+        else
+                printf("creator: %s", user_name(hh.creator_uid));
         if (hh.creator_pid)
                 printf(", pid %" PRIu32, hh.creator_pid);
-        printf("\nlast attach: %s\nlast detach: %s\nlast pid: %" PRIu32 "\nholders: %" PRIu32 "%s\n",
-               time_str(hh.attach_usec, t2), time_str(hh.detach_usec, t3), hh.last_pid, hh.processes,
-               hh.untracked ? " (some untracked: too many processes)" : "");
+        printf("\nlast attach: %s\nlast detach: %s\n", time_str(hh.attach_usec, t2), time_str(hh.detach_usec, t3));
+        if (hh.last_pid)
+                printf("last pid: %" PRIu32 "\n", hh.last_pid);
+        printf("holders: %" PRIu32 "%s\n", hh.processes, hh.untracked ? " (some untracked: too many processes)" : "");
         if (hn > 0)
                 printf("  %7s %-8s %-8s %-16s %5s %s\n", "PID", "USER", "GROUP", "COMMAND", "ATT", "SINCE");
         for (size_t i = 0; i < hn; i++) {

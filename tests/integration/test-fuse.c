@@ -166,6 +166,18 @@ Test(fuse, status_and_metrics) {
                          getenv("PROMTOOL_SH"), d.mount),
                      0);
         cr_assert(strstr(out, "rc=0\n"), "promtool: %s", out);
+        /* Made afresh at each open: a second read a second later is another file. */
+        {
+                char again[16384];
+                const char *u1, *u2;
+
+                cr_assert_eq(run(out, sizeof(out), "cat %s/metrics", d.mount), 0);
+                usleep(1100000);
+                cr_assert_eq(run(again, sizeof(again), "cat %s/metrics", d.mount), 0);
+                u1 = strstr(out, "\nshmzone_uptime_seconds ");
+                u2 = strstr(again, "\nshmzone_uptime_seconds ");
+                cr_assert(u1 && u2 && atoll(u2 + 24) > atoll(u1 + 24), "%s\n---\n%s", out, again);
+        }
         /* st_size matches what cat reads, for tools that trust it. */
         cr_assert_eq(
                 run(out, sizeof(out), "test $(stat -c %%s %s/status) -eq $(cat %s/status | wc -c)", d.mount, d.mount),

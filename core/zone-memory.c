@@ -18,6 +18,7 @@ void zone_destroy(struct zone *z) {
         if (z->view_map)
                 (void) munmap(z->view_map, z->map_size);
         safe_close(z->fd);
+        holders_free(z);
         free(z);
 }
 

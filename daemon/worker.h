@@ -25,8 +25,9 @@ struct conn {
         int fd;
         void *source; /* sd_event_source */
         struct caller caller;
-        uid_t counted_uid; /* what clients_add() counted this connection as */
-        void *hello_timer; /* sd_event_source: ends a connection that never says hello */
+        char comm[SHMZ_COMM_BUF]; /* /proc/PID/comm at the first attach (caller.comm then points here) */
+        uid_t counted_uid;        /* what clients_add() counted this connection as */
+        void *hello_timer;        /* sd_event_source: ends a connection that never says hello */
         gid_t *groups;
         bool hello;
         struct attachment *attachments;

@@ -82,13 +82,14 @@ struct kernel_robust_list_head {
  * call on each side. But every read of a held word takes its cache line away
  * from the owner, whose next store then waits for it to come back: a waiter
  * reading in a tight loop slows the owner down and snatches the lock at every
- * release, so the line moves on every round. The gaps between reads double up
- * to SPIN_GAP_MAX pauses, so a release is noticed no later than the wait so far
- * (or one gap) after it. Bounded by SPIN_NS, so that a preempted or dead owner
- * costs a waiter no more than this.
+ * release, so the line moves on every round. The gaps between reads double (up
+ * to SPIN_GAP_MAX pauses), so a release is noticed no later than the wait so far
+ * after it, and the spin ends after about SPIN_NS: an owner that holds longer
+ * (or is preempted, or dead) is slept on, and a busy lock moves between
+ * processes rarely instead of on every round.
  */
 #define SPIN_GAP_MAX 512u
-#define SPIN_NS (20 * 1000ULL)
+#define SPIN_NS (1 * 1000ULL)
 /* Gaps shorter than this many pauses are not worth a clock read. */
 #define SPIN_CLOCK_GAP 16u
 

@@ -383,7 +383,7 @@ static bool spin(const struct thread_self *s, _Atomic uint32_t *w, uint32_t extr
                 if ((v & SHMZ_FUTEX_TID_MASK) == s->tid)
                         return false;
                 if (gap >= SPIN_CLOCK_GAP) {
-                        uint64_t now = mono_ns();
+                        uint64_t now = now_nsec(CLOCK_MONOTONIC);
 
                         if (end == 0)
                                 end = now + SPIN_NS < deadline ? now + SPIN_NS : deadline;

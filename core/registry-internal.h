@@ -52,7 +52,7 @@ struct zone {
         bool stored;  /* the daemon's store holds the memfd under stored_id */
         struct zone_identity stored_id;
         /* Who holds it (ipcs -p -t): creator, last attach and detach, the attached processes by pid. */
-        pid_t creator_pid; /* 0: the config's, or made before this daemon started */
+        pid_t creator_pid; /* 0: the config's (or a zone older than the history record's creator field) */
         pid_t last_pid;
         uint64_t attach_usec, detach_usec; /* CLOCK_REALTIME, 0: none yet */
         struct zone_holder *holders;       /* sorted by pid, at most SHMZ_HOLDERS_MAX */

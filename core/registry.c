@@ -100,6 +100,7 @@ void zone_identity_of(const struct zone *z, struct zone_identity *ret) {
                         .created_usec = z->created_usec,
                         .mtime_usec = z->mtime_usec,
                         .ctime_usec = z->ctime_usec,
+                        .creator_pid = (uint32_t) z->creator_pid,
                 },
         };
         strncpy_buf(ret->name, sizeof(ret->name), z->name);
@@ -138,8 +139,9 @@ void registry_store_sync(struct registry *reg, struct zone *z) {
         assert_locked(reg);
         zone_identity_of(z, &id);
         if (z->stored && want && identity_eq(&id, &z->stored_id)) {
-                /* The same FDNAME: only the history record may need the new tag. */
-                if (reg->store && !streq(id.hist.tag, z->stored_id.hist.tag))
+                /* The same FDNAME: only the history record may need the new tag or creator. */
+                if (reg->store && (!streq(id.hist.tag, z->stored_id.hist.tag) ||
+                                   id.hist.creator_pid != z->stored_id.hist.creator_pid))
                         (void) store_queue(reg, &id, -EBADF, true);
                 z->stored_id = id;
                 return;
@@ -529,6 +531,7 @@ int registry_open(struct registry *reg, const struct caller *c, const char *name
                 if (r < 0)
                         goto out;
                 z->creator_pid = c->pid;
+                registry_store_sync(reg, z); /* the history record keeps the creator */
         } else {
                 /* Permission first, so that a stranger learns nothing of tag or size. */
                 r = acl_check_access(c, z->uid, z->gid, z->mode, rdonly ? R_OK : R_OK | W_OK);
@@ -749,8 +752,10 @@ int registry_create_pending(struct registry *reg, const struct caller *c, const 
                 r = -EEXIST;
         else
                 r = registry_create_locked(reg, name, "", 0, c->uid, c->gid, mode, false, &z);
-        if (r >= 0)
+        if (r >= 0) {
                 z->creator_pid = c->pid;
+                registry_store_sync(reg, z);
+        }
         if (r >= 0 && ret)
                 zone_info_fill(z, ret);
         registry_unlock(reg);

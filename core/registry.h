@@ -59,6 +59,7 @@ struct zone_history {
         uint64_t ino, generation;
         uint64_t created_usec, mtime_usec, ctime_usec;
         char tag[SHMZ_TAG_BUF];
+        uint32_t creator_pid; /* 0: unknown (the config's, or a record older than the field) */
 };
 
 struct zone_identity {

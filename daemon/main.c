@@ -396,6 +396,7 @@ static void history_sync(struct daemon *d) {
         if (registry_list(d->registry, &v, &n) < 0)
                 return;
         for (size_t i = 0; i < n; i++) {
+                struct zone_history old = {};
                 struct zone_identity id = {
                         .hist = {
                                 .ino = v[i].ino,
@@ -408,6 +409,9 @@ static void history_sync(struct daemon *d) {
 
                 strncpy_buf(id.name, sizeof(id.name), v[i].name);
                 strncpy_buf(id.hist.tag, sizeof(id.hist.tag), v[i].tag);
+                /* The listing has no creator: an adopted zone's is the one its entry gave it. */
+                if (history_lookup(d->history, id.name, &old) == 0)
+                        id.hist.creator_pid = old.creator_pid;
                 (void) history_put(d->history, &id);
         }
 }

@@ -264,7 +264,7 @@ struct shmz_msg_zone_holder {
 };
 
 struct shmz_msg_zone_holders {
-        uint32_t creator_pid; /* 0: the config file's, or made before the daemon last started */
+        uint32_t creator_pid; /* 0: the config file's, or unknown (a zone from before the daemon kept it) */
         uint32_t creator_uid;
         uint64_t attach_usec, detach_usec; /* CLOCK_REALTIME of the last attach and detach, 0: none since start */
         uint32_t last_pid;                 /* of the last attach or detach */

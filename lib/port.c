@@ -104,6 +104,7 @@ struct shmz_port {
         atomic_bool peer_eof;     /* the socket ended: the ring is read to its end, then -EPIPE */
         _Atomic uint64_t spin_ns; /* shmz_port_set_spin() */
         atomic_uint rx_streak;    /* receives in a row that found a message without waiting */
+        atomic_uint rx_streak_tx; /* messages sent at the last receive: one found after a send of ours is a reply */
 
         /* Our threads between announcing a futex sleep and being done with it (sleep_lock): the last one
          * out takes the announcement back, so that a sender need not wake a receiver that did not sleep. */
@@ -1611,7 +1612,8 @@ static int recv_now_locked(struct shmz_port *p, struct shmz_msg *ret, bool arm) 
  * lost).
  *
  * A receiver in the middle of a stream (STREAK_SPIN receives in a row found a
- * message at once, and no wait since needed more than a look) that finds the
+ * message at once with no send of ours between them, and no wait since needed
+ * more than a look) that finds the
  * ring empty looks at it now and then for STREAM_SPIN_NS before it sleeps:
  * the next message is most likely a few hundred nanoseconds away, and each
  * sleep would cost its sender a wake-up call (microseconds, in which the
@@ -1645,6 +1647,10 @@ static int recv_sleep(struct shmz_port *p, uint64_t deadline, const atomic_uint 
                 until = spin > deadline - MIN(now, deadline) ? deadline : now + spin;
                 for (unsigned i = 1;; i++) {
                         if (RX_READY()) {
+                                /* Found only after more than a look: a reply, not the next of a stream. Left in
+                                 * stream mode, a request and reply would look every STREAM_LOOK_NS for good. */
+                                if (i > 2 && !spin_ns_set(p))
+                                        atomic_store_explicit(&p->rx_streak, 0, memory_order_relaxed);
                                 slept = false;
                                 r = 0;
                                 goto woke;
@@ -1751,10 +1757,16 @@ static int recv_timed(struct shmz_port *p, struct shmz_msg *ret, int64_t timeout
                 if (r == 0 && reply_claim_locked(p, ret))
                         r = 1;
                 pthread_mutex_unlock(&p->recv_lock);
-                if (r >= 0 && waited == 0) {
+                if (r >= 0) {
                         unsigned k = atomic_load_explicit(&p->rx_streak, memory_order_relaxed);
+                        /* Our own count (a peer that forges it only bends this guess). */
+                        uint32_t tx = (uint32_t) __atomic_load_n(&p->txd->messages, __ATOMIC_RELAXED);
 
-                        if (k < STREAK_SPIN)
+                        /* Found at once after a send of ours: most likely its answer, which came while we
+                         * were still busy waking the peer, not the next of a stream. */
+                        if (tx != atomic_exchange_explicit(&p->rx_streak_tx, tx, memory_order_relaxed))
+                                atomic_store_explicit(&p->rx_streak, 0, memory_order_relaxed);
+                        else if (waited == 0 && k < STREAK_SPIN)
                                 atomic_store_explicit(&p->rx_streak, k + 1, memory_order_relaxed);
                 }
                 if (r != -EAGAIN || timeout_ns == 0)
@@ -1928,6 +1940,7 @@ int port_new(int sock_fd, int channel_fd, const struct port_params *pp, struct s
         atomic_init(&p->rx_seen, 0);
         atomic_init(&p->spin_ns, 0);
         atomic_init(&p->rx_streak, 0);
+        atomic_init(&p->rx_streak_tx, 0);
         atomic_init(&p->poll_fd, -EBADF);
         atomic_init(&p->self_pending, false);
         p->self_fd = -EBADF;

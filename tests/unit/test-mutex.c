@@ -218,6 +218,68 @@ Test(mutex, sleeping_waiter_woken_on_death_fallback) {
         waiter_woken(true);
 }
 
+/*
+ * A holder that keeps letting go and taking the lock straight back wakes a
+ * sleeping waiter every time; the waiter spins again after each wake-up. Once
+ * the holder dies holding, the waiter must still learn of the death, from a
+ * wake-up that lands in that spin or from its next sleep.
+ */
+static void barging_owner_dies(bool fallback) {
+        pid_t pid = fork();
+        cr_assert_geq(pid, 0);
+        if (pid == 0) {
+                if (fallback)
+                        mutex_test_force_fallback(true);
+                if (shmz_mutex_lock(&sh->m) != 0)
+                        _exit(10);
+                atomic_store(&sh->ready, 1);
+                for (int i = 0; i < 100; i++) {
+                        usleep(500); /* long enough for the waiter to go to sleep */
+                        if (shmz_mutex_unlock(&sh->m) != 0)
+                                _exit(11);
+                        if (shmz_mutex_lock(&sh->m) != 0)
+                                _exit(12);
+                }
+                atomic_store(&sh->ready, 2);
+                for (;;)
+                        pause();
+        }
+        wait_ready(1);
+        uint64_t t0 = now_ns(), dead_at = 0;
+        unsigned taken = 0;
+        int r;
+        for (;;) {
+                /* Kill it once it has barged through all its rounds and holds the lock for good. */
+                if (dead_at == 0 && atomic_load(&sh->ready) == 2) {
+                        kill(pid, SIGKILL);
+                        dead_at = now_ns();
+                }
+                r = dead_at ? shmz_mutex_lock(&sh->m) : shmz_mutex_timedlock(&sh->m, 2 * 1000 * 1000);
+                if (r == -ETIMEDOUT)
+                        continue;
+                if (r != 0)
+                        break;
+                /* We won a release: hand it back (the holder waits for it) and wait again. */
+                taken++;
+                cr_assert_eq(shmz_mutex_unlock(&sh->m), 0);
+                cr_assert_lt(now_ns() - t0, 10 * 1000 * 1000 * 1000ULL);
+        }
+        wait_child(pid);
+        cr_assert_eq(r, SHMZ_OWNER_DEAD, "got %d after taking it %u times", r, taken);
+        cr_assert_neq(dead_at, 0, "the death was reported before the holder died");
+        cr_assert_lt(now_ns() - dead_at, 1000 * 1000 * 1000ULL, "the dead owner must be noticed promptly");
+        cr_assert_eq(shmz_mutex_consistent(&sh->m), 0);
+        cr_assert_eq(shmz_mutex_unlock(&sh->m), 0);
+}
+
+Test(mutex, barging_owner_dies_while_waiter_spins_after_wakeups) {
+        barging_owner_dies(false);
+}
+
+Test(mutex, barging_owner_dies_while_waiter_spins_after_wakeups_fallback) {
+        barging_owner_dies(true);
+}
+
 Test(mutex, not_made_consistent_becomes_unrecoverable) {
         pid_t pid = child_holding(false);
         kill(pid, SIGKILL);

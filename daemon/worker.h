@@ -42,7 +42,7 @@ struct conn {
                 unsigned phase;            /* PORT_LIST: 0 listeners (by name), 1 connections (by id) */
                 uint64_t after_id;         /* the last id sent */
         } list;
-        struct port_listen *port_listener; /* PORT_LISTEN made this connection a listener's (daemon/ports.c) */
+        struct port_listen *port_listener; /* PORT_LISTEN made this connection a listener's (daemon/control-ports.c) */
         size_t out_bytes;
         struct conn *next, *prev;
 };

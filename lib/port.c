@@ -607,38 +607,22 @@ static int frame_send(struct shmz_port *p, const struct shmz_frame *f, const voi
                 { .iov_base = (void *) f, .iov_len = sizeof(*f) },
                 { .iov_base = (void *) payload, .iov_len = payload_size },
         };
-        union {
-                struct cmsghdr cmsg;
-                uint8_t buf[CMSG_SPACE(sizeof(int))];
-        } control = {};
-        struct msghdr mh = { .msg_iov = iov, .msg_iovlen = payload_size > 0 ? 2 : 1 };
 
-        if (fd >= 0) {
-                struct cmsghdr *c;
-
-                mh.msg_control = &control;
-                mh.msg_controllen = sizeof(control.buf);
-                c = CMSG_FIRSTHDR(&mh);
-                c->cmsg_level = SOL_SOCKET;
-                c->cmsg_type = SCM_RIGHTS;
-                c->cmsg_len = CMSG_LEN(sizeof(int));
-                memcpy(CMSG_DATA(c), &fd, sizeof(int));
-        }
         for (;;) {
                 ssize_t n;
                 int r;
 
                 if (atomic_load(&p->gone))
                         return -EPIPE;
-                n = sendmsg(p->fd, &mh, MSG_NOSIGNAL | MSG_DONTWAIT);
+                n = proto_sendmsg(p->fd, iov, payload_size > 0 ? 2 : 1, &fd, fd >= 0 ? 1 : 0, MSG_DONTWAIT);
                 if (n >= 0)
                         return (size_t) n == sizeof(*f) + payload_size ? 0 : -EIO;
-                if (errno == EINTR)
+                if (n == -EINTR)
                         continue;
-                if (errno == EPIPE || errno == ECONNRESET || errno == ENOTCONN)
+                if (n == -EPIPE || n == -ECONNRESET || n == -ENOTCONN)
                         return -EPIPE;
-                if (errno != EAGAIN)
-                        return -errno;
+                if (n != -EAGAIN)
+                        return (int) n;
                 if (timeout_ns == 0)
                         return -EAGAIN;
                 r = wait_fd(p->fd, POLLOUT, deadline);

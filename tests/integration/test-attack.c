@@ -37,6 +37,7 @@
 #include "shmzone.h"
 #include "stallfs.h"
 #include "util.h"
+#include "wire.h"
 
 #define NOBODY 65534
 
@@ -222,19 +223,9 @@ static int raw_connect(const char *path) {
 /* A STATUS request with fd riding along; returns sendmsg()'s result (-errno on failure). */
 static int send_with_fd(int sock, int fd) {
         struct shmz_msg_header h = { .size = sizeof(h), .type = SHMZ_MSG_STATUS, .stream = 1 };
-        union {
-                struct cmsghdr c;
-                char b[CMSG_SPACE(sizeof(int))];
-        } ctl = {};
         struct iovec iov = { .iov_base = &h, .iov_len = sizeof(h) };
-        struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = &ctl, .msg_controllen = sizeof(ctl.b) };
-        struct cmsghdr *cm = CMSG_FIRSTHDR(&mh);
 
-        cm->cmsg_level = SOL_SOCKET;
-        cm->cmsg_type = SCM_RIGHTS;
-        cm->cmsg_len = CMSG_LEN(sizeof(int));
-        memcpy(CMSG_DATA(cm), &fd, sizeof(int));
-        return sendmsg(sock, &mh, MSG_NOSIGNAL) < 0 ? -errno : 0;
+        return wire_send(sock, &iov, 1, &fd, 1, 0);
 }
 
 /* The daemon answers a new client within two seconds. */
@@ -441,7 +432,7 @@ Test(attack, f4_unread_listings_do_not_grow_the_daemon, .fini = stop, .timeout =
         for (int i = 0; i < 2000 && daemon_requests() < before + 2 * N_READERS_WHO_NEVER_READ; i++)
                 usleep(10000);
         rss1 = daemon_rss_kib();
-        /* Before the fix: 300 x 3000 queued replies, about 300 MiB. */
+        /* What this catches: 300 x 3000 queued replies, about 300 MiB. */
         cr_assert_lt(rss1 - rss0, 48 * 1024, "the daemon grew by %ld KiB for listings nobody reads", rss1 - rss0);
 
         /* The listings are whole and in order for those who read them after all. */
@@ -647,7 +638,7 @@ Test(attack, f9_open_zone_files_share_one_mapping, .init = start_mounted, .fini 
                 cr_assert_geq(fds[i], 0, "open %d: %m", i);
                 cr_assert_eq(pread(fds[i], &b, 1, 0), 1);
         }
-        /* Before the fix: one mapping per open file that was read. */
+        /* What this catches: one mapping per open file that was read. */
         cr_assert_eq(daemon_mappings_of("shmzone:many"), 1);
         for (int i = 0; i < N_OPENS; i++)
                 close(fds[i]);
@@ -680,7 +671,7 @@ Test(attack, f9_open_directories_hold_no_copy_of_the_listing, .init = start_moun
                 cr_assert_gt(syscall(SYS_getdents64, dirs[i], buf, sizeof(buf)), 0);
         }
         rss1 = daemon_rss_kib();
-        /* Before the fix: a copy of the listing per open directory, about 220 MiB here. */
+        /* What this catches: a copy of the listing per open directory, about 220 MiB here. */
         cr_assert_lt(rss1 - rss0, 48 * 1024, "the daemon grew by %ld KiB for open directories", rss1 - rss0);
         for (int i = 0; i < N_DIR_OPENS; i++)
                 close(dirs[i]);
@@ -748,7 +739,7 @@ Test(attack, review_hangup_with_unread_replies_does_not_spin, .fini = stop, .tim
         t0 = daemon_cpu_ticks();
         usleep(1000 * 1000);
         t1 = daemon_cpu_ticks();
-        /* Before the fix: the hang-up was reported again and again with nothing done, a whole core. */
+        /* What this catches: the hang-up was reported again and again with nothing done, a whole core. */
         cr_assert_lt(t1 - t0, (unsigned long long) hz / 4, "the daemon used %llu of %ld ticks in a second", t1 - t0,
                      hz);
         cr_assert(daemon_answers_soon(), "the daemon does not answer");
@@ -854,7 +845,7 @@ Test(attack, review_open_files_do_not_slow_requests_on_an_unlinked_zone, .init =
         for (int i = 0; i < 2; i++)
                 after = MIN(after, xattr_calls_sec(fd));
         release_holders(holders, hold);
-        /* Before the fix: every request walked every open file of the view (dozens of times slower). */
+        /* What this catches: every request walked every open file of the view (dozens of times slower). */
         cr_assert_lt(after, 5 * before + 0.1, "%d requests took %.3f s with %d other files open, %.3f s before",
                      N_XATTR_CALLS, after, N_HOLDERS * N_OPENS_PER_HOLDER, before);
         close(fd);
@@ -1065,7 +1056,7 @@ Test(attack, f11_idle_ports_of_one_uid_spend_none_of_the_services_slots, .fini =
         cr_assert_eq(parent_hear(&svc), 'r', "the service did not publish");
         pa = spawn_as(NOBODY, f11_attacker, &att);
         n = parent_hear(&att);
-        /* Before the fix: each port counted for the service's uid too, and nobody took 15 (16 with its name). */
+        /* What this catches: each port counted for the service's uid too, and nobody took 15 (16 with its name). */
         cr_assert_eq(n, 8, "nobody holds %d ports to the service", n);
         cr_assert_eq(harness_run_as(OTHER_UID, OTHER_UID, f11_client, NULL), 0, "another user could not connect");
         parent_say(&svc, 'g');
@@ -1164,19 +1155,9 @@ static int lingering_socket(void) {
 /* One bare FD frame (no descriptor will ever take it). */
 static int send_fd_frame(int sock, int fd) {
         struct shmz_frame f = { .kind = SHMZ_FRAME_FD };
-        union {
-                struct cmsghdr c;
-                char b[CMSG_SPACE(sizeof(int))];
-        } ctl = {};
         struct iovec iov = { .iov_base = &f, .iov_len = sizeof(f) };
-        struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = &ctl, .msg_controllen = sizeof(ctl.b) };
-        struct cmsghdr *cm = CMSG_FIRSTHDR(&mh);
 
-        cm->cmsg_level = SOL_SOCKET;
-        cm->cmsg_type = SCM_RIGHTS;
-        cm->cmsg_len = CMSG_LEN(sizeof(int));
-        memcpy(CMSG_DATA(cm), &fd, sizeof(int));
-        return sendmsg(sock, &mh, MSG_NOSIGNAL) < 0 ? -errno : 0;
+        return wire_send(sock, &iov, 1, &fd, 1, 0);
 }
 
 /* The attacker (nobody): F10_PORTS ports, each sent the lingering socket and then /dev/null, again and again. */
@@ -1198,7 +1179,7 @@ static int f10_attacker(void *userdata) {
                         return 52;
                 sock = port_socket_fd(ports[i]);
                 (void) setsockopt(sock, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
-                /* Sent until the port ends (the fix) or all are sent (before it). */
+                /* Sent until the port ends (the bound holds) or all are sent (it does not). */
                 for (int k = 0; k < F10_FRAMES; k++)
                         if (send_fd_frame(sock, k == 0 ? tcp : null) < 0)
                                 break;
@@ -1276,7 +1257,7 @@ Test(attack, f10_a_port_peer_cannot_fill_the_receivers_fd_table, .fini = stop, .
                 usleep(10000);
         }
         /*
-         * Before the fix: every bare FD frame installed and kept, up to 1025 a port, and what it
+         * What this catches: every bare FD frame installed and kept, up to 1025 a port, and what it
          * dropped stuck behind the lingering socket's close: the service at its limit (1024).
          * Now: 64 a port, half of a quarter of the limit for one peer uid.
          */
@@ -1368,7 +1349,7 @@ Test(attack, f13_a_reserved_port_name_cannot_be_squatted, .fini = stop, .timeout
         snprintf(conf, sizeof(conf), "[port svc]\nuser = %d\ngroup = %d\nmode = 0620\n", SERVICE_UID, OTHER_UID);
         harness_init(&d, conf);
         cr_assert_eq(harness_start(&d, NULL, false), 0, "daemon did not start: %s", harness_log(&d));
-        /* Before the fix: nobody published the name first. */
+        /* What this catches: nobody published the name first. */
         cr_assert_eq(harness_run_as(NOBODY, NOBODY, f13_squatter, NULL), 0, "nobody published a reserved name");
         peer_sync_init(&svc);
         ps = spawn_as(SERVICE_UID, f13_service, &svc);
@@ -1451,7 +1432,7 @@ Test(attack, segment_memory_a_peer_pins_is_bounded_per_peer_uid, .fini = stop, .
         pa = spawn_as(NOBODY, pin_attacker, &att);
         kept = parent_hear(&att);
         cr_assert_geq(kept, 3, "nobody kept only %d replies", kept);
-        /* Before the fix: nobody's ports held all six segments the service's uid may have. */
+        /* What this catches: nobody's ports held all six segments the service's uid may have. */
         cr_assert_eq(harness_run_as(OTHER_UID, OTHER_UID, pin_client, NULL), 0,
                      "another client got no large reply while nobody pinned the service's segments");
         stop_service(&svc, ps, &att, pa);

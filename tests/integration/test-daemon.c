@@ -17,6 +17,7 @@
 #include "harness.h"
 #include "shmzone-abi.h"
 #include "shmzone.h"
+#include "wire.h"
 
 static struct daemon_proc d;
 
@@ -366,24 +367,13 @@ Test(hostile, fds_in_requests_and_bad_hello) {
 
         /* An fd riding along a request: dropped with the connection, never kept by the daemon. */
         {
-                union {
-                        struct cmsghdr c;
-                        char b[CMSG_SPACE(sizeof(int))];
-                } ctl = {};
                 struct iovec iov = { .iov_base = &m, .iov_len = sizeof(m.h) };
-                struct msghdr mh = {
-                        .msg_iov = &iov, .msg_iovlen = 1, .msg_control = &ctl, .msg_controllen = sizeof(ctl.b)
-                };
-                struct cmsghdr *cm = CMSG_FIRSTHDR(&mh);
-                int passed = 0;
+                int passed = 0, r;
 
-                cm->cmsg_level = SOL_SOCKET;
-                cm->cmsg_type = SCM_RIGHTS;
-                cm->cmsg_len = CMSG_LEN(sizeof(int));
-                memcpy(CMSG_DATA(cm), &passed, sizeof(int));
                 /* Where the kernel has SO_PASSRIGHTS it refuses the fd itself (test-attack covers both). */
-                if (sendmsg(fd, &mh, 0) < 0)
-                        cr_assert_eq(errno, EPERM);
+                r = wire_send(fd, &iov, 1, &passed, 1, 0);
+                if (r < 0)
+                        cr_assert_eq(r, -EPERM);
                 else
                         cr_assert_eq(recv(fd, &reply, sizeof(reply), 0), 0);
         }

@@ -29,19 +29,19 @@ struct shmz_client {
         int fd;
         uint32_t next_stream;
         int daemon_pid;
-        uint32_t hello_stream; /* not 0: the hello was sent, its reply is still to be read */
-        bool dead;             /* the daemon said it stops, or the socket broke */
-        bool reviving;         /* a thread is making the connection again (outside the lock) */
-        bool given_up;         /* a revive's hook said there is nothing to come back to */
-        unsigned revivals;     /* connections made again */
-        char *path;            /* the socket, for the dedicated connections of port listeners */
+        uint32_t hello_stream;               /* not 0: the hello was sent, its reply is still to be read */
+        bool dead;                           /* the daemon said it stops, or the socket broke */
+        bool reviving;                       /* a thread is making the connection again (outside the lock) */
+        bool given_up;                       /* a revive's hook said there is nothing to come back to */
+        unsigned revivals;                   /* connections made again */
+        char *path;                          /* the socket, for the dedicated connections of port listeners */
         const struct client_revive_ops *ops; /* NULL: zones and ports re-attached (client_resume_links) */
         void *ops_data;
         /* Zones and ports that came through c: the daemon counts and watches them again after a restart. */
         pthread_mutex_t links_lock; /* taken under lock, never the other way round */
         struct client_link *links;
-        bool watched;       /* the revive thread watches fd */
-        uint64_t retry_ns;  /* the revive thread tries again then (0: not due) */
+        bool watched;      /* the revive thread watches fd */
+        uint64_t retry_ns; /* the revive thread tries again then (0: not due) */
         uint32_t backoff_ms;
 };
 
@@ -544,8 +544,7 @@ static int client_resume_links(struct shmz_client *c, int fd, uint32_t *stream) 
                 r = client_raw_call(fd, stream, SHMZ_MSG_RESUME, NULL, 0, NULL, 0, NULL, 0);
         for (struct client_link *l = c->links; r >= 0 && l; l = l->next) {
                 if (l->kind == CLIENT_LINK_ZONE)
-                        zone_reattach((struct shmz_zone *) ((char *) l - offsetof(struct shmz_zone, link)), fd,
-                                      stream);
+                        zone_reattach((struct shmz_zone *) ((char *) l - offsetof(struct shmz_zone, link)), fd, stream);
                 else
                         r = port_link_rejoin(l, fd, stream);
         }

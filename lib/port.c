@@ -2144,6 +2144,10 @@ struct shmz_channel *port_channel(const struct shmz_port *p) {
         return p->ch;
 }
 
+int port_channel_fd(const struct shmz_port *p) {
+        return p->ch_fd;
+}
+
 int port_socket_fd(const struct shmz_port *p) {
         return p->fd;
 }

@@ -61,3 +61,5 @@ uint64_t port_rx_chunks_held(const struct shmz_port *p);
 
 /* The listener's connection to the daemon (shmz_listener_fd() is an epoll fd over it): tests set its buffers. */
 int listener_socket_fd(const struct shmz_listener *l);
+/* The channel's fd a port keeps to prove itself after a daemon restart (-EBADF without a client): tests. */
+int port_channel_fd(const struct shmz_port *p);

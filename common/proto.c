@@ -44,15 +44,28 @@ int proto_send_fds(int fd, uint16_t type, uint16_t flags, uint32_t stream, int32
                 { .iov_base = &h, .iov_len = sizeof(h) },
                 { .iov_base = (void *) body, .iov_len = body_size },
         };
-        union {
-                struct cmsghdr cmsg;
-                uint8_t buf[CMSG_SPACE(sizeof(int) * PROTO_SEND_MAX_FDS)];
-        } control = {};
-        struct msghdr mh = { .msg_iov = iov, .msg_iovlen = body_size > 0 ? 2 : 1 };
         ssize_t n;
 
         if (sizeof(h) + body_size > SHMZ_MSG_MAX || n_fds > PROTO_SEND_MAX_FDS)
                 return -EMSGSIZE;
+        do
+                n = proto_sendmsg(fd, iov, body_size > 0 ? 2 : 1, fds, n_fds, 0);
+        while (n == -EINTR);
+        if (n < 0)
+                return (int) n;
+        return n == (ssize_t) h.size ? 0 : -EIO;
+}
+
+ssize_t proto_sendmsg(int sock, const struct iovec *iov, size_t n_iov, const int *fds, size_t n_fds, int flags) {
+        union {
+                struct cmsghdr cmsg;
+                uint8_t buf[CMSG_SPACE(sizeof(int) * PROTO_SENDMSG_MAX_FDS)];
+        } control = {};
+        struct msghdr mh = { .msg_iov = (struct iovec *) iov, .msg_iovlen = n_iov };
+        ssize_t n;
+
+        if (n_fds > PROTO_SENDMSG_MAX_FDS)
+                return -EINVAL;
         if (n_fds > 0) {
                 struct cmsghdr *c;
 
@@ -64,12 +77,8 @@ int proto_send_fds(int fd, uint16_t type, uint16_t flags, uint32_t stream, int32
                 c->cmsg_len = CMSG_LEN(sizeof(int) * n_fds);
                 memcpy(CMSG_DATA(c), fds, sizeof(int) * n_fds);
         }
-        do
-                n = sendmsg(fd, &mh, MSG_NOSIGNAL);
-        while (n < 0 && errno == EINTR);
-        if (n < 0)
-                return -errno;
-        return n == (ssize_t) h.size ? 0 : -EIO;
+        n = sendmsg(sock, &mh, flags | MSG_NOSIGNAL);
+        return n < 0 ? -errno : n;
 }
 
 int proto_send(int fd, uint16_t type, uint16_t flags, uint32_t stream, int32_t status, const void *body,
@@ -162,6 +171,8 @@ ssize_t proto_body_size(uint16_t type, bool reply) {
                 return reply ? sizeof(struct shmz_msg_port_peer) : sizeof(struct shmz_msg_port_rejoin);
         case SHMZ_MSG_RESUME:
                 return 0;
+        case SHMZ_MSG_ZONE_HOLDERS:
+                return reply ? sizeof(struct shmz_msg_zone_holders) : sizeof(struct shmz_msg_zone_holders_req);
         case SHMZ_MSG_NOTICE_SHUTDOWN:
                 return reply ? -EBADMSG : 0;
         case SHMZ_MSG_NOTICE_PORT:

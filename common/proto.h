@@ -7,6 +7,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <sys/types.h>
+#include <sys/uio.h>
 
 #include "shmzone-abi.h"
 
@@ -22,6 +23,14 @@ int proto_send(int fd, uint16_t type, uint16_t flags, uint32_t stream, int32_t s
 /* The same with n_fds (at most PROTO_SEND_MAX_FDS) fds; none of them is closed. */
 int proto_send_fds(int fd, uint16_t type, uint16_t flags, uint32_t stream, int32_t status, const void *body,
                    size_t body_size, const int *fds, size_t n_fds);
+
+/* The most fds one proto_sendmsg() passes (a test's peer sends a few more than we ever do). */
+#define PROTO_SENDMSG_MAX_FDS 4
+/*
+ * One sendmsg() of the n_iov buffers with n_fds fds as SCM_RIGHTS, never
+ * raising SIGPIPE: the bytes sent or -errno (-EINTR too: the caller decides).
+ */
+ssize_t proto_sendmsg(int sock, const struct iovec *iov, size_t n_iov, const int *fds, size_t n_fds, int flags);
 
 /* The most fds the kernel passes with one message (SCM_MAX_FD). */
 #define PROTO_MAX_FDS 253

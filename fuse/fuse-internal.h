@@ -94,6 +94,8 @@ struct vhandle {
         struct vhandle *ino_prev, *ino_next; /* the other open handles of ino (fuse_view.open_inos) */
         bool readable, writable;
         bool has_ticket;
+        bool created;    /* zones: this open made the zone (pending): it goes at release if still pending */
+        bool told_nospc; /* zones: the log has heard of a write before the size was set */
         uint64_t ticket[2];
         char *text; /* status/metrics: generated at open */
         size_t text_len;
@@ -177,7 +179,6 @@ void reply_xattr(fuse_req_t req, int r, const char *buf, size_t len, size_t size
 void zone_stat(const struct shmz_msg_zone_info *i, struct stat *ret);
 int zones_lookup(struct fuse_view *v, const char *name, struct fuse_entry_param *ret);
 int zones_getattr(struct fuse_view *v, uint64_t ino, struct vhandle *h, struct stat *ret);
-int zones_snapshot(struct fuse_view *v, struct vhandle *h);
 void zones_open(struct fuse_view *v, fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi);
 void zones_create(struct fuse_view *v, fuse_req_t req, const char *name, mode_t mode, struct fuse_file_info *fi);
 void zones_read(struct fuse_view *v, fuse_req_t req, struct vhandle *h, size_t size, off_t off);

@@ -54,6 +54,7 @@
 #include <sys/syscall.h>
 #include <time.h>
 
+#include "futex.h"
 #include "mutex.h"
 #include "util.h"
 
@@ -77,12 +78,21 @@ struct kernel_robust_list_head {
  */
 #define ROBUST_POLL_NS (200 * 1000 * 1000ULL)
 /*
- * How many times a locker looks at a held word before it sleeps. Zone critical
- * sections are short: the owner usually lets go within a few hundred
- * nanoseconds, while a sleep costs a system call on each side. Bounded, so
- * that a preempted or dead owner costs a waiter no more than this.
+ * The spin before a locker sleeps. Zone critical sections are short: the owner
+ * usually lets go within a few hundred nanoseconds, while a sleep costs a system
+ * call on each side. But every read of a held word takes its cache line away
+ * from the owner, whose next store then waits for it to come back: a waiter
+ * reading in a tight loop slows the owner down and snatches the lock at every
+ * release, so the line moves on every round. The gaps between reads double (up
+ * to SPIN_GAP_MAX pauses), so a release is noticed no later than the wait so far
+ * after it, and the spin ends after about SPIN_NS: an owner that holds longer
+ * (or is preempted, or dead) is slept on, and a busy lock moves between
+ * processes rarely instead of on every round.
  */
-#define SPIN_TRIES 64u
+#define SPIN_GAP_MAX 512u
+#define SPIN_NS (1 * 1000ULL)
+/* Gaps shorter than this many pauses are not worth a clock read. */
+#define SPIN_CLOCK_GAP 16u
 
 _Static_assert(sizeof(struct shmz_mutex) == SHMZ_MUTEX_SIZE, "mutex size is ABI");
 _Static_assert(__builtin_offsetof(struct shmz_mutex, futex) == 0, "futex word first");
@@ -298,25 +308,6 @@ static inline _Atomic uint32_t *futex_word(struct shmz_mutex *m) {
         return (_Atomic uint32_t *) &m->futex;
 }
 
-static int futex_wait_abs(_Atomic uint32_t *w, uint32_t val, const struct timespec *abs) {
-        long r;
-
-        /* Shared (not PRIVATE): the kernel's robust-list wake-up on owner death uses shared futexes. */
-        r = syscall(SYS_futex, w, FUTEX_WAIT_BITSET, val, abs, NULL, FUTEX_BITSET_MATCH_ANY);
-        return r < 0 ? -errno : 0;
-}
-
-static void futex_wake(_Atomic uint32_t *w, int n) {
-        (void) syscall(SYS_futex, w, FUTEX_WAKE, n, NULL, NULL, 0);
-}
-
-static uint64_t mono_ns(void) {
-        struct timespec ts;
-
-        clock_gettime(CLOCK_MONOTONIC, &ts);
-        return (uint64_t) ts.tv_sec * 1000000000ULL + (uint64_t) ts.tv_nsec;
-}
-
 static struct timespec ns_to_ts(uint64_t ns) {
         return (struct timespec){ .tv_sec = (time_t) (ns / 1000000000ULL), .tv_nsec = (long) (ns % 1000000000ULL) };
 }
@@ -369,6 +360,41 @@ static bool owner_is_dead(const struct thread_self *s, struct shmz_mutex *m, uin
 
 enum { MODE_BLOCK, MODE_TRY, MODE_TIMED };
 
+/*
+ * Waits for the word to come free, reading it at doubling gaps (see SPIN_GAP_MAX),
+ * for at most SPIN_NS or until the deadline. True once we took it, *ret_v then
+ * the value we replaced (it may carry OWNER_DIED); false if it stayed held or
+ * turned out to be ours. `extra`: bits to set with our TID.
+ */
+static bool spin(const struct thread_self *s, _Atomic uint32_t *w, uint32_t extra, uint64_t deadline, uint32_t *ret_v) {
+        uint64_t end = 0;
+
+        for (unsigned gap = 1;; gap = gap < SPIN_GAP_MAX ? 2 * gap : SPIN_GAP_MAX) {
+                uint32_t v = atomic_load_explicit(w, memory_order_relaxed);
+
+                if ((v & SHMZ_FUTEX_TID_MASK) == 0) {
+                        if (atomic_compare_exchange_weak_explicit(w, &v, s->tid | (v & SHMZ_FUTEX_WAITERS) | extra,
+                                                                  memory_order_acquire, memory_order_relaxed)) {
+                                *ret_v = v;
+                                return true;
+                        }
+                        continue;
+                }
+                if ((v & SHMZ_FUTEX_TID_MASK) == s->tid)
+                        return false;
+                if (gap >= SPIN_CLOCK_GAP) {
+                        uint64_t now = now_nsec(CLOCK_MONOTONIC);
+
+                        if (end == 0)
+                                end = now + SPIN_NS < deadline ? now + SPIN_NS : deadline;
+                        else if (now >= end)
+                                return false;
+                }
+                for (unsigned j = 0; j < gap; j++)
+                        cpu_relax();
+        }
+}
+
 static inline __attribute__((always_inline)) int acquired(struct thread_self *s, struct shmz_mutex *m, bool robust,
                                                           bool died, bool waited, bool t) {
         uint32_t state;
@@ -407,27 +433,17 @@ __attribute__((noinline)) static int lock_slow(struct thread_self *s, struct shm
         _Atomic uint32_t *w = futex_word(m);
         uint64_t deadline = UINT64_MAX;
         bool waited = false, overdue = false, t = TESTING();
+        uint32_t sv;
         int r;
 
         if (mode == MODE_TIMED) {
-                uint64_t now = mono_ns();
+                uint64_t now = now_nsec(CLOCK_MONOTONIC);
                 deadline = timeout_ns > UINT64_MAX - now ? UINT64_MAX : now + timeout_ns;
         }
 
         /* Spin first; a death, our own hold and everything else are the loop's business below. */
-        for (unsigned i = 0; mode != MODE_TRY && i < SPIN_TRIES; i++) {
-                uint32_t v = atomic_load_explicit(w, memory_order_relaxed);
-
-                if ((v & SHMZ_FUTEX_TID_MASK) == 0) {
-                        if (atomic_compare_exchange_weak_explicit(w, &v, s->tid | (v & SHMZ_FUTEX_WAITERS),
-                                                                  memory_order_acquire, memory_order_relaxed))
-                                return acquired(s, m, robust, v & SHMZ_FUTEX_OWNER_DIED, true, t);
-                        continue;
-                }
-                if ((v & SHMZ_FUTEX_TID_MASK) == s->tid)
-                        break;
-                cpu_relax();
-        }
+        if (mode != MODE_TRY && spin(s, w, 0, deadline, &sv))
+                return acquired(s, m, robust, sv & SHMZ_FUTEX_OWNER_DIED, true, t);
 
         for (;;) {
                 uint32_t v = atomic_load_explicit(w, memory_order_relaxed), tag;
@@ -476,7 +492,7 @@ __attribute__((noinline)) static int lock_slow(struct thread_self *s, struct shm
 
                 /* Every round, whatever woke the last wait (a holder that let go to another waiter, say): a
                  * lock that keeps changing hands must not keep a timed waiter past its deadline. */
-                until = mono_ns();
+                until = now_nsec(CLOCK_MONOTONIC);
                 if (mode == MODE_TIMED && until >= deadline) {
                         r = -ETIMEDOUT;
                         break;
@@ -489,10 +505,18 @@ __attribute__((noinline)) static int lock_slow(struct thread_self *s, struct shm
                 r = futex_wait_abs(w, v, &ts);
                 /* Timed out: the word did not change for a whole poll. */
                 overdue = r == -ETIMEDOUT;
-                if (r == -ETIMEDOUT && mode == MODE_TIMED && mono_ns() >= deadline) {
+                if (r == -ETIMEDOUT && mode == MODE_TIMED && now_nsec(CLOCK_MONOTONIC) >= deadline) {
                         r = -ETIMEDOUT;
                         break;
                 }
+                /*
+                 * Woken, most likely by a release that a barging locker has already
+                 * followed with its next lock: spin again rather than sleep at once,
+                 * or that owner pays a wake-up (a system call and an interrupt to
+                 * our CPU) for every one of ours. Having slept, we assume others still wait.
+                 */
+                if (!overdue && spin(s, w, SHMZ_FUTEX_WAITERS, deadline, &sv))
+                        return acquired(s, m, robust, sv & SHMZ_FUTEX_OWNER_DIED, true, t);
         }
 
         if (robust)

@@ -7,7 +7,6 @@
 #include <assert.h>
 #include <fcntl.h>
 #include <limits.h>
-#include <linux/futex.h>
 #include <linux/magic.h>
 #include <linux/sockios.h>
 #include <poll.h>
@@ -26,6 +25,7 @@
 #include <time.h>
 
 #include "client.h"
+#include "futex.h"
 #include "port.h"
 #include "proto.h"
 #include "reaper.h"
@@ -106,6 +106,7 @@ struct shmz_port {
         atomic_bool peer_eof;     /* the socket ended: the ring is read to its end, then -EPIPE */
         _Atomic uint64_t spin_ns; /* shmz_port_set_spin() */
         atomic_uint rx_streak;    /* receives in a row that found a message without waiting */
+        atomic_uint rx_streak_tx; /* messages sent at the last receive: one found after a send of ours is a reply */
 
         /* Our threads between announcing a futex sleep and being done with it (sleep_lock): the last one
          * out takes the announcement back, so that a sender need not wake a receiver that did not sleep. */
@@ -150,16 +151,12 @@ struct shmz_port {
 
 /* ---- time ------------------------------------------------------------------------------ */
 
-static uint64_t now_ns(void) {
-        return now_nsec(CLOCK_MONOTONIC);
-}
-
 static uint64_t deadline_of(int64_t timeout_ns) {
         uint64_t now;
 
         if (timeout_ns < 0)
                 return UINT64_MAX;
-        now = now_ns();
+        now = now_nsec(CLOCK_MONOTONIC);
         return (uint64_t) timeout_ns > UINT64_MAX - now ? UINT64_MAX : now + (uint64_t) timeout_ns;
 }
 
@@ -178,7 +175,7 @@ static int expired(int64_t timeout_ns) {
  * compare themselves (recv_timed(), tx_spin(), recv_sleep()'s spin).
  */
 static bool deadline_passed(uint64_t deadline) {
-        return deadline != UINT64_MAX && now_ns() >= deadline;
+        return deadline != UINT64_MAX && now_nsec(CLOCK_MONOTONIC) >= deadline;
 }
 
 /* ---- calls under way, and the close ------------------------------------------------------ */
@@ -210,7 +207,7 @@ static int wait_fd(int fd, short events, uint64_t deadline) {
                 int ms = -1, n;
 
                 if (deadline != UINT64_MAX) {
-                        uint64_t now = now_ns();
+                        uint64_t now = now_nsec(CLOCK_MONOTONIC);
 
                         if (now >= deadline)
                                 return -ETIMEDOUT;
@@ -226,20 +223,16 @@ static int wait_fd(int fd, short events, uint64_t deadline) {
 
 /* ---- the channel's wake-up words (shared with a process we do not trust: figures and wake-ups only) ---- */
 
-static void futex_wake_all(uint32_t *addr) {
-        (void) syscall(SYS_futex, addr, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
-}
-
 /* Every sender of direction d asleep for ring slots or chunks wakes (the port ends). */
 static void channel_wake_senders(struct shmz_channel *ch, unsigned d) {
         __atomic_fetch_add(&ch->dir[d].release_seq, 1, __ATOMIC_SEQ_CST);
-        futex_wake_all(&ch->dir[d].release_seq);
+        futex_wake(&ch->dir[d].release_seq, INT_MAX);
 }
 
 /* The receiver of direction d wakes if it sleeps on the futex. */
 static void channel_wake_receiver(struct shmz_channel *ch, unsigned d) {
         __atomic_fetch_add(&ch->dir[d].wake_seq, 1, __ATOMIC_SEQ_CST);
-        futex_wake_all(&ch->dir[d].wake_seq);
+        futex_wake(&ch->dir[d].wake_seq, INT_MAX);
 }
 
 /*
@@ -288,14 +281,14 @@ static int futex_sleep(uint32_t *word, uint32_t seen, uint64_t deadline) {
         struct timespec ts;
 
         if (deadline != UINT64_MAX) {
-                uint64_t now = now_ns();
+                uint64_t now = now_nsec(CLOCK_MONOTONIC);
 
                 if (now >= deadline)
                         return -ETIMEDOUT;
                 left = MIN(left, deadline - now);
         }
         ts = (struct timespec){ .tv_sec = (time_t) (left / 1000000000), .tv_nsec = (long) (left % 1000000000) };
-        (void) syscall(SYS_futex, word, FUTEX_WAIT, seen, &ts, NULL, 0);
+        (void) futex_wait(word, seen, &ts);
         return 0;
 }
 
@@ -616,38 +609,22 @@ static int frame_send(struct shmz_port *p, const struct shmz_frame *f, const voi
                 { .iov_base = (void *) f, .iov_len = sizeof(*f) },
                 { .iov_base = (void *) payload, .iov_len = payload_size },
         };
-        union {
-                struct cmsghdr cmsg;
-                uint8_t buf[CMSG_SPACE(sizeof(int))];
-        } control = {};
-        struct msghdr mh = { .msg_iov = iov, .msg_iovlen = payload_size > 0 ? 2 : 1 };
 
-        if (fd >= 0) {
-                struct cmsghdr *c;
-
-                mh.msg_control = &control;
-                mh.msg_controllen = sizeof(control.buf);
-                c = CMSG_FIRSTHDR(&mh);
-                c->cmsg_level = SOL_SOCKET;
-                c->cmsg_type = SCM_RIGHTS;
-                c->cmsg_len = CMSG_LEN(sizeof(int));
-                memcpy(CMSG_DATA(c), &fd, sizeof(int));
-        }
         for (;;) {
                 ssize_t n;
                 int r;
 
                 if (atomic_load(&p->gone))
                         return -EPIPE;
-                n = sendmsg(p->fd, &mh, MSG_NOSIGNAL | MSG_DONTWAIT);
+                n = proto_sendmsg(p->fd, iov, payload_size > 0 ? 2 : 1, &fd, fd >= 0 ? 1 : 0, MSG_DONTWAIT);
                 if (n >= 0)
                         return (size_t) n == sizeof(*f) + payload_size ? 0 : -EIO;
-                if (errno == EINTR)
+                if (n == -EINTR)
                         continue;
-                if (errno == EPIPE || errno == ECONNRESET || errno == ENOTCONN)
+                if (n == -EPIPE || n == -ECONNRESET || n == -ENOTCONN)
                         return -EPIPE;
-                if (errno != EAGAIN)
-                        return -errno;
+                if (n != -EAGAIN)
+                        return (int) n;
                 if (timeout_ns == 0)
                         return -EAGAIN;
                 r = wait_fd(p->fd, POLLOUT, deadline);
@@ -727,17 +704,18 @@ static bool tx_scan(struct shmz_port *p, uint32_t n, uint32_t *ret_slot, uint32_
  * spaced so as not to take the bitmaps' lines from the receiver at each.
  */
 static bool tx_spin(struct shmz_port *p, uint32_t n, uint64_t deadline, uint32_t *ret_slot, uint32_t *ret_chunk) {
-        uint64_t now = now_ns(), spin = MAX(atomic_load_explicit(&p->spin_ns, memory_order_relaxed), TX_SPIN_NS);
+        uint64_t now = now_nsec(CLOCK_MONOTONIC),
+                 spin = MAX(atomic_load_explicit(&p->spin_ns, memory_order_relaxed), TX_SPIN_NS);
         uint64_t until = spin > deadline - MIN(now, deadline) ? deadline : now + spin;
 
         while (now < until) {
-                while (now_ns() < now + TX_LOOK_NS)
+                while (now_nsec(CLOCK_MONOTONIC) < now + TX_LOOK_NS)
                         cpu_relax();
                 if (atomic_load(&p->gone) || __atomic_load_n(&p->ch->closed, __ATOMIC_ACQUIRE))
                         return false; /* the caller's loop says why */
                 if (tx_scan(p, n, ret_slot, ret_chunk))
                         return true;
-                now = now_ns();
+                now = now_nsec(CLOCK_MONOTONIC);
         }
         return false;
 }
@@ -1636,7 +1614,8 @@ static int recv_now_locked(struct shmz_port *p, struct shmz_msg *ret, bool arm) 
  * lost).
  *
  * A receiver in the middle of a stream (STREAK_SPIN receives in a row found a
- * message at once, and no wait since needed more than a look) that finds the
+ * message at once with no send of ours between them, and no wait since needed
+ * more than a look) that finds the
  * ring empty looks at it now and then for STREAM_SPIN_NS before it sleeps:
  * the next message is most likely a few hundred nanoseconds away, and each
  * sleep would cost its sender a wake-up call (microseconds, in which the
@@ -1664,12 +1643,16 @@ static int recv_sleep(struct shmz_port *p, uint64_t deadline, const atomic_uint 
         (__atomic_load_n(&d->head, __ATOMIC_ACQUIRE) != seen || atomic_load(&p->gone) || atomic_load(&p->peer_eof) ||  \
          __atomic_load_n(&p->ch->closed, __ATOMIC_ACQUIRE) || (gen && atomic_load(gen) != gen_seen))
         if (spin > 0 || streaming) {
-                uint64_t now = now_ns(), until;
+                uint64_t now = now_nsec(CLOCK_MONOTONIC), until;
 
                 spin = MAX(spin, streaming ? STREAM_SPIN_NS : 0);
                 until = spin > deadline - MIN(now, deadline) ? deadline : now + spin;
                 for (unsigned i = 1;; i++) {
                         if (RX_READY()) {
+                                /* Found only after more than a look: a reply, not the next of a stream. Left in
+                                 * stream mode, a request and reply would look every STREAM_LOOK_NS for good. */
+                                if (i > 2 && !spin_ns_set(p))
+                                        atomic_store_explicit(&p->rx_streak, 0, memory_order_relaxed);
                                 slept = false;
                                 r = 0;
                                 goto woke;
@@ -1677,16 +1660,16 @@ static int recv_sleep(struct shmz_port *p, uint64_t deadline, const atomic_uint 
                         if (spin_ns_set(p)) {
                                 /* The caller wants the message the moment it is there. */
                                 cpu_relax();
-                                if (i % 128 == 0 && now_ns() >= until)
+                                if (i % 128 == 0 && now_nsec(CLOCK_MONOTONIC) >= until)
                                         break;
                         } else {
                                 /* A stream's receiver looks once per STREAM_LOOK_NS: every look takes the
                                  * head's line from the sender, and one that chases the head makes the sender
                                  * wait for it at each message; one that lags takes what came in one go. */
-                                now = now_ns();
+                                now = now_nsec(CLOCK_MONOTONIC);
                                 if (now >= until)
                                         break;
-                                while (now_ns() < now + STREAM_LOOK_NS)
+                                while (now_nsec(CLOCK_MONOTONIC) < now + STREAM_LOOK_NS)
                                         cpu_relax();
                         }
                 }
@@ -1737,7 +1720,7 @@ static int recv_lock_until(struct shmz_port *p, uint64_t deadline) {
 #ifdef TSAN
         /* ThreadSanitizer (gcc 12, clang 14) intercepts no pthread_mutex_clocklock(): it would not see the
          * lock taken, and report races on all it guards. Under it, the same wait on the realtime clock. */
-        uint64_t now = now_ns(), left = deadline > now ? deadline - now : 0;
+        uint64_t now = now_nsec(CLOCK_MONOTONIC), left = deadline > now ? deadline - now : 0;
 
         deadline = left > UINT64_MAX - now_nsec(CLOCK_REALTIME) ? UINT64_MAX : now_nsec(CLOCK_REALTIME) + left;
         abs = (struct timespec){ .tv_sec = (time_t) (deadline / 1000000000),
@@ -1776,10 +1759,16 @@ static int recv_timed(struct shmz_port *p, struct shmz_msg *ret, int64_t timeout
                 if (r == 0 && reply_claim_locked(p, ret))
                         r = 1;
                 pthread_mutex_unlock(&p->recv_lock);
-                if (r >= 0 && waited == 0) {
+                if (r >= 0) {
                         unsigned k = atomic_load_explicit(&p->rx_streak, memory_order_relaxed);
+                        /* Our own count (a peer that forges it only bends this guess). */
+                        uint32_t tx = (uint32_t) __atomic_load_n(&p->txd->messages, __ATOMIC_RELAXED);
 
-                        if (k < STREAK_SPIN)
+                        /* Found at once after a send of ours: most likely its answer, which came while we
+                         * were still busy waking the peer, not the next of a stream. */
+                        if (tx != atomic_exchange_explicit(&p->rx_streak_tx, tx, memory_order_relaxed))
+                                atomic_store_explicit(&p->rx_streak, 0, memory_order_relaxed);
+                        else if (waited == 0 && k < STREAK_SPIN)
                                 atomic_store_explicit(&p->rx_streak, k + 1, memory_order_relaxed);
                 }
                 if (r != -EAGAIN || timeout_ns == 0)
@@ -1812,7 +1801,7 @@ _public_ int shmz_port_recv(struct shmz_port *p, struct shmz_msg *ret, int64_t t
 
                 /* The time left of the caller's timeout, after replies handed on (the one deadline rule). */
                 if (timeout_ns > 0 && deadline != UINT64_MAX) {
-                        uint64_t now = now_ns();
+                        uint64_t now = now_nsec(CLOCK_MONOTONIC);
 
                         if (now >= deadline) {
                                 r = -ETIMEDOUT;
@@ -1999,6 +1988,7 @@ int port_new(int sock_fd, int channel_fd, const struct port_params *pp, struct s
         atomic_init(&p->rx_seen, 0);
         atomic_init(&p->spin_ns, 0);
         atomic_init(&p->rx_streak, 0);
+        atomic_init(&p->rx_streak_tx, 0);
         atomic_init(&p->poll_fd, -EBADF);
         atomic_init(&p->self_pending, false);
         p->self_fd = -EBADF;
@@ -2364,7 +2354,7 @@ static void handoff_run(struct shmz_port *p) {
  * n + k, and finding none due costs nothing.
  */
 static int fail_calls(struct shmz_port *p, int error, bool only_expired) {
-        uint64_t now = only_expired ? now_ns() : 0;
+        uint64_t now = only_expired ? now_nsec(CLOCK_MONOTONIC) : 0;
         int n = 0;
 
         for (;;) {
@@ -2414,7 +2404,7 @@ static int port_call(struct shmz_port *p, const struct shmz_msg *m, uint64_t dea
         if (atomic_load(&p->gone))
                 return -EPIPE;
         if (deadline_ns != 0) {
-                uint64_t now = now_ns();
+                uint64_t now = now_nsec(CLOCK_MONOTONIC);
 
                 if (deadline_ns <= now)
                         return -ETIMEDOUT;
@@ -2552,7 +2542,7 @@ static int port_dispatch(struct shmz_port *p, int64_t timeout_ns) {
 
                 /* Wait only while nothing was handled, and wake for the next call's deadline. */
                 if (handled == 0 && timeout_ns != 0) {
-                        now = now_ns();
+                        now = now_nsec(CLOCK_MONOTONIC);
                         t = until == UINT64_MAX ? -1
                             : until > now       ? (int64_t) MIN(until - now, (uint64_t) INT64_MAX)
                                                 : 0;
@@ -2568,7 +2558,7 @@ static int port_dispatch(struct shmz_port *p, int64_t timeout_ns) {
                                 return handled;
                         if (timeout_ns == 0)
                                 return -EAGAIN;
-                        if (deadline != UINT64_MAX && now_ns() >= deadline)
+                        if (deadline != UINT64_MAX && now_nsec(CLOCK_MONOTONIC) >= deadline)
                                 return -ETIMEDOUT;
                         continue; /* woken for a deadline that moved: wait on */
                 }
@@ -3002,7 +2992,7 @@ static int listener_discard_one(int fd) {
 }
 
 static void listener_hang_up(struct shmz_listener *l) {
-        uint64_t deadline = now_ns() + UINT64_C(2000000000);
+        uint64_t deadline = now_nsec(CLOCK_MONOTONIC) + UINT64_C(2000000000);
         int fd = client_fd(l->conn);
 
         /*
@@ -3011,7 +3001,7 @@ static void listener_hang_up(struct shmz_listener *l) {
          */
         while (l->n_unsent > 0) {
                 struct pollfd pfd = { .fd = fd, .events = POLLIN | POLLOUT };
-                uint64_t now = now_ns();
+                uint64_t now = now_nsec(CLOCK_MONOTONIC);
                 int r;
 
                 listener_flush_locked(l);

@@ -20,7 +20,11 @@
  *    its own buffer as fast as the port takes them (waiting when it is full),
  *    the receiver checks each one's sequence number and answers an end
  *    marker that carries their number (runs capped as above); against the
- *    same over a SOCK_SEQPACKET socketpair.
+ *    same over a SOCK_SEQPACKET socketpair, and against a bare single-producer
+ *    ring of 64-byte slots in shared memory, both sides spinning (spsc_ring):
+ *    the floor of streaming on this machine;
+ *  - rtt_64B with both sides spinning against two processes flipping one word
+ *    of one cache line (spin_pingpong): the floor of any spinning receiver.
  * In round trips each side stamps the first and last 8 bytes of what it sends
  * (a port buffer, an iceoryx chunk, or the socket's user buffer) and the other
  * side reads them: payloads are produced in place, the socket copies them.
@@ -805,6 +809,141 @@ static double futex_rtt(long iters) {
         return t;
 }
 
+/* ---- the floors of spinning and streaming: bare shared memory, no library ----------------- */
+
+static void *shared_pages(size_t size) {
+        void *m = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+
+        if (m == MAP_FAILED)
+                die("mmap");
+        return m;
+}
+
+static inline void relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+        __builtin_ia32_pause();
+#elif defined(__aarch64__)
+        __asm__ __volatile__("yield" ::: "memory");
+#endif
+}
+
+/*
+ * One run of round trips between two spinning processes flipping one word in
+ * one cache line (odd: the parent's turn is over, even: the child's), capped
+ * like the spinning runs. No payload, no ring, no checks: what two spinners pay
+ * for the line to go there and back on this machine. A process of its own per
+ * run, gone when the run is.
+ */
+static double spin_pingpong(long iters, double cap_ns) {
+        uint64_t *w = shared_pages(4096);
+        double t0, t;
+        long i;
+        pid_t pid;
+
+        pid = fork();
+        if (pid < 0)
+                die("fork");
+        if (pid == 0) {
+                for (uint64_t v = 1;; v += 2) {
+                        uint64_t x;
+
+                        while ((x = __atomic_load_n(w, __ATOMIC_ACQUIRE)) < v)
+                                relax();
+                        if (x == UINT64_MAX)
+                                _exit(0);
+                        __atomic_store_n(w, v + 1, __ATOMIC_RELEASE);
+                }
+        }
+        t0 = now_ns();
+        for (i = 0; i < iters && !over_cap(t0, cap_ns, i); i++) {
+                uint64_t v = 2 * (uint64_t) i + 1;
+
+                __atomic_store_n(w, v, __ATOMIC_RELEASE);
+                while (__atomic_load_n(w, __ATOMIC_ACQUIRE) != v + 1)
+                        relax();
+        }
+        t = (now_ns() - t0) / (double) i;
+        __atomic_store_n(w, UINT64_MAX, __ATOMIC_RELEASE);
+        waitpid(pid, NULL, 0);
+        munmap(w, 4096);
+        return t;
+}
+
+/*
+ * A bare single-producer, single-consumer ring of SHMZ_RING_SLOTS slots of 64
+ * bytes, as many as a port's ring: the producer stamps each message in its slot
+ * (both ends, as our sender does) and publishes a head after each, the
+ * consumer checks each stamp and publishes a tail whenever it has caught up;
+ * each side spins while the ring is full or empty (the consumer SPSC_BACKOFF
+ * pauses between looks, so that messages gather instead of every one moving
+ * the head's line on its own) and keeps its own copy of the other's index.
+ * Messages per second of one run, capped.
+ */
+#define SPSC_BACKOFF 64
+struct spsc {
+        _Alignas(64) uint64_t head; /* written by the producer */
+        _Alignas(64) uint64_t tail; /* written by the consumer */
+        _Alignas(64) uint64_t bad;
+        _Alignas(64) unsigned char slot[SHMZ_RING_SLOTS][64];
+};
+
+static double spsc_ring(long n, double cap_ns) {
+        struct spsc *r = shared_pages(sizeof(struct spsc));
+        uint64_t tail = 0, i;
+        double t0, t;
+        pid_t pid;
+
+        pid = fork();
+        if (pid < 0)
+                die("fork");
+        if (pid == 0) {
+                uint64_t head = 0, bad = 0;
+
+                for (i = 0;; i++) {
+                        uint64_t v;
+
+                        if (head == i) {
+                                /* Caught up: hand back what we took, then look again, not at once. */
+                                __atomic_store_n(&r->tail, i, __ATOMIC_RELEASE);
+                                while ((head = __atomic_load_n(&r->head, __ATOMIC_ACQUIRE)) == i)
+                                        for (int k = 0; k < SPSC_BACKOFF; k++)
+                                                relax();
+                        }
+                        v = read_stamp(r->slot[i % SHMZ_RING_SLOTS], 64);
+                        if (v == UINT64_MAX)
+                                break;
+                        bad += v != i;
+                }
+                r->bad = bad;
+                __atomic_store_n(&r->tail, i + 1, __ATOMIC_RELEASE);
+                _exit(0);
+        }
+        t0 = now_ns();
+        for (i = 0; i < (uint64_t) n && !over_cap(t0, cap_ns, (long) i); i++) {
+                while (i - tail >= SHMZ_RING_SLOTS) {
+                        tail = __atomic_load_n(&r->tail, __ATOMIC_ACQUIRE);
+                        if (i - tail >= SHMZ_RING_SLOTS)
+                                relax();
+                }
+                stamp(r->slot[i % SHMZ_RING_SLOTS], 64, i);
+                __atomic_store_n(&r->head, i + 1, __ATOMIC_RELEASE);
+        }
+        n = (long) i;
+        /* The end: a slot stamped UINT64_MAX; done once the consumer has taken it. */
+        while (i - tail >= SHMZ_RING_SLOTS)
+                tail = __atomic_load_n(&r->tail, __ATOMIC_ACQUIRE);
+        stamp(r->slot[i % SHMZ_RING_SLOTS], 64, UINT64_MAX);
+        __atomic_store_n(&r->head, i + 1, __ATOMIC_RELEASE);
+        while (__atomic_load_n(&r->tail, __ATOMIC_ACQUIRE) != i + 1)
+                relax();
+        t = now_ns() - t0;
+        waitpid(pid, NULL, 0);
+        if (r->bad != 0)
+                die("spsc ring: lost or torn messages");
+        munmap(r, sizeof(struct spsc));
+        return (double) n * 1e9 / t;
+}
+
 struct rtt_case {
         const char *name;
         size_t size;
@@ -917,6 +1056,7 @@ int main(void) {
 
                 for (int r = 0; r < RUNS; r++) {
                         ours[r] = shmz_spin_rtt(l, iters);
+                        anchor2[r] = spin_pingpong(iters, RUN_CAP_NS);
 #if HAVE_ICEORYX
                         if (roudi_pid > 0) {
                                 char instance[32];
@@ -931,6 +1071,10 @@ int main(void) {
                 printf("rtt 64B, both sides spinning: shmzone (set_spin) %.0f ns (median of %d x up to %ld or %.0f s; "
                        "cut short: %d)\n",
                        median(ours, RUNS), RUNS, iters, RUN_CAP_NS / 1e9, n_capped(ours, false, iters));
+                printf("rtt both sides spinning, bare cache line ping-pong (no payload) %.0f ns (cut short: %d)\n",
+                       median(anchor2, RUNS), n_capped(anchor2, false, iters));
+                /* The floor for spinners: x near 1 means the library adds next to nothing. */
+                printf("RATIO rtt_64B_spin/spin_pingpong %.3f\n", median(anchor2, RUNS) / median(ours, RUNS));
                 if (roudi_pid > 0) {
                         printf("rtt 64B, both sides spinning: iceoryx (busy polling) %.0f ns (cut short: %d)\n",
                                median(anchor, RUNS), n_capped(anchor, false, iters));
@@ -1005,9 +1149,11 @@ int main(void) {
                 close(sv[1]);
                 (void) shmz_msgs(p, MSGS / 10, RUN_CAP_NS / 10);
                 (void) seq_msgs(sv[0], MSGS / 10, RUN_CAP_NS / 10);
+                (void) spsc_ring(MSGS / 10, RUN_CAP_NS / 10);
                 for (int r = 0; r < RUNS; r++) {
                         anchor[r] = seq_msgs(sv[0], MSGS, RUN_CAP_NS);
                         ours[r] = shmz_msgs(p, MSGS, RUN_CAP_NS);
+                        anchor2[r] = spsc_ring(MSGS, RUN_CAP_NS);
                 }
                 close(sv[0]);
                 shmz_port_close(p);
@@ -1018,6 +1164,11 @@ int main(void) {
                        median(ours, RUNS), median(anchor, RUNS), RUNS, MSGS, RUN_CAP_NS / 1e9,
                        n_capped(ours, true, MSGS), n_capped(anchor, true, MSGS));
                 printf("RATIO msgs_64B/unix_seqpacket %.3f\n", median(ours, RUNS) / median(anchor, RUNS));
+                printf("msgs 64B one way: bare spsc ring of %u slots, both sides spinning, %.0f msgs/s (cut short: "
+                       "%d)\n",
+                       SHMZ_RING_SLOTS, median(anchor2, RUNS), n_capped(anchor2, true, MSGS));
+                /* The floor for streaming through shared memory. */
+                printf("RATIO msgs_64B/spsc_ring %.3f\n", median(ours, RUNS) / median(anchor2, RUNS));
                 fflush(stdout);
         }
 

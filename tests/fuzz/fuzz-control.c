@@ -37,6 +37,7 @@
 #include "proto.h"
 #include "registry.h"
 #include "shmzone.h"
+#include "wire.h"
 #include "worker.h"
 
 #define FLAG_HELLO 0x1u    /* a valid HELLO goes first: deeper paths without the fuzzer finding it */
@@ -75,24 +76,8 @@ int LLVMFuzzerInitialize(int *argc, char ***argv) {
 /* Sends one packet as a client would; an fd goes along if asked (the peer must refuse it). */
 static int send_packet(int fd, const void *buf, size_t len, bool with_fd) {
         struct iovec iov = { .iov_base = (void *) buf, .iov_len = len };
-        union {
-                struct cmsghdr cmsg;
-                uint8_t buf[CMSG_SPACE(sizeof(int))];
-        } control = {};
-        struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1 };
 
-        if (with_fd) {
-                struct cmsghdr *c;
-
-                mh.msg_control = &control;
-                mh.msg_controllen = sizeof(control.buf);
-                c = CMSG_FIRSTHDR(&mh);
-                c->cmsg_level = SOL_SOCKET;
-                c->cmsg_type = SCM_RIGHTS;
-                c->cmsg_len = CMSG_LEN(sizeof(int));
-                memcpy(CMSG_DATA(c), &fd, sizeof(int));
-        }
-        return sendmsg(fd, &mh, MSG_NOSIGNAL | MSG_DONTWAIT) < 0 ? -errno : 0;
+        return wire_send(fd, &iov, 1, &fd, with_fd ? 1 : 0, MSG_DONTWAIT);
 }
 
 /* The sockets of one input: the connection's client end, and the pair that carries requests to the decoder. */

@@ -37,6 +37,7 @@
 #include "reaper.h"
 #include "shmzone.h"
 #include "util.h"
+#include "wire.h"
 
 #define CHUNK 4096u
 #define N_CHUNKS 16u
@@ -52,43 +53,17 @@ struct peer {
         unsigned n_segs;
 };
 
-static int memfd(size_t size, bool seal) {
-        int fd = memfd_create("fuzz", MFD_CLOEXEC | MFD_ALLOW_SEALING);
-
-        if (fd < 0)
-                return -1;
-        if (ftruncate(fd, (off_t) size) < 0 ||
-            (seal && fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) < 0)) {
-                close(fd);
-                return -1;
-        }
-        return fd;
-}
-
 /* The honest side's segments, as the daemon would make them. */
 static int source_cb(struct shmz_port *p, void *userdata, int *ret_fd, uint64_t *ret_id) {
         unsigned *made = userdata;
 
         if (*made >= 4)
                 return -ENOSPC;
-        *ret_fd = memfd(SEG_SIZE, true);
+        *ret_fd = wire_memfd(SEG_SIZE, true);
         if (*ret_fd < 0)
-                return -errno;
+                return *ret_fd;
         *ret_id = ++*made;
         return 0;
-}
-
-static int channel_new(void) {
-        struct shmz_channel ch = { .magic = SHMZ_CHANNEL_MAGIC,
-                                   .abi_version = SHMZ_ABI_VERSION,
-                                   .size = SHMZ_CHANNEL_SIZE,
-                                   .dir = { { .rx_sleep = SHMZ_RX_SLEEP_FD }, { .rx_sleep = SHMZ_RX_SLEEP_FD } } };
-        int fd = memfd(SHMZ_CHANNEL_SIZE, false);
-
-        if (fd < 0 || pwrite(fd, &ch, sizeof(ch), 0) != (ssize_t) sizeof(ch) ||
-            fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) < 0)
-                abort();
-        return fd;
 }
 
 /* One fd of the kind the input picks (the peer keeps a mapping of the segments it makes), or -1. */
@@ -97,7 +72,7 @@ static int make_fd(struct peer *w, uint8_t kind) {
 
         switch (kind % 8) {
         case 0:
-                fd = memfd(SEG_SIZE, true);
+                fd = wire_memfd(SEG_SIZE, true);
                 if (fd >= 0 && w->n_segs < MAX_PEER_SEGS) {
                         void *m = mmap(NULL, SEG_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
 
@@ -106,9 +81,9 @@ static int make_fd(struct peer *w, uint8_t kind) {
                 }
                 return fd;
         case 1:
-                return memfd(SEG_SIZE - CHUNK, true);
+                return wire_memfd(SEG_SIZE - CHUNK, true);
         case 2:
-                return memfd(SEG_SIZE, false);
+                return wire_memfd(SEG_SIZE, false);
         case 3:
                 if (pipe2(v, O_CLOEXEC) < 0)
                         return -1;
@@ -127,12 +102,7 @@ static int make_fd(struct peer *w, uint8_t kind) {
 
 /* Sends bytes as one datagram with the fds the input asks for; the peer's copies are closed. */
 static void send_frame(struct peer *w, struct cursor *c, const void *buf, size_t n) {
-        union {
-                struct cmsghdr cm;
-                char b[CMSG_SPACE(sizeof(int) * 3)];
-        } ctl = {};
         struct iovec iov = { .iov_base = (void *) buf, .iov_len = n };
-        struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1 };
         unsigned n_fds = take_u8(c) % 4, k = 0;
         int fds[3];
 
@@ -142,18 +112,7 @@ static void send_frame(struct peer *w, struct cursor *c, const void *buf, size_t
                 if (fd >= 0)
                         fds[k++] = fd;
         }
-        if (k > 0) {
-                struct cmsghdr *cm;
-
-                mh.msg_control = &ctl;
-                mh.msg_controllen = CMSG_SPACE(sizeof(int) * k);
-                cm = CMSG_FIRSTHDR(&mh);
-                cm->cmsg_level = SOL_SOCKET;
-                cm->cmsg_type = SCM_RIGHTS;
-                cm->cmsg_len = CMSG_LEN(sizeof(int) * k);
-                memcpy(CMSG_DATA(cm), fds, sizeof(int) * k);
-        }
-        (void) sendmsg(w->sock, &mh, MSG_DONTWAIT | MSG_NOSIGNAL);
+        (void) wire_send(w->sock, &iov, 1, fds, k, MSG_DONTWAIT);
         for (unsigned i = 0; i < k; i++)
                 close(fds[i]);
 }
@@ -231,7 +190,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
 
         if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) < 0)
                 abort();
-        ch = channel_new();
+        ch = wire_channel_new();
+        if (ch < 0)
+                abort();
         w.ch = mmap(NULL, SHMZ_CHANNEL_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED, ch, 0);
         if (w.ch == MAP_FAILED)
                 abort();

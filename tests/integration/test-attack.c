@@ -37,6 +37,7 @@
 #include "shmzone.h"
 #include "stallfs.h"
 #include "util.h"
+#include "wire.h"
 
 #define NOBODY 65534
 
@@ -222,19 +223,9 @@ static int raw_connect(const char *path) {
 /* A STATUS request with fd riding along; returns sendmsg()'s result (-errno on failure). */
 static int send_with_fd(int sock, int fd) {
         struct shmz_msg_header h = { .size = sizeof(h), .type = SHMZ_MSG_STATUS, .stream = 1 };
-        union {
-                struct cmsghdr c;
-                char b[CMSG_SPACE(sizeof(int))];
-        } ctl = {};
         struct iovec iov = { .iov_base = &h, .iov_len = sizeof(h) };
-        struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = &ctl, .msg_controllen = sizeof(ctl.b) };
-        struct cmsghdr *cm = CMSG_FIRSTHDR(&mh);
 
-        cm->cmsg_level = SOL_SOCKET;
-        cm->cmsg_type = SCM_RIGHTS;
-        cm->cmsg_len = CMSG_LEN(sizeof(int));
-        memcpy(CMSG_DATA(cm), &fd, sizeof(int));
-        return sendmsg(sock, &mh, MSG_NOSIGNAL) < 0 ? -errno : 0;
+        return wire_send(sock, &iov, 1, &fd, 1, 0);
 }
 
 /* The daemon answers a new client within two seconds. */
@@ -441,7 +432,7 @@ Test(attack, f4_unread_listings_do_not_grow_the_daemon, .fini = stop, .timeout =
         for (int i = 0; i < 2000 && daemon_requests() < before + 2 * N_READERS_WHO_NEVER_READ; i++)
                 usleep(10000);
         rss1 = daemon_rss_kib();
-        /* Before the fix: 300 x 3000 queued replies, about 300 MiB. */
+        /* What this catches: 300 x 3000 queued replies, about 300 MiB. */
         cr_assert_lt(rss1 - rss0, 48 * 1024, "the daemon grew by %ld KiB for listings nobody reads", rss1 - rss0);
 
         /* The listings are whole and in order for those who read them after all. */
@@ -647,7 +638,7 @@ Test(attack, f9_open_zone_files_share_one_mapping, .init = start_mounted, .fini 
                 cr_assert_geq(fds[i], 0, "open %d: %m", i);
                 cr_assert_eq(pread(fds[i], &b, 1, 0), 1);
         }
-        /* Before the fix: one mapping per open file that was read. */
+        /* What this catches: one mapping per open file that was read. */
         cr_assert_eq(daemon_mappings_of("shmzone:many"), 1);
         for (int i = 0; i < N_OPENS; i++)
                 close(fds[i]);
@@ -680,7 +671,7 @@ Test(attack, f9_open_directories_hold_no_copy_of_the_listing, .init = start_moun
                 cr_assert_gt(syscall(SYS_getdents64, dirs[i], buf, sizeof(buf)), 0);
         }
         rss1 = daemon_rss_kib();
-        /* Before the fix: a copy of the listing per open directory, about 220 MiB here. */
+        /* What this catches: a copy of the listing per open directory, about 220 MiB here. */
         cr_assert_lt(rss1 - rss0, 48 * 1024, "the daemon grew by %ld KiB for open directories", rss1 - rss0);
         for (int i = 0; i < N_DIR_OPENS; i++)
                 close(dirs[i]);
@@ -748,7 +739,7 @@ Test(attack, review_hangup_with_unread_replies_does_not_spin, .fini = stop, .tim
         t0 = daemon_cpu_ticks();
         usleep(1000 * 1000);
         t1 = daemon_cpu_ticks();
-        /* Before the fix: the hang-up was reported again and again with nothing done, a whole core. */
+        /* What this catches: the hang-up was reported again and again with nothing done, a whole core. */
         cr_assert_lt(t1 - t0, (unsigned long long) hz / 4, "the daemon used %llu of %ld ticks in a second", t1 - t0,
                      hz);
         cr_assert(daemon_answers_soon(), "the daemon does not answer");
@@ -854,7 +845,7 @@ Test(attack, review_open_files_do_not_slow_requests_on_an_unlinked_zone, .init =
         for (int i = 0; i < 2; i++)
                 after = MIN(after, xattr_calls_sec(fd));
         release_holders(holders, hold);
-        /* Before the fix: every request walked every open file of the view (dozens of times slower). */
+        /* What this catches: every request walked every open file of the view (dozens of times slower). */
         cr_assert_lt(after, 5 * before + 0.1, "%d requests took %.3f s with %d other files open, %.3f s before",
                      N_XATTR_CALLS, after, N_HOLDERS * N_OPENS_PER_HOLDER, before);
         close(fd);
@@ -1065,7 +1056,7 @@ Test(attack, f11_idle_ports_of_one_uid_spend_none_of_the_services_slots, .fini =
         cr_assert_eq(parent_hear(&svc), 'r', "the service did not publish");
         pa = spawn_as(NOBODY, f11_attacker, &att);
         n = parent_hear(&att);
-        /* Before the fix: each port counted for the service's uid too, and nobody took 15 (16 with its name). */
+        /* What this catches: each port counted for the service's uid too, and nobody took 15 (16 with its name). */
         cr_assert_eq(n, 8, "nobody holds %d ports to the service", n);
         cr_assert_eq(harness_run_as(OTHER_UID, OTHER_UID, f11_client, NULL), 0, "another user could not connect");
         parent_say(&svc, 'g');
@@ -1093,16 +1084,17 @@ static void echo_handler(struct shmz_port *p, struct shmz_msg *m, void *userdata
         shmz_msg_release(p, m);
 }
 
-static int f10_service(void *userdata) {
-        struct peer_sync *s = userdata;
-        struct rlimit rl = { .rlim_cur = 1024, .rlim_max = 1024 };
+/*
+ * A service (a child, as its own user) on the port "svc": accepts up to
+ * max_ports (at most 64) ports, handler on each, dispatches until the parent
+ * says go. 41, 42: it could not listen, or tell the parent it does.
+ */
+static int serve_svc(struct peer_sync *s, shmz_msg_handler_t handler, size_t max_ports) {
         struct shmz_port *ports[64];
         struct shmz_listener *l;
         struct shmz_client *c;
         size_t n = 0;
 
-        if (setrlimit(RLIMIT_NOFILE, &rl) < 0)
-                return 40;
         if (shmz_connect(d.socket, &c) < 0 || shmz_port_listen(c, "svc", 0666, &l) < 0)
                 return 41;
         if (child_say(s, 'r') < 0)
@@ -1113,8 +1105,8 @@ static int f10_service(void *userdata) {
 
                 if (poll(&pf, 1, 1) == 1)
                         return 0;
-                if (n < ELEMENTSOF(ports) && shmz_port_accept(l, 0, &np) == 0) {
-                        shmz_port_set_handler(np, echo_handler, NULL);
+                if (n < MIN(max_ports, ELEMENTSOF(ports)) && shmz_port_accept(l, 0, &np) == 0) {
+                        shmz_port_set_handler(np, handler, NULL);
                         ports[n++] = np;
                 }
                 for (size_t i = 0; i < n;) {
@@ -1127,6 +1119,14 @@ static int f10_service(void *userdata) {
                                 i++;
                 }
         }
+}
+
+static int f10_service(void *userdata) {
+        struct rlimit rl = { .rlim_cur = 1024, .rlim_max = 1024 };
+
+        if (setrlimit(RLIMIT_NOFILE, &rl) < 0)
+                return 40;
+        return serve_svc(userdata, echo_handler, 64);
 }
 
 /* A loopback TCP socket whose close() lingers: a minute's linger, a send queue the peer never reads. */
@@ -1155,19 +1155,9 @@ static int lingering_socket(void) {
 /* One bare FD frame (no descriptor will ever take it). */
 static int send_fd_frame(int sock, int fd) {
         struct shmz_frame f = { .kind = SHMZ_FRAME_FD };
-        union {
-                struct cmsghdr c;
-                char b[CMSG_SPACE(sizeof(int))];
-        } ctl = {};
         struct iovec iov = { .iov_base = &f, .iov_len = sizeof(f) };
-        struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = &ctl, .msg_controllen = sizeof(ctl.b) };
-        struct cmsghdr *cm = CMSG_FIRSTHDR(&mh);
 
-        cm->cmsg_level = SOL_SOCKET;
-        cm->cmsg_type = SCM_RIGHTS;
-        cm->cmsg_len = CMSG_LEN(sizeof(int));
-        memcpy(CMSG_DATA(cm), &fd, sizeof(int));
-        return sendmsg(sock, &mh, MSG_NOSIGNAL) < 0 ? -errno : 0;
+        return wire_send(sock, &iov, 1, &fd, 1, 0);
 }
 
 /* The attacker (nobody): F10_PORTS ports, each sent the lingering socket and then /dev/null, again and again. */
@@ -1189,7 +1179,7 @@ static int f10_attacker(void *userdata) {
                         return 52;
                 sock = port_socket_fd(ports[i]);
                 (void) setsockopt(sock, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
-                /* Sent until the port ends (the fix) or all are sent (before it). */
+                /* Sent until the port ends (the bound holds) or all are sent (it does not). */
                 for (int k = 0; k < F10_FRAMES; k++)
                         if (send_fd_frame(sock, k == 0 ? tcp : null) < 0)
                                 break;
@@ -1199,9 +1189,12 @@ static int f10_attacker(void *userdata) {
         return 0;
 }
 
-/* Another client of the service (uid 1001): one round trip within 5 s. */
-static int f10_client(void *userdata) {
-        struct shmz_msg m = { .type = 7, .data = "ping", .size = 4, .fd = -1 }, r;
+/*
+ * Another client of the service (run as uid 1001): sends m on a port of its
+ * own and needs an answer within 5 s; 0 if check_reply likes it.
+ */
+static int svc_round_trip(const struct shmz_msg *m, bool (*check_reply)(const struct shmz_msg *r)) {
+        struct shmz_msg r;
         struct shmz_client *c;
         struct shmz_port *p;
 
@@ -1209,11 +1202,44 @@ static int f10_client(void *userdata) {
                 return 60;
         if (shmz_port_connect(c, "svc", &p) < 0)
                 return 61;
-        if (shmz_port_send(p, &m, 5 * 1000000000LL) < 0)
+        if (shmz_port_send(p, m, 5 * 1000000000LL) < 0)
                 return 62;
         if (shmz_port_recv(p, &r, 5 * 1000000000LL) < 0)
                 return 63;
-        return r.type == 7 && r.size == 4 && memcmp(r.data, "ping", 4) == 0 ? 0 : 64;
+        return check_reply(&r) ? 0 : 64;
+}
+
+/* The service's half of an attack: the daemon with config, the service (SERVICE_UID) publishing "svc". */
+static pid_t start_service(const char *config, int (*service)(void *), struct peer_sync *svc, struct peer_sync *att) {
+        pid_t ps;
+
+        harness_init(&d, config);
+        cr_assert_eq(harness_start(&d, NULL, false), 0, "daemon did not start: %s", harness_log(&d));
+        peer_sync_init(svc);
+        peer_sync_init(att);
+        ps = spawn_as(SERVICE_UID, service, svc);
+        cr_assert_eq(parent_hear(svc), 'r', "the service did not publish");
+        return ps;
+}
+
+/* The attacker, then the service, told to go; both must exit 0. */
+static void stop_service(struct peer_sync *svc, pid_t ps, struct peer_sync *att, pid_t pa) {
+        parent_say(att, 'g');
+        cr_assert_eq(harness_wait_child(pa), 0);
+        parent_say(svc, 'g');
+        cr_assert_eq(harness_wait_child(ps), 0);
+        peer_sync_close(svc);
+        peer_sync_close(att);
+}
+
+static bool is_ping(const struct shmz_msg *r) {
+        return r->type == 7 && r->size == 4 && memcmp(r->data, "ping", 4) == 0;
+}
+
+static int f10_client(void *userdata) {
+        struct shmz_msg m = { .type = 7, .data = "ping", .size = 4, .fd = -1 };
+
+        return svc_round_trip(&m, is_ping);
 }
 
 Test(attack, f10_a_port_peer_cannot_fill_the_receivers_fd_table, .fini = stop, .timeout = 120) {
@@ -1221,12 +1247,7 @@ Test(attack, f10_a_port_peer_cannot_fill_the_receivers_fd_table, .fini = stop, .
         unsigned before, peak = 0;
         pid_t ps, pa;
 
-        harness_init(&d, "[daemon]\n");
-        cr_assert_eq(harness_start(&d, NULL, false), 0, "daemon did not start: %s", harness_log(&d));
-        peer_sync_init(&svc);
-        peer_sync_init(&att);
-        ps = spawn_as(SERVICE_UID, f10_service, &svc);
-        cr_assert_eq(parent_hear(&svc), 'r', "the service did not publish");
+        ps = start_service("[daemon]\n", f10_service, &svc, &att);
         before = harness_count_fds(ps);
         pa = spawn_as(NOBODY, f10_attacker, &att);
         cr_assert_eq(parent_hear(&att), 'a', "the attacker did not get its ports");
@@ -1236,19 +1257,14 @@ Test(attack, f10_a_port_peer_cannot_fill_the_receivers_fd_table, .fini = stop, .
                 usleep(10000);
         }
         /*
-         * Before the fix: every bare FD frame installed and kept, up to 1025 a port, and what it
+         * What this catches: every bare FD frame installed and kept, up to 1025 a port, and what it
          * dropped stuck behind the lingering socket's close: the service at its limit (1024).
          * Now: 64 a port, half of a quarter of the limit for one peer uid.
          */
         cr_assert_lt(peak, before + 160, "the service went from %u to %u open fds", before, peak);
         cr_assert_eq(harness_run_as(OTHER_UID, OTHER_UID, f10_client, NULL), 0,
                      "another client of the service got no answer");
-        parent_say(&att, 'g');
-        cr_assert_eq(harness_wait_child(pa), 0);
-        parent_say(&svc, 'g');
-        cr_assert_eq(harness_wait_child(ps), 0);
-        peer_sync_close(&svc);
-        peer_sync_close(&att);
+        stop_service(&svc, ps, &att, pa);
 }
 
 /* One sender's closes that never return hold up its own next fds, nobody else's, and are counted. */
@@ -1333,7 +1349,7 @@ Test(attack, f13_a_reserved_port_name_cannot_be_squatted, .fini = stop, .timeout
         snprintf(conf, sizeof(conf), "[port svc]\nuser = %d\ngroup = %d\nmode = 0620\n", SERVICE_UID, OTHER_UID);
         harness_init(&d, conf);
         cr_assert_eq(harness_start(&d, NULL, false), 0, "daemon did not start: %s", harness_log(&d));
-        /* Before the fix: nobody published the name first. */
+        /* What this catches: nobody published the name first. */
         cr_assert_eq(harness_run_as(NOBODY, NOBODY, f13_squatter, NULL), 0, "nobody published a reserved name");
         peer_sync_init(&svc);
         ps = spawn_as(SERVICE_UID, f13_service, &svc);
@@ -1362,37 +1378,8 @@ static void pin_handler(struct shmz_port *p, struct shmz_msg *m, void *userdata)
 }
 
 static int pin_service(void *userdata) {
-        struct peer_sync *s = userdata;
-        struct shmz_port *ports[16];
-        struct shmz_listener *l;
-        struct shmz_client *c;
-        size_t n = 0;
-
         memset(pin_reply, 'r', sizeof(pin_reply));
-        if (shmz_connect(d.socket, &c) < 0 || shmz_port_listen(c, "svc", 0666, &l) < 0)
-                return 40;
-        if (child_say(s, 'r') < 0)
-                return 42;
-        for (;;) {
-                struct pollfd pf = { .fd = s->go[0], .events = POLLIN };
-                struct shmz_port *np;
-
-                if (poll(&pf, 1, 1) == 1)
-                        return 0;
-                if (n < ELEMENTSOF(ports) && shmz_port_accept(l, 0, &np) == 0) {
-                        shmz_port_set_handler(np, pin_handler, NULL);
-                        ports[n++] = np;
-                }
-                for (size_t i = 0; i < n;) {
-                        int r = shmz_port_dispatch(ports[i], 0);
-
-                        if (r < 0 && r != -EAGAIN && r != -ETIMEDOUT) {
-                                shmz_port_close(ports[i]);
-                                ports[i] = ports[--n];
-                        } else
-                                i++;
-                }
-        }
+        return serve_svc(userdata, pin_handler, 16);
 }
 
 /* The attacker (nobody): asks each of its ports for large replies and keeps every one it gets. */
@@ -1422,21 +1409,15 @@ static int pin_attacker(void *userdata) {
         return 0;
 }
 
-/* Another client (uid 1001): one large reply within 5 s. */
-static int pin_client(void *userdata) {
-        struct shmz_msg m = { .type = 1, .data = "one", .size = 3, .fd = -1 }, r;
-        struct shmz_client *c;
-        struct shmz_port *p;
+static bool is_pin_reply(const struct shmz_msg *r) {
+        return r->size == PIN_REPLY;
+}
 
-        if (shmz_connect(d.socket, &c) < 0)
-                return 60;
-        if (shmz_port_connect(c, "svc", &p) < 0)
-                return 61;
-        if (shmz_port_send(p, &m, 5 * 1000000000LL) < 0)
-                return 62;
-        if (shmz_port_recv(p, &r, 5 * 1000000000LL) < 0)
-                return 63;
-        return r.size == PIN_REPLY ? 0 : 64;
+/* Another client: one large reply within 5 s. */
+static int pin_client(void *userdata) {
+        struct shmz_msg m = { .type = 1, .data = "one", .size = 3, .fd = -1 };
+
+        return svc_round_trip(&m, is_pin_reply);
 }
 
 Test(attack, segment_memory_a_peer_pins_is_bounded_per_peer_uid, .fini = stop, .timeout = 60) {
@@ -1445,25 +1426,16 @@ Test(attack, segment_memory_a_peer_pins_is_bounded_per_peer_uid, .fini = stop, .
         int kept;
 
         /* Segments of 16 chunks of 4K (68K with the header); two a direction; six for the service's uid. */
-        harness_init(&d, "[daemon]\nchunk_size = 4K\nsegment_chunks = 16\nport_memory = 128K\n"
-                         "uid_segment_memory = 408K\n");
-        cr_assert_eq(harness_start(&d, NULL, false), 0, "daemon did not start: %s", harness_log(&d));
-        peer_sync_init(&svc);
-        peer_sync_init(&att);
-        ps = spawn_as(SERVICE_UID, pin_service, &svc);
-        cr_assert_eq(parent_hear(&svc), 'r', "the service did not publish");
+        ps = start_service("[daemon]\nchunk_size = 4K\nsegment_chunks = 16\nport_memory = 128K\n"
+                           "uid_segment_memory = 408K\n",
+                           pin_service, &svc, &att);
         pa = spawn_as(NOBODY, pin_attacker, &att);
         kept = parent_hear(&att);
         cr_assert_geq(kept, 3, "nobody kept only %d replies", kept);
-        /* Before the fix: nobody's ports held all six segments the service's uid may have. */
+        /* What this catches: nobody's ports held all six segments the service's uid may have. */
         cr_assert_eq(harness_run_as(OTHER_UID, OTHER_UID, pin_client, NULL), 0,
                      "another client got no large reply while nobody pinned the service's segments");
-        parent_say(&att, 'g');
-        cr_assert_eq(harness_wait_child(pa), 0);
-        parent_say(&svc, 'g');
-        cr_assert_eq(harness_wait_child(ps), 0);
-        peer_sync_close(&svc);
-        peer_sync_close(&att);
+        stop_service(&svc, ps, &att, pa);
 }
 
 int main(int argc, char *argv[]) {

@@ -32,6 +32,7 @@
 #include "shmzone-abi.h"
 #include "shmzone.h"
 #include "stallfs.h"
+#include "util.h"
 
 #define NSEC_PER_MSEC INT64_C(1000000)
 #define NSEC_PER_SEC INT64_C(1000000000)
@@ -49,13 +50,6 @@ static void start(void) {
 }
 
 TestSuite(ring, .init = start, .fini = stop, .timeout = 400);
-
-static uint64_t now_ns(void) {
-        struct timespec ts;
-
-        clock_gettime(CLOCK_MONOTONIC, &ts);
-        return (uint64_t) ts.tv_sec * NSEC_PER_SEC + (uint64_t) ts.tv_nsec;
-}
 
 static int wait_child(pid_t pid) {
         return harness_wait_child(pid);
@@ -183,7 +177,7 @@ Test(ring, million_messages_random_sleeps_never_hang) {
                 stress_sender("stress", seed + 1);
         cr_assert_eq(shmz_port_accept(l, 10 * NSEC_PER_SEC, &p), 0);
         shmz_port_set_handler(p, on_msg, &rx);
-        t0 = now_ns();
+        t0 = now_nsec(CLOCK_MONOTONIC);
         while (rx.next < STRESS_MSGS) {
                 unsigned mode = (unsigned) rand_r(&seed) % 4, n = 1 + (unsigned) rand_r(&seed) % 5000;
                 struct shmz_msg m;
@@ -225,7 +219,8 @@ Test(ring, million_messages_random_sleeps_never_hang) {
                         maybe_sleep(&seed);
                 }
         }
-        cr_log_info("%u messages in %.1f s, %u waits", STRESS_MSGS, (double) (now_ns() - t0) / 1e9, waits);
+        cr_log_info("%u messages in %.1f s, %u waits", STRESS_MSGS, (double) (now_nsec(CLOCK_MONOTONIC) - t0) / 1e9,
+                    waits);
         cr_assert_eq(rx.bad, 0, "%u messages wrong", rx.bad);
         finish(c, l, p, pid);
 }

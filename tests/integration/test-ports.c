@@ -28,6 +28,7 @@
 #include "port.h"
 #include "shmzone-abi.h"
 #include "shmzone.h"
+#include "util.h"
 
 #define NOBODY 65534
 #define NSEC_PER_MSEC INT64_C(1000000)
@@ -58,13 +59,6 @@ static void start_small(void) {
 /* Exit 0, and nothing from the sanitizers: the daemon leaked nothing of what the test made. */
 static void stop(void) {
         harness_stop_clean(&d);
-}
-
-static uint64_t now_ns(void) {
-        struct timespec ts;
-
-        clock_gettime(CLOCK_MONOTONIC, &ts);
-        return (uint64_t) ts.tv_sec * NSEC_PER_SEC + (uint64_t) ts.tv_nsec;
 }
 
 static void sleep_ms(unsigned ms) {
@@ -745,7 +739,7 @@ Test(ports_small, backpressure_waits_for_a_release) {
                 sleep_ms(200);
                 if (shmz_port_recv(cp, &m, 0) < 0)
                         _exit(21);
-                atomic_store(&w->released_ns, now_ns());
+                atomic_store(&w->released_ns, now_nsec(CLOCK_MONOTONIC));
                 shmz_msg_release(cp, &m);
                 /* Read the rest until the other side closes. */
                 for (;;) {
@@ -765,17 +759,17 @@ Test(ports_small, backpressure_waits_for_a_release) {
         /* Inline messages need no chunk: they still go. */
         cr_assert_eq(send_bytes(p, 6, 0, 0, "small", 5, 0), 0);
 
-        t0 = now_ns();
+        t0 = now_nsec(CLOCK_MONOTONIC);
         cr_assert_eq(send_bytes(p, 5, 0, 0, chunk, sizeof(chunk), 50 * NSEC_PER_MSEC), -ETIMEDOUT);
-        t1 = now_ns();
+        t1 = now_nsec(CLOCK_MONOTONIC);
         cr_assert_geq(t1 - t0, 45 * NSEC_PER_MSEC);
         cr_assert_lt(t1 - t0, 1000 * NSEC_PER_MSEC);
 
         /* A sender sleeping without a timeout wakes as soon as the receiver releases one chunk. */
         cr_assert_eq(write(go[1], "g", 1), 1);
-        t0 = now_ns();
+        t0 = now_nsec(CLOCK_MONOTONIC);
         r = send_bytes(p, 5, 0, 0, chunk, sizeof(chunk), -1);
-        t1 = now_ns();
+        t1 = now_nsec(CLOCK_MONOTONIC);
         cr_assert_eq(r, 0, "send: %s", strerror(-r));
         cr_assert_geq(t1 - t0, 150 * NSEC_PER_MSEC, "the sender did not wait");
         cr_assert_neq(atomic_load(&w->released_ns), 0);
@@ -823,9 +817,9 @@ Test(ports_small, sender_waiting_for_memory_sees_its_peer_die) {
         fill_port_memory(p);
         k = (struct killer){ .pid = pid, .delay_us = 100000 };
         cr_assert_eq(pthread_create(&t, NULL, killer_main, &k), 0);
-        t0 = now_ns();
+        t0 = now_nsec(CLOCK_MONOTONIC);
         r = send_bytes(p, 5, 0, 0, chunk, sizeof(chunk), -1);
-        t1 = now_ns();
+        t1 = now_nsec(CLOCK_MONOTONIC);
         pthread_join(t, NULL);
         cr_assert_eq(r, -EPIPE, "send: %s", strerror(-r));
         cr_assert_geq(t1 - t0, 90 * NSEC_PER_MSEC);
@@ -893,11 +887,11 @@ Test(ports, killed_peer_queued_messages_then_epipe) {
                 cr_assert_eq(wait_child(pid), 128 + SIGKILL);
                 /* Timed from the death (reaped) to -EPIPE; the checks of what came wait until after. */
                 struct shmz_msg q[3];
-                t0 = now_ns();
+                t0 = now_nsec(CLOCK_MONOTONIC);
                 for (int i = 0; i < 3; i++)
                         cr_assert_eq(shmz_port_recv(p, &q[i], NSEC_PER_SEC), 0, "queued message %d lost", i);
                 r = shmz_port_recv(p, &m, NSEC_PER_SEC);
-                t1 = now_ns();
+                t1 = now_nsec(CLOCK_MONOTONIC);
                 cr_assert_eq(r, -EPIPE, "recv after the queued messages: %s", strerror(-r));
                 cr_log_info("-EPIPE %.2f ms after the death", (double) (t1 - t0) / 1e6);
                 cr_assert_lt(t1 - t0, 10 * NSEC_PER_MSEC, "-EPIPE %.2f ms after the death", (double) (t1 - t0) / 1e6);
@@ -1374,12 +1368,12 @@ Test(ports, hostile_frames_are_refused, .timeout = 300) {
                 else {
                         /* As an event loop does: wait for the fd, receive without waiting. */
                         struct pollfd pfd = { .fd = shmz_port_fd(p), .events = POLLIN };
-                        uint64_t until = now_ns() + (uint64_t) (10 * NSEC_PER_SEC);
+                        uint64_t until = now_nsec(CLOCK_MONOTONIC) + (uint64_t) (10 * NSEC_PER_SEC);
 
                         do {
                                 cr_assert_geq(poll(&pfd, 1, 10000), 0);
                                 r = shmz_port_recv(p, &m, 0);
-                        } while (r == -EAGAIN && now_ns() < until);
+                        } while (r == -EAGAIN && now_nsec(CLOCK_MONOTONIC) < until);
                 }
                 cr_assert_eq(r, -EBADMSG, "%s: recv gave %d (%s), not -EBADMSG", bad_names[which], r, strerror(-r));
                 r = shmz_port_recv(p, &m, 0);
@@ -1623,7 +1617,7 @@ static void reply_handler(struct shmz_port *p, int error, struct shmz_msg *reply
         if (i >= 8)
                 return;
         log->error[i] = error;
-        log->at[i] = now_ns();
+        log->at[i] = now_nsec(CLOCK_MONOTONIC);
         if (error == 0 && reply) {
                 log->type[i] = reply->type;
                 log->flags[i] = reply->flags;
@@ -1641,7 +1635,7 @@ static void stray_handler(struct shmz_port *p, struct shmz_msg *m, void *userdat
 
 /* One turn of an epoll loop: wait for the port's fd or its next deadline, then dispatch. */
 static void epoll_turn(int ep, struct shmz_port *p) {
-        uint64_t next = shmz_port_next_deadline(p), now = now_ns();
+        uint64_t next = shmz_port_next_deadline(p), now = now_nsec(CLOCK_MONOTONIC);
         struct epoll_event ev;
         int timeout_ms = 1000, r;
 
@@ -1690,7 +1684,7 @@ Test(ports, rpc_from_an_epoll_loop) {
 
         m = (struct shmz_msg){ .type = RPC_TWO_REPLIES, .data = "q", .size = 1, .fd = -1 };
         cr_assert_eq(shmz_port_call(p, &m, 0, reply_handler, &a, &sa), 0);
-        deadline = now_ns() + 100 * NSEC_PER_MSEC;
+        deadline = now_nsec(CLOCK_MONOTONIC) + 100 * NSEC_PER_MSEC;
         m.type = RPC_LATE;
         cr_assert_eq(shmz_port_call(p, &m, deadline, reply_handler, &b, &sb), 0);
         cr_assert_eq(shmz_port_next_deadline(p), deadline);
@@ -1698,8 +1692,8 @@ Test(ports, rpc_from_an_epoll_loop) {
         cr_assert_eq(shmz_port_call(p, &m, 0, reply_handler, &cc, &sc), 0);
         cr_assert(sa != 0 && sb != 0 && sc != 0 && sa != sb && sb != sc && sa != sc, "streams %u %u %u", sa, sb, sc);
 
-        t0 = now_ns();
-        while ((a.n < 2 || b.n < 1) && now_ns() - t0 < 5 * NSEC_PER_SEC)
+        t0 = now_nsec(CLOCK_MONOTONIC);
+        while ((a.n < 2 || b.n < 1) && now_nsec(CLOCK_MONOTONIC) - t0 < 5 * NSEC_PER_SEC)
                 epoll_turn(ep, p);
         /* Two replies, the second LAST, then the handler is gone. */
         cr_assert_eq(a.n, 2);
@@ -1719,8 +1713,8 @@ Test(ports, rpc_from_an_epoll_loop) {
         cr_assert_eq(shmz_port_next_deadline(p), UINT64_MAX);
 
         /* The late reply comes after the timeout: the timed-out call hears nothing more. */
-        t0 = now_ns();
-        while (now_ns() - t0 < 300 * NSEC_PER_MSEC)
+        t0 = now_nsec(CLOCK_MONOTONIC);
+        while (now_nsec(CLOCK_MONOTONIC) - t0 < 300 * NSEC_PER_MSEC)
                 epoll_turn(ep, p);
         cr_assert_eq(b.n, 1);
         cr_assert_eq(a.n, 2);
@@ -1728,10 +1722,10 @@ Test(ports, rpc_from_an_epoll_loop) {
 
         /* Blocking dispatch works too. */
         m.type = RPC_TWO_REPLIES;
-        cr_assert_eq(shmz_port_call(p, &m, now_ns() + 10 * NSEC_PER_SEC, reply_handler, &e, &se), 0);
+        cr_assert_eq(shmz_port_call(p, &m, now_nsec(CLOCK_MONOTONIC) + 10 * NSEC_PER_SEC, reply_handler, &e, &se), 0);
         cr_assert(se != sa && se != sb && se != sc);
-        t0 = now_ns();
-        while (e.n < 2 && now_ns() - t0 < 5 * NSEC_PER_SEC) {
+        t0 = now_nsec(CLOCK_MONOTONIC);
+        while (e.n < 2 && now_nsec(CLOCK_MONOTONIC) - t0 < 5 * NSEC_PER_SEC) {
                 r = shmz_port_dispatch(p, NSEC_PER_SEC);
                 cr_assert(r >= 0 || r == -ETIMEDOUT, "dispatch: %s", strerror(-r));
         }
@@ -1740,8 +1734,8 @@ Test(ports, rpc_from_an_epoll_loop) {
 
         /* The server dies: the pending call ends with -EPIPE. */
         cr_assert_eq(send_bytes(p, RPC_DIE, 0, 0, "die", 3, -1), 0);
-        t0 = now_ns();
-        while (cc.n < 1 && now_ns() - t0 < 5 * NSEC_PER_SEC)
+        t0 = now_nsec(CLOCK_MONOTONIC);
+        while (cc.n < 1 && now_nsec(CLOCK_MONOTONIC) - t0 < 5 * NSEC_PER_SEC)
                 epoll_turn(ep, p);
         cr_assert_eq(cc.n, 1);
         cr_assert_eq(cc.error[0], -EPIPE);

@@ -38,12 +38,6 @@ static void teardown(void) {
         shmz_zone_close(zone);
 }
 
-static uint64_t now_ns(void) {
-        struct timespec ts;
-        clock_gettime(CLOCK_MONOTONIC, &ts);
-        return (uint64_t) ts.tv_sec * 1000000000ULL + (uint64_t) ts.tv_nsec;
-}
-
 static void wait_ready(uint32_t v) {
         while (atomic_load(&sh->ready) != v)
                 usleep(100);
@@ -108,9 +102,9 @@ Test(mutex, other_process_cannot_unlock) {
 
 Test(mutex, timedlock_times_out) {
         pid_t pid = child_holding(false);
-        uint64_t t0 = now_ns();
+        uint64_t t0 = now_nsec(CLOCK_MONOTONIC);
         cr_assert_eq(shmz_mutex_timedlock(&sh->m, 50 * 1000 * 1000), -ETIMEDOUT);
-        uint64_t dt = now_ns() - t0;
+        uint64_t dt = now_nsec(CLOCK_MONOTONIC) - t0;
         cr_assert_geq(dt, 50 * 1000 * 1000ULL);
         cr_assert_lt(dt, 2000 * 1000 * 1000ULL);
         cr_assert_eq(shmz_mutex_trylock(&sh->m), -EBUSY);
@@ -125,9 +119,9 @@ static void owner_death(bool fallback) {
         pid_t pid = child_holding(fallback);
         kill(pid, SIGKILL);
         wait_child(pid);
-        uint64_t t0 = now_ns();
+        uint64_t t0 = now_nsec(CLOCK_MONOTONIC);
         cr_assert_eq(shmz_mutex_lock(&sh->m), SHMZ_OWNER_DEAD);
-        cr_assert_lt(now_ns() - t0, 1000 * 1000 * 1000ULL, "the dead owner must be noticed promptly");
+        cr_assert_lt(now_nsec(CLOCK_MONOTONIC) - t0, 1000 * 1000 * 1000ULL, "the dead owner must be noticed promptly");
         cr_assert_eq(sh->m.owner_deaths, 1);
         cr_assert_eq(shmz_mutex_consistent(&sh->m), 0);
         cr_assert_eq(shmz_mutex_unlock(&sh->m), 0);
@@ -203,9 +197,9 @@ static void waiter_woken(bool fallback) {
         struct killer_arg a = { .pid = child_holding(fallback), .delay_ms = 100 };
         pthread_t t;
         cr_assert_eq(pthread_create(&t, NULL, killer, &a), 0);
-        uint64_t t0 = now_ns();
+        uint64_t t0 = now_nsec(CLOCK_MONOTONIC);
         int r = shmz_mutex_lock(&sh->m);
-        uint64_t dt = now_ns() - t0;
+        uint64_t dt = now_nsec(CLOCK_MONOTONIC) - t0;
         pthread_join(t, NULL);
         wait_child(a.pid);
         cr_assert_eq(r, SHMZ_OWNER_DEAD);
@@ -222,6 +216,69 @@ Test(mutex, sleeping_waiter_woken_on_death) {
 
 Test(mutex, sleeping_waiter_woken_on_death_fallback) {
         waiter_woken(true);
+}
+
+/*
+ * A holder that keeps letting go and taking the lock straight back wakes a
+ * sleeping waiter every time; the waiter spins again after each wake-up. Once
+ * the holder dies holding, the waiter must still learn of the death, from a
+ * wake-up that lands in that spin or from its next sleep.
+ */
+static void barging_owner_dies(bool fallback) {
+        pid_t pid = fork();
+        cr_assert_geq(pid, 0);
+        if (pid == 0) {
+                if (fallback)
+                        mutex_test_force_fallback(true);
+                if (shmz_mutex_lock(&sh->m) != 0)
+                        _exit(10);
+                atomic_store(&sh->ready, 1);
+                for (int i = 0; i < 100; i++) {
+                        usleep(500); /* long enough for the waiter to go to sleep */
+                        if (shmz_mutex_unlock(&sh->m) != 0)
+                                _exit(11);
+                        if (shmz_mutex_lock(&sh->m) != 0)
+                                _exit(12);
+                }
+                atomic_store(&sh->ready, 2);
+                for (;;)
+                        pause();
+        }
+        wait_ready(1);
+        uint64_t t0 = now_nsec(CLOCK_MONOTONIC), dead_at = 0;
+        unsigned taken = 0;
+        int r;
+        for (;;) {
+                /* Kill it once it has barged through all its rounds and holds the lock for good. */
+                if (dead_at == 0 && atomic_load(&sh->ready) == 2) {
+                        kill(pid, SIGKILL);
+                        dead_at = now_nsec(CLOCK_MONOTONIC);
+                }
+                r = dead_at ? shmz_mutex_lock(&sh->m) : shmz_mutex_timedlock(&sh->m, 2 * 1000 * 1000);
+                if (r == -ETIMEDOUT)
+                        continue;
+                if (r != 0)
+                        break;
+                /* We won a release: hand it back (the holder waits for it) and wait again. */
+                taken++;
+                cr_assert_eq(shmz_mutex_unlock(&sh->m), 0);
+                cr_assert_lt(now_nsec(CLOCK_MONOTONIC) - t0, 10 * 1000 * 1000 * 1000ULL);
+        }
+        wait_child(pid);
+        cr_assert_eq(r, SHMZ_OWNER_DEAD, "got %d after taking it %u times", r, taken);
+        cr_assert_neq(dead_at, 0, "the death was reported before the holder died");
+        cr_assert_lt(now_nsec(CLOCK_MONOTONIC) - dead_at, 1000 * 1000 * 1000ULL,
+                     "the dead owner must be noticed promptly");
+        cr_assert_eq(shmz_mutex_consistent(&sh->m), 0);
+        cr_assert_eq(shmz_mutex_unlock(&sh->m), 0);
+}
+
+Test(mutex, barging_owner_dies_while_waiter_spins_after_wakeups) {
+        barging_owner_dies(false);
+}
+
+Test(mutex, barging_owner_dies_while_waiter_spins_after_wakeups_fallback) {
+        barging_owner_dies(true);
 }
 
 Test(mutex, not_made_consistent_becomes_unrecoverable) {
@@ -494,10 +551,10 @@ Test(mutex, zone_holds_no_addresses) {
 /* ---- deaths the single pending slot must still catch ---- */
 
 static void assert_owner_dead_soon(struct shmz_mutex *m) {
-        uint64_t t0 = now_ns();
+        uint64_t t0 = now_nsec(CLOCK_MONOTONIC);
         /* Bounded: a missed death fails the test instead of hanging it. */
         cr_assert_eq(shmz_mutex_timedlock(m, 5000 * 1000 * 1000ULL), SHMZ_OWNER_DEAD);
-        cr_assert_lt(now_ns() - t0, 2000 * 1000 * 1000ULL, "the dead owner must be noticed promptly");
+        cr_assert_lt(now_nsec(CLOCK_MONOTONIC) - t0, 2000 * 1000 * 1000ULL, "the dead owner must be noticed promptly");
         cr_assert_eq(shmz_mutex_consistent(m), 0);
         cr_assert_eq(shmz_mutex_unlock(m), 0);
 }
@@ -755,10 +812,11 @@ Test(mutex, killed_at_every_step_of_lock_and_unlock) {
                                 free_after += !held;
                         }
                         expect = held ? SHMZ_OWNER_DEAD : 0;
-                        uint64_t t0 = now_ns();
+                        uint64_t t0 = now_nsec(CLOCK_MONOTONIC);
                         cr_assert_eq(shmz_mutex_timedlock(locks[l], 5000 * 1000 * 1000ULL), expect,
                                      "step %u (call %u): lock %d", k, at, l);
-                        cr_assert_lt(now_ns() - t0, 2000 * 1000 * 1000ULL, "step %u: lock %d taken late", k, l);
+                        cr_assert_lt(now_nsec(CLOCK_MONOTONIC) - t0, 2000 * 1000 * 1000ULL,
+                                     "step %u: lock %d taken late", k, l);
                         if (held)
                                 cr_assert_eq(shmz_mutex_consistent(locks[l]), 0);
                         cr_assert_eq(shmz_mutex_unlock(locks[l]), 0);
@@ -808,9 +866,9 @@ static void killed_unlocking_with_a_sleeper(bool nested) {
                         _exit(0);
                 }
                 wait_ready_from(pid, 1);
-                uint64_t t0 = now_ns();
+                uint64_t t0 = now_nsec(CLOCK_MONOTONIC);
                 int r = shmz_mutex_timedlock(&sh->m, 5000 * 1000 * 1000ULL);
-                uint64_t dt = now_ns() - t0;
+                uint64_t dt = now_nsec(CLOCK_MONOTONIC) - t0;
                 int status = wait_child(pid);
                 bool died = WIFSIGNALED(status);
 

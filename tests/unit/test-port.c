@@ -22,6 +22,7 @@
 #include "port.h"
 #include "shmzone.h"
 #include "util.h"
+#include "wire.h"
 
 #define CHUNK 4096u
 
@@ -34,12 +35,9 @@ struct source {
 };
 
 static int memfd_sealed(size_t size, bool seal) {
-        int fd = memfd_create("test", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+        int fd = wire_memfd(size, seal);
 
-        cr_assert(fd >= 0);
-        cr_assert(ftruncate(fd, (off_t) size) == 0);
-        if (seal)
-                cr_assert(fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) == 0);
+        cr_assert(fd >= 0, "memfd: %s", strerror(-fd));
         return fd;
 }
 
@@ -61,14 +59,9 @@ static int source_cb(struct shmz_port *p, void *userdata, int *ret_fd, uint64_t 
 
 /* As the daemon makes it: both receivers start as pollers (the first message sends a WAKE frame). */
 static int channel_new(void) {
-        int fd = memfd_sealed(SHMZ_CHANNEL_SIZE, false);
-        struct shmz_channel ch = { .magic = SHMZ_CHANNEL_MAGIC,
-                                   .abi_version = SHMZ_ABI_VERSION,
-                                   .size = SHMZ_CHANNEL_SIZE,
-                                   .dir = { { .rx_sleep = SHMZ_RX_SLEEP_FD }, { .rx_sleep = SHMZ_RX_SLEEP_FD } } };
+        int fd = wire_channel_new();
 
-        cr_assert(pwrite(fd, &ch, sizeof(ch), 0) == sizeof(ch));
-        cr_assert(fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) == 0);
+        cr_assert(fd >= 0, "channel: %s", strerror(-fd));
         return fd;
 }
 
@@ -292,20 +285,13 @@ struct sender {
         uint64_t done_ns;
 };
 
-static uint64_t mono_ns(void) {
-        struct timespec ts;
-
-        clock_gettime(CLOCK_MONOTONIC, &ts);
-        return (uint64_t) ts.tv_sec * 1000000000u + (uint64_t) ts.tv_nsec;
-}
-
 static void *send_one(void *arg) {
         struct sender *s = arg;
         uint8_t *data = calloc(1, s->size);
         struct shmz_msg m = { .data = data, .size = s->size, .fd = -1 };
 
         s->r = shmz_port_send(s->p, &m, -1);
-        s->done_ns = mono_ns();
+        s->done_ns = now_nsec(CLOCK_MONOTONIC);
         free(data);
         return NULL;
 }
@@ -338,7 +324,7 @@ Test(port, backpressure) {
         usleep(100000);
         cr_assert_eq(s.done_ns, 0);
         cr_assert_eq(shmz_port_recv(b, &r, -1), 0);
-        released = mono_ns();
+        released = now_nsec(CLOCK_MONOTONIC);
         shmz_msg_release(b, &r);
         pthread_join(t, NULL);
         cr_assert_eq(s.r, 0);
@@ -354,7 +340,7 @@ static void *send_small_blocking(void *arg) {
         struct shmz_msg m = { .type = 99999, .fd = -1 };
 
         s->r = shmz_port_send(s->p, &m, -1);
-        s->done_ns = mono_ns();
+        s->done_ns = now_nsec(CLOCK_MONOTONIC);
         return NULL;
 }
 
@@ -391,7 +377,7 @@ Test(port, ring_full_backpressure) {
                 cr_assert_eq(r.type, i);
                 shmz_msg_release(b, &r);
         }
-        freed = mono_ns();
+        freed = now_nsec(CLOCK_MONOTONIC);
         cr_assert_eq(shmz_port_recv(b, &r, -1), 0);
         cr_assert_eq(r.type, 99999);
         shmz_msg_release(b, &r);
@@ -438,7 +424,7 @@ Test(port, sender_wakes_with_epipe_without_the_daemon) {
         cr_assert(pthread_create(&t, NULL, send_one, &s) == 0);
         usleep(50000);
         cr_assert_eq(s.done_ns, 0);
-        gone = mono_ns();
+        gone = now_nsec(CLOCK_MONOTONIC);
         cr_assert_eq(shutdown(port_socket_fd(b), SHUT_RDWR), 0); /* the socket only, not the channel */
         pthread_join(t, NULL);
         cr_assert_eq(s.r, -EPIPE);
@@ -478,24 +464,9 @@ Test(port, epipe_after_queued_messages) {
 
 static void send_raw(int fd, const struct shmz_frame *f, const void *payload, size_t n, const int *fds, size_t n_fds) {
         struct iovec iov[2] = { { (void *) f, sizeof(*f) }, { (void *) payload, n } };
-        union {
-                struct cmsghdr c;
-                uint8_t buf[CMSG_SPACE(sizeof(int) * 4)];
-        } control = {};
-        struct msghdr mh = { .msg_iov = iov, .msg_iovlen = n ? 2 : 1 };
+        int r = wire_send(fd, iov, n ? 2 : 1, fds, n_fds, 0);
 
-        if (n_fds) {
-                struct cmsghdr *c;
-
-                mh.msg_control = &control;
-                mh.msg_controllen = CMSG_SPACE(sizeof(int) * n_fds);
-                c = CMSG_FIRSTHDR(&mh);
-                c->cmsg_level = SOL_SOCKET;
-                c->cmsg_type = SCM_RIGHTS;
-                c->cmsg_len = CMSG_LEN(sizeof(int) * n_fds);
-                memcpy(CMSG_DATA(c), fds, sizeof(int) * n_fds);
-        }
-        cr_assert(sendmsg(fd, &mh, MSG_NOSIGNAL) >= 0, "sendmsg: %m");
+        cr_assert(r >= 0, "sendmsg: %s", strerror(-r));
 }
 
 /* A good SEGMENT frame for slot 0 (fd: a proper segment), so descriptors can name chunks. */
@@ -761,20 +732,8 @@ static void hostile(enum hostile h) {
                 break;
         case H_EMPTY_WITH_FD: {
                 struct iovec iov = { NULL, 0 };
-                union {
-                        struct cmsghdr c;
-                        uint8_t buf[CMSG_SPACE(sizeof(int))];
-                } control = {};
-                struct msghdr mh = {
-                        .msg_iov = &iov, .msg_iovlen = 1, .msg_control = &control, .msg_controllen = sizeof(control.buf)
-                };
-                struct cmsghdr *c = CMSG_FIRSTHDR(&mh);
 
-                c->cmsg_level = SOL_SOCKET;
-                c->cmsg_type = SCM_RIGHTS;
-                c->cmsg_len = CMSG_LEN(sizeof(int));
-                memcpy(CMSG_DATA(c), &fds[0], sizeof(int));
-                cr_assert(sendmsg(raw.sock, &mh, MSG_NOSIGNAL) >= 0);
+                cr_assert(wire_send(raw.sock, &iov, 1, &fds[0], 1, 0) >= 0);
                 break;
         }
         default:
@@ -877,11 +836,11 @@ struct receiver {
 
 static void *recv_once(void *arg) {
         struct receiver *rc = arg;
-        uint64_t t0 = mono_ns();
+        uint64_t t0 = now_nsec(CLOCK_MONOTONIC);
         struct shmz_msg m;
 
         rc->r = shmz_port_recv(rc->p, &m, rc->timeout_ns);
-        rc->took_ns = mono_ns() - t0;
+        rc->took_ns = now_nsec(CLOCK_MONOTONIC) - t0;
         if (rc->r == 0)
                 shmz_msg_release(rc->p, &m);
         atomic_store(&rc->done, true);
@@ -949,7 +908,7 @@ static void *timed_send(void *arg) {
         struct timed_sender *s = arg;
         uint8_t *data = calloc(1, s->size);
         struct shmz_msg m = { .data = data, .size = s->size, .fd = -1 };
-        uint64_t t0 = mono_ns();
+        uint64_t t0 = now_nsec(CLOCK_MONOTONIC);
 
         if (s->buf) {
                 void *b = shmz_port_buf(s->p, s->size);
@@ -959,7 +918,7 @@ static void *timed_send(void *arg) {
                         shmz_port_buf_free(s->p, b);
         } else
                 s->r = shmz_port_send(s->p, &m, s->timeout_ns);
-        s->took_ns = mono_ns() - t0;
+        s->took_ns = now_nsec(CLOCK_MONOTONIC) - t0;
         atomic_store(&s->done, true);
         free(data);
         return NULL;
@@ -1027,12 +986,12 @@ Test(port, a_sender_waiting_to_announce_a_segment_sees_the_peer_go) {
         cr_assert(pthread_create(&t, NULL, timed_send, &first) == 0);
         usleep(50000);
         cr_assert(!atomic_load(&first.done));
-        gone = mono_ns();
+        gone = now_nsec(CLOCK_MONOTONIC);
         cr_assert_eq(shutdown(port_socket_fd(b), SHUT_RDWR), 0); /* as the daemon does when b's process dies */
         pthread_join(t, NULL);
         cr_assert_eq(first.r, -EPIPE);
-        cr_assert_lt(mono_ns() - gone, UINT64_C(50000000), "woken after %llu ns",
-                     (unsigned long long) (mono_ns() - gone));
+        cr_assert_lt(now_nsec(CLOCK_MONOTONIC) - gone, UINT64_C(50000000), "woken after %llu ns",
+                     (unsigned long long) (now_nsec(CLOCK_MONOTONIC) - gone));
         shmz_port_close(a);
         shmz_port_close(b);
 }
@@ -1235,9 +1194,9 @@ Test(port, rpc) {
                 cr_assert_eq(shmz_port_call(a, &req, now + 50000000, on_reply, &seen, &stream), 0);
                 cr_assert_eq(shmz_port_next_deadline(a), now + 50000000);
                 cr_assert_eq(shmz_port_dispatch(b, -1), 1);
-                t0 = mono_ns();
+                t0 = now_nsec(CLOCK_MONOTONIC);
                 cr_assert_eq(shmz_port_dispatch(a, -1), 1); /* the deadline wakes a dispatch that would wait forever */
-                cr_assert_lt(mono_ns() - t0, 1000000000u);
+                cr_assert_lt(now_nsec(CLOCK_MONOTONIC) - t0, 1000000000u);
                 cr_assert_eq(seen.last_error, -ETIMEDOUT);
                 cr_assert_eq(seen.ended, 1);
                 cr_assert_eq(shmz_port_next_deadline(a), UINT64_MAX);
@@ -1264,7 +1223,7 @@ Test(port, rpc_many_calls_and_their_deadlines) {
 
         pair(64, UINT64_C(1) << 24, &a, &b);
         shmz_port_set_handler(b, server, &mode);
-        t0 = mono_ns();
+        t0 = now_nsec(CLOCK_MONOTONIC);
         far = t0 + UINT64_C(10000000000);
 
         /* A call that is answered takes its deadline with it, at the latest once that time came. */
@@ -1275,20 +1234,20 @@ Test(port, rpc_many_calls_and_their_deadlines) {
         cr_assert_eq(answered.ended, 1);
         cr_assert_leq(shmz_port_next_deadline(a), far);
         cr_assert_geq(shmz_port_next_deadline(a), t0 + 40000000);
-        while (mono_ns() < t0 + 50000000)
+        while (now_nsec(CLOCK_MONOTONIC) < t0 + 50000000)
                 usleep(5000);
         cr_assert_eq(shmz_port_dispatch(a, 0), -EAGAIN);
         cr_assert_eq(shmz_port_next_deadline(a), far);
 
         /* 100 calls due soon among others: one dispatch ends exactly those. */
-        t0 = mono_ns();
+        t0 = now_nsec(CLOCK_MONOTONIC);
         for (int i = 0; i < 100; i++)
                 cr_assert_eq(shmz_port_call(a, &req, t0 + 20000000, on_reply, &seen, NULL), 0);
         for (int i = 0; i < 50; i++)
                 cr_assert_eq(shmz_port_call(a, &req, 0, on_reply, &seen, NULL), 0);
         cr_assert_eq(shmz_port_next_deadline(a), t0 + 20000000);
         cr_assert_eq(shmz_port_dispatch(a, -1), 100);
-        cr_assert_geq(mono_ns(), t0 + 20000000);
+        cr_assert_geq(now_nsec(CLOCK_MONOTONIC), t0 + 20000000);
         cr_assert_eq(seen.ended, 100);
         cr_assert_eq(seen.last_error, -ETIMEDOUT);
         cr_assert_eq(late.ended, 0);
@@ -1340,10 +1299,10 @@ Test(port, buf_wait_for_memory) {
         errno = 0;
         cr_assert_null(shmz_port_buf_wait(a, CHUNK, 0));
         cr_assert_eq(errno, EAGAIN);
-        t0 = mono_ns();
+        t0 = now_nsec(CLOCK_MONOTONIC);
         cr_assert_null(shmz_port_buf_wait(a, CHUNK, 20000000));
         cr_assert_eq(errno, ETIMEDOUT);
-        cr_assert_geq(mono_ns() - t0, 20000000u);
+        cr_assert_geq(now_nsec(CLOCK_MONOTONIC) - t0, 20000000u);
 
         /* Sent, then released by the receiver 30 ms later: the waiter gets its chunk then. */
         m.data = all;
@@ -1351,10 +1310,10 @@ Test(port, buf_wait_for_memory) {
         cr_assert_eq(shmz_port_send(a, &m, 0), 0);
         l = (struct late){ .p = b };
         cr_assert_eq(pthread_create(&t, NULL, late_release, &l), 0);
-        t0 = mono_ns();
+        t0 = now_nsec(CLOCK_MONOTONIC);
         buf = shmz_port_buf_wait(a, CHUNK, -1);
         cr_assert_not_null(buf);
-        cr_assert_geq(mono_ns() - t0, 25000000u);
+        cr_assert_geq(now_nsec(CLOCK_MONOTONIC) - t0, 25000000u);
         pthread_join(t, NULL);
         shmz_port_buf_free(a, buf);
 
@@ -1381,7 +1340,7 @@ static void *dispatch_forever(void *arg) {
         struct dispatcher *d = arg;
 
         d->r = shmz_port_dispatch(d->p, -1);
-        d->done_ns = mono_ns();
+        d->done_ns = now_nsec(CLOCK_MONOTONIC);
         return NULL;
 }
 
@@ -1399,7 +1358,7 @@ Test(port, rpc_deadline_wakes_a_sleeping_dispatcher) {
         cr_assert(pthread_create(&t, NULL, dispatch_forever, &d) == 0);
         usleep(50000); /* asleep in the ring, no deadline known */
         cr_assert_eq(d.done_ns, 0);
-        t0 = mono_ns();
+        t0 = now_nsec(CLOCK_MONOTONIC);
         /* b never answers. */
         cr_assert_eq(shmz_port_call(a, &req, t0 + 30000000, on_reply, &seen, NULL), 0);
         pthread_join(t, NULL);
@@ -1441,7 +1400,7 @@ Test(port, rpc_deadline_wakes_the_dispatcher_left_asleep) {
         usleep(20000);
         cr_assert_eq(d[left].done_ns, 0);
 
-        t0 = mono_ns();
+        t0 = now_nsec(CLOCK_MONOTONIC);
         cr_assert_eq(shmz_port_call(a, &req, t0 + 30000000, on_reply, &seen, NULL), 0); /* b never answers */
         pthread_join(t[left], NULL);
         cr_assert_eq(d[left].r, 1);
@@ -1465,7 +1424,7 @@ static void *dispatch_timed(void *arg) {
         struct timed_dispatch *d = arg;
 
         atomic_store(&d->r, shmz_port_dispatch(d->p, d->timeout_ns));
-        atomic_store(&d->done_ns, mono_ns());
+        atomic_store(&d->done_ns, now_nsec(CLOCK_MONOTONIC));
         return NULL;
 }
 
@@ -1489,11 +1448,11 @@ Test(port, dispatch_keeps_its_deadlines_while_calls_come) {
                 pthread_t t;
                 uint64_t t0;
 
-                t0 = mono_ns();
+                t0 = now_nsec(CLOCK_MONOTONIC);
                 cr_assert(pthread_create(&t, NULL, dispatch_timed, &d) == 0);
                 usleep(5000); /* inside its wait */
                 /* b never answers: its call times out 10 ms from now. */
-                cr_assert_eq(shmz_port_call(a, &req, mono_ns() + 10000000, on_reply, &seen, NULL), 0);
+                cr_assert_eq(shmz_port_call(a, &req, now_nsec(CLOCK_MONOTONIC) + 10000000, on_reply, &seen, NULL), 0);
                 for (int k = 0; k < 2000 && atomic_load(&d.done_ns) == 0; k++)
                         usleep(1000);
                 if (atomic_load(&d.done_ns) == 0)
@@ -1506,9 +1465,9 @@ Test(port, dispatch_keeps_its_deadlines_while_calls_come) {
                 cr_assert_eq(seen.last_error, -ETIMEDOUT);
                 cr_assert_eq(seen.ended, 1);
                 /* Nothing else came: a dispatch with nothing to do keeps its own timeout. */
-                t0 = mono_ns();
+                t0 = now_nsec(CLOCK_MONOTONIC);
                 cr_assert_eq(shmz_port_dispatch(a, 20000000), -ETIMEDOUT);
-                cr_assert_geq(mono_ns() - t0, 20000000u);
+                cr_assert_geq(now_nsec(CLOCK_MONOTONIC) - t0, 20000000u);
         }
         shmz_port_close(a);
         shmz_port_close(b);
@@ -1767,9 +1726,9 @@ Test(port, receivers_with_and_without_timeouts) {
         usleep(50000);
         /* Another receiver's timeout holds while one sleeps without any. */
         cr_assert_eq(shmz_port_recv(b, &r, 0), -EAGAIN);
-        t0 = mono_ns();
+        t0 = now_nsec(CLOCK_MONOTONIC);
         cr_assert_eq(shmz_port_recv(b, &r, 20000000), -ETIMEDOUT);
-        cr_assert_lt(mono_ns() - t0, 500000000u);
+        cr_assert_lt(now_nsec(CLOCK_MONOTONIC) - t0, 500000000u);
         cr_assert_eq(shmz_port_send(a, &m, 0), 0);
         pthread_join(t, NULL);
         cr_assert_eq(bl.r, 0);

@@ -235,6 +235,11 @@ static int request_locked_retry(struct shmz_client *c, uint16_t type, const void
                 bool sent = false;
 
                 pthread_mutex_lock(&c->lock);
+                /* A connection the daemon never greeted was refused (a limit), not ended by a restart. */
+                if (c->dead && c->daemon_pid == 0) {
+                        pthread_mutex_unlock(&c->lock);
+                        return -ENOTCONN;
+                }
                 if (c->dead && !c->given_up) {
                         pthread_mutex_unlock(&c->lock);
                         r = client_revive(c, deadline);
@@ -250,7 +255,7 @@ static int request_locked_retry(struct shmz_client *c, uint16_t type, const void
                 if (r >= 0)
                         r = exchange(c, stream, &got, userdata);
                 pthread_mutex_unlock(&c->lock);
-                if (r != -ENOTCONN)
+                if (r != -ENOTCONN || c->daemon_pid == 0)
                         return r;
                 /* The connection ended. */
                 if (tries + 1 >= REQUEST_TRIES)

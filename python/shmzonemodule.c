@@ -114,7 +114,8 @@ static int run_sliced(sliced_op_t op, void *ctx, int64_t timeout_ns, const int *
         if (timeout_ns == 0)
                 return op(ctx, 0);
         for (;;) {
-                uint64_t now = now_ns();
+                /* No clock read for a wait without a timeout: a round trip's receive is one such. */
+                uint64_t now = deadline == UINT64_MAX ? 0 : now_ns();
                 int64_t t = deadline == UINT64_MAX ? SLICE_NS
                             : deadline > now
                                     ? (int64_t) (deadline - now < (uint64_t) SLICE_NS ? deadline - now : SLICE_NS)
@@ -1256,6 +1257,26 @@ struct inbox {
         struct inbox_item *head, **tail;
 };
 
+/*
+ * A receive spins (in the library, the GIL released) for up to SPIN_NS before
+ * it sleeps: a peer in another process that answers at once (request and
+ * reply) answers within a few microseconds, and a sleep costs both sides a
+ * wake-up that takes longer than the whole reply. A spin that ends in a sleep
+ * anyway (an idle port, a peer that waits for a CPU on a loaded machine) was
+ * wasted, so after each the next 1, 2, 4, ... SPIN_BACKOFF_MAX receives sleep
+ * at once; one that the spin catches starts the count again. set_spin(s)
+ * fixes the spin instead.
+ */
+#define SPIN_NS (30 * 1000LL)
+#define SPIN_BACKOFF_MAX 64u
+
+struct spin {
+        int64_t fixed;    /* set_spin()'s, or -1: adaptive */
+        uint64_t set;     /* what the library has now */
+        unsigned skip;    /* receives left that sleep at once */
+        unsigned backoff; /* the last wasted spin's skip (0: the last spin caught its message) */
+};
+
 /* Objects that hold the port's memory: revoked at close (linked while they hold it). */
 typedef struct child {
         PyObject_HEAD struct child *prev, *next;
@@ -1270,6 +1291,7 @@ typedef struct {
         Py_ssize_t users; /* calls in flight + children */
         ChildObject *children;
         struct inbox *inbox;
+        struct spin spin;
 } PortObject;
 
 static void inbox_handler(struct shmz_port *p, struct shmz_msg *m, void *userdata) {
@@ -1318,6 +1340,7 @@ static PyObject *port_new(struct shmz_port *p) {
         self->closed = 0;
         self->users = 0;
         self->children = NULL;
+        self->spin = (struct spin){ .fixed = -1 };
         self->inbox = calloc(1, sizeof(*self->inbox));
         if (!self->inbox) {
                 self->p = NULL;
@@ -1895,6 +1918,37 @@ static int recv_op(void *userdata, int64_t t) {
         return shmz_port_recv(c->p, &c->m, t);
 }
 
+/* The spin of the receive about to wait (0: none to learn from), told to the library if it changed. */
+static uint64_t spin_before(PortObject *self) {
+        struct spin *sp = &self->spin;
+        uint64_t want;
+
+        if (sp->fixed >= 0)
+                want = (uint64_t) sp->fixed;
+        else if (sp->skip > 0) {
+                sp->skip--;
+                want = 0;
+        } else
+                want = SPIN_NS;
+        if (want != sp->set) {
+                (void) shmz_port_set_spin(self->p, want);
+                sp->set = want;
+        }
+        return sp->fixed >= 0 ? 0 : want;
+}
+
+/* caught: the message came within the spin. */
+static void spin_after(PortObject *self, bool caught) {
+        struct spin *sp = &self->spin;
+
+        if (caught)
+                sp->backoff = 0;
+        else
+                sp->skip = sp->backoff = sp->backoff == 0                     ? 1
+                                         : sp->backoff * 2 > SPIN_BACKOFF_MAX ? SPIN_BACKOFF_MAX
+                                                                              : sp->backoff * 2;
+}
+
 static PyObject *Port_recv(PortObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) {
         PyObject *to = nargs > 0 ? args[0] : Py_None, *res;
         struct recv_ctx c;
@@ -1914,13 +1968,18 @@ static PyObject *Port_recv(PortObject *self, PyObject *const *args, Py_ssize_t n
         c.p = self->p;
         if (inbox_pop(self->inbox, &c.m))
                 r = 0;
-        else
+        else {
+                uint64_t spin = spin_before(self), start = spin ? now_ns() : 0;
+
                 /*
                  * No non-blocking look first, even to keep the GIL: the library takes
                  * one for a caller about to poll the fd, and has every sender write a
                  * wake-up to the socket from then on (two system calls per message).
                  */
                 r = run_sliced(recv_op, &c, t, &self->closed, "port");
+                if (spin)
+                        spin_after(self, r >= 0 && now_ns() - start <= spin);
+        }
         if (r >= 0 && self->closed) { /* closed while we waited: the message goes back */
                 if (c.m.fd >= 0)
                         close(c.m.fd);
@@ -2091,8 +2150,38 @@ fail:
         return -1;
 }
 
-static PyObject *Port_send(PortObject *self, PyObject *args, PyObject *kw) {
+/* send(data) alone, the common call, skips the parser's tuple and dict (vectorcall). */
+static int send_args(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, PyObject **data, unsigned *type,
+                     unsigned *stream, int *last, PyObject **fd, PyObject **to) {
         static char *kwlist[] = { "data", "type", "stream", "last", "fd", "timeout", NULL };
+        PyObject *tuple, *kw = NULL;
+        int ok;
+
+        if (nargs == 1 && !kwnames) {
+                *data = args[0];
+                return 0;
+        }
+        tuple = PyTuple_New(nargs);
+        if (!tuple)
+                return -1;
+        for (Py_ssize_t i = 0; i < nargs; i++)
+                PyTuple_SET_ITEM(tuple, i, Py_NewRef(args[i]));
+        for (Py_ssize_t i = 0; kwnames && i < PyTuple_GET_SIZE(kwnames); i++) {
+                if (!kw && !(kw = PyDict_New()))
+                        break;
+                if (PyDict_SetItem(kw, PyTuple_GET_ITEM(kwnames, i), args[nargs + i]) < 0)
+                        Py_CLEAR(kw);
+                if (!kw)
+                        break;
+        }
+        ok = (!kwnames || kw) &&
+             PyArg_ParseTupleAndKeywords(tuple, kw, "O|IIpOO:send", kwlist, data, type, stream, last, fd, to);
+        Py_DECREF(tuple);
+        Py_XDECREF(kw);
+        return ok ? 0 : -1;
+}
+
+static PyObject *Port_send(PortObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) {
         PyObject *data, *fd = Py_None, *to = Py_None;
         unsigned type = 0, stream = 0;
         struct send_ctx c = {};
@@ -2101,8 +2190,8 @@ static PyObject *Port_send(PortObject *self, PyObject *args, PyObject *kw) {
         int last = 0, r;
         int64_t t;
 
-        if (!PyArg_ParseTupleAndKeywords(args, kw, "O|IIpOO:send", kwlist, &data, &type, &stream, &last, &fd, &to) ||
-            timeout_from(to, &t) < 0 || port_enter(self) < 0)
+        if (send_args(args, nargs, kwnames, &data, &type, &stream, &last, &fd, &to) < 0 || timeout_from(to, &t) < 0 ||
+            port_enter(self) < 0)
                 return NULL;
         if (msg_from_args(self, data, &view, type, stream, last, fd, &c.m, &pb) < 0) {
                 port_leave(self);
@@ -2202,15 +2291,19 @@ static PyObject *Port_fileno(PortObject *self, PyObject *unused) {
 }
 
 static PyObject *Port_set_spin(PortObject *self, PyObject *arg) {
-        double s = PyFloat_AsDouble(arg);
+        double s = arg == Py_None ? -1.0 : PyFloat_AsDouble(arg);
 
         if (s == -1.0 && PyErr_Occurred())
                 return NULL;
         if (self->closed)
                 return closed_error("port");
-        if (s < 0)
-                s = 0;
-        (void) shmz_port_set_spin(self->p, (uint64_t) (s * 1e9));
+        if (arg == Py_None) {
+                self->spin = (struct spin){ .fixed = -1, .set = self->spin.set };
+                Py_RETURN_NONE;
+        }
+        self->spin.fixed = s <= 0 ? 0 : s >= 9.2e9 ? INT64_MAX : (int64_t) (s * 1e9);
+        self->spin.set = (uint64_t) self->spin.fixed;
+        (void) shmz_port_set_spin(self->p, self->spin.set);
         Py_RETURN_NONE;
 }
 
@@ -2235,7 +2328,7 @@ static PyObject *Port_get_closed(PortObject *self, void *unused) {
 static PyMethodDef Port_methods[] = {
         { "buffer", (PyCFunction) (void (*)(void)) Port_buffer, METH_VARARGS | METH_KEYWORDS,
           "buffer(size, timeout=None) -> writable memoryview in the port's shared memory; send() takes it in place" },
-        { "send", (PyCFunction) (void (*)(void)) Port_send, METH_VARARGS | METH_KEYWORDS,
+        { "send", (PyCFunction) (void (*)(void)) Port_send, METH_FASTCALL | METH_KEYWORDS,
           "send(data, type=0, stream=0, last=False, fd=None, timeout=None)" },
         { "recv", (PyCFunction) (void (*)(void)) Port_recv, METH_FASTCALL | METH_KEYWORDS,
           "recv(timeout=None) -> Message" },
@@ -2244,7 +2337,8 @@ static PyMethodDef Port_methods[] = {
           "time.monotonic() seconds" },
         { "fileno", (PyCFunction) Port_fileno, METH_NOARGS, "readable when a message waits or the peer is gone" },
         { "set_spin", (PyCFunction) Port_set_spin, METH_O,
-          "set_spin(seconds): a receive looks at the ring that long before it sleeps" },
+          "set_spin(seconds): a receive looks at the ring that long before it sleeps (0: sleeps at once); "
+          "set_spin(None): the default, up to 30 us while that catches the messages" },
         { "close", (PyCFunction) Port_close, METH_NOARGS, NULL },
         { "__enter__", return_self, METH_NOARGS, NULL },
         { "__exit__", (PyCFunction) Port_exit, METH_VARARGS, NULL },

@@ -184,13 +184,14 @@ static PyObject *Port_close(PortObject *self, PyObject *unused) {
         Py_RETURN_NONE;
 }
 
-struct recv_ctx {
+/* A receive's or a send's: the port and the message. */
+struct msg_ctx {
         struct shmz_port *p;
         struct shmz_msg m;
 };
 
 static int recv_op(void *userdata, int64_t t) {
-        struct recv_ctx *c = userdata;
+        struct msg_ctx *c = userdata;
 
         return shmz_port_recv(c->p, &c->m, t);
 }
@@ -228,7 +229,7 @@ static void spin_after(PortObject *self, bool caught) {
 
 static PyObject *Port_recv(PortObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) {
         PyObject *to = nargs > 0 ? args[0] : Py_None, *res;
-        struct recv_ctx c;
+        struct msg_ctx c;
         int64_t t;
         int r;
 
@@ -343,13 +344,8 @@ static PyObject *Port_buffer(PortObject *self, PyObject *args, PyObject *kw) {
         return mv;
 }
 
-struct send_ctx {
-        struct shmz_port *p;
-        struct shmz_msg m;
-};
-
 static int send_op(void *userdata, int64_t t) {
-        struct send_ctx *c = userdata;
+        struct msg_ctx *c = userdata;
 
         return shmz_port_send(c->p, &c->m, t);
 }
@@ -459,7 +455,7 @@ static int send_args(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
 static PyObject *Port_send(PortObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) {
         PyObject *data, *fd = Py_None, *to = Py_None;
         unsigned type = 0, stream = 0;
-        struct send_ctx c = {};
+        struct msg_ctx c = {};
         PortBufferObject *pb = NULL;
         Py_buffer view;
         int last = 0, r;

@@ -3,19 +3,6 @@
 
 /* ---- Port -------------------------------------------------------------------------------------- */
 
-/*
- * A receive spins (in the library, the GIL released) for up to SPIN_NS before
- * it sleeps: a peer in another process that answers at once (request and
- * reply) answers within a few microseconds, and a sleep costs both sides a
- * wake-up that takes longer than the whole reply. A spin that ends in a sleep
- * anyway (an idle port, a peer that waits for a CPU on a loaded machine) was
- * wasted, so after each the next 1, 2, 4, ... SPIN_BACKOFF_MAX receives sleep
- * at once; one that the spin catches starts the count again. set_spin(s)
- * fixes the spin instead.
- */
-#define SPIN_NS (30 * 1000LL)
-#define SPIN_BACKOFF_MAX 64u
-
 void msg_drop(struct shmz_port *p, struct shmz_msg *m) {
         if (m->fd >= 0)
                 close(m->fd);
@@ -196,6 +183,23 @@ static int recv_op(void *userdata, int64_t t) {
         return shmz_port_recv(c->p, &c->m, t);
 }
 
+/*
+ * A receive spins (in the library, the GIL released) for up to SPIN_NS before
+ * it sleeps: a peer in another process that answers at once (request and
+ * reply) answers within a few microseconds, and a sleep costs both sides a
+ * wake-up that takes longer than the whole reply. A spin that ends in a sleep
+ * anyway (an idle port, a peer that waits for a CPU on a loaded machine) was
+ * wasted, so after each the next 1, 2, 4, ... SPIN_BACKOFF_MAX receives sleep
+ * at once; one that the spin catches starts the count again. After a message
+ * over SPIN_SIZE_MAX the next receive sleeps at once too: its peer spends
+ * longer than a spin making the next (1 MiB is some 100 us of writes), and
+ * a spinner only takes CPU time from it on a shared machine (measured: a
+ * stream of 1 MiB arrays 2x slower). set_spin(s) fixes the spin instead.
+ */
+#define SPIN_NS (30 * 1000LL)
+#define SPIN_BACKOFF_MAX 64u
+#define SPIN_SIZE_MAX (64 * 1024)
+
 /* The spin of the receive about to wait (0: none to learn from), told to the library if it changed. */
 static uint64_t spin_before(PortObject *self) {
         struct spin *sp = &self->spin;
@@ -207,7 +211,7 @@ static uint64_t spin_before(PortObject *self) {
                 sp->skip--;
                 want = 0;
         } else
-                want = SPIN_NS;
+                want = sp->large ? 0 : SPIN_NS;
         if (want != sp->set) {
                 (void) shmz_port_set_spin(self->p, want);
                 sp->set = want;
@@ -257,6 +261,8 @@ static PyObject *Port_recv(PortObject *self, PyObject *const *args, Py_ssize_t n
                 r = run_sliced(recv_op, &c, t, &self->closed, "port");
                 if (spin)
                         spin_after(self, r >= 0 && now_ns() - start <= spin);
+                if (r >= 0)
+                        self->spin.large = c.m.size > SPIN_SIZE_MAX;
         }
         if (r >= 0 && self->closed) { /* closed while we waited: the message goes back */
                 msg_drop(self->p, &c.m);

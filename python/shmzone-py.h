@@ -131,6 +131,7 @@ struct spin {
         uint64_t set;     /* what the library has now */
         unsigned skip;    /* receives left that sleep at once */
         unsigned backoff; /* the last wasted spin's skip (0: the last spin caught its message) */
+        bool large;       /* the last message was over SPIN_SIZE_MAX: the next one is not spun for */
 };
 
 /* Objects that hold the port's memory: revoked at close (linked while they hold it). */

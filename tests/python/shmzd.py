@@ -33,8 +33,8 @@ def _guard():
 
 
 def mounted(path):
-    """Whether path is a mount point, from the kernel's table: a FUSE mount whose daemon died fails the
-    stat() that os.path.ismount() relies on, and would be taken for a plain directory."""
+    """Whether path is a mount point, from the kernel's table rather than by stat() (os.path.ismount),
+    which asks the view's daemon, gone or wedged when a run fails."""
     with open("/proc/self/mountinfo") as f:
         return any(line.split()[4] == path for line in f)
 

@@ -156,6 +156,8 @@ ssize_t proto_body_size(uint16_t type, bool reply) {
                 return reply ? sizeof(struct shmz_msg_segment_info) : 0;
         case SHMZ_MSG_RELOAD:
                 return reply ? sizeof(struct shmz_msg_reload_reply) : 0;
+        case SHMZ_MSG_ZONE_HOLDERS:
+                return reply ? sizeof(struct shmz_msg_zone_holders) : sizeof(struct shmz_msg_zone_holders_req);
         case SHMZ_MSG_NOTICE_SHUTDOWN:
                 return reply ? -EBADMSG : 0;
         case SHMZ_MSG_NOTICE_PORT:

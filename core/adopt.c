@@ -177,6 +177,8 @@ static int adopt(struct registry *reg, const char *fdname, int fd, const struct 
                 z->created_usec = hist->created_usec;
                 z->mtime_usec = hist->mtime_usec;
                 z->ctime_usec = hist->ctime_usec;
+                /* A pid may have been reused meanwhile: shown as the creator's, as ipcs shows a gone creator's. */
+                z->creator_pid = (pid_t) MIN(hist->creator_pid, (uint32_t) INT32_MAX);
                 strncpy_buf(z->tag, sizeof(z->tag), hist->tag);
         } else if (!damaged) {
                 /* No record (a daemon before records were kept): what the header says, as then. */

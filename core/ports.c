@@ -21,6 +21,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "memfd.h"
 #include "ports.h"
 #include "registry-internal.h"
 
@@ -102,7 +103,9 @@ struct port {
         uint64_t port_memory;
         int channel_fd;
         const struct shmz_channel *channel; /* read-only mapping: figures */
-        struct segment **segs[2];           /* per direction, by slot */
+        /* The highest figures read from the channel so far: its writers may lower them, our counters never go down. */
+        uint64_t seen_messages[2], seen_bytes[2];
+        struct segment **segs[2]; /* per direction, by slot */
         uint32_t n_segs[2], cap_segs[2];
 };
 
@@ -129,6 +132,7 @@ struct ports {
         size_t n_reserved;
         uint64_t next_port_id, next_listener_serial;
         uint64_t ports_closed, peers_died;
+        uint64_t ended_messages, ended_bytes; /* of the ports that ended, as last seen: counters stay monotonic */
         uint64_t n_segments, segment_bytes, chunks;
 
         /* The segment table: blocks published with release stores, read with acquire loads. */
@@ -775,6 +779,21 @@ static void segment_unref_internal(struct ports *pt, struct segment *s) {
         pthread_mutex_unlock(&pt->lock);
 }
 
+static uint64_t sat_add(uint64_t a, uint64_t b) {
+        return a + b < a ? UINT64_MAX : a + b;
+}
+
+/* Reads the channel's figures into the port's highest-seen ones (lock held). */
+static void port_see_figures(struct port *p) {
+        if (!p->channel)
+                return;
+        for (unsigned d = 0; d < 2; d++) {
+                p->seen_messages[d] =
+                        MAX(p->seen_messages[d], __atomic_load_n(&p->channel->dir[d].messages, __ATOMIC_RELAXED));
+                p->seen_bytes[d] = MAX(p->seen_bytes[d], __atomic_load_n(&p->channel->dir[d].bytes, __ATOMIC_RELAXED));
+        }
+}
+
 void ports_port_drop(struct ports *pt, struct port *p, bool died) {
         struct segment **gone = NULL;
         size_t n_gone = 0, total;
@@ -796,6 +815,12 @@ void ports_port_drop(struct ports *pt, struct port *p, bool died) {
                 peer_uncharge(p->listener, p->uid[SHMZ_PORT_SIDE_CONNECTOR], true, !p->accepted);
         }
         uid_uncharge(pt, p->uid[SHMZ_PORT_SIDE_CONNECTOR]);
+        /* Its messages stay counted: a counter that fell when a port ended would look like a restart. */
+        port_see_figures(p);
+        for (unsigned d = 0; d < 2; d++) {
+                pt->ended_messages = sat_add(pt->ended_messages, p->seen_messages[d]);
+                pt->ended_bytes = sat_add(pt->ended_bytes, p->seen_bytes[d]);
+        }
         pt->ports_closed++;
         if (died)
                 pt->peers_died++;
@@ -883,14 +908,13 @@ static int segment_memory_make(struct segment *s, struct port *p, uint32_t side,
         char memfd_name[64];
         uint64_t map_size = SHMZ_SEGMENT_HEADER_SIZE + (uint64_t) p->chunk_size * p->segment_chunks;
         void *m;
-        int nfd;
+        int nfd, r;
 
         (void) snprintf(memfd_name, sizeof(memfd_name), "shmzone-segment:%" PRIu64, s->info.id);
-        fd = memfd_create(memfd_name, MFD_CLOEXEC | MFD_ALLOW_SEALING);
-        if (fd < 0)
-                return -errno;
-        if (ftruncate(fd, (off_t) map_size) < 0)
-                return -errno;
+        /* Nobody but the daemon's uid reopens it through /proc: the sides pass the fd itself. */
+        r = memfd_new_sealed(memfd_name, map_size, true, &fd);
+        if (r < 0)
+                return r;
         h.magic = SHMZ_SEGMENT_MAGIC;
         h.abi_version = SHMZ_ABI_VERSION;
         h.header_size = SHMZ_SEGMENT_HEADER_SIZE;
@@ -903,11 +927,6 @@ static int segment_memory_make(struct segment *s, struct port *p, uint32_t side,
         h.n_chunks = p->segment_chunks;
         if (pwrite(fd, &h, sizeof(h), 0) != (ssize_t) sizeof(h))
                 return -EIO;
-        if (fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) < 0)
-                return -errno;
-        /* Nobody but the daemon's uid reopens it through /proc: the sides pass the fd itself. */
-        if (fchmod(fd, 0400) < 0)
-                return -errno;
         m = mmap(NULL, map_size, PROT_READ, MAP_SHARED, fd, 0);
         if (m == MAP_FAILED)
                 return -errno;
@@ -1044,10 +1063,6 @@ static uint64_t count_used(const struct segment *s) {
         return s->map ? segment_chunks_used(s->map, s->info.n_chunks) : 0;
 }
 
-static uint64_t sat_add(uint64_t a, uint64_t b) {
-        return a + b < a ? UINT64_MAX : a + b;
-}
-
 void ports_get_stats(struct ports *pt, struct ports_stats *ret) {
         pthread_mutex_lock(&pt->lock);
         *ret = (struct ports_stats){
@@ -1056,23 +1071,21 @@ void ports_get_stats(struct ports *pt, struct ports_stats *ret) {
                 .segments = pt->n_segments,
                 .segment_bytes = pt->segment_bytes,
                 .chunks = pt->chunks,
+                .messages = pt->ended_messages,
+                .message_bytes = pt->ended_bytes,
                 .ports_closed = pt->ports_closed,
                 .peers_died = pt->peers_died,
         };
         for (size_t i = 0; i < pt->n_ports; i++) {
                 struct port *p = pt->ports[i];
 
+                /* The sides write these: figures only, never lower than read before, summed without overflow. */
+                port_see_figures(p);
                 for (unsigned d = 0; d < 2; d++) {
                         for (uint32_t k = 0; k < p->n_segs[d]; k++)
                                 ret->chunks_used += count_used(p->segs[d][k]);
-                        /* The sides write these: figures only, summed without overflow. */
-                        if (p->channel) {
-                                ret->messages = sat_add(
-                                        ret->messages, __atomic_load_n(&p->channel->dir[d].messages, __ATOMIC_RELAXED));
-                                ret->message_bytes =
-                                        sat_add(ret->message_bytes,
-                                                __atomic_load_n(&p->channel->dir[d].bytes, __ATOMIC_RELAXED));
-                        }
+                        ret->messages = sat_add(ret->messages, p->seen_messages[d]);
+                        ret->message_bytes = sat_add(ret->message_bytes, p->seen_bytes[d]);
                 }
         }
         pthread_mutex_unlock(&pt->lock);

@@ -47,7 +47,8 @@ struct ports_limits {
 
 struct ports_stats {
         uint64_t listeners, ports, segments, segment_bytes, chunks, chunks_used;
-        uint64_t messages, message_bytes, ports_closed, peers_died;
+        uint64_t messages, message_bytes; /* since start: ended ports as last seen, live ones as their channels say */
+        uint64_t ports_closed, peers_died;
 };
 
 /* What the observer is told (view invalidation); ino as above, name the listener's. */

@@ -24,6 +24,16 @@
 /* Changes one locked section can make: a section touches one zone (two events at most). */
 #define REGISTRY_MAX_CHANGES 4
 
+/* A process attached to a zone: one record however often it attached (holders.c). */
+struct zone_holder {
+        pid_t pid;
+        uid_t uid;
+        gid_t gid;
+        uint32_t attachments;
+        uint64_t since_usec;
+        char comm[SHMZ_COMM_BUF];
+};
+
 struct zone {
         char name[SHMZ_NAME_BUF];
         char tag[SHMZ_TAG_BUF];
@@ -41,6 +51,13 @@ struct zone {
         bool counted; /* created by a client: counts against its uid's zone quota until freed */
         bool stored;  /* the daemon's store holds the memfd under stored_id */
         struct zone_identity stored_id;
+        /* Who holds it (ipcs -p -t): creator, last attach and detach, the attached processes by pid. */
+        pid_t creator_pid; /* 0: the config's (or a zone older than the history record's creator field) */
+        pid_t last_pid;
+        uint64_t attach_usec, detach_usec; /* CLOCK_REALTIME, 0: none yet */
+        struct zone_holder *holders;       /* sorted by pid, at most SHMZ_HOLDERS_MAX */
+        uint32_t n_holders, cap_holders;
+        uint32_t untracked; /* attachments of processes past that bound */
 };
 
 struct quota_entry {
@@ -115,8 +132,9 @@ struct zone *registry_lookup(struct registry *reg, const char *name);
 struct zone *registry_lookup_as(struct registry *reg, const char *name, uint64_t ino);
 int registry_create_locked(struct registry *reg, const char *name, const char *tag, uint64_t size, uid_t uid, gid_t gid,
                            uint32_t mode, bool declared, struct zone **ret);
-int registry_attach_locked(struct registry *reg, struct zone *z, bool rdonly, struct zone **ret_zone, int *ret_fd,
-                           struct shmz_msg_zone_info *ret_info, bool *ret_existed);
+/* An attachment of c (recorded among the zone's holders). */
+int registry_attach_locked(struct registry *reg, struct zone *z, const struct caller *c, bool rdonly,
+                           struct zone **ret_zone, int *ret_fd, struct shmz_msg_zone_info *ret_info, bool *ret_existed);
 void registry_unlink_locked(struct registry *reg, struct zone *z);
 void registry_unref_locked(struct registry *reg, struct zone *z);
 void zone_info_fill(const struct zone *z, struct shmz_msg_zone_info *ret);
@@ -151,6 +169,13 @@ int zone_memory_reopen(struct zone *z, bool rdonly);
 void zone_memory_sync_acl(struct zone *z);
 void zone_memory_sync_tag(struct zone *z);
 void zone_destroy(struct zone *z);
+
+/* holders.c: who holds a zone. Never fail an attach: past the bound or out of memory, only counted. */
+void holders_attach(struct zone *z, const struct caller *c);
+void holders_detach(struct zone *z, const struct caller *c);
+void holders_fill(const struct zone *z, uint32_t after_pid, struct shmz_msg_zone_holders *ret);
+uint32_t holders_processes(const struct zone *z);
+void holders_free(struct zone *z);
 
 /* tickets.c */
 void tickets_free(struct registry *reg);

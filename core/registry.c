@@ -100,6 +100,7 @@ void zone_identity_of(const struct zone *z, struct zone_identity *ret) {
                         .created_usec = z->created_usec,
                         .mtime_usec = z->mtime_usec,
                         .ctime_usec = z->ctime_usec,
+                        .creator_pid = (uint32_t) z->creator_pid,
                 },
         };
         strncpy_buf(ret->name, sizeof(ret->name), z->name);
@@ -138,8 +139,9 @@ void registry_store_sync(struct registry *reg, struct zone *z) {
         assert_locked(reg);
         zone_identity_of(z, &id);
         if (z->stored && want && identity_eq(&id, &z->stored_id)) {
-                /* The same FDNAME: only the history record may need the new tag. */
-                if (reg->store && !streq(id.hist.tag, z->stored_id.hist.tag))
+                /* The same FDNAME: only the history record may need the new tag or creator. */
+                if (reg->store && (!streq(id.hist.tag, z->stored_id.hist.tag) ||
+                                   id.hist.creator_pid != z->stored_id.hist.creator_pid))
                         (void) store_queue(reg, &id, -EBADF, true);
                 z->stored_id = id;
                 return;
@@ -331,6 +333,7 @@ void zone_info_fill(const struct zone *z, struct shmz_msg_zone_info *ret) {
                 .gid = z->gid,
                 .mode = z->mode,
                 .attached = z->attached,
+                .holders = holders_processes(z),
                 .flags = (z->declared ? SHMZ_ZONE_INFO_DECLARED : 0) | (z->unlinked ? SHMZ_ZONE_INFO_UNLINKED : 0) |
                          (z->fd < 0 ? SHMZ_ZONE_INFO_PENDING : 0),
         };
@@ -476,8 +479,9 @@ void registry_unlink_locked(struct registry *reg, struct zone *z) {
         registry_unref_locked(reg, z);
 }
 
-int registry_attach_locked(struct registry *reg, struct zone *z, bool rdonly, struct zone **ret_zone, int *ret_fd,
-                           struct shmz_msg_zone_info *ret_info, bool *ret_existed) {
+int registry_attach_locked(struct registry *reg, struct zone *z, const struct caller *c, bool rdonly,
+                           struct zone **ret_zone, int *ret_fd, struct shmz_msg_zone_info *ret_info,
+                           bool *ret_existed) {
         int fd;
 
         assert_locked(reg);
@@ -491,6 +495,7 @@ int registry_attach_locked(struct registry *reg, struct zone *z, bool rdonly, st
         z->used = true;
         z->refs++;
         z->attached++;
+        holders_attach(z, c);
         if (ret_info)
                 zone_info_fill(z, ret_info);
         *ret_zone = z;
@@ -525,6 +530,8 @@ int registry_open(struct registry *reg, const struct caller *c, const char *name
                 r = registry_create_locked(reg, name, tag, size, c->uid, c->gid, 0600, false, &z);
                 if (r < 0)
                         goto out;
+                z->creator_pid = c->pid;
+                registry_store_sync(reg, z); /* the history record keeps the creator */
         } else {
                 /* Permission first, so that a stranger learns nothing of tag or size. */
                 r = acl_check_access(c, z->uid, z->gid, z->mode, rdonly ? R_OK : R_OK | W_OK);
@@ -540,20 +547,40 @@ int registry_open(struct registry *reg, const struct caller *c, const char *name
                         goto out;
                 }
         }
-        r = registry_attach_locked(reg, z, rdonly, ret_zone, ret_fd, ret_info, ret_existed);
+        r = registry_attach_locked(reg, z, c, rdonly, ret_zone, ret_fd, ret_info, ret_existed);
 out:
         registry_unlock(reg);
         return r;
 }
 
-void registry_detach(struct registry *reg, struct zone *z) {
+void registry_detach(struct registry *reg, struct zone *z, const struct caller *c) {
         if (!z)
                 return;
         /* No observer call: "attached" is no file attribute (the view reads it afresh as an xattr). */
         registry_lock(reg);
         z->attached--;
+        holders_detach(z, c);
         registry_unref_locked(reg, z);
         registry_unlock(reg);
+}
+
+int registry_holders(struct registry *reg, const struct caller *c, const char *name, uint64_t ino, uint32_t after_pid,
+                     struct shmz_msg_zone_holders *ret) {
+        struct zone *z;
+        int r = 0;
+
+        if (!name_is_valid(name))
+                return -EINVAL;
+        registry_lock(reg);
+        z = registry_lookup_as(reg, name, ino);
+        if (!z)
+                r = -ENOENT;
+        else if (c)
+                r = acl_check_access(c, z->uid, z->gid, z->mode, R_OK);
+        if (r >= 0)
+                holders_fill(z, after_pid, ret);
+        registry_unlock(reg);
+        return r;
 }
 
 int registry_unlink(struct registry *reg, const struct caller *c, const char *name) {
@@ -725,8 +752,26 @@ int registry_create_pending(struct registry *reg, const struct caller *c, const 
                 r = -EEXIST;
         else
                 r = registry_create_locked(reg, name, "", 0, c->uid, c->gid, mode, false, &z);
+        if (r >= 0) {
+                z->creator_pid = c->pid;
+                registry_store_sync(reg, z);
+        }
         if (r >= 0 && ret)
                 zone_info_fill(z, ret);
+        registry_unlock(reg);
+        return r;
+}
+
+int registry_drop_pending(struct registry *reg, struct zone *z) {
+        int r = 0;
+
+        registry_lock(reg);
+        if (z->unlinked)
+                r = -ENOENT;
+        else if (z->fd >= 0)
+                r = -EBUSY;
+        else
+                registry_unlink_locked(reg, z); /* the caller's reference keeps it until released */
         registry_unlock(reg);
         return r;
 }

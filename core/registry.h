@@ -31,6 +31,7 @@ struct caller {
         pid_t pid;
         const gid_t *groups; /* supplementary groups */
         size_t n_groups;
+        const char *comm; /* /proc/PID/comm as the front end read it, or NULL: shown as who holds a zone */
 };
 
 /* What the observer is told; name is the zone's name, ino its inode number. */
@@ -58,6 +59,7 @@ struct zone_history {
         uint64_t ino, generation;
         uint64_t created_usec, mtime_usec, ctime_usec;
         char tag[SHMZ_TAG_BUF];
+        uint32_t creator_pid; /* 0: unknown (the config's, or a record older than the field) */
 };
 
 struct zone_identity {
@@ -160,12 +162,23 @@ void registry_reserve(struct registry *reg, uint64_t next_ino, uint64_t next_gen
 /*
  * Open (SHMZ_CREATE/EXCL/RDONLY flags) following the tag and size rules. On
  * success the caller holds an attachment: *ret_zone stays valid until
- * registry_detach(). *ret_fd is a new fd (read-only reopen for RDONLY).
+ * registry_detach() with the same caller. *ret_fd is a new fd (read-only
+ * reopen for RDONLY). Every attachment is recorded under c's pid (the
+ * zone's holders, registry_holders()).
  */
 int registry_open(struct registry *reg, const struct caller *c, const char *name, uint64_t size, const char *tag,
                   unsigned flags, struct zone **ret_zone, int *ret_fd, struct shmz_msg_zone_info *ret_info,
                   bool *ret_existed);
-void registry_detach(struct registry *reg, struct zone *z);
+void registry_detach(struct registry *reg, struct zone *z, const struct caller *c);
+/*
+ * Who holds the zone called name (ino as for registry_setattr): the zone's
+ * attach figures and one page of its holders, those with pids above
+ * after_pid, by pid. Unlinked zones are not found. c needs read permission
+ * (-EACCES: a stranger learns nothing of who uses a zone); NULL for a
+ * front end that checked it already (the kernel, for the view's xattr).
+ */
+int registry_holders(struct registry *reg, const struct caller *c, const char *name, uint64_t ino, uint32_t after_pid,
+                     struct shmz_msg_zone_holders *ret);
 
 int registry_unlink(struct registry *reg, const struct caller *c, const char *name);
 /*
@@ -201,9 +214,14 @@ int zone_view_map(struct zone *z, const void **ret);
 /* Called after bytes were written through the FUSE view (mtime, "data exists"). */
 void registry_touch(struct registry *reg, struct zone *z);
 
-/* FUSE create: a named zone without memory, owned by c, until registry_set_size() fixes its size. */
+/*
+ * FUSE create: a named zone without memory, owned by c, until registry_set_size() fixes its size.
+ * registry_drop_pending() (z: the caller's reference) unlinks it again if it is still pending (the
+ * creating open ended without a size): 0, -ENOENT if unlinked already, -EBUSY once it has a size.
+ */
 int registry_create_pending(struct registry *reg, const struct caller *c, const char *name, uint32_t mode,
                             struct shmz_msg_zone_info *ret);
+int registry_drop_pending(struct registry *reg, struct zone *z);
 /* Fixes the size of a pending zone (quota, budget apply); for a sized zone, only the same size is accepted. */
 int registry_set_size(struct registry *reg, const struct caller *c, const char *name, uint64_t ino, uint64_t size);
 /* Tag of a zone nobody attached to yet: owner or root. */
@@ -216,8 +234,8 @@ int registry_set_tag(struct registry *reg, const struct caller *c, const char *n
  */
 int registry_ticket_issue(struct registry *reg, struct zone *z, bool writable, uint64_t ret_ticket[2]);
 void registry_ticket_revoke(struct registry *reg, const uint64_t ticket[2]);
-int registry_ticket_redeem(struct registry *reg, const uint64_t ticket[2], bool want_write, struct zone **ret_zone,
-                           int *ret_fd, struct shmz_msg_zone_info *ret_info, bool *ret_existed);
+int registry_ticket_redeem(struct registry *reg, const struct caller *c, const uint64_t ticket[2], bool want_write,
+                           struct zone **ret_zone, int *ret_fd, struct shmz_msg_zone_info *ret_info, bool *ret_existed);
 
 /*
  * Applies a (re)loaded config: its limits, then its zones. Keeps unchanged

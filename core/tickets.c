@@ -67,8 +67,9 @@ void registry_ticket_revoke(struct registry *reg, const uint64_t ticket[2]) {
         registry_unlock(reg);
 }
 
-int registry_ticket_redeem(struct registry *reg, const uint64_t ticket[2], bool want_write, struct zone **ret_zone,
-                           int *ret_fd, struct shmz_msg_zone_info *ret_info, bool *ret_existed) {
+int registry_ticket_redeem(struct registry *reg, const struct caller *c, const uint64_t ticket[2], bool want_write,
+                           struct zone **ret_zone, int *ret_fd, struct shmz_msg_zone_info *ret_info,
+                           bool *ret_existed) {
         struct zone *z;
         bool writable;
         ssize_t i;
@@ -85,7 +86,7 @@ int registry_ticket_redeem(struct registry *reg, const uint64_t ticket[2], bool 
         if (want_write && !writable)
                 r = -EACCES;
         else
-                r = registry_attach_locked(reg, z, !want_write, ret_zone, ret_fd, ret_info, ret_existed);
+                r = registry_attach_locked(reg, z, c, !want_write, ret_zone, ret_fd, ret_info, ret_existed);
         registry_unref_locked(reg, z);
         registry_unlock(reg);
         return r;

@@ -10,6 +10,7 @@
 #include <sys/stat.h>
 #include <time.h>
 
+#include "memfd.h"
 #include "registry-internal.h"
 #include "zone-header.h"
 
@@ -17,6 +18,7 @@ void zone_destroy(struct zone *z) {
         if (z->view_map)
                 (void) munmap(z->view_map, z->map_size);
         safe_close(z->fd);
+        holders_free(z);
         free(z);
 }
 
@@ -26,28 +28,19 @@ int zone_memory_make(struct zone *z, uint64_t size) {
         struct shmz_zone_header h;
         char memfd_name[16 + SHMZ_NAME_BUF];
         uint64_t map_size = zone_map_size(size);
+        int r;
 
         if (size == 0 || map_size == 0)
                 return -EINVAL;
         (void) snprintf(memfd_name, sizeof(memfd_name), "shmzone:%s", z->name);
-        fd = memfd_create(memfd_name, MFD_CLOEXEC | MFD_ALLOW_SEALING);
-        if (fd < 0)
-                return -errno;
-        if (ftruncate(fd, (off_t) map_size) < 0)
-                return -errno;
+        /* Owner-read only: only the daemon's uid (which hands out the writable fds anyway) can reopen it. */
+        r = memfd_new_sealed(memfd_name, map_size, true, &fd);
+        if (r < 0)
+                return r;
         zone_header_init(&h, z->name, z->tag, map_size, z->uid, z->gid, z->mode, z->generation);
         h.created_usec = z->created_usec;
         if (pwrite(fd, &h, sizeof(h), 0) != (ssize_t) sizeof(h))
                 return -EIO;
-        if (fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) < 0)
-                return -errno;
-        /*
-         * A memfd's inode is mode 0777: anyone holding a read-only fd could
-         * reopen /proc/self/fd/N for writing. Owner-read only, so that only the
-         * daemon's uid (which hands out the writable fds anyway) can reopen it.
-         */
-        if (fchmod(fd, 0400) < 0)
-                return -errno;
         z->size = map_size - SHMZ_ZONE_HEADER_SIZE;
         z->map_size = map_size;
         /* zone_fd() reads it without the lock (FUSE reads of a zone that was pending a moment ago): sizes first. */

@@ -358,8 +358,33 @@ static void check_ports(struct parse_state *s) {
         s->line = line;
 }
 
+/*
+ * The keys zones and ports share, their owner and mode: the inih handler's
+ * answer (1, or 0 with the error recorded), -ENOENT for any other key.
+ */
+static int owner_key(struct parse_state *s, const char *what, const char *name, const char *key, const char *value,
+                     uint32_t *uid, uint32_t *gid, uint32_t *mode) {
+        if (streq(key, "user"))
+                return parse_id(value, false, uid) < 0 ? fail(s, "%s '%s': unknown user '%s'", what, name, value) : 1;
+        if (streq(key, "group"))
+                return parse_id(value, true, gid) < 0 ? fail(s, "%s '%s': unknown group '%s'", what, name, value) : 1;
+        if (streq(key, "mode")) {
+                unsigned long m;
+                char *end;
+
+                errno = 0;
+                m = strtoul(value, &end, 8);
+                if (!*value || *end || errno || m > 0777)
+                        return fail(s, "%s '%s': mode must be octal, 0 to 0777", what, name);
+                *mode = (uint32_t) m;
+                return 1;
+        }
+        return -ENOENT;
+}
+
 static int zone_key(struct parse_state *s, const char *key, const char *value) {
         struct zone_decl *z = s->zone;
+        int r;
 
         if (streq(key, "size")) {
                 s->zone_size_seen = true; /* a bad one is its own error, not "has no size" as well */
@@ -382,24 +407,8 @@ static int zone_key(struct parse_state *s, const char *key, const char *value) {
                 z->persist = b;
                 return 1;
         }
-        if (streq(key, "user"))
-                return parse_id(value, false, &z->uid) < 0 ? fail(s, "zone '%s': unknown user '%s'", z->name, value)
-                                                           : 1;
-        if (streq(key, "group"))
-                return parse_id(value, true, &z->gid) < 0 ? fail(s, "zone '%s': unknown group '%s'", z->name, value)
-                                                          : 1;
-        if (streq(key, "mode")) {
-                unsigned long m;
-                char *end;
-
-                errno = 0;
-                m = strtoul(value, &end, 8);
-                if (!*value || *end || errno || m > 0777)
-                        return fail(s, "zone '%s': mode must be octal, 0 to 0777", z->name);
-                z->mode = (uint32_t) m;
-                return 1;
-        }
-        return fail(s, "zone '%s': unknown key '%s'", z->name, key);
+        r = owner_key(s, "zone", z->name, key, value, &z->uid, &z->gid, &z->mode);
+        return r != -ENOENT ? r : fail(s, "zone '%s': unknown key '%s'", z->name, key);
 }
 
 static int zone_section_done(struct parse_state *s) {
@@ -439,25 +448,9 @@ static int new_zone_section(struct parse_state *s, const char *name) {
 /* [port NAME]: a reserved name, with the keys zones have for their owner and mode. */
 static int port_key(struct parse_state *s, const char *key, const char *value) {
         struct port_decl *pd = s->port;
+        int r = owner_key(s, "port", pd->name, key, value, &pd->uid, &pd->gid, &pd->mode);
 
-        if (streq(key, "user"))
-                return parse_id(value, false, &pd->uid) < 0 ? fail(s, "port '%s': unknown user '%s'", pd->name, value)
-                                                            : 1;
-        if (streq(key, "group"))
-                return parse_id(value, true, &pd->gid) < 0 ? fail(s, "port '%s': unknown group '%s'", pd->name, value)
-                                                           : 1;
-        if (streq(key, "mode")) {
-                unsigned long m;
-                char *end;
-
-                errno = 0;
-                m = strtoul(value, &end, 8);
-                if (!*value || *end || errno || m > 0777)
-                        return fail(s, "port '%s': mode must be octal, 0 to 0777", pd->name);
-                pd->mode = (uint32_t) m;
-                return 1;
-        }
-        return fail(s, "port '%s': unknown key '%s'", pd->name, key);
+        return r != -ENOENT ? r : fail(s, "port '%s': unknown key '%s'", pd->name, key);
 }
 
 static int new_port_section(struct parse_state *s, const char *name) {

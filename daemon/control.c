@@ -1,5 +1,7 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
+#include <fcntl.h>
 #include <inttypes.h>
+#include <stdio.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -15,16 +17,31 @@
 /* One client cannot pin an unbounded number of attachments. */
 #define MAX_ATTACHMENTS_PER_CLIENT 65536u
 
-static int reply(struct conn *c, const struct shmz_msg_header *req, int status, const void *body, size_t size, int fd) {
-        if (status < 0) {
-                /* errors_total counts these: each one is logged, so that a rise can be explained. */
-                atomic_fetch_add(&c->daemon->errors, 1);
-                log_debug_errno(status, "Client pid %d: request %u (stream %u) refused: %m", (int) c->caller.pid,
-                                (unsigned) req->type, (unsigned) req->stream);
-                body = NULL;
-                size = 0;
+/* The handlers' short name for conn_reply(). */
+#define reply conn_reply
+
+/*
+ * The caller's process name, read once, at its first attach: shown among the
+ * zone's holders (informational, as in ps: the process sets it itself). An
+ * unreadable one (hidden /proc, a pid from another namespace) stays empty.
+ */
+static const struct caller *attach_caller(struct conn *c) {
+        if (!c->caller.comm && c->caller.pid > 0) {
+                char path[32];
+                int fd;
+
+                (void) snprintf(path, sizeof(path), "/proc/%d/comm", (int) c->caller.pid);
+                fd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY);
+                if (fd >= 0) {
+                        ssize_t n = read(fd, c->comm, sizeof(c->comm) - 1);
+
+                        c->comm[MAX(n, (ssize_t) 0)] = 0;
+                        c->comm[strcspn(c->comm, "\n")] = 0;
+                        safe_close(fd);
+                }
         }
-        return conn_send(c, req->type, SHMZ_MSG_F_REPLY, req->stream, status, body, size, fd);
+        c->caller.comm = c->comm;
+        return &c->caller;
 }
 
 static int add_attachment(struct conn *c, struct zone *z, uint64_t *ret_handle) {
@@ -46,7 +63,7 @@ static int reply_attached(struct conn *c, const struct shmz_msg_header *h, struc
 
         r = add_attachment(c, z, &out->handle);
         if (r < 0) {
-                registry_detach(c->daemon->registry, z);
+                registry_detach(c->daemon->registry, z, &c->caller);
                 safe_close(fd);
                 return reply(c, h, r, NULL, 0, -EBADF);
         }
@@ -64,7 +81,7 @@ static int do_open(struct conn *c, const struct shmz_msg_header *h, const struct
                 return reply(c, h, -EINVAL, NULL, 0, -EBADF);
         if (c->n_attachments >= MAX_ATTACHMENTS_PER_CLIENT)
                 return reply(c, h, -EMFILE, NULL, 0, -EBADF);
-        r = registry_open(c->daemon->registry, &c->caller, m->name, m->size, m->tag, m->flags, &z, &fd, &info,
+        r = registry_open(c->daemon->registry, attach_caller(c), m->name, m->size, m->tag, m->flags, &z, &fd, &info,
                           &existed);
         if (r < 0)
                 return reply(c, h, r, NULL, 0, -EBADF);
@@ -81,7 +98,8 @@ static int do_ticket(struct conn *c, const struct shmz_msg_header *h, const stru
                 return reply(c, h, -EINVAL, NULL, 0, -EBADF);
         if (c->n_attachments >= MAX_ATTACHMENTS_PER_CLIENT)
                 return reply(c, h, -EMFILE, NULL, 0, -EBADF);
-        r = registry_ticket_redeem(c->daemon->registry, m->ticket, !(m->flags & SHMZ_RDONLY), &z, &fd, &info, &existed);
+        r = registry_ticket_redeem(c->daemon->registry, attach_caller(c), m->ticket, !(m->flags & SHMZ_RDONLY), &z, &fd,
+                                   &info, &existed);
         if (r < 0)
                 return reply(c, h, r, NULL, 0, -EBADF);
         return reply_attached(c, h, z, fd, &info, existed, m->flags & SHMZ_RDONLY);
@@ -91,7 +109,7 @@ static int do_ticket(struct conn *c, const struct shmz_msg_header *h, const stru
 static int do_close(struct conn *c, const struct shmz_msg_header *h, const struct shmz_msg_zone_close *m) {
         for (size_t i = 0; i < c->n_attachments; i++)
                 if (c->attachments[i].handle == m->handle) {
-                        registry_detach(c->daemon->registry, c->attachments[i].zone);
+                        registry_detach(c->daemon->registry, c->attachments[i].zone, &c->caller);
                         c->attachments[i] = c->attachments[--c->n_attachments];
                         return 0;
                 }
@@ -111,6 +129,19 @@ static int do_info(struct conn *c, const struct shmz_msg_header *h, const struct
         if (r < 0)
                 return reply(c, h, r, NULL, 0, -EBADF);
         return reply(c, h, 0, &info, sizeof(info), -EBADF);
+}
+
+/* Who may read the zone may see who holds it (as the view's xattr: the kernel checks read permission). */
+static int do_holders(struct conn *c, const struct shmz_msg_header *h, const struct shmz_msg_zone_holders_req *m) {
+        struct shmz_msg_zone_holders out;
+        int r;
+
+        if (!buf_is_cstr(m->name, sizeof(m->name)) || m->reserved != 0)
+                return reply(c, h, -EINVAL, NULL, 0, -EBADF);
+        r = registry_holders(c->daemon->registry, &c->caller, m->name, 0, m->after_pid, &out);
+        if (r < 0)
+                return reply(c, h, r, NULL, 0, -EBADF);
+        return reply(c, h, 0, &out, sizeof(out), -EBADF);
 }
 
 /* Zones per registry call while a listing runs. */
@@ -295,6 +326,8 @@ int control_dispatch(struct conn *c, const void *msg, size_t size) {
                 return do_status(c, &h);
         case SHMZ_MSG_RELOAD:
                 return do_reload(c, &h);
+        case SHMZ_MSG_ZONE_HOLDERS:
+                return do_holders(c, &h, body);
         case SHMZ_MSG_PORT_LISTEN:
         case SHMZ_MSG_PORT_CONNECT:
         case SHMZ_MSG_PORT_ACCEPTED:
@@ -309,7 +342,7 @@ int control_dispatch(struct conn *c, const void *msg, size_t size) {
 
 void control_release(struct conn *c) {
         for (size_t i = 0; i < c->n_attachments; i++)
-                registry_detach(c->daemon->registry, c->attachments[i].zone);
+                registry_detach(c->daemon->registry, c->attachments[i].zone, &c->caller);
         free(c->attachments);
         c->attachments = NULL;
         c->n_attachments = 0;

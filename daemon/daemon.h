@@ -27,9 +27,10 @@ struct daemon {
         struct worker **workers;
         unsigned n_workers;
         struct fuse_view *fuse;
-        uint64_t start_usec;
-        struct clients *clients; /* connections per uid and their limits */
-        struct history *history; /* under systemd: the zones' history record (history.h); store callbacks only */
+        uint64_t start_usec;          /* CLOCK_MONOTONIC */
+        uint64_t start_realtime_usec; /* the same moment, for the metrics' start time */
+        struct clients *clients;      /* connections per uid and their limits */
+        struct history *history;      /* under systemd: the zones' history record (history.h); store callbacks only */
         atomic_uint_fast64_t requests, errors;
         /* One reload at a time (SIGHUP on the main thread, RELOAD on a worker's); guards cfg. */
         pthread_mutex_t reload_lock;

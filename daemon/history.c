@@ -24,14 +24,16 @@ struct history_head {
 };
 
 struct history_entry {
-        uint32_t magic; /* ENTRY_MAGIC, or 0: free */
-        uint32_t reserved;
-        uint64_t sum; /* of what follows */
+        uint32_t magic;  /* ENTRY_MAGIC, or 0: free */
+        uint32_t layout; /* 0: ends at tag (an older daemon's); ENTRY_LAYOUT_CREATOR: creator_pid follows */
+        uint64_t sum;    /* of what follows, up to the end of the layout's fields */
         uint64_t ino, generation;
         uint64_t created_usec, mtime_usec, ctime_usec;
         char name[SHMZ_NAME_BUF];
         char tag[SHMZ_TAG_BUF];
+        uint32_t creator_pid;
 };
+#define ENTRY_LAYOUT_CREATOR 1u
 
 _Static_assert(sizeof(struct history_entry) <= ENTRY_SIZE, "entry fits");
 _Static_assert(4096 % ENTRY_SIZE == 0, "entries never cross a page");
@@ -44,9 +46,17 @@ struct history {
         size_t n; /* slots, head included */
 };
 
+/* An older daemon's entries stay readable: their sum ends at tag, and what follows them reads as 0. */
 static uint64_t entry_sum(const struct history_entry *e) {
+        size_t end = e->layout == ENTRY_LAYOUT_CREATOR ? sizeof(*e) : offsetof(struct history_entry, creator_pid);
+
         return checksum64((const char *) e + offsetof(struct history_entry, ino),
-                          sizeof(*e) - offsetof(struct history_entry, ino), ENTRY_MAGIC);
+                          end - offsetof(struct history_entry, ino), ENTRY_MAGIC);
+}
+
+static bool entry_checks(const struct history_entry *e) {
+        return e->magic == ENTRY_MAGIC && (e->layout == 0 || e->layout == ENTRY_LAYOUT_CREATOR) &&
+               e->sum == entry_sum(e);
 }
 
 static uint64_t head_sum(const struct history_head *h) {
@@ -91,8 +101,7 @@ static int load(struct history *h) {
                 if (pread(h->fd, &e, sizeof(e), (off_t) (i * ENTRY_SIZE)) != (ssize_t) sizeof(e))
                         return -EBADMSG;
                 /* An entry that does not check is a free slot: its zone, if any, gets new numbers. */
-                if (e.magic == ENTRY_MAGIC && e.sum == entry_sum(&e) && buf_is_cstr(e.name, sizeof(e.name)) &&
-                    name_is_valid(e.name))
+                if (entry_checks(&e) && buf_is_cstr(e.name, sizeof(e.name)) && name_is_valid(e.name))
                         strncpy_buf(h->names[i], sizeof(h->names[i]), e.name);
                 else if (e.magic != 0)
                         log_warning("History record: entry %zu does not check; ignored.", i);
@@ -159,8 +168,7 @@ int history_lookup(struct history *h, const char *name, struct zone_history *ret
         size_t i = slot_of(h, name);
 
         if (i == 0 || pread(h->fd, &e, sizeof(e), (off_t) (i * ENTRY_SIZE)) != (ssize_t) sizeof(e) ||
-            e.magic != ENTRY_MAGIC || e.sum != entry_sum(&e) || !buf_is_cstr(e.tag, sizeof(e.tag)) ||
-            !tag_is_valid(e.tag))
+            !entry_checks(&e) || !buf_is_cstr(e.tag, sizeof(e.tag)) || !tag_is_valid(e.tag))
                 return -ENOENT;
         *ret = (struct zone_history){
                 .ino = e.ino,
@@ -168,6 +176,7 @@ int history_lookup(struct history *h, const char *name, struct zone_history *ret
                 .created_usec = e.created_usec,
                 .mtime_usec = e.mtime_usec,
                 .ctime_usec = e.ctime_usec,
+                .creator_pid = e.layout == ENTRY_LAYOUT_CREATOR ? e.creator_pid : 0,
         };
         strncpy_buf(ret->tag, sizeof(ret->tag), e.tag);
         return 0;
@@ -181,11 +190,13 @@ void history_next(struct history *h, uint64_t *ret_ino, uint64_t *ret_generation
 int history_put(struct history *h, const struct zone_identity *id) {
         struct history_entry e = {
                 .magic = ENTRY_MAGIC,
+                .layout = ENTRY_LAYOUT_CREATOR,
                 .ino = id->hist.ino,
                 .generation = id->hist.generation,
                 .created_usec = id->hist.created_usec,
                 .mtime_usec = id->hist.mtime_usec,
                 .ctime_usec = id->hist.ctime_usec,
+                .creator_pid = id->hist.creator_pid,
         };
         size_t i = slot_of(h, id->name);
         int r;

@@ -28,6 +28,8 @@
 #include "worker.h"
 
 #define MAX_WORKERS 4u
+/* STATUS= is refreshed this often (systemctl status shows it). */
+#define STATUS_INTERVAL_USEC (10 * 1000000u)
 
 static const char *arg_config = NULL;
 static const char *arg_socket = NULL;
@@ -394,6 +396,7 @@ static void history_sync(struct daemon *d) {
         if (registry_list(d->registry, &v, &n) < 0)
                 return;
         for (size_t i = 0; i < n; i++) {
+                struct zone_history old = {};
                 struct zone_identity id = {
                         .hist = {
                                 .ino = v[i].ino,
@@ -406,6 +409,9 @@ static void history_sync(struct daemon *d) {
 
                 strncpy_buf(id.name, sizeof(id.name), v[i].name);
                 strncpy_buf(id.hist.tag, sizeof(id.hist.tag), v[i].tag);
+                /* The listing has no creator: an adopted zone's is the one its entry gave it. */
+                if (history_lookup(d->history, id.name, &old) == 0)
+                        id.hist.creator_pid = old.creator_pid;
                 (void) history_put(d->history, &id);
         }
 }
@@ -522,6 +528,7 @@ static void view_figures(void *userdata, struct fuse_view_figures *ret) {
                 .requests = atomic_load(&d->requests),
                 .errors = atomic_load(&d->errors),
                 .uptime_usec = now_usec(CLOCK_MONOTONIC) - d->start_usec,
+                .start_usec = d->start_realtime_usec,
                 .config_degraded = atomic_load(&d->degraded),
                 .config_errors = atomic_load(&d->config_errors),
         };
@@ -785,7 +792,10 @@ static int on_status_timer(sd_event_source *s, uint64_t usec, void *userdata) {
         struct daemon *d = userdata;
 
         notify_status(d);
-        return sd_event_source_set_time(s, usec + 10 * 1000000u);
+        /* A time source is one-shot: it is disabled before it is dispatched, and set_time() does not enable it. */
+        if (sd_event_source_set_time(s, usec + STATUS_INTERVAL_USEC) < 0)
+                return 0;
+        return sd_event_source_set_enabled(s, SD_EVENT_ONESHOT);
 }
 
 static int run(struct daemon *d) {
@@ -881,7 +891,8 @@ serve:
         if (r >= 0)
                 r = sd_event_add_signal(d->event, NULL, SIGHUP, on_reload, d);
         if (r >= 0)
-                r = sd_event_add_time_relative(d->event, NULL, CLOCK_MONOTONIC, 10 * 1000000u, 0, on_status_timer, d);
+                r = sd_event_add_time_relative(d->event, NULL, CLOCK_MONOTONIC, STATUS_INTERVAL_USEC, 0,
+                                               on_status_timer, d);
         if (r >= 0)
                 r = sd_event_add_time_relative(d->event, NULL, CLOCK_MONOTONIC, 1000000u, 0, on_persist_timer, d);
         if (r >= 0)
@@ -936,6 +947,7 @@ int main(int argc, char *argv[]) {
                 return check_config();
         d.config_path = arg_config ?: SHMZ_DEFAULT_CONFIG;
         d.start_usec = now_usec(CLOCK_MONOTONIC);
+        d.start_realtime_usec = now_usec(CLOCK_REALTIME);
 
         r = load_config(&d.cfg, &d.start_errors);
         /* A refused file: decided once the fd store is read (run()); built-in defaults meanwhile. */

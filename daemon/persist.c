@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include "log.h"
+#include "memfd.h"
 #include "persist.h"
 #include "util.h"
 #include "zone-header.h"
@@ -254,9 +255,9 @@ int persist_read(const char *dir, const struct zone_decl *decl, int *ret_fd, str
         if (!buf)
                 return log_oom();
         (void) snprintf(memfd_name, sizeof(memfd_name), "shmzone:%s", decl->name);
-        zfd = memfd_create(memfd_name, MFD_CLOEXEC | MFD_ALLOW_SEALING);
-        if (zfd < 0 || ftruncate(zfd, (off_t) h.map_size) < 0)
-                return log_error_errno(errno, "Zone '%s': cannot make its memfd: %m", decl->name);
+        r = memfd_new_sealed(memfd_name, h.map_size, true, &zfd);
+        if (r < 0)
+                return log_error_errno(r, "Zone '%s': cannot make its memfd: %m", decl->name);
         for (uint64_t off = 0; off < h.map_size; off += CHUNK) {
                 size_t n = (size_t) MIN(CHUNK, h.map_size - off);
 
@@ -274,8 +275,6 @@ int persist_read(const char *dir, const struct zone_decl *decl, int *ret_fd, str
         r = make_whole(zfd, decl, &h);
         if (r < 0)
                 return refuse(dir, decl->name, r, "holds a zone whose allocator cannot be repaired");
-        if (fcntl(zfd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) < 0 || fchmod(zfd, 0400) < 0)
-                return log_error_errno(errno, "Zone '%s': cannot seal its memfd: %m", decl->name);
         *ret_hist = (struct zone_history){
                 .ino = h.ino,
                 .generation = h.generation,

@@ -180,6 +180,18 @@ int conn_send(struct conn *c, uint16_t type, uint16_t flags, uint32_t stream, in
         return conn_send_fds(c, type, flags, stream, status, body, body_size, &fd, fd >= 0 ? 1 : 0);
 }
 
+int conn_reply(struct conn *c, const struct shmz_msg_header *req, int status, const void *body, size_t size, int fd) {
+        if (status < 0) {
+                /* errors_total counts these: each one is logged, so that a rise can be explained. */
+                atomic_fetch_add(&c->daemon->errors, 1);
+                log_debug_errno(status, "Client pid %d: request %u (stream %u) refused: %m", (int) c->caller.pid,
+                                (unsigned) req->type, (unsigned) req->stream);
+                body = NULL;
+                size = 0;
+        }
+        return conn_send(c, req->type, SHMZ_MSG_F_REPLY, req->stream, status, body, size, fd);
+}
+
 /* Reads and handles what c sent. A negative return: c must go. */
 static int conn_read(struct conn *c) {
         uint8_t buf[SHMZ_MSG_MAX];

@@ -25,8 +25,9 @@ struct conn {
         int fd;
         void *source; /* sd_event_source */
         struct caller caller;
-        uid_t counted_uid; /* what clients_add() counted this connection as */
-        void *hello_timer; /* sd_event_source: ends a connection that never says hello */
+        char comm[SHMZ_COMM_BUF]; /* /proc/PID/comm at the first attach (caller.comm then points here) */
+        uid_t counted_uid;        /* what clients_add() counted this connection as */
+        void *hello_timer;        /* sd_event_source: ends a connection that never says hello */
         gid_t *groups;
         bool hello;
         struct attachment *attachments;
@@ -60,11 +61,14 @@ void conn_hello_done(struct conn *c);
 int conn_send(struct conn *c, uint16_t type, uint16_t flags, uint32_t stream, int32_t status, const void *body,
               size_t body_size, int fd);
 
+/* Answers request req with status; body and fd (passed, then closed) only with a status >= 0. */
+int conn_reply(struct conn *c, const struct shmz_msg_header *req, int status, const void *body, size_t size, int fd);
+
 /* The same with up to PROTO_SEND_MAX_FDS fds, all passed and then closed. */
 int conn_send_fds(struct conn *c, uint16_t type, uint16_t flags, uint32_t stream, int32_t status, const void *body,
                   size_t body_size, const int *fds, size_t n_fds);
 
-/* ports.c: the port requests, the watch on both processes of each port. */
+/* control-ports.c: the port requests, the watch on both processes of each port. */
 int port_dispatch(struct conn *c, const struct shmz_msg_header *h, const void *body);
 /* Sends more of a running PORT_LIST or SEGMENT_LIST. */
 int port_list_pump(struct conn *c);

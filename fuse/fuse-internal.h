@@ -94,6 +94,8 @@ struct vhandle {
         struct vhandle *ino_prev, *ino_next; /* the other open handles of ino (fuse_view.open_inos) */
         bool readable, writable;
         bool has_ticket;
+        bool created;    /* zones: this open made the zone (pending): it goes at release if still pending */
+        bool told_nospc; /* zones: the log has heard of a write before the size was set */
         uint64_t ticket[2];
         char *text; /* status/metrics: generated at open */
         size_t text_len;

@@ -48,9 +48,10 @@ int status_text(struct fuse_view *v, bool prometheus, char **ret, size_t *ret_le
                 { "segment_bytes", "gauge", "Memory of all segments, headers included.", ps.segment_bytes },
                 { "chunks", "gauge", "Chunks of all segments.", ps.chunks },
                 { "chunks_used", "gauge", "Chunks claimed by a sender and not released yet.", ps.chunks_used },
-                { "messages_total", "counter", "Messages sent on live ports (as their channels count them).",
+                { "messages_total", "counter", "Messages sent on ports since start (as their channels count them).",
                   ps.messages },
-                { "message_bytes_total", "counter", "Bytes of the messages sent on live ports.", ps.message_bytes },
+                { "message_bytes_total", "counter", "Bytes of the messages sent on ports since start.",
+                  ps.message_bytes },
                 { "ports_closed_total", "counter", "Ports that ended.", ps.ports_closed },
                 { "peers_died_total", "counter", "Ports that ended because a process died.", ps.peers_died },
                 { "config_degraded", "gauge", "1 while the config file is refused and built-in defaults run.",
@@ -62,6 +63,17 @@ int status_text(struct fuse_view *v, bool prometheus, char **ret, size_t *ret_le
         f = open_memstream(&buf, &len);
         if (!f)
                 return -ENOMEM;
+        /* The version as a label (an "info" metric), the start time for resets: both as Prometheus users expect. */
+        if (prometheus)
+                fprintf(f,
+                        "# HELP shmzone_build_info The daemon's version.\n# TYPE shmzone_build_info gauge\n"
+                        "shmzone_build_info{version=\"%s\"} 1\n"
+                        "# HELP shmzone_start_time_seconds When the daemon started, seconds since the epoch.\n"
+                        "# TYPE shmzone_start_time_seconds gauge\n"
+                        "shmzone_start_time_seconds %" PRIu64 ".%06" PRIu64 "\n",
+                        PACKAGE_VERSION, fig.start_usec / 1000000u, fig.start_usec % 1000000u);
+        else
+                fprintf(f, "%-20s %s\n", "version", PACKAGE_VERSION);
         for (size_t i = 0; i < ELEMENTSOF(figs); i++) {
                 if (prometheus)
                         fprintf(f, "# HELP shmzone_%s %s\n# TYPE shmzone_%s %s\nshmzone_%s %" PRIu64 "\n", figs[i].name,

@@ -16,6 +16,7 @@
  */
 #include <fcntl.h>
 #include <inttypes.h>
+#include <libmount.h>
 #include <limits.h>
 #include <search.h>
 #include <stdio.h>
@@ -957,45 +958,22 @@ static const struct fuse_lowlevel_ops view_ops = {
 
 /* ---- mount and threads --------------------------------------------------------------- */
 
-/* mountinfo escapes blanks, tabs, newlines and backslashes as \ooo. */
-static void unescape_mountinfo(char *s) {
-        char *o = s;
-
-        for (; *s; s++) {
-                if (s[0] == '\\' && s[1] >= '0' && s[1] <= '3' && s[2] >= '0' && s[2] <= '7' && s[3] >= '0' &&
-                    s[3] <= '7') {
-                        *o++ = (char) ((s[1] - '0') << 6 | (s[2] - '0') << 3 | (s[3] - '0'));
-                        s += 3;
-                } else
-                        *o++ = *s;
-        }
-        *o = 0;
-}
-
-/* Is there a FUSE file system mounted exactly at path? */
+/* Is there a FUSE file system mounted exactly at path? (libmount reads /proc/self/mountinfo.) */
 static bool fuse_mounted_at(const char *path) {
-        _cleanup_free_ char *line = NULL;
-        size_t cap = 0;
+        struct libmnt_table *t = mnt_new_table();
+        struct libmnt_iter *it = mnt_new_iter(MNT_ITER_FORWARD);
+        struct libmnt_fs *fs;
         bool found = false;
-        FILE *f;
 
-        f = fopen("/proc/self/mountinfo", "re");
-        if (!f)
-                return false;
-        while (!found && getline(&line, &cap, f) > 0) {
-                char mnt[PATH_MAX], fstype[64];
-                const char *sep;
+        if (t && it && mnt_table_parse_file(t, "/proc/self/mountinfo") == 0)
+                while (!found && mnt_table_next_fs(t, it, &fs) == 0) {
+                        const char *type = mnt_fs_get_fstype(fs);
 
-                /* "id parent maj:min root mountpoint options ... - fstype source superoptions" */
-                if (sscanf(line, "%*s %*s %*s %*s %4095s", mnt) != 1)
-                        continue;
-                sep = strstr(line, " - ");
-                if (!sep || sscanf(sep + 3, "%63s", fstype) != 1)
-                        continue;
-                unescape_mountinfo(mnt);
-                found = streq(mnt, path) && (streq(fstype, "fuse") || strncmp(fstype, "fuse.", 5) == 0);
-        }
-        fclose(f);
+                        found = mnt_fs_streq_target(fs, path) && type &&
+                                (streq(type, "fuse") || strncmp(type, "fuse.", 5) == 0);
+                }
+        mnt_free_iter(it);
+        mnt_unref_table(t);
         return found;
 }
 

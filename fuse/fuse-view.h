@@ -28,6 +28,7 @@ struct fuse_view_figures {
         uint64_t clients;
         uint64_t requests, errors; /* on the control socket, since start */
         uint64_t uptime_usec;
+        uint64_t start_usec;      /* CLOCK_REALTIME when the daemon started */
         uint64_t config_degraded; /* 1: the config file was refused at start; zones kept, built-in defaults */
         uint64_t config_errors;   /* errors of the config file last refused (start or reload); 0 once applied */
 };

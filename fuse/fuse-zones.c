@@ -15,6 +15,7 @@
 #include <stdio.h>
 #include <sys/mman.h>
 #include <sys/xattr.h>
+#include <time.h>
 
 #include "fuse-internal.h"
 #include "log.h"
@@ -26,9 +27,13 @@
 #define XATTR_ATTACHED XATTR_PREFIX "attached"
 #define XATTR_GENERATION XATTR_PREFIX "generation"
 #define XATTR_MAP_SIZE XATTR_PREFIX "map_size"
-#define XATTR_ALLOC XATTR_PREFIX "alloc" /* only on zones whose allocator is formatted */
+#define XATTR_HOLDERS XATTR_PREFIX "holders" /* who attached, as ipcs -p -t shows it */
+#define XATTR_ALLOC XATTR_PREFIX "alloc"     /* only on zones whose allocator is formatted */
 
-static const char *const xattr_names[] = { XATTR_TAG, XATTR_ATTACHED, XATTR_GENERATION, XATTR_MAP_SIZE };
+static const char *const xattr_names[] = { XATTR_TAG, XATTR_ATTACHED, XATTR_GENERATION, XATTR_MAP_SIZE, XATTR_HOLDERS };
+
+/* A line each for SHMZ_HOLDERS_MAX holders and the zone's own: under the kernel's 64 KiB for a value. */
+#define HOLDERS_TEXT_MAX 65536u
 
 void zone_stat(const struct shmz_msg_zone_info *i, struct stat *ret) {
         *ret = (struct stat){
@@ -166,6 +171,7 @@ void zones_create(struct fuse_view *v, fuse_req_t req, const char *name, mode_t 
                 return;
         }
         h->zone = z;
+        h->created = true;
         entry_from_info(v, &info, &e);
         open_reply(v, req, h, &e, fi);
 }
@@ -259,6 +265,20 @@ void zones_read(struct fuse_view *v, fuse_req_t req, struct vhandle *h, size_t s
         (void) fuse_reply_buf(req, (const char *) h->map + start, size);
 }
 
+/*
+ * Any user can create and write many files: at most one such log line a
+ * second (only the FUSE thread asks).
+ */
+static bool nospc_log_allowed(void) {
+        static uint64_t last_usec;
+        uint64_t now = now_usec(CLOCK_MONOTONIC);
+
+        if (last_usec != 0 && now - last_usec < 1000000u)
+                return false;
+        last_usec = now;
+        return true;
+}
+
 void zones_write(struct fuse_view *v, fuse_req_t req, struct vhandle *h, const char *buf, size_t size, off_t off) {
         uint64_t zsize = handle_size(v, h);
         int fd = zone_fd(h->zone);
@@ -274,6 +294,21 @@ void zones_write(struct fuse_view *v, fuse_req_t req, struct vhandle *h, const c
         }
         /* A zone is a fixed-size device: writing at or past its end is "no space", a straddling write is short. */
         if (fd < 0 || (uint64_t) off >= zsize) {
+                /*
+                 * cp and shell redirections create, then write: all they can say is "No space left on
+                 * device", which reads as a full disk. The log says what it is (once per open file, at most a line a
+                 * second).
+                 */
+                if (fd < 0 && !h->told_nospc && nospc_log_allowed()) {
+                        struct shmz_msg_zone_info info;
+
+                        registry_info_of(v->registry, h->zone, &info);
+                        log_notice("View: zones/%s was written before it had a size (pid %d): refused with ENOSPC. "
+                                   "A zone takes its size from a truncate first: truncate -s SIZE zones/%s; "
+                                   "unsized, it goes when the file that made it is closed.",
+                                   info.name, (int) fuse_req_ctx(req)->pid, info.name);
+                        h->told_nospc = true;
+                }
                 (void) fuse_reply_err(req, ENOSPC);
                 return;
         }
@@ -302,6 +337,9 @@ void zones_release(struct fuse_view *v, struct vhandle *h) {
                 registry_ticket_revoke(v->registry, h->ticket);
         h->has_ticket = false;
         h->map = NULL; /* the zone's, gone with its last reference */
+        /* cp or a redirection that made a zone and never sized it leaves nothing behind (no 0-byte zone). */
+        if (h->created && h->zone)
+                (void) registry_drop_pending(v->registry, h->zone);
         registry_unref(v->registry, TAKE_PTR(h->zone));
 }
 
@@ -529,8 +567,63 @@ void reply_xattr(fuse_req_t req, int r, const char *buf, size_t len, size_t size
                 (void) fuse_reply_buf(req, buf, len);
 }
 
+/*
+ * Who holds the zone: a line for the zone, then one per attached process,
+ * by pid; times in microseconds since the epoch (0: none since the daemon
+ * started), the process name last (it may hold spaces).
+ */
+static int holders_value(struct fuse_view *v, const struct shmz_msg_zone_info *i, char **ret, size_t *ret_len) {
+        _cleanup_free_ char *buf = malloc(HOLDERS_TEXT_MAX);
+        struct shmz_msg_zone_holders page;
+        uint32_t after = 0;
+        size_t len = 0;
+        int n, r;
+
+        if (!buf)
+                return -ENOMEM;
+        if (i->flags & SHMZ_ZONE_INFO_UNLINKED)
+                return -ENODATA; /* nobody can attach any more; its holders are the attachments left */
+        for (bool first = true;; first = false) {
+                r = registry_holders(v->registry, NULL, i->name, i->ino, after, &page);
+                if (r < 0)
+                        return r == -ENOENT ? -ENODATA : r;
+                if (first) {
+                        n = snprintf(buf, HOLDERS_TEXT_MAX,
+                                     "creator_pid=%" PRIu32 " creator_uid=%" PRIu32 " attach_usec=%" PRIu64
+                                     " detach_usec=%" PRIu64 " last_pid=%" PRIu32 " processes=%" PRIu32
+                                     " untracked=%" PRIu32 "\n",
+                                     page.creator_pid, page.creator_uid, page.attach_usec, page.detach_usec,
+                                     page.last_pid, page.processes, page.untracked);
+                        if (n < 0 || (size_t) n >= HOLDERS_TEXT_MAX)
+                                return -EIO;
+                        len = (size_t) n;
+                }
+                for (uint32_t k = 0; k < MIN(page.n, SHMZ_HOLDERS_PER_MSG); k++) {
+                        const struct shmz_msg_zone_holder *o = &page.holders[k];
+
+                        n = snprintf(buf + len, HOLDERS_TEXT_MAX - len,
+                                     "pid=%" PRIu32 " uid=%" PRIu32 " gid=%" PRIu32 " attachments=%" PRIu32
+                                     " since_usec=%" PRIu64 " comm=%.*s\n",
+                                     o->pid, o->uid, o->gid, o->attachments, o->since_usec, (int) sizeof(o->comm),
+                                     o->comm);
+                        /* The holders may change between pages: a full buffer ends the list there. */
+                        if (n < 0 || (size_t) n >= HOLDERS_TEXT_MAX - len)
+                                goto done;
+                        len += (size_t) n;
+                        after = o->pid;
+                }
+                if (page.n < SHMZ_HOLDERS_PER_MSG || after == 0)
+                        break;
+        }
+done:
+        *ret = TAKE_PTR(buf);
+        *ret_len = len;
+        return 0;
+}
+
 void zones_getxattr(struct fuse_view *v, fuse_req_t req, fuse_ino_t ino, const char *name, size_t size) {
         struct shmz_msg_zone_info info;
+        _cleanup_free_ char *text = NULL;
         char buf[8192];
         size_t len = 0;
         int r;
@@ -541,6 +634,11 @@ void zones_getxattr(struct fuse_view *v, fuse_req_t req, fuse_ino_t ino, const c
                 return;
         }
         r = zone_info_any(v, ino, NULL, &info);
+        if (r >= 0 && streq(name, XATTR_HOLDERS)) {
+                r = holders_value(v, &info, &text, &len);
+                reply_xattr(req, r, text, len, size);
+                return;
+        }
         if (r >= 0 && streq(name, XATTR_ALLOC))
                 r = alloc_value(v, ino, buf, sizeof(buf), &len);
         else if (r >= 0)

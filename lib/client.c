@@ -452,6 +452,7 @@ static void stat_from_wire(const struct shmz_msg_zone_info *i, struct shmz_zone_
                 .gid = i->gid,
                 .mode = i->mode,
                 .attached = i->attached,
+                .holders = i->holders,
                 .flags = i->flags,
                 .ino = i->ino,
                 .mtime_usec = i->mtime_usec,

@@ -54,6 +54,7 @@
 #include <sys/syscall.h>
 #include <time.h>
 
+#include "futex.h"
 #include "mutex.h"
 #include "util.h"
 
@@ -298,25 +299,6 @@ static inline _Atomic uint32_t *futex_word(struct shmz_mutex *m) {
         return (_Atomic uint32_t *) &m->futex;
 }
 
-static int futex_wait_abs(_Atomic uint32_t *w, uint32_t val, const struct timespec *abs) {
-        long r;
-
-        /* Shared (not PRIVATE): the kernel's robust-list wake-up on owner death uses shared futexes. */
-        r = syscall(SYS_futex, w, FUTEX_WAIT_BITSET, val, abs, NULL, FUTEX_BITSET_MATCH_ANY);
-        return r < 0 ? -errno : 0;
-}
-
-static void futex_wake(_Atomic uint32_t *w, int n) {
-        (void) syscall(SYS_futex, w, FUTEX_WAKE, n, NULL, NULL, 0);
-}
-
-static uint64_t mono_ns(void) {
-        struct timespec ts;
-
-        clock_gettime(CLOCK_MONOTONIC, &ts);
-        return (uint64_t) ts.tv_sec * 1000000000ULL + (uint64_t) ts.tv_nsec;
-}
-
 static struct timespec ns_to_ts(uint64_t ns) {
         return (struct timespec){ .tv_sec = (time_t) (ns / 1000000000ULL), .tv_nsec = (long) (ns % 1000000000ULL) };
 }
@@ -410,7 +392,7 @@ __attribute__((noinline)) static int lock_slow(struct thread_self *s, struct shm
         int r;
 
         if (mode == MODE_TIMED) {
-                uint64_t now = mono_ns();
+                uint64_t now = now_nsec(CLOCK_MONOTONIC);
                 deadline = timeout_ns > UINT64_MAX - now ? UINT64_MAX : now + timeout_ns;
         }
 
@@ -476,7 +458,7 @@ __attribute__((noinline)) static int lock_slow(struct thread_self *s, struct shm
 
                 /* Every round, whatever woke the last wait (a holder that let go to another waiter, say): a
                  * lock that keeps changing hands must not keep a timed waiter past its deadline. */
-                until = mono_ns();
+                until = now_nsec(CLOCK_MONOTONIC);
                 if (mode == MODE_TIMED && until >= deadline) {
                         r = -ETIMEDOUT;
                         break;
@@ -489,7 +471,7 @@ __attribute__((noinline)) static int lock_slow(struct thread_self *s, struct shm
                 r = futex_wait_abs(w, v, &ts);
                 /* Timed out: the word did not change for a whole poll. */
                 overdue = r == -ETIMEDOUT;
-                if (r == -ETIMEDOUT && mode == MODE_TIMED && mono_ns() >= deadline) {
+                if (r == -ETIMEDOUT && mode == MODE_TIMED && now_nsec(CLOCK_MONOTONIC) >= deadline) {
                         r = -ETIMEDOUT;
                         break;
                 }

@@ -7,7 +7,6 @@
 #include <assert.h>
 #include <fcntl.h>
 #include <limits.h>
-#include <linux/futex.h>
 #include <linux/magic.h>
 #include <linux/sockios.h>
 #include <poll.h>
@@ -27,6 +26,7 @@
 #include <time.h>
 
 #include "client.h"
+#include "futex.h"
 #include "port.h"
 #include "proto.h"
 #include "reaper.h"
@@ -149,16 +149,12 @@ struct shmz_port {
 
 /* ---- time ------------------------------------------------------------------------------ */
 
-static uint64_t now_ns(void) {
-        return now_nsec(CLOCK_MONOTONIC);
-}
-
 static uint64_t deadline_of(int64_t timeout_ns) {
         uint64_t now;
 
         if (timeout_ns < 0)
                 return UINT64_MAX;
-        now = now_ns();
+        now = now_nsec(CLOCK_MONOTONIC);
         return (uint64_t) timeout_ns > UINT64_MAX - now ? UINT64_MAX : now + (uint64_t) timeout_ns;
 }
 
@@ -177,7 +173,7 @@ static int expired(int64_t timeout_ns) {
  * compare themselves (recv_timed(), tx_spin(), recv_sleep()'s spin).
  */
 static bool deadline_passed(uint64_t deadline) {
-        return deadline != UINT64_MAX && now_ns() >= deadline;
+        return deadline != UINT64_MAX && now_nsec(CLOCK_MONOTONIC) >= deadline;
 }
 
 /* ---- calls under way, and the close ------------------------------------------------------ */
@@ -209,7 +205,7 @@ static int wait_fd(int fd, short events, uint64_t deadline) {
                 int ms = -1, n;
 
                 if (deadline != UINT64_MAX) {
-                        uint64_t now = now_ns();
+                        uint64_t now = now_nsec(CLOCK_MONOTONIC);
 
                         if (now >= deadline)
                                 return -ETIMEDOUT;
@@ -225,20 +221,16 @@ static int wait_fd(int fd, short events, uint64_t deadline) {
 
 /* ---- the channel's wake-up words (shared with a process we do not trust: figures and wake-ups only) ---- */
 
-static void futex_wake_all(uint32_t *addr) {
-        (void) syscall(SYS_futex, addr, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
-}
-
 /* Every sender of direction d asleep for ring slots or chunks wakes (the port ends). */
 static void channel_wake_senders(struct shmz_channel *ch, unsigned d) {
         __atomic_fetch_add(&ch->dir[d].release_seq, 1, __ATOMIC_SEQ_CST);
-        futex_wake_all(&ch->dir[d].release_seq);
+        futex_wake(&ch->dir[d].release_seq, INT_MAX);
 }
 
 /* The receiver of direction d wakes if it sleeps on the futex. */
 static void channel_wake_receiver(struct shmz_channel *ch, unsigned d) {
         __atomic_fetch_add(&ch->dir[d].wake_seq, 1, __ATOMIC_SEQ_CST);
-        futex_wake_all(&ch->dir[d].wake_seq);
+        futex_wake(&ch->dir[d].wake_seq, INT_MAX);
 }
 
 /*
@@ -287,14 +279,14 @@ static int futex_sleep(uint32_t *word, uint32_t seen, uint64_t deadline) {
         struct timespec ts;
 
         if (deadline != UINT64_MAX) {
-                uint64_t now = now_ns();
+                uint64_t now = now_nsec(CLOCK_MONOTONIC);
 
                 if (now >= deadline)
                         return -ETIMEDOUT;
                 left = MIN(left, deadline - now);
         }
         ts = (struct timespec){ .tv_sec = (time_t) (left / 1000000000), .tv_nsec = (long) (left % 1000000000) };
-        (void) syscall(SYS_futex, word, FUTEX_WAIT, seen, &ts, NULL, 0);
+        (void) futex_wait(word, seen, &ts);
         return 0;
 }
 
@@ -726,17 +718,18 @@ static bool tx_scan(struct shmz_port *p, uint32_t n, uint32_t *ret_slot, uint32_
  * spaced so as not to take the bitmaps' lines from the receiver at each.
  */
 static bool tx_spin(struct shmz_port *p, uint32_t n, uint64_t deadline, uint32_t *ret_slot, uint32_t *ret_chunk) {
-        uint64_t now = now_ns(), spin = MAX(atomic_load_explicit(&p->spin_ns, memory_order_relaxed), TX_SPIN_NS);
+        uint64_t now = now_nsec(CLOCK_MONOTONIC),
+                 spin = MAX(atomic_load_explicit(&p->spin_ns, memory_order_relaxed), TX_SPIN_NS);
         uint64_t until = spin > deadline - MIN(now, deadline) ? deadline : now + spin;
 
         while (now < until) {
-                while (now_ns() < now + TX_LOOK_NS)
+                while (now_nsec(CLOCK_MONOTONIC) < now + TX_LOOK_NS)
                         cpu_relax();
                 if (atomic_load(&p->gone) || __atomic_load_n(&p->ch->closed, __ATOMIC_ACQUIRE))
                         return false; /* the caller's loop says why */
                 if (tx_scan(p, n, ret_slot, ret_chunk))
                         return true;
-                now = now_ns();
+                now = now_nsec(CLOCK_MONOTONIC);
         }
         return false;
 }
@@ -1663,7 +1656,7 @@ static int recv_sleep(struct shmz_port *p, uint64_t deadline, const atomic_uint 
         (__atomic_load_n(&d->head, __ATOMIC_ACQUIRE) != seen || atomic_load(&p->gone) || atomic_load(&p->peer_eof) ||  \
          __atomic_load_n(&p->ch->closed, __ATOMIC_ACQUIRE) || (gen && atomic_load(gen) != gen_seen))
         if (spin > 0 || streaming) {
-                uint64_t now = now_ns(), until;
+                uint64_t now = now_nsec(CLOCK_MONOTONIC), until;
 
                 spin = MAX(spin, streaming ? STREAM_SPIN_NS : 0);
                 until = spin > deadline - MIN(now, deadline) ? deadline : now + spin;
@@ -1679,16 +1672,16 @@ static int recv_sleep(struct shmz_port *p, uint64_t deadline, const atomic_uint 
                                  * runs at once instead of after our spin, and alone on it the yield is a system
                                  * call that returns at once. */
                                 (void) sched_yield();
-                                if (i % 16 == 0 && now_ns() >= until)
+                                if (i % 16 == 0 && now_nsec(CLOCK_MONOTONIC) >= until)
                                         break;
                         } else {
                                 /* A stream's receiver looks once per STREAM_LOOK_NS: every look takes the
                                  * head's line from the sender, and one that chases the head makes the sender
                                  * wait for it at each message; one that lags takes what came in one go. */
-                                now = now_ns();
+                                now = now_nsec(CLOCK_MONOTONIC);
                                 if (now >= until)
                                         break;
-                                while (now_ns() < now + STREAM_LOOK_NS)
+                                while (now_nsec(CLOCK_MONOTONIC) < now + STREAM_LOOK_NS)
                                         cpu_relax();
                         }
                 }
@@ -1739,7 +1732,7 @@ static int recv_lock_until(struct shmz_port *p, uint64_t deadline) {
 #ifdef TSAN
         /* ThreadSanitizer (gcc 12, clang 14) intercepts no pthread_mutex_clocklock(): it would not see the
          * lock taken, and report races on all it guards. Under it, the same wait on the realtime clock. */
-        uint64_t now = now_ns(), left = deadline > now ? deadline - now : 0;
+        uint64_t now = now_nsec(CLOCK_MONOTONIC), left = deadline > now ? deadline - now : 0;
 
         deadline = left > UINT64_MAX - now_nsec(CLOCK_REALTIME) ? UINT64_MAX : now_nsec(CLOCK_REALTIME) + left;
         abs = (struct timespec){ .tv_sec = (time_t) (deadline / 1000000000),
@@ -1814,7 +1807,7 @@ _public_ int shmz_port_recv(struct shmz_port *p, struct shmz_msg *ret, int64_t t
 
                 /* The time left of the caller's timeout, after replies handed on (the one deadline rule). */
                 if (timeout_ns > 0 && deadline != UINT64_MAX) {
-                        uint64_t now = now_ns();
+                        uint64_t now = now_nsec(CLOCK_MONOTONIC);
 
                         if (now >= deadline) {
                                 r = -ETIMEDOUT;
@@ -2309,7 +2302,7 @@ static void handoff_run(struct shmz_port *p) {
  * n + k, and finding none due costs nothing.
  */
 static int fail_calls(struct shmz_port *p, int error, bool only_expired) {
-        uint64_t now = only_expired ? now_ns() : 0;
+        uint64_t now = only_expired ? now_nsec(CLOCK_MONOTONIC) : 0;
         int n = 0;
 
         for (;;) {
@@ -2359,7 +2352,7 @@ static int port_call(struct shmz_port *p, const struct shmz_msg *m, uint64_t dea
         if (atomic_load(&p->gone))
                 return -EPIPE;
         if (deadline_ns != 0) {
-                uint64_t now = now_ns();
+                uint64_t now = now_nsec(CLOCK_MONOTONIC);
 
                 if (deadline_ns <= now)
                         return -ETIMEDOUT;
@@ -2497,7 +2490,7 @@ static int port_dispatch(struct shmz_port *p, int64_t timeout_ns) {
 
                 /* Wait only while nothing was handled, and wake for the next call's deadline. */
                 if (handled == 0 && timeout_ns != 0) {
-                        now = now_ns();
+                        now = now_nsec(CLOCK_MONOTONIC);
                         t = until == UINT64_MAX ? -1
                             : until > now       ? (int64_t) MIN(until - now, (uint64_t) INT64_MAX)
                                                 : 0;
@@ -2513,7 +2506,7 @@ static int port_dispatch(struct shmz_port *p, int64_t timeout_ns) {
                                 return handled;
                         if (timeout_ns == 0)
                                 return -EAGAIN;
-                        if (deadline != UINT64_MAX && now_ns() >= deadline)
+                        if (deadline != UINT64_MAX && now_nsec(CLOCK_MONOTONIC) >= deadline)
                                 return -ETIMEDOUT;
                         continue; /* woken for a deadline that moved: wait on */
                 }
@@ -2839,7 +2832,7 @@ static int listener_discard_one(int fd) {
 }
 
 static void listener_hang_up(struct shmz_listener *l) {
-        uint64_t deadline = now_ns() + UINT64_C(2000000000);
+        uint64_t deadline = now_nsec(CLOCK_MONOTONIC) + UINT64_C(2000000000);
         int fd = client_fd(l->conn);
 
         /*
@@ -2848,7 +2841,7 @@ static void listener_hang_up(struct shmz_listener *l) {
          */
         while (l->n_unsent > 0) {
                 struct pollfd pfd = { .fd = fd, .events = POLLIN | POLLOUT };
-                uint64_t now = now_ns();
+                uint64_t now = now_nsec(CLOCK_MONOTONIC);
                 int r;
 
                 listener_flush_locked(l);

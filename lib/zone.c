@@ -8,6 +8,7 @@
 #include <time.h>
 
 #include "client.h"
+#include "memfd.h"
 #include "util.h"
 #include "zone.h"
 
@@ -73,13 +74,9 @@ int zone_new_anonymous(const char *name, uint64_t size, struct shmz_zone **ret) 
 
         if (!name_is_valid(name) || size == 0 || map_size == 0)
                 return -EINVAL;
-        fd = memfd_create("shmzone:anonymous", MFD_CLOEXEC | MFD_ALLOW_SEALING);
-        if (fd < 0)
-                return -errno;
-        if (ftruncate(fd, (off_t) map_size) < 0)
-                return -errno;
-        if (fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) < 0)
-                return -errno;
+        r = memfd_new_sealed("shmzone:anonymous", map_size, false, &fd);
+        if (r < 0)
+                return r;
         map = mmap(NULL, map_size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
         if (map == MAP_FAILED)
                 return -errno;

@@ -162,30 +162,15 @@ static void set_child(struct limiter *l, uint32_t parent, uint32_t old, uint32_t
                 N(l, parent)->right = new;
 }
 
-static void rotate_left(struct limiter *l, uint32_t x) {
-        struct lim_node *xn = N(l, x);
-        uint32_t y = xn->right, yl, xp;
-        struct lim_node *yn;
-
-        if (y == NIL) {
-                l->corrupt = true;
-                return;
-        }
-        yn = N(l, y);
-        yl = yn->left;
-        xn->right = yl;
-        if (yl != NIL)
-                N(l, yl)->parent = x;
-        xp = xn->parent;
-        yn->parent = xp;
-        set_child(l, xp, x, y);
-        yn->left = x;
-        xn->parent = y;
+/* n's link on side d: 0 left, 1 right (the layout keeps two named links; the tree's code is written once for d). */
+static uint32_t *link_of(struct lim_node *n, unsigned d) {
+        return d ? &n->right : &n->left;
 }
 
-static void rotate_right(struct limiter *l, uint32_t x) {
+/* x goes down to side d, its child on the other side takes its place (d = 0: a left rotation). */
+static void rotate(struct limiter *l, uint32_t x, unsigned d) {
         struct lim_node *xn = N(l, x);
-        uint32_t y = xn->left, yr, xp;
+        uint32_t y = *link_of(xn, !d), yc, xp;
         struct lim_node *yn;
 
         if (y == NIL) {
@@ -193,14 +178,14 @@ static void rotate_right(struct limiter *l, uint32_t x) {
                 return;
         }
         yn = N(l, y);
-        yr = yn->right;
-        xn->left = yr;
-        if (yr != NIL)
-                N(l, yr)->parent = x;
+        yc = *link_of(yn, d);
+        *link_of(xn, !d) = yc;
+        if (yc != NIL)
+                N(l, yc)->parent = x;
         xp = xn->parent;
         yn->parent = xp;
         set_child(l, xp, x, y);
-        yn->right = x;
+        *link_of(yn, d) = x;
         xn->parent = y;
 }
 
@@ -248,6 +233,7 @@ static void tree_link(struct limiter *l, uint32_t z, uint32_t parent, bool left)
 
         for (unsigned steps = 0; steps < DEPTH_MAX; steps++) {
                 uint32_t p = N(l, z)->parent, g, u;
+                unsigned d;
 
                 if (p == NIL || !is_red(l, p))
                         break;
@@ -256,41 +242,23 @@ static void tree_link(struct limiter *l, uint32_t z, uint32_t parent, bool left)
                         l->corrupt = true; /* a red root */
                         break;
                 }
-                if (N(l, g)->left == p) {
-                        u = N(l, g)->right;
-                        if (is_red(l, u)) {
-                                N(l, p)->color = BLACK;
-                                N(l, u)->color = BLACK;
-                                N(l, g)->color = RED;
-                                z = g;
-                                continue;
-                        }
-                        if (N(l, p)->right == z) {
-                                z = p;
-                                rotate_left(l, z);
-                                p = N(l, z)->parent;
-                        }
+                d = N(l, g)->left == p ? 0 : 1; /* p is g's child on side d */
+                u = *link_of(N(l, g), !d);
+                if (is_red(l, u)) {
                         N(l, p)->color = BLACK;
+                        N(l, u)->color = BLACK;
                         N(l, g)->color = RED;
-                        rotate_right(l, g);
-                } else {
-                        u = N(l, g)->left;
-                        if (is_red(l, u)) {
-                                N(l, p)->color = BLACK;
-                                N(l, u)->color = BLACK;
-                                N(l, g)->color = RED;
-                                z = g;
-                                continue;
-                        }
-                        if (N(l, p)->left == z) {
-                                z = p;
-                                rotate_right(l, z);
-                                p = N(l, z)->parent;
-                        }
-                        N(l, p)->color = BLACK;
-                        N(l, g)->color = RED;
-                        rotate_left(l, g);
+                        z = g;
+                        continue;
                 }
+                if (*link_of(N(l, p), !d) == z) {
+                        z = p;
+                        rotate(l, z, d);
+                        p = N(l, z)->parent;
+                }
+                N(l, p)->color = BLACK;
+                N(l, g)->color = RED;
+                rotate(l, g, !d);
                 CRASH_POINT();
         }
         if (l->sh->root != NIL)
@@ -300,78 +268,45 @@ static void tree_link(struct limiter *l, uint32_t z, uint32_t parent, bool left)
 static void tree_erase_fixup(struct limiter *l, uint32_t x, uint32_t xp) {
         for (unsigned steps = 0; steps < DEPTH_MAX && x != l->sh->root && !is_red(l, x); steps++) {
                 uint32_t w;
+                unsigned d;
 
                 if (xp == NIL) {
                         l->corrupt = true;
                         return;
                 }
-                if (N(l, xp)->left == x) {
-                        w = N(l, xp)->right;
-                        if (w == NIL) {
-                                l->corrupt = true;
-                                return;
-                        }
-                        if (is_red(l, w)) {
-                                N(l, w)->color = BLACK;
-                                N(l, xp)->color = RED;
-                                rotate_left(l, xp);
-                                w = N(l, xp)->right;
-                                if (w == NIL) {
-                                        l->corrupt = true;
-                                        return;
-                                }
-                        }
-                        if (!is_red(l, N(l, w)->left) && !is_red(l, N(l, w)->right)) {
-                                N(l, w)->color = RED;
-                                x = xp;
-                                xp = N(l, x)->parent;
-                                continue;
-                        }
-                        if (!is_red(l, N(l, w)->right)) {
-                                N(l, N(l, w)->left)->color = BLACK;
-                                N(l, w)->color = RED;
-                                rotate_right(l, w);
-                                w = N(l, xp)->right;
-                        }
-                        N(l, w)->color = N(l, xp)->color;
-                        N(l, xp)->color = BLACK;
-                        if (N(l, w)->right != NIL)
-                                N(l, N(l, w)->right)->color = BLACK;
-                        rotate_left(l, xp);
-                } else {
-                        w = N(l, xp)->left;
-                        if (w == NIL) {
-                                l->corrupt = true;
-                                return;
-                        }
-                        if (is_red(l, w)) {
-                                N(l, w)->color = BLACK;
-                                N(l, xp)->color = RED;
-                                rotate_right(l, xp);
-                                w = N(l, xp)->left;
-                                if (w == NIL) {
-                                        l->corrupt = true;
-                                        return;
-                                }
-                        }
-                        if (!is_red(l, N(l, w)->left) && !is_red(l, N(l, w)->right)) {
-                                N(l, w)->color = RED;
-                                x = xp;
-                                xp = N(l, x)->parent;
-                                continue;
-                        }
-                        if (!is_red(l, N(l, w)->left)) {
-                                N(l, N(l, w)->right)->color = BLACK;
-                                N(l, w)->color = RED;
-                                rotate_left(l, w);
-                                w = N(l, xp)->left;
-                        }
-                        N(l, w)->color = N(l, xp)->color;
-                        N(l, xp)->color = BLACK;
-                        if (N(l, w)->left != NIL)
-                                N(l, N(l, w)->left)->color = BLACK;
-                        rotate_right(l, xp);
+                d = N(l, xp)->left == x ? 0 : 1; /* x is xp's child on side d, w its sibling */
+                w = *link_of(N(l, xp), !d);
+                if (w == NIL) {
+                        l->corrupt = true;
+                        return;
                 }
+                if (is_red(l, w)) {
+                        N(l, w)->color = BLACK;
+                        N(l, xp)->color = RED;
+                        rotate(l, xp, d);
+                        w = *link_of(N(l, xp), !d);
+                        if (w == NIL) {
+                                l->corrupt = true;
+                                return;
+                        }
+                }
+                if (!is_red(l, N(l, w)->left) && !is_red(l, N(l, w)->right)) {
+                        N(l, w)->color = RED;
+                        x = xp;
+                        xp = N(l, x)->parent;
+                        continue;
+                }
+                if (!is_red(l, *link_of(N(l, w), !d))) {
+                        N(l, *link_of(N(l, w), d))->color = BLACK;
+                        N(l, w)->color = RED;
+                        rotate(l, w, !d);
+                        w = *link_of(N(l, xp), !d);
+                }
+                N(l, w)->color = N(l, xp)->color;
+                N(l, xp)->color = BLACK;
+                if (*link_of(N(l, w), !d) != NIL)
+                        N(l, *link_of(N(l, w), !d))->color = BLACK;
+                rotate(l, xp, d);
                 x = l->sh->root;
                 break;
         }

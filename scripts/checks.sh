@@ -21,7 +21,7 @@ case " $checks " in *" arm64 "*)
         dpkg --print-foreign-architectures | grep -qx arm64 ||
                 { [ "$(id -u)" -eq 0 ] && dpkg --add-architecture arm64 && apt-get update -qq; }
         need+=(gcc-aarch64-linux-gnu libc6-dev-arm64-cross libfuse3-dev:arm64 libsystemd-dev:arm64
-                libinih-dev:arm64 libjson-c-dev:arm64)
+                libinih-dev:arm64 libjson-c-dev:arm64 libmount-dev:arm64)
         ;;
 esac
 scripts/deps.sh "${need[@]}" >"$dir/deps.log" 2>&1 || { cat "$dir/deps.log"; echo "check deps: FAILED"; exit 1; }

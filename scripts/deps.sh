@@ -4,7 +4,7 @@
 set -euo pipefail
 pkgs=(
         meson ninja-build pkgconf gcc g++
-        libfuse3-dev fuse3 libsystemd-dev libinih-dev
+        libfuse3-dev fuse3 libsystemd-dev libinih-dev libmount-dev
         libcriterion-dev attr libboost-dev scdoc clang-format
         libmicrohttpd-dev libjson-c-dev bash-completion
         python3-dev python3-pytest python3-numpy dh-python
@@ -58,3 +58,5 @@ if [ ${#nginx_missing[@]} -gt 0 ]; then
         [ $own_policy -eq 0 ] || $sudo rm -f /usr/sbin/policy-rc.d
         [ $nrc -eq 0 ] || exit $nrc
 fi
+# promtool, which the tests run on the view's metrics (unpacked into a cache, not installed).
+"$(dirname "$0")/promtool.sh" >/dev/null || echo "deps.sh: no promtool: the metrics checks will fail" >&2

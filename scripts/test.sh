@@ -58,48 +58,35 @@ if [ "${SYSTEM_TEST:-1}" != 0 ]; then
         # Its exit status rides along as a last line: the pipe to tee would hide it.
         { tests/system/test-system.sh "$PWD" 2>&1 || echo "system-test exit $?"; } | tee "$system_results"
 fi
-# The closing line counts test cases, not programs: a criterion program's cases
-# from its own synthesis line, a program that exited 77 (SKIP) from its line
-# "Skipping all N tests: ..." (tests/integration/harness.c), any other program
-# as one case.
+# The closing line counts test cases, not programs. meson 1.0's testlog.json keeps no
+# per-case results, only each program's result and its output: a TAP program's cases are
+# its "ok"/"not ok" lines (criterion's --tap; the harness's "# SKIP" when it cannot run),
+# pytest's from its closing line, any other program counts as one case. A program that
+# failed although none of its cases did (a leak found at exit, a timeout) is one failure more.
 python3 - "$builddir/meson-logs/testlog.json" "$fuzz_results" "$system_results" "$checks_results" "$tsan_results" <<'PY' || { [ "$rc" -ne 0 ] || rc=1; }
 import json, re, sys
 synthesis = re.compile(r"Synthesis: Tested: (\d+) \| Passing: (\d+) \| Failing: (\d+)")
 skipping = re.compile(r"^Skipping all (\d+) tests?: ", re.M)
-colour = re.compile(r"\x1b\[[0-9;]*m")
+tap = re.compile(r"^(not ok|ok)\b[^#\n]*(# *SKIP)?", re.M | re.I)
 passed = failed = skipped = 0
 for line in open(sys.argv[1]):
-    line = line.strip()
-    if not line:
+    if not line.strip():
         continue
     r = json.loads(line)
-    out = colour.sub("", (r.get("stdout") or "") + (r.get("stderr") or ""))
-    result = r.get("result")
-    ok = result in ("OK", "EXPECTEDFAIL")
-    if result == "SKIP":
-        m = skipping.search(out)
-        skipped += int(m.group(1)) if m else 1
-        continue
-    # pytest: its closing line "= N passed, M failed, K skipped in Ts =" counts its cases.
-    t = re.findall(r"^=+ (.*\d+ (?:passed|failed|errors?).*) in [\d.]+s.* =+$", out, re.M)
-    if t and not synthesis.search(out):
-        n = {k: int(v) for v, k in re.findall(r"(\d+) (passed|failed|errors?|skipped)", t[-1])}
-        passed += n.get("passed", 0)
-        failed += n.get("failed", 0) + n.get("error", 0) + n.get("errors", 0)
-        skipped += n.get("skipped", 0)
-        failed += not ok and n.get("failed", 0) + n.get("error", 0) + n.get("errors", 0) == 0
-        continue
-    m = synthesis.findall(out)
-    if m:
-        _, p, f = map(int, m[-1])
-        passed += p
-        failed += f
-        # Failed outside its cases (a leak found at exit): one failure more.
-        failed += not ok and f == 0
-    else:
-        # Not criterion, or killed before its synthesis (a timeout): one case.
-        passed += ok
-        failed += not ok
+    out = r.get("stdout") or ""
+    ok = r.get("result") in ("OK", "EXPECTEDFAIL", "SKIP")
+    cases = tap.findall(out)
+    if not cases:
+        # pytest: its closing line "= N passed, M failed, K skipped in Ts =".
+        t = re.findall(r"^=+ (.*\d+ (?:passed|failed|errors?).*) in [\d.]+s.* =+$", out, re.M)
+        n = {k: int(v) for v, k in re.findall(r"(\d+) (passed|failed|errors?|skipped)", t[-1])} if t else {}
+        cases = [("ok", "")] * n.get("passed", 0) + [("not ok", "")] * (n.get("failed", 0) + n.get("error", 0) + n.get("errors", 0)) + [("ok", "SKIP")] * n.get("skipped", 0)
+    if not cases:
+        cases = [("ok", "SKIP" if r.get("result") == "SKIP" else "")] if ok else []
+    f = sum(c[0] != "ok" for c in cases)
+    skipped += sum(c[0] == "ok" and bool(c[1]) for c in cases)
+    passed += sum(c[0] == "ok" and not c[1] for c in cases)
+    failed += f + (not ok and f == 0)
 # scripts/fuzz.sh: "fuzz <target>: ok (...)" or "fuzz <target>: FAILED";
 # scripts/checks.sh: "check <name>: ok" or "check <name>: FAILED";
 # scripts/tsan.sh: "tsan <phase>: ok (...)" or "tsan <phase>: FAILED (...)".

@@ -10,6 +10,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "client.h"
 #include "shmzone.h"
@@ -31,6 +32,42 @@ static const char *arg_size = NULL;
 static const char *arg_mode = NULL;
 static bool arg_json = false;
 static bool arg_names = false;
+
+/*
+ * What a failing command was about, for its error line: "shmzctl create demo:
+ * zone exists with another tag". err_object is the name (zone, port, user),
+ * err_what, if set, replaces strerror() for the error the command returns.
+ */
+static const char *err_object = NULL;
+static const char *err_kind = "zone"; /* what err_object names: zone, port name, segment, user, group */
+static char err_what[256];
+
+/* What an error means for a request about a zone (or err_kind). */
+static const char *describe(int r) {
+        static char buf[64];
+
+        switch (r) {
+        case -ENOENT:
+                (void) snprintf(buf, sizeof(buf), "no such %s", err_kind);
+                return buf;
+        case -EPERM:
+                return "not yours: only its owner or root may do that";
+        case -EACCES:
+                return "permission denied";
+        case -EEXIST:
+                return "zone exists";
+        case -ENOSPC:
+                return "the daemon's memory budget is used up";
+        case -EDQUOT:
+                return "over your quota (bytes or zones per user, see shmzone.conf)";
+        case -EINVAL:
+                return "invalid name, size or argument";
+        case -EAGAIN:
+                return "the zone has no size yet (made in the view, not truncated)";
+        default:
+                return strerror(-r);
+        }
+}
 
 static void help(void) {
         printf("Usage: shmzctl [OPTIONS] COMMAND ...\n\n"
@@ -72,17 +109,71 @@ static int parse_mode(const char *s, mode_t *ret) {
         return 0;
 }
 
+/* A mode as ls and chmod write it: "0640" (JSON too: a number would be read as decimal 416). */
+static const char *mode_str(uint32_t mode, char buf[static 8]) {
+        (void) snprintf(buf, 8, "%04o", mode & 07777);
+        return buf;
+}
+
+/* The user's name as ls -l shows it, else the number; the result is valid until the next call. */
+static const char *user_name(uint32_t uid) {
+        static char buf[16];
+        struct passwd *p = getpwuid((uid_t) uid);
+
+        if (p && p->pw_name && p->pw_name[0])
+                return p->pw_name;
+        (void) snprintf(buf, sizeof(buf), "%" PRIu32, uid);
+        return buf;
+}
+
+static const char *group_name(uint32_t gid) {
+        static char buf[16];
+        struct group *g = getgrgid((gid_t) gid);
+
+        if (g && g->gr_name && g->gr_name[0])
+                return g->gr_name;
+        (void) snprintf(buf, sizeof(buf), "%" PRIu32, gid);
+        return buf;
+}
+
+/* Local time as ls -l --full-time writes it, or "-" for 0 (never). */
+static const char *time_str(uint64_t usec, char buf[static 40]) {
+        time_t t = (time_t) (usec / 1000000u);
+        struct tm tm;
+
+        if (usec == 0 || !localtime_r(&t, &tm) || strftime(buf, 40, "%Y-%m-%d %H:%M:%S %z", &tm) == 0)
+                return "-";
+        return buf;
+}
+
+/* uid and gid as numbers, and the names they have here (null if none). */
+static void json_add_ids(struct json_object *o, const char *uid_key, uint32_t uid, const char *gid_key, uint32_t gid) {
+        struct passwd *p;
+        struct group *g;
+
+        json_object_object_add(o, uid_key, json_object_new_int64(uid));
+        p = getpwuid((uid_t) uid);
+        json_object_object_add(o, streq(uid_key, "uid") ? "user" : "creator_user",
+                               p && p->pw_name ? json_object_new_string(p->pw_name) : NULL);
+        if (!gid_key)
+                return;
+        json_object_object_add(o, gid_key, json_object_new_int64(gid));
+        g = getgrgid((gid_t) gid);
+        json_object_object_add(o, "group", g && g->gr_name ? json_object_new_string(g->gr_name) : NULL);
+}
+
 static struct json_object *zone_json(const struct shmz_zone_stat *st) {
         struct json_object *o = json_object_new_object();
+        char mode[8];
 
         json_object_object_add(o, "name", json_object_new_string(st->name));
         json_object_object_add(o, "tag", json_object_new_string(st->tag));
         json_object_object_add(o, "size", json_object_new_uint64(st->size));
         json_object_object_add(o, "map_size", json_object_new_uint64(st->map_size));
-        json_object_object_add(o, "mode", json_object_new_int64(st->mode));
-        json_object_object_add(o, "uid", json_object_new_int64(st->uid));
-        json_object_object_add(o, "gid", json_object_new_int64(st->gid));
+        json_object_object_add(o, "mode", json_object_new_string(mode_str(st->mode, mode)));
+        json_add_ids(o, "uid", st->uid, "gid", st->gid);
         json_object_object_add(o, "attached", json_object_new_int64(st->attached));
+        json_object_object_add(o, "processes", json_object_new_int64(st->holders));
         json_object_object_add(o, "generation", json_object_new_uint64(st->generation));
         json_object_object_add(o, "declared", json_object_new_boolean(!!(st->flags & SHMZ_ZONE_INFO_DECLARED)));
         json_object_object_add(o, "created_usec", json_object_new_uint64(st->created_usec));
@@ -103,9 +194,14 @@ static int print_zone(const struct shmz_zone_stat *st, void *userdata) {
                 json_object_array_add(array, zone_json(st));
         else if (arg_names)
                 puts(st->name);
-        else
-                printf("%-24s %10" PRIu64 " %04o %5u %5u %3u %s%s\n", st->name, st->size, st->mode, st->uid, st->gid,
-                       st->attached, st->tag, (st->flags & SHMZ_ZONE_INFO_DECLARED) ? " (declared)" : "");
+        else {
+                char mode[8];
+
+                printf("%-24s %10" PRIu64 " %4s %-8s ", st->name, st->size, mode_str(st->mode, mode),
+                       user_name(st->uid));
+                printf("%-8s %3u %5u %s%s\n", group_name(st->gid), st->attached, st->holders, st->tag,
+                       (st->flags & SHMZ_ZONE_INFO_DECLARED) ? " (declared)" : "");
+        }
         return 0;
 }
 
@@ -118,7 +214,8 @@ static int cmd_list(struct shmz_client *c, int argc, char **argv) {
         if (arg_json)
                 array = json_object_new_array();
         else if (!arg_names)
-                printf("%-24s %10s %4s %5s %5s %3s %s\n", "NAME", "SIZE", "MODE", "UID", "GID", "ATT", "TAG");
+                printf("%-24s %10s %4s %-8s %-8s %3s %5s %s\n", "NAME", "SIZE", "MODE", "USER", "GROUP", "ATT", "PROCS",
+                       "TAG");
         r = shmz_zone_list(c, print_zone, array);
         if (array) {
                 if (r >= 0)
@@ -129,23 +226,120 @@ static int cmd_list(struct shmz_client *c, int argc, char **argv) {
         return r;
 }
 
+/* A zone's holders, all pages of them; *ret_n entries in *ret (free() it), the zone's figures in *ret_head. */
+static int get_holders(struct shmz_client *c, const char *name, struct shmz_msg_zone_holders *ret_head,
+                       struct shmz_msg_zone_holder **ret, size_t *ret_n) {
+        _cleanup_free_ struct shmz_msg_zone_holder *v = NULL;
+        struct shmz_msg_zone_holders_req req = {};
+        struct shmz_msg_zone_holders page;
+        size_t n = 0;
+        int r;
+
+        strncpy_buf(req.name, sizeof(req.name), name);
+        /* Bounded by the daemon's own bound, whatever a daemon sends. */
+        for (unsigned pages = 0; pages <= SHMZ_HOLDERS_MAX / SHMZ_HOLDERS_PER_MSG + 1; pages++) {
+                struct shmz_msg_zone_holder *nv;
+                uint32_t k;
+
+                r = client_request(c, SHMZ_MSG_ZONE_HOLDERS, &req, sizeof(req), &page, sizeof(page), NULL);
+                if (r < 0)
+                        return r;
+                if (pages == 0)
+                        *ret_head = page;
+                k = MIN(page.n, SHMZ_HOLDERS_PER_MSG);
+                nv = reallocarray(v, n + k + 1, sizeof(*v));
+                if (!nv)
+                        return -ENOMEM;
+                v = nv;
+                for (uint32_t i = 0; i < k; i++) {
+                        /* Only pids above the last one: a daemon cannot make this loop forever. */
+                        if (n > 0 && page.holders[i].pid <= v[n - 1].pid)
+                                continue;
+                        v[n] = page.holders[i];
+                        v[n].comm[SHMZ_COMM_BUF - 1] = 0;
+                        n++;
+                }
+                if (k < SHMZ_HOLDERS_PER_MSG || n == 0 || v[n - 1].pid == req.after_pid)
+                        break;
+                req.after_pid = v[n - 1].pid;
+        }
+        *ret = TAKE_PTR(v);
+        *ret_n = n;
+        return 0;
+}
+
 static int cmd_show(struct shmz_client *c, int argc, char **argv) {
+        _cleanup_free_ struct shmz_msg_zone_holder *hv = NULL;
+        struct shmz_msg_zone_holders hh = {};
         struct shmz_zone_stat st;
+        char mode[8], t1[40], t2[40], t3[40];
+        size_t hn = 0;
         int r;
 
         if (argc != 2)
                 return -EUCLEAN;
+        err_object = argv[1];
         r = shmz_zone_stat(c, argv[1], &st);
         if (r < 0)
                 return r;
+        /* Who holds it needs read permission (or a daemon that knows the request): the rest shows anyway. */
+        r = get_holders(c, argv[1], &hh, &hv, &hn);
+        if (r < 0 && r != -EACCES && r != -EOPNOTSUPP && r != -EBADMSG)
+                return r;
         if (arg_json) {
-                json_print(zone_json(&st));
+                struct json_object *o = zone_json(&st), *a;
+
+                if (r >= 0) {
+                        json_add_ids(o, "creator_uid", hh.creator_uid, NULL, 0);
+                        json_object_object_add(o, "creator_pid", json_object_new_int64(hh.creator_pid));
+                        json_object_object_add(o, "attach_usec", json_object_new_uint64(hh.attach_usec));
+                        json_object_object_add(o, "detach_usec", json_object_new_uint64(hh.detach_usec));
+                        json_object_object_add(o, "last_pid", json_object_new_int64(hh.last_pid));
+                        json_object_object_add(o, "untracked", json_object_new_int64(hh.untracked));
+                        a = json_object_new_array();
+                        for (size_t i = 0; i < hn; i++) {
+                                struct json_object *h = json_object_new_object();
+
+                                json_object_object_add(h, "pid", json_object_new_int64(hv[i].pid));
+                                json_add_ids(h, "uid", hv[i].uid, "gid", hv[i].gid);
+                                json_object_object_add(h, "comm", json_object_new_string(hv[i].comm));
+                                json_object_object_add(h, "attachments", json_object_new_int64(hv[i].attachments));
+                                json_object_object_add(h, "since_usec", json_object_new_uint64(hv[i].since_usec));
+                                json_object_array_add(a, h);
+                        }
+                        json_object_object_add(o, "holders", a);
+                }
+                json_print(o);
                 return 0;
         }
-        printf("name: %s\ntag: %s\nsize: %" PRIu64 "\nmapped: %" PRIu64 "\nmode: %04o\nuid: %u\ngid: %u\n"
-               "attached: %u\ngeneration: %" PRIu64 "\ndeclared: %s\n",
-               st.name, st.tag, st.size, st.map_size, st.mode, st.uid, st.gid, st.attached, st.generation,
+        printf("name: %s\ntag: %s\nsize: %" PRIu64 "\nmapped: %" PRIu64 "\nmode: %s\nowner: %s\n", st.name, st.tag,
+               st.size, st.map_size, mode_str(st.mode, mode), user_name(st.uid));
+        printf("group: %s\ncreated: %s\nmodified: %s\nchanged: %s\nattached: %u\ngeneration: %" PRIu64
+               "\ndeclared: %s\n",
+               group_name(st.gid), time_str(st.created_usec, t1), time_str(st.mtime_usec, t2),
+               time_str(st.ctime_usec, t3), st.attached, st.generation,
                (st.flags & SHMZ_ZONE_INFO_DECLARED) ? "yes" : "no");
+        if (r < 0) {
+                printf("holders: (%s)\n", r == -EACCES ? "not readable by you" : "not known to this daemon");
+                return 0;
+        }
+        if (st.flags & SHMZ_ZONE_INFO_DECLARED)
+                printf("creator: the config file");
+        else
+                printf("creator: %s", user_name(hh.creator_uid));
+        if (hh.creator_pid)
+                printf(", pid %" PRIu32, hh.creator_pid);
+        printf("\nlast attach: %s\nlast detach: %s\n", time_str(hh.attach_usec, t2), time_str(hh.detach_usec, t3));
+        if (hh.last_pid)
+                printf("last pid: %" PRIu32 "\n", hh.last_pid);
+        printf("holders: %" PRIu32 "%s\n", hh.processes, hh.untracked ? " (some untracked: too many processes)" : "");
+        if (hn > 0)
+                printf("  %7s %-8s %-8s %-16s %5s %s\n", "PID", "USER", "GROUP", "COMMAND", "ATT", "SINCE");
+        for (size_t i = 0; i < hn; i++) {
+                printf("  %7" PRIu32 " %-8s ", hv[i].pid, user_name(hv[i].uid));
+                printf("%-8s %-16s %5" PRIu32 " %s\n", group_name(hv[i].gid), hv[i].comm[0] ? hv[i].comm : "?",
+                       hv[i].attachments, time_str(hv[i].since_usec, t1));
+        }
         return 0;
 }
 
@@ -164,7 +358,22 @@ static int cmd_create(struct shmz_client *c, int argc, char **argv) {
                 return -EUCLEAN;
         if (arg_mode && parse_mode(arg_mode, &mode) < 0)
                 return -EUCLEAN;
+        err_object = argv[1];
         r = shmz_zone_open(c, argv[1], size, arg_tag, SHMZ_CREATE | SHMZ_EXCL, &z);
+        if (r == -EEXIST) {
+                struct shmz_zone_stat st;
+
+                /* What is there: the same declaration, or another's zone? */
+                if (shmz_zone_stat(c, argv[1], &st) >= 0) {
+                        if (streq(st.tag, arg_tag ?: ""))
+                                (void) snprintf(err_what, sizeof(err_what), "zone exists (tag '%s', %" PRIu64 " bytes)",
+                                                st.tag, st.size);
+                        else
+                                (void) snprintf(err_what, sizeof(err_what),
+                                                "zone exists with another tag ('%s', %" PRIu64 " bytes)", st.tag,
+                                                st.size);
+                }
+        }
         if (r < 0)
                 return r;
         shmz_zone_close(z);
@@ -179,8 +388,10 @@ static int cmd_rm(struct shmz_client *c, int argc, char **argv) {
 
         if (argc < 2)
                 return -EUCLEAN;
-        for (int i = 1; i < argc && r >= 0; i++)
+        for (int i = 1; i < argc && r >= 0; i++) {
+                err_object = argv[i];
                 r = shmz_zone_unlink(c, argv[i]);
+        }
         return r;
 }
 
@@ -189,6 +400,7 @@ static int cmd_chmod(struct shmz_client *c, int argc, char **argv) {
 
         if (argc != 3 || parse_mode(argv[1], &mode) < 0)
                 return -EUCLEAN;
+        err_object = argv[2];
         return shmz_zone_chmod(c, argv[2], mode);
 }
 
@@ -202,17 +414,23 @@ static int lookup_id(const char *s, bool group, uint32_t *ret) {
                 *ret = (uint32_t) n;
                 return 0;
         }
+        /* An unknown name is the user's mistake (usage), said with the name. */
+        err_object = s;
         if (group) {
                 struct group *g = getgrnam(s);
 
-                if (!g)
-                        return -EUCLEAN; /* an unknown name is the user's mistake */
+                if (!g) {
+                        (void) snprintf(err_what, sizeof(err_what), "no such group");
+                        return -EUCLEAN;
+                }
                 *ret = g->gr_gid;
         } else {
                 struct passwd *p = getpwnam(s);
 
-                if (!p)
+                if (!p) {
+                        (void) snprintf(err_what, sizeof(err_what), "no such user");
                         return -EUCLEAN;
+                }
                 *ret = p->pw_uid;
         }
         return 0;
@@ -237,6 +455,7 @@ static int cmd_chown(struct shmz_client *c, int argc, char **argv) {
                 if (r < 0)
                         return r;
         }
+        err_object = argv[2];
         return shmz_zone_chown(c, argv[2], (uid_t) uid, (gid_t) gid);
 }
 
@@ -321,11 +540,12 @@ static const char *const side_name[2] = { "connector", "acceptor" };
 static struct json_object *listener_json(const struct shmz_msg_port_info *pi) {
         struct json_object *o = json_object_new_object();
 
+        char mode[8];
+
         json_object_object_add(o, "kind", json_object_new_string("listener"));
         json_object_object_add(o, "name", json_object_new_string(pi->name));
-        json_object_object_add(o, "mode", json_object_new_int64(pi->mode));
-        json_object_object_add(o, "uid", json_object_new_int64(pi->uid));
-        json_object_object_add(o, "gid", json_object_new_int64(pi->gid));
+        json_object_object_add(o, "mode", json_object_new_string(mode_str(pi->mode, mode)));
+        json_add_ids(o, "uid", pi->uid, "gid", pi->gid);
         json_object_object_add(o, "pid", json_object_new_int64(pi->pid[SHMZ_PORT_SIDE_ACCEPTOR]));
         json_object_object_add(o, "backlog", json_object_new_int64(pi->backlog));
         json_object_object_add(o, "connections", json_object_new_uint64(pi->connections));
@@ -346,7 +566,7 @@ static struct json_object *connection_json(const struct shmz_msg_port_info *pi) 
                 struct json_object *d = json_object_new_object();
 
                 json_object_object_add(d, "pid", json_object_new_int64(pi->pid[s]));
-                json_object_object_add(d, "uid", json_object_new_int64(pi->uid_side[s]));
+                json_add_ids(d, "uid", pi->uid_side[s], NULL, 0);
                 json_object_object_add(d, "messages", json_object_new_uint64(pi->messages[s]));
                 json_object_object_add(d, "bytes", json_object_new_uint64(pi->bytes[s]));
                 json_object_object_add(d, "chunks_in_flight", json_object_new_uint64(pi->chunks_in_flight[s]));
@@ -381,26 +601,28 @@ static int collect_port(const struct shmz_msg_port_info *pi, void *userdata) {
 }
 
 static void print_listener_header(void) {
-        printf("%-24s %4s %5s %5s %7s %7s %5s\n", "NAME", "MODE", "UID", "GID", "PID", "BACKLOG", "CONNS");
+        printf("%-24s %4s %-8s %-8s %7s %7s %5s\n", "NAME", "MODE", "USER", "GROUP", "PID", "BACKLOG", "CONNS");
 }
 
 static void print_listener(const struct shmz_msg_port_info *pi) {
-        printf("%-24s %04o %5u %5u %7u %7u %5" PRIu64 "\n", pi->name, pi->mode, pi->uid, pi->gid,
-               pi->pid[SHMZ_PORT_SIDE_ACCEPTOR], pi->backlog, pi->connections);
+        char mode[8];
+
+        printf("%-24s %4s %-8s ", pi->name, mode_str(pi->mode, mode), user_name(pi->uid));
+        printf("%-8s %7u %7u %5" PRIu64 "\n", group_name(pi->gid), pi->pid[SHMZ_PORT_SIDE_ACCEPTOR], pi->backlog,
+               pi->connections);
 }
 
 /* Messages and bytes per direction: C> what the connector sent, A> what the acceptor sent. */
 static void print_connection_header(void) {
-        printf("%-8s %-24s %7s %5s %7s %5s %9s %11s %9s %11s %8s %4s\n", "PORT", "NAME", "C.PID", "C.UID", "A.PID",
-               "A.UID", "C>MSGS", "C>BYTES", "A>MSGS", "A>BYTES", "INFLIGHT", "SEGS");
+        printf("%-8s %-24s %7s %-8s %7s %-8s %9s %11s %9s %11s %8s %4s\n", "PORT", "NAME", "C.PID", "C.USER", "A.PID",
+               "A.USER", "C>MSGS", "C>BYTES", "A>MSGS", "A>BYTES", "INFLIGHT", "SEGS");
 }
 
 static void print_connection(const struct shmz_msg_port_info *pi) {
-        printf("%-8" PRIu64 " %-24s %7u %5u %7u %5u %9" PRIu64 " %11" PRIu64 " %9" PRIu64 " %11" PRIu64 " %8" PRIu64
-               " %4u\n",
-               pi->port_id, pi->name, pi->pid[0], pi->uid_side[0], pi->pid[1], pi->uid_side[1], pi->messages[0],
-               pi->bytes[0], pi->messages[1], pi->bytes[1], pi->chunks_in_flight[0] + pi->chunks_in_flight[1],
-               pi->segments);
+        printf("%-8" PRIu64 " %-24s %7u %-8s ", pi->port_id, pi->name, pi->pid[0], user_name(pi->uid_side[0]));
+        printf("%7u %-8s %9" PRIu64 " %11" PRIu64 " %9" PRIu64 " %11" PRIu64 " %8" PRIu64 " %4u\n", pi->pid[1],
+               user_name(pi->uid_side[1]), pi->messages[0], pi->bytes[0], pi->messages[1], pi->bytes[1],
+               pi->chunks_in_flight[0] + pi->chunks_in_flight[1], pi->segments);
 }
 
 /* name NULL: everything; else that listener and its connections (-ENOENT without the listener). */
@@ -461,11 +683,15 @@ static int show_ports(struct shmz_client *c, const char *name) {
         }
         if (name) {
                 for (size_t i = 0; i < pe.n; i++)
-                        if (pe.e[i].port_id == 0 && streq(pe.e[i].name, name))
-                                printf("name: %s\nmode: %04o\nuid: %u\ngid: %u\npid: %u\nbacklog: %u\n"
-                                       "connections: %" PRIu64 "\n",
-                                       pe.e[i].name, pe.e[i].mode, pe.e[i].uid, pe.e[i].gid,
-                                       pe.e[i].pid[SHMZ_PORT_SIDE_ACCEPTOR], pe.e[i].backlog, pe.e[i].connections);
+                        if (pe.e[i].port_id == 0 && streq(pe.e[i].name, name)) {
+                                char mode[8], t[40];
+
+                                printf("name: %s\nmode: %s\nowner: %s\n", pe.e[i].name, mode_str(pe.e[i].mode, mode),
+                                       user_name(pe.e[i].uid));
+                                printf("group: %s\npid: %u\nbacklog: %u\nconnections: %" PRIu64 "\ncreated: %s\n",
+                                       group_name(pe.e[i].gid), pe.e[i].pid[SHMZ_PORT_SIDE_ACCEPTOR], pe.e[i].backlog,
+                                       pe.e[i].connections, time_str(pe.e[i].created_usec, t));
+                        }
         } else {
                 print_listener_header();
                 for (size_t i = 0; i < pe.n; i++)
@@ -493,6 +719,8 @@ static int cmd_ports(struct shmz_client *c, int argc, char **argv) {
 static int cmd_port(struct shmz_client *c, int argc, char **argv) {
         if (argc != 3 || !streq(argv[1], "show"))
                 return -EUCLEAN;
+        err_object = argv[2];
+        err_kind = "published port name";
         return show_ports(c, argv[2]);
 }
 
@@ -581,6 +809,8 @@ static int cmd_segment(struct shmz_client *c, int argc, char **argv) {
         w.id = strtoull(argv[2], &end, 10);
         if (!argv[2][0] || *end || errno || w.id == 0 || argv[2][0] == '-' || argv[2][0] == '+')
                 return -EUCLEAN;
+        err_object = argv[2];
+        err_kind = "segment";
         r = shmz_segment_list(c, print_segment, &w);
         if (r < 0)
                 return r;
@@ -679,6 +909,10 @@ int main(int argc, char *argv[]) {
                 }
                 r = cmds[i].fn(c, argc - optind, argv + optind);
                 shmz_disconnect(c);
+                if (r == -EUCLEAN && err_object && err_what[0]) {
+                        fprintf(stderr, "shmzctl %s %s: %s\n", cmds[i].name, err_object, err_what);
+                        return EXIT_USAGE;
+                }
                 if (r == -EUCLEAN) {
                         fprintf(stderr, "shmzctl %s: bad arguments; see shmzctl --help\n", cmds[i].name);
                         return EXIT_USAGE;
@@ -686,7 +920,11 @@ int main(int argc, char *argv[]) {
                 if (r == -REPORTED)
                         return EXIT_ERROR;
                 if (r < 0) {
-                        fprintf(stderr, "shmzctl %s: %s\n", cmds[i].name, strerror(-r));
+                        if (err_object)
+                                fprintf(stderr, "shmzctl %s %s: %s\n", cmds[i].name, err_object,
+                                        err_what[0] ? err_what : describe(r));
+                        else
+                                fprintf(stderr, "shmzctl %s: %s\n", cmds[i].name, strerror(-r));
                         return exit_code(r);
                 }
                 return EXIT_OK;

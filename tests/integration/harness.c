@@ -3,7 +3,9 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <glob.h>
 #include <grp.h>
+#include <libmount.h>
 #include <poll.h>
 #include <pthread.h>
 #include <signal.h>
@@ -14,6 +16,7 @@
 #include <sys/mount.h>
 #include <sys/stat.h>
 #include <sys/socket.h>
+#include <netinet/in.h>
 #include <sys/un.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -24,6 +27,61 @@
 #include "util.h"
 
 extern char **environ;
+
+void harness_skip_all(size_t n_tests, const char *why) {
+        fprintf(stderr, "Skipping all %zu tests: %s.\n", n_tests, why);
+        /* TAP, as criterion's --tap writes it: meson counts each case as skipped. */
+        printf("TAP version 13\n1..%zu\n", n_tests);
+        for (size_t i = 1; i <= n_tests; i++)
+                printf("ok %zu # SKIP %s\n", i, why);
+        fflush(stdout);
+}
+
+/* This run's directories are named after the runner's pid: what its tests leave, it can find. */
+static void run_prefix(char *buf, size_t size) {
+        const char *run = getenv("SHMZ_TEST_RUN");
+
+        snprintf(buf, size, "/tmp/shmz-test-%ld-", run ? strtol(run, NULL, 10) : (long) getpid());
+}
+
+/*
+ * Detaches every mount whose mount point starts with prefix, the newest first
+ * (one stacked or nested over another goes before it): a test that failed,
+ * crashed or timed out leaves no mount behind, live or dead.
+ */
+static void detach_mounts(const char *prefix) {
+        struct libmnt_table *t = mnt_new_table();
+        struct libmnt_iter *it = mnt_new_iter(MNT_ITER_BACKWARD);
+        struct libmnt_fs *fs;
+
+        if (t && it && mnt_table_parse_file(t, "/proc/self/mountinfo") == 0)
+                while (mnt_table_next_fs(t, it, &fs) == 0) {
+                        const char *target = mnt_fs_get_target(fs);
+
+                        if (target && strncmp(target, prefix, strlen(prefix)) == 0)
+                                (void) umount2(target, MNT_DETACH);
+                }
+        mnt_free_iter(it);
+        mnt_unref_table(t);
+}
+
+/* After every case ran: what a killed or crashed case left in this run's directories goes. */
+static void cleanup_run(void) {
+        char prefix[64], cmd[128];
+        glob_t g;
+
+        run_prefix(prefix, sizeof(prefix));
+        detach_mounts(prefix);
+        snprintf(cmd, sizeof(cmd), "%s*", prefix);
+        if (glob(cmd, GLOB_NOSORT, NULL, &g) != 0)
+                return;
+        for (size_t i = 0; i < g.gl_pathc; i++) {
+                fprintf(stderr, "harness: %s was left behind, removed.\n", g.gl_pathv[i]);
+                snprintf(cmd, sizeof(cmd), "rm -rf '%s'", g.gl_pathv[i]);
+                (void) system(cmd);
+        }
+        globfree(&g);
+}
 
 int harness_main(int argc, char *argv[], bool need_root, bool need_fuse) {
         struct criterion_test_set *tests = criterion_initialize();
@@ -41,12 +99,16 @@ int harness_main(int argc, char *argv[], bool need_root, bool need_fuse) {
                         else
                                 close(fd);
                 }
-                if (why[0]) {
-                        /* scripts/test.sh counts the skipped cases from this line. */
-                        fprintf(stderr, "Skipping all %zu tests: %s.\n", tests->tests, why);
-                        r = 77;
-                } else
+                if (why[0])
+                        harness_skip_all(tests->tests, why);
+                else {
+                        char pid[32];
+
+                        snprintf(pid, sizeof(pid), "%ld", (long) getpid());
+                        (void) setenv("SHMZ_TEST_RUN", pid, 1); /* the cases' processes inherit it */
                         r = criterion_run_all_tests(tests) ? 0 : 1;
+                        cleanup_run();
+                }
         }
         criterion_finalize(tests);
         return r;
@@ -99,7 +161,8 @@ static void *reader_main(void *userdata);
 
 void harness_init(struct daemon_proc *d, const char *config_text) {
         memset(d, 0, sizeof(*d));
-        snprintf(d->dir, sizeof(d->dir), "/tmp/shmz-test-XXXXXX");
+        run_prefix(d->dir, sizeof(d->dir));
+        strncat(d->dir, "XXXXXX", sizeof(d->dir) - strlen(d->dir) - 1);
         if (!mkdtemp(d->dir))
                 abort();
         (void) chmod(d->dir, 0755); /* other uids in tests must reach the socket */
@@ -556,6 +619,8 @@ void harness_cleanup(struct daemon_proc *d) {
                 for (size_t i = 0; i < d->n_stored; i++)
                         close(d->stored_fds[i]);
                 d->n_stored = 0;
+                snprintf(cmd, sizeof(cmd), "%s/", d->dir);
+                detach_mounts(cmd); /* a mount a failed test left (the view, a stalling server) */
                 snprintf(cmd, sizeof(cmd), "rm -rf %s", d->dir);
                 (void) system(cmd);
         }
@@ -585,6 +650,23 @@ int harness_raw_connect(const char *path) {
                 return -ENAMETOOLONG;
         memcpy(sa.sun_path, path, strlen(path) + 1);
         fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
+        if (fd < 0)
+                return -errno;
+        if (connect(fd, (struct sockaddr *) &sa, sizeof(sa)) < 0) {
+                int r = -errno;
+
+                close(fd);
+                return r;
+        }
+        return fd;
+}
+
+int harness_tcp_connect(int port) {
+        struct sockaddr_in sa = { .sin_family = AF_INET, .sin_port = htons((uint16_t) port) };
+        int fd;
+
+        sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+        fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
         if (fd < 0)
                 return -errno;
         if (connect(fd, (struct sockaddr *) &sa, sizeof(sa)) < 0) {

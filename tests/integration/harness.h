@@ -44,12 +44,13 @@ struct daemon_proc {
 };
 
 /*
- * The main() of every integration binary: exits 77 (SKIP for meson) with a
- * line "Skipping all N tests: <why>." when it is not root or, with
- * need_fuse, cannot open /dev/fuse; runs the criterion tests otherwise.
- * scripts/test.sh counts the skipped cases from that line.
+ * The main() of every integration binary: reports every case skipped
+ * (harness_skip_all()) when it is not root or, with need_fuse, cannot open
+ * /dev/fuse; runs the criterion tests otherwise (meson passes --tap).
  */
 int harness_main(int argc, char *argv[], bool need_root, bool need_fuse);
+/* Reports every one of n_tests cases skipped, for why (in TAP on stdout; the program then exits 0). */
+void harness_skip_all(size_t n_tests, const char *why);
 
 /* A fresh private directory with the given config text (NULL: none). */
 void harness_init(struct daemon_proc *d, const char *config_text);
@@ -92,6 +93,8 @@ void harness_cleanup(struct daemon_proc *d);
 int harness_run_as(uid_t uid, gid_t gid, int (*fn)(void *), void *userdata);
 /* A bare SOCK_SEQPACKET connection to path (no hello), or -errno. */
 int harness_raw_connect(const char *path);
+/* A TCP connection to 127.0.0.1:port: its fd or -errno. */
+int harness_tcp_connect(int port);
 
 /* A child's exit status, or 128 + the signal that ended it; -1 if it cannot be waited for. */
 int harness_wait_child(pid_t pid);

@@ -1093,16 +1093,17 @@ static void echo_handler(struct shmz_port *p, struct shmz_msg *m, void *userdata
         shmz_msg_release(p, m);
 }
 
-static int f10_service(void *userdata) {
-        struct peer_sync *s = userdata;
-        struct rlimit rl = { .rlim_cur = 1024, .rlim_max = 1024 };
+/*
+ * A service (a child, as its own user) on the port "svc": accepts up to
+ * max_ports (at most 64) ports, handler on each, dispatches until the parent
+ * says go. 41, 42: it could not listen, or tell the parent it does.
+ */
+static int serve_svc(struct peer_sync *s, shmz_msg_handler_t handler, size_t max_ports) {
         struct shmz_port *ports[64];
         struct shmz_listener *l;
         struct shmz_client *c;
         size_t n = 0;
 
-        if (setrlimit(RLIMIT_NOFILE, &rl) < 0)
-                return 40;
         if (shmz_connect(d.socket, &c) < 0 || shmz_port_listen(c, "svc", 0666, &l) < 0)
                 return 41;
         if (child_say(s, 'r') < 0)
@@ -1113,8 +1114,8 @@ static int f10_service(void *userdata) {
 
                 if (poll(&pf, 1, 1) == 1)
                         return 0;
-                if (n < ELEMENTSOF(ports) && shmz_port_accept(l, 0, &np) == 0) {
-                        shmz_port_set_handler(np, echo_handler, NULL);
+                if (n < MIN(max_ports, ELEMENTSOF(ports)) && shmz_port_accept(l, 0, &np) == 0) {
+                        shmz_port_set_handler(np, handler, NULL);
                         ports[n++] = np;
                 }
                 for (size_t i = 0; i < n;) {
@@ -1127,6 +1128,14 @@ static int f10_service(void *userdata) {
                                 i++;
                 }
         }
+}
+
+static int f10_service(void *userdata) {
+        struct rlimit rl = { .rlim_cur = 1024, .rlim_max = 1024 };
+
+        if (setrlimit(RLIMIT_NOFILE, &rl) < 0)
+                return 40;
+        return serve_svc(userdata, echo_handler, 64);
 }
 
 /* A loopback TCP socket whose close() lingers: a minute's linger, a send queue the peer never reads. */
@@ -1199,9 +1208,12 @@ static int f10_attacker(void *userdata) {
         return 0;
 }
 
-/* Another client of the service (uid 1001): one round trip within 5 s. */
-static int f10_client(void *userdata) {
-        struct shmz_msg m = { .type = 7, .data = "ping", .size = 4, .fd = -1 }, r;
+/*
+ * Another client of the service (run as uid 1001): sends m on a port of its
+ * own and needs an answer within 5 s; 0 if check_reply likes it.
+ */
+static int svc_round_trip(const struct shmz_msg *m, bool (*check_reply)(const struct shmz_msg *r)) {
+        struct shmz_msg r;
         struct shmz_client *c;
         struct shmz_port *p;
 
@@ -1209,11 +1221,44 @@ static int f10_client(void *userdata) {
                 return 60;
         if (shmz_port_connect(c, "svc", &p) < 0)
                 return 61;
-        if (shmz_port_send(p, &m, 5 * 1000000000LL) < 0)
+        if (shmz_port_send(p, m, 5 * 1000000000LL) < 0)
                 return 62;
         if (shmz_port_recv(p, &r, 5 * 1000000000LL) < 0)
                 return 63;
-        return r.type == 7 && r.size == 4 && memcmp(r.data, "ping", 4) == 0 ? 0 : 64;
+        return check_reply(&r) ? 0 : 64;
+}
+
+/* The service's half of an attack: the daemon with config, the service (SERVICE_UID) publishing "svc". */
+static pid_t start_service(const char *config, int (*service)(void *), struct peer_sync *svc, struct peer_sync *att) {
+        pid_t ps;
+
+        harness_init(&d, config);
+        cr_assert_eq(harness_start(&d, NULL, false), 0, "daemon did not start: %s", harness_log(&d));
+        peer_sync_init(svc);
+        peer_sync_init(att);
+        ps = spawn_as(SERVICE_UID, service, svc);
+        cr_assert_eq(parent_hear(svc), 'r', "the service did not publish");
+        return ps;
+}
+
+/* The attacker, then the service, told to go; both must exit 0. */
+static void stop_service(struct peer_sync *svc, pid_t ps, struct peer_sync *att, pid_t pa) {
+        parent_say(att, 'g');
+        cr_assert_eq(harness_wait_child(pa), 0);
+        parent_say(svc, 'g');
+        cr_assert_eq(harness_wait_child(ps), 0);
+        peer_sync_close(svc);
+        peer_sync_close(att);
+}
+
+static bool is_ping(const struct shmz_msg *r) {
+        return r->type == 7 && r->size == 4 && memcmp(r->data, "ping", 4) == 0;
+}
+
+static int f10_client(void *userdata) {
+        struct shmz_msg m = { .type = 7, .data = "ping", .size = 4, .fd = -1 };
+
+        return svc_round_trip(&m, is_ping);
 }
 
 Test(attack, f10_a_port_peer_cannot_fill_the_receivers_fd_table, .fini = stop, .timeout = 120) {
@@ -1221,12 +1266,7 @@ Test(attack, f10_a_port_peer_cannot_fill_the_receivers_fd_table, .fini = stop, .
         unsigned before, peak = 0;
         pid_t ps, pa;
 
-        harness_init(&d, "[daemon]\n");
-        cr_assert_eq(harness_start(&d, NULL, false), 0, "daemon did not start: %s", harness_log(&d));
-        peer_sync_init(&svc);
-        peer_sync_init(&att);
-        ps = spawn_as(SERVICE_UID, f10_service, &svc);
-        cr_assert_eq(parent_hear(&svc), 'r', "the service did not publish");
+        ps = start_service("[daemon]\n", f10_service, &svc, &att);
         before = harness_count_fds(ps);
         pa = spawn_as(NOBODY, f10_attacker, &att);
         cr_assert_eq(parent_hear(&att), 'a', "the attacker did not get its ports");
@@ -1243,12 +1283,7 @@ Test(attack, f10_a_port_peer_cannot_fill_the_receivers_fd_table, .fini = stop, .
         cr_assert_lt(peak, before + 160, "the service went from %u to %u open fds", before, peak);
         cr_assert_eq(harness_run_as(OTHER_UID, OTHER_UID, f10_client, NULL), 0,
                      "another client of the service got no answer");
-        parent_say(&att, 'g');
-        cr_assert_eq(harness_wait_child(pa), 0);
-        parent_say(&svc, 'g');
-        cr_assert_eq(harness_wait_child(ps), 0);
-        peer_sync_close(&svc);
-        peer_sync_close(&att);
+        stop_service(&svc, ps, &att, pa);
 }
 
 /* One sender's closes that never return hold up its own next fds, nobody else's, and are counted. */
@@ -1362,37 +1397,8 @@ static void pin_handler(struct shmz_port *p, struct shmz_msg *m, void *userdata)
 }
 
 static int pin_service(void *userdata) {
-        struct peer_sync *s = userdata;
-        struct shmz_port *ports[16];
-        struct shmz_listener *l;
-        struct shmz_client *c;
-        size_t n = 0;
-
         memset(pin_reply, 'r', sizeof(pin_reply));
-        if (shmz_connect(d.socket, &c) < 0 || shmz_port_listen(c, "svc", 0666, &l) < 0)
-                return 40;
-        if (child_say(s, 'r') < 0)
-                return 42;
-        for (;;) {
-                struct pollfd pf = { .fd = s->go[0], .events = POLLIN };
-                struct shmz_port *np;
-
-                if (poll(&pf, 1, 1) == 1)
-                        return 0;
-                if (n < ELEMENTSOF(ports) && shmz_port_accept(l, 0, &np) == 0) {
-                        shmz_port_set_handler(np, pin_handler, NULL);
-                        ports[n++] = np;
-                }
-                for (size_t i = 0; i < n;) {
-                        int r = shmz_port_dispatch(ports[i], 0);
-
-                        if (r < 0 && r != -EAGAIN && r != -ETIMEDOUT) {
-                                shmz_port_close(ports[i]);
-                                ports[i] = ports[--n];
-                        } else
-                                i++;
-                }
-        }
+        return serve_svc(userdata, pin_handler, 16);
 }
 
 /* The attacker (nobody): asks each of its ports for large replies and keeps every one it gets. */
@@ -1422,21 +1428,15 @@ static int pin_attacker(void *userdata) {
         return 0;
 }
 
-/* Another client (uid 1001): one large reply within 5 s. */
-static int pin_client(void *userdata) {
-        struct shmz_msg m = { .type = 1, .data = "one", .size = 3, .fd = -1 }, r;
-        struct shmz_client *c;
-        struct shmz_port *p;
+static bool is_pin_reply(const struct shmz_msg *r) {
+        return r->size == PIN_REPLY;
+}
 
-        if (shmz_connect(d.socket, &c) < 0)
-                return 60;
-        if (shmz_port_connect(c, "svc", &p) < 0)
-                return 61;
-        if (shmz_port_send(p, &m, 5 * 1000000000LL) < 0)
-                return 62;
-        if (shmz_port_recv(p, &r, 5 * 1000000000LL) < 0)
-                return 63;
-        return r.size == PIN_REPLY ? 0 : 64;
+/* Another client: one large reply within 5 s. */
+static int pin_client(void *userdata) {
+        struct shmz_msg m = { .type = 1, .data = "one", .size = 3, .fd = -1 };
+
+        return svc_round_trip(&m, is_pin_reply);
 }
 
 Test(attack, segment_memory_a_peer_pins_is_bounded_per_peer_uid, .fini = stop, .timeout = 60) {
@@ -1445,25 +1445,16 @@ Test(attack, segment_memory_a_peer_pins_is_bounded_per_peer_uid, .fini = stop, .
         int kept;
 
         /* Segments of 16 chunks of 4K (68K with the header); two a direction; six for the service's uid. */
-        harness_init(&d, "[daemon]\nchunk_size = 4K\nsegment_chunks = 16\nport_memory = 128K\n"
-                         "uid_segment_memory = 408K\n");
-        cr_assert_eq(harness_start(&d, NULL, false), 0, "daemon did not start: %s", harness_log(&d));
-        peer_sync_init(&svc);
-        peer_sync_init(&att);
-        ps = spawn_as(SERVICE_UID, pin_service, &svc);
-        cr_assert_eq(parent_hear(&svc), 'r', "the service did not publish");
+        ps = start_service("[daemon]\nchunk_size = 4K\nsegment_chunks = 16\nport_memory = 128K\n"
+                           "uid_segment_memory = 408K\n",
+                           pin_service, &svc, &att);
         pa = spawn_as(NOBODY, pin_attacker, &att);
         kept = parent_hear(&att);
         cr_assert_geq(kept, 3, "nobody kept only %d replies", kept);
         /* Before the fix: nobody's ports held all six segments the service's uid may have. */
         cr_assert_eq(harness_run_as(OTHER_UID, OTHER_UID, pin_client, NULL), 0,
                      "another client got no large reply while nobody pinned the service's segments");
-        parent_say(&att, 'g');
-        cr_assert_eq(harness_wait_child(pa), 0);
-        parent_say(&svc, 'g');
-        cr_assert_eq(harness_wait_child(ps), 0);
-        peer_sync_close(&svc);
-        peer_sync_close(&att);
+        stop_service(&svc, ps, &att, pa);
 }
 
 int main(int argc, char *argv[]) {

@@ -174,6 +174,20 @@ Test(notify, ready_reloading_stopping) {
         cr_assert_eq(harness_stop(&d), 0);
 }
 
+/* STATUS= is refreshed every 10 s for as long as the daemon runs, not once (a one-shot timer must be re-enabled). */
+Test(notify, status_refreshed) {
+        unsigned n = 0;
+
+        harness_init(&d, "[zone demo]\nsize = 1M\n");
+        cr_assert_eq(harness_start(&d, NULL, false), 0, "log: %s", harness_log(&d));
+        /* Nothing says this: the wait only collects what comes in 25 s into d.notified. */
+        cr_assert_eq(harness_wait_notify(&d, "NOTHING=1", 25), -ETIMEDOUT);
+        for (const char *p = d.notified; (p = strstr(p, "|STATUS=1 zones")); p++)
+                n++;
+        cr_assert_geq(n, 2, "STATUS= updates after READY: %u: %s", n, d.notified);
+        cr_assert_eq(harness_stop(&d), 0);
+}
+
 TestSuite(hostile, .fini = stop, .timeout = 240);
 
 struct good_client {
@@ -408,18 +422,23 @@ Test(shmzctl, create_list_info_chmod_rm) {
 
         cr_assert_eq(shmzctl(out, sizeof(out), "create web 2M --tag limit_req"), 0, "%s", out);
         cr_assert_eq(shmzctl(out, sizeof(out), "create web 2M"), 1);
-        cr_assert(strstr(out, "File exists"), "%s", out);
+        /* Every error names what it is about, in words. */
+        cr_assert(strstr(out, "shmzctl create web: zone exists with another tag ('limit_req', 2097152 bytes)"), "%s",
+                  out);
+        cr_assert_eq(shmzctl(out, sizeof(out), "create web 2M --tag limit_req"), 1);
+        cr_assert(strstr(out, "shmzctl create web: zone exists (tag"), "%s", out);
         cr_assert_eq(shmzctl(out, sizeof(out), "chmod 640 web"), 0, "%s", out);
         cr_assert_eq(shmzctl(out, sizeof(out), "chown nobody:nogroup web"), 0, "%s", out);
         cr_assert_eq(shmzctl(out, sizeof(out), "info web"), 0, "%s", out);
         cr_assert(strstr(out, "tag: limit_req\n") && strstr(out, "size: 2097152\n") && strstr(out, "mode: 0640\n") &&
-                          strstr(out, "uid: 65534\n"),
+                          strstr(out, "owner: nobody\n") && strstr(out, "group: nogroup\n") &&
+                          strstr(out, "created: 20"),
                   "%s", out);
         cr_assert_eq(shmzctl(out, sizeof(out), "list"), 0, "%s", out);
         cr_assert(strstr(out, "demo ") && strstr(out, "(declared)") && strstr(out, "web "), "%s", out);
         cr_assert_eq(shmzctl(out, sizeof(out), "rm web"), 0, "%s", out);
         cr_assert_eq(shmzctl(out, sizeof(out), "info web"), 3);
-        cr_assert(strstr(out, "No such file"), "%s", out);
+        cr_assert(strstr(out, "shmzctl info web: no such zone\n"), "%s", out);
         cr_assert_eq(shmzctl(out, sizeof(out), "status"), 0, "%s", out);
         cr_assert(strstr(out, "zones: 1 "), "%s", out);
         cr_assert_eq(shmzctl(out, sizeof(out), "frobnicate"), 2);
@@ -465,7 +484,7 @@ Test(shmzctl, commands_json_options_exit_codes) {
         cr_assert(strstr(out, "tag: t1\n") && strstr(out, "mode: 0644\n") && strstr(out, "size: 2097152\n"), "%s", out);
 
         check_json("list --json", "[z['name'] for z in j] == ['a','b','c','demo','e'] and j[3]['declared'] is True and "
-                                  "j[0]['size'] == 2097152 and j[0]['mode'] == 0o644 and j[0]['tag'] == 't1' and "
+                                  "j[0]['size'] == 2097152 and j[0]['mode'] == '0644' and j[0]['tag'] == 't1' and "
                                   "j[1]['size'] == 4096 and j[2]['size'] == 3145728 and isinstance(j[0]['uid'], int)");
         check_json("show a --json", "j['name'] == 'a' and j['size'] == 2097152 and j['attached'] == 0 and "
                                     "j['declared'] is False and j['gid'] == 0");
@@ -475,7 +494,8 @@ Test(shmzctl, commands_json_options_exit_codes) {
         cr_assert_eq(shmzctl(out, sizeof(out), "list --names"), 0, "%s", out);
         cr_assert_str_eq(out, "a\nb\nc\ndemo\ne\n");
         cr_assert_eq(shmzctl(out, sizeof(out), "chown 65534:65534 b"), 0, "%s", out);
-        check_json("show b --json", "j['uid'] == 65534 and j['gid'] == 65534");
+        check_json("show b --json", "j['uid'] == 65534 and j['gid'] == 65534 and j['user'] == 'nobody' and "
+                                    "j['group'] == 'nogroup' and j['mode'] == '0600'");
         cr_assert_eq(shmzctl(out, sizeof(out), "chmod 0600 b"), 0, "%s", out);
         cr_assert_eq(shmzctl(out, sizeof(out), "rm e"), 0, "%s", out);
 
@@ -485,6 +505,7 @@ Test(shmzctl, commands_json_options_exit_codes) {
         cr_assert_eq(shmzctl(out, sizeof(out), "create x --size lots"), 2, "%s", out);
         cr_assert_eq(shmzctl(out, sizeof(out), "chmod 99 a"), 2, "%s", out);
         cr_assert_eq(shmzctl(out, sizeof(out), "chown no-such-user-here a"), 2, "%s", out);
+        cr_assert(strstr(out, "shmzctl chown no-such-user-here: no such user\n"), "%s", out);
         cr_assert_eq(shmzctl(out, sizeof(out), "--bogus list"), 2, "%s", out);
         cr_assert_eq(shmzctl(out, sizeof(out), "show"), 2, "%s", out);
         /* 3: not found. */
@@ -497,6 +518,16 @@ Test(shmzctl, commands_json_options_exit_codes) {
         snprintf(cmd, sizeof(cmd), "setpriv --reuid=65534 --regid=65534 --clear-groups %s --socket %s %s 2>&1",
                  getenv("SHMZCTL"), d.socket, "chmod 0666 a");
         cr_assert_eq(run(out, sizeof(out), cmd), 4, "%s", out);
+        cr_assert(strstr(out, "shmzctl chmod a: not yours: only its owner or root may do that\n"), "%s", out);
+        /* Who holds a zone: for those who may read it (a is 0644); c is root's 0600: its figures only. */
+        snprintf(cmd, sizeof(cmd), "setpriv --reuid=65534 --regid=65534 --clear-groups %s --socket %s %s 2>&1",
+                 getenv("SHMZCTL"), d.socket, "show c");
+        cr_assert_eq(run(out, sizeof(out), cmd), 0, "%s", out);
+        cr_assert(strstr(out, "holders: (not readable by you)\n") && strstr(out, "size: 3145728\n"), "%s", out);
+        snprintf(cmd, sizeof(cmd), "setpriv --reuid=65534 --regid=65534 --clear-groups %s --socket %s %s 2>&1",
+                 getenv("SHMZCTL"), d.socket, "show a");
+        cr_assert_eq(run(out, sizeof(out), cmd), 0, "%s", out);
+        cr_assert(strstr(out, "holders: 0\n") && strstr(out, "creator: root, pid "), "%s", out);
         snprintf(cmd, sizeof(cmd), "setpriv --reuid=65534 --regid=65534 --clear-groups %s --socket %s %s 2>&1",
                  getenv("SHMZCTL"), d.socket, "rm a");
         cr_assert_eq(run(out, sizeof(out), cmd), 4, "%s", out);

@@ -11,6 +11,7 @@
 #include <inttypes.h>
 #include <signal.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
@@ -18,6 +19,7 @@
 #include <sys/statvfs.h>
 #include <sys/wait.h>
 #include <sys/xattr.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "client.h"
@@ -146,9 +148,36 @@ Test(fuse, status_and_metrics) {
         cr_assert(strstr(out, "shmzone_zone_size_bytes{zone=\"counted\"} 8192\n"), "%s", out);
         /* Every sample line is "name{labels} value": no stray text for a scraper to choke on. */
         cr_assert_eq(run(out, sizeof(out),
-                         "grep -v '^#' %s/metrics | grep -cvE '^shmzone_[a-z_]+(\\{zone=\"[^\"]+\"\\})? [0-9]+$'",
+                         "grep -v '^#' %s/metrics | "
+                         "grep -cvE '^shmzone_[a-z_]+(\\{(zone|version)=\"[^\"]+\"\\})? [0-9]+(\\.[0-9]+)?$'",
                          d.mount),
                      1, "bad lines: %s", out);
+        /* The version as an info metric, the start time for Prometheus's reset detection. */
+        cr_assert_eq(run(out, sizeof(out), "cat %s/metrics", d.mount), 0);
+        cr_assert(strstr(out, "\nshmzone_build_info{version=\"" PACKAGE_VERSION "\"} 1\n"), "%s", out);
+        {
+                const char *st = strstr(out, "\nshmzone_start_time_seconds ");
+                double t = st ? atof(st + strlen("\nshmzone_start_time_seconds ")) : 0;
+
+                cr_assert(t > (double) time(NULL) - 600 && t < (double) time(NULL) + 1, "%s", out);
+        }
+        /* Prometheus's own checker on the real file (scripts/promtool.sh fetches it if need be). */
+        cr_assert_eq(run(out, sizeof(out), "p=$(%s) && cat %s/metrics | \"$p\" check metrics 2>&1; echo rc=$?",
+                         getenv("PROMTOOL_SH"), d.mount),
+                     0);
+        cr_assert(strstr(out, "rc=0\n"), "promtool: %s", out);
+        /* Made afresh at each open: a second read a second later is another file. */
+        {
+                char again[16384];
+                const char *u1, *u2;
+
+                cr_assert_eq(run(out, sizeof(out), "cat %s/metrics", d.mount), 0);
+                usleep(1100000);
+                cr_assert_eq(run(again, sizeof(again), "cat %s/metrics", d.mount), 0);
+                u1 = strstr(out, "\nshmzone_uptime_seconds ");
+                u2 = strstr(again, "\nshmzone_uptime_seconds ");
+                cr_assert(u1 && u2 && atoll(u2 + 24) > atoll(u1 + 24), "%s\n---\n%s", out, again);
+        }
         /* st_size matches what cat reads, for tools that trust it. */
         cr_assert_eq(
                 run(out, sizeof(out), "test $(stat -c %%s %s/status) -eq $(cat %s/status | wc -c)", d.mount, d.mount),
@@ -255,7 +284,11 @@ Test(fuse, create_then_truncate_makes_a_zone) {
         struct shmz_zone *z;
         char out[4096];
 
-        cr_assert_eq(run(NULL, 0, "touch %s", zpath("fresh")), 0);
+        int fd;
+
+        /* The creating open stays open meanwhile: an unsized zone goes with it (see below). */
+        fd = open(zpath("fresh"), O_CREAT | O_WRONLY, 0600);
+        cr_assert_geq(fd, 0, "%m");
         cr_assert_eq(run(out, sizeof(out), "stat -c %%s %s", zpath("fresh")), 0);
         cr_assert_str_eq(out, "0\n", "pending: no memory yet");
         cr_assert_eq(run(out, sizeof(out), "cat %s | wc -c", zpath("fresh")), 0);
@@ -263,6 +296,7 @@ Test(fuse, create_then_truncate_makes_a_zone) {
         cr_assert_eq(shmz_zone_open(c, "fresh", 0, NULL, 0, &z), -EAGAIN, "a pending zone cannot be attached");
         cr_assert_eq(run(NULL, 0, "setfattr -n user.shmzone.tag -v made-by-fs %s", zpath("fresh")), 0);
         cr_assert_eq(run(NULL, 0, "truncate -s 1M %s", zpath("fresh")), 0);
+        cr_assert_eq(close(fd), 0);
         cr_assert_eq(run(out, sizeof(out), "stat -c %%s %s", zpath("fresh")), 0);
         cr_assert_str_eq(out, "1048576\n");
         cr_assert_neq(run(NULL, 0, "truncate -s 2M %s 2>/dev/null", zpath("fresh")), 0, "only one truncate");
@@ -499,10 +533,10 @@ Test(fuse, other_xattr_namespaces_are_unsupported_and_create_applies_the_umask) 
         cr_assert_eq(errno, ENODATA);
         cr_assert_eq(getxattr(zpath("ns"), "user.shmzone.tag", v, sizeof(v)), 0);
         /* The creator's umask applies to a zone made in the view (the kernel leaves it to us with ACLs on). */
-        cr_assert_eq(run(NULL, 0, "umask 027; touch %s", zpath("masked")), 0);
+        cr_assert_eq(run(NULL, 0, "umask 027; truncate -s 4K %s", zpath("masked")), 0);
         cr_assert_eq(run(out, sizeof(out), "stat -c %%a %s", zpath("masked")), 0);
         cr_assert_str_eq(out, "640\n");
-        cr_assert_eq(run(NULL, 0, "umask 0; touch %s", zpath("open")), 0);
+        cr_assert_eq(run(NULL, 0, "umask 0; truncate -s 4K %s", zpath("open")), 0);
         cr_assert_eq(run(out, sizeof(out), "stat -c %%a %s", zpath("open")), 0);
         cr_assert_str_eq(out, "666\n");
         shmz_disconnect(c);
@@ -530,7 +564,7 @@ Test(fuse, xattrs) {
         cr_assert_eq(errno, EBUSY);
         shmz_zone_close(z);
         /* Hostile values: too long, embedded NUL, not printable. */
-        cr_assert_eq(run(NULL, 0, "touch %s", zpath("fresh")), 0);
+        cr_assert_eq(run(NULL, 0, "truncate -s 4K %s", zpath("fresh")), 0);
         memset(out, 'a', 200);
         cr_assert_eq(setxattr(zpath("fresh"), "user.shmzone.tag", out, 200, 0), -1);
         cr_assert_eq(errno, EINVAL);
@@ -543,6 +577,93 @@ Test(fuse, xattrs) {
         cr_assert_eq(memcmp(v, "ok", 2), 0);
         cr_assert_eq(removexattr(zpath("fresh"), "user.shmzone.tag"), 0);
         cr_assert_eq(getxattr(zpath("fresh"), "user.shmzone.tag", v, sizeof(v)), 0);
+        shmz_disconnect(c);
+}
+
+/* Waits (up to 5 s) until path is gone; the kernel sends the release after close() returned. */
+static bool gone_soon(const char *path) {
+        struct stat st;
+
+        for (int i = 0; i < 500; i++) {
+                if (stat(path, &st) < 0 && errno == ENOENT)
+                        return true;
+                usleep(10000);
+        }
+        return false;
+}
+
+/* cp and shell redirections into a new name: refused (ENOSPC, kept), explained in the log, nothing left behind. */
+Test(fuse, unsized_create_goes_with_its_file) {
+        struct shmz_client *c = client();
+        struct shmz_zone_stat st;
+        char out[4096];
+        int fd, fd2;
+
+        cr_assert_neq(run(out, sizeof(out), "cp /etc/passwd %s 2>&1", zpath("copied")), 0);
+        cr_assert(strstr(out, "No space left on device"), "%s", out);
+        cr_assert(gone_soon(zpath("copied")), "cp left a zone behind");
+        cr_assert_eq(shmz_zone_stat(c, "copied", &st), -ENOENT);
+        cr_assert_eq(harness_wait_log(&d, "zones/copied was written before it had a size", 5), 0, "%s",
+                     harness_log(&d));
+        cr_assert(strstr(harness_log(&d), "truncate -s SIZE zones/copied"), "%s", harness_log(&d));
+        cr_assert_neq(run(NULL, 0, "echo hi > %s 2>/dev/null", zpath("redirected")), 0);
+        cr_assert(gone_soon(zpath("redirected")));
+        /* touch makes nothing either: a zone needs a size. */
+        cr_assert_eq(run(NULL, 0, "touch %s", zpath("touched")), 0);
+        cr_assert(gone_soon(zpath("touched")));
+        /* Another open of the pending zone does not keep it: the creating one decides. */
+        fd = open(zpath("twice"), O_CREAT | O_RDWR, 0600);
+        cr_assert_geq(fd, 0, "%m");
+        fd2 = open(zpath("twice"), O_RDWR);
+        cr_assert_geq(fd2, 0, "%m");
+        cr_assert_eq(close(fd), 0);
+        cr_assert(gone_soon(zpath("twice")));
+        cr_assert_eq(close(fd2), 0);
+        /* A size set through any open keeps it, and so does truncate on the creating one. */
+        fd = open(zpath("kept"), O_CREAT | O_RDWR, 0600);
+        cr_assert_geq(fd, 0, "%m");
+        cr_assert_eq(ftruncate(fd, 8192), 0, "%m");
+        cr_assert_eq(pwrite(fd, "abc", 3, 0), 3);
+        cr_assert_eq(close(fd), 0);
+        usleep(200000);
+        cr_assert_eq(shmz_zone_stat(c, "kept", &st), 0);
+        cr_assert_eq(st.size, 8192);
+        shmz_disconnect(c);
+}
+
+/* user.shmzone.holders: who attached, per process, as ipcs -p -t shows it. */
+Test(fuse, holders_xattr) {
+        struct shmz_client *c = client();
+        struct shmz_zone *z1, *z2;
+        char v[65536], want[128], list[1024];
+        ssize_t n;
+
+        make_zone(c, "held", 4096, "h", 0644);
+        n = getxattr(zpath("held"), "user.shmzone.holders", v, sizeof(v) - 1);
+        cr_assert_gt(n, 0, "%m");
+        v[n] = 0;
+        snprintf(want, sizeof(want), "creator_pid=%d creator_uid=0 ", (int) getpid());
+        cr_assert(!strncmp(v, want, strlen(want)), "%s", v);
+        cr_assert(strstr(v, " processes=0 "), "made and closed: nobody holds it: %s", v);
+        cr_assert(!strstr(v, " attach_usec=0 "), "make_zone attached once: %s", v);
+        cr_assert_eq(shmz_zone_open(c, "held", 0, "h", 0, &z1), 0);
+        cr_assert_eq(shmz_zone_open(c, "held", 0, "h", 0, &z2), 0);
+        n = getxattr(zpath("held"), "user.shmzone.holders", v, sizeof(v) - 1);
+        cr_assert_gt(n, 0, "%m");
+        v[n] = 0;
+        snprintf(want, sizeof(want), "\npid=%d uid=0 gid=0 attachments=2 since_usec=", (int) getpid());
+        cr_assert(strstr(v, want) && strstr(v, " processes=1 "), "%s", v);
+        cr_assert(strstr(v, " comm=test-fuse\n"), "the name from /proc/PID/comm: %s", v);
+        shmz_zone_close(z2);
+        n = getxattr(zpath("held"), "user.shmzone.holders", v, sizeof(v) - 1);
+        cr_assert_gt(n, 0);
+        v[n] = 0;
+        snprintf(want, sizeof(want), "\npid=%d uid=0 gid=0 attachments=1 ", (int) getpid());
+        cr_assert(strstr(v, want) && !strstr(v, " detach_usec=0 "), "%s", v);
+        n = listxattr(zpath("held"), list, sizeof(list));
+        cr_assert_gt(n, 0);
+        cr_assert(memmem(list, (size_t) n, "user.shmzone.holders", sizeof("user.shmzone.holders")), "not listed");
+        shmz_zone_close(z1);
         shmz_disconnect(c);
 }
 

@@ -357,12 +357,23 @@ Test(keep, damaged_header_does_not_delete_zone) {
         shmz_disconnect(c);
 }
 
-/* Creation time, generation, inode number and tag, across a restart and a crash. */
+/* JSON without its spaces, to look for "key":value whatever the printer's style. */
+static char *squeeze(char *s) {
+        char *w = s;
+
+        for (const char *r = s; *r; r++)
+                if (*r != ' ' && *r != '\n')
+                        *w++ = *r;
+        *w = 0;
+        return s;
+}
+
+/* Creation time, generation, inode number, tag and creator pid, across a restart and a crash. */
 Test(keep, history_survives_restart_and_crash) {
         struct shmz_client *c = harness_connect(&d);
         struct shmz_zone *z;
         struct shmz_zone_stat a, b, gone, decl, declb, fresh;
-        char tag[SHMZ_TAG_BUF] = "forged";
+        char tag[SHMZ_TAG_BUF] = "forged", out[8192], want[64];
 
         cr_assert_not_null(c);
         cr_assert_eq(shmz_zone_open(c, "gone", 65536, "", SHMZ_CREATE, &z), 0);
@@ -392,6 +403,11 @@ Test(keep, history_survives_restart_and_crash) {
                 cr_expect_eq(b.ctime_usec, a.ctime_usec);
                 cr_expect_eq(b.mtime_usec, a.mtime_usec);
                 cr_expect_str_eq(b.tag, "t1");
+                /* The creator's pid, as ipcs -p shows a creator that may have gone: this process made it. */
+                cr_assert_eq(run(out, sizeof(out), "%s --socket %s --json show hist 2>&1", getenv("SHMZCTL"), d.socket),
+                             0, "%s", out);
+                snprintf(want, sizeof(want), "\"creator_pid\":%d,", (int) getpid());
+                cr_expect(strstr(squeeze(out), want), "%s: %s", crash ? "crash" : "restart", out);
                 cr_assert_eq(shmz_zone_stat(c, "decl", &declb), 0);
                 cr_expect_eq(declb.ino, decl.ino);
                 cr_expect_eq(declb.generation, decl.generation);

@@ -148,22 +148,6 @@ static pid_t pid_file(const struct nginx *n, const char *name) {
         return pid;
 }
 
-static int http_connect(int port) {
-        struct sockaddr_in sa = { .sin_family = AF_INET, .sin_port = htons((uint16_t) port) };
-        int fd;
-
-        sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-        fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-        if (fd < 0)
-                return -errno;
-        if (connect(fd, (struct sockaddr *) &sa, sizeof(sa)) < 0) {
-                int r = -errno;
-                close(fd);
-                return r;
-        }
-        return fd;
-}
-
 /* Starts nginx i from its config; waits until it answers (20 s at most). */
 static void nginx_start(struct nginx *n) {
         if (ngx_daemon) {
@@ -174,7 +158,7 @@ static void nginx_start(struct nginx *n) {
                 n->pid = pid_file(n, "nginx.pid");
                 cr_assert_gt(n->pid, 0);
                 for (uint64_t deadline = mono_ms() + 20000;; sleep_ms(20)) {
-                        int fd = http_connect(n->port);
+                        int fd = harness_tcp_connect(n->port);
                         if (fd >= 0) {
                                 close(fd);
                                 return;
@@ -198,7 +182,7 @@ static void nginx_start(struct nginx *n) {
                 _exit(127);
         }
         for (uint64_t deadline = mono_ms() + 20000;;) {
-                int fd = http_connect(n->port), status;
+                int fd = harness_tcp_connect(n->port), status;
 
                 if (fd >= 0) {
                         close(fd);
@@ -284,7 +268,7 @@ static void req_send(struct req *r, int port, const char *path, const char *key)
         int len;
 
         *r = (struct req){ .status = -1 };
-        r->fd = http_connect(port);
+        r->fd = harness_tcp_connect(port);
         cr_assert_geq(r->fd, 0, "connect: %s", strerror(-r->fd));
         len = snprintf(text, sizeof(text), "GET %s HTTP/1.0\r\nHost: t\r\nX-Key: %s\r\n\r\n", path, key ? key : "");
         r->sent = mono_ms();
@@ -819,10 +803,12 @@ Test(nginx, corrupt_zone_logged_never_crashes) {
 int main(int argc, char *argv[]) {
         if (access(nginx_path(), X_OK) < 0 || access(module_path(), R_OK) < 0) {
                 struct criterion_test_set *tests = criterion_initialize();
-                fprintf(stderr, "Skipping all %zu tests: no nginx (%s) or no module (%s).\n", tests->tests,
-                        nginx_path(), module_path());
+                char why[256];
+
+                (void) snprintf(why, sizeof(why), "no nginx (%s) or no module (%s)", nginx_path(), module_path());
+                harness_skip_all(tests->tests, why);
                 criterion_finalize(tests);
-                return 77;
+                return 0;
         }
         return harness_main(argc, argv, /* need_root= */ true, /* need_fuse= */ false);
 }

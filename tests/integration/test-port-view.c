@@ -24,6 +24,7 @@
 #include <unistd.h>
 
 #include "harness.h"
+#include "port.h"
 #include "shmzone-abi.h"
 #include "shmzone.h"
 #include "util.h"
@@ -558,6 +559,13 @@ Test(portview, listener_connection_segment) {
         cr_assert(text_value(out, "listeners") == 0 && text_value(out, "ports") == 0 &&
                           text_value(out, "segments") == 0,
                   "%s", out);
+        /* Counters never go down: the ended port's messages stay counted (a fall would read as a restart). */
+        cr_assert_eq(text_value(out, "messages_total"), 1, "%s", out);
+        cr_assert_eq(text_value(out, "message_bytes_total"), MSG_SIZE, "%s", out);
+        cr_assert_eq(text_value(out, "ports_closed_total"), 1, "%s", out);
+        cr_assert_eq(run(out, sizeof(out), "cat %s/metrics", d.mount), 0);
+        cr_assert(strstr(out, "\nshmzone_messages_total 1\n") && strstr(out, "\nshmzone_ports_closed_total 1\n"), "%s",
+                  out);
         shmz_disconnect(c);
 }
 
@@ -586,6 +594,57 @@ Test(portview, listener_mode_and_owner) {
 }
 
 /* shmzctl: tables, JSON, show, exit codes. */
+/* What the metrics say, read from the view's status file (name without the shmzone_ prefix). */
+static uint64_t status_value(const char *key) {
+        char out[16384];
+
+        cr_assert_eq(run(out, sizeof(out), "cat %s/status", d.mount), 0);
+        return text_value(out, key);
+}
+
+/*
+ * The channel's figures are the peers' to write: a peer that lowers them, or a
+ * port that ends, never makes messages_total fall.
+ */
+Test(portview, counters_never_fall) {
+        struct shmz_client *c = harness_connect(&d);
+        struct shmz_listener *l = NULL;
+        struct shmz_port *pc = NULL, *pa = NULL;
+        struct shmz_channel *ch;
+        char data[100] = "hello";
+
+        cr_assert_not_null(c);
+        cr_assert_eq(shmz_port_listen(c, "count", 0600, &l), 0);
+        cr_assert_eq(shmz_port_connect(c, "count", &pc), 0);
+        cr_assert_eq(shmz_port_accept(l, 5 * SEC, &pa), 0);
+        for (int i = 0; i < 10; i++) {
+                struct shmz_msg m = { .type = 1, .data = data, .size = sizeof(data), .fd = -1 };
+
+                cr_assert_eq(shmz_port_send(pc, &m, 5 * SEC), 0);
+                cr_assert_eq(shmz_port_recv(pa, &m, 5 * SEC), 0);
+                shmz_msg_release(pa, &m);
+        }
+        cr_assert_eq(status_value("messages_total"), 10);
+        cr_assert_eq(status_value("message_bytes_total"), 1000);
+        /* A hostile sender rewinds its figures: the daemon keeps what it read before. */
+        ch = port_channel(pc);
+        __atomic_store_n(&ch->dir[SHMZ_PORT_SIDE_CONNECTOR].messages, 0, __ATOMIC_RELAXED);
+        __atomic_store_n(&ch->dir[SHMZ_PORT_SIDE_CONNECTOR].bytes, 0, __ATOMIC_RELAXED);
+        cr_assert_eq(status_value("messages_total"), 10);
+        cr_assert_eq(status_value("message_bytes_total"), 1000);
+        /* The port ends: its messages stay counted. */
+        shmz_port_close(pc);
+        shmz_port_close(pa);
+        for (int i = 0; i < 500 && status_value("ports") != 0; i++)
+                usleep(10000);
+        cr_assert_eq(status_value("ports"), 0);
+        cr_assert_eq(status_value("messages_total"), 10);
+        cr_assert_eq(status_value("message_bytes_total"), 1000);
+        cr_assert_eq(status_value("ports_closed_total"), 1);
+        shmz_listener_close(l);
+        shmz_disconnect(c);
+}
+
 Test(portview, shmzctl) {
         const char *ctl = getenv("SHMZCTL");
         struct shmz_client *c = harness_connect(&d);
@@ -625,7 +684,7 @@ Test(portview, shmzctl) {
         cr_assert(json_object_object_get_ex(j, "listeners", &a) && json_object_array_length(a) == 1);
         o = json_object_array_get_idx(a, 0);
         cr_assert_str_eq(json_object_get_string(json_object_object_get(o, "name")), "svc");
-        cr_assert_eq(json_object_get_int64(json_object_object_get(o, "mode")), 0660);
+        cr_assert_str_eq(json_object_get_string(json_object_object_get(o, "mode")), "0660");
         cr_assert(json_object_object_get_ex(j, "ports", &a) && json_object_array_length(a) == 1);
         o = json_object_array_get_idx(a, 0);
         cr_assert_eq(json_object_get_int64(json_object_object_get(json_object_object_get(o, "connector"), "pid")),

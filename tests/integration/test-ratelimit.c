@@ -133,22 +133,6 @@ struct reply {
         size_t n;
 };
 
-static int http_connect(void) {
-        struct sockaddr_in sa = { .sin_family = AF_INET, .sin_port = htons((uint16_t) port) };
-        int fd;
-
-        sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-        fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-        if (fd < 0)
-                return -errno;
-        if (connect(fd, (struct sockaddr *) &sa, sizeof(sa)) < 0) {
-                int r = -errno;
-                close(fd);
-                return r;
-        }
-        return fd;
-}
-
 static void parse_reply(struct reply *r) {
         const char *w;
 
@@ -171,7 +155,7 @@ static void http_many(size_t n, const char *const *headers, struct reply *out) {
         cr_assert_leq(n, 64);
         memset(out, 0, n * sizeof(*out));
         for (size_t i = 0; i < n; i++) {
-                fds[i] = http_connect();
+                fds[i] = harness_tcp_connect(port);
                 cr_assert_geq(fds[i], 0, "connect: %s", strerror(-fds[i]));
         }
         t0 = mono_ms();

@@ -8,6 +8,9 @@
 # client's mapping, which still shares memory with a new client); reload adds a zone; the journal
 # has the log with priorities; stop leaves no mount; stop+start loses the zones (systemd 252);
 # ProtectSystem=, ProtectHome=, PrivateTmp= would each hide the view (why the unit lacks them);
+# systemd-analyze security rates the unit 3.0 or better; shmzctl show --json names the processes
+# attached to a zone; message counters stay up after their ports end; promtool accepts the
+# view's metrics (scripts/promtool.sh unpacks it from Debian's prometheus package, not installed);
 # poweroff leaves nothing running and no mount.
 # Never boots systemd on the host, never installs anything on it (but build-debs.sh's
 # Build-Depends).
@@ -20,7 +23,8 @@
 set -u
 SRC=$(realpath "${1:?source dir}")
 DEBS=${2:-}
-CHECKS=(debs boot install view-outside-service verify helper-pkg-config create-and-write restart
+CHECKS=(debs boot install view-outside-service verify security-score helper-pkg-config create-and-write holders
+        counters-monotonic promtool-metrics restart
         crash-restart reload journal
         check-config restart-bad-config reload-bad-config damaged-header history-kept persist-stop-start
         stop-warns persist-bad-copy
@@ -271,6 +275,8 @@ f=$(ls "$DEBS"/python3-shmzone_*.deb 2>/dev/null | tail -n 1)
 [ -n "$f" ] || fail debs "no python3-shmzone_*.deb in $DEBS"
 cp "$f" "$T/pkgs/" || fail debs "cp $f"
 PKGS+=("$T/pkgs/${f##*/}")
+# promtool for promtool-metrics, copied where the container sees it (never installed there).
+P=$("$SRC/scripts/promtool.sh" 2>"$T/promtool-fetch.log") && cp "$P" "$T/promtool"
 ok debs
 
 # 2. The container: overlay of / (tmpfs upper), fresh /proc, /run, /tmp; systemd as PID 1.
@@ -382,6 +388,16 @@ cin systemd-analyze verify --man=no shmzoned.service shmzoned.socket >"$T/verify
 [ -s "$T/verify.log" ] && fail verify "warnings: $(cat "$T/verify.log")"
 ok verify
 
+# The hardening, as systemd rates it (inside the container: the unit as installed and running),
+# with the view still seen outside the service (checked above, and used by every check after).
+cin systemd-analyze security --no-pager shmzoned.service >"$T/security.log" 2>&1 ||
+        fail security-score "$(tail -5 "$T/security.log")"
+score=$(sed -n 's/.*Overall exposure level for shmzoned.service: \([0-9.]*\).*/\1/p' "$T/security.log")
+[ -n "$score" ] || fail security-score "no score: $(tail -3 "$T/security.log")"
+awk -v s="$score" 'BEGIN { exit !(s <= 3.0) }' || fail security-score "exposure $score > 3.0: $(grep '✗' "$T/security.log")"
+echo "security-score: $score"
+ok security-score
+
 # 5. The helper, built in the container against the installed libshmzone-dev.
 # client ZONE hold DIR: attach, expect PATTERN-A at 0 (written through the view), say ready, wait
 #   for DIR/go (after the restart), expect PATTERN-A at 0 and PATTERN-C at 128 (written through
@@ -417,6 +433,32 @@ int main(int argc, char **argv) {
         if (r < 0) {
                 fprintf(stderr, "connect: %s\n", strerror(-r));
                 return 1;
+        }
+        /* client NAME ports N: a port of our own to NAME, N messages of 100 bytes over it, then closed. */
+        if (strcmp(argv[2], "ports") == 0) {
+                struct shmz_listener *l;
+                struct shmz_port *pc, *pa;
+                char data[100] = "x";
+                int n = atoi(argv[3]);
+
+                if (shmz_port_listen(c, argv[1], 0600, &l) < 0 || shmz_port_connect(c, argv[1], &pc) < 0 ||
+                    shmz_port_accept(l, 5000000000, &pa) < 0) {
+                        fprintf(stderr, "port setup failed\n");
+                        return 1;
+                }
+                for (int i = 0; i < n; i++) {
+                        struct shmz_msg m = { .type = 1, .data = data, .size = sizeof(data), .fd = -1 };
+
+                        if (shmz_port_send(pc, &m, 5000000000) < 0 || shmz_port_recv(pa, &m, 5000000000) < 0) {
+                                fprintf(stderr, "message %d lost\n", i);
+                                return 1;
+                        }
+                        shmz_msg_release(pa, &m);
+                }
+                shmz_port_close(pc);
+                shmz_port_close(pa);
+                shmz_listener_close(l);
+                return 0;
         }
         r = shmz_zone_open(c, argv[1], 0, NULL, 0, &z);
         if (r < 0) {
@@ -475,6 +517,52 @@ until [ -e "$T/meta/ready" ]; do
         sleep 0.1
 done
 ok create-and-write
+
+# Who holds pat, as ipcs -p -t would say: the helper (its pid in the container, its name), since
+# when; who made it (shmzctl, root) and the last attach.
+HPID=$(cin pgrep -xn client)
+cin $CTL show pat --json >"$T/holders.json" 2>&1 || fail holders "shmzctl show --json: $(cat "$T/holders.json")"
+cin python3 -c '
+import json, sys, time
+j = json.load(open(sys.argv[1]))
+hs = j["holders"]
+assert j["processes"] == 1 and len(hs) == 1, j
+h = hs[0]
+assert h["pid"] == int(sys.argv[2]) and h["comm"] == "client" and h["attachments"] == 1, h
+assert h["uid"] == 0 and h["user"] == "root", h
+now = time.time() * 1e6
+assert 0 < h["since_usec"] <= now and now - h["since_usec"] < 600e6, h
+assert j["creator_uid"] == 0 and j["creator_pid"] > 0 and j["creator_pid"] != h["pid"], j
+assert j["attach_usec"] >= h["since_usec"] and j["last_pid"] == h["pid"], j
+assert j["mode"] == "0600", j
+' "$T/holders.json" "$HPID" >"$T/holders.log" 2>&1 || fail holders "$(cat "$T/holders.log"): $(cat "$T/holders.json")"
+cin getfattr --only-values -n user.shmzone.holders $Z 2>&1 | grep -q "^pid=$HPID .* comm=client\$" ||
+        fail holders "xattr: $(cin getfattr --only-values -n user.shmzone.holders $Z 2>&1)"
+cin $CTL list | grep -E '^pat +' | grep -qE ' 1 +1 *$' || fail holders "list: $(cin $CTL list 2>&1)"
+ok holders
+
+# Counters of the metrics file only grow: a port's messages stay counted once it ended.
+metric() { cin cat $V/metrics | sed -n "s/^shmzone_$1 //p"; }
+m0=$(metric messages_total)
+b0=$(metric message_bytes_total)
+c0=$(metric ports_closed_total)
+cin "$T/client" systest-port ports 25 >"$T/ports.log" 2>&1 || fail counters-monotonic "$(cat "$T/ports.log")"
+m1=$(metric messages_total)
+b1=$(metric message_bytes_total)
+c1=$(metric ports_closed_total)
+[ "$(metric ports)" = 0 ] || fail counters-monotonic "ports left: $(metric ports)"
+[ $((m1 - m0)) -ge 25 ] || fail counters-monotonic "messages_total $m0 -> $m1 after 25 sent on a port that ended"
+[ $((b1 - b0)) -ge 2500 ] || fail counters-monotonic "message_bytes_total $b0 -> $b1"
+[ $((c1 - c0)) -ge 1 ] || fail counters-monotonic "ports_closed_total $c0 -> $c1"
+ok counters-monotonic
+
+# promtool, Prometheus's own parser, on the real file of the real daemon.
+[ -x "$T/promtool" ] || fail promtool-metrics "no promtool: scripts/promtool.sh failed on the host"
+cin sh -c "cat $V/metrics >\"\$1/metrics.txt\" && \"\$1/promtool\" check metrics <\"\$1/metrics.txt\"" sh "$T" \
+        >"$T/promtool.log" 2>&1 || fail promtool-metrics "$(cat "$T/promtool.log"): $(cat "$T/metrics.txt")"
+grep -q '^shmzone_build_info{version="' "$T/metrics.txt" || fail promtool-metrics "no shmzone_build_info"
+grep -q '^shmzone_start_time_seconds [0-9]' "$T/metrics.txt" || fail promtool-metrics "no shmzone_start_time_seconds"
+ok promtool-metrics
 
 # 7. Restart: the zone, its bytes, and the attached client's mapping are the same memory.
 OLD=$(cin systemctl show -P MainPID shmzoned)

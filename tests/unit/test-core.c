@@ -140,7 +140,7 @@ static int open_zone(const struct caller *c, const char *name, uint64_t size, un
 }
 
 static void close_zone(struct zone *z, int fd) {
-        registry_detach(reg, z);
+        registry_detach(reg, z, &ROOT); /* the callers here all have pid 0: one holder record */
         cr_assert_eq(close(fd), 0);
 }
 
@@ -816,7 +816,80 @@ static void issue(const char *name, bool writable, uint64_t t[2]) {
 
 static int redeem(const uint64_t t[2], bool want_write, struct zone **z, int *fd, struct shmz_msg_zone_info *info) {
         *fd = -EBADF;
-        return registry_ticket_redeem(reg, t, want_write, z, fd, info, NULL);
+        return registry_ticket_redeem(reg, &ROOT, t, want_write, z, fd, info, NULL);
+}
+
+/* Holders: one record per process however often it attaches, bounded per zone, gone with the last detach. */
+Test(core, holders_bounded_per_process) {
+        enum { N = SHMZ_HOLDERS_MAX + 40 };
+        static struct zone *zs[1000], *many[N];
+        struct shmz_msg_zone_holders h;
+        struct shmz_msg_zone_info info;
+        struct caller p = OWNER;
+        uint32_t seen = 0, after = 0;
+        int fd;
+
+        p.pid = 4242;
+        p.comm = "web\x01server name that is long";
+        for (int i = 0; i < 1000; i++) {
+                cr_assert_eq(registry_open(reg, &p, "h", pages(1), NULL, SHMZ_CREATE, &zs[i], &fd, NULL, NULL), 0);
+                close(fd);
+        }
+        cr_assert_eq(registry_holders(reg, &p, "h", 0, 0, &h), 0);
+        cr_assert_eq(h.processes, 1);
+        cr_assert_eq(h.n, 1);
+        cr_assert_eq(h.creator_pid, 4242);
+        cr_assert_eq(h.creator_uid, OWNER.uid);
+        cr_assert_eq(h.holders[0].pid, 4242);
+        cr_assert_eq(h.holders[0].attachments, 1000);
+        cr_assert_str_eq(h.holders[0].comm, "web?server name", "printable, cut to 15 bytes");
+        cr_assert_gt(h.attach_usec, 0);
+        cr_assert_eq(h.detach_usec, 0);
+        /* Read permission needed: a stranger learns nothing of who uses the zone. */
+        cr_assert_eq(registry_holders(reg, &OTHER, "h", 0, 0, &h), -EACCES);
+        cr_assert_eq(registry_holders(reg, &p, "nope", 0, 0, &h), -ENOENT);
+
+        /* Many processes: SHMZ_HOLDERS_MAX records, the rest counted only. */
+        for (int i = 0; i < N; i++) {
+                struct caller q = OWNER;
+
+                q.pid = 10000 + i;
+                cr_assert_eq(registry_open(reg, &q, "h", 0, NULL, 0, &many[i], &fd, NULL, NULL), 0);
+                close(fd);
+        }
+        cr_assert_eq(registry_info(reg, "h", &info), 0);
+        cr_assert_eq(info.attached, 1000 + N);
+        cr_assert_eq(info.holders, SHMZ_HOLDERS_MAX + 1, "records, and one for the untracked");
+        /* Pages by pid cover every record once, in order. */
+        do {
+                cr_assert_eq(registry_holders(reg, NULL, "h", 0, after, &h), 0);
+                for (uint32_t k = 0; k < h.n; k++) {
+                        cr_assert_gt(h.holders[k].pid, after);
+                        after = h.holders[k].pid;
+                        seen++;
+                }
+        } while (h.n == SHMZ_HOLDERS_PER_MSG);
+        cr_assert_eq(seen, SHMZ_HOLDERS_MAX);
+        cr_assert_eq(h.untracked, N + 1 - SHMZ_HOLDERS_MAX);
+
+        for (int i = 0; i < N; i++) {
+                struct caller q = OWNER;
+
+                q.pid = 10000 + i;
+                registry_detach(reg, many[i], &q);
+        }
+        for (int i = 0; i < 999; i++)
+                registry_detach(reg, zs[i], &p);
+        cr_assert_eq(registry_holders(reg, NULL, "h", 0, 0, &h), 0);
+        cr_assert_eq(h.processes, 1);
+        cr_assert_eq(h.untracked, 0);
+        cr_assert_eq(h.holders[0].attachments, 1);
+        cr_assert_gt(h.detach_usec, 0);
+        registry_detach(reg, zs[999], &p);
+        cr_assert_eq(registry_holders(reg, NULL, "h", 0, 0, &h), 0);
+        cr_assert_eq(h.processes, 0);
+        cr_assert_eq(h.n, 0);
+        cr_assert_eq(h.last_pid, 4242);
 }
 
 Test(core, ticket_one_use) {

@@ -80,6 +80,7 @@ struct shmz_zone_stat {
         uint32_t flags; /* SHMZ_ZONE_INFO_* */
         uint64_t ino;   /* its inode number in the FUSE view */
         uint64_t mtime_usec, ctime_usec;
+        uint32_t holders; /* processes attached (attached counts attachments); 0 from older daemons */
 };
 
 int shmz_zone_stat_sized(struct shmz_client *c, const char *name, struct shmz_zone_stat *ret, size_t ret_size);

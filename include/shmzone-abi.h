@@ -125,6 +125,7 @@ enum {
         SHMZ_MSG_PORT_LIST = 14,       /* run of shmz_msg_port_info, then an empty LAST */
         SHMZ_MSG_SEGMENT_LIST = 15,    /* run of shmz_msg_segment_info, then an empty LAST */
         SHMZ_MSG_RELOAD = 16,          /* root only: () -> shmz_msg_reload_reply, once the reload is done */
+        SHMZ_MSG_ZONE_HOLDERS = 20,    /* shmz_msg_zone_holders_req -> shmz_msg_zone_holders (one page) */
         SHMZ_MSG_NOTICE_SHUTDOWN = 64, /* daemon -> client: the daemon is stopping */
         SHMZ_MSG_NOTICE_PORT = 65,     /* daemon -> listener: shmz_msg_port_peer, fds: [socket end, channel] */
 };
@@ -177,9 +178,9 @@ struct shmz_msg_zone_info {
         uint64_t created_usec;
         uint64_t handle; /* open: the attachment, for ZONE_CLOSE */
         uint32_t uid, gid, mode;
-        uint32_t attached; /* attachments right now */
-        uint32_t flags;    /* SHMZ_ZONE_INFO_* */
-        uint32_t reserved;
+        uint32_t attached;               /* attachments right now */
+        uint32_t flags;                  /* SHMZ_ZONE_INFO_* */
+        uint32_t holders;                /* processes attached right now (0 from daemons before it was counted) */
         uint64_t ino;                    /* inode number in the FUSE view */
         uint64_t mtime_usec, ctime_usec; /* bytes written through the view; attributes changed */
         char name[SHMZ_NAME_BUF];
@@ -232,8 +233,45 @@ struct shmz_msg_status {
         uint64_t ports;                    /* connections between two processes */
         uint64_t segment_bytes;            /* memory of all segments */
         uint64_t chunks, chunks_used;      /* of all segments; used = claimed by a sender, not yet released */
-        uint64_t messages, message_bytes;  /* sent on live ports, as the ports' channels count them */
+        uint64_t messages, message_bytes;  /* sent on ports since start, as their channels counted them */
         uint64_t ports_closed, peers_died; /* since start: ports that ended, and of those, by a process's death */
+};
+
+/*
+ * Who holds a zone, as ipcs(1) shows it for System V segments. Every figure is
+ * the daemon's, from the kernel (SO_PEERCRED of the attaching connection,
+ * /proc/PID/comm when it first attached), never from a message. The daemon
+ * keeps one record per process (its attachments counted), at most
+ * SHMZ_HOLDERS_MAX per zone; attachments of further processes are only
+ * counted (untracked). A page lists the holders with pids above after_pid, by
+ * pid: ask again with the last pid of a full page for the next one.
+ */
+#define SHMZ_HOLDERS_MAX 512u
+#define SHMZ_HOLDERS_PER_MSG 24u
+#define SHMZ_COMM_BUF 16u
+
+struct shmz_msg_zone_holders_req {
+        uint32_t after_pid; /* 0 for the first page */
+        uint32_t reserved;
+        char name[SHMZ_NAME_BUF];
+};
+
+struct shmz_msg_zone_holder {
+        uint32_t pid, uid, gid;
+        uint32_t attachments;     /* of this process to this zone */
+        uint64_t since_usec;      /* CLOCK_REALTIME of its first attachment that is still held */
+        char comm[SHMZ_COMM_BUF]; /* /proc/PID/comm then, non-printable bytes replaced by '?' */
+};
+
+struct shmz_msg_zone_holders {
+        uint32_t creator_pid; /* 0: the config file's, or unknown (a zone from before the daemon kept it) */
+        uint32_t creator_uid;
+        uint64_t attach_usec, detach_usec; /* CLOCK_REALTIME of the last attach and detach, 0: none since start */
+        uint32_t last_pid;                 /* of the last attach or detach */
+        uint32_t processes;                /* holders, all of them (tracked ones: at most SHMZ_HOLDERS_MAX) */
+        uint32_t untracked;                /* attachments of processes past SHMZ_HOLDERS_MAX */
+        uint32_t n;                        /* entries of holders[] in this page */
+        struct shmz_msg_zone_holder holders[SHMZ_HOLDERS_PER_MSG];
 };
 
 /* The outcome of a reload: status 0 with this body, whether the file was applied or refused. */

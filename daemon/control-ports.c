@@ -20,7 +20,6 @@
 #include <fcntl.h>
 #include <inttypes.h>
 #include <limits.h>
-#include <linux/futex.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <sys/mman.h>
@@ -31,7 +30,9 @@
 #include <unistd.h>
 
 #include "daemon.h"
+#include "futex.h"
 #include "log.h"
+#include "memfd.h"
 #include "ports.h"
 #include "proto.h"
 #include "worker.h"
@@ -70,17 +71,8 @@ struct watch {
 static pthread_mutex_t fe_lock = PTHREAD_MUTEX_INITIALIZER;
 static struct watch *watches;
 
-static int reply(struct conn *c, const struct shmz_msg_header *req, int status, const void *body, size_t size, int fd) {
-        if (status < 0) {
-                /* errors_total counts these: each one is logged, so that a rise can be explained. */
-                atomic_fetch_add(&c->daemon->errors, 1);
-                log_debug_errno(status, "Client pid %d: request %u (stream %u) refused: %m", (int) c->caller.pid,
-                                (unsigned) req->type, (unsigned) req->stream);
-                body = NULL;
-                size = 0;
-        }
-        return conn_send(c, req->type, SHMZ_MSG_F_REPLY, req->stream, status, body, size, fd);
-}
+/* The handlers' short name for conn_reply(). */
+#define reply conn_reply
 
 /* A pidfd of the process at the other end of a connection: the kernel's own (no pid reuse race), else by pid. */
 static int peer_pidfd(int sock, pid_t pid) {
@@ -132,10 +124,6 @@ static void watch_free(struct watch *w) {
         free(w);
 }
 
-static void futex_wake_all(uint32_t *addr) {
-        (void) syscall(SYS_futex, addr, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
-}
-
 /*
  * The port ends: a process died (died: the side whose end is shut down, so
  * that the survivor reads what is queued, then end of file) or a side shut
@@ -148,10 +136,10 @@ static void watch_end(struct watch *w, int died_side) {
                 __atomic_store_n(&w->chan->closed, 1, __ATOMIC_RELEASE);
                 for (unsigned d = 0; d < 2; d++) {
                         __atomic_fetch_add(&w->chan->dir[d].release_seq, 1, __ATOMIC_RELEASE);
-                        futex_wake_all(&w->chan->dir[d].release_seq);
+                        futex_wake(&w->chan->dir[d].release_seq, INT_MAX);
                         /* Receivers asleep on the ring too (those polling the socket see its end). */
                         __atomic_fetch_add(&w->chan->dir[d].wake_seq, 1, __ATOMIC_RELEASE);
-                        futex_wake_all(&w->chan->dir[d].wake_seq);
+                        futex_wake(&w->chan->dir[d].wake_seq, INT_MAX);
                 }
         }
         log_debug("Port %" PRIu64 " ended (%s).", w->id,
@@ -181,17 +169,12 @@ static int channel_make(uint64_t port_id, int *ret_fd, struct shmz_channel **ret
         _cleanup_close_ int fd = -EBADF;
         struct shmz_channel *m;
         char name[64];
+        int r;
 
         (void) snprintf(name, sizeof(name), "shmzone-channel:%" PRIu64, port_id);
-        fd = memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING);
-        if (fd < 0)
-                return -errno;
-        if (ftruncate(fd, SHMZ_CHANNEL_SIZE) < 0)
-                return -errno;
-        if (fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) < 0)
-                return -errno;
-        if (fchmod(fd, 0400) < 0)
-                return -errno;
+        r = memfd_new_sealed(name, SHMZ_CHANNEL_SIZE, true, &fd);
+        if (r < 0)
+                return r;
         m = mmap(NULL, SHMZ_CHANNEL_HEADER_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED, fd,
                  0); /* the rings are not ours */
         if (m == MAP_FAILED)

@@ -187,7 +187,8 @@ void shmz_msg_release(struct shmz_port *p, struct shmz_msg *m); /* its chunks go
  * Before a receive (recv, dispatch) with a timeout goes to sleep, it looks at
  * the ring for up to ns nanoseconds (0, the default: it sleeps at once). For
  * latency-critical callers that own a core; a spinning receiver wakes in
- * well under a microsecond and costs its sender no system call.
+ * well under a microsecond and costs its sender no system call. It yields
+ * its CPU at each look, to a peer that may share it.
  */
 int shmz_port_set_spin(struct shmz_port *p, uint64_t ns);
 

@@ -165,6 +165,12 @@ ssize_t proto_body_size(uint16_t type, bool reply) {
                 return reply ? sizeof(struct shmz_msg_segment_info) : 0;
         case SHMZ_MSG_RELOAD:
                 return reply ? sizeof(struct shmz_msg_reload_reply) : 0;
+        case SHMZ_MSG_ZONE_REATTACH:
+                return reply ? sizeof(struct shmz_msg_zone_info) : sizeof(struct shmz_msg_zone_reattach);
+        case SHMZ_MSG_PORT_REJOIN:
+                return reply ? sizeof(struct shmz_msg_port_peer) : sizeof(struct shmz_msg_port_rejoin);
+        case SHMZ_MSG_RESUME:
+                return 0;
         case SHMZ_MSG_ZONE_HOLDERS:
                 return reply ? sizeof(struct shmz_msg_zone_holders) : sizeof(struct shmz_msg_zone_holders_req);
         case SHMZ_MSG_NOTICE_SHUTDOWN:

@@ -107,6 +107,11 @@ struct port {
         uint64_t seen_messages[2], seen_bytes[2];
         struct segment **segs[2]; /* per direction, by slot */
         uint32_t n_segs[2], cap_segs[2];
+        /* Rejoined after a restart (ports_rejoin()): the sides that came back, the channel's inode they
+         * proved, whether the connector's uid is charged for it (only once the connector came back). */
+        bool rejoined, joined[2], charged, dropping;
+        dev_t channel_dev;
+        ino_t channel_ino;
 };
 
 struct ports_change {
@@ -814,7 +819,8 @@ void ports_port_drop(struct ports *pt, struct port *p, bool died) {
                 p->listener->connections--;
                 peer_uncharge(p->listener, p->uid[SHMZ_PORT_SIDE_CONNECTOR], true, !p->accepted);
         }
-        uid_uncharge(pt, p->uid[SHMZ_PORT_SIDE_CONNECTOR]);
+        if (!p->rejoined || p->charged)
+                uid_uncharge(pt, p->uid[SHMZ_PORT_SIDE_CONNECTOR]);
         /* Its messages stay counted: a counter that fell when a port ended would look like a restart. */
         port_see_figures(p);
         for (unsigned d = 0; d < 2; d++) {
@@ -849,6 +855,133 @@ void ports_port_drop(struct ports *pt, struct port *p, bool died) {
                                 segment_unref_internal(pt, p->segs[d][k]);
         free(gone);
         port_destroy(p);
+}
+
+void ports_port_drop_id(struct ports *pt, uint64_t id, bool died) {
+        struct port *p;
+
+        pthread_mutex_lock(&pt->lock);
+        p = port_by_id(pt, id);
+        if (p && p->dropping)
+                p = NULL;
+        if (p)
+                p->dropping = true; /* one caller drops it: another finds it dropping, then gone */
+        pthread_mutex_unlock(&pt->lock);
+        ports_port_drop(pt, p, died);
+}
+
+int ports_rejoin(struct ports *pt, const struct caller *c, uint32_t side, int channel_fd, uint32_t chunk_size,
+                 uint32_t segment_chunks, struct shmz_msg_port_peer *ret) {
+        _cleanup_close_ int fd = -EBADF;
+        struct port *p = NULL, *fresh;
+        uint64_t token;
+        struct stat st;
+        void *m;
+        int r;
+
+        if (side > SHMZ_PORT_SIDE_ACCEPTOR)
+                return -EINVAL;
+        if (fstat(channel_fd, &st) < 0)
+                return -errno;
+        fresh = calloc(1, sizeof(*fresh));
+        if (!fresh)
+                return -ENOMEM;
+        fresh->channel_fd = -EBADF;
+        if (getrandom(fresh->token, sizeof(fresh->token), 0) != (ssize_t) sizeof(fresh->token) ||
+            getrandom(&token, sizeof(token), 0) != (ssize_t) sizeof(token)) {
+                free(fresh);
+                return -EIO;
+        }
+        fd = fcntl(channel_fd, F_DUPFD_CLOEXEC, 3);
+        m = fd >= 0 ? mmap(NULL, SHMZ_CHANNEL_HEADER_SIZE, PROT_READ, MAP_SHARED, fd, 0) : MAP_FAILED;
+        if (m == MAP_FAILED) {
+                free(fresh);
+                return -errno;
+        }
+
+        pthread_mutex_lock(&pt->lock);
+        /* Segments the sides already hold were cut this way: new ones must be too. */
+        if (chunk_size != pt->lim.chunk_size || segment_chunks != pt->lim.segment_chunks) {
+                r = -ESTALE;
+                goto fail;
+        }
+        for (size_t i = 0; i < pt->n_ports; i++)
+                if (pt->ports[i]->rejoined && pt->ports[i]->channel_dev == st.st_dev &&
+                    pt->ports[i]->channel_ino == st.st_ino && !pt->ports[i]->dropping) {
+                        p = pt->ports[i];
+                        break;
+                }
+        if (p && p->joined[side]) {
+                r = -EEXIST;
+                goto fail;
+        }
+        if (!p && pt->n_ports == pt->cap_ports) {
+                size_t cap = MAX(pt->cap_ports * 2, 16u);
+                struct port **v = realloc(pt->ports, cap * sizeof(*v));
+
+                if (!v) {
+                        r = -ENOMEM;
+                        goto fail;
+                }
+                pt->ports = v;
+                pt->cap_ports = cap;
+        }
+        /* As for a connect: the connector's uid pays for the port, within its bound. */
+        if (side == SHMZ_PORT_SIDE_CONNECTOR) {
+                if (uid_held(pt, c->uid) >= pt->lim.max_ports_per_uid) {
+                        r = -EUSERS;
+                        goto fail;
+                }
+                r = uid_charge(pt, c->uid);
+                if (r < 0)
+                        goto fail;
+        }
+        if (!p) {
+                p = TAKE_PTR(fresh);
+                p->id = pt->next_port_id++;
+                p->rejoined = true;
+                p->accepted = true;
+                p->mode = 0;
+                p->created_usec = now_usec(CLOCK_REALTIME);
+                p->chunk_size = pt->lim.chunk_size;
+                p->segment_chunks = pt->lim.segment_chunks;
+                p->port_memory = pt->lim.port_memory;
+                p->channel_dev = st.st_dev;
+                p->channel_ino = st.st_ino;
+                p->channel_fd = TAKE_FD(fd);
+                p->channel = m;
+                m = NULL;
+                pt->ports[pt->n_ports++] = p;
+                changed(pt, PORTS_PORT_ADDED, p->name, PORTS_INO_PORT_BASE + p->id);
+        } else
+                p->token[side] = token;
+        p->joined[side] = true;
+        if (side == SHMZ_PORT_SIDE_CONNECTOR)
+                p->charged = true;
+        p->pid[side] = c->pid;
+        p->uid[side] = c->uid;
+        p->gid[side] = c->gid;
+        *ret = (struct shmz_msg_port_peer){
+                .port_id = p->id,
+                .token = p->token[side],
+                .side = side,
+                .pid = (uint32_t) p->pid[!side],
+                .uid = p->joined[!side] ? p->uid[!side] : UINT32_MAX,
+                .gid = p->joined[!side] ? p->gid[!side] : UINT32_MAX,
+                .chunk_size = p->chunk_size,
+                .segment_chunks = p->segment_chunks,
+                .port_memory = p->port_memory,
+        };
+        unlock(pt);
+        if (m)
+                (void) munmap(m, SHMZ_CHANNEL_HEADER_SIZE);
+        free(fresh);
+        return 0;
+fail:
+        pthread_mutex_unlock(&pt->lock);
+        (void) munmap(m, SHMZ_CHANNEL_HEADER_SIZE);
+        free(fresh);
+        return r;
 }
 
 /* A free slot's record (lock held): a queued free one, or a new one. NULL: -ENOMEM or -ENOSPC in *ret_r. */

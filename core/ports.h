@@ -112,6 +112,21 @@ int ports_port_set_channel(struct ports *pt, struct port *p, int channel_fd);
 int ports_accepted(struct ports *pt, struct listener *l, uint64_t port_id);
 /* The port ended (a side shut it down, or died: died = true). Its segments go with it. */
 void ports_port_drop(struct ports *pt, struct port *p, bool died);
+/* The same by id, for a port several watches end (each side of a rejoined one): the first call drops it. */
+void ports_port_drop_id(struct ports *pt, uint64_t id, bool died);
+
+/*
+ * A side of a port made before a restart comes back (PORT_REJOIN): the front
+ * end has checked that channel_fd is a channel a daemon made. The first side
+ * with that channel (its inode) makes a port record with a new id and fresh
+ * tokens; the other side joins it. The connector's uid is charged as for a
+ * connect. *ret is what this side is told (its id and token from now on; the
+ * peer's uid -1 while it has not come back). -EEXIST that side came back
+ * already, -ESTALE chunk_size or segment_chunks are no longer the daemon's,
+ * -EUSERS.
+ */
+int ports_rejoin(struct ports *pt, const struct caller *c, uint32_t side, int channel_fd, uint32_t chunk_size,
+                 uint32_t segment_chunks, struct shmz_msg_port_peer *ret);
 
 /*
  * A new segment for side `side` of port_id, whose token must match: a sealed

@@ -6,6 +6,7 @@
  */
 #include <fcntl.h>
 #include <search.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
@@ -487,8 +488,9 @@ int registry_attach_locked(struct registry *reg, struct zone *z, const struct ca
         assert_locked(reg);
         if (z->fd < 0)
                 return -EAGAIN; /* pending: its size is not fixed yet */
-        fd = zone_memory_reopen(z, rdonly);
-        if (fd < 0)
+        /* A re-attachment after a restart (no ret_fd) keeps the mapping it has: no new fd. */
+        fd = ret_fd ? zone_memory_reopen(z, rdonly) : -EBADF;
+        if (ret_fd && fd < 0)
                 return fd;
         if (ret_existed)
                 *ret_existed = z->used;
@@ -499,8 +501,42 @@ int registry_attach_locked(struct registry *reg, struct zone *z, const struct ca
         if (ret_info)
                 zone_info_fill(z, ret_info);
         *ret_zone = z;
-        *ret_fd = fd;
+        if (ret_fd)
+                *ret_fd = fd;
         return 0;
+}
+
+int registry_reattach(struct registry *reg, const struct caller *c, const char *name, dev_t dev, ino_t ino, bool rdonly,
+                      struct zone **ret_zone, struct shmz_msg_zone_info *ret_info) {
+        struct stat st;
+        struct zone *z;
+        int r;
+
+        if (!name_is_valid(name))
+                return -EINVAL;
+        registry_lock(reg);
+        z = registry_lookup(reg, name);
+        if (!z || z->fd < 0) {
+                r = -ENOENT;
+                goto out;
+        }
+        /* The current mode decides, whatever the caller was allowed before the restart. */
+        r = acl_check_access(c, z->uid, z->gid, z->mode, rdonly ? R_OK : R_OK | W_OK);
+        if (r < 0)
+                goto out;
+        /* The fd proves which zone the caller maps: ours of that name, not another one or its own memfd. */
+        if (fstat(z->fd, &st) < 0) {
+                r = -errno;
+                goto out;
+        }
+        if (st.st_dev != dev || st.st_ino != ino) {
+                r = -ESTALE;
+                goto out;
+        }
+        r = registry_attach_locked(reg, z, c, rdonly, ret_zone, NULL, ret_info, NULL);
+out:
+        registry_unlock(reg);
+        return r;
 }
 
 int registry_open(struct registry *reg, const struct caller *c, const char *name, uint64_t size, const char *tag,

@@ -180,6 +180,15 @@ void registry_detach(struct registry *reg, struct zone *z, const struct caller *
 int registry_holders(struct registry *reg, const struct caller *c, const char *name, uint64_t ino, uint32_t after_pid,
                      struct shmz_msg_zone_holders *ret);
 
+/*
+ * A client that mapped a zone before the daemon restarted is counted again:
+ * the zone called name must be the one whose memfd has inode (dev, ino) (the
+ * caller proved it with the fd it holds), and the current mode must grant
+ * the access. The same attachment as registry_open(), without a new fd.
+ * -ENOENT, -EACCES, -ESTALE (another zone has that name now).
+ */
+int registry_reattach(struct registry *reg, const struct caller *c, const char *name, dev_t dev, ino_t ino, bool rdonly,
+                      struct zone **ret_zone, struct shmz_msg_zone_info *ret_info);
 int registry_unlink(struct registry *reg, const struct caller *c, const char *name);
 /*
  * registry_setattr, registry_set_size and registry_set_tag act on the zone

@@ -146,7 +146,10 @@ static void watch_end(struct watch *w, int died_side) {
                   died_side == 0   ? "the connector died"
                   : died_side == 1 ? "the acceptor died"
                                    : "shut down");
-        ports_port_drop(w->d->ports, w->port, died_side >= 0);
+        if (w->port)
+                ports_port_drop(w->d->ports, w->port, died_side >= 0);
+        else
+                ports_port_drop_id(w->d->ports, w->id, died_side >= 0); /* rejoined: a watch per side */
         watch_free(w);
 }
 
@@ -377,6 +380,126 @@ static int do_segment_create(struct conn *c, const struct shmz_msg_header *h, co
         if (r < 0)
                 return reply(c, h, r, NULL, 0, -EBADF);
         return reply(c, h, 0, &info, sizeof(info), fd);
+}
+
+/*
+ * A channel a daemon made (channel_make()): sealed exactly, the daemon's uid,
+ * mode 0400, its size, and the memfd name only the maker sets. Nothing here
+ * can wait: F_GET_SEALS looks at shared memory only, and goes first.
+ */
+static int channel_check(int fd) {
+        char path[64], target[128];
+        struct stat st;
+        ssize_t n;
+
+        if (fcntl(fd, F_GET_SEALS) != (F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL))
+                return -EBADF;
+        if (fstat(fd, &st) < 0)
+                return -errno;
+        if (!S_ISREG(st.st_mode) || st.st_uid != geteuid() || (st.st_mode & 07777) != 0400 ||
+            st.st_size != SHMZ_CHANNEL_SIZE)
+                return -EPERM;
+        (void) snprintf(path, sizeof(path), "/proc/self/fd/%d", fd);
+        n = readlink(path, target, sizeof(target) - 1);
+        if (n < 0)
+                return -errno;
+        target[n] = 0;
+        if (strncmp(target, "/memfd:shmzone-channel:", strlen("/memfd:shmzone-channel:")) != 0)
+                return -EPERM;
+        return 0;
+}
+
+/* A socket end of a pair a daemon made: SO_PEERCRED of a socketpair() is its maker's. Never waits either. */
+static int end_check(int fd) {
+        int domain = 0, type = 0;
+        socklen_t len = sizeof(int);
+        struct ucred cred;
+
+        if (getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &domain, &len) < 0)
+                return errno == ENOTSOCK ? -EBADF : -errno;
+        len = sizeof(int);
+        if (getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &len) < 0)
+                return -errno;
+        if (domain != AF_UNIX || type != SOCK_SEQPACKET)
+                return -EBADF;
+        len = sizeof(cred);
+        if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) < 0)
+                return -errno;
+        if (cred.uid != geteuid())
+                return -EPERM;
+        return 0;
+}
+
+/*
+ * PORT_REJOIN: a side of a port made before a restart asks to be watched
+ * again. fds[0] its socket end, fds[1] the channel; both checked, the channel
+ * identifies the port (its inode; both sides must prove the same one). Each
+ * side gets a watch of its own on its own worker: its pidfd (taken from this
+ * connection) and its end. Either ends the port for both: a death shuts the
+ * dead side's end down, so the other side's watch sees the hang-up.
+ */
+int port_rejoin(struct conn *c, const struct shmz_msg_header *h, const void *body, int *fds) {
+        struct daemon *d = c->daemon;
+        struct shmz_msg_port_rejoin m;
+        struct shmz_msg_port_peer peer;
+        struct watch *w = NULL;
+        int r;
+
+        memcpy(&m, body, sizeof(m));
+        if (!d->ports)
+                r = -EOPNOTSUPP;
+        else if (m.reserved != 0 || m.side > SHMZ_PORT_SIDE_ACCEPTOR)
+                r = -EINVAL;
+        else
+                r = channel_check(fds[1]);
+        if (r >= 0)
+                r = end_check(fds[0]);
+        if (r >= 0) {
+                w = calloc(1, sizeof(*w));
+                r = w ? 0 : -ENOMEM;
+        }
+        if (r >= 0) {
+                *w = (struct watch){ .d = d, .w = c->worker, .end = { -EBADF, -EBADF }, .pidfd = { -EBADF, -EBADF } };
+                w->pidfd[m.side] = peer_pidfd(c->fd, c->caller.pid);
+                r = w->pidfd[m.side] < 0 ? w->pidfd[m.side] : 0;
+        }
+        if (r >= 0) {
+                w->chan = mmap(NULL, SHMZ_CHANNEL_HEADER_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED, fds[1], 0);
+                if (w->chan == MAP_FAILED) {
+                        w->chan = NULL;
+                        r = -errno;
+                }
+        }
+        if (r >= 0)
+                r = ports_rejoin(d->ports, &c->caller, m.side, fds[1], m.chunk_size, m.segment_chunks, &peer);
+        control_close_proof(c, fds[1]);
+        if (r < 0) {
+                control_close_proof(c, fds[0]);
+                if (w)
+                        watch_free(w);
+                return reply(c, h, r, NULL, 0, -EBADF);
+        }
+        w->id = peer.port_id;
+        w->end[m.side] = fds[0];
+        r = sd_event_add_io(sd_event_source_get_event(c->source), &w->end_src[m.side], w->end[m.side], 0, on_end, w);
+        if (r >= 0)
+                r = sd_event_add_io(sd_event_source_get_event(c->source), &w->pid_src[m.side], w->pidfd[m.side],
+                                    EPOLLIN, on_pid, w);
+        if (r < 0) {
+                ports_port_drop_id(d->ports, w->id, false);
+                w->end[m.side] = -EBADF;
+                control_close_proof(c, fds[0]);
+                watch_free(w);
+                return reply(c, h, r, NULL, 0, -EBADF);
+        }
+        pthread_mutex_lock(&fe_lock);
+        w->next = watches;
+        if (watches)
+                watches->prev = w;
+        watches = w;
+        pthread_mutex_unlock(&fe_lock);
+        log_debug("Port %" PRIu64 ": side %u (pid %d) rejoined.", w->id, (unsigned) m.side, (int) c->caller.pid);
+        return reply(c, h, 0, &peer, sizeof(peer), -EBADF);
 }
 
 /* A page of a listing after the last entry sent: a client that does not read holds one page, as for ZONE_LIST. */

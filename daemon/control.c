@@ -2,6 +2,8 @@
 #include <fcntl.h>
 #include <inttypes.h>
 #include <stdio.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -10,6 +12,7 @@
 #include "log.h"
 #include "ports.h"
 #include "proto.h"
+#include "reaper.h"
 #include "registry.h"
 #include "shmzone.h"
 #include "worker.h"
@@ -117,6 +120,96 @@ static int do_close(struct conn *c, const struct shmz_msg_header *h, const struc
         log_debug("Client pid %d: ZONE_CLOSE of handle %" PRIu64 ", which it does not hold: ignored.",
                   (int) c->caller.pid, (uint64_t) m->handle);
         return 0;
+}
+
+#ifndef SO_PASSRIGHTS
+#define SO_PASSRIGHTS 83 /* Linux 6.16 */
+#endif
+
+/* RESUME opens the connection to fds (the proofs of ZONE_REATTACH, PORT_REJOIN); any other request shuts it. */
+static void set_resuming(struct conn *c, bool on) {
+        int v = on;
+
+        if (c->resuming == on)
+                return;
+        c->resuming = on;
+        if (secure_getenv("SHMZONE_TEST_ACCEPT_FDS"))
+                return;
+        if (setsockopt(c->fd, SOL_SOCKET, SO_PASSRIGHTS, &v, sizeof(v)) < 0 && errno != ENOPROTOOPT)
+                log_debug_errno(errno, "SO_PASSRIGHTS: %m");
+}
+
+void control_close_proof(struct conn *c, int fd) {
+        if (fd < 0)
+                return;
+        /* Sealed shared memory (F_GET_SEALS looks at nothing else) closes at once; anything else may block. */
+        if (fcntl(fd, F_GET_SEALS) >= 0 || !reaper_take(fd, c->caller.uid))
+                safe_close(fd);
+}
+
+static int do_resume(struct conn *c, const struct shmz_msg_header *h) {
+        if (c->port_listener)
+                return reply(c, h, -EISCONN, NULL, 0, -EBADF);
+        set_resuming(c, true);
+        return reply(c, h, 0, NULL, 0, -EBADF);
+}
+
+/*
+ * A zone mapped before a restart, counted again. The fd is only a proof: it
+ * must be a sealed memfd whose inode is the zone of that name (not a memfd of
+ * the caller's, not another zone's), open for at least the access asked, and
+ * the current mode must grant that access (registry_reattach()).
+ */
+static int do_reattach(struct conn *c, const struct shmz_msg_header *h, const struct shmz_msg_zone_reattach *m,
+                       int fd) {
+        struct shmz_msg_zone_info info;
+        bool rdonly = m->flags & SHMZ_RDONLY;
+        struct zone *z;
+        struct stat st;
+        int seals, fl, r;
+
+        if (!buf_is_cstr(m->name, sizeof(m->name)) || (m->flags & ~(uint32_t) SHMZ_RDONLY) || m->reserved != 0)
+                r = -EINVAL;
+        else if (c->n_attachments >= MAX_ATTACHMENTS_PER_CLIENT)
+                r = -EMFILE;
+        else if ((seals = fcntl(fd, F_GET_SEALS)) < 0 || seals != (F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL))
+                r = -EBADF; /* not a zone's memfd; nothing else was touched (fstat could wait on a FUSE server) */
+        else if (fstat(fd, &st) < 0 || (fl = fcntl(fd, F_GETFL)) < 0)
+                r = -errno;
+        else if (!rdonly && (fl & O_ACCMODE) != O_RDWR)
+                r = -EACCES; /* a reader's fd does not make a writer */
+        else
+                r = registry_reattach(c->daemon->registry, attach_caller(c), m->name, st.st_dev, st.st_ino, rdonly, &z,
+                                      &info);
+        control_close_proof(c, fd);
+        if (r < 0)
+                return reply(c, h, r, NULL, 0, -EBADF);
+        return reply_attached(c, h, z, -EBADF, &info, true, rdonly);
+}
+
+bool control_takes_fds(const void *msg, size_t size, size_t n_fds) {
+        struct shmz_msg_header h;
+
+        if (size < sizeof(h))
+                return false;
+        memcpy(&h, msg, sizeof(h));
+        if (h.flags & SHMZ_MSG_F_REPLY)
+                return false;
+        return (h.type == SHMZ_MSG_ZONE_REATTACH && n_fds == 1) || (h.type == SHMZ_MSG_PORT_REJOIN && n_fds == 2);
+}
+
+int control_dispatch_fds(struct conn *c, const void *msg, size_t size, int *fds, size_t n_fds) {
+        struct shmz_msg_header h;
+
+        memcpy(&h, msg, sizeof(h));
+        if (!c->hello || c->port_listener || (size_t) proto_body_size(h.type, false) != size - sizeof(h)) {
+                for (size_t i = 0; i < n_fds; i++)
+                        control_close_proof(c, fds[i]);
+                return reply(c, &h, !c->hello ? -EPROTO : c->port_listener ? -EISCONN : -EBADMSG, NULL, 0, -EBADF);
+        }
+        if (h.type == SHMZ_MSG_ZONE_REATTACH)
+                return do_reattach(c, &h, proto_body(msg), fds[0]);
+        return port_rejoin(c, &h, proto_body(msg), fds);
 }
 
 static int do_info(struct conn *c, const struct shmz_msg_header *h, const struct shmz_msg_zone_name *m) {
@@ -301,6 +394,11 @@ int control_dispatch(struct conn *c, const void *msg, size_t size) {
                 return reply(c, &h, -EBADMSG, NULL, 0, -EBADF);
         if (!c->hello && h.type != SHMZ_MSG_HELLO)
                 return reply(c, &h, -EPROTO, NULL, 0, -EBADF);
+        /* Without its fds, a re-attachment proves nothing; any other request ends the RESUME. */
+        if (h.type == SHMZ_MSG_ZONE_REATTACH || h.type == SHMZ_MSG_PORT_REJOIN)
+                return reply(c, &h, c->resuming ? -EBADF : -EPROTO, NULL, 0, -EBADF);
+        if (h.type != SHMZ_MSG_RESUME)
+                set_resuming(c, false);
         /* A listener's connection carries notices and PORT_ACCEPTED only. */
         if (c->port_listener && h.type != SHMZ_MSG_PORT_ACCEPTED)
                 return reply(c, &h, -EISCONN, NULL, 0, -EBADF);
@@ -326,6 +424,8 @@ int control_dispatch(struct conn *c, const void *msg, size_t size) {
                 return do_status(c, &h);
         case SHMZ_MSG_RELOAD:
                 return do_reload(c, &h);
+        case SHMZ_MSG_RESUME:
+                return do_resume(c, &h);
         case SHMZ_MSG_ZONE_HOLDERS:
                 return do_holders(c, &h, body);
         case SHMZ_MSG_PORT_LISTEN:

@@ -203,7 +203,15 @@ static int conn_read(struct conn *c) {
                 size_t size, n_fds;
 
                 r = proto_recv(c->fd, buf, sizeof(buf), &size, fds, &n_fds);
-                /* No request carries an fd; closing one here could stall every client of this thread. */
+                /* After RESUME, the proofs of a re-attachment ride along: control.c checks and closes them. */
+                if (r >= 0 && n_fds > 0 && c->resuming && control_takes_fds(buf, size, n_fds)) {
+                        atomic_fetch_add(&c->daemon->requests, 1);
+                        r = control_dispatch_fds(c, buf, size, fds, n_fds);
+                        if (r < 0)
+                                return r;
+                        continue;
+                }
+                /* No other request carries an fd; closing one here could stall every client of this thread. */
                 for (size_t k = 0; k < n_fds; k++)
                         if (!reaper_take(fds[k], c->caller.uid)) {
                                 /* No thread, no memory: the one risk left is ours to take. */

@@ -43,6 +43,7 @@ struct conn {
                 uint64_t after_id;         /* the last id sent */
         } list;
         struct port_listen *port_listener; /* PORT_LISTEN made this connection a listener's (daemon/control-ports.c) */
+        bool resuming; /* RESUME: ZONE_REATTACH and PORT_REJOIN may carry their fds until another request */
         size_t out_bytes;
         struct conn *next, *prev;
 };
@@ -81,5 +82,13 @@ void port_worker_stop(struct worker *w);
 int control_dispatch(struct conn *c, const void *msg, size_t size);
 /* Sends more of a running listing, if the client took what was sent. */
 int control_list_pump(struct conn *c);
+/* Whether msg is a request that may carry these fds while c resumes (ZONE_REATTACH: 1, PORT_REJOIN: 2). */
+bool control_takes_fds(const void *msg, size_t size, size_t n_fds);
+/* Handles such a request; takes the fds whatever happens (checked, then closed or given to the reaper). */
+int control_dispatch_fds(struct conn *c, const void *msg, size_t size, int *fds, size_t n_fds);
+/* Closes an fd a client passed as a proof: at once if sealed shared memory, else in the reaper. */
+void control_close_proof(struct conn *c, int fd);
+/* ports.c: PORT_REJOIN (fds: [socket end, channel], taken). */
+int port_rejoin(struct conn *c, const struct shmz_msg_header *h, const void *body, int *fds);
 /* Drops every attachment c holds (the connection ends). */
 void control_release(struct conn *c);

@@ -125,6 +125,9 @@ enum {
         SHMZ_MSG_PORT_LIST = 14,       /* run of shmz_msg_port_info, then an empty LAST */
         SHMZ_MSG_SEGMENT_LIST = 15,    /* run of shmz_msg_segment_info, then an empty LAST */
         SHMZ_MSG_RELOAD = 16,          /* root only: () -> shmz_msg_reload_reply, once the reload is done */
+        SHMZ_MSG_ZONE_REATTACH = 17,   /* after RESUME: shmz_msg_zone_reattach, fd: the zone's memfd -> zone_info */
+        SHMZ_MSG_PORT_REJOIN = 18,     /* after RESUME: shmz_msg_port_rejoin, fds: [socket end, channel] -> peer */
+        SHMZ_MSG_RESUME = 19,          /* () -> (): ZONE_REATTACH and PORT_REJOIN may carry fds until another request */
         SHMZ_MSG_ZONE_HOLDERS = 20,    /* shmz_msg_zone_holders_req -> shmz_msg_zone_holders (one page) */
         SHMZ_MSG_NOTICE_SHUTDOWN = 64, /* daemon -> client: the daemon is stopping */
         SHMZ_MSG_NOTICE_PORT = 65,     /* daemon -> listener: shmz_msg_port_peer, fds: [socket end, channel] */
@@ -279,6 +282,30 @@ struct shmz_msg_reload_reply {
         int32_t result;    /* 0 applied, -EINVAL the file was refused (nothing changed) */
         uint32_t refused;  /* applied: zone declarations refused (a changed size or tag: the zone stays) */
         char errors[1000]; /* refused: "path:line: message" lines, cut short to fit (the journal has them all) */
+};
+
+/*
+ * Coming back after a daemon restart (the library's reconnect): a client
+ * sends RESUME, then one ZONE_REATTACH per zone it holds, with the zone's
+ * memfd (the fd it was given), and one PORT_REJOIN per port side, with its
+ * socket end and the channel. The daemon takes each fd only as a proof it
+ * checks (the zone of that name and that inode, the access again under the
+ * current mode; a channel memfd the daemon made, a socket pair the daemon
+ * made) and closes it. Any other request ends the RESUME: fds are refused
+ * again from then on.
+ */
+struct shmz_msg_zone_reattach {
+        uint32_t flags; /* SHMZ_RDONLY: the attachment is read-only (the fd must be at least that) */
+        uint32_t reserved;
+        char name[SHMZ_NAME_BUF];
+};
+
+/* PORT_REJOIN: the reply is a shmz_msg_port_peer with the port's id and this side's token from now on. */
+struct shmz_msg_port_rejoin {
+        uint32_t side;           /* SHMZ_PORT_SIDE_* of the sender */
+        uint32_t chunk_size;     /* as the port was made: must be the daemon's */
+        uint32_t segment_chunks; /* likewise */
+        uint32_t reserved;
 };
 
 /* ---- ports ----------------------------------------------------------------------------- */

@@ -59,6 +59,15 @@ void *shmz_zone_base(struct shmz_zone *z);          /* first byte the caller may
 uint64_t shmz_zone_size(const struct shmz_zone *z); /* bytes usable from base */
 int shmz_zone_existed(const struct shmz_zone *z);   /* 1 if its data predates this open */
 const char *shmz_zone_name(const struct shmz_zone *z);
+/*
+ * Whether the daemon counts this attachment: 1 yes, 0 a zone made without a
+ * daemon. After a daemon restart the library proves each zone to the new
+ * daemon, which checks the access again under the zone's current mode; a
+ * refusal leaves the mapping as it is (nothing is unmapped under the
+ * caller) and is returned here: -EACCES the mode no longer grants it,
+ * -ENOENT or -ESTALE the zone of that name is gone or another one.
+ */
+int shmz_zone_attached(const struct shmz_zone *z);
 int shmz_zone_unlink(struct shmz_client *c, const char *name);
 
 /*
@@ -178,7 +187,8 @@ void shmz_msg_release(struct shmz_port *p, struct shmz_msg *m); /* its chunks go
  * Before a receive (recv, dispatch) with a timeout goes to sleep, it looks at
  * the ring for up to ns nanoseconds (0, the default: it sleeps at once). For
  * latency-critical callers that own a core; a spinning receiver wakes in
- * well under a microsecond and costs its sender no system call.
+ * well under a microsecond and costs its sender no system call. It yields
+ * its CPU at each look, to a peer that may share it.
  */
 int shmz_port_set_spin(struct shmz_port *p, uint64_t ns);
 

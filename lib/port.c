@@ -11,6 +11,7 @@
 #include <linux/sockios.h>
 #include <poll.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <sys/epoll.h>
@@ -70,6 +71,8 @@ struct shmz_port {
         struct shmz_channel_dir *txd, *rxd; /* our direction's words, the peer's */
         uint8_t *tx_ring, *rx_ring;
         struct shmz_client *client; /* SEGMENT_CREATE goes there (a reference) */
+        int ch_fd;                  /* with client: the channel, kept to prove the port after a daemon restart */
+        struct client_link link;    /* in client's links; its lock guards pp.port_id and pp.token */
         port_segment_source_t source;
         void *source_userdata;
         struct port_params pp;
@@ -1656,9 +1659,12 @@ static int recv_sleep(struct shmz_port *p, uint64_t deadline, const atomic_uint 
                                 goto woke;
                         }
                         if (spin_ns_set(p)) {
-                                /* The caller wants the message the moment it is there. */
-                                cpu_relax();
-                                if (i % 128 == 0 && now_nsec(CLOCK_MONOTONIC) >= until)
+                                /* The caller wants the message the moment it is there. Each look yields: a peer
+                                 * that shares our CPU (the scheduler puts a pair that wakes each other together)
+                                 * runs at once instead of after our spin, and alone on it the yield is a system
+                                 * call that returns at once. */
+                                (void) sched_yield();
+                                if (i % 16 == 0 && now_nsec(CLOCK_MONOTONIC) >= until)
                                         break;
                         } else {
                                 /* A stream's receiver looks once per STREAM_LOOK_NS: every look takes the
@@ -1875,23 +1881,68 @@ uint64_t port_rx_chunks_held(const struct shmz_port *p) {
 /* ---- a port's life ------------------------------------------------------------------------------ */
 
 static int segment_create(struct shmz_port *p, void *userdata, int *ret_fd, uint64_t *ret_id) {
-        struct shmz_msg_port_ref req = { .port_id = p->pp.port_id, .token = p->pp.token, .side = p->pp.side };
         struct shmz_msg_segment_info si;
+        struct shmz_msg_port_ref req;
         int fd = -EBADF, r;
 
         (void) userdata;
-        r = client_request(p->client, SHMZ_MSG_SEGMENT_CREATE, &req, sizeof(req), &si, sizeof(si), &fd);
+        /* A daemon restart under the request changes the port's id and token (PORT_REJOIN): ask again with those. */
+        for (unsigned tries = 0;; tries++) {
+                struct shmz_msg_port_ref now;
+
+                client_links_lock(p->client);
+                req = (struct shmz_msg_port_ref){ .port_id = p->pp.port_id, .token = p->pp.token, .side = p->pp.side };
+                client_links_unlock(p->client);
+                r = client_request(p->client, SHMZ_MSG_SEGMENT_CREATE, &req, sizeof(req), &si, sizeof(si), &fd);
+                if (r >= 0 || tries >= 2 || (r != -ECONNRESET && r != -ENOENT && r != -EPERM))
+                        break;
+                client_links_lock(p->client);
+                now = (struct shmz_msg_port_ref){ .port_id = p->pp.port_id, .token = p->pp.token, .side = p->pp.side };
+                client_links_unlock(p->client);
+                if (r != -ECONNRESET && memcmp(&now, &req, sizeof(now)) == 0)
+                        break;
+        }
         if (r == -ENOENT)
                 return -EPIPE; /* the daemon dropped the port already: the peer is gone */
         if (r < 0)
                 return r;
-        if (fd < 0 || si.port_id != p->pp.port_id || si.side != p->pp.side || si.chunk_size != p->pp.chunk_size ||
+        if (fd < 0 || si.port_id != req.port_id || si.side != p->pp.side || si.chunk_size != p->pp.chunk_size ||
             si.n_chunks != p->pp.segment_chunks || si.map_size != p->seg_map_size) {
                 safe_close(fd);
                 return -EPROTO;
         }
         *ret_fd = fd;
         *ret_id = si.id;
+        return 0;
+}
+
+/*
+ * PORT_REJOIN on a revive's connection (links lock held): the daemon is shown
+ * our socket end and the channel, and watches our side again; it answers
+ * with the port's id and our token from now on. A port that ended is left
+ * out; a refusal leaves the port as it is, unwatched (its messages do not go
+ * through the daemon), and SEGMENT_CREATE then fails for it.
+ */
+int port_link_rejoin(struct client_link *l, int fd, uint32_t *stream) {
+        struct shmz_port *p = (struct shmz_port *) ((char *) l - offsetof(struct shmz_port, link));
+        struct shmz_msg_port_rejoin req = {
+                .side = p->pp.side,
+                .chunk_size = p->pp.chunk_size,
+                .segment_chunks = p->pp.segment_chunks,
+        };
+        struct shmz_msg_port_peer pe;
+        int fds[2] = { p->fd, p->ch_fd }, r;
+
+        if (atomic_load(&p->gone) || atomic_load(&p->peer_eof) || p->ch_fd < 0)
+                return 0;
+        r = client_raw_call(fd, stream, SHMZ_MSG_PORT_REJOIN, &req, sizeof(req), fds, 2, &pe, sizeof(pe));
+        if (r == -ENOTCONN || r == -EPROTO)
+                return r;
+        if (r >= 0 && pe.side == p->pp.side && pe.chunk_size == p->pp.chunk_size &&
+            pe.segment_chunks == p->pp.segment_chunks) {
+                p->pp.port_id = pe.port_id;
+                p->pp.token = pe.token;
+        }
         return 0;
 }
 
@@ -1924,6 +1975,7 @@ int port_new(int sock_fd, int channel_fd, const struct port_params *pp, struct s
                 return r;
         }
         atomic_init(&p->users, USERS_ONE); /* the caller's handle */
+        p->ch_fd = -EBADF;
         p->fd = TAKE_FD(sfd);
         p->pp = *pp;
         p->seg_map_size = SHMZ_SEGMENT_HEADER_SIZE + (size_t) pp->segment_chunks * pp->chunk_size;
@@ -1981,8 +2033,11 @@ int port_new(int sock_fd, int channel_fd, const struct port_params *pp, struct s
                 shmz_port_close(p);
                 return -ENOMEM;
         }
-        if (client)
+        if (client) {
                 p->client = client_ref(client);
+                p->ch_fd = TAKE_FD(cfd);
+                client_link_add(client, &p->link, CLIENT_LINK_PORT);
+        }
         *ret = p;
         return 0;
 }
@@ -2016,6 +2071,9 @@ _public_ void shmz_port_close(struct shmz_port *p) {
 }
 
 static void port_free(struct shmz_port *p) {
+        /* First: a revive uses the fds of the ports it finds linked. */
+        if (p->client)
+                client_link_del(p->client, &p->link);
         /* No call is left: one registered while the close ran is taken back by its caller, whose send
          * fails once the port is gone. */
         for (uint32_t i = 0; p->rx && i < p->max_slots; i++) {
@@ -2040,6 +2098,7 @@ static void port_free(struct shmz_port *p) {
         if (p->ch)
                 (void) munmap(p->ch, SHMZ_CHANNEL_SIZE);
         safe_close(p->fd);
+        safe_close(p->ch_fd);
         while (p->rx_fds_n > 0)
                 close_untrusted(p, rx_fd_pop(p));
         free(p->rx_fds);
@@ -2077,6 +2136,10 @@ int port_raw_publish(struct shmz_port *p, const struct shmz_desc *d, const void 
 
 struct shmz_channel *port_channel(const struct shmz_port *p) {
         return p->ch;
+}
+
+int port_channel_fd(const struct shmz_port *p) {
+        return p->ch_fd;
 }
 
 int port_socket_fd(const struct shmz_port *p) {
@@ -2551,6 +2614,18 @@ struct shmz_listener {
         uint64_t *unsent;
         size_t n_unsent, cap_unsent;
         bool dead;
+        /*
+         * After a daemon restart: the connection ended (down) until the revive
+         * thread published the name again on a new one (listener_resume()); a
+         * name someone else took meanwhile is error, reported once.
+         */
+        bool published, down;
+        int error;
+        int epfd; /* shmz_listener_fd(): the connection (while up) and evfd, so that a new connection needs no
+                   * new registration by the caller */
+        int evfd; /* readable: error waits to be reported */
+        uint32_t mode;
+        char name[SHMZ_NAME_BUF];
 };
 
 static int params_from_peer(const struct shmz_msg_port_peer *pe, uint32_t side, struct port_params *ret) {
@@ -2602,16 +2677,16 @@ static void pending_close(struct pending *q) {
         safe_close(q->fds[1]);
 }
 
-/* Reads one message of the listener's connection (lock held): a NOTICE_PORT is queued. */
-static int listener_read_locked(struct shmz_listener *l, uint16_t want_reply, uint32_t stream, void *ret_body,
-                                size_t body_size, bool *ret_got_reply) {
+/* Reads one message of a listener's connection fd (lock held): a NOTICE_PORT is queued. -ENOTCONN: it ended. */
+static int listener_read_fd_locked(struct shmz_listener *l, int fd, uint16_t want_reply, uint32_t stream,
+                                   void *ret_body, size_t body_size, bool *ret_got_reply) {
         uint8_t buf[SHMZ_MSG_MAX];
         struct shmz_msg_header h;
         int fds[PROTO_MAX_FDS], r;
         size_t size, n_fds;
 
         *ret_got_reply = false;
-        r = proto_recv(client_fd(l->conn), buf, sizeof(buf), &size, fds, &n_fds);
+        r = proto_recv(fd, buf, sizeof(buf), &size, fds, &n_fds);
         if (r == -EAGAIN) {
                 for (size_t i = 0; i < n_fds; i++)
                         safe_close(fds[i]);
@@ -2622,7 +2697,6 @@ static int listener_read_locked(struct shmz_listener *l, uint16_t want_reply, ui
                         safe_close(fds[i]);
                 if (r == -EMSGSIZE)
                         return 0; /* dropped by proto_recv; not ours to understand */
-                l->dead = true;
                 return -ENOTCONN;
         }
         memcpy(&h, buf, sizeof(h));
@@ -2653,10 +2727,8 @@ static int listener_read_locked(struct shmz_listener *l, uint16_t want_reply, ui
         }
         for (size_t i = 0; i < n_fds; i++)
                 safe_close(fds[i]);
-        if (h.type == SHMZ_MSG_NOTICE_SHUTDOWN && !(h.flags & SHMZ_MSG_F_REPLY)) {
-                l->dead = true;
+        if (h.type == SHMZ_MSG_NOTICE_SHUTDOWN && !(h.flags & SHMZ_MSG_F_REPLY))
                 return -ENOTCONN;
-        }
         if (want_reply && (h.flags & SHMZ_MSG_F_REPLY) && h.type == want_reply && h.stream == stream) {
                 *ret_got_reply = true;
                 if (h.status < 0)
@@ -2666,9 +2738,81 @@ static int listener_read_locked(struct shmz_listener *l, uint16_t want_reply, ui
                 memcpy(ret_body, proto_body(buf), body_size);
                 return 0;
         }
-        l->dead = true;
         return -EPROTO;
 }
+
+/*
+ * The same on the listener's connection. Once published, its end is a
+ * daemon restart: the listener waits (down) for the revive thread to
+ * publish it again rather than fail.
+ */
+static int listener_read_locked(struct shmz_listener *l, uint16_t want_reply, uint32_t stream, void *ret_body,
+                                size_t body_size, bool *ret_got_reply) {
+        int fd = client_fd(l->conn), r;
+
+        r = listener_read_fd_locked(l, fd, want_reply, stream, ret_body, body_size, ret_got_reply);
+        if (r == -ENOTCONN && l->published && !l->dead) {
+                (void) epoll_ctl(l->epfd, EPOLL_CTL_DEL, fd, NULL);
+                l->down = true;
+                return -EAGAIN;
+        }
+        if (r == -ENOTCONN || r == -EPROTO)
+                l->dead = true;
+        return r;
+}
+
+/* The revive's hook: PORT_LISTEN again on the new connection, whose notices may come before its reply. */
+static int listener_resume(struct shmz_client *c, int fd, uint32_t *stream, void *data) {
+        struct shmz_listener *l = data;
+        struct shmz_msg_port_listen req = { .mode = l->mode };
+        struct shmz_msg_port_info info;
+        uint32_t st = ++*stream ?: ++*stream;
+        bool got = false;
+        int r, fl;
+
+        (void) c;
+        strncpy_buf(req.name, sizeof(req.name), l->name);
+        r = proto_send(fd, SHMZ_MSG_PORT_LISTEN, 0, st, 0, &req, sizeof(req), -EBADF);
+        if (r < 0)
+                return -ENOTCONN;
+        pthread_mutex_lock(&l->lock);
+        while (r >= 0 && !got)
+                r = listener_read_fd_locked(l, fd, SHMZ_MSG_PORT_LISTEN, st, &info, sizeof(info), &got);
+        if (got && r < 0) {
+                /* Refused (most often -EADDRINUSE: someone published the name meanwhile): told once, for good. */
+                l->error = r;
+                l->dead = true;
+                (void) eventfd_write(l->evfd, 1);
+                pthread_mutex_unlock(&l->lock);
+                return -ECANCELED;
+        }
+        pthread_mutex_unlock(&l->lock);
+        if (r < 0)
+                return r == -EAGAIN ? -ENOTCONN : r;
+        fl = fcntl(fd, F_GETFL);
+        if (fl < 0 || fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0)
+                return -errno;
+        return 0;
+}
+
+static void listener_install(struct shmz_client *c, int old_fd, int new_fd, void *data) {
+        struct shmz_listener *l = data;
+        struct epoll_event ev = { .events = EPOLLIN };
+
+        (void) c;
+        pthread_mutex_lock(&l->lock);
+        (void) epoll_ctl(l->epfd, EPOLL_CTL_DEL, old_fd, NULL);
+        (void) epoll_ctl(l->epfd, EPOLL_CTL_ADD, new_fd, &ev);
+        /* Ports taken before the restart: that daemon forgot them, this one never knew them. */
+        l->n_unsent = 0;
+        l->down = false;
+        pthread_mutex_unlock(&l->lock);
+}
+
+static const struct client_revive_ops listener_revive_ops = {
+        .resume = listener_resume,
+        .install = listener_install,
+};
 
 _public_ int shmz_port_listen(struct shmz_client *c, const char *name, mode_t mode, struct shmz_listener **ret) {
         struct shmz_msg_port_listen req = { .mode = (uint32_t) mode };
@@ -2685,6 +2829,16 @@ _public_ int shmz_port_listen(struct shmz_client *c, const char *name, mode_t mo
         if (!l)
                 return -ENOMEM;
         (void) pthread_mutex_init(&l->lock, NULL);
+        l->mode = req.mode;
+        strncpy_buf(l->name, sizeof(l->name), name);
+        l->evfd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+        l->epfd = epoll_create1(EPOLL_CLOEXEC);
+        if (l->evfd < 0 || l->epfd < 0 ||
+            epoll_ctl(l->epfd, EPOLL_CTL_ADD, l->evfd, &(struct epoll_event){ .events = EPOLLIN }) < 0) {
+                r = -errno;
+                shmz_listener_close(l);
+                return r;
+        }
         /* A connection of its own: NOTICE_PORTs arrive there whenever, and c stays request/reply. */
         r = shmz_connect(client_path(c), &l->conn);
         if (r < 0) {
@@ -2702,17 +2856,26 @@ _public_ int shmz_port_listen(struct shmz_client *c, const char *name, mode_t mo
         }
         /* From now on reads must not block: several threads may accept. */
         r = fcntl(client_fd(l->conn), F_GETFL);
-        if (r < 0 || fcntl(client_fd(l->conn), F_SETFL, r | O_NONBLOCK) < 0) {
+        if (r < 0 || fcntl(client_fd(l->conn), F_SETFL, r | O_NONBLOCK) < 0 ||
+            epoll_ctl(l->epfd, EPOLL_CTL_ADD, client_fd(l->conn), &(struct epoll_event){ .events = EPOLLIN }) < 0) {
                 r = -errno;
                 shmz_listener_close(l);
                 return r;
         }
+        /* From now on a daemon restart is waited out: the revive thread publishes the name again. */
+        l->published = true;
+        client_set_revive_ops(l->conn, &listener_revive_ops, l);
+        client_watch(l->conn);
         *ret = l;
         return 0;
 }
 
 _public_ int shmz_listener_fd(const struct shmz_listener *l) {
         assert_return(l, -EINVAL);
+        return l->epfd;
+}
+
+int listener_socket_fd(const struct shmz_listener *l) {
         return client_fd(l->conn);
 }
 
@@ -2765,15 +2928,23 @@ _public_ int shmz_port_accept(struct shmz_listener *l, int64_t timeout_ns, struc
                 int r = 0;
 
                 pthread_mutex_lock(&l->lock);
-                listener_flush_locked(l);
-                while (l->n_queue == 0 && r >= 0 && !l->dead)
+                if (!l->down)
+                        listener_flush_locked(l);
+                while (l->n_queue == 0 && r >= 0 && !l->dead && !l->down)
                         r = listener_read_locked(l, 0, 0, NULL, 0, &got);
                 if (l->n_queue > 0) {
                         q = l->queue[0];
                         memmove(l->queue, l->queue + 1, --l->n_queue * sizeof(*l->queue));
                         r = 1;
+                } else if (l->error < 0) {
+                        /* Not published again after a restart: said once, -ENOTCONN after. */
+                        r = l->error;
+                        l->error = 0;
+                        (void) eventfd_read(l->evfd, &(eventfd_t){ 0 });
                 } else if (l->dead)
                         r = -ENOTCONN;
+                else if (l->down)
+                        r = -EAGAIN; /* the daemon restarts: the revive thread brings the name back */
                 pthread_mutex_unlock(&l->lock);
 
                 if (r == 1) {
@@ -2798,7 +2969,7 @@ _public_ int shmz_port_accept(struct shmz_listener *l, int64_t timeout_ns, struc
                         return r;
                 if (timeout_ns == 0)
                         return -EAGAIN;
-                r = wait_fd(client_fd(l->conn), POLLIN, deadline);
+                r = wait_fd(l->epfd, POLLIN, deadline);
                 if (r < 0)
                         return r;
         }
@@ -2865,15 +3036,20 @@ static void listener_hang_up(struct shmz_listener *l) {
 _public_ void shmz_listener_close(struct shmz_listener *l) {
         if (!l)
                 return;
+        /* No revive from now on (one under way ends first: it uses l). */
+        if (l->conn)
+                client_set_revive_ops(l->conn, NULL, NULL);
         for (size_t i = 0; i < l->n_queue; i++)
                 pending_close(&l->queue[i]);
         free(l->queue);
-        if (l->conn && !l->dead)
+        if (l->conn && !l->dead && !l->down)
                 listener_hang_up(l);
         free(l->unsent);
         /* Closing the connection unpublishes the name; the daemon shuts down ports never accepted. */
         shmz_disconnect(l->conn);
         client_unref(l->client);
+        safe_close(l->epfd);
+        safe_close(l->evfd);
         (void) pthread_mutex_destroy(&l->lock);
         free(l);
 }

@@ -58,3 +58,8 @@ uint32_t port_max_slots(const struct shmz_port *p);
 /* Chunks this side has claimed in its own segments, and chunks it holds of the peer's (received, unreleased). */
 uint64_t port_tx_chunks_used(const struct shmz_port *p);
 uint64_t port_rx_chunks_held(const struct shmz_port *p);
+
+/* The listener's connection to the daemon (shmz_listener_fd() is an epoll fd over it): tests set its buffers. */
+int listener_socket_fd(const struct shmz_listener *l);
+/* The channel's fd a port keeps to prove itself after a daemon restart (-EBADF without a client): tests. */
+int port_channel_fd(const struct shmz_port *p);

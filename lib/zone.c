@@ -22,6 +22,7 @@ static int zone_new(void *map, uint64_t map_size, bool rdonly, const char *name,
         z->map_size = map_size;
         z->size = map_size - SHMZ_ZONE_HEADER_SIZE;
         z->rdonly = rdonly;
+        z->fd = -EBADF;
         strncpy_buf(z->name, sizeof(z->name), name);
         *ret = z;
         return 0;
@@ -94,7 +95,13 @@ _public_ void shmz_zone_close(struct shmz_zone *z) {
         if (!z)
                 return;
         if (z->client) {
-                struct shmz_msg_zone_close req = { .handle = z->handle };
+                struct shmz_msg_zone_close req;
+
+                /* Out of the client's links first: no revive counts it again once its handle is read. */
+                client_link_del(z->client, &z->link);
+                client_links_lock(z->client);
+                req = (struct shmz_msg_zone_close){ .handle = z->handle };
+                client_links_unlock(z->client);
 
                 /*
                  * Best effort: the daemon also drops the attachment when the connection
@@ -106,6 +113,7 @@ _public_ void shmz_zone_close(struct shmz_zone *z) {
                 client_unref(z->client);
         }
         (void) munmap(z->hdr, z->map_size);
+        safe_close(z->fd);
         free(z);
 }
 

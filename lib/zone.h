@@ -6,6 +6,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 
+#include "client.h"
 #include "shmzone.h"
 #include "zone-header.h"
 
@@ -17,6 +18,9 @@ struct shmz_zone {
         uint64_t size;                /* usable bytes after the header */
         uint64_t handle;              /* the daemon's attachment id, 0 = none */
         struct shmz_client *client;   /* holds a reference; NULL for anonymous zones */
+        int fd;                       /* the memfd, kept to prove this mapping after a daemon restart */
+        int reattach_error;           /* 0, or why the daemon refused to count it again after a restart (__atomic) */
+        struct client_link link;      /* in client's links (its lock guards handle after the open) */
         bool rdonly;
         bool existed;
         /* The allocator's layout as this process last checked it against map_size (slab.c); 0: not yet. */

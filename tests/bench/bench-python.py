@@ -2,12 +2,13 @@
 """
 The Python module against what Python users have, each anchor in the same run:
 
-  rtt_64B         a 64-byte round trip to an echo process: Port.send/recv against
+  rtt_64B         a 64-byte round trip to an echo process: Port.send/recv (as
+                  they come: a receive spins up to 30 us before it sleeps, and
+                  stops spinning while its spins end in sleeps) against
                   multiprocessing.Pipe (send_bytes/recv_bytes) and a socketpair;
                   and a bare eventfd ping-pong, no payload: the floor of any
                   round trip between Python processes that sleep in the kernel;
-                  rtt_64B_spin: both sides spinning (Port.set_spin, BENCH_SPIN
-                  seconds), for callers that own a core, which no anchor can do
+                  rtt_64B_sleep: both receivers sleep at once (Port.set_spin(0))
   array_1MiB      a 1 MiB numpy array made in one process and read (summed) in
                   another, 200 in a row: written in place into Port.buffer()
                   against multiprocessing.Queue (pickled) and against
@@ -49,12 +50,12 @@ PAYLOAD = b"x" * 64
 def shmz_echo(sock, name, spin):
     c = shmzone.Client(sock)
     p = c.connect_port(name)
-    if spin:
+    if spin is not None:
         p.set_spin(spin)
     try:
         while True:
             with p.recv() as m:
-                p.send(m.data)
+                p.send(m)  # a message is a buffer: its bytes go back as they came
     except BrokenPipeError:
         pass
 
@@ -141,51 +142,76 @@ def mp_lock_worker(lock, shm_name, n, start):
 ctx = mp.get_context("spawn")
 
 
-def rtt_shmz(client, spin=0.0):
-    l = client.listen("bench-rtt")
-    child = ctx.Process(target=shmz_echo, args=(client_socket, "bench-rtt", spin))
+def per_call(n, one, warm=0):
+    """Seconds per call of one() over n calls, after warm calls that do not count."""
+    for _ in range(warm):
+        one()
+    t = time.perf_counter()
+    for _ in range(n):
+        one()
+    return (time.perf_counter() - t) / n
+
+
+def race(children, start):
+    """Seconds from start.set() until every child (started, waiting for start) is done."""
+    for c in children:
+        c.start()
+    time.sleep(0.5)  # all attached and waiting
+    t = time.perf_counter()
+    start.set()
+    for c in children:
+        c.join()
+    return time.perf_counter() - t
+
+
+def shmz_peer(client, name, target, *args):
+    """A spawned process running target(socket, name, *args) and our end of its port."""
+    l = client.listen(name)
+    child = ctx.Process(target=target, args=(client_socket, name) + args)
     child.start()
     p = l.accept(timeout=30)
     l.close()
-    if spin:
+    return p, child
+
+
+def rtt_shmz(client, spin=None):
+    p, child = shmz_peer(client, "bench-rtt", shmz_echo, spin)
+    if spin is not None:
         p.set_spin(spin)
-    for _ in range(1000):
+
+    def one():
         p.send(PAYLOAD)
         p.recv().release()
-    t = time.perf_counter()
-    for _ in range(RTT_ITERS):
-        p.send(PAYLOAD)
-        with p.recv():
-            pass
-    t = time.perf_counter() - t
+
+    t = per_call(RTT_ITERS, one, warm=1000)
     p.close()
     child.join()
-    return t / RTT_ITERS
+    return t
+
+
+def rtt_echoed(a, b, echo, one):
+    """Round trips one() through a to a spawned echo(b)."""
+    child = ctx.Process(target=echo, args=(b,))
+    child.start()
+    b.close()
+    t = per_call(RTT_ITERS, one, warm=1000)
+    a.close()
+    child.join()
+    return t
 
 
 def rtt_pipe():
     a, b = ctx.Pipe()
-    child = ctx.Process(target=pipe_echo, args=(b,))
-    child.start()
-    b.close()
-    for _ in range(1000):
+
+    def one():
         a.send_bytes(PAYLOAD)
         a.recv_bytes()
-    t = time.perf_counter()
-    for _ in range(RTT_ITERS):
-        a.send_bytes(PAYLOAD)
-        a.recv_bytes()
-    t = time.perf_counter() - t
-    a.close()
-    child.join()
-    return t / RTT_ITERS
+
+    return rtt_echoed(a, b, pipe_echo, one)
 
 
 def rtt_socketpair():
     a, b = socket.socketpair()
-    child = ctx.Process(target=socket_echo, args=(b,))
-    child.start()
-    b.close()
 
     def one():
         a.sendall(PAYLOAD)
@@ -193,15 +219,7 @@ def rtt_socketpair():
         while got < 64:
             got += len(a.recv(64 - got))
 
-    for _ in range(1000):
-        one()
-    t = time.perf_counter()
-    for _ in range(RTT_ITERS):
-        one()
-    t = time.perf_counter() - t
-    a.close()
-    child.join()
-    return t / RTT_ITERS
+    return rtt_echoed(a, b, socket_echo, one)
 
 
 def rtt_eventfd():
@@ -210,19 +228,17 @@ def rtt_eventfd():
     # Forked: the eventfds are inherited (the child calls nothing but os.eventfd_*).
     child = mp.get_context("fork").Process(target=eventfd_echo, args=(ping, pong))
     child.start()
-    for _ in range(1000):
+
+    def one():
         os.eventfd_write(ping, 1)
         os.eventfd_read(pong)
-    t = time.perf_counter()
-    for _ in range(RTT_ITERS):
-        os.eventfd_write(ping, 1)
-        os.eventfd_read(pong)
-    t = time.perf_counter() - t
+
+    t = per_call(RTT_ITERS, one, warm=1000)
     os.eventfd_write(ping, 2)
     child.join()
     os.close(ping)
     os.close(pong)
-    return t / RTT_ITERS
+    return t
 
 
 def expected_total(n):
@@ -230,11 +246,7 @@ def expected_total(n):
 
 
 def array_shmz(client):
-    l = client.listen("bench-array")
-    child = ctx.Process(target=shmz_array_consumer, args=(client_socket, "bench-array", ARRAYS))
-    child.start()
-    p = l.accept(timeout=30)
-    l.close()
+    p, child = shmz_peer(client, "bench-array", shmz_array_consumer, ARRAYS)
     t = time.perf_counter()
     for i in range(ARRAYS):
         b = p.buffer(1 << 20)
@@ -298,16 +310,8 @@ def lock_shmz_contended(client):
     counter = np.frombuffer(z, dtype=np.int64, count=1)
     counter[0] = 0
     start = ctx.Event()
-    children = [ctx.Process(target=shmz_lock_worker, args=(client_socket, "bench-lock", LOCK_ITERS, start))
-                for _ in range(2)]
-    for c in children:
-        c.start()
-    time.sleep(0.5)  # both attached and waiting
-    t = time.perf_counter()
-    start.set()
-    for c in children:
-        c.join()
-    t = time.perf_counter() - t
+    t = race([ctx.Process(target=shmz_lock_worker, args=(client_socket, "bench-lock", LOCK_ITERS, start))
+              for _ in range(2)], start)
     assert counter[0] == 2 * LOCK_ITERS, counter[0]
     del counter
     z.close()
@@ -321,15 +325,7 @@ def lock_mp_contended():
     counter = np.ndarray(1, dtype=np.int64, buffer=shm.buf)
     counter[0] = 0
     lock, start = ctx.Lock(), ctx.Event()
-    children = [ctx.Process(target=mp_lock_worker, args=(lock, shm.name, LOCK_ITERS, start)) for _ in range(2)]
-    for c in children:
-        c.start()
-    time.sleep(0.5)
-    t = time.perf_counter()
-    start.set()
-    for c in children:
-        c.join()
-    t = time.perf_counter() - t
+    t = race([ctx.Process(target=mp_lock_worker, args=(lock, shm.name, LOCK_ITERS, start)) for _ in range(2)], start)
     assert counter[0] == 2 * LOCK_ITERS, counter[0]
     del counter
     shm.close()
@@ -339,22 +335,24 @@ def lock_mp_contended():
 
 def lock_shmz_alone(client):
     z = client.zone("bench-lock", size=4096)
-    t = time.perf_counter()
-    for _ in range(LOCK_ITERS):
+
+    def one():
         with z.lock():
             pass
-    t = time.perf_counter() - t
+
+    t = per_call(LOCK_ITERS, one)
     z.close()
-    return t / LOCK_ITERS
+    return t
 
 
 def lock_mp_alone():
     lock = ctx.Lock()
-    t = time.perf_counter()
-    for _ in range(LOCK_ITERS):
+
+    def one():
         with lock:
             pass
-    return (time.perf_counter() - t) / LOCK_ITERS
+
+    return per_call(LOCK_ITERS, one)
 
 
 def compare(metric, ours_fn, anchors):
@@ -388,7 +386,7 @@ def main():
             if not only or "rtt" in only:
                 compare("rtt_64B", lambda: rtt_shmz(c), [("mp_pipe", rtt_pipe), ("socketpair", rtt_socketpair),
                                                          ("eventfd_pingpong", rtt_eventfd)])
-                compare("rtt_64B_spin", lambda: rtt_shmz(c, spin=float(os.environ.get("BENCH_SPIN", "0.01"))),
+                compare("rtt_64B_sleep", lambda: rtt_shmz(c, spin=0),
                         [("mp_pipe", rtt_pipe), ("socketpair", rtt_socketpair)])
             if not only or "array" in only:
                 compare("array_1MiB", lambda: array_shmz(c),

@@ -16,6 +16,7 @@
 #include <unistd.h>
 
 #include "harness.h"
+#include "port.h"
 #include "shmzone.h"
 #include "util.h"
 
@@ -364,7 +365,7 @@ Test(portstorm, accepts_never_wait_for_the_daemon_and_every_port_taken_is_kept) 
                 cr_assert_eq(r, 0, "connect %d: %s", i, strerror(-r));
         }
         /* The smallest send buffer the kernel allows: a handful of PORT_ACCEPTED fill it. */
-        cr_assert_eq(setsockopt(shmz_listener_fd(l), SOL_SOCKET, SO_SNDBUF, &one, sizeof(one)), 0);
+        cr_assert_eq(setsockopt(listener_socket_fd(l), SOL_SOCKET, SO_SNDBUF, &one, sizeof(one)), 0);
 
         cr_assert_eq(kill(d.pid, SIGSTOP), 0);
         t0 = now_nsec(CLOCK_MONOTONIC);

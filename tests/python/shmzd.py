@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: LGPL-2.1-or-later
 """A real shmzoned on its own socket and mount point, as tests/integration/harness.c starts one."""
+import atexit
 import os
 import shutil
 import signal
@@ -8,6 +9,34 @@ import tempfile
 import time
 
 import shmzone
+
+# Daemons started and not stopped yet: stopped (and their views unmounted) at exit, whatever ends the
+# process; SIGTERM (a test runner's timeout) and SIGHUP become SystemExit so that exit comes.
+_live = set()
+
+
+def _stop_all():
+    for d in list(_live):
+        d.stop()
+
+
+def _exit_on_signal(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+def _guard():
+    if not _live:
+        atexit.register(_stop_all)
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            if signal.getsignal(sig) in (signal.SIG_DFL, None):
+                signal.signal(sig, _exit_on_signal)
+
+
+def mounted(path):
+    """Whether path is a mount point, from the kernel's table rather than by stat() (os.path.ismount),
+    which asks the view's daemon, gone or wedged when a run fails."""
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == path for line in f)
 
 
 class Daemon:
@@ -23,6 +52,8 @@ class Daemon:
             pass
 
     def start(self):
+        _guard()
+        _live.add(self)
         argv = [os.environ.get("SHMZONED", "shmzoned"), "--config", self.config, "--socket", self.socket]
         if self.mount:
             os.mkdir(self.mount)
@@ -47,7 +78,7 @@ class Daemon:
                     raise RuntimeError("shmzoned did not start:\n" + self.read_log())
                 time.sleep(0.02)
         if self.mount:
-            while not os.path.ismount(self.mount):
+            while not mounted(self.mount):
                 if time.monotonic() > deadline:
                     self.stop()
                     raise RuntimeError("the view was not mounted:\n" + self.read_log())
@@ -72,9 +103,12 @@ class Daemon:
         if self.proc:
             status = self.proc.returncode
         # Lazy: a failed test may still hold a file open in the view.
-        if self.mount and os.path.ismount(self.mount):
+        if self.mount and mounted(self.mount):
             if subprocess.call(["umount", "-l", self.mount], stderr=subprocess.DEVNULL) != 0:
                 subprocess.call(["fusermount3", "-u", "-z", self.mount], stderr=subprocess.DEVNULL)
+        _live.discard(self)
+        if self.mount and mounted(self.mount):
+            raise RuntimeError("the view at %s stayed mounted" % self.mount)
         return status
 
     def client(self):

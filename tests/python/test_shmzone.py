@@ -4,6 +4,7 @@ import asyncio
 import errno
 import gc
 import os
+import shutil
 import signal
 import subprocess
 import threading
@@ -14,6 +15,7 @@ import pytest
 
 import shmzone
 from conftest import python_peer, read_line, wait_exit
+from shmzd import Daemon, mounted
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -217,6 +219,31 @@ def test_small_messages_and_peer(client):
     with pytest.raises(BrokenPipeError):
         b.recv(timeout=5)
 
+
+
+def test_send_arguments_and_spin(client):
+    a, b = port_pair(client)
+    # send(data) alone takes the short way; every other form the parser's, with its errors.
+    a.send(b"positional", 2, 5, True)
+    with b.recv(timeout=5) as m:
+        assert (m.type, m.stream, m.last, bytes(m.data)) == (2, 5, True, b"positional")
+    for bad in [lambda: a.send(), lambda: a.send(b"x", colour=1), lambda: a.send(b"x", 1, type=1),
+                lambda: a.send(42), lambda: a.send(b"x", b"y")]:
+        with pytest.raises(TypeError):
+            bad()
+    # The spin: fixed, none (sleeps at once), back to the default; any of them still receives.
+    for spin in (0.001, 0, None, 1e12):
+        b.set_spin(spin)
+        threading.Timer(0.05, a.send, (b"late",)).start()
+        with b.recv(timeout=5) as m:
+            assert bytes(m.data) == b"late"
+    with pytest.raises(TypeError):
+        b.set_spin("fast")
+    b.close()
+    with pytest.raises(ValueError):
+        b.set_spin(None)
+    with pytest.raises(ValueError):
+        b.send(b"closed")
 
 def test_one_mib_echoed_in_place(client, daemon):
     peer = python_peer("peer.py", "echo", daemon.socket, "echo")
@@ -616,3 +643,31 @@ def test_errors_are_oserror_subclasses(client, daemon):
         client.zone("bad/name", size=4096)
     assert e.value.errno == errno.EINVAL
     assert issubclass(shmzone.OwnerDied, OSError)
+
+
+# ---- the harness's own teardown: no view is left mounted, however a run ends ----------------------------
+
+def test_view_unmounted_after_the_daemon_died():
+    d = Daemon()
+    try:
+        d.start()
+        d.proc.kill()  # a crashed daemon: its FUSE mount stays
+        d.proc.wait()
+        assert mounted(d.mount)
+        d.stop()
+        assert not mounted(d.mount)
+    finally:
+        d.stop()
+        shutil.rmtree(d.dir, ignore_errors=True)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+def test_view_unmounted_when_the_run_is_interrupted(sig):
+    """A test runner killed by its timeout (SIGTERM), Ctrl-C, a closed terminal: the daemons go, with their views."""
+    proc = python_peer("hold-view.py")
+    mount = read_line(proc)
+    assert mounted(mount)
+    proc.send_signal(sig)
+    assert wait_exit(proc) != 0
+    assert not mounted(mount)
+    shutil.rmtree(os.path.dirname(mount), ignore_errors=True)

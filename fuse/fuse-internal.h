@@ -113,6 +113,8 @@ struct vhandle {
         struct ports *seg_ports;               /* whose reference that is */
         struct shmz_msg_port_info port_info;   /* ports/<name>/<id>: as at open (h->text is its text) */
         bool is_port;
+        /* Set by the kind that took a reference (zone, segment): vhandle_free() calls it. */
+        void (*release)(struct fuse_view *v, struct vhandle *h);
 };
 
 struct fuse_view {
@@ -161,9 +163,14 @@ struct fuse_view {
         struct fuse_buf fuse_buf; /* FUSE thread only: the request being served */
 };
 
-/* fuse-view.c */
+/* view-notify.c: invalidations and the notifier thread. */
 void view_queue_inval(struct fuse_view *v, uint64_t ino);
 double zone_entry_timeout(struct fuse_view *v);
+void *notifier_thread(void *arg);
+int notify_inc_epoch(struct fuse_view *v);
+void on_registry_event(void *userdata, enum registry_event ev, const char *name, uint64_t ino);
+
+/* view-util.c: helpers shared by the dispatcher and the kinds. */
 struct vhandle *vhandle_new(struct fuse_view *v, uint64_t ino);
 /* The open handles of ino (the rest through ->ino_next), NULL if none: one lookup, whatever is open. */
 struct vhandle *view_handles_of(struct fuse_view *v, uint64_t ino);
@@ -173,6 +180,8 @@ void stat_from_usec(struct timespec *ts, uint64_t usec);
 bool add_dirent(fuse_req_t req, bool plus, char *buf, size_t size, size_t *used, const char *name,
                 const struct stat *st, uint64_t generation, double entry_timeout, double attr_timeout,
                 uint64_t next_off);
+bool put_dirent(fuse_req_t req, const struct fuse_entry_param *ep, char *buf, size_t size, size_t *used,
+                const char *name, const struct stat *st, uint64_t next_off);
 void reply_xattr(fuse_req_t req, int r, const char *buf, size_t len, size_t size);
 
 /* fuse-zones.c: zones/ and its files. */

@@ -492,6 +492,7 @@ void view_ports_open(struct fuse_view *v, fuse_req_t req, fuse_ino_t ino, struct
                 if (r >= 0)
                         r = ports_segment_ref(pt, si.id, &h->segment);
                 if (r >= 0) {
+                        h->release = view_ports_release;
                         h->seg_ports = pt;
                         h->seg_info = si;
                         /* The core's one read-only mapping of the segment, valid while the reference is held. */

@@ -134,6 +134,7 @@ void zones_open(struct fuse_view *v, fuse_req_t req, fuse_ino_t ino, struct fuse
                 return;
         }
         h->zone = z;
+        h->release = zones_release;
         open_reply(v, req, h, NULL, fi);
 }
 
@@ -171,6 +172,7 @@ void zones_create(struct fuse_view *v, fuse_req_t req, const char *name, mode_t 
                 return;
         }
         h->zone = z;
+        h->release = zones_release;
         h->created = true;
         entry_from_info(v, &info, &e);
         open_reply(v, req, h, &e, fi);
@@ -554,17 +556,6 @@ static bool zone_has_allocator(struct fuse_view *v, uint64_t ino) {
                 (void) pread(zone_fd(z), &state, sizeof(state), offsetof(struct shmz_zone_header, alloc_state));
         registry_unref(v->registry, z);
         return state == SHMZ_ZONE_ALLOC_FORMATTED;
-}
-
-void reply_xattr(fuse_req_t req, int r, const char *buf, size_t len, size_t size) {
-        if (r < 0)
-                (void) fuse_reply_err(req, -r);
-        else if (size == 0)
-                (void) fuse_reply_xattr(req, len);
-        else if (size < len)
-                (void) fuse_reply_err(req, ERANGE);
-        else
-                (void) fuse_reply_buf(req, buf, len);
 }
 
 /*

@@ -661,6 +661,25 @@ int harness_raw_connect(const char *path) {
         return fd;
 }
 
+void harness_stop_for_restart(struct daemon_proc *d, bool crash) {
+        /* One daemon restarts at a time in a test process: the arrays outlive the call, as harness_start() needs. */
+        static int fds[HARNESS_MAX_STORED];
+        static const char *names[HARNESS_MAX_STORED];
+
+        harness_drain_notify(d);
+        if (crash)
+                cr_assert_eq(kill(d->pid, SIGKILL), 0);
+        cr_assert_eq(harness_stop(d), crash ? 128 + SIGKILL : 0);
+        harness_drain_notify(d);
+        for (size_t i = 0; i < d->n_stored; i++) {
+                fds[i] = d->stored_fds[i];
+                names[i] = d->stored_names[i];
+        }
+        d->listen_fds = fds;
+        d->listen_names = names;
+        d->n_listen = d->n_stored;
+}
+
 int harness_tcp_connect(int port) {
         struct sockaddr_in sa = { .sin_family = AF_INET, .sin_port = htons((uint16_t) port) };
         int fd;

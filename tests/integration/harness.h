@@ -66,6 +66,11 @@ int harness_start(struct daemon_proc *d, const char *const *extra_args, bool mou
 /* SIGTERM, wait; returns the exit status (or 128+signal). Unmounts in any case. */
 int harness_stop(struct daemon_proc *d);
 /*
+ * Stops the daemon (crash: SIGKILL first) as systemd's restart does and hands
+ * what it stored to the next harness_start(): asserts it exited as it should.
+ */
+void harness_stop_for_restart(struct daemon_proc *d, bool crash);
+/*
  * Stops a daemon that may not have started (harness_stop), cleans up, and asserts that it
  * exited 0 with nothing from the sanitizers in its log (leaks of what the test made), which
  * it prints otherwise.

@@ -114,24 +114,8 @@ Test(keep, check_config) {
  * stored, as systemctl restart (Restart=on-failure) does.
  */
 static int restart_after(bool crash) {
-        static int fds[HARNESS_MAX_STORED];
-        static const char *names[HARNESS_MAX_STORED];
-        int r;
-
-        harness_drain_notify(&d);
-        if (crash)
-                cr_assert_eq(kill(d.pid, SIGKILL), 0);
-        cr_assert_eq(harness_stop(&d), crash ? 128 + SIGKILL : 0);
-        harness_drain_notify(&d);
-        for (size_t i = 0; i < d.n_stored; i++) {
-                fds[i] = d.stored_fds[i];
-                names[i] = d.stored_names[i];
-        }
-        d.listen_fds = fds;
-        d.listen_names = names;
-        d.n_listen = d.n_stored;
-        r = harness_start(&d, NULL, true);
-        return r;
+        harness_stop_for_restart(&d, crash);
+        return harness_start(&d, NULL, true);
 }
 
 static int restart(void) {

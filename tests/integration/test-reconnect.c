@@ -55,21 +55,7 @@ static uint64_t now_ns(void) {
 
 /* Stops the daemon (crash: SIGKILL) and starts it again with the fds it stored, as systemd does. */
 static void restart(bool crash) {
-        static int fds[HARNESS_MAX_STORED];
-        static const char *names[HARNESS_MAX_STORED];
-
-        harness_drain_notify(&d);
-        if (crash)
-                cr_assert_eq(kill(d.pid, SIGKILL), 0);
-        cr_assert_eq(harness_stop(&d), crash ? 128 + SIGKILL : 0);
-        harness_drain_notify(&d);
-        for (size_t i = 0; i < d.n_stored; i++) {
-                fds[i] = d.stored_fds[i];
-                names[i] = d.stored_names[i];
-        }
-        d.listen_fds = fds;
-        d.listen_names = names;
-        d.n_listen = d.n_stored;
+        harness_stop_for_restart(&d, crash);
         /* A pause with no daemon at all: the clients' tries find no socket. */
         usleep(300000);
         cr_assert_eq(harness_start(&d, NULL, false), 0, "daemon did not restart: %s", harness_log(&d));

@@ -5,7 +5,9 @@
 # overlay of /, installs the packages there with dpkg, and drives shmzoned.socket/.service with
 # systemctl: the package starts the service and its FUSE view is seen outside the service;
 # restart (and a crash restarted by Restart=on-failure) keeps zones (mount, library, an attached
-# client's mapping, which still shares memory with a new client); reload adds a zone; the journal
+# client's mapping, which still shares memory with a new client); a client keeps its zone, listener
+# and port (messages flowing, none lost, a new peer at once, holders back) through systemctl restart
+# and kill -9 of the daemon (carry-on); reload adds a zone; the journal
 # has the log with priorities; stop leaves no mount; stop+start loses the zones (systemd 252);
 # ProtectSystem=, ProtectHome=, PrivateTmp= would each hide the view (why the unit lacks them);
 # systemd-analyze security rates the unit 3.0 or better; shmzctl show --json names the processes
@@ -25,7 +27,7 @@ SRC=$(realpath "${1:?source dir}")
 DEBS=${2:-}
 CHECKS=(debs boot install view-outside-service verify security-score helper-pkg-config create-and-write holders
         counters-monotonic promtool-metrics restart
-        crash-restart reload journal
+        crash-restart carry-on reload journal
         check-config restart-bad-config reload-bad-config damaged-header history-kept persist-stop-start
         stop-warns persist-bad-copy
         stop stop-start-loses-zones namespacing-hides-view nginx-module nginx-restarts python-module poweroff
@@ -460,12 +462,102 @@ int main(int argc, char **argv) {
                 shmz_listener_close(l);
                 return 0;
         }
+        /* client - peer NAME DIR: a new peer of NAME, one round trip; peer-die: then says DIR/die-ready, waits to
+         * be killed. */
+        if ((strcmp(argv[2], "peer") == 0 || strcmp(argv[2], "peer-die") == 0) && argc == 5) {
+                struct shmz_port *pp;
+                struct shmz_msg m = { .type = 7, .data = "hello", .size = 5, .fd = -1 };
+
+                r = shmz_port_connect(c, argv[3], &pp);
+                if (r < 0 || shmz_port_send(pp, &m, 2000000000) < 0 || shmz_port_recv(pp, &m, 2000000000) < 0 ||
+                    m.size != 5 || memcmp(m.data, "hello", 5) != 0) {
+                        fprintf(stderr, "peer: %s\n", strerror(r < 0 ? -r : EPROTO));
+                        return 1;
+                }
+                shmz_msg_release(pp, &m);
+                if (strcmp(argv[2], "peer") == 0)
+                        return 0;
+                snprintf(p, sizeof(p), "%s/die-ready", argv[4]);
+                f = fopen(p, "w");
+                if (!f)
+                        return 1;
+                fclose(f);
+                pause();
+                return 0;
+        }
         r = shmz_zone_open(c, argv[1], 0, NULL, 0, &z);
         if (r < 0) {
                 fprintf(stderr, "open: %s\n", strerror(-r));
                 return 1;
         }
         b = shmz_zone_base(z);
+        /* client ZONE carry DIR: through daemon restarts, a zone (a counter written at 0), a listener NAME-svc
+         * whose new peers get their message back, and a port of our own with a numbered message every
+         * millisecond, none to be lost; a peer that dies is reported (DIR/peer-gone). Ends at DIR/stop. */
+        if (strcmp(argv[2], "carry") == 0) {
+                struct shmz_listener *l;
+                struct shmz_port *pc, *pa, *peers[16];
+                size_t np = 0;
+                uint64_t sent = 0;
+                char name[200];
+
+                snprintf(name, sizeof(name), "%s-svc", argv[1]);
+                if (shmz_port_listen(c, name, 0600, &l) < 0 || shmz_port_connect(c, name, &pc) < 0 ||
+                    shmz_port_accept(l, 5000000000, &pa) < 0) {
+                        fprintf(stderr, "carry: port setup failed\n");
+                        return 1;
+                }
+                snprintf(p, sizeof(p), "%s/ready", argv[3]);
+                f = fopen(p, "w");
+                if (!f)
+                        return 1;
+                fclose(f);
+                snprintf(p, sizeof(p), "%s/stop", argv[3]);
+                while (access(p, F_OK) < 0) {
+                        struct shmz_msg m = { .type = 1, .data = &sent, .size = sizeof(sent), .fd = -1 };
+                        struct shmz_port *np_port;
+
+                        r = shmz_port_send(pc, &m, 2000000000);
+                        if (r >= 0)
+                                r = shmz_port_recv(pa, &m, 2000000000);
+                        if (r < 0 || m.size != sizeof(sent) || memcmp(m.data, &sent, sizeof(sent)) != 0) {
+                                fprintf(stderr, "carry: message %llu lost: %s\n", (unsigned long long) sent,
+                                        strerror(r < 0 ? -r : EPROTO));
+                                return 1;
+                        }
+                        shmz_msg_release(pa, &m);
+                        memcpy(b, &sent, sizeof(sent));
+                        sent++;
+                        if (np < 16 && shmz_port_accept(l, 0, &np_port) == 0)
+                                peers[np++] = np_port;
+                        for (size_t i = 0; i < np; i++) {
+                                if (!peers[i])
+                                        continue;
+                                r = shmz_port_recv(peers[i], &m, 0);
+                                if (r == 0) {
+                                        (void) shmz_port_send(peers[i], &m, 1000000000);
+                                        shmz_msg_release(peers[i], &m);
+                                } else if (r == -EPIPE) {
+                                        char g[512];
+
+                                        shmz_port_close(peers[i]);
+                                        peers[i] = NULL;
+                                        snprintf(g, sizeof(g), "%s/peer-gone", argv[3]);
+                                        f = fopen(g, "a");
+                                        if (f)
+                                                fclose(f);
+                                }
+                        }
+                        usleep(1000);
+                }
+                r = shmz_zone_attached(z);
+                if (r != 1) {
+                        fprintf(stderr, "carry: zone not counted again: %d\n", r);
+                        return 1;
+                }
+                printf("carry: %llu messages, none lost\n", (unsigned long long) sent);
+                return 0;
+        }
         /* What any writer of the zone can do: zero its header's first 512 bytes (magic, sizes, ACL, name). */
         if (strcmp(argv[2], "zero-header") == 0) {
                 memset(b - SHMZ_ZONE_HEADER_SIZE, 0, 512);
@@ -587,6 +679,74 @@ until [ "$(cin systemctl is-active shmzoned)" = active ] && cin test -e $Z &&
 done
 cin grep -q PATTERN-B $Z || fail crash-restart "pattern lost"
 ok crash-restart
+
+# Clients carry on through a restart and a crash: the zone handle (counted again), the listener
+# (a new peer connects within 1 s of the new daemon being ready), a port of its own whose messages
+# never stop and lose none, holders listed again, a peer's death reported.
+carry_peer() { # $1: what; within 1 s of the daemon being active again
+        local deadline=$((SECONDS + 2))
+        until cint 5 "$T/client" - peer carry-svc "$T/carry" >"$T/peer.log" 2>&1; do
+                [ $SECONDS -lt $deadline ] || fail carry-on "$1: no new peer: $(cat "$T/peer.log")"
+                sleep 0.05
+        done
+}
+carry_active() { # $1: the old MainPID
+        local deadline=$((SECONDS + 20))
+        until [ "$(cin systemctl is-active shmzoned)" = active ] &&
+              [ "$(cin systemctl show -P MainPID shmzoned)" != "$1" ]; do
+                [ $SECONDS -lt $deadline ] || fail carry-on "no restart: $(cin systemctl status shmzoned --no-pager 2>&1)"
+                sleep 0.05
+        done
+}
+mkdir -p "$T/carry"
+cin $CTL create carry --size 64K >"$T/ctl.log" 2>&1 || fail carry-on "create: $(cat "$T/ctl.log")"
+cint 120 "$T/client" carry carry "$T/carry" >"$T/carry.log" 2>&1 &
+CARRY=$!
+deadline=$((SECONDS + 15))
+until [ -e "$T/carry/ready" ]; do
+        kill -0 $CARRY 2>/dev/null || fail carry-on "client: $(cat "$T/carry.log")"
+        [ $SECONDS -lt $deadline ] || fail carry-on "client not ready"
+        sleep 0.1
+done
+CPID=$(cin pgrep -xn client)
+sleep 0.3
+OLD=$(cin systemctl show -P MainPID shmzoned)
+restart_shmzoned || fail carry-on "systemctl restart"
+carry_active "$OLD"
+carry_peer "systemctl restart"
+OLD=$(cin systemctl show -P MainPID shmzoned)
+cin kill -9 "$OLD"
+carry_active "$OLD"
+carry_peer "kill -9"
+sleep 0.5
+cin $CTL show carry --json >"$T/carry.json" 2>&1 || fail carry-on "show: $(cat "$T/carry.json")"
+cin python3 -c '
+import json, sys
+j = json.load(open(sys.argv[1]))
+assert [h["pid"] for h in j["holders"]] == [int(sys.argv[2])] and j["attached"] == 1, j
+' "$T/carry.json" "$CPID" >"$T/carry-h.log" 2>&1 || fail carry-on "holders not back: $(cat "$T/carry-h.log")"
+cin $CTL ports >"$T/carry-ports.log" 2>&1
+grep -q "$CPID" "$T/carry-ports.log" || fail carry-on "its port is not listed again: $(cat "$T/carry-ports.log")"
+rm -f "$T/carry/die-ready" "$T/carry/peer-gone"
+cint 30 "$T/client" - peer-die carry-svc "$T/carry" >"$T/peer.log" 2>&1 &
+deadline=$((SECONDS + 5))
+until [ -e "$T/carry/die-ready" ]; do
+        [ $SECONDS -lt $deadline ] || fail carry-on "dying peer: $(cat "$T/peer.log")"
+        sleep 0.05
+done
+sleep 0.1
+cin pkill -9 -xn client
+deadline=$((SECONDS + 2))
+until [ -e "$T/carry/peer-gone" ]; do
+        [ $SECONDS -lt $deadline ] || fail carry-on "a peer's death after the restarts not reported"
+        sleep 0.02
+done
+wait $! 2>/dev/null
+touch "$T/carry/stop"
+wait $CARRY || fail carry-on "client: $(cat "$T/carry.log")"
+grep -q 'none lost' "$T/carry.log" || fail carry-on "$(cat "$T/carry.log")"
+echo "carry-on: $(cat "$T/carry.log")"
+ok carry-on
 
 CONF=/etc/shmzone/shmzone.conf
 cin sh -c 'printf "\n[zone added]\nsize = 64K\n" >>"$1"' sh $CONF

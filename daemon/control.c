@@ -162,9 +162,9 @@ static int do_resume(struct conn *c, const struct shmz_msg_header *h) {
  */
 static int do_reattach(struct conn *c, const struct shmz_msg_header *h, const struct shmz_msg_zone_reattach *m,
                        int fd) {
-        struct shmz_msg_zone_info info;
+        struct shmz_msg_zone_info info = {};
         bool rdonly = m->flags & SHMZ_RDONLY;
-        struct zone *z;
+        struct zone *z = NULL;
         struct stat st;
         int seals, fl, r;
 
